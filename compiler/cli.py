@@ -1,0 +1,101 @@
+"""The ``fssc`` command line.
+
+Every user error is an :class:`FsscError`: one line on stderr naming the
+problem, exit code 2, no traceback, and no partial output that looks
+complete (files are written to a temporary name and renamed when done).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from fssc import __version__
+
+from .errors import FsscError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fssc")
+def cli():
+    """fssc: compile ONNX graphs into secure two-party inference programs (FSS)."""
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--num-classes", type=int, default=None, help="Replace the final layer with this many classes.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="A state dict (torch.save) for the model; default: random weights, BN calibrated.")
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--batch", type=int, default=2, show_default=True, help="Static batch dimension.")
+@click.option("--opset", type=int, default=17, show_default=True)
+def export(model, out, num_classes, weights, image_size, batch, opset):
+    """Export a torchvision classifier MODEL (e.g. resnet18) to ONNX, keeping BatchNorm nodes."""
+    from fssc.models.export import export_model
+
+    info = export_model(model, out, num_classes, weights, image_size, batch, opset)
+    click.echo(f"wrote {info.path}: {info.model}, {info.num_classes} classes, input [{info.batch},3,"
+               f"{info.image_size},{info.image_size}], opset {info.opset}, {info.nodes} nodes "
+               f"({info.batchnorms} BatchNormalization), weights: {info.weights}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+def ir(model):
+    """Import an ONNX MODEL and print fssc's IR (deterministic text form)."""
+    from .onnx_import import import_onnx
+
+    click.echo(import_onnx(model).text(), nl=False)
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default="demo-out", show_default=True)
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--batch", type=int, default=2, show_default=True)
+@click.option("--num-classes", type=int, default=2, show_default=True)
+@click.option("--weights", type=click.Path(dir_okay=False), default=None)
+@click.option("--frac-bits", type=int, default=12, show_default=True)
+def demo(workdir, image_size, batch, num_classes, weights, frac_bits):
+    """Export ResNet-18, import it, run the plaintext interpreters and compare with onnxruntime."""
+    from .demo import run_demo
+
+    ok = run_demo(workdir, image_size=image_size, batch=batch, num_classes=num_classes, weights=weights,
+                  frac_bits=frac_bits)
+    sys.exit(0 if ok else 1)
+
+
+@cli.group()
+def bench():
+    """Benchmarks that print figures."""
+
+
+@bench.command("dcf")
+@click.option("--keys", "n_keys", type=int, default=1 << 17, show_default=True, help="Keys per measurement.")
+def bench_dcf(n_keys):
+    """DCF keygen/eval throughput beside sycret, in one run."""
+    from fssc.benchmarks import bench_dcf as mod
+
+    mod.run(n_keys=n_keys)
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="fssc", standalone_mode=False)
+    except FsscError as e:
+        click.echo(f"fssc: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("fssc: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except SystemExit:
+        raise
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,223 @@
+"""Plaintext interpreters over the IR: the oracles for every pass and gate.
+
+* :func:`run_float` evaluates the float (ONNX) semantics in float64.
+* :func:`run_fixed` evaluates the fixed-point semantics the secure runtime has:
+  ring Z_2^64, every value at its planned scale, constants encoded where they
+  are used, truncation (floor) exactly where the plan puts it. If the graph has
+  not been planned yet, it is planned on a copy with
+  :mod:`fssc.passes.plan_fixed_point`.
+
+Both return the graph outputs (floats; ``run_fixed`` decodes each output at its
+scale) and can hand every intermediate value to an ``observe`` callback.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from fssc.runtime import ring
+from fssc.runtime.ring import decode, encode, ring_bilinear, signed, unsigned
+
+from .errors import FsscError
+from .ir import Graph, Op
+from .ops import OPS, _windows, conv_float
+
+
+def _bind_inputs(graph: Graph, inputs) -> dict[str, np.ndarray]:
+    if isinstance(inputs, np.ndarray):
+        if len(graph.inputs) != 1:
+            raise FsscError(f"graph has {len(graph.inputs)} inputs; pass a dict")
+        inputs = {graph.inputs[0]: inputs}
+    env = {}
+    for name in graph.inputs:
+        if name not in inputs:
+            raise FsscError(f"missing input {name!r}")
+        x = np.asarray(inputs[name])
+        want = graph.values[name].shape
+        if tuple(x.shape) != tuple(want):
+            raise FsscError(f"input {name!r} has shape {tuple(x.shape)}, the graph expects {tuple(want)}")
+        env[name] = x
+    return env
+
+
+def run_float(graph: Graph, inputs, observe: Callable[[str, np.ndarray], None] | None = None) -> list[np.ndarray]:
+    env = {k: v.astype(np.float64) for k, v in _bind_inputs(graph, inputs).items()}
+    for name, v in graph.values.items():
+        if v.is_const:
+            env[name] = v.data.astype(np.float64) if v.data.dtype.kind == "f" else v.data
+    for op in graph.ops:
+        outs = OPS[op.kind].run(op.attrs, *[env[i] for i in op.inputs])
+        for o, val in zip(op.outputs, outs):
+            env[o] = val
+            if observe:
+                observe(o, val)
+    return [env[o] for o in graph.outputs]
+
+
+# ------------------------------------------------------------ fixed point
+class _Fixed:
+    """Per-kind fixed-point semantics; ``self.scale[name]`` is a value's scale."""
+
+    def __init__(self, graph: Graph):
+        self.g = graph
+
+    def sc(self, name: str) -> int:
+        return self.g.values[name].scale
+
+    def split(self, op: Op, env):
+        """(secret input arrays, constant input arrays) in input order."""
+        sec = [env[i] for i in op.inputs if not self.g.values[i].is_const]
+        con = [self.g.values[i].data.astype(np.float64) for i in op.inputs if self.g.values[i].is_const]
+        return sec, con
+
+    # linear ops with the model owner's constants ------------------------
+    def conv(self, op, env):
+        x = env[op.inputs[0]]
+        w = self.g.values[op.inputs[1]].data.astype(np.float64)
+        ws = op.attrs["wscale"]
+        k = int(np.prod(w.shape[1:]))
+        y = ring_bilinear(lambda a, b: conv_float(op.attrs, a, b)[0], x, encode(w, ws), k)
+        if len(op.inputs) > 2:
+            b = self.g.values[op.inputs[2]].data.astype(np.float64)
+            y = y + encode(b, self.sc(op.inputs[0]) + ws).reshape((1, -1) + (1,) * (x.ndim - 2))
+        return y
+
+    def gemm(self, op, env):
+        a = op.attrs
+        x = env[op.inputs[0]]
+        x = x.T if a.get("transA", 0) else x
+        w = self.g.values[op.inputs[1]].data.astype(np.float64)
+        w = (w.T if a.get("transB", 0) else w) * a.get("alpha", 1.0)
+        y = ring_bilinear(lambda p, q: p @ q, x, encode(w, a["wscale"]), w.shape[0])
+        if len(op.inputs) > 2:
+            c = self.g.values[op.inputs[2]].data.astype(np.float64) * a.get("beta", 1.0)
+            y = y + encode(c, self.sc(op.inputs[0]) + a["wscale"])
+        return y
+
+    def matmul(self, op, env):
+        ws = op.attrs["wscale"]
+        a_name, b_name = op.inputs
+        if self.g.values[b_name].is_const:
+            w = self.g.values[b_name].data.astype(np.float64)
+            k = w.shape[0] if w.ndim > 1 else w.shape[0]
+            return ring_bilinear(lambda p, q: np.matmul(p, q), env[a_name], encode(w, ws), k)
+        w = self.g.values[a_name].data.astype(np.float64)
+        return ring_bilinear(lambda p, q: np.matmul(q, p), env[b_name], encode(w, ws), w.shape[-1])
+
+    def mul(self, op, env):
+        (x,), (c,) = self.split(op, env)
+        return ring.fixed_mul(x, encode(c, op.attrs["wscale"]))
+
+    def _channel_affine(self, op, x, a, b):
+        sh = (1, -1) + (1,) * (x.ndim - 2)
+        ws = op.attrs["wscale"]
+        return x * encode(a, ws).reshape(sh) + encode(b, self.sc(op.inputs[0]) + ws).reshape(sh)
+
+    def batchnorm(self, op, env):
+        (x,), (gamma, beta, mean, var) = self.split(op, env)
+        a = gamma / np.sqrt(var + op.attrs.get("epsilon", 1e-5))
+        return self._channel_affine(op, x, a, beta - mean * a)
+
+    def affine(self, op, env):
+        (x,), (a, b) = self.split(op, env)
+        return self._channel_affine(op, x, a, b)
+
+    def avgpool(self, op, env):
+        x = env[op.inputs[0]]
+        w, valid, inpad, nd = _windows(x, op.attrs, 0)
+        axes = tuple(range(-nd, 0))
+        cnt = (inpad if op.attrs.get("count_include_pad", 0) else valid).sum(axis=axes)
+        total = w.sum(axis=axes, dtype=np.uint64)
+        return total * encode(1.0 / cnt, op.attrs["wscale"])
+
+    def globalavgpool(self, op, env):
+        x = env[op.inputs[0]]
+        axes = tuple(range(2, x.ndim))
+        n = int(np.prod(x.shape[2:]))
+        return x.sum(axis=axes, keepdims=True, dtype=np.uint64) * encode(1.0 / n, op.attrs["wscale"])
+
+    # local ops --------------------------------------------------------
+    def _const_at(self, op, env):
+        """Inputs with constants encoded at the secret operand's scale."""
+        s = next(self.sc(i) for i in op.inputs if not self.g.values[i].is_const)
+        return [env[i] if not self.g.values[i].is_const else encode(self.g.values[i].data, s) for i in op.inputs]
+
+    def add(self, op, env):
+        a, b = self._const_at(op, env)
+        return a + b
+
+    def sub(self, op, env):
+        a, b = self._const_at(op, env)
+        return a - b
+
+    def relu(self, op, env):
+        x = signed(ring.trunc(env[op.inputs[0]], op.attrs.get("trunc", 0)))
+        return unsigned(np.maximum(x, 0))
+
+    def clip(self, op, env):
+        s = self.sc(op.inputs[0])
+        x = signed(env[op.inputs[0]])
+        lim = np.iinfo(np.int64)
+        lo = max(float(lim.min), min(float(lim.max), op.attrs.get("min", -np.inf) * 2.0 ** s))
+        hi = max(float(lim.min), min(float(lim.max), op.attrs.get("max", np.inf) * 2.0 ** s))
+        lo = lim.min if lo <= lim.min else int(np.rint(lo))
+        hi = lim.max if hi >= lim.max else int(np.rint(hi))
+        return unsigned(np.clip(x, lo, hi))
+
+    def maxpool(self, op, env):
+        w, _, _, nd = _windows(signed(env[op.inputs[0]]), op.attrs, np.iinfo(np.int64).min)
+        return unsigned(w.max(axis=tuple(range(-nd, 0))))
+
+    def argmax(self, op, env):
+        return OPS["argmax"].run(op.attrs, signed(env[op.inputs[0]]))[0]
+
+    def trunc(self, op, env):
+        return ring.trunc(env[op.inputs[0]], op.attrs["shift"])
+
+    def upscale(self, op, env):
+        return ring.upscale(env[op.inputs[0]], op.attrs["shift"])
+
+    def structural(self, op, env):  # pad, flatten, reshape, concat: same on ring elements
+        return OPS[op.kind].run(op.attrs, *[env[i] for i in op.inputs])[0]
+
+
+def _ensure_planned(graph: Graph, frac_bits: int | None) -> Graph:
+    if all(graph.values[n].scale is not None for op in graph.ops for n in op.outputs) and (
+            frac_bits is None or graph.meta.get("frac_bits") == frac_bits):
+        return graph
+    from fssc.passes import plan_fixed_point
+    from fssc.passes.base import PassContext
+
+    return plan_fixed_point.run(graph.clone(), PassContext(frac_bits=12 if frac_bits is None else frac_bits))
+
+
+def run_fixed(graph: Graph, inputs, frac_bits: int | None = None,
+              observe: Callable[[Op, str, np.ndarray], None] | None = None,
+              raw: bool = False) -> list[np.ndarray]:
+    """Fixed-point evaluation. Returns decoded outputs (or ring elements with ``raw``).
+
+    ``observe(op, name, ring_value)`` sees every op output (ring elements).
+    """
+    g = _ensure_planned(graph, frac_bits)
+    sem = _Fixed(g)
+    env = {name: encode(x, g.values[name].scale) for name, x in _bind_inputs(g, inputs).items()}
+    for op in g.ops:
+        fn = getattr(sem, op.kind, None)
+        if fn is None:
+            if op.kind in ("pad", "flatten", "reshape", "concat"):
+                fn = sem.structural
+            else:
+                raise FsscError(f"fixed-point interpreter: no semantics for op kind {op.kind!r} (%{op.name})")
+        val = fn(op, env)
+        env[op.outputs[0]] = val
+        if observe:
+            observe(op, op.outputs[0], val)
+    if raw:
+        return [env[o] for o in g.outputs]
+    outs = []
+    for o in g.outputs:
+        v = g.values[o]
+        outs.append(env[o] if v.dtype == "int64" else decode(env[o], v.scale))
+    return outs

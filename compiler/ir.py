@@ -1,0 +1,235 @@
+"""fssc's intermediate representation.
+
+A :class:`Graph` is a list of :class:`Op` in topological order over named
+:class:`Value` s. A value is a tensor with a static shape and a dtype; once
+the fixed-point plan has run it also carries a ``scale`` (fractional bits)
+and, for comparison inputs, a ``bits`` (comparison bitwidth). Constants
+(weights) are values with ``data``; they belong to the model owner.
+
+An op has a ``kind`` (see :mod:`fssc.compiler.ops` for the table of kinds),
+attributes, inputs, outputs and provenance: the ONNX node names it came from
+(``origin``) and the pass that created it (``created_by``). ``uid`` is a stable
+identity that survives passes which rewrite an op in place; the viewer and the
+diff use it.
+
+The text form (:func:`Graph.text`) is deterministic: constants are elided to
+shape and a short content hash.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import FsscError
+
+
+@dataclass
+class Value:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    data: np.ndarray | None = None  # constants only (model owner's)
+    scale: int | None = None  # fixed-point fractional bits, once planned
+    bits: int | None = None  # comparison bitwidth, once range-analysed
+
+    @property
+    def is_const(self) -> bool:
+        return self.data is not None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def digest(self) -> str:
+        """Short content hash of a constant (for the text form)."""
+        assert self.data is not None
+        h = hashlib.sha256()
+        arr = np.ascontiguousarray(self.data)
+        h.update(str(arr.dtype).encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+        return h.hexdigest()[:8]
+
+
+@dataclass
+class Op:
+    kind: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    origin: tuple[str, ...] = ()  # ONNX node names
+    created_by: str = "import"  # pass that created this op
+    uid: int = -1
+    gate: dict[str, Any] | None = None  # set by mark-comparisons: kind, count, bits
+
+    @property
+    def name(self) -> str:
+        return self.outputs[0] if self.outputs else f"op{self.uid}"
+
+
+def _fmt_attr(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(float(v))
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt_attr(x) for x in v) + "]"
+    if isinstance(v, np.ndarray):
+        return f"<{v.dtype}{list(v.shape)}>"
+    return str(v)
+
+
+def _fmt_type(v: Value) -> str:
+    s = f"{v.dtype}[{','.join(str(d) for d in v.shape)}]"
+    extra = []
+    if v.scale is not None:
+        extra.append(f"s={v.scale}")
+    if v.bits is not None:
+        extra.append(f"m={v.bits}")
+    if extra:
+        s += "{" + ",".join(extra) + "}"
+    return s
+
+
+class Graph:
+    """Ops in topological order over named values."""
+
+    def __init__(self, name: str = "graph"):
+        self.name = name
+        self.values: dict[str, Value] = {}
+        self.ops: list[Op] = []
+        self.inputs: list[str] = []
+        self.outputs: list[str] = []
+        self.meta: dict[str, Any] = {}
+        self._next_uid = 0
+
+    # --- construction -------------------------------------------------
+    def add_value(self, v: Value) -> Value:
+        if v.name in self.values:
+            raise FsscError(f"IR: value {v.name!r} defined twice")
+        self.values[v.name] = v
+        return v
+
+    def add_const(self, name: str, data: np.ndarray, dtype: str | None = None) -> Value:
+        data = np.asarray(data)
+        return self.add_value(
+            Value(name, tuple(int(d) for d in data.shape), dtype or str(data.dtype), data=data)
+        )
+
+    def fresh_name(self, base: str) -> str:
+        if base not in self.values:
+            return base
+        i = 1
+        while f"{base}.{i}" in self.values:
+            i += 1
+        return f"{base}.{i}"
+
+    def new_uid(self) -> int:
+        uid = self._next_uid
+        self._next_uid += 1
+        return uid
+
+    def make_op(self, kind, inputs, outputs, attrs=None, origin=(), created_by="import", uid=None) -> Op:
+        op = Op(kind, list(inputs), list(outputs), dict(attrs or {}), tuple(origin), created_by,
+                self.new_uid() if uid is None else uid)
+        return op
+
+    def clone(self) -> "Graph":
+        """Deep copy of structure; constant arrays are shared (treated immutably)."""
+        g = Graph(self.name)
+        g.values = {k: Value(v.name, v.shape, v.dtype, v.data, v.scale, v.bits) for k, v in self.values.items()}
+        g.ops = [copy.deepcopy(op) for op in self.ops]
+        g.inputs = list(self.inputs)
+        g.outputs = list(self.outputs)
+        g.meta = copy.deepcopy(self.meta)
+        g._next_uid = self._next_uid
+        return g
+
+    # --- queries ------------------------------------------------------
+    def producer(self) -> dict[str, Op]:
+        return {o: op for op in self.ops for o in op.outputs}
+
+    def users(self) -> dict[str, list[Op]]:
+        u: dict[str, list[Op]] = {}
+        for op in self.ops:
+            for i in op.inputs:
+                u.setdefault(i, []).append(op)
+        return u
+
+    def n_users(self, name: str) -> int:
+        n = sum(1 for op in self.ops for i in op.inputs if i == name)
+        return n + (1 if name in self.outputs else 0)
+
+    def const(self, name: str) -> np.ndarray | None:
+        v = self.values.get(name)
+        return None if v is None else v.data
+
+    def remove_unused(self) -> None:
+        """Drop values nobody reads or defines (constants left over by rewrites)."""
+        used = set(self.inputs) | set(self.outputs)
+        for op in self.ops:
+            used.update(op.inputs)
+            used.update(op.outputs)
+        for k in [k for k in self.values if k not in used]:
+            del self.values[k]
+
+    def replace_uses(self, old: str, new: str) -> None:
+        for op in self.ops:
+            op.inputs = [new if i == old else i for i in op.inputs]
+        self.outputs = [new if o == old else o for o in self.outputs]
+
+    # --- text form ----------------------------------------------------
+    def text(self) -> str:
+        lines = [f"graph {self.name} {{"]
+        for name in self.inputs:
+            lines.append(f"  input %{name}: {_fmt_type(self.values[name])}")
+        consts = sorted({i for op in self.ops for i in op.inputs if self.values[i].is_const})
+        for name in consts:
+            v = self.values[name]
+            lines.append(f"  const %{name}: {_fmt_type(v)} #{v.digest()}")
+        for op in self.ops:
+            outs = ", ".join(f"%{o}: {_fmt_type(self.values[o])}" for o in op.outputs)
+            ins = ", ".join(f"%{i}" for i in op.inputs)
+            attrs = ", ".join(f"{k}={_fmt_attr(op.attrs[k])}" for k in sorted(op.attrs))
+            s = f"  {outs} = {op.kind}({ins})"
+            if attrs:
+                s += f" {{{attrs}}}"
+            if op.gate:
+                s += " gate{" + ",".join(f"{k}={_fmt_attr(op.gate[k])}" for k in sorted(op.gate)) + "}"
+            prov = ",".join(op.origin) if op.origin else "-"
+            s += f"  # {prov} [{op.created_by}]"
+            lines.append(s)
+        lines.append("  return " + ", ".join(f"%{o}" for o in self.outputs))
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:  # pragma: no cover - convenience
+        return self.text()
+
+
+def topo_check(graph: Graph) -> Iterable[str]:
+    """Yield problems with definitions and ordering (used by the verifier)."""
+    defined = set(graph.inputs) | {k for k, v in graph.values.items() if v.is_const}
+    for name in graph.inputs:
+        if name not in graph.values:
+            yield f"input %{name} has no value"
+    seen_out: set[str] = set()
+    for op in graph.ops:
+        for i in op.inputs:
+            if i not in graph.values:
+                yield f"{op.kind} %{op.name}: input %{i} is not a value (dangling)"
+            elif i not in defined:
+                yield f"{op.kind} %{op.name}: input %{i} used before definition"
+        for o in op.outputs:
+            if o not in graph.values:
+                yield f"{op.kind}: output %{o} has no value"
+            if o in seen_out or o in graph.inputs or (o in graph.values and graph.values[o].is_const):
+                yield f"{op.kind}: %{o} defined more than once"
+            seen_out.add(o)
+            defined.add(o)
+    for o in graph.outputs:
+        if o not in defined:
+            yield f"graph output %{o} is never defined"

@@ -1,0 +1,310 @@
+"""ONNX -> fssc IR.
+
+The importer checks the model (``onnx.checker``), runs shape inference,
+requires static shapes, and turns every node into one IR op (or none, for
+Identity and Dropout, which alias their input). Initializers and Constant
+nodes become constant values: the model owner's. Structural constant inputs
+(Reshape's shape, Pad's pads, Clip's bounds) become attributes. Nodes whose
+inputs are all constants are folded at import.
+
+Anything outside the supported op set is reported in one error listing every
+offending node and the set fssc accepts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import FsscError
+from .ir import Graph, Value
+from .ops import OPS, infer_shapes
+from .verify import verify
+
+SUPPORTED = (
+    "ArgMax", "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Constant", "Conv",
+    "Dropout", "Flatten", "Gemm", "GlobalAveragePool", "Identity", "MatMul", "MaxPool", "Mul",
+    "Pad", "Relu", "Reshape", "Sub",
+)
+
+
+def load_onnx(path: str) -> onnx.ModelProto:
+    if not os.path.exists(path):
+        raise FsscError(f"{path}: no such file")
+    try:
+        model = onnx.load(path)
+    except Exception as e:  # protobuf raises several types for garbage
+        raise FsscError(f"{path}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cannot parse'})") from None
+    if not model.graph.node and not model.graph.output:
+        raise FsscError(f"{path}: not an ONNX model (no graph)")
+    return model
+
+
+def import_onnx(path_or_model, name: str | None = None) -> Graph:
+    if isinstance(path_or_model, onnx.ModelProto):
+        model, src = path_or_model, name or "<model>"
+    else:
+        src = str(path_or_model)
+        model = load_onnx(src)
+    return _Importer(model, src).run(name or (os.path.splitext(os.path.basename(src))[0] if src != "<model>" else "model"))
+
+
+def _node_label(node: onnx.NodeProto, idx: int) -> str:
+    return node.name or f"{node.op_type}_{idx}"
+
+
+class _Importer:
+    def __init__(self, model: onnx.ModelProto, src: str):
+        self.src = src
+        try:
+            onnx.checker.check_model(model)
+        except Exception as e:
+            raise FsscError(f"{src}: invalid ONNX model: {str(e).splitlines()[0]}") from None
+        try:
+            model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        except Exception as e:
+            raise FsscError(f"{src}: ONNX shape inference failed: {str(e).splitlines()[0]}") from None
+        self.model = model
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.g: Graph | None = None
+        self.alias: dict[str, str] = {}
+
+    # ---------------------------------------------------------------- helpers
+    def resolve(self, name: str) -> str:
+        """IR name of an ONNX value name (Identity/Dropout outputs alias their input)."""
+        return self.alias.get(name, name)
+
+    def ir_name(self, onnx_name: str) -> str:
+        """Readable, unique IR name: '/layer1/layer1.0/conv1/Conv_output_0' -> 'layer1.0.conv1.Conv'."""
+        parts = [p for p in onnx_name.split("/") if p]
+        if len(parts) > 1 and parts[0] and parts[1].startswith(parts[0]):
+            parts = parts[1:]  # torch's module path repeats the parent name
+        base = ".".join(parts) or onnx_name
+        base = base.removesuffix("_output_0")
+        name = self.g.fresh_name(base)
+        self.alias[onnx_name] = name
+        return name
+
+    def const(self, name: str) -> np.ndarray | None:
+        if not name:
+            return None
+        v = self.g.values.get(self.resolve(name))
+        return None if v is None else v.data
+
+    def need_const(self, node, idx, label, what) -> np.ndarray:
+        c = self.const(node.input[idx]) if len(node.input) > idx else None
+        if c is None:
+            raise FsscError(f"{self.src}: node {label} ({node.op_type}): {what} must be a constant initializer")
+        return c
+
+    # ---------------------------------------------------------------- main
+    def run(self, gname: str) -> Graph:
+        gp = self.model.graph
+        bad = [(_node_label(n, i), n.op_type) for i, n in enumerate(gp.node)
+               if n.op_type not in SUPPORTED or n.domain not in ("", "ai.onnx")]
+        if bad:
+            listed = ", ".join(f"{nm} ({op})" for nm, op in bad)
+            raise FsscError(f"{self.src}: unsupported ONNX op(s): {listed}; fssc supports: {', '.join(SUPPORTED)}")
+        g = self.g = Graph(gname)
+        inits = {t.name for t in gp.initializer}
+        for t in gp.initializer:
+            g.add_const(t.name, numpy_helper.to_array(t).copy())
+        for inp in gp.input:
+            if inp.name in inits:
+                continue
+            tt = inp.type.tensor_type
+            if tt.elem_type != onnx.TensorProto.FLOAT:
+                raise FsscError(f"{self.src}: input {inp.name!r} has element type "
+                                f"{onnx.TensorProto.DataType.Name(tt.elem_type)}; fssc takes float32 inputs")
+            dims = []
+            for i, d in enumerate(tt.shape.dim):
+                if not d.HasField("dim_value") or d.dim_value <= 0:
+                    sym = d.dim_param or "?"
+                    raise FsscError(f"{self.src}: input {inp.name!r} has a dynamic dimension {sym!r} (axis {i}); "
+                                    f"fssc needs static shapes (export with a fixed batch, e.g. fssc export --batch 2)")
+                dims.append(d.dim_value)
+            if not tt.HasField("shape"):
+                raise FsscError(f"{self.src}: input {inp.name!r} has no shape; fssc needs static shapes")
+            g.add_value(Value(inp.name, tuple(dims), "float32"))
+            g.inputs.append(inp.name)
+        for idx, node in enumerate(gp.node):
+            self.convert(node, _node_label(node, idx))
+        g.outputs = [self.resolve(o.name) for o in gp.output]
+        for o in g.outputs:
+            if o not in g.values or g.values[o].is_const:
+                raise FsscError(f"{self.src}: graph output {o!r} does not depend on the input")
+        g.meta["onnx_outputs"] = [o.name for o in gp.output]
+        g.meta["opset"] = self.opset
+        g.remove_unused()
+        verify(g, "import")
+        return g
+
+    def emit(self, node, label, kind, inputs, attrs, outputs=None):
+        g = self.g
+        ins = [self.resolve(i) for i in inputs]
+        shapes = [g.values[i].shape for i in ins]
+        try:
+            out_shapes = infer_shapes(kind, attrs, shapes)
+        except FsscError as e:
+            raise FsscError(f"{self.src}: node {label} ({node.op_type}): {e}") from None
+        outs = outputs or [node.output[0]]
+        if all(g.values[i].is_const for i in ins):  # fold constant subgraphs
+            res = OPS[kind].run(attrs, *[g.values[i].data for i in ins])
+            for o, r in zip(outs, res):
+                g.add_const(self.ir_name(o), np.asarray(r, dtype=np.int64 if kind == "argmax" else np.float32))
+            return
+        outs = [self.ir_name(o) for o in outs]
+        for o, s in zip(outs, out_shapes):
+            g.add_value(Value(o, s, "int64" if kind == "argmax" else "float32"))
+        g.ops.append(g.make_op(kind, ins, outs, attrs, origin=(label,)))
+
+    # ---------------------------------------------------------------- per op
+    def convert(self, node: onnx.NodeProto, label: str) -> None:
+        a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+        a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
+        op = node.op_type
+        g = self.g
+        ins = list(node.input)
+
+        def unused_extra_outputs(n_keep):
+            users = {i for nd in self.model.graph.node for i in nd.input} | {o.name for o in self.model.graph.output}
+            extra = [o for o in node.output[n_keep:] if o and o in users]
+            if extra:
+                raise FsscError(f"{self.src}: node {label} ({op}): output(s) {extra} are not supported")
+
+        if op == "Constant":
+            t = a.get("value")
+            if t is None:
+                for k in ("value_float", "value_floats", "value_int", "value_ints"):
+                    if k in a:
+                        g.add_const(node.output[0], np.asarray(a[k], dtype=np.float32 if "float" in k else np.int64))
+                        return
+                raise FsscError(f"{self.src}: node {label} (Constant): unsupported constant form {sorted(a)}")
+            g.add_const(node.output[0], numpy_helper.to_array(t).copy())
+            return
+        if op in ("Identity", "Dropout"):
+            if op == "Dropout":
+                unused_extra_outputs(1)
+                if a.get("is_test") == 0 or (len(ins) > 2 and ins[2] and self.const(ins[2]) is not None
+                                             and bool(self.const(ins[2]))):
+                    raise FsscError(f"{self.src}: node {label} (Dropout): training mode is not supported")
+            self.alias[node.output[0]] = self.resolve(ins[0])
+            return
+        if op == "Conv":
+            w = self.need_const(node, 1, label, "weight (input 1)")
+            if len(ins) > 2 and ins[2]:
+                self.need_const(node, 2, label, "bias (input 2)")
+            x_shape = g.values[self.resolve(ins[0])].shape
+            nd = len(x_shape) - 2
+            if "kernel_shape" in a and list(a["kernel_shape"]) != list(w.shape[2:]):
+                raise FsscError(f"{self.src}: node {label} (Conv): kernel_shape {a['kernel_shape']} != weight {w.shape}")
+            attrs = {"strides": list(a.get("strides", [1] * nd)), "dilations": list(a.get("dilations", [1] * nd)),
+                     "group": int(a.get("group", 1))}
+            attrs["pads"] = self.pads(a, label, op, x_shape[2:], list(w.shape[2:]), attrs["strides"], attrs["dilations"])
+            self.emit(node, label, "conv", [i for i in ins if i], attrs)
+        elif op == "Gemm":
+            self.need_const(node, 1, label, "B (input 1, the weights)")
+            if len(ins) > 2 and ins[2]:
+                self.need_const(node, 2, label, "C (input 2, the bias)")
+            attrs = {"alpha": float(a.get("alpha", 1.0)), "beta": float(a.get("beta", 1.0)),
+                     "transA": int(a.get("transA", 0)), "transB": int(a.get("transB", 0))}
+            self.emit(node, label, "gemm", [i for i in ins if i], attrs)
+        elif op == "MatMul":
+            if self.const(ins[0]) is None and self.const(ins[1]) is None:
+                raise FsscError(f"{self.src}: node {label} (MatMul): one operand must be a constant (the model owner's weights)")
+            self.emit(node, label, "matmul", ins, {})
+        elif op in ("Add", "Sub", "Mul"):
+            if op == "Mul" and self.const(ins[0]) is None and self.const(ins[1]) is None:
+                raise FsscError(f"{self.src}: node {label} (Mul): one operand must be a constant")
+            self.emit(node, label, op.lower(), ins, {})
+        elif op == "Relu":
+            self.emit(node, label, "relu", ins, {})
+        elif op == "Clip":
+            attrs = {}
+            if self.opset < 11:
+                attrs = {"min": float(a.get("min", -3.4028234663852886e38)), "max": float(a.get("max", 3.4028234663852886e38))}
+            else:
+                for key, idx in (("min", 1), ("max", 2)):
+                    if len(ins) > idx and ins[idx]:
+                        attrs[key] = float(self.need_const(node, idx, label, key).reshape(()))
+            self.emit(node, label, "clip", ins[:1], attrs)
+        elif op in ("MaxPool", "AveragePool"):
+            if op == "MaxPool":
+                unused_extra_outputs(1)
+            x_shape = g.values[self.resolve(ins[0])].shape
+            nd = len(x_shape) - 2
+            k = list(a["kernel_shape"])
+            attrs = {"kernel_shape": k, "strides": list(a.get("strides", [1] * nd)),
+                     "dilations": list(a.get("dilations", [1] * nd)), "ceil_mode": int(a.get("ceil_mode", 0))}
+            attrs["pads"] = self.pads(a, label, op, x_shape[2:], k, attrs["strides"], attrs["dilations"])
+            if op == "AveragePool":
+                attrs["count_include_pad"] = int(a.get("count_include_pad", 0))
+            self.emit(node, label, "maxpool" if op == "MaxPool" else "avgpool", ins[:1], attrs)
+        elif op == "GlobalAveragePool":
+            self.emit(node, label, "globalavgpool", ins, {})
+        elif op == "BatchNormalization":
+            unused_extra_outputs(1)
+            if a.get("training_mode", 0):
+                raise FsscError(f"{self.src}: node {label} (BatchNormalization): training_mode is not supported")
+            for i, what in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var")):
+                self.need_const(node, i, label, what)
+            self.emit(node, label, "batchnorm", ins[:5], {"epsilon": float(a.get("epsilon", 1e-5))})
+        elif op == "Flatten":
+            self.emit(node, label, "flatten", ins, {"axis": int(a.get("axis", 1))})
+        elif op == "Reshape":
+            shp = self.need_const(node, 1, label, "shape (input 1)").astype(np.int64).tolist()
+            x_shape = g.values[self.resolve(ins[0])].shape
+            out = []
+            for i, d in enumerate(shp):
+                out.append(x_shape[i] if d == 0 and not a.get("allowzero", 0) else d)
+            if out.count(-1) == 1:
+                known = int(np.prod([d for d in out if d != -1], dtype=np.int64))
+                out[out.index(-1)] = int(np.prod(x_shape, dtype=np.int64)) // max(known, 1)
+            self.emit(node, label, "reshape", ins[:1], {"shape": [int(d) for d in out]})
+        elif op == "Concat":
+            self.emit(node, label, "concat", ins, {"axis": int(a["axis"])})
+        elif op == "Pad":
+            mode = a.get("mode", "constant")
+            if mode != "constant":
+                raise FsscError(f"{self.src}: node {label} (Pad): mode {mode!r} is not supported (only constant 0)")
+            x_shape = g.values[self.resolve(ins[0])].shape
+            r = len(x_shape)
+            if self.opset < 11:
+                pads, value = list(a["pads"]), float(a.get("value", 0.0))
+            else:
+                pads = self.need_const(node, 1, label, "pads (input 1)").astype(np.int64).tolist()
+                value = float(self.const(ins[2]).reshape(())) if len(ins) > 2 and ins[2] else 0.0
+                if len(ins) > 3 and ins[3]:
+                    axes = [int(x) % r for x in self.need_const(node, 3, label, "axes (input 3)").tolist()]
+                    full = [0] * (2 * r)
+                    for j, ax in enumerate(axes):
+                        full[ax], full[ax + r] = pads[j], pads[j + len(axes)]
+                    pads = full
+            if value != 0.0:
+                raise FsscError(f"{self.src}: node {label} (Pad): constant value {value} is not supported (only 0)")
+            self.emit(node, label, "pad", ins[:1], {"pads": [int(p) for p in pads]})
+        elif op == "ArgMax":
+            self.emit(node, label, "argmax", ins, {"axis": int(a.get("axis", 0)), "keepdims": int(a.get("keepdims", 1)),
+                                                   "select_last_index": int(a.get("select_last_index", 0))})
+        else:  # pragma: no cover - SUPPORTED and this switch must agree
+            raise FsscError(f"{self.src}: node {label}: {op} is listed as supported but has no converter")
+
+    def pads(self, a, label, op, spatial, k, s, d):
+        nd = len(spatial)
+        auto = a.get("auto_pad", "NOTSET")
+        if auto in ("NOTSET", ""):
+            return list(a.get("pads", [0] * (2 * nd)))
+        if auto == "VALID":
+            return [0] * (2 * nd)
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            pads = [0] * (2 * nd)
+            for i in range(nd):
+                out = -(-spatial[i] // s[i])
+                total = max(0, (out - 1) * s[i] + d[i] * (k[i] - 1) + 1 - spatial[i])
+                small, big = total // 2, total - total // 2
+                pads[i], pads[i + nd] = (small, big) if auto == "SAME_UPPER" else (big, small)
+            return pads
+        raise FsscError(f"{self.src}: node {label} ({op}): auto_pad {auto!r} is not supported")

@@ -1,0 +1,159 @@
+"""torchvision classifier -> ONNX, with BatchNormalization nodes kept.
+
+``export_model`` builds a torchvision classifier (ResNet-18 first), replaces
+its final layer for ``num_classes`` (as the seed's bees/ants model does), loads
+a user's state dict or makes deterministic random weights, and exports it with
+a static batch in eval mode without constant folding, so the BatchNorm nodes
+stay in the graph for the compiler's own folding pass.
+
+Random weights get *calibrated* BatchNorm statistics: running mean and
+variance are set to the batch statistics that each BN layer sees on synthetic
+inputs (cumulative average over a few batches in train mode), and the BN
+affine parameters are drawn around (1, 0). Without this, a random-init network
+with default statistics (mean 0, var 1) blows activations up layer by layer
+and its logits are degenerate.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from fssc.compiler.errors import FsscError
+
+DEFAULT_SEED = 20261127
+
+
+@dataclass
+class ExportInfo:
+    path: str
+    model: str
+    num_classes: int
+    image_size: int
+    batch: int
+    opset: int
+    nodes: int
+    batchnorms: int
+    weights: str
+
+
+def available_models() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_model(name: str, num_classes: int | None = None) -> torch.nn.Module:
+    import torchvision
+
+    if name not in available_models():
+        raise FsscError(f"unknown model {name!r}; torchvision classifiers: {', '.join(available_models())}")
+    kwargs = {} if num_classes is None else {"num_classes": int(num_classes)}
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except Exception as e:  # some constructors reject arguments
+        raise FsscError(f"cannot build {name}: {e}") from None
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load a state dict; missing/unexpected keys or wrong shapes are one error listing them."""
+    if not os.path.exists(path):
+        raise FsscError(f"--weights {path}: no such file")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FsscError(f"--weights {path}: not a torch state dict ({type(e).__name__})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise FsscError(f"--weights {path}: expected a dict of tensors (a state dict)")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if wrong:
+        problems.append("wrong shapes: " + ", ".join(
+            f"{k} {tuple(sd[k].shape)} (model has {tuple(own[k].shape)})" for k in wrong))
+    if problems:
+        raise FsscError(f"--weights {path} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=True)
+
+
+def synthetic_images(n: int, image_size: int, seed: int = DEFAULT_SEED) -> torch.Tensor:
+    """Smooth-ish normalised images from a fixed seed (test data, not key material)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, max(image_size // 8, 1), max(image_size // 8, 1), generator=g)
+    img = torch.nn.functional.interpolate(low, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return img + 0.3 * torch.randn(n, 3, image_size, image_size, generator=g)
+
+
+@torch.no_grad()
+def randomize_and_calibrate(model: torch.nn.Module, image_size: int, seed: int = DEFAULT_SEED,
+                            batches: int = 4, batch_size: int = 8) -> None:
+    """Deterministic random weights with BN statistics measured on synthetic inputs."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.2, 0.2)
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    model.train()
+    for i in range(batches):
+        model(synthetic_images(batch_size, image_size, seed + 1 + i))
+    model.eval()
+
+
+def export_model(name: str, out: str, num_classes: int | None = None, weights: str | None = None,
+                 image_size: int = 224, batch: int = 2, opset: int = 17, seed: int = DEFAULT_SEED) -> ExportInfo:
+    import onnx
+
+    if batch < 1 or image_size < 8:
+        raise FsscError(f"--batch must be >= 1 and --image-size >= 8 (got {batch}, {image_size})")
+    torch.manual_seed(seed)
+    model = build_model(name, num_classes)
+    if weights:
+        load_weights(model, weights)
+        wdesc = os.path.basename(weights)
+    else:
+        randomize_and_calibrate(model, image_size, seed)
+        wdesc = f"random (seed {seed}), BN calibrated"
+    model.eval()
+    x = synthetic_images(batch, image_size, seed)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.EVAL, input_names=["input"], output_names=["logits"])
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.producer_name = "fssc export"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".part"
+    onnx.save(proto, tmp)
+    os.replace(tmp, out)  # no partial file that looks complete
+    kinds = [n.op_type for n in proto.graph.node]
+    nc = num_classes if num_classes is not None else int(proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value)
+    return ExportInfo(out, name, nc, image_size, batch, opset, len(kinds), kinds.count("BatchNormalization"), wdesc)
+
+
+def torch_reference(name: str, num_classes: int | None, weights: str | None, image_size: int, x: torch.Tensor,
+                    seed: int = DEFAULT_SEED) -> torch.Tensor:
+    """The same model as :func:`export_model` builds, run in torch (for tests)."""
+    torch.manual_seed(seed)
+    model = build_model(name, num_classes)
+    if weights:
+        load_weights(model, weights)
+    else:
+        randomize_and_calibrate(model, image_size, seed)
+    model.eval()
+    with torch.no_grad():
+        return model(x)

@@ -1,0 +1,97 @@
+"""Fixed-point planning: a scale for every value and where truncation happens.
+
+Rewrite rule. Inputs are encoded at scale f. Constants are encoded where they
+are used: weights and multipliers at scale f (``wscale``), biases and added
+constants at the scale of the value they join. Then, in program order:
+
+* a linear op with a constant operand (conv, gemm, matmul, mul, batchnorm,
+  affine, avgpool, globalavgpool) adds f to its input's scale; if that would
+  pass ``max_scale`` (2f by default) a ``trunc`` op first brings the input
+  back to f;
+* add, sub and concat of two secret values align scales by ``upscale`` (a
+  local multiplication by 2^k, exact) of the lower-scale operand;
+* relu on a value above scale f absorbs the truncation: its ``trunc``
+  attribute says how many bits the comparison gate drops (DESIGN.md section 4,
+  fused truncation), and its output is at scale f;
+* maxpool, clip, pad, flatten and reshape keep their input's scale; argmax
+  outputs integers (scale 0);
+* graph outputs keep whatever scale they have; the decoder reads it.
+
+Semantics: the float meaning of every value is unchanged; truncation is
+floor division by 2^k (at most one LSB from the secure runtime's carry).
+"""
+
+from __future__ import annotations
+
+from fssc.compiler.ir import Graph, Value
+
+from .base import PassContext
+
+NAME = "plan-fixed-point"
+
+LINEAR = {"conv", "gemm", "matmul", "mul", "batchnorm", "affine", "avgpool", "globalavgpool"}
+SCALE_PRESERVING = {"maxpool", "clip", "pad", "flatten", "reshape"}
+ALIGNING = {"add", "sub", "concat"}
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    f = ctx.frac_bits
+    smax = ctx.max_scale
+    scale: dict[str, int] = {name: f for name in graph.inputs}
+    new_ops = []
+
+    def rescale(name: str, target: int, op) -> str:
+        """Insert trunc/upscale so value `name` reaches scale `target`; return the new name."""
+        cur = scale[name]
+        if cur == target:
+            return name
+        v = graph.values[name]
+        out = graph.fresh_name(f"{name}.{'trunc' if cur > target else 'up'}{abs(cur - target)}")
+        graph.add_value(Value(out, v.shape, v.dtype))
+        k = "trunc" if cur > target else "upscale"
+        new_ops.append(graph.make_op(k, [name], [out], {"shift": abs(cur - target)},
+                                     origin=op.origin, created_by=NAME))
+        scale[out] = target
+        return out
+
+    for op in graph.ops:
+        secret = [i for i in op.inputs if not graph.values[i].is_const]
+        k = op.kind
+        if k in LINEAR:
+            x = secret[0]
+            if scale[x] + f > smax and scale[x] > f:
+                x_new = rescale(x, f, op)
+                op.inputs = [x_new if i == x else i for i in op.inputs]
+                x = x_new
+            op.attrs["wscale"] = f
+            out_scale = scale[x] + f
+        elif k in ALIGNING:
+            target = max(scale[i] for i in secret)
+            op.inputs = [rescale(i, target, op) if i in secret else i for i in op.inputs]
+            out_scale = target
+        elif k == "relu":
+            s = scale[secret[0]]
+            if s > f:
+                op.attrs["trunc"] = s - f
+                out_scale = f
+            else:
+                op.attrs.pop("trunc", None)
+                out_scale = s
+        elif k in SCALE_PRESERVING:
+            out_scale = scale[secret[0]]
+        elif k == "argmax":
+            out_scale = 0
+        elif k == "trunc":
+            out_scale = scale[secret[0]] - op.attrs["shift"]
+        elif k == "upscale":
+            out_scale = scale[secret[0]] + op.attrs["shift"]
+        else:
+            raise NotImplementedError(f"{NAME}: no scale rule for op kind {k!r} (%{op.name})")
+        new_ops.append(op)
+        for o in op.outputs:
+            scale[o] = out_scale
+    graph.ops = new_ops
+    for name, s in scale.items():
+        graph.values[name].scale = s
+    graph.meta["frac_bits"] = f
+    return graph

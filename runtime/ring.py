@@ -1,0 +1,140 @@
+"""The ring Z_{2^64} (numpy uint64, wraparound), fixed-point encoding, and exact
+ring products through float64 limbs.
+
+A real v is encoded as round(v * 2^f) mod 2^64. Values are held as uint64;
+``signed`` views them as int64 (two's complement) for comparisons and shifts.
+
+Exact products: a bilinear map (conv, GEMM) over Z_{2^64} is computed with
+float64 GEMMs/convs on digit slices. A value is split into base-2^L digits,
+the low ones unsigned and the top one signed, so a value of B significant
+bits (as a signed integer) needs ceil(B/L) digits. A product of an L-bit digit
+and an M-bit digit summed over K terms is exact in float64 when
+L + M + ceil(log2 K) <= 53 (magnitude bits; see plan_limbs).
+Digit pairs whose shift reaches 64 vanish mod 2^64 and are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+RING_BITS = 64
+MANTISSA_BUDGET = 53  # float64 holds every integer of magnitude <= 2^53
+
+
+def encode(x, f: int) -> np.ndarray:
+    """Reals -> Z_2^64 at scale f (round to nearest)."""
+    v = np.rint(np.asarray(x, dtype=np.float64) * float(1 << f))
+    return v.astype(np.int64).view(np.uint64)
+
+
+def decode(u: np.ndarray, f: int) -> np.ndarray:
+    """Z_2^64 at scale f -> float64 (two's complement)."""
+    return np.asarray(u).view(np.int64).astype(np.float64) / float(1 << f)
+
+
+def signed(u: np.ndarray) -> np.ndarray:
+    return np.asarray(u, dtype=np.uint64).view(np.int64)
+
+
+def unsigned(s: np.ndarray) -> np.ndarray:
+    return np.asarray(s, dtype=np.int64).view(np.uint64)
+
+
+def signed_bits(u: np.ndarray) -> int:
+    """Bits needed to hold every element as a signed integer (incl. sign bit)."""
+    s = signed(u)
+    if s.size == 0:
+        return 1
+    hi = int(s.max())
+    lo = int(s.min())
+    m = max(hi, -lo - 1, 0)
+    return m.bit_length() + 1
+
+
+def digits(u: np.ndarray, width: int, count: int) -> list[np.ndarray]:
+    """Split ring elements (read as signed) into ``count`` base-2^width digits as float64.
+
+    Low digits are in [0, 2^width); the top digit carries the sign, so
+    sum(d_i * 2^(width*i)) equals the signed value exactly when
+    width*count covers its significant bits, and equals it mod 2^64 always
+    (when width*count >= 64).
+    """
+    s = signed(u).copy()
+    out = []
+    mask = np.int64((1 << width) - 1)
+    for i in range(count):
+        if i == count - 1:
+            out.append(s.astype(np.float64))
+        else:
+            out.append((s & mask).astype(np.float64))
+            s >>= width
+    return out
+
+
+def plan_limbs(bits_x: int, bits_w: int, k: int) -> tuple[int, int, int, int]:
+    """Choose digit widths and counts (Lx, nx, Lw, nw) for exact float64 products.
+
+    ``bits_*`` are signed widths (sign bit included), so magnitudes are below
+    2^(bits-1). An unsigned digit of width L is below 2^L, and a signed top
+    digit of n digits stays below 2^L when n*L >= bits-1. Every partial sum
+    stays below 2^53 when mag_x + mag_w + ceil(log2 k) <= 53.
+    """
+    budget = MANTISSA_BUDGET - math.ceil(math.log2(max(k, 1)))
+    mx, mw = min(bits_x, RING_BITS) - 1, min(bits_w, RING_BITS) - 1
+    if budget < 8:
+        raise ValueError(f"reduction length {k} too large for exact float64 products")
+    if mx + mw <= budget:
+        return max(mx, 1), 1, max(mw, 1), 1
+    if mw <= budget // 2:  # keep the small operand whole, split the other
+        lx = budget - mw
+        return lx, math.ceil(mx / lx), max(mw, 1), 1
+    if mx <= budget // 2:
+        lw = budget - mx
+        return max(mx, 1), 1, lw, math.ceil(mw / lw)
+    lx = budget // 2
+    lw = budget - lx
+    return lx, math.ceil(mx / lx), lw, math.ceil(mw / lw)
+
+
+def ring_bilinear(fn: Callable[[np.ndarray, np.ndarray], np.ndarray], x: np.ndarray, w: np.ndarray, k: int,
+                  bits_x: int | None = None, bits_w: int | None = None) -> np.ndarray:
+    """Exact fn(x, w) over Z_2^64 for a bilinear fn computed in float64.
+
+    ``k`` is the reduction length (terms summed per output). ``bits_*`` bound
+    the operands' signed bit widths (measured when not given; pass 64 for a
+    full-ring operand such as a masked value).
+    """
+    bx = signed_bits(x) if bits_x is None else bits_x
+    bw = signed_bits(w) if bits_w is None else bits_w
+    lx, nx, lw, nw = plan_limbs(bx, bw, k)
+    dx = digits(x, lx, nx)
+    dw = digits(w, lw, nw)
+    acc = None
+    for i, xi in enumerate(dx):
+        for j, wj in enumerate(dw):
+            shift = lx * i + lw * j
+            if shift >= RING_BITS:
+                continue
+            part = np.asarray(fn(xi, wj))
+            part = np.rint(part).astype(np.int64).view(np.uint64) << np.uint64(shift)
+            acc = part if acc is None else acc + part
+    return acc
+
+
+def fixed_mul(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Elementwise product in Z_2^64 (numpy uint64 wraps)."""
+    return np.asarray(x, dtype=np.uint64) * np.asarray(c, dtype=np.uint64)
+
+
+def trunc(u: np.ndarray, shift: int) -> np.ndarray:
+    """Arithmetic (floor) right shift of ring elements read as signed."""
+    if shift == 0:
+        return np.asarray(u, dtype=np.uint64)
+    return (signed(u) >> np.int64(shift)).view(np.uint64)
+
+
+def upscale(u: np.ndarray, shift: int) -> np.ndarray:
+    return np.asarray(u, dtype=np.uint64) << np.uint64(shift)
