@@ -50,6 +50,24 @@ def ir(model):
     click.echo(import_onnx(model).text(), nl=False)
 
 
+@cli.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Program directory.")
+@click.option("--frac-bits", type=int, default=12, show_default=True, help="Fixed-point fractional bits f.")
+@click.option("--calibrate", type=click.Path(exists=True), default=None,
+              help="Images (folder) or .npy for range analysis; default: inputs from a fixed seed.")
+@click.option("--dump-ir", is_flag=True, help="Write prog/ir/NN-pass.txt after every pass.")
+@click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass.")
+@click.option("--print-ir-after", multiple=True, metavar="PASS", help="Print the IR after this pass (repeatable).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the cost report as JSON here.")
+def compile_cmd(model, out, frac_bits, calibrate, dump_ir, print_ir_after_all, print_ir_after, json_path):
+    """Compile an ONNX MODEL into prog/: run the passes and print the per-layer cost report."""
+    from .compile import compile_model
+
+    compile_model(model, out, frac_bits, calibrate, dump_ir, print_ir_after, print_ir_after_all, json_path)
+
+
 @cli.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default="demo-out", show_default=True)
 @click.option("--image-size", type=int, default=224, show_default=True)

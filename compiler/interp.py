@@ -13,6 +13,7 @@ scale) and can hand every intermediate value to an ``observe`` callback.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -77,7 +78,7 @@ class _Fixed:
         x = env[op.inputs[0]]
         w = self.g.values[op.inputs[1]].data.astype(np.float64)
         ws = op.attrs["wscale"]
-        k = int(np.prod(w.shape[1:]))
+        k = int(np.prod(w.shape[1:]))  # reduction length per output
         y = ring_bilinear(lambda a, b: conv_float(op.attrs, a, b)[0], x, encode(w, ws), k)
         if len(op.inputs) > 2:
             b = self.g.values[op.inputs[2]].data.astype(np.float64)
@@ -138,6 +139,14 @@ class _Fixed:
         n = int(np.prod(x.shape[2:]))
         return x.sum(axis=axes, keepdims=True, dtype=np.uint64) * encode(1.0 / n, op.attrs["wscale"])
 
+    def sumpool(self, op, env):
+        w, _, _, nd = _windows(env[op.inputs[0]], op.attrs, 0)
+        return w.sum(axis=tuple(range(-nd, 0)), dtype=np.uint64)
+
+    def globalsumpool(self, op, env):
+        x = env[op.inputs[0]]
+        return x.sum(axis=tuple(range(2, x.ndim)), keepdims=True, dtype=np.uint64)
+
     # local ops --------------------------------------------------------
     def _const_at(self, op, env):
         """Inputs with constants encoded at the secret operand's scale."""
@@ -194,11 +203,11 @@ def _ensure_planned(graph: Graph, frac_bits: int | None) -> Graph:
 
 
 def run_fixed(graph: Graph, inputs, frac_bits: int | None = None,
-              observe: Callable[[Op, str, np.ndarray], None] | None = None,
+              observe: Callable[[Op, list[np.ndarray], np.ndarray], None] | None = None,
               raw: bool = False) -> list[np.ndarray]:
     """Fixed-point evaluation. Returns decoded outputs (or ring elements with ``raw``).
 
-    ``observe(op, name, ring_value)`` sees every op output (ring elements).
+    ``observe(op, input_values, output_value)`` sees every op (ring elements).
     """
     g = _ensure_planned(graph, frac_bits)
     sem = _Fixed(g)
@@ -213,7 +222,7 @@ def run_fixed(graph: Graph, inputs, frac_bits: int | None = None,
         val = fn(op, env)
         env[op.outputs[0]] = val
         if observe:
-            observe(op, op.outputs[0], val)
+            observe(op, [env[i] for i in op.inputs if i in env], val)
     if raw:
         return [env[o] for o in g.outputs]
     outs = []
@@ -221,3 +230,33 @@ def run_fixed(graph: Graph, inputs, frac_bits: int | None = None,
         v = g.values[o]
         outs.append(env[o] if v.dtype == "int64" else decode(env[o], v.scale))
     return outs
+
+
+@dataclass
+class Overflow:
+    op: str
+    kind: str
+    gate: str
+    needed_bits: int
+    planned_bits: int
+
+    def __str__(self) -> str:
+        return (f"overflow at {self.kind} %{self.op}: its {self.gate} comparison needs {self.needed_bits} bits, "
+                f"planned {self.planned_bits} (by {self.needed_bits - self.planned_bits} bits)")
+
+
+def find_overflows(graph: Graph, inputs) -> list[Overflow]:
+    """Run the planned, marked IR and name every comparison whose input leaves its bitwidth."""
+    from .gates import bits_for, comparison_magnitude
+
+    worst: dict[int, Overflow] = {}
+
+    def observe(op, ins, out):
+        if not op.gate or op.gate.get("bits") is None:
+            return
+        need = bits_for(comparison_magnitude(op, graph, ins))
+        if need > op.gate["bits"] and (op.uid not in worst or need > worst[op.uid].needed_bits):
+            worst[op.uid] = Overflow(op.name, op.kind, op.gate["kind"], need, op.gate["bits"])
+
+    run_fixed(graph, inputs, observe=observe)
+    return list(worst.values())

@@ -289,6 +289,27 @@ class GlobalAvgPool:
         return [x.astype(np.float64).mean(axis=tuple(range(2, x.ndim)), keepdims=True)]
 
 
+@register("sumpool")
+class SumPool:
+    """Window sums (zero padding): an average pool whose 1/k was folded away."""
+
+    shape = staticmethod(_pool_shape)
+
+    @staticmethod
+    def run(attrs, x):
+        w, _, _, nd = _windows(x.astype(np.float64), attrs, 0.0)
+        return [w.sum(axis=tuple(range(-nd, 0)))]
+
+
+@register("globalsumpool")
+class GlobalSumPool:
+    shape = GlobalAvgPool.shape
+
+    @staticmethod
+    def run(attrs, x):
+        return [x.astype(np.float64).sum(axis=tuple(range(2, x.ndim)), keepdims=True)]
+
+
 @register("batchnorm")
 class BatchNorm:
     @staticmethod

@@ -5,15 +5,16 @@ are used: weights and multipliers at scale f (``wscale``), biases and added
 constants at the scale of the value they join. Then, in program order:
 
 * a linear op with a constant operand (conv, gemm, matmul, mul, batchnorm,
-  affine, avgpool, globalavgpool) adds f to its input's scale; if that would
-  pass ``max_scale`` (2f by default) a ``trunc`` op first brings the input
-  back to f;
+  affine, avgpool, globalavgpool) adds its weight scale f (+ ``wscale_extra``
+  bits set by fold-public-scaling) to its input's scale; if that would pass
+  ``max_scale`` (2f by default) a ``trunc`` op first brings the input back
+  to f;
 * add, sub and concat of two secret values align scales by ``upscale`` (a
   local multiplication by 2^k, exact) of the lower-scale operand;
 * relu on a value above scale f absorbs the truncation: its ``trunc``
   attribute says how many bits the comparison gate drops (DESIGN.md section 4,
   fused truncation), and its output is at scale f;
-* maxpool, clip, pad, flatten and reshape keep their input's scale; argmax
+* maxpool, clip, pad, flatten, reshape and the sum pools keep their input's scale; argmax
   outputs integers (scale 0);
 * graph outputs keep whatever scale they have; the decoder reads it.
 
@@ -30,7 +31,7 @@ from .base import PassContext
 NAME = "plan-fixed-point"
 
 LINEAR = {"conv", "gemm", "matmul", "mul", "batchnorm", "affine", "avgpool", "globalavgpool"}
-SCALE_PRESERVING = {"maxpool", "clip", "pad", "flatten", "reshape"}
+SCALE_PRESERVING = {"maxpool", "clip", "pad", "flatten", "reshape", "sumpool", "globalsumpool"}
 ALIGNING = {"add", "sub", "concat"}
 
 
@@ -59,12 +60,12 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         k = op.kind
         if k in LINEAR:
             x = secret[0]
-            if scale[x] + f > smax and scale[x] > f:
+            if scale[x] + f + op.attrs.get("wscale_extra", 0) > smax and scale[x] > f:
                 x_new = rescale(x, f, op)
                 op.inputs = [x_new if i == x else i for i in op.inputs]
                 x = x_new
-            op.attrs["wscale"] = f
-            out_scale = scale[x] + f
+            op.attrs["wscale"] = ws = f + op.attrs.get("wscale_extra", 0)
+            out_scale = scale[x] + ws
         elif k in ALIGNING:
             target = max(scale[i] for i in secret)
             op.inputs = [rescale(i, target, op) if i in secret else i for i in op.inputs]

@@ -1,0 +1,118 @@
+"""``fssc compile``: ONNX -> IR -> passes -> prog/ (report, IR dumps).
+
+prog/ today holds ``report.txt``, ``report.json`` and, with ``--dump-ir``,
+``ir/NN-pass.txt``. Code generation adds the party programs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from fssc.passes.base import PassContext
+
+from .cost import CostReport, cost_report
+from .errors import FsscError
+from .ir import Graph
+from .onnx_import import import_onnx
+from .pipeline import PassRecord, run_pipeline
+
+
+@dataclass
+class CompileResult:
+    graph: Graph
+    records: list[PassRecord]
+    report: CostReport
+    ctx: PassContext
+
+
+def load_calibration(path: str, graph: Graph) -> list[np.ndarray]:
+    from fssc.runtime.images import Preprocess, batches, load_inputs
+
+    shape = graph.values[graph.inputs[0]].shape
+    if len(shape) != 4:
+        raise FsscError(f"--calibrate needs an image model input [N,C,H,W], got {shape}")
+    x = load_inputs(path, Preprocess(size=shape[2]), shape[1:])
+    return batches(x, shape[0])
+
+
+def compile_graph(graph: Graph, frac_bits: int = 12, calibrate: str | None = None, dump_dir: str | None = None,
+                  print_after=(), print_all=False, keep_graphs=False, echo=print) -> CompileResult:
+    if not 4 <= frac_bits <= 24:
+        raise FsscError(f"--frac-bits {frac_bits}: must be between 4 and 24")
+    ctx = PassContext(frac_bits=frac_bits)
+    if calibrate:
+        ctx.calibration = load_calibration(calibrate, graph)
+    g, records = run_pipeline(graph, ctx, print_after=tuple(print_after), print_all=print_all, dump_dir=dump_dir,
+                              keep_graphs=keep_graphs, echo=echo)
+    return CompileResult(g, records, cost_report(g), ctx)
+
+
+def _mb(x: float) -> str:
+    return f"{x / 1e6:,.2f}"
+
+
+def report_table(res: CompileResult, title: str) -> Table:
+    rep = res.report
+    t = Table(title=title, title_justify="left")
+    for col, just in (("op", "left"), ("kind", "left"), ("output shape", "left"), ("gate", "left"),
+                      ("gates", "right"), ("m", "right"), ("key MB P0", "right"), ("key MB P1", "right"),
+                      ("rounds", "right"), ("sent MB P0", "right"), ("sent MB P1", "right")):
+        t.add_column(col, justify=just)
+    for o in rep.ops:
+        if not (o.gate or o.rounds):
+            continue
+        t.add_row(o.op, o.kind, "x".join(map(str, o.shape)), o.gate or "-", f"{o.gates:,}" if o.gates else "",
+                  str(o.bits or ""), _mb(o.key_p0), _mb(o.key_p1), str(o.rounds), _mb(o.sent_p0), _mb(o.sent_p1))
+    t.add_section()
+    t.add_row("total (batch)", "", "", "", f"{rep.total('gates'):,}", "", _mb(rep.total("key_p0")),
+              _mb(rep.total("key_p1")), str(rep.rounds), _mb(rep.total("sent_p0") + rep.input_bytes),
+              _mb(rep.total("sent_p1")))
+    t.add_row("per image", "", "", "", f"{rep.per_image('gates'):,.0f}", "", _mb(rep.per_image("key_p0")),
+              _mb(rep.per_image("key_p1")), "", _mb((rep.total("sent_p0") + rep.input_bytes) / rep.batch),
+              _mb(rep.per_image("sent_p1")))
+    return t
+
+
+def compile_model(model: str, out_dir: str, frac_bits: int = 12, calibrate: str | None = None,
+                  dump_ir: bool = False, print_after=(), print_all: bool = False, json_path: str | None = None,
+                  console: Console | None = None) -> CompileResult:
+    con = console or Console(width=max(160, Console().width))
+    graph = import_onnx(model)
+    os.makedirs(out_dir, exist_ok=True)
+    res = compile_graph(graph, frac_bits, calibrate, os.path.join(out_dir, "ir") if dump_ir else None,
+                        print_after, print_all, echo=lambda s: con.print(s, markup=False, highlight=False,
+                                                                          soft_wrap=True))
+    passes = Table(title="passes", title_justify="left")
+    for col in ("#", "pass", "ms", "changed"):
+        passes.add_column(col)
+    for r in res.records[1:]:
+        passes.add_row(str(r.index), r.name, f"{r.seconds * 1e3:.1f}", "yes" if r.changed else "[dim]no[/]")
+    con.print(passes)
+    by_kind = res.report.gates_by_kind()
+    table = report_table(res, f"secure cost of {os.path.basename(model)} (batch {res.report.batch}, "
+                              f"f={frac_bits}; gates: " + ", ".join(f"{k} {v:,}" for k, v in by_kind.items()) + ")")
+    con.print(table)
+    con.print(f"per-model setup: P1 sends its masked weights once, {_mb(res.report.setup_bytes)} MB")
+    data = res.report.to_dict()
+    data["passes"] = [{"index": r.index, "name": r.name, "changed": r.changed} for r in res.records]
+    data["frac_bits"] = frac_bits
+    _write(os.path.join(out_dir, "report.json"), json.dumps(data, indent=1, sort_keys=True) + "\n")
+    with open(os.path.join(out_dir, "report.txt.part"), "w") as fh:
+        Console(file=fh, width=160, no_color=True).print(table)
+    os.replace(os.path.join(out_dir, "report.txt.part"), os.path.join(out_dir, "report.txt"))
+    if json_path:
+        _write(json_path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return res
+
+
+def _write(path: str, text: str) -> None:
+    tmp = path + ".part"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,106 @@
+"""Canonicalisation: one form for each construct the later passes match.
+
+Rewrite rules:
+
+* ``flatten(x, axis)`` -> ``reshape(x, shape)`` with the explicit shape;
+  a reshape to the shape it already has is dropped.
+* ``gemm(a, B, C; alpha, beta, transA=0, transB)`` -> ``gemm(a, W, b)`` with
+  W = alpha * (B^T if transB else B) of shape [K, N] and b = beta * C (a [N]
+  vector when C broadcasts along rows); no attributes remain.
+* ``matmul(x, W)`` with a 2-D constant W and a 2-D x -> ``gemm(x, W)``.
+* ``gemm`` / ``conv`` followed by ``add`` of a constant bias (shape [N] or
+  [1, N] for gemm, [C,1,1] or [1,C,1,1] for conv), when the linear op's output
+  has no other user -> the bias moves into the linear op.
+* ``sub(x, c)`` with a constant c -> ``add(x, -c)``.
+
+Every rewrite preserves the float semantics exactly (up to float rounding of
+the folded constants).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fssc.compiler.ir import Graph
+
+from .base import PassContext
+
+NAME = "canonicalize"
+
+
+def _new_const(graph: Graph, base: str, data: np.ndarray) -> str:
+    name = graph.fresh_name(base)
+    graph.add_const(name, np.asarray(data, dtype=np.float32))
+    return name
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    keep = []
+    for op in graph.ops:
+        v = graph.values
+        if op.kind == "flatten":
+            op.kind = "reshape"
+            op.attrs = {"shape": list(v[op.outputs[0]].shape)}
+        if op.kind == "reshape" and tuple(op.attrs["shape"]) == tuple(v[op.inputs[0]].shape) \
+                and op.outputs[0] not in graph.outputs:
+            graph.replace_uses(op.outputs[0], op.inputs[0])
+            continue
+        if op.kind == "gemm" and not op.attrs.get("transA", 0) and any(
+                k in op.attrs for k in ("alpha", "beta", "transB")):
+            a = op.attrs
+            w = v[op.inputs[1]].data.astype(np.float64)
+            w = (w.T if a.get("transB", 0) else w) * a.get("alpha", 1.0)
+            ins = [op.inputs[0], _new_const(graph, op.inputs[1] + ".kn", w)]
+            if len(op.inputs) > 2:
+                c = v[op.inputs[2]].data.astype(np.float64) * a.get("beta", 1.0)
+                n = w.shape[1]
+                if c.size == 1:
+                    c = np.full((n,), float(c.reshape(())))
+                elif c.shape in ((n,), (1, n)):
+                    c = c.reshape(n)
+                ins.append(_new_const(graph, op.inputs[2] + ".b", c))
+            op.inputs = ins
+            op.attrs = {}
+        if op.kind == "matmul" and v[op.inputs[1]].is_const and v[op.inputs[1]].data.ndim == 2 \
+                and len(v[op.inputs[0]].shape) == 2 and not v[op.inputs[0]].is_const:
+            op.kind = "gemm"
+            op.attrs = {}
+        if op.kind == "sub" and v[op.inputs[1]].is_const and not v[op.inputs[0]].is_const:
+            op.kind = "add"
+            op.inputs = [op.inputs[0], _new_const(graph, op.inputs[1] + ".neg", -v[op.inputs[1]].data)]
+        if op.kind == "add" and keep and _fold_bias(graph, keep[-1], op):
+            continue
+        keep.append(op)
+    graph.ops = keep
+    graph.remove_unused()
+    return graph
+
+
+def _fold_bias(graph: Graph, prev, op) -> bool:
+    """Move add(linear(x), c) into linear's bias when that is exact and local."""
+    v = graph.values
+    if prev.kind not in ("gemm", "conv") or prev.attrs.get("transA", 0) or prev.kind == "gemm" and prev.attrs:
+        return False
+    y = prev.outputs[0]
+    if y not in op.inputs or graph.n_users(y) != 1:
+        return False
+    c_name = op.inputs[1] if op.inputs[0] == y else op.inputs[0]
+    if not v[c_name].is_const:
+        return False
+    c = v[c_name].data.astype(np.float64)
+    out_shape = v[y].shape
+    nout = out_shape[1]
+    if prev.kind == "gemm":
+        ok = c.shape in ((nout,), (1, nout))
+    else:
+        ok = c.shape in ((nout, 1, 1), (1, nout, 1, 1)) and len(out_shape) == 4
+    if not ok:
+        return False
+    c = c.reshape(nout)
+    if len(prev.inputs) > 2:
+        c = c + v[prev.inputs[2]].data.astype(np.float64)
+    prev.inputs = prev.inputs[:2] + [_new_const(graph, c_name + ".bias", c)]
+    prev.origin = tuple(prev.origin) + tuple(o for o in op.origin if o not in prev.origin)
+    prev.outputs = [op.outputs[0]]
+    v[op.outputs[0]].shape = out_shape
+    return True

@@ -1,0 +1,66 @@
+"""Fold BatchNormalization into the preceding Conv.
+
+Rewrite rule: ``y = batchnorm(conv(x, W, b), gamma, beta, mean, var, eps)``,
+when the conv output feeds only the BN, becomes ``y = conv(x, W', b')`` with
+a = gamma / sqrt(var + eps) (eps from the node's attribute),
+W'[o] = W[o] * a[o] (per output channel, so grouped convs fold the same way)
+and b' = (b - mean) * a + beta (b = 0 for a conv without bias).
+
+A BN whose input is not such a conv (no conv before it, or a conv output with
+another user: folding would change that user's value) becomes a per-channel
+``affine(x, a, beta - mean * a)``. After this pass no batchnorm remains.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fssc.compiler.ir import Graph
+
+from .base import PassContext
+
+NAME = "fold-batchnorm"
+
+
+def _bn_params(graph: Graph, op):
+    gamma, beta, mean, var = (graph.values[n].data.astype(np.float64) for n in op.inputs[1:5])
+    a = gamma / np.sqrt(var + op.attrs.get("epsilon", 1e-5))
+    return a, beta - mean * a
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    producer = graph.producer()
+    keep = []
+    for op in graph.ops:
+        if op.kind != "batchnorm":
+            keep.append(op)
+            continue
+        a, shift = _bn_params(graph, op)
+        conv = producer.get(op.inputs[0])
+        if conv is not None and conv.kind == "conv" and graph.n_users(conv.outputs[0]) == 1:
+            w = graph.values[conv.inputs[1]].data.astype(np.float64)
+            b = graph.values[conv.inputs[2]].data.astype(np.float64) if len(conv.inputs) > 2 else 0.0
+            w_name = graph.fresh_name(conv.inputs[1] + ".bn")
+            graph.add_const(w_name, (w * a.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32))
+            b_name = graph.fresh_name((conv.inputs[2] if len(conv.inputs) > 2 else conv.inputs[1]) + ".bnbias")
+            graph.add_const(b_name, ((b - graph.values[op.inputs[3]].data.astype(np.float64)) * a
+                                     + graph.values[op.inputs[2]].data.astype(np.float64)).astype(np.float32))
+            conv.inputs = [conv.inputs[0], w_name, b_name]
+            conv.origin = tuple(conv.origin) + tuple(op.origin)
+            # the conv now produces the BN's output (its only user was the BN)
+            del graph.values[conv.outputs[0]]
+            conv.outputs = [op.outputs[0]]
+            producer[op.outputs[0]] = conv
+            continue
+        a_name = graph.fresh_name(op.inputs[1] + ".a")
+        graph.add_const(a_name, a.astype(np.float32))
+        s_name = graph.fresh_name(op.inputs[2] + ".shift")
+        graph.add_const(s_name, shift.astype(np.float32))
+        op.kind = "affine"
+        op.inputs = [op.inputs[0], a_name, s_name]
+        op.attrs = {}
+        op.created_by = NAME
+        keep.append(op)
+    graph.ops = keep
+    graph.remove_unused()
+    return graph

@@ -1,0 +1,65 @@
+"""Lower a k_h x k_w MaxPool into two separable 1-D MaxPools.
+
+Rewrite rule: ``maxpool(x; [kh, kw], strides [sh, sw], pads [ph0, pw0, ph1, pw1])``
+-> ``maxpool(maxpool(x; [1, kw], [1, sw], [0, pw0, 0, pw1]); [kh, 1], [sh, 1], [ph0, 0, ph1, 0])``
+(or the other axis first, whichever needs fewer max gates). Max is associative
+and commutative and -inf padding is neutral, so the result is identical;
+ceil_mode and dilations carry over per axis. Each 1-D window is a tree of
+max gates with padding skipped: a 3x3/2 pool costs 6 max gates per output
+instead of 8.
+"""
+
+from __future__ import annotations
+
+from fssc.compiler.gates import gate_count
+from fssc.compiler.ir import Graph, Value
+from fssc.compiler.ops import infer_shapes
+
+from .base import PassContext
+
+NAME = "lower-maxpool"
+
+
+def _axis_attrs(a: dict, axis: int) -> dict:
+    """The 1-D part of 2-D pool attrs along spatial axis 0 (H) or 1 (W)."""
+    keep = lambda vals, other: [vals[0] if axis == 0 else other, vals[1] if axis == 1 else other]  # noqa: E731
+    p = a["pads"]
+    return {"kernel_shape": keep(a["kernel_shape"], 1), "strides": keep(a["strides"], 1),
+            "dilations": keep(a["dilations"], 1), "ceil_mode": a.get("ceil_mode", 0),
+            "pads": [p[0] if axis == 0 else 0, p[1] if axis == 1 else 0,
+                     p[2] if axis == 0 else 0, p[3] if axis == 1 else 0]}
+
+
+def _split(graph: Graph, op, first: int):
+    x = op.inputs[0]
+    a1, a2 = _axis_attrs(op.attrs, first), _axis_attrs(op.attrs, 1 - first)
+    mid_shape = infer_shapes("maxpool", a1, [graph.values[x].shape])[0]
+    return a1, a2, mid_shape
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    out = []
+    for op in graph.ops:
+        k = op.attrs.get("kernel_shape", [])
+        if op.kind != "maxpool" or len(k) != 2 or min(k) == 1:
+            out.append(op)
+            continue
+        best = None
+        for first in (1, 0):  # W first, then H first
+            a1, a2, mid_shape = _split(graph, op, first)
+            probe = Graph()
+            probe.values = {"x": graph.values[op.inputs[0]], "m": Value("m", mid_shape)}
+            cost = sum(gate_count(probe.make_op("maxpool", [i], [], a, uid=-1), probe)
+                       for i, a in (("x", a1), ("m", a2)))
+            if best is None or cost < best[0]:
+                best = (cost, a1, a2, mid_shape)
+        _, a1, a2, mid_shape = best
+        mid = graph.fresh_name(op.outputs[0] + ".sep")
+        graph.add_value(Value(mid, mid_shape, graph.values[op.inputs[0]].dtype))
+        out.append(graph.make_op("maxpool", [op.inputs[0]], [mid], a1, origin=op.origin, created_by=NAME))
+        op.inputs = [mid]
+        op.attrs = a2
+        op.created_by = NAME
+        out.append(op)
+    graph.ops = out
+    return graph

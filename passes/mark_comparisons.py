@@ -1,0 +1,37 @@
+"""Mark comparison sites: every op that needs an FSS gate gets ``op.gate``.
+
+For ReLU, max (MaxPool trees), ArgMax and Clip ops: ``gate = {kind, count,
+per_image, bits, depth[, trunc]}`` where count is the number of gate
+evaluations for the whole batch (:func:`fssc.compiler.gates.gate_count`),
+bits is the comparison bitwidth m from range analysis, depth the sequential
+gate layers and trunc the bits a ReLU gate drops (fused truncation). The cost
+model sums these into the compile report. Semantics are unchanged.
+"""
+
+from __future__ import annotations
+
+from fssc.compiler.gates import gate_count, gate_depth, gate_kind
+from fssc.compiler.ir import Graph
+
+from .base import PassContext
+
+NAME = "mark-comparisons"
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    ranges = ctx.notes.get("ranges", {})
+    batch = graph.values[graph.inputs[0]].shape[0] if graph.inputs else 1
+    for op in graph.ops:
+        kind = gate_kind(op)
+        if not kind:
+            op.gate = None
+            continue
+        bits = ranges.get(op.uid, {}).get("bits") or graph.values[op.inputs[0]].bits
+        if bits is None:
+            raise ValueError(f"{NAME}: no bitwidth for {op.kind} %{op.name}; run range-analysis first")
+        n = gate_count(op, graph)
+        op.gate = {"kind": kind, "count": n, "per_image": n // batch, "bits": bits,
+                   "depth": gate_depth(op, graph)}
+        if op.attrs.get("trunc"):
+            op.gate["trunc"] = op.attrs["trunc"]
+    return graph

@@ -1,0 +1,47 @@
+"""Range analysis: a bitwidth for every comparison, from calibration data.
+
+Runs the planned IR in the fixed-point interpreter on calibration inputs
+(``--calibrate DIR``, else batches from a fixed seed) and measures the largest
+magnitude each comparison sees (:func:`fssc.compiler.gates.comparison_magnitude`:
+x >> trunc for a ReLU, the window spread for max gates, the row spread for
+ArgMax). The bitwidth is m = bits(magnitude) + sign + ``margin_bits`` (a
+2^margin safety factor), capped at the ring's 64 bits. It is written on the
+op's input value (``bits``) and kept in ``ctx.notes['ranges']`` for
+mark-comparisons. Semantics are unchanged.
+"""
+
+from __future__ import annotations
+
+from fssc.compiler.gates import bits_for, comparison_magnitude, gate_kind
+from fssc.compiler.interp import run_fixed
+from fssc.compiler.ir import Graph
+from fssc.runtime.images import synthetic_inputs
+
+from .base import PassContext
+
+NAME = "range-analysis"
+DEFAULT_CALIBRATION_BATCHES = 4
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    if len(graph.inputs) != 1:
+        raise NotImplementedError(f"{NAME}: graphs with {len(graph.inputs)} inputs")
+    shape = graph.values[graph.inputs[0]].shape
+    data = ctx.calibration or synthetic_inputs(shape, DEFAULT_CALIBRATION_BATCHES, seed=1)
+    mags: dict[int, int] = {}
+
+    def observe(op, ins, out):
+        if gate_kind(op):
+            mags[op.uid] = max(mags.get(op.uid, 0), comparison_magnitude(op, graph, ins))
+
+    for batch in data:
+        run_fixed(graph, batch, observe=observe)
+    ranges = {}
+    for op in graph.ops:
+        if op.uid in mags:
+            m = min(64, bits_for(mags[op.uid]) + ctx.margin_bits)
+            ranges[op.uid] = {"magnitude": mags[op.uid], "bits": m}
+            graph.values[op.inputs[0]].bits = m
+    ctx.notes["ranges"] = ranges
+    ctx.notes["calibration_batches"] = len(data)
+    return graph
