@@ -10,7 +10,8 @@ Gate kinds (DESIGN.md section 4):
   (fused truncation); its input is x >> trunc.
 * ``max``: max(a, b) = b + ReLU(a - b); a MaxPool is a tree of these over each
   window, padding skipped, so a window with v real taps costs v - 1 gates.
-  Every comparison input a - b lies within [min, max] - [min, max] of its window.
+  Every comparison input a - b lies within [min, max] - [min, max] of its window;
+  with ``cmp_trunc`` = s the gate compares (a - b) >> s.
 * ``argmax``: C - 1 max gates per row (a tournament that also selects the
   index); for C = 2 a single DReLU of l1 - l0 gives the label.
 * ``clip``: two comparisons per element (against min and against max).
@@ -95,7 +96,7 @@ def comparison_magnitude(op: Op, graph: Graph, inputs: list[np.ndarray]) -> int:
         wmin, _, _, _ = _windows(x, op.attrs, lo.max)
         axes = tuple(range(-nd, 0))
         spread = wmax.max(axis=axes).astype(np.float64) - wmin.min(axis=axes).astype(np.float64)
-        return int(spread.max())
+        return int(spread.max()) >> op.attrs.get("cmp_trunc", 0)
     if kind == "argmax":
         ax = op.attrs.get("axis", 0)
         spread = x.max(axis=ax).astype(np.float64) - x.min(axis=ax).astype(np.float64)

@@ -47,10 +47,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                                      + graph.values[op.inputs[2]].data.astype(np.float64)).astype(np.float32))
             conv.inputs = [conv.inputs[0], w_name, b_name]
             conv.origin = tuple(conv.origin) + tuple(op.origin)
-            # the conv now produces the BN's output (its only user was the BN)
-            del graph.values[conv.outputs[0]]
-            conv.outputs = [op.outputs[0]]
-            producer[op.outputs[0]] = conv
+            # the BN's users now read the conv's output (the conv keeps its name)
+            graph.replace_uses(op.outputs[0], conv.outputs[0])
             continue
         a_name = graph.fresh_name(op.inputs[1] + ".a")
         graph.add_const(a_name, a.astype(np.float32))

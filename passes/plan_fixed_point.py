@@ -80,6 +80,9 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                 out_scale = s
         elif k in SCALE_PRESERVING:
             out_scale = scale[secret[0]]
+            if k == "maxpool":
+                # compare on the difference truncated to scale f (the max itself stays exact)
+                op.attrs["cmp_trunc"] = max(0, out_scale - f)
         elif k == "argmax":
             out_scale = 0
         elif k == "trunc":
