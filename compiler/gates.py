@@ -27,6 +27,11 @@ from .ir import Graph, Op
 from .ops import OPS, _windows
 
 
+def gate_tag(op: Op, suffix: str = "") -> str:
+    """Name of an op's key records and gate calls (shared by dealer, parties and the interpreter)."""
+    return f"op{op.uid}{suffix}"
+
+
 def gate_kind(op: Op) -> str | None:
     return OPS[op.kind].comparison if op.kind in OPS else None
 

@@ -36,10 +36,11 @@ class Value:
     data: np.ndarray | None = None  # constants only (model owner's)
     scale: int | None = None  # fixed-point fractional bits, once planned
     bits: int | None = None  # comparison bitwidth, once range-analysed
+    stripped: bool = False  # a constant whose bytes were removed (P0's and D's view)
 
     @property
     def is_const(self) -> bool:
-        return self.data is not None
+        return self.data is not None or self.stripped
 
     @property
     def size(self) -> int:
@@ -47,7 +48,8 @@ class Value:
 
     def digest(self) -> str:
         """Short content hash of a constant (for the text form)."""
-        assert self.data is not None
+        if self.data is None:
+            return "stripped"
         h = hashlib.sha256()
         arr = np.ascontiguousarray(self.data)
         h.update(str(arr.dtype).encode())
@@ -140,7 +142,8 @@ class Graph:
     def clone(self) -> "Graph":
         """Deep copy of structure; constant arrays are shared (treated immutably)."""
         g = Graph(self.name)
-        g.values = {k: Value(v.name, v.shape, v.dtype, v.data, v.scale, v.bits) for k, v in self.values.items()}
+        g.values = {k: Value(v.name, v.shape, v.dtype, v.data, v.scale, v.bits, v.stripped)
+                    for k, v in self.values.items()}
         g.ops = [copy.deepcopy(op) for op in self.ops]
         g.inputs = list(self.inputs)
         g.outputs = list(self.outputs)

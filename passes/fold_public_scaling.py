@@ -9,7 +9,7 @@ encoded with ceil(log2 k) extra fractional bits (``wscale_extra``) so the
 1/k costs no precision; the truncation the division would have needed is gone.
 
 ``globalavgpool`` -> ``globalsumpool``; ``avgpool`` with uniform counts ->
-``sumpool``. A pool with another user, or with border windows of different
+``sumpool``. A pool over single elements (k = 1) becomes a sum pool outright. A pool with another user, or with border windows of different
 counts, is left alone.
 """
 
@@ -43,7 +43,12 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if op.kind not in ("globalavgpool", "avgpool"):
             continue
         k = _uniform_count(graph, op)
-        if k is None or k <= 1:
+        if k is None:
+            continue
+        if k == 1:  # averaging one element: the sum pool is the same map, nothing to fold
+            op.kind = "globalsumpool" if op.kind == "globalavgpool" else "sumpool"
+            op.attrs = {key: v for key, v in op.attrs.items() if key != "count_include_pad"}
+            op.created_by = NAME
             continue
         cur, consumer = op.outputs[0], None
         while cur not in graph.outputs and len(users.get(cur, [])) == 1:

@@ -1,0 +1,170 @@
+"""Key material streams: what the dealer writes for one party and one batch.
+
+A stream is written sequentially in evaluation order and read back through a
+memory map, so a party's memory does not grow with the model's key size.
+
+File layout (little-endian)::
+
+    magic  b"FSSCKEY\\0"                 8 bytes
+    hlen   uint32                        header length
+    header JSON {format, program, party, batch, ...}
+    records, each:
+        tag    uint16 length + utf-8     (e.g. "relu3.dcf")
+        dtype  uint8 code, ndim uint8, dims uint64 x ndim
+        pad to 8 bytes, then the array bytes, padded to 8 bytes
+    trailer b"FSSCEND\\0" + sha256 of every byte before the trailer
+
+The reader checks magic, format version, program hash, party and batch, then
+the checksum, before handing out a single record; records are read in order
+and each read names the tag it expected, so a program and a stream that are
+out of step fail loudly instead of computing garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import mmap
+import os
+import struct
+
+import numpy as np
+
+from fssc.compiler.errors import FsscError
+
+MAGIC = b"FSSCKEY\0"
+TRAILER = b"FSSCEND\0"
+FORMAT_VERSION = 1
+_DTYPES = {0: np.dtype("<u8"), 1: np.dtype("u1"), 2: np.dtype("<i8"), 3: np.dtype("<f8")}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+def _pad8(n: int) -> int:
+    return (-n) % 8
+
+
+class KeyWriter:
+    """Sequential writer; ``path=None`` keeps the stream in memory (the simulator)."""
+
+    def __init__(self, path: str | None, header: dict):
+        self.path = path
+        self._fh = open(path + ".part", "wb") if path else io.BytesIO()
+        self._hash = hashlib.sha256()
+        self.bytes_written = 0
+        hdr = json.dumps({"format": FORMAT_VERSION, **header}, sort_keys=True).encode()
+        self._write(MAGIC + struct.pack("<I", len(hdr)) + hdr + b"\0" * _pad8(len(hdr) + 12))
+        self.records = 0
+
+    def _write(self, b: bytes | memoryview) -> None:
+        self._fh.write(b)
+        self._hash.update(b)
+        self.bytes_written += len(b)
+
+    def put(self, tag: str, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype not in _CODES:
+            arr = arr.astype(np.uint64) if arr.dtype.kind in "iu" and arr.dtype.itemsize == 8 else arr
+        if arr.dtype not in _CODES:
+            raise TypeError(f"key record {tag}: unsupported dtype {arr.dtype}")
+        t = tag.encode()
+        head = struct.pack("<H", len(t)) + t + struct.pack("<BB", _CODES[arr.dtype], arr.ndim)
+        head += struct.pack(f"<{arr.ndim}Q", *arr.shape)
+        head += b"\0" * _pad8(len(head))
+        self._write(head)
+        self._write(memoryview(arr).cast("B") if arr.size else b"")
+        self._write(b"\0" * _pad8(arr.nbytes))
+        self.records += 1
+
+    def close(self) -> bytes | None:
+        digest = self._hash.digest()
+        self._fh.write(TRAILER + digest)
+        self.bytes_written += len(TRAILER) + len(digest)
+        if self.path:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self.path + ".part", self.path)
+            return None
+        return self._fh.getvalue()
+
+
+class KeyReader:
+    """Checks a stream and hands out its records in order (zero-copy views)."""
+
+    def __init__(self, source: str | bytes, program: str | None = None, party: int | None = None,
+                 batch: int | None = None):
+        self.name = source if isinstance(source, str) else "<memory>"
+        if isinstance(source, str):
+            if not os.path.exists(source):
+                raise FsscError(f"key file {source}: not found")
+            self._fh = open(source, "rb")
+            size = os.fstat(self._fh.fileno()).st_size
+            if size < 64:
+                raise FsscError(f"key file {source}: truncated ({size} bytes)")
+            self.buf = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+        else:
+            self._fh = None
+            self.buf = source
+        mv = memoryview(self.buf)
+        if bytes(mv[:8]) != MAGIC:
+            raise FsscError(f"{self.name}: not an fssc key file")
+        (hlen,) = struct.unpack("<I", mv[8:12])
+        try:
+            self.header = json.loads(bytes(mv[12:12 + hlen]))
+        except ValueError:
+            raise FsscError(f"{self.name}: corrupt key header") from None
+        if self.header.get("format") != FORMAT_VERSION:
+            raise FsscError(f"{self.name}: key format {self.header.get('format')}, this fssc reads {FORMAT_VERSION}")
+        for key, want in (("program", program), ("party", party), ("batch", batch)):
+            if want is not None and self.header.get(key) != want:
+                got = self.header.get(key)
+                raise FsscError(f"{self.name}: keys are for {key} {got!r}, not {want!r}"
+                                + (" (keys made for a different program)" if key == "program" else ""))
+        end = len(mv) - len(TRAILER) - 32
+        if end < 0 or bytes(mv[end:end + len(TRAILER)]) != TRAILER:
+            raise FsscError(f"{self.name}: truncated key file (no trailer)")
+        h = hashlib.sha256()
+        for i in range(0, end, 1 << 24):
+            h.update(mv[i:min(end, i + (1 << 24))])
+        if h.digest() != bytes(mv[end + len(TRAILER):]):
+            raise FsscError(f"{self.name}: checksum mismatch (corrupt or tampered key file)")
+        self._mv = mv
+        self._end = end
+        self.pos = 12 + hlen + _pad8(hlen + 12)
+
+    def _next(self) -> tuple[str, np.ndarray]:
+        mv = self._mv
+        if self.pos >= self._end:
+            raise FsscError(f"{self.name}: key stream exhausted (program and keys out of step)")
+        (tl,) = struct.unpack_from("<H", mv, self.pos)
+        tag = bytes(mv[self.pos + 2:self.pos + 2 + tl]).decode()
+        p = self.pos + 2 + tl
+        code, ndim = struct.unpack_from("<BB", mv, p)
+        p += 2
+        shape = struct.unpack_from(f"<{ndim}Q", mv, p)
+        p += 8 * ndim
+        p += _pad8(p - self.pos)
+        dt = _DTYPES[code]
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        arr = np.frombuffer(mv[p:p + n], dtype=dt).reshape(shape)
+        self.pos = p + n + _pad8(n)
+        return tag, arr
+
+    def get(self, tag: str) -> np.ndarray:
+        got, arr = self._next()
+        if got != tag:
+            raise FsscError(f"{self.name}: expected key record {tag!r}, found {got!r} (program and keys out of step)")
+        return arr
+
+    def skip_to_end(self) -> bool:
+        return self.pos >= self._end
+
+    def close(self) -> None:
+        self._mv = None
+        if self._fh:
+            try:
+                self.buf.close()
+            except BufferError:
+                pass  # views still alive; the map closes when they go
+            self._fh.close()
