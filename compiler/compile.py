@@ -1,7 +1,8 @@
-"""``fssc compile``: ONNX -> IR -> passes -> prog/ (report, IR dumps).
+"""``fssc compile``: ONNX -> IR -> passes -> lowering -> prog/.
 
-prog/ today holds ``report.txt``, ``report.json`` and, with ``--dump-ir``,
-``ir/NN-pass.txt``. Code generation adds the party programs.
+prog/ holds ``party0/program.py``, ``party1/program.py`` + ``weights.bin``,
+``dealer/program.py``, ``manifest.json``, ``report.txt``, ``report.json``
+and, with ``--dump-ir``, ``ir/NN-pass.txt``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fssc.passes.base import PassContext
 
 from .cost import CostReport, cost_report
 from .errors import FsscError
-from .ir import Graph
+from .ir import Graph, Value
 from .onnx_import import import_onnx
 from .pipeline import PassRecord, run_pipeline
 
@@ -29,6 +30,7 @@ class CompileResult:
     records: list[PassRecord]
     report: CostReport
     ctx: PassContext
+    program: object = None  # the lowered SecureProgram, once code generation ran
 
 
 def load_calibration(path: str, graph: Graph) -> list[np.ndarray]:
@@ -41,10 +43,33 @@ def load_calibration(path: str, graph: Graph) -> list[np.ndarray]:
     return batches(x, shape[0])
 
 
+def add_label_output(graph: Graph) -> Graph:
+    """Output mode ``labels``: append ArgMax over the class axis to a logits output."""
+    if len(graph.outputs) != 1:
+        raise FsscError(f"--output labels needs one output, the graph has {len(graph.outputs)}")
+    o = graph.outputs[0]
+    v = graph.values[o]
+    if v.dtype == "int64":
+        return graph
+    if len(v.shape) != 2:
+        raise FsscError(f"--output labels: output %{o} has shape {v.shape}, expected [batch, classes]")
+    lab = graph.fresh_name("labels")
+    graph.add_value(Value(lab, (v.shape[0],), "int64"))
+    graph.ops.append(graph.make_op("argmax", [o], [lab], {"axis": 1, "keepdims": 0, "select_last_index": 0},
+                                   origin=("fssc:labels",), created_by="compile"))
+    graph.outputs = [lab]
+    return graph
+
+
 def compile_graph(graph: Graph, frac_bits: int = 12, calibrate: str | None = None, dump_dir: str | None = None,
-                  print_after=(), print_all=False, keep_graphs=False, echo=print) -> CompileResult:
+                  print_after=(), print_all=False, keep_graphs=False, echo=print,
+                  output_mode: str = "logits") -> CompileResult:
     if not 4 <= frac_bits <= 24:
         raise FsscError(f"--frac-bits {frac_bits}: must be between 4 and 24")
+    if output_mode == "labels":
+        graph = add_label_output(graph)
+    elif output_mode != "logits":
+        raise FsscError(f"--output {output_mode!r}: choose labels or logits")
     ctx = PassContext(frac_bits=frac_bits)
     if calibrate:
         ctx.calibration = load_calibration(calibrate, graph)
@@ -81,13 +106,25 @@ def report_table(res: CompileResult, title: str) -> Table:
 
 def compile_model(model: str, out_dir: str, frac_bits: int = 12, calibrate: str | None = None,
                   dump_ir: bool = False, print_after=(), print_all: bool = False, json_path: str | None = None,
-                  console: Console | None = None) -> CompileResult:
+                  console: Console | None = None, output_mode: str = "labels") -> CompileResult:
+    from fssc.runtime.images import Preprocess
+
+    from .codegen import write_program
+    from .lower import lower
+
     con = console or Console(width=max(160, Console().width))
     graph = import_onnx(model)
     os.makedirs(out_dir, exist_ok=True)
     res = compile_graph(graph, frac_bits, calibrate, os.path.join(out_dir, "ir") if dump_ir else None,
                         print_after, print_all, echo=lambda s: con.print(s, markup=False, highlight=False,
-                                                                          soft_wrap=True))
+                                                                          soft_wrap=True), output_mode=output_mode)
+    prog = lower(res.graph)
+    in_shape = res.graph.values[res.graph.inputs[0]].shape
+    extra = {"source": os.path.basename(model), "output_mode": output_mode,
+             "preprocess": Preprocess(size=in_shape[-1]).to_dict() if len(in_shape) == 4 else {},
+             "cost": res.report.to_dict()["totals"]}
+    write_program(prog, out_dir, os.path.basename(model), extra)
+    res.program = prog
     passes = Table(title="passes", title_justify="left")
     for col in ("#", "pass", "ms", "changed"):
         passes.add_column(col)
@@ -99,6 +136,8 @@ def compile_model(model: str, out_dir: str, frac_bits: int = 12, calibrate: str 
                               f"f={frac_bits}; gates: " + ", ".join(f"{k} {v:,}" for k, v in by_kind.items()) + ")")
     con.print(table)
     con.print(f"per-model setup: P1 sends its masked weights once, {_mb(res.report.setup_bytes)} MB")
+    con.print(f"wrote {out_dir}/party0/program.py, party1/program.py + weights.bin, dealer/program.py, "
+              f"manifest.json (program {prog.hash}, output: {output_mode})")
     data = res.report.to_dict()
     data["passes"] = [{"index": r.index, "name": r.name, "changed": r.changed} for r in res.records]
     data["frac_bits"] = frac_bits

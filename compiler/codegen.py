@@ -1,0 +1,161 @@
+"""Code generation: the secure program's statements -> one Python program per role.
+
+``prog/party0/program.py`` (data owner), ``prog/party1/program.py`` plus
+``prog/party1/weights.bin`` (model owner), ``prog/dealer/program.py`` and
+``prog/manifest.json``. The programs are straight-line calls into
+:mod:`fssc.runtime.lib`, one statement per IR op, each under a comment with
+its op, ONNX node(s) and pass. Weights live only in P1's weights file; P0's
+and the dealer's programs carry shapes and public parameters only. Output is
+deterministic: the same input compiles to byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jinja2
+
+from fssc import __version__
+from fssc.runtime.keys import KeyWriter
+
+from .lower import PROTOCOL_VERSION, SecureProgram, Stmt
+
+ROLES = {
+    "party0": ("party 0, the data owner", "It holds no weights: W^ = W + A arrives from the model owner, masked."),
+    "party1": ("party 1, the model owner", "Its weights are in weights.bin beside it; it never sees a result."),
+    "dealer": ("the dealer", "It walks the program on masks and writes both parties' keys, op by op."),
+}
+
+
+def _lit(v) -> str:
+    return json.dumps(v) if not isinstance(v, bytes) else repr(v)
+
+
+def _kw(params: dict, keys) -> str:
+    return ", ".join(f"{k}={_lit(params[k])}" for k in keys)
+
+
+def _fn_expr(p: dict) -> str:
+    if p["fn"] == "identity":
+        return "None"
+    args = ", ".join(f"{k}={_lit(v)}" for k, v in p["fn_args"].items())
+    return f"lib.{p['fn']}({args})"
+
+
+POOL = ("kernel_shape", "strides", "pads", "dilations", "ceil_mode")
+
+
+def render_stmt(st: Stmt, role: str) -> list[str]:
+    """Python lines for one statement in one role's program (with its comment)."""
+    ctx = "D" if role == "dealer" else "P"
+    p = st.params
+    a = st.args
+    line: str
+    if st.kind == "input":
+        extra = ", x" if role == "party0" else ""
+        line = f'{st.out} = lib.input({ctx}, "{st.tag}", {_lit(p["shape"])}{extra})'
+    elif st.kind == "linear":
+        if role == "party0":
+            line = f'{st.out} = lib.linear_p0(P, "{st.tag}", Z0["{st.tag}"])'
+        elif role == "party1":
+            w = f'W["{st.tag}.w"]' if p["w_shape"] is not None else "None"
+            b = f'W["{st.tag}.b"]' if p["bias"] else "None"
+            line = (f'{st.out} = lib.linear_p1(P, "{st.tag}", {a[0]}, {_fn_expr(p)}, {p["k"]}, {w}, {b}, '
+                    f'w_bits={st.p1.get("w_bits", 64)})')
+        else:
+            line = (f'{st.out} = lib.linear_dealer(D, "{st.tag}", {a[0]}, {_fn_expr(p)}, {p["k"]}, '
+                    f'{_lit(p["w_shape"])}, {_lit(p["y_shape"])}, S["{st.tag}"], setup_seed)')
+    elif st.kind == "relu":
+        line = f'{st.out} = lib.relu({ctx}, "{st.tag}", {a[0]}, m={p["m"]}, trunc={p["trunc"]})'
+    elif st.kind == "maxpool":
+        line = f'{st.out} = lib.maxpool({ctx}, "{st.tag}", {a[0]}, {_kw(p, POOL + ("m", "cmp_trunc"))})'
+    elif st.kind == "clip":
+        line = f'{st.out} = lib.clip({ctx}, "{st.tag}", {a[0]}, lo={p["lo"]}, hi={p["hi"]}, m={p["m"]})'
+    elif st.kind == "argmax2":
+        line = f'{st.out} = lib.argmax2({ctx}, "{st.tag}", {a[0]}, {_kw(p, ("axis", "keepdims", "m"))})'
+    elif st.kind == "local":
+        kw = {k: v for k, v in p.items() if k != "fn"}
+        args = ", ".join(a + [f"{k}={_lit(v)}" for k, v in kw.items()])
+        line = f'{st.out} = lib.{p["fn"]}({args})'
+    elif st.kind == "output":
+        lhs = f'out["{p["name"]}"] = ' if role == "party0" else ""
+        line = f'{lhs}lib.output({ctx}, "{st.tag}", {a[0]}, scale={p["scale"]})'
+    else:  # pragma: no cover
+        raise ValueError(st.kind)
+    return [f"# {st.comment}", line]
+
+
+def _functions(prog: SecureProgram, role: str) -> list[dict]:
+    body: list[str] = []
+    for st in prog.stmts:
+        body += render_stmt(st, role)
+    labels = [o for o in prog.outputs if o["kind"] == "labels"]
+    if role == "party0":
+        off = ["Z0 = {}"]
+        for st in prog.linears:
+            p = st.params
+            wh = f'WH["{st.tag}"]' if p["w_shape"] is not None else "None"
+            off += [f"# {st.comment}",
+                    f'Z0["{st.tag}"] = lib.linear_offline(P, "{st.tag}", {_fn_expr(p)}, {p["k"]}, '
+                    f'{_lit(p["x_shape"])}, {wh}, {_lit(p["y_shape"])})']
+        off.append("return Z0")
+        body = ["out = {}"] + body + [f'out["{o["name"]}"] = {o["var"]}' for o in labels] + ["return out"]
+        return [{"signature": "offline(P, WH)", "doc": "P0's halves z_0 of every linear layer, before the input "
+                 "exists (keys and W^ suffice).", "body": off},
+                {"signature": "online(P, x, Z0)", "doc": "The inference: x is the encoded input batch; returns "
+                 "the decoded outputs.", "body": body}]
+    if role == "party1":
+        return [{"signature": "online(P, W)", "doc": "The inference on P1's side: W holds the encoded weights. "
+                 "Learns nothing.", "body": body}]
+    seeds = [f'S["{st.tag}"] = D.linear_seeds("{st.tag}")' for st in prog.linears]
+    return [{"signature": "deal(D, setup_seed)", "doc": "One batch of keys: P0's linear seeds first, then every "
+             "op in evaluation order.", "body": ["S = {}"] + seeds + body}]
+
+
+def render(prog: SecureProgram, role: str, source: str) -> str:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("fssc.compiler", "templates"), keep_trailing_newline=True,
+                             autoescape=False, undefined=jinja2.StrictUndefined)
+    header = []
+    if role == "party0":
+        header.append("# weighted layers whose W^ = W + A the model owner sends at the start of a session")
+        header.append("WEIGHT_TAGS = " + json.dumps([st.tag for st in prog.linears if st.params["w_shape"] is not None]))
+    if role == "party1":
+        header.append("# weighted layers: tag -> weight shape (W^ = W + A is sent to P0 once per session)")
+        header.append("LINEAR_WEIGHTS = " + json.dumps({st.tag: st.params["w_shape"] for st in prog.linears
+                                                       if st.params["w_shape"] is not None}))
+    title, doc = ROLES[role]
+    return env.get_template("program.py.j2").render(
+        role=role, role_title=title, role_doc=doc, version=__version__, source=source, hash=prog.hash,
+        header=header, functions=_functions(prog, role))
+
+
+def manifest(prog: SecureProgram, extra: dict) -> dict:
+    return {"fssc_version": __version__, "protocol": PROTOCOL_VERSION, "program_hash": prog.hash,
+            "name": prog.name, "ring_bits": 64, "frac_bits": prog.frac_bits, "inputs": prog.inputs,
+            "outputs": prog.outputs, **extra}
+
+
+def write_program(prog: SecureProgram, out_dir: str, source: str, extra_manifest: dict) -> dict[str, str]:
+    """Write the three programs, P1's weights and the manifest; returns role -> path."""
+    paths = {}
+    for role in ROLES:
+        d = os.path.join(out_dir, role)
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, "program.py")
+        _write(path, render(prog, role, source))
+        paths[role] = path
+    w = KeyWriter(os.path.join(out_dir, "party1", "weights.bin"), {"kind": "weights", "program": prog.hash})
+    for name in sorted(prog.weights):
+        w.put(name, prog.weights[name])
+    w.close()
+    _write(os.path.join(out_dir, "manifest.json"),
+           json.dumps(manifest(prog, extra_manifest), indent=1, sort_keys=True) + "\n")
+    return paths
+
+
+def _write(path: str, text: str) -> None:
+    tmp = path + ".part"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

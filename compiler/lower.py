@@ -1,0 +1,245 @@
+"""Lowering: a compiled IR graph -> the secure program's statements.
+
+Each IR op becomes one statement (``Stmt``) over program variables ``v0,
+v1, ...``: ``input``, ``linear`` (an op with the model owner's constants:
+the linear-layer protocol), a comparison gate (``relu``, ``maxpool``,
+``clip``, ``argmax2``), a ``local`` op (public and linear: runs on masks and
+masked values alike) or ``output``. The statements are role-independent;
+code generation renders them for P0, P1 and the dealer, and the program hash
+is computed over them (public parameters only), so the three programs agree
+on it by construction.
+
+The model owner's constants are encoded here into ring elements (weights at
+``wscale``, biases at the output scale) and go to P1's weights file only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from fssc import __version__
+from fssc.runtime import ring
+
+from .errors import FsscError
+from .gates import gate_tag
+from .ir import Graph, Op
+from .ops import OPS
+
+PROTOCOL_VERSION = 1
+WEIGHTED = {"conv", "gemm", "matmul", "mul", "affine"}
+LOCAL = {"add", "sub", "upscale", "reshape", "flatten", "pad", "concat", "sumpool", "globalsumpool", "avgpool",
+         "globalavgpool"}
+
+
+@dataclass
+class Stmt:
+    kind: str
+    out: str | None
+    args: list[str]
+    params: dict
+    tag: str
+    comment: str
+    p1: dict = field(default_factory=dict)  # P1-only parameters (derived from the weights)
+
+    def public(self) -> dict:
+        d = asdict(self)
+        d.pop("p1")
+        d.pop("comment")
+        return d
+
+
+@dataclass
+class SecureProgram:
+    name: str
+    stmts: list[Stmt]
+    inputs: list[dict]
+    outputs: list[dict]
+    frac_bits: int
+    weights: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    @property
+    def linears(self) -> list[Stmt]:
+        return [s for s in self.stmts if s.kind == "linear"]
+
+    def public(self) -> dict:
+        return {"name": self.name, "protocol": PROTOCOL_VERSION, "fssc": __version__, "ring": 64,
+                "frac_bits": self.frac_bits, "inputs": self.inputs, "outputs": self.outputs,
+                "stmts": [s.public() for s in self.stmts]}
+
+    @property
+    def hash(self) -> str:
+        blob = json.dumps(self.public(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def _is_weighted(op: Op, graph: Graph) -> bool:
+    if op.kind in WEIGHTED:
+        return True
+    return op.kind in ("add", "sub") and any(graph.values[i].is_const for i in op.inputs)
+
+
+def _comment(op: Op, graph: Graph) -> str:
+    v = graph.values[op.outputs[0]]
+    shape = "x".join(map(str, v.shape))
+    src = ", ".join(op.origin) if op.origin else "-"
+    extra = f" s={v.scale}" if v.scale is not None else ""
+    return f"{op.kind} %{op.outputs[0]} [{shape}]{extra} <- {src} ({op.created_by})"
+
+
+def _bilinear(op: Op, graph: Graph, x_name: str) -> tuple[str, dict, int, str | None, str | None]:
+    """(fn name, fn kwargs, reduction length k, weight value, bias value)."""
+    a = op.attrs
+    ins = op.inputs
+    if op.kind == "conv":
+        w = graph.values[ins[1]]
+        return ("conv", {"strides": a["strides"], "pads": a["pads"], "dilations": a["dilations"],
+                         "group": a.get("group", 1)}, int(np.prod(w.shape[1:])), ins[1],
+                ins[2] if len(ins) > 2 else None)
+    if op.kind == "gemm":
+        if a.get("transA") or any(key in a for key in ("alpha", "beta", "transB")):
+            raise FsscError(f"gemm %{op.name} is not canonical (the canonicalize pass should have run)")
+        return "matmul", {}, graph.values[ins[1]].shape[0], ins[1], ins[2] if len(ins) > 2 else None
+    if op.kind == "matmul":
+        if graph.values[ins[0]].is_const:
+            return "matmul_left", {}, graph.values[ins[0]].shape[-1], ins[0], None
+        return "matmul", {}, graph.values[ins[1]].shape[0], ins[1], None
+    if op.kind == "mul":
+        return "elementwise", {}, 1, next(i for i in ins if graph.values[i].is_const), None
+    if op.kind == "affine":
+        return "channelwise", {"ndim": len(graph.values[x_name].shape)}, 1, ins[1], ins[2]
+    return "identity", {}, 1, None, None  # add/sub of a constant
+
+
+def _encode_linear(op: Op, graph: Graph, x_name: str, w_name, b_name) -> tuple[np.ndarray | None, np.ndarray | None]:
+    s_in = graph.values[x_name].scale
+    out_shape = graph.values[op.outputs[0]].shape
+    if w_name is None:  # x + c (or x - c): a bias at the input scale
+        c_name = next(i for i in op.inputs if graph.values[i].is_const)
+        c = graph.values[c_name].data.astype(np.float64)
+        if op.kind == "sub":
+            if op.inputs[0] == c_name:
+                raise FsscError(f"sub(constant, x) at %{op.name} is not supported by the secure runtime")
+            c = -c
+        return None, np.broadcast_to(ring.encode(c, s_in), out_shape).copy()
+    ws = op.attrs["wscale"]
+    w_enc = ring.encode(graph.values[w_name].data.astype(np.float64), ws)
+    b_enc = None
+    if b_name is not None:
+        b = graph.values[b_name].data.astype(np.float64)
+        if op.kind in ("conv", "affine"):
+            b = b.reshape((1, -1) + (1,) * (len(out_shape) - 2))
+        b_enc = np.broadcast_to(ring.encode(b, s_in + ws), out_shape).copy()
+    return w_enc, b_enc
+
+
+def _pool_params(a: dict) -> dict:
+    return {"kernel_shape": a["kernel_shape"], "strides": a["strides"], "pads": a["pads"],
+            "dilations": a["dilations"], "ceil_mode": a.get("ceil_mode", 0)}
+
+
+def _clip_bound(v, s):
+    if v is None:
+        return None
+    return int(ring.encode(np.clip(v, -2.0 ** 62 / 2 ** s, 2.0 ** 62 / 2 ** s), s).view(np.uint64))
+
+
+def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
+    """Statements for the compiled graph. ``with_weights=False`` for a graph without constants' bytes."""
+    var: dict[str, str] = {}
+
+    def new_var(name: str) -> str:
+        var[name] = f"v{len(var)}"
+        return var[name]
+
+    stmts: list[Stmt] = []
+    weights: dict[str, np.ndarray] = {}
+    inputs = []
+    for name in graph.inputs:
+        v = graph.values[name]
+        stmts.append(Stmt("input", new_var(name), [], {"shape": list(v.shape)}, f"in.{name}",
+                          f"input %{name} [{'x'.join(map(str, v.shape))}] s={v.scale} (the data owner's)"))
+        inputs.append({"name": name, "var": var[name], "shape": list(v.shape), "scale": v.scale})
+    for op in graph.ops:
+        k = op.kind
+        tag = gate_tag(op)
+        secret = [i for i in op.inputs if not graph.values[i].is_const]
+        comment = _comment(op, graph)
+        args = [var[i] for i in secret]
+        g = op.gate or {}
+        if k == "trunc":
+            raise FsscError(f"standalone truncation at %{op.name} (from {', '.join(op.origin) or 'a pass'}) "
+                            f"is not supported by the secure runtime: no comparison gate absorbs it")
+        if OPS[k].comparison and not g:
+            raise FsscError(f"{k} %{op.name} has no gate plan (the mark-comparisons pass should have run)")
+        if _is_weighted(op, graph):
+            fn, fn_args, red, w_name, b_name = _bilinear(op, graph, secret[0])
+            params = {"fn": fn, "fn_args": fn_args, "k": red,
+                      "x_shape": list(graph.values[secret[0]].shape),
+                      "y_shape": list(graph.values[op.outputs[0]].shape),
+                      "w_shape": list(graph.values[w_name].shape) if w_name else None,
+                      "bias": b_name is not None or w_name is None}
+            st = Stmt("linear", new_var(op.outputs[0]), args, params, tag, comment)
+            if with_weights:
+                w_enc, b_enc = _encode_linear(op, graph, secret[0], w_name, b_name)
+                if w_enc is not None:
+                    weights[tag + ".w"] = w_enc
+                    st.p1["w_bits"] = ring.signed_bits(w_enc)
+                if b_enc is not None:
+                    weights[tag + ".b"] = b_enc
+            stmts.append(st)
+        elif k == "relu":
+            stmts.append(Stmt("relu", new_var(op.outputs[0]), args, {"m": g["bits"], "trunc": op.attrs.get("trunc", 0)},
+                              tag, comment))
+        elif k == "maxpool":
+            stmts.append(Stmt("maxpool", new_var(op.outputs[0]), args,
+                              {**_pool_params(op.attrs), "m": g["bits"], "cmp_trunc": op.attrs.get("cmp_trunc", 0)},
+                              tag, comment))
+        elif k == "clip":
+            s = graph.values[secret[0]].scale
+            stmts.append(Stmt("clip", new_var(op.outputs[0]), args,
+                              {"lo": _clip_bound(op.attrs.get("min"), s), "hi": _clip_bound(op.attrs.get("max"), s),
+                               "m": g["bits"]}, tag, comment))
+        elif k == "argmax":
+            x = graph.values[secret[0]]
+            ax = op.attrs.get("axis", 0) % len(x.shape)
+            if x.shape[ax] != 2 or op.outputs[0] not in graph.outputs:
+                raise FsscError(f"argmax %{op.name}: the secure runtime supports a final 2-class argmax "
+                                f"(got {x.shape[ax]} classes)")
+            stmts.append(Stmt("argmax2", new_var(op.outputs[0]), args,
+                              {"axis": ax, "keepdims": op.attrs.get("keepdims", 1), "m": g["bits"]}, tag, comment))
+        elif k in LOCAL:
+            if k in ("add", "sub", "concat"):
+                params = {"axis": op.attrs["axis"]} if k == "concat" else {}
+            elif k == "upscale":
+                params = {"shift": op.attrs["shift"]}
+            elif k in ("reshape", "flatten"):
+                params = {"shape": list(graph.values[op.outputs[0]].shape)}
+                k = "reshape"
+            elif k == "pad":
+                params = {"pads": op.attrs["pads"]}
+            elif k == "sumpool":
+                params = _pool_params(op.attrs)
+            elif k == "avgpool":
+                params = {**_pool_params(op.attrs), "count_include_pad": op.attrs.get("count_include_pad", 0),
+                          "wscale": op.attrs["wscale"]}
+            elif k == "globalavgpool":
+                params = {"wscale": op.attrs["wscale"]}
+            else:
+                params = {}
+            stmts.append(Stmt("local", new_var(op.outputs[0]), args, {"fn": k, **params}, tag, comment))
+        else:
+            raise FsscError(f"op kind {k} (%{op.name}) is not supported by the secure runtime")
+    outputs = []
+    for o in graph.outputs:
+        v = graph.values[o]
+        is_label = v.dtype == "int64"
+        outputs.append({"name": o, "var": var[o], "shape": list(v.shape), "scale": v.scale,
+                        "kind": "labels" if is_label else "logits"})
+        if not is_label:
+            stmts.append(Stmt("output", None, [var[o]], {"name": o, "scale": v.scale}, f"out.{o}",
+                              f"output %{o} (P0 unmasks it)"))
+    return SecureProgram(graph.name, stmts, inputs, outputs, graph.meta.get("frac_bits", 12), weights)

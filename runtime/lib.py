@@ -1,0 +1,186 @@
+"""What generated programs call: one function per statement kind.
+
+A generated program (``prog/party0/program.py``, ``party1``, ``dealer``) is
+straight-line code over these functions. Gate functions take the role's
+context first: a ``Dealer`` (walking masks) or a ``Party`` (walking masked
+values); both expose the same gate methods, so the dealer's program mirrors
+the parties' statement by statement. Local functions (add, reshape, sum
+pools...) are linear with public constants and run unchanged on masks and on
+masked values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fssc.compiler.ops import OPS, _windows, conv_float
+
+from . import ring
+from .pooling import max_tree
+from .prg import expand
+from .protocol import Dealer, Party
+
+U64 = np.uint64
+
+
+# ------------------------------------------------------------ bilinear maps
+def conv(strides, pads, dilations, group):
+    attrs = {"strides": list(strides), "pads": list(pads), "dilations": list(dilations), "group": int(group)}
+    return lambda x, w: conv_float(attrs, x, w)[0]
+
+
+def matmul():
+    return lambda x, w: np.matmul(x, w)
+
+
+def matmul_left():
+    return lambda x, w: np.matmul(w, x)
+
+
+def elementwise():
+    return lambda x, w: x * w
+
+
+def channelwise(ndim: int):
+    sh = (1, -1) + (1,) * (ndim - 2)
+    return lambda x, w: x * w.reshape(sh)
+
+
+def weight_mask(setup_seed: bytes, tag: str, shape) -> np.ndarray:
+    """A for one weighted layer, expanded from the per-model seed D shares with P1."""
+    nonce = int.from_bytes(tag.encode()[:8].ljust(8, b"\0"), "little")
+    return expand(setup_seed, tuple(shape), nonce=nonce)
+
+
+# ------------------------------------------------------------ input / output
+def input(ctx, tag: str, shape, x: np.ndarray | None = None) -> np.ndarray:  # noqa: A001
+    if isinstance(ctx, Dealer):
+        return ctx.input(tag, tuple(shape))
+    return ctx.input(tag, x, tuple(shape))
+
+
+def output(ctx, tag: str, v: np.ndarray, scale: int):
+    """P0: the decoded result; P1: None; D: hands P0 the output mask."""
+    if isinstance(ctx, Dealer):
+        ctx.output(tag, v)
+        return None
+    y = ctx.output(tag, v)
+    return None if y is None else ring.decode(y, scale)
+
+
+# ------------------------------------------------------------ linear layers
+def linear_dealer(D: Dealer, tag: str, r_x, fn, k: int, w_shape, y_shape, seeds: bytes, setup_seed: bytes):
+    a = weight_mask(setup_seed, tag, w_shape) if w_shape is not None else None
+    return D.linear(tag, fn, k, r_x, a, tuple(y_shape), seeds)
+
+
+def linear_offline(P: Party, tag: str, fn, k: int, x_shape, w_hat, y_shape) -> np.ndarray:
+    return P.linear_offline(tag, fn, k, tuple(x_shape), w_hat, tuple(y_shape))
+
+
+def linear_p0(P: Party, tag: str, z0: np.ndarray) -> np.ndarray:
+    return P.linear(tag, None, z0=z0)
+
+
+def linear_p1(P: Party, tag: str, x, fn, k: int, w, b, w_bits: int) -> np.ndarray:
+    return P.linear(tag, x, fn, k, w, b, w_bits)
+
+
+# ------------------------------------------------------------ comparison gates
+def relu(ctx, tag: str, x, m: int, trunc: int = 0):
+    return ctx.relu(tag, x, m, trunc)
+
+
+def maxpool(ctx, tag: str, x, kernel_shape, strides, pads, dilations, ceil_mode, m: int, cmp_trunc: int = 0):
+    attrs = {"kernel_shape": list(kernel_shape), "strides": list(strides), "pads": list(pads),
+             "dilations": list(dilations), "ceil_mode": int(ceil_mode)}
+    return max_tree(x, attrs, lambda level, a, b: ctx.max(f"{tag}.L{level}", a, b, m, cmp_trunc))
+
+
+def clip(ctx, tag: str, x, lo: int | None, hi: int | None, m: int):
+    """clip(x) = lo + ReLU(x - lo) - ReLU(x - hi), both comparisons in one gate call.
+
+    lo/hi are public ring encodings; they move masked values only (the dealer
+    walks masks, on which public constants vanish).
+    """
+    party = not isinstance(ctx, Dealer)
+    c = (lambda v: U64(v)) if party else (lambda v: U64(0))  # noqa: E731
+    shape = x.shape
+    flat = x.reshape(-1)
+    n = flat.size
+    if lo is not None and hi is not None:
+        y = ctx.relu(tag, np.concatenate([flat - c(lo), flat - c(hi)]), m, 0)
+        out = c(lo) + y[:n] - y[n:]
+    elif lo is not None:
+        out = c(lo) + ctx.relu(tag, flat - c(lo), m, 0)
+    else:
+        out = c(hi) - ctx.relu(tag, c(hi) - flat, m, 0)
+    return out.reshape(shape)
+
+
+def argmax2(ctx, tag: str, x, axis: int, keepdims: int, m: int):
+    """Label of a 2-class argmax, revealed to P0 only: 1 iff x1 > x0 (ties pick 0)."""
+    moved = np.moveaxis(x, axis, -1)
+    rest = moved.shape[:-1]
+    flat = moved.reshape(-1, 2)
+    if isinstance(ctx, Dealer):
+        ctx.drelu_to_p0(tag, flat[:, 0] - flat[:, 1], m)
+        return None
+    d = ctx.drelu_to_p0(tag, flat[:, 0] - flat[:, 1], m)
+    if d is None:
+        return None
+    lab = (1 - d).reshape(rest)
+    return np.expand_dims(lab, axis) if keepdims else lab
+
+
+# ------------------------------------------------------------ local ops
+def add(a, b):
+    return a + b
+
+
+def sub(a, b):
+    return a - b
+
+
+def upscale(x, shift: int):
+    return ring.upscale(x, shift)
+
+
+def reshape(x, shape):
+    return x.reshape(tuple(shape))
+
+
+def pad(x, pads):
+    return OPS["pad"].run({"pads": list(pads)}, x)[0]
+
+
+def concat(*xs, axis: int):
+    return np.concatenate(xs, axis=axis)
+
+
+def _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode):
+    return {"kernel_shape": list(kernel_shape), "strides": list(strides), "pads": list(pads),
+            "dilations": list(dilations), "ceil_mode": int(ceil_mode)}
+
+
+def sumpool(x, kernel_shape, strides, pads, dilations, ceil_mode):
+    w, _, _, nd = _windows(x, _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode), 0)
+    return w.sum(axis=tuple(range(-nd, 0)), dtype=U64)
+
+
+def globalsumpool(x):
+    return x.sum(axis=tuple(range(2, x.ndim)), keepdims=True, dtype=U64)
+
+
+def avgpool(x, kernel_shape, strides, pads, dilations, ceil_mode, count_include_pad, wscale):
+    """Window sums times the public 1/count at scale ``wscale`` (output scale + wscale)."""
+    attrs = _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode)
+    w, valid, inpad, nd = _windows(x, attrs, 0)
+    axes = tuple(range(-nd, 0))
+    cnt = (inpad if count_include_pad else valid).sum(axis=axes)
+    return w.sum(axis=axes, dtype=U64) * ring.encode(1.0 / cnt, wscale)
+
+
+def globalavgpool(x, wscale):
+    n = int(np.prod(x.shape[2:]))
+    return globalsumpool(x) * ring.encode(1.0 / n, wscale)
