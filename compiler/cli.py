@@ -61,11 +61,49 @@ def ir(model):
 @click.option("--print-ir-after", multiple=True, metavar="PASS", help="Print the IR after this pass (repeatable).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the cost report as JSON here.")
-def compile_cmd(model, out, frac_bits, calibrate, dump_ir, print_ir_after_all, print_ir_after, json_path):
-    """Compile an ONNX MODEL into prog/: run the passes and print the per-layer cost report."""
+@click.option("--output", "output_mode", type=click.Choice(["labels", "logits"]), default="labels", show_default=True,
+              help="What the data owner learns: labels only (argmax inside), or the logits.")
+def compile_cmd(model, out, frac_bits, calibrate, dump_ir, print_ir_after_all, print_ir_after, json_path,
+                output_mode):
+    """Compile an ONNX MODEL into prog/: the passes, the cost report, and one program per party."""
     from .compile import compile_model
 
-    compile_model(model, out, frac_bits, calibrate, dump_ir, print_ir_after, print_ir_after_all, json_path)
+    compile_model(model, out, frac_bits, calibrate, dump_ir, print_ir_after, print_ir_after_all, json_path,
+                  output_mode=output_mode)
+
+
+@cli.command()
+@click.argument("prog", type=click.Path(file_okay=False, exists=True))
+@click.option("--batches", type=int, default=1, show_default=True, help="Key batches to make (one per inference).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
+              help="Key directory: writes OUT/p0, OUT/p1 (and OUT/dealer, the dealer's private state).")
+def deal(prog, batches, out):
+    """The dealer: make one-time FSS key batches for a compiled program."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fssc.runtime.session import deal_batches
+
+    if batches < 1:
+        raise FsscError("--batches must be at least 1")
+    with Progress(TextColumn("dealing"), BarColumn(), TextColumn("{task.completed}/{task.total} batches"),
+                  TimeElapsedColumn()) as bar:
+        task = bar.add_task("deal", total=batches)
+        done = deal_batches(prog, out, batches, lambda i, n, dt: bar.update(task, completed=i))
+    for b, n0, n1, dt in done:
+        click.echo(f"batch {b}: {n0 / 1e6:,.1f} MB for party 0, {n1 / 1e6:,.1f} MB for party 1 ({dt:.1f} s)")
+    click.echo(f"wrote {out}/p0 and {out}/p1 (give each party its own folder; {out}/dealer stays with the dealer)")
+
+
+@cli.command()
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False))
+@click.option("--days", type=int, default=365, show_default=True)
+def certs(out, days):
+    """Make a CA and TLS certificates for party 0 and party 1 (mutual TLS)."""
+    from fssc.runtime.certs import make_certs
+
+    for p in make_certs(out, days):
+        click.echo(f"wrote {p}")
+    click.echo("give party 0: ca.pem, party0.pem, party0.key; party 1: ca.pem, party1.pem, party1.key")
 
 
 @cli.command()
@@ -107,8 +145,15 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("fssc: aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as e:  # bare `fssc`: the help text
+        click.echo(e.format_message(), err=True)
+        sys.exit(2)
+    except click.UsageError as e:  # bad arguments: one line too, with where to look
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"fssc: error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"fssc: error: {e.format_message()}", err=True)
         sys.exit(2)
     except SystemExit:
         raise
