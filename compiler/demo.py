@@ -1,78 +1,165 @@
-"""``fssc demo``: the end-to-end run behind ``make demo``.
+"""``fssc demo``: the whole job on loopback, behind ``make demo``.
 
-Today (foundation): export ResNet-18, import it into fssc's IR, run the float
-and fixed-point interpreters on inputs from a fixed seed, and compare both
-with onnxruntime. Later stages add compile, deal and the two-party run.
+export ResNet-18 -> compile -> certificates -> deal -> start the model owner
+(party 1) and the data owner (party 0) as two processes on 127.0.0.1 -> the
+data owner prints its labels. The demo then compares them with onnxruntime on
+the same preprocessed images and prints a short report: labels, logits next to
+onnxruntime's, per-phase times and bytes exchanged. It exits 0 only if the
+labels agree.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-FLOAT_TOL = 1e-4
-FIXED_TOL = 0.02
+LOGIT_TOL = 0.02
+
+
+def _write_images(folder: str, n: int, size: int) -> list[str]:
+    """n deterministic RGB test images (PNG), a little larger than the model input."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    side = int(round(size * 256 / 224))
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    for i in range(n):
+        r = 0.5 + 0.5 * np.sin(2 * np.pi * (xx * (i + 1) + yy * 0.5))
+        g = 0.5 + 0.5 * np.cos(2 * np.pi * (yy * (i + 2) - xx))
+        b = np.clip(1.0 - np.hypot(xx - 0.3 * (i + 1) % 1, yy - 0.6), 0, 1)
+        img = (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+        p = os.path.join(folder, f"image{i}.png")
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
+def _run(cmd: list[str], con: Console, what: str) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        con.print(f"[bold red]{what} failed[/] (exit {res.returncode}):\n{res.stdout}{res.stderr}")
+        raise SystemExit(1)
+    return res
 
 
 def run_demo(workdir: str, image_size: int = 224, batch: int = 2, num_classes: int = 2,
-             weights: str | None = None, frac_bits: int = 12) -> bool:
+             weights: str | None = None, frac_bits: int = 12, port: int = 0) -> bool:
     import onnxruntime as ort
 
-    from fssc.models.export import export_model, synthetic_images
+    from fssc.models.export import export_model
+    from fssc.runtime.certs import make_certs
+    from fssc.runtime.images import Preprocess, load_inputs
+    from fssc.runtime.session import deal_batches
 
-    from .interp import run_fixed, run_float
-    from .onnx_import import import_onnx
+    from .compile import compile_model
 
-    con = Console()
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "resnet18.onnx")
+    con = Console(width=max(120, Console().width))
+    fssc_dir = os.path.abspath(workdir)
+    for sub in ("prog", "keys", "images", "certs"):
+        shutil.rmtree(os.path.join(fssc_dir, sub), ignore_errors=True)
+    os.makedirs(fssc_dir, exist_ok=True)
+    onnx_path = os.path.join(fssc_dir, "resnet18.onnx")
+    prog, keys, certs = (os.path.join(fssc_dir, d) for d in ("prog", "keys", "certs"))
     times = {}
 
+    con.rule("fssc demo: encrypted ResNet-18 inference, two parties on loopback")
     t = time.perf_counter()
-    info = export_model("resnet18", path, num_classes, weights, image_size, batch)
+    info = export_model("resnet18", onnx_path, num_classes, weights, image_size, batch)
     times["export"] = time.perf_counter() - t
-    con.print(f"[bold]export[/]  {path}: {info.nodes} ONNX nodes, {info.batchnorms} BatchNormalization, "
-              f"weights: {info.weights}")
+    con.print(f"1. export   {info.nodes} ONNX nodes ({info.batchnorms} BatchNormalization), {num_classes} classes, "
+              f"input [{batch},3,{image_size},{image_size}], weights: {info.weights}")
 
     t = time.perf_counter()
-    g = import_onnx(path)
-    times["import"] = time.perf_counter() - t
-    con.print(f"[bold]import[/]  {len(g.ops)} IR ops, {sum(v.size for v in g.values.values() if v.is_const):,} "
-              f"weights (model owner's)")
+    quiet = Console(file=open(os.devnull, "w"))
+    res = compile_model(onnx_path, prog, frac_bits, output_mode="logits", console=quiet)
+    times["compile"] = time.perf_counter() - t
+    tot = res.report.to_dict()["totals"]
+    con.print(f"2. compile  {len(res.graph.ops)} IR ops after {len(res.records) - 1} passes; "
+              f"{tot['gates_per_image']:,.0f} comparison gates per image; program {res.program.hash[:12]}")
 
-    x = synthetic_images(batch, image_size, seed=7).numpy().astype(np.float32)
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    make_certs(certs)
     t = time.perf_counter()
-    ref = sess.run(None, {g.inputs[0]: x})[0]
-    times["onnxruntime"] = time.perf_counter() - t
-    t = time.perf_counter()
-    yf = run_float(g, x)[0]
-    times["float interpreter"] = time.perf_counter() - t
-    t = time.perf_counter()
-    yq = run_fixed(g, x, frac_bits=frac_bits)[0]
-    times[f"fixed-point interpreter (f={frac_bits})"] = time.perf_counter() - t
+    dealt = deal_batches(prog, keys, 1)
+    times["deal"] = time.perf_counter() - t
+    _, k0, k1, _ = dealt[0]
+    con.print(f"3. deal     keys for one batch: party 0 {k0 / 1e6:,.0f} MB, party 1 {k1 / 1e6:,.0f} MB "
+              f"({k0 / batch / 1e6:,.0f} / {k1 / batch / 1e6:,.0f} MB per image)")
 
-    err_f = float(np.abs(yf - ref).max())
-    err_q = float(np.abs(yq - ref).max())
-    lab_ref, lab_f, lab_q = ref.argmax(1), yf.argmax(1), yq.argmax(1)
+    images = os.path.join(fssc_dir, "images")
+    _write_images(images, batch, image_size)
+    ready = os.path.join(fssc_dir, "party1.port")
+    if os.path.exists(ready):
+        os.remove(ready)
+    py = sys.executable
+    out_json = os.path.join(fssc_dir, "results.json")
+    p1 = subprocess.Popen([py, os.path.join(prog, "party1", "program.py"), "--keys", os.path.join(keys, "p1"),
+                           "--listen", f"127.0.0.1:{port}", "--certs", certs, "--ready-file", ready, "--timeout", "600"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(ready):
+            if p1.poll() is not None or time.time() > deadline:
+                con.print(f"[bold red]the model owner did not start[/]:\n{p1.stdout.read()}")
+                return False
+            time.sleep(0.05)
+        with open(ready) as fh:
+            p1_port = int(fh.read())
+        t = time.perf_counter()
+        r0 = _run([py, os.path.join(prog, "party0", "program.py"), "--keys", os.path.join(keys, "p0"), "--peer",
+                   f"127.0.0.1:{p1_port}", "--certs", certs, "--images", images, "--out", out_json], con,
+                  "the data owner")
+        times["two-party run"] = time.perf_counter() - t
+        p1_out = p1.communicate(timeout=120)[0]
+        if p1.returncode != 0:
+            con.print(f"[bold red]the model owner failed[/]:\n{p1_out}")
+            return False
+    finally:
+        if p1.poll() is None:
+            p1.kill()
+    con.print("4. run      data owner's output:")
+    for line in r0.stdout.strip().splitlines():
+        con.print(f"           {line}", markup=False, highlight=False)
+    con.print(f"           model owner's output: {p1_out.strip().splitlines()[-1]}", markup=False, highlight=False)
 
-    tab = Table(title=f"ResNet-18, batch {batch}, {image_size}x{image_size}, {num_classes} classes")
-    tab.add_column("image")
-    tab.add_column("onnxruntime logits")
-    tab.add_column("float interp")
-    tab.add_column("fixed-point")
-    tab.add_column("labels (ort/float/fixed)")
-    for i in range(batch):
-        fmt = lambda v: " ".join(f"{a:+.4f}" for a in v)  # noqa: E731
-        tab.add_row(str(i), fmt(ref[i]), fmt(yf[i]), fmt(yq[i]), f"{lab_ref[i]} / {lab_f[i]} / {lab_q[i]}")
+    with open(out_json) as fh:
+        result = json.load(fh)
+    x = load_inputs(images, Preprocess(size=image_size), (3, image_size, image_size))
+    sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    t = time.perf_counter()
+    ref = sess.run(None, {res.graph.inputs[0]: x})[0]
+    times["onnxruntime (plaintext)"] = time.perf_counter() - t
+    secure = np.array([r["logits"] for r in result["results"]])
+    labels = np.array([r["label"] for r in result["results"]])
+    tab = Table(title="secure result vs onnxruntime (plaintext)", title_justify="left")
+    for col in ("image", "secure logits", "onnxruntime logits", "max |diff|", "secure label", "onnxruntime label"):
+        tab.add_column(col)
+    for i, r in enumerate(result["results"]):
+        tab.add_row(os.path.basename(r["input"]), " ".join(f"{v:+.4f}" for v in secure[i]),
+                    " ".join(f"{v:+.4f}" for v in ref[i]), f"{np.abs(secure[i] - ref[i]).max():.4f}",
+                    str(labels[i]), str(int(ref[i].argmax())))
     con.print(tab)
-    con.print(f"max |float - ort| = {err_f:.2e} (tolerance {FLOAT_TOL:g}); "
-              f"max |fixed - ort| = {err_q:.4f} (tolerance {FIXED_TOL:g})")
-    con.print("times: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
-    ok = err_f <= FLOAT_TOL and err_q <= FIXED_TOL and (lab_ref == lab_f).all() and (lab_ref == lab_q).all()
-    con.print("[bold green]OK[/]: labels agree with onnxruntime" if ok else "[bold red]FAIL[/]: results disagree")
-    return bool(ok)
+    st = result["stats"]
+    tm = st["timings"]
+    con.print(f"times: export {times['export']:.1f} s, compile {times['compile']:.1f} s, deal {times['deal']:.1f} s, "
+              f"two-party run {times['two-party run']:.1f} s (P1's weights to P0 {tm.get('setup', 0):.1f} s, "
+              f"P0 offline {tm.get('offline', 0):.1f} s, online {tm.get('online', 0):.1f} s); "
+              f"onnxruntime {times['onnxruntime (plaintext)'] * 1e3:.0f} ms")
+    con.print(f"traffic: data owner sent {st['bytes_sent'] / 1e6:,.1f} MB, received {st['bytes_received'] / 1e6:,.1f} MB "
+              f"(incl. the model owner's masked weights, {res.report.setup_bytes / 1e6:,.1f} MB, sent once per session); "
+              f"{st['rounds']} rounds")
+    ok = bool((labels == ref.argmax(1)).all())
+    close = float(np.abs(secure - ref).max())
+    if ok:
+        con.print(f"[bold green]OK[/]: the secure labels equal onnxruntime's (logits within {close:.4f})")
+    else:
+        con.print("[bold red]FAIL[/]: the secure labels differ from onnxruntime's")
+    return ok

@@ -170,8 +170,10 @@ def main_party0(mod, argv) -> int:
                 line += "  logits " + " ".join(f"{z:+.4f}" for z in rec["logits"])
             print(line, flush=True)
         if a.out:
+            stats = {"timings": timings, "bytes_sent": chan.bytes_sent, "bytes_received": chan.bytes_received,
+                     "rounds": chan.rounds, "batches_done": bi + 1, "batches": len(use)}
             with open(a.out + ".part", "w") as fh:
-                json.dump({"results": results, "program": mod.PROGRAM_HASH}, fh, indent=1)
+                json.dump({"results": results, "program": mod.PROGRAM_HASH, "stats": stats}, fh, indent=1)
             os.replace(a.out + ".part", a.out)
     total = time.perf_counter() - t0
     print(f"fssc party0: {len(results)} input(s), {len(use)} batch(es): setup {timings['setup']:.2f} s, "
