@@ -1,36 +1,29 @@
 """Cost model: key bytes, rounds and bytes sent per op, before anything runs.
 
-The formulas (also in docs/protocol.md, "Costs"; a benchmark checks them):
+The formulas are docs/protocol.md section 8 (docs/cost-model.md states each
+one with the report's fields, for a benchmark); the key streams the dealer
+writes match them up to record headers (tests/test_passes.py checks this).
+For a comparison of bitwidth m the DCF takes the low m-1 bits with a Z_2 payload:
+``dcf_bytes(m) = fssc.runtime.dcf.nbytes_per_key(m - 1, 0)``. For n gates in
+one gate call:
 
-Comparison gates (two-round ReLU gate of DESIGN.md section 4, one DCF each).
-For a gate of bitwidth m, the DCF takes the low m-1 bits with a Z_2 payload;
-``dcf_bytes(m) = fssc.runtime.dcf.nbytes_per_key(m - 1, 0)``.
+* ReLU (fused truncation): P0 n*dcf + 16 (a seed for its arithmetic shares);
+  P1 n*(dcf + 6*8) + n/8 (corrections of r_d, rho, r_d*rho, rho_hi,
+  r_d*rho_hi, r_out, and of the bit rho_hi ^ r_d). 2 rounds; each party sends
+  n/8 + 8n bytes.
+* max (one tree level of a MaxPool): as ReLU with 4 words (r_d, r_z, r_d*r_z,
+  r_out) instead of 6; a pool of depth D costs 2D rounds.
+* ArgMax over 2 classes: P0 n*dcf + 16, P1 n*dcf + n/8; 1 round; P1 sends
+  n/8, P0 nothing. (C > 2 classes is not supported by the runtime yet.)
+* Clip: a ReLU call over 2n elements (n when one-sided).
+* Linear layers with the model owner's constants: P0 two 16-byte seeds per
+  op; P1 8 bytes per input and per output element ([r_x]_1, c_1). 1 round;
+  each party sends 8 bytes per output element (P0's z_0 can go early).
+* Input: P0's key holds r_in (8 bytes per element) and P0 sends x^ (8 bytes per
+  element). Outputs: P0's key holds r_out (8 bytes per element).
 
-* key bytes, P0: dcf_bytes(m) + 1 (xor-share bit of rho_hi ^ r_d, one byte);
-  P0's arithmetic shares come from a per-layer PRG seed (16 bytes per op).
-* key bytes, P1: dcf_bytes(m) + 1 + 6 * 8 (arithmetic shares of rho, r_d,
-  r_d*rho, rho_hi, rho_hi*r_d and the output mask r_out).
-* rounds: 2 per gate layer (open d^ = d xor r_d: one bit each way; then open
-  the masked output: 8 bytes each way). A MaxPool tree of depth D costs 2D.
-* bytes sent per party per gate: 1/8 + 8.
-
-ArgMax with 2 classes is one DReLU whose bit only P0 opens: 1 round, P1 sends
-1/8 byte per row, P0 sends nothing; keys dcf_bytes(m) + 1 each (P0 also gets
-r_d in the clear: 1 byte). With C > 2 classes it is C-1 max gates plus index
-selection (costed as 2 max gates each).
-
-Clip is two ReLU gates per element in parallel (lo + ReLU(x-lo) - ReLU(x-hi)).
-
-Linear layers with the model owner's weights (conv, gemm, matmul) and other
-linear ops with constants (mul, affine): P0's key is two 16-byte seeds per op;
-P1's key is [r_x]_1 and c_1: 8 bytes per input and per output element. Online
-P1 sends z_1 (8 bytes per output element), P0 sends z_0 (8 bytes per output
-element, computable offline so it travels before the input is known): 1 round.
-The per-model setup (P1 sends W + A once, 8 bytes per weight) is reported
-separately.
-
-The input costs one message from P0 (8 bytes per element, 1 round). Local ops
-(add, sub, pad, reshape, concat, sum pools, upscale) cost nothing.
+The per-model setup (P1 sends W + A once per session, 8 bytes per weight) is
+reported separately. Local ops cost nothing.
 """
 
 from __future__ import annotations
@@ -39,13 +32,12 @@ from dataclasses import asdict, dataclass
 
 from fssc.runtime import dcf
 
+from .errors import FsscError
 from .ir import Graph, Op
 
 SEED_BYTES = 16
 WORD = 8
-RELU_P1_SHARES = 6
-RELU_ROUNDS = 2
-RELU_SEND = 1 / 8 + WORD
+SHARE_WORDS = {"relu": 6, "max": 4, "clip": 6}
 
 
 def dcf_bytes(m: int) -> int:
@@ -72,8 +64,13 @@ class OpCost:
         return d
 
 
-LINEAR_WEIGHTED = {"conv", "gemm", "matmul"}
-LINEAR_CONST = {"mul", "affine", "batchnorm", "avgpool", "globalavgpool"}
+LINEAR_WEIGHTED = {"conv", "gemm", "matmul", "mul", "affine"}  # as fssc.runtime.engine.WEIGHTED
+
+
+def is_weighted(op: Op, graph: Graph) -> bool:
+    """Ops run with the linear-layer protocol: the model owner's weights, or a constant added."""
+    return op.kind in LINEAR_WEIGHTED or (
+        op.kind in ("add", "sub") and any(graph.values[i].is_const for i in op.inputs))
 
 
 def op_cost(op: Op, graph: Graph) -> OpCost:
@@ -82,21 +79,26 @@ def op_cost(op: Op, graph: Graph) -> OpCost:
     g = op.gate
     if g:
         c.gate, c.gates, c.bits = g["kind"], g["count"], g["bits"]
+        n = g["count"]
         kb = dcf_bytes(g["bits"])
-        if g["kind"] == "argmax" and _classes(op, graph) == 2:
-            c.key_p0 = c.key_p1 = g["count"] * (kb + 1)
-            c.key_p0 += g["count"]  # r_d in the clear, for P0 to decode the label
+        if g["kind"] == "argmax":
+            if _classes(op, graph) != 2:
+                raise FsscError(f"argmax %{op.name} ({', '.join(op.origin) or 'labels'}) over "
+                                f"{_classes(op, graph)} classes: the secure runtime supports 2 "
+                                f"(compile with --output logits)")
+            c.key_p0 = n * kb + SEED_BYTES
+            c.key_p1 = n * kb + n / 8
             c.rounds = 1
-            c.sent_p1 = g["count"] / 8
+            c.sent_p1 = n / 8
             return c
-        n = g["count"] * (2 if g["kind"] == "argmax" else 1)
-        c.key_p0 = n * (kb + 1) + SEED_BYTES
-        c.key_p1 = n * (kb + 1 + RELU_P1_SHARES * WORD)
-        c.rounds = RELU_ROUNDS * g["depth"]
-        c.sent_p0 = c.sent_p1 = n * RELU_SEND
+        calls = g["depth"] if g["kind"] == "max" else 1
+        c.key_p0 = n * kb + SEED_BYTES * calls
+        c.key_p1 = n * (kb + SHARE_WORDS[g["kind"]] * WORD) + n / 8
+        c.rounds = 2 * g["depth"]
+        c.sent_p0 = c.sent_p1 = n * (1 / 8 + WORD)
         return c
-    if op.kind in LINEAR_WEIGHTED | LINEAR_CONST:
-        x = graph.values[op.inputs[0]]
+    if is_weighted(op, graph):
+        x = graph.values[next(i for i in op.inputs if not graph.values[i].is_const)]
         c.key_p0 = 2 * SEED_BYTES
         c.key_p1 = WORD * (x.size + out.size)
         c.rounds = 1
@@ -115,9 +117,11 @@ class CostReport:
     ops: list[OpCost]
     input_bytes: int
     setup_bytes: int  # masked weights P1 -> P0, once per model
+    masks_p0: int = 0  # P0's input and output masks, in the clear in its key
 
     def total(self, field: str) -> float:
-        return sum(getattr(o, field) for o in self.ops)
+        """Sum over ops; the P0 key total includes ``masks_p0``."""
+        return sum(getattr(o, field) for o in self.ops) + (self.masks_p0 if field == "key_p0" else 0)
 
     @property
     def rounds(self) -> int:
@@ -150,10 +154,19 @@ class CostReport:
         }
 
 
+def _weight_size(op: Op, graph: Graph) -> int:
+    """Elements of W in P1's setup message (the constant operand; affine's scale)."""
+    if op.kind not in LINEAR_WEIGHTED:
+        return 0
+    if op.kind in ("conv", "gemm", "affine"):
+        return graph.values[op.inputs[1]].size
+    return next(graph.values[i].size for i in op.inputs if graph.values[i].is_const)
+
+
 def cost_report(graph: Graph) -> CostReport:
     batch = graph.values[graph.inputs[0]].shape[0] if graph.inputs else 1
     ops = [op_cost(op, graph) for op in graph.ops]
-    weights = sum(graph.values[i].size for op in graph.ops if op.kind in LINEAR_WEIGHTED
-                  for i in op.inputs[1:2] if graph.values[i].is_const)
+    weights = sum(_weight_size(op, graph) for op in graph.ops)
     inp = sum(graph.values[i].size for i in graph.inputs) * WORD
-    return CostReport(batch, ops, inp, weights * WORD)
+    outs = sum(graph.values[o].size for o in graph.outputs if graph.values[o].dtype != "int64") * WORD
+    return CostReport(batch, ops, inp, weights * WORD, masks_p0=inp + outs)

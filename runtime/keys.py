@@ -89,6 +89,34 @@ class KeyWriter:
         return self._fh.getvalue()
 
 
+def peek_header(path: str) -> dict:
+    """The header of a key (or weights) file, without reading or checking the rest."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 12 or head[:8] != MAGIC:
+                raise FsscError(f"{path}: not an fssc key file")
+            (hlen,) = struct.unpack("<I", head[8:12])
+            return json.loads(fh.read(hlen))
+    except FileNotFoundError:
+        raise FsscError(f"key file {path}: not found") from None
+    except ValueError:
+        raise FsscError(f"{path}: corrupt key header") from None
+
+
+def check_header(path: str, program: str, party: int, batch: int | None = None) -> None:
+    """Refuse keys made for another program, party or batch (before any work starts)."""
+    h = peek_header(path)
+    if h.get("format") != FORMAT_VERSION:
+        raise FsscError(f"{path}: key format {h.get('format')}, this fssc reads {FORMAT_VERSION}")
+    if h.get("program") != program:
+        raise FsscError(f"{path}: keys made for program {h.get('program')}, not {program} (another model or options)")
+    if h.get("party") != party:
+        raise FsscError(f"{path}: keys for party {h.get('party')}, not party {party}")
+    if batch is not None and h.get("batch") != batch:
+        raise FsscError(f"{path}: keys of batch {h.get('batch')} filed as batch {batch}")
+
+
 class KeyReader:
     """Checks a stream and hands out its records in order (zero-copy views)."""
 

@@ -23,7 +23,7 @@ import numpy as np
 from fssc.compiler.errors import FsscError
 
 from . import ring
-from .session import (load_manifest, load_weights, masked_weights, open_batch, read_setup, recv_weights,
+from .session import (check_batches, load_manifest, load_weights, masked_weights, open_batch, read_setup, recv_weights,
                       run_p0_batch, run_p1_batch, send_weights, unused_batches)
 from .transport import client_handshake, connect, listen, server_handshake
 
@@ -90,7 +90,13 @@ def main_party1(mod, argv) -> int:
 
     def validate(peer):
         missing = [b for b in peer.get("batches", []) if b not in free]
-        return [f"batches {missing} are not available (unused) at the model owner"] if missing else []
+        if missing:
+            return [f"batches {missing} are not available (unused) at the model owner"]
+        try:
+            check_batches(a.keys, 1, peer.get("batches", []), mod.PROGRAM_HASH)
+        except FsscError as e:
+            return [f"model owner's keys: {e}"]
+        return []
 
     peer = server_handshake(chan, _hello(mod, manifest, {}), validate)
     t = time.perf_counter()
@@ -142,6 +148,7 @@ def main_party0(mod, argv) -> int:
         raise FsscError(f"{len(xb)} batch(es) of {shape[0]} images need {len(xb)} unused key batches; "
                         f"{a.keys} has {len(free)} (deal more with `fssc deal --batches N`)")
     use = free[:len(xb)]
+    check_batches(a.keys, 0, use, mod.PROGRAM_HASH)
     chan = connect(a.peer, a.certs, timeout=a.timeout)
     client_handshake(chan, _hello(mod, manifest, {"batches": use}))
     timings: dict = {}

@@ -152,6 +152,17 @@ def open_batch(party_dir: str, party: int, batch: int, program_hash: str) -> Key
     return r
 
 
+def check_batches(party_dir: str, party: int, batches: list[int], program_hash: str) -> None:
+    """Headers of the batches about to be used: right program, party and batch id, not used yet."""
+    from .keys import check_header
+
+    for b in batches:
+        path = _batch_path(party_dir, b)
+        if os.path.exists(path[:-4] + ".used"):
+            raise FsscError(f"{path}: batch {b} was already used (keys are one-time)")
+        check_header(path, program_hash, party, b)
+
+
 def unused_batches(party_dir: str) -> list[int]:
     return [b for b in existing_batches(party_dir) if not os.path.exists(_batch_path(party_dir, b)[:-4] + ".used")]
 
