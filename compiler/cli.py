@@ -61,7 +61,7 @@ def ir(model):
 @click.option("--print-ir-after", multiple=True, metavar="PASS", help="Print the IR after this pass (repeatable).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the cost report as JSON here.")
-@click.option("--output", "output_mode", type=click.Choice(["labels", "logits"]), default="labels", show_default=True,
+@click.option("--output-mode", "output_mode", type=click.Choice(["labels", "logits"]), default="labels", show_default=True,
               help="What the data owner learns: labels only (argmax inside), or the logits.")
 def compile_cmd(model, out, frac_bits, calibrate, dump_ir, print_ir_after_all, print_ir_after, json_path,
                 output_mode):

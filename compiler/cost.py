@@ -85,7 +85,7 @@ def op_cost(op: Op, graph: Graph) -> OpCost:
             if _classes(op, graph) != 2:
                 raise FsscError(f"argmax %{op.name} ({', '.join(op.origin) or 'labels'}) over "
                                 f"{_classes(op, graph)} classes: the secure runtime supports 2 "
-                                f"(compile with --output logits)")
+                                f"(compile with --output-mode logits)")
             c.key_p0 = n * kb + SEED_BYTES
             c.key_p1 = n * kb + n / 8
             c.rounds = 1

@@ -80,8 +80,8 @@ class _Importer:
     def ir_name(self, onnx_name: str) -> str:
         """Readable, unique IR name: '/layer1/layer1.0/conv1/Conv_output_0' -> 'layer1.0.conv1.Conv'."""
         parts = [p for p in onnx_name.split("/") if p]
-        if len(parts) > 1 and parts[0] and parts[1].startswith(parts[0]):
-            parts = parts[1:]  # torch's module path repeats the parent name
+        # torch's module path repeats each parent name: /layer1/layer1.0/downsample/downsample.0/Conv
+        parts = [p for i, p in enumerate(parts) if i + 1 == len(parts) or not parts[i + 1].startswith(p + ".")]
         base = ".".join(parts) or onnx_name
         base = base.removesuffix("_output_0")
         name = self.g.fresh_name(base)
@@ -121,7 +121,10 @@ class _Importer:
                                 f"{onnx.TensorProto.DataType.Name(tt.elem_type)}; fssc takes float32 inputs")
             dims = []
             for i, d in enumerate(tt.shape.dim):
-                if not d.HasField("dim_value") or d.dim_value <= 0:
+                if d.HasField("dim_value") and d.dim_value == 0:
+                    raise FsscError(f"{self.src}: input {inp.name!r} has a zero-size dimension (axis {i}); "
+                                    f"fssc needs non-empty tensors")
+                if not d.HasField("dim_value") or d.dim_value < 0:
                     sym = d.dim_param or "?"
                     raise FsscError(f"{self.src}: input {inp.name!r} has a dynamic dimension {sym!r} (axis {i}); "
                                     f"fssc needs static shapes (export with a fixed batch, e.g. fssc export --batch 2)")

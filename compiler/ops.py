@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import FsscError
@@ -121,6 +119,9 @@ def _conv_shape(attrs, shapes):
 
 
 def conv_float(attrs, x, w, b=None):
+    import torch  # here, not at module level: `fssc ir` and error paths need no torch (~1 s to import)
+    import torch.nn.functional as F
+
     nd = x.ndim - 2
     p = attrs.get("pads") or [0] * (2 * nd)
     xt = torch.from_numpy(np.asarray(x, dtype=np.float64))

@@ -11,7 +11,10 @@ variance are set to the batch statistics that each BN layer sees on synthetic
 inputs (cumulative average over a few batches in train mode), and the BN
 affine parameters are drawn around (1, 0). Without this, a random-init network
 with default statistics (mean 0, var 1) blows activations up layer by layer
-and its logits are degenerate.
+and its logits are degenerate. Then the final linear layer's bias is shifted
+so that the mean logits over the same inputs are zero: without that, the
+random head predicts one class for (nearly) every input, and "the argmax is
+kept" would say little.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ def available_models() -> list[str]:
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def supported_opsets() -> tuple[int, int]:
+    """The opset range torch's TorchScript ONNX exporter writes."""
+    try:
+        from torch.onnx import _constants as c
+
+        return int(c.ONNX_MIN_OPSET), int(c.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):  # pragma: no cover - private module moved
+        return 7, 20
 
 
 def build_model(name: str, num_classes: int | None = None) -> torch.nn.Module:
@@ -111,6 +124,25 @@ def randomize_and_calibrate(model: torch.nn.Module, image_size: int, seed: int =
     for i in range(batches):
         model(synthetic_images(batch_size, image_size, seed + 1 + i))
     model.eval()
+    # Centre the logits: a random head otherwise gives one class for every input.
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if linear and linear[-1].bias is not None:
+        mean = torch.cat([model(synthetic_images(batch_size, image_size, seed + 1 + i))
+                          for i in range(min(batches, 2))]).mean(0)
+        if mean.shape == linear[-1].bias.shape:
+            linear[-1].bias -= mean
+
+
+def prepare_model(name: str, num_classes: int | None = None, weights: str | None = None, image_size: int = 224,
+                  seed: int = DEFAULT_SEED) -> torch.nn.Module:
+    """The eval-mode torch model :func:`export_model` exports: the user's weights, or random calibrated ones."""
+    torch.manual_seed(seed)
+    model = build_model(name, num_classes)
+    if weights:
+        load_weights(model, weights)
+    else:
+        randomize_and_calibrate(model, image_size, seed)
+    return model.eval()
 
 
 def export_model(name: str, out: str, num_classes: int | None = None, weights: str | None = None,
@@ -119,15 +151,13 @@ def export_model(name: str, out: str, num_classes: int | None = None, weights: s
 
     if batch < 1 or image_size < 8:
         raise FsscError(f"--batch must be >= 1 and --image-size >= 8 (got {batch}, {image_size})")
-    torch.manual_seed(seed)
-    model = build_model(name, num_classes)
-    if weights:
-        load_weights(model, weights)
-        wdesc = os.path.basename(weights)
-    else:
-        randomize_and_calibrate(model, image_size, seed)
-        wdesc = f"random (seed {seed}), BN calibrated"
-    model.eval()
+    if num_classes is not None and num_classes < 1:
+        raise FsscError(f"--num-classes must be >= 1 (got {num_classes})")
+    lo, hi = supported_opsets()
+    if not lo <= opset <= hi:
+        raise FsscError(f"--opset {opset} is not supported: torch's ONNX exporter writes opsets {lo}..{hi}")
+    model = prepare_model(name, num_classes, weights, image_size, seed)
+    wdesc = os.path.basename(weights) if weights else f"random (seed {seed}), BN calibrated"
     x = synthetic_images(batch, image_size, seed)
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -136,10 +166,13 @@ def export_model(name: str, out: str, num_classes: int | None = None, weights: s
                           training=torch.onnx.TrainingMode.EVAL, input_names=["input"], output_names=["logits"])
     proto = onnx.load_from_string(buf.getvalue())
     proto.producer_name = "fssc export"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".part"
-    onnx.save(proto, tmp)
-    os.replace(tmp, out)  # no partial file that looks complete
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        onnx.save(proto, tmp)
+        os.replace(tmp, out)  # no partial file that looks complete
+    except OSError as e:
+        raise FsscError(f"{out}: cannot write ({e.strerror or type(e).__name__})") from None
     kinds = [n.op_type for n in proto.graph.node]
     nc = num_classes if num_classes is not None else int(proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value)
     return ExportInfo(out, name, nc, image_size, batch, opset, len(kinds), kinds.count("BatchNormalization"), wdesc)
@@ -148,12 +181,6 @@ def export_model(name: str, out: str, num_classes: int | None = None, weights: s
 def torch_reference(name: str, num_classes: int | None, weights: str | None, image_size: int, x: torch.Tensor,
                     seed: int = DEFAULT_SEED) -> torch.Tensor:
     """The same model as :func:`export_model` builds, run in torch (for tests)."""
-    torch.manual_seed(seed)
-    model = build_model(name, num_classes)
-    if weights:
-        load_weights(model, weights)
-    else:
-        randomize_and_calibrate(model, image_size, seed)
-    model.eval()
+    model = prepare_model(name, num_classes, weights, image_size, seed)
     with torch.no_grad():
         return model(x)

@@ -1,16 +1,20 @@
 """Range analysis: a bitwidth for every comparison, from calibration data.
 
 Runs the planned IR in the fixed-point interpreter on calibration inputs
-(``--calibrate DIR``, else batches from a fixed seed) and measures the largest
-magnitude each comparison sees (:func:`fssc.compiler.gates.comparison_magnitude`:
-x >> trunc for a ReLU, the window spread for max gates, the row spread for
-ArgMax). The bitwidth is m = bits(magnitude) + sign + ``margin_bits`` (a
-2^margin safety factor), capped at the ring's 64 bits. It is written on the
+(``--calibrate DIR``, else batches from a fixed seed: synthetic images for an
+image input [N,C,H,W], standard normal values for any other shape) and
+measures the largest magnitude each comparison sees
+(:func:`fssc.compiler.gates.comparison_magnitude`: x >> trunc for a ReLU, the
+window spread for max gates, the row spread for ArgMax). The bitwidth is
+m = bits(magnitude) + sign + ``margin_bits`` (a 2^margin safety factor),
+capped at the ring's 64 bits. It is written on the
 op's input value (``bits``) and kept in ``ctx.notes['ranges']`` for
 mark-comparisons. Semantics are unchanged.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from fssc.compiler.gates import bits_for, comparison_magnitude, gate_kind
 from fssc.compiler.interp import run_fixed
@@ -23,11 +27,19 @@ NAME = "range-analysis"
 DEFAULT_CALIBRATION_BATCHES = 4
 
 
+def default_calibration(shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Calibration batches from a fixed seed when the user gave none."""
+    if len(shape) == 4:
+        return synthetic_inputs(shape, DEFAULT_CALIBRATION_BATCHES, seed=1)
+    rng = np.random.default_rng(1)
+    return [rng.standard_normal(shape).astype(np.float32) for _ in range(DEFAULT_CALIBRATION_BATCHES)]
+
+
 def run(graph: Graph, ctx: PassContext) -> Graph:
     if len(graph.inputs) != 1:
         raise NotImplementedError(f"{NAME}: graphs with {len(graph.inputs)} inputs")
     shape = graph.values[graph.inputs[0]].shape
-    data = ctx.calibration or synthetic_inputs(shape, DEFAULT_CALIBRATION_BATCHES, seed=1)
+    data = ctx.calibration or default_calibration(shape)
     mags: dict[int, int] = {}
 
     def observe(op, ins, out):

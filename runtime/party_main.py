@@ -136,7 +136,7 @@ def main_party0(mod, argv) -> int:
     want = a.output or ("logits" if "logits" in kinds else "labels")
     if want == "logits" and "logits" not in kinds:
         raise FsscError("--output logits: this program was compiled to output labels only "
-                        "(recompile with `fssc compile --output logits`)")
+                        "(recompile with `fssc compile --output-mode logits`)")
     pre = Preprocess(**{k: v for k, v in manifest.get("preprocess", {}).items() if k in ("size", "resize", "mean",
                                                                                             "std")})
     path = a.images or a.input

@@ -1,0 +1,126 @@
+"""Issue 2, point 5: user errors through the real CLI.
+
+A file that is not ONNX, a graph with an unsupported op, a graph with a
+dynamic batch dimension, and ``fssc export --weights`` with a state dict that
+does not fit: each gives one line on stderr that names the problem, exit code
+2, and no traceback. Each case runs the installed ``fssc`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+
+def assert_one_line_error(proc, *must_contain):
+    assert proc.returncode == 2, f"exit code {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip("\n").split("\n")
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
+    line = lines[0]
+    assert line.startswith("fssc: error: "), line
+    for s in must_contain:
+        assert s in line, f"{s!r} not in {line!r}"
+    assert proc.stdout == ""
+    return line
+
+
+@pytest.mark.parametrize("content", [b"this is not an ONNX model\n", b"", b"\x08\x07\x12\x04junk\xff\xff"],
+                         ids=["text", "empty", "garbage"])
+def test_not_onnx(tmp_path, run_fssc, content):
+    path = tmp_path / "photo.onnx"
+    path.write_bytes(content)
+    assert_one_line_error(run_fssc("ir", path), str(path), "not an ONNX model")
+
+
+def test_missing_file(tmp_path, run_fssc):
+    assert_one_line_error(run_fssc("ir", tmp_path / "nope.onnx"), "nope.onnx", "no such file")
+
+
+def test_unsupported_ops_are_all_listed(tmp_path, run_fssc):
+    """An LSTM (and a Softmax): one error naming every offending node, its op type, and the supported set."""
+    t, b, i, h = 4, 2, 3, 5
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["xr"], name="pre_relu"),
+        helper.make_node("LSTM", ["xr", "W", "R"], ["y"], name="encoder_lstm", hidden_size=h),
+        helper.make_node("Softmax", ["xr"], ["p"], name="head_softmax", axis=-1),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal((1, 4 * h, i)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((1, 4 * h, h)).astype(np.float32), "R")]
+    graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, b, i])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, 1, b, h]),
+                               helper.make_tensor_value_info("p", TensorProto.FLOAT, [t, b, i])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path = tmp_path / "lstm.onnx"
+    onnx.save(model, path)
+    line = assert_one_line_error(run_fssc("ir", path), "lstm.onnx", "encoder_lstm (LSTM)", "head_softmax (Softmax)",
+                                 "supports:")
+    assert "pre_relu" not in line
+    for op in ("Conv", "Gemm", "MaxPool", "BatchNormalization", "ArgMax"):
+        assert op in line.split("supports:")[1]
+
+
+def test_dynamic_batch_dimension(tmp_path, run_fssc, resnet18_onnx):
+    model = onnx.load(str(resnet18_onnx))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.Clear()
+    dim.dim_param = "batch_size"  # as torch.onnx.export(..., dynamic_axes={"input": {0: "batch_size"}}) writes
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(model, path)
+    assert_one_line_error(run_fssc("ir", path), "dynamic.onnx", "'input'", "dynamic dimension 'batch_size'",
+                          "axis 0", "--batch")
+
+
+def test_dynamic_dimension_elsewhere(tmp_path, run_fssc):
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [2, 3, "height", 8])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, "height", 8])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["pixels"], ["out"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "h.onnx"
+    onnx.save(model, path)
+    assert_one_line_error(run_fssc("ir", path), "'pixels'", "dynamic dimension 'height'", "axis 2")
+
+
+@pytest.fixture(scope="module")
+def resnet18_2class_state_dict():
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=2).state_dict()
+
+
+def test_weights_with_wrong_keys(tmp_path, run_fssc, resnet18_2class_state_dict):
+    sd = dict(resnet18_2class_state_dict)
+    sd["head.weight"] = sd.pop("fc.weight")  # renamed: one missing, one unexpected
+    del sd["layer1.0.bn1.running_var"]
+    sd["extra.scale"] = torch.ones(1)
+    torch.save(sd, tmp_path / "sd.pt")
+    out = tmp_path / "out.onnx"
+    line = assert_one_line_error(
+        run_fssc("export", "resnet18", "-o", out, "--num-classes", 2, "--image-size", 32, "--weights",
+                 tmp_path / "sd.pt"),
+        "sd.pt", "missing keys: fc.weight, layer1.0.bn1.running_var", "unexpected keys: extra.scale, head.weight")
+    assert "wrong shapes" not in line
+    assert not out.exists() and not (tmp_path / "out.onnx.part").exists()
+
+
+def test_weights_with_wrong_shapes(tmp_path, run_fssc, resnet18_2class_state_dict):
+    """A 2-class state dict for a 1000-class model (no --num-classes): the shapes are named."""
+    torch.save(resnet18_2class_state_dict, tmp_path / "sd2.pt")
+    out = tmp_path / "out.onnx"
+    line = assert_one_line_error(
+        run_fssc("export", "resnet18", "-o", out, "--image-size", 32, "--weights", tmp_path / "sd2.pt"),
+        "sd2.pt", "wrong shapes:", "fc.weight (2, 512) (model has (1000, 512))", "fc.bias (2,) (model has (1000,))")
+    assert "missing keys" not in line and "unexpected keys" not in line
+    assert not out.exists()
+
+
+def test_usage_errors_are_one_line(tmp_path, run_fssc):
+    assert_one_line_error(run_fssc("ir", tmp_path), "is a directory", "fssc ir --help")
+    assert_one_line_error(run_fssc("export", "resnet18", "-o", tmp_path / "x.onnx", "--batch", "two"),
+                          "'--batch'", "not a valid integer")

@@ -1,0 +1,196 @@
+"""Issue 2, points 3 and 4: the IR text form, the verifier, and the interpreters on ResNet-18.
+
+* ``fssc ir r.onnx`` prints the IR; two runs (different hash seeds) give
+  byte-identical output.
+* The verifier catches broken graphs and names the pass that broke them.
+* On the exported ResNet-18 with inputs from fixed seeds, the float
+  interpreter matches onnxruntime within 1e-4 and the fixed-point interpreter
+  at f = 12 keeps every argmax and stays within 0.02 of onnxruntime's logits.
+
+About the model: the exporter's random weights have BN statistics calibrated
+on synthetic images and a final bias that centres the logits (see
+models/export.py), so both classes occur. Measured on the 224x224 model with
+the 16 images below (seeds 100..107): labels 9 / 7, max |fixed - ort| 0.0119,
+smallest top-2 margin 0.0146, while the fixed-point error of the logit
+*difference* reaches 0.0155 on some image. So the argmax check is not vacuous,
+and it is not guaranteed for every input either: an image whose margin is
+below ~0.016 can flip.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from fssc.compiler.errors import FsscError, VerifyError
+from fssc.compiler.interp import run_fixed, run_float
+from fssc.compiler.ir import Value
+from fssc.compiler.onnx_import import import_onnx
+from fssc.compiler.verify import verify
+from fssc.models.export import synthetic_images
+
+FLOAT_TOL = 1e-4
+FIXED_TOL = 0.02
+FRAC_BITS = 12
+
+
+# ------------------------------------------------------------------ point 3: text form
+def test_fssc_ir_is_byte_identical_across_runs(resnet18_224_onnx, run_fssc):
+    runs = [run_fssc("ir", resnet18_224_onnx.name, cwd=resnet18_224_onnx.parent, env={"PYTHONHASHSEED": seed})
+            for seed in ("0", "12345")]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr
+    assert runs[0].stdout.encode() == runs[1].stdout.encode()
+
+    text = runs[0].stdout
+    lines = text.splitlines()
+    assert lines[0] == "graph r {" and lines[-1] == "}"
+    assert lines[1] == "  input %input: float32[2,3,224,224]"
+    assert lines[-2] == "  return %logits"
+    assert sum(" = batchnorm(" in ln for ln in lines) == 20
+    assert sum(" = conv(" in ln for ln in lines) == 20
+    # weights are elided to shape and a short hash: no line carries numbers beyond that
+    consts = [ln for ln in lines if ln.startswith("  const ")]
+    assert consts and all(re.fullmatch(r"  const %\S+: float32\[[0-9,]+\] #[0-9a-f]{8}", ln) for ln in consts)
+    assert max(map(len, lines)) < 400
+    # provenance: every op line names its ONNX node and the pass that made it
+    ops = [ln for ln in lines if " = " in ln]
+    assert ops and all(re.search(r"  # \S+ \[import\]$", ln) for ln in ops)
+
+
+def test_ir_text_is_deterministic_in_process(resnet18_onnx):
+    a = import_onnx(str(resnet18_onnx)).text()
+    b = import_onnx(str(resnet18_onnx)).text()
+    assert a == b
+    assert "downsample.downsample" not in a  # torch's repeated module path is collapsed
+
+
+# ------------------------------------------------------------------ point 3: verifier
+@pytest.fixture()
+def small_graph(resnet18_onnx):
+    g = import_onnx(str(resnet18_onnx))
+    verify(g, "import")  # sound to begin with
+    return g
+
+
+def _op(g, kind, nth=0):
+    return [op for op in g.ops if op.kind == kind][nth]
+
+
+def test_verifier_catches_dangling_input(small_graph):
+    g = small_graph
+    _op(g, "relu").inputs[0] = "no.such.value"
+    with pytest.raises(VerifyError, match=r"after pass 'fold-batchnorm'.*%no\.such\.value is not a value \(dangling\)"):
+        verify(g, "fold-batchnorm")
+
+
+def test_verifier_catches_double_definition(small_graph):
+    g = small_graph
+    first, second = _op(g, "relu", 0), _op(g, "relu", 1)
+    g.values.pop(second.outputs[0])
+    new_name = first.outputs[0]
+    for op in g.ops:
+        op.inputs = [new_name if i == second.outputs[0] else i for i in op.inputs]
+    second.outputs[0] = new_name
+    want = rf"after pass 'reorder-maxpool-relu'.*%{re.escape(new_name)} defined more than once"
+    with pytest.raises(VerifyError, match=want):
+        verify(g, "reorder-maxpool-relu")
+
+
+def test_verifier_catches_wrong_shape(small_graph):
+    g = small_graph
+    op = _op(g, "maxpool")
+    g.values[op.outputs[0]].shape = (2, 64, 17, 17)
+    with pytest.raises(VerifyError, match=r"after pass 'lower-maxpool'.*maxpool %\S+: output %\S+ has shape "
+                                          r"\(2, 64, 17, 17\), rule gives \(2, 64, 16, 16\)"):
+        verify(g, "lower-maxpool")
+
+
+def test_verifier_catches_inconsistent_operands(small_graph):
+    g = small_graph
+    conv = _op(g, "conv", 1)
+    w = g.values[conv.inputs[1]]
+    w.data = w.data[:, :32]
+    w.shape = w.data.shape
+    with pytest.raises(VerifyError, match=r"after pass 'canonicalize'.*conv %\S+: bad operands: conv input channels"):
+        verify(g, "canonicalize")
+
+
+def test_verifier_catches_use_before_definition(small_graph):
+    g = small_graph
+    i = g.ops.index(_op(g, "maxpool"))
+    g.ops[i], g.ops[i + 1] = g.ops[i + 1], g.ops[i]
+    with pytest.raises(VerifyError, match=r"after pass 'p'.*used before definition"):
+        verify(g, "p")
+
+
+def test_verifier_catches_undefined_output(small_graph):
+    g = small_graph
+    g.outputs = ["ghost"]
+    with pytest.raises(VerifyError, match=r"after pass 'p'.*graph output %ghost is never defined"):
+        verify(g, "p")
+
+
+def test_verifier_error_is_one_line_user_error(small_graph):
+    g = small_graph
+    g.add_value(Value("x2", (1,)))
+    _op(g, "relu").inputs[0] = "x2"
+    with pytest.raises(FsscError) as e:
+        verify(g, "some-pass")
+    assert "\n" not in str(e.value) and "some-pass" in str(e.value)
+
+
+# ------------------------------------------------------------------ point 4: interpreters
+def _batches(g, n_batches, first_seed):
+    shape = g.values[g.inputs[0]].shape
+    for s in range(first_seed, first_seed + n_batches):
+        yield synthetic_images(shape[0], shape[2], seed=s).numpy().astype(np.float32)
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_float_interpreter_matches_onnxruntime(size, resnet18_onnx, resnet18_224_onnx, ort_session):
+    path = resnet18_onnx if size == 64 else resnet18_224_onnx
+    g = import_onnx(str(path))
+    sess = ort_session(path)
+    for x in _batches(g, 4 if size == 64 else 2, first_seed=100):
+        ref = sess.run(None, {"input": x})[0]
+        got = run_float(g, x)[0]
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=0, atol=FLOAT_TOL)
+
+
+def test_fixed_point_interpreter_keeps_argmax_on_resnet18_224(resnet18_224_onnx, ort_session):
+    """f = 12, 16 images (8 batches of 2, seeds 100..107): argmax kept, |fixed - ort| <= 0.02."""
+    g = import_onnx(str(resnet18_224_onnx))
+    sess = ort_session(resnet18_224_onnx)
+    refs, outs = [], []
+    for x in _batches(g, 8, first_seed=100):
+        refs.append(sess.run(None, {"input": x})[0])
+        outs.append(run_fixed(g, x, frac_bits=FRAC_BITS)[0])
+    ref, out = np.concatenate(refs), np.concatenate(outs)
+    err = float(np.abs(out - ref).max())
+    top2 = np.sort(ref, axis=1)
+    margin = float((top2[:, -1] - top2[:, -2]).min())
+    labels = ref.argmax(1)
+    assert len(set(labels.tolist())) > 1, f"the model predicts one class for every input: {labels}"
+    assert (out.argmax(1) == labels).all(), f"argmax changed (smallest margin {margin:.4f}, max error {err:.4f})"
+    assert err <= FIXED_TOL, f"max |fixed - onnxruntime| = {err:.4f}"
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "64x64 ResNet-18: weights encoded at scale f=12 alone move the logits by ~0.021 (a float run with weights "
+    "rounded to 2^-12 shows the same error), just over 0.02; the 224x224 model of point 4 stays at ~0.014"))
+def test_fixed_point_interpreter_within_tolerance_on_resnet18_64(resnet18_onnx, ort_session):
+    """Known limitation, kept visible: of seeds 100..115, batches 110 and 112 exceed 0.02 (0.0201, 0.0207)."""
+    g = import_onnx(str(resnet18_onnx))
+    sess = ort_session(resnet18_onnx)
+    err = 0.0
+    for x in _batches(g, 4, first_seed=109):
+        ref = sess.run(None, {"input": x})[0]
+        out = run_fixed(g, x, frac_bits=FRAC_BITS)[0]
+        assert (out.argmax(1) == ref.argmax(1)).all()
+        err = max(err, float(np.abs(out - ref).max()))
+    assert err <= FIXED_TOL, f"max |fixed - onnxruntime| = {err:.4f}"

@@ -1,0 +1,188 @@
+"""Issue 2, point 6: ONNX's backend node test cases for the ops fssc supports.
+
+The cases come from the installed onnx package
+(``onnx.backend.test.case.node.collect_testcases``: models and reference data
+generated locally; nothing is downloaded). A case belongs to an op when its
+node is of that op type; its function-expanded variants (``*_expanded``)
+belong to the same op. Every case of a supported op either runs through
+fssc's importer and the float interpreter (``run_float``) and must match the
+case's expected outputs with the case's own tolerances (rtol=1e-3,
+atol=1e-7), or is listed in ``LEFT_OUT`` with its reason -- and for those the
+importer must refuse the model with a clear ``FsscError`` (not crash, not
+compute something else).
+
+Weights as constants: the backend cases feed every operand as a graph input.
+fssc treats weights and structural operands as constants owned by the model
+owner (its importer requires Conv/Gemm weights, MatMul's and Mul's second
+operand, BatchNormalization's parameters, Reshape's shape, Pad's pads and
+Clip's bounds to be initializers), so before import the operands listed in
+``CONSTANT_OPERANDS`` are turned into initializers holding the case's own
+input data. The remaining inputs (the data owner's tensors) stay graph inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from fssc.compiler.errors import FsscError
+from fssc.compiler.interp import run_float
+from fssc.compiler.onnx_import import import_onnx
+
+SUPPORTED_OPS = ("ArgMax", "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "Dropout",
+                 "Flatten", "Gemm", "GlobalAveragePool", "Identity", "MatMul", "MaxPool", "Mul", "Pad", "Relu",
+                 "Reshape", "Sub")
+
+# op type -> input positions that become initializers (the model owner's constants)
+CONSTANT_OPERANDS = {
+    "Conv": {1, 2}, "Gemm": {1, 2}, "MatMul": {1}, "Mul": {1}, "BatchNormalization": {1, 2, 3, 4},
+    "Clip": {1, 2}, "Reshape": {1}, "Pad": {1, 2, 3}, "Dropout": {1, 2},
+}
+
+_INT = "integer tensors ({}); fssc's inputs are float32 reals (encoded in fixed point)"
+_EXPANDED = "function-expanded form uses {}, outside fssc's op set (the {} node itself is tested)"
+LEFT_OUT = {
+    # Add / Sub / Mul on integer dtypes
+    **{f"test_{op}_{t}": _INT.format(t) for op in ("add", "sub", "mul")
+       for t in ("int8", "int16", "uint8", "uint16", "uint32", "uint64")},
+    # BatchNormalization
+    "test_batchnorm_example_training_mode": "training_mode=1 (batch statistics, running-stat outputs); "
+                                            "fssc compiles inference graphs",
+    "test_batchnorm_epsilon_training_mode": "training_mode=1 (batch statistics, running-stat outputs); "
+                                            "fssc compiles inference graphs",
+    # Clip
+    "test_clip_default_int8_min": _INT.format("int8"),
+    "test_clip_default_int8_max": _INT.format("int8"),
+    "test_clip_default_int8_inbounds": _INT.format("int8"),
+    "test_clip_default_int8_min_expanded": _INT.format("int8"),
+    "test_clip_default_int8_max_expanded": _INT.format("int8"),
+    "test_clip_default_int8_inbounds_expanded": _INT.format("int8"),
+    **{f"test_clip{s}_expanded": _EXPANDED.format("Less/Where", "Clip")
+       for s in ("", "_example", "_inbounds", "_outbounds", "_splitbounds", "_min_greater_than_max",
+                 "_default_min", "_default_max")},
+    # Dropout
+    "test_dropout_default_mask": "uses the mask output; fssc drops Dropout at inference and has no mask",
+    "test_dropout_default_mask_ratio": "uses the mask output; fssc drops Dropout at inference and has no mask",
+    "test_training_dropout": "training_mode=true (random dropout); fssc compiles inference graphs",
+    "test_training_dropout_default": "training_mode=true (random dropout); fssc compiles inference graphs",
+    "test_training_dropout_zero_ratio": "training_mode=true; fssc compiles inference graphs",
+    "test_training_dropout_mask": "training_mode=true and the mask output; fssc compiles inference graphs",
+    "test_training_dropout_default_mask": "training_mode=true and the mask output; fssc compiles inference graphs",
+    "test_training_dropout_zero_ratio_mask": "training_mode=true and the mask output; "
+                                             "fssc compiles inference graphs",
+    # Identity
+    "test_identity_sequence": "a sequence of tensors, not a tensor",
+    "test_identity_opt": "an optional type, not a tensor",
+    # MaxPool
+    "test_maxpool_2d_uint8": _INT.format("uint8"),
+    "test_maxpool_with_argmax_2d_precomputed_pads": "uses MaxPool's Indices output (second output)",
+    "test_maxpool_with_argmax_2d_precomputed_strides": "uses MaxPool's Indices output (second output)",
+    # Pad
+    "test_constant_pad": "pads with the constant 1.2; fssc's Pad is constant 0 only",
+    "test_constant_pad_axes": "pads with the constant 1.2; fssc's Pad is constant 0 only",
+    "test_constant_pad_negative_axes": "pads with the constant 1.2; fssc's Pad is constant 0 only",
+    "test_edge_pad": "mode 'edge' (and int32 data); fssc's Pad is constant 0 only",
+    "test_reflect_pad": "mode 'reflect' (and int32 data); fssc's Pad is constant 0 only",
+    "test_wrap_pad": "mode 'wrap' (and int32 data); fssc's Pad is constant 0 only",
+    # Relu
+    "test_relu_expanded_ver18": _EXPANDED.format("CastLike/Max", "Relu"),
+    # Reshape
+    "test_reshape_allowzero_reordered": "a zero-size input tensor (shape [0,3,4]); fssc needs non-empty tensors",
+}
+
+
+def _collect() -> dict[str, tuple[str, object]]:
+    """name -> (op type, TestCase) for every node test case of a supported op."""
+    from onnx.backend.test.case.node import collect_testcases
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        cases = collect_testcases()  # all ops (the op_type filter only applies to the first call in a process)
+    op_of = {c.name: c.model.graph.node[0].op_type for c in cases
+             if "_expanded" not in c.name and len(c.model.graph.node) == 1}
+    out = {}
+    for c in cases:
+        op = op_of.get(c.name.split("_expanded")[0])
+        if op in SUPPORTED_OPS:
+            out[c.name] = (op, c)
+    return out
+
+
+CASES = _collect()
+
+# Every Pad case pads with a non-zero constant or another mode. So that Pad runs too, its constant-mode
+# cases are also run with the pad value set to 0, the expected output computed by onnx's own reference
+# implementation (onnx.reference, which also generates the cases' data).
+ZERO_VALUE_VARIANTS = ("test_constant_pad", "test_constant_pad_axes", "test_constant_pad_negative_axes")
+
+
+def freeze_constant_operands(case, op: str):
+    """The case's model with CONSTANT_OPERANDS[op] turned into initializers; returns (model, feeds, outputs)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(case.model)
+    inputs, outputs = case.data_sets[0]
+    node = model.graph.node[0]
+    const = {name for pos, name in enumerate(node.input)
+             if name and pos in CONSTANT_OPERANDS.get(op, ()) and len(model.graph.node) == 1}
+    feeds, keep = {}, []
+    for vi, value in zip(list(model.graph.input), inputs):
+        if vi.name in const:
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), vi.name))
+        else:
+            keep.append(vi)
+            feeds[vi.name] = value
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    return model, feeds, outputs
+
+
+def test_every_supported_op_has_cases_and_the_list_is_current():
+    ops_seen = {op for op, _ in CASES.values()}
+    assert ops_seen == set(SUPPORTED_OPS), f"no backend cases collected for {set(SUPPORTED_OPS) - ops_seen}"
+    stale = sorted(set(LEFT_OUT) - set(CASES))
+    assert not stale, f"LEFT_OUT names cases the installed onnx does not have: {stale}"
+    assert set(ZERO_VALUE_VARIANTS) <= set(CASES)
+    run = {op for op, _ in (CASES[n] for n in CASES if n not in LEFT_OUT)} | {"Pad"}
+    assert run == set(SUPPORTED_OPS), f"every case left out for {set(SUPPORTED_OPS) - run}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_backend_node_case(name):
+    op, case = CASES[name]
+    model, feeds, expected = freeze_constant_operands(case, op)
+    if name in LEFT_OUT:
+        # left out: fssc must refuse it with a clear error, not compute something else
+        with pytest.raises(FsscError) as e:
+            import_onnx(model, name)
+        assert "\n" not in str(e.value)
+        return
+    g = import_onnx(model, name)
+    got = run_float(g, feeds)
+    assert len(got) == len(expected)
+    for y, want in zip(got, expected):
+        want = np.asarray(want)
+        assert y.shape == want.shape, f"shape {y.shape} != {want.shape}"
+        if want.dtype.kind in "iub":
+            np.testing.assert_array_equal(y, want)
+        else:
+            np.testing.assert_allclose(y, want, rtol=case.rtol, atol=case.atol)
+
+
+@pytest.mark.parametrize("name", ZERO_VALUE_VARIANTS)
+def test_backend_pad_case_with_zero_value(name):
+    from onnx.reference import ReferenceEvaluator
+
+    op, case = CASES[name]
+    model, feeds, _ = freeze_constant_operands(case, op)
+    value = model.graph.node[0].input[2]
+    init = next(t for t in model.graph.initializer if t.name == value)
+    init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), value))
+    want = ReferenceEvaluator(model).run(None, feeds)
+    got = run_float(import_onnx(model, name + "_zero_value"), feeds)
+    assert len(got) == len(want) == 1
+    assert got[0].shape == want[0].shape
+    np.testing.assert_allclose(got[0], want[0], rtol=case.rtol, atol=case.atol)
