@@ -227,12 +227,17 @@ def _split(addr: str) -> tuple[str, int]:
     return host, int(port)
 
 
+ROLE_NAMES = {"party0": "the data owner", "party1": "the model owner"}
+
+
 def _check(peer: dict, mine: dict) -> list[str]:
     problems = []
+    them = ROLE_NAMES.get(peer.get("role"), f"a peer claiming role {peer.get('role')!r}")
+    us = ROLE_NAMES.get(mine.get("role"), mine.get("role"))
     if peer.get("protocol") != mine.get("protocol"):
-        problems.append(f"protocol version {peer.get('protocol')} != ours {mine.get('protocol')}")
+        problems.append(f"{them} speaks protocol {peer.get('protocol')}, {us} {mine.get('protocol')}")
     if peer.get("program") != mine.get("program"):
-        problems.append(f"peer runs program {peer.get('program')}, we run {mine.get('program')} "
+        problems.append(f"{them} runs program {peer.get('program')}, {us} runs {mine.get('program')} "
                         "(compiled from a different model or options)")
     if peer.get("role") == mine.get("role") or peer.get("role") not in ("party0", "party1"):
         problems.append(f"peer role {peer.get('role')!r} does not complement ours {mine.get('role')!r}")
@@ -244,7 +249,7 @@ def client_handshake(chan: TcpChannel, mine: dict) -> dict:
     chan.send_json(mine)
     peer = chan.recv_json()
     if peer.get("error"):
-        raise FsscError(f"the model owner refused: {peer['error']}")
+        raise FsscError(f"handshake refused by the model owner: {peer['error']}")
     problems = _check(peer, mine)
     if problems:
         raise FsscError("handshake refused: " + "; ".join(problems))
