@@ -5,10 +5,13 @@ are used: weights and multipliers at scale f (``wscale``), biases and added
 constants at the scale of the value they join. Then, in program order:
 
 * a linear op with a constant operand (conv, gemm, matmul, mul, batchnorm,
-  affine, avgpool, globalavgpool) adds its weight scale f (+ ``wscale_extra``
-  bits set by fold-public-scaling) to its input's scale; if that would pass
-  ``max_scale`` (2f by default) a ``trunc`` op first brings the input back
-  to f;
+  affine, avgpool, globalavgpool) adds its weight scale ``wscale`` to its
+  input's scale. Public multipliers (pools' 1/k) use f (+ ``wscale_extra``
+  bits set by fold-public-scaling); the model owner's weights use as many
+  fractional bits as fit in ``weight_bits`` (20) signed bits, between f and
+  f + 12, so small weights keep their precision. If an input above scale f
+  would pass ``max_scale`` (2f by default), a ``trunc`` op first brings it
+  back to f;
 * add, sub and concat of two secret values align scales by ``upscale`` (a
   local multiplication by 2^k, exact) of the lower-scale operand;
 * relu on a value above scale f absorbs the truncation: its ``trunc``
@@ -24,6 +27,8 @@ floor division by 2^k (at most one LSB from the secure runtime's carry).
 
 from __future__ import annotations
 
+import numpy as np
+
 from fssc.compiler.ir import Graph, Value
 
 from .base import PassContext
@@ -31,6 +36,39 @@ from .base import PassContext
 NAME = "plan-fixed-point"
 
 LINEAR = {"conv", "gemm", "matmul", "mul", "batchnorm", "affine", "avgpool", "globalavgpool"}
+WEIGHTED = {"conv", "gemm", "matmul", "mul", "batchnorm", "affine"}
+
+
+def _multiplier(op, graph: Graph) -> np.ndarray | None:
+    """The model owner's constant that multiplies the input (None without bytes)."""
+    if op.kind == "batchnorm":
+        gamma, _, _, var = (graph.values[n].data for n in op.inputs[1:5])
+        if gamma is None:
+            return None
+        return gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + op.attrs.get("epsilon", 1e-5))
+    if op.kind in ("conv", "gemm", "affine"):
+        return graph.values[op.inputs[1]].data
+    return next((graph.values[i].data for i in op.inputs if graph.values[i].is_const), None)
+
+
+def weight_scale(op, graph: Graph, ctx: PassContext) -> int:
+    """Fractional bits for a layer's weights: as many as fit in ``weight_bits`` signed bits.
+
+    At least f (+ ``wscale_extra`` from fold-public-scaling), at most
+    f + ``max_weight_extra``. Small weights encoded at f bits alone would lose
+    most of their precision (a weight of 0.01 is 41 units at f = 12).
+    """
+    base = ctx.frac_bits + op.attrs.get("wscale_extra", 0)
+    if op.kind not in WEIGHTED:
+        return base
+    w = _multiplier(op, graph)
+    if w is None or w.size == 0:
+        return base
+    mag = float(np.abs(w.astype(np.float64)).max())
+    if mag == 0.0:
+        return base
+    fit = int(np.floor(np.log2(((1 << (ctx.weight_bits - 1)) - 1) / mag)))
+    return max(base, min(fit, ctx.frac_bits + ctx.max_weight_extra))
 SCALE_PRESERVING = {"maxpool", "clip", "pad", "flatten", "reshape", "sumpool", "globalsumpool"}
 ALIGNING = {"add", "sub", "concat"}
 
@@ -60,11 +98,12 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         k = op.kind
         if k in LINEAR:
             x = secret[0]
-            if scale[x] + f + op.attrs.get("wscale_extra", 0) > smax and scale[x] > f:
+            ws = weight_scale(op, graph, ctx)
+            if scale[x] + ws > smax and scale[x] > f:
                 x_new = rescale(x, f, op)
                 op.inputs = [x_new if i == x else i for i in op.inputs]
                 x = x_new
-            op.attrs["wscale"] = ws = f + op.attrs.get("wscale_extra", 0)
+            op.attrs["wscale"] = ws
             out_scale = scale[x] + ws
         elif k in ALIGNING:
             target = max(scale[i] for i in secret)

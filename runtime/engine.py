@@ -71,7 +71,7 @@ def linear_spec(op: Op, graph: Graph) -> LinearSpec:
         shp = graph.values[w].shape
         if left_const:
             return LinearSpec(lambda x, w_: np.matmul(w_, x), shp[-1], w, None)
-        return LinearSpec(lambda x, w_: np.matmul(x, w_), shp[0] if len(shp) > 1 else shp[0], w, None)
+        return LinearSpec(lambda x, w_: np.matmul(x, w_), shp[-2] if len(shp) > 1 else shp[0], w, None)
     if op.kind == "mul":
         w = consts[0]
         return LinearSpec(lambda x, w_: x * w_, 1, w, None)
@@ -289,12 +289,21 @@ def _argmax_classes(op: Op, graph: Graph) -> tuple[int, int]:
     return ax, x.shape[ax]
 
 
+def _argmax2_input(op: Op, x: np.ndarray) -> np.ndarray:
+    """The DReLU input of a 2-class argmax (x is [rows, 2]; masks or masked values).
+
+    argmax = 1 iff l1 > l0, i.e. 1 - DReLU(l0 - l1); with select_last_index a
+    tie picks class 1: argmax = 1 iff l1 >= l0 = DReLU(l1 - l0).
+    """
+    return x[:, 1] - x[:, 0] if op.attrs.get("select_last_index", 0) else x[:, 0] - x[:, 1]
+
+
 def _argmax_deal(op, graph, D: Dealer, rx, trace):
     ax, c = _argmax_classes(op, graph)
     m = op.gate["bits"]
     x = np.moveaxis(rx, ax, -1).reshape(-1, c)
     if c == 2:
-        D.drelu_to_p0(_tag(op), x[:, 0] - x[:, 1], m)
+        D.drelu_to_p0(_tag(op), _argmax2_input(op, x), m)
         return
     raise FsscError(f"secure runtime: argmax over {c} classes is not supported yet (2 classes are)")
 
@@ -304,10 +313,10 @@ def _argmax_party(op, graph, P: Party, xhat):
     m = op.gate["bits"]
     x = np.moveaxis(xhat, ax, -1).reshape(-1, c)
     if c == 2:
-        d = P.drelu_to_p0(_tag(op), x[:, 0] - x[:, 1], m)
+        d = P.drelu_to_p0(_tag(op), _argmax2_input(op, x), m)
         if d is None:
             return None
-        lab = 1 - d  # argmax = 1 iff l1 > l0
+        lab = d if op.attrs.get("select_last_index", 0) else 1 - d
         shape = list(graph.values[op.inputs[0]].shape)
         shape.pop(ax)
         lab = lab.reshape(shape)

@@ -51,7 +51,13 @@ def split_u(u: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compare_input(zhat: np.ndarray, s: int, m: int) -> np.ndarray:
-    """u = (z^ >> s) mod 2^m (logical shift of the ring element)."""
+    """u = (z^ >> s) mod 2^m (logical shift of the ring element).
+
+    Needs 2 <= m and m + s <= 64: with fewer than m bits above the shift, the
+    wrap of z^ + r past 2^64 would no longer vanish mod 2^m.
+    """
+    if m < 2 or m + s > 64:
+        raise ValueError(f"comparison on {m} bits after a shift by {s}: need 2 <= m and m + s <= 64")
     return (zhat >> U64(s)) & _mask(m) if s else zhat & _mask(m)
 
 
@@ -122,9 +128,9 @@ class Dealer:
         return outs
 
     def max(self, tag: str, ra: np.ndarray, rb: np.ndarray, m: int, s: int = 0) -> np.ndarray:
-        """Mask of max(a, b) = b + d (a - b)."""
-        (w,) = self.select(tag, [ra - rb], m, s)
-        return rb + w
+        """Mask of max(a, b) = b + d (a - b) (any shape; a and b alike)."""
+        (w,) = self.select(tag, [(ra - rb).reshape(-1)], m, s)
+        return rb + w.reshape(rb.shape)
 
     def drelu_to_p0(self, tag: str, r_z: np.ndarray, m: int) -> None:
         """DReLU(z) revealed to P0 only (the 2-class label)."""
@@ -147,7 +153,8 @@ class Dealer:
         rx0 = expand(s_rx, r_x.shape)
         r_y = self.fresh(y_shape)
         c0 = expand(s_c, y_shape)
-        cross = ring_bilinear(fn, rx0, a_mask, k, 64, 64) if a_mask is not None else rx0.reshape(y_shape)
+        # A * [r_x]_0; the identity map (add of a constant) has W^ = W = I, so A = 0
+        cross = ring_bilinear(fn, rx0, a_mask, k, 64, 64) if a_mask is not None else U64(0)
         self.w[1].put(tag + ".rx1", r_x - rx0)
         self.w[1].put(tag + ".c1", cross + r_y - c0)
         return r_y
@@ -247,8 +254,8 @@ class Party:
         return list(opened)
 
     def max(self, tag: str, ahat: np.ndarray, bhat: np.ndarray, m: int, s: int = 0) -> np.ndarray:
-        (w,) = self.select(tag, [ahat - bhat], m, s)
-        return bhat + w
+        (w,) = self.select(tag, [(ahat - bhat).reshape(-1)], m, s)
+        return bhat + w.reshape(bhat.shape)
 
     def drelu_to_p0(self, tag: str, zhat: np.ndarray, m: int) -> np.ndarray | None:
         """DReLU(z) as 0/1 for P0; P1 sends its share and learns nothing."""

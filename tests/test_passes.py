@@ -649,19 +649,28 @@ def test_plan_fixed_point_scales(f):
     v = g.values
     assert g.meta["frac_bits"] == f
     assert v["x"].scale == f and v["r0"].scale == f
-    assert v["c1"].scale == 2 * f
+    conv1, conv2 = [op for op in g.ops if op.kind == "conv"]
+    # weights get as many fractional bits as fit in weight_bits signed bits (at least f, at most f + 12)
+    for conv in (conv1, conv2):
+        w = g.values[conv.inputs[1]].data
+        ws = conv.attrs["wscale"]
+        assert f <= ws <= f + 12
+        assert np.abs(np.rint(w * 2.0 ** ws)).max() < 2 ** 19 or ws == f
+        assert ws == f + 12 or np.abs(np.rint(w * 2.0 ** (ws + 1))).max() >= 2 ** 19 - 1
+    assert v["c1"].scale == f + conv1.attrs["wscale"]
     # conv -> conv: the second conv's input is truncated back to f first
-    conv2 = [op for op in g.ops if op.kind == "conv"][1]
     tr = next(op for op in g.ops if op.outputs == conv2.inputs[:1])
-    assert tr.kind == "trunc" and tr.attrs["shift"] == f and tr.created_by == plan_fixed_point.NAME
-    assert v["c2"].scale == 2 * f and conv2.attrs["wscale"] == f
+    assert tr.kind == "trunc" and tr.attrs["shift"] == conv1.attrs["wscale"]
+    assert tr.created_by == plan_fixed_point.NAME
+    s2 = f + conv2.attrs["wscale"]
+    assert v["c2"].scale == s2
     # residual add: the lower-scale operand is upscaled (exact), not the other truncated
     add = op_of(g, "add")
     up = next(op for op in g.ops if op.outputs[0] in add.inputs and op.kind == "upscale")
-    assert up.inputs == ["r0"] and up.attrs["shift"] == f and v["a"].scale == 2 * f
+    assert up.inputs == ["r0"] and up.attrs["shift"] == s2 - f and v["a"].scale == s2
     # the final relu absorbs the truncation
     relu = g.ops[-1]
-    assert relu.attrs["trunc"] == f and v["y"].scale == f
+    assert relu.attrs["trunc"] == s2 - f and v["y"].scale == f
     # the first relu sees scale f: nothing to absorb
     assert "trunc" not in g.ops[0].attrs
 
@@ -680,10 +689,13 @@ def test_plan_fixed_point_every_value_has_a_scale_and_fixed_point_is_close():
 def test_plan_fixed_point_pool_argmax_and_public_scaling():
     g = planned(tiny_resnet())
     pools = [op for op in g.ops if op.kind == "maxpool"]
-    # after the reorder, the pool sees the conv's 2f output and compares truncated differences
-    assert pools and all(op.attrs["cmp_trunc"] == F for op in pools)
+    # after the reorder, the pool sees the conv's output (scale f + wscale) and compares differences
+    # truncated back to scale f
+    stem = g.producer()[pools[0].inputs[0]]
+    assert stem.kind == "conv"
+    assert pools and all(op.attrs["cmp_trunc"] == stem.attrs["wscale"] for op in pools)
     gemm = op_of(g, "gemm")
-    assert gemm.attrs["wscale"] == F + gemm.attrs["wscale_extra"]
+    assert F + gemm.attrs["wscale_extra"] <= gemm.attrs["wscale"] <= F + 12
     am = make_model([oh.make_node("Relu", ["x"], ["r"]), oh.make_node("ArgMax", ["r"], ["y"], axis=1)], (2, 5))
     ga = planned(am)
     assert ga.values[ga.outputs[0]].scale == 0
@@ -727,8 +739,9 @@ def test_range_analysis_relu_with_fused_truncation_measures_after_the_shift():
                        {"W": np.eye(2) * 4.0})
     g, _ = marked(model, [np.array([[1.0, -0.5]], dtype=np.float32)])
     relu = op_of(g, "relu")
-    assert relu.gate["trunc"] == F
-    assert relu.gate["bits"] == gates.bits_for(4 << F) + 2  # 4.0 at scale f after dropping f bits
+    mm = op_of(g, "gemm")  # canonicalize turned the MatMul into a Gemm
+    assert relu.gate["trunc"] == mm.attrs["wscale"]  # the product is at scale f + wscale; the gate drops wscale
+    assert relu.gate["bits"] == gates.bits_for(4 << F) + 2  # 4.0 at scale f after the shift
 
 
 def test_range_analysis_default_calibration_for_image_and_flat_inputs():

@@ -1,0 +1,184 @@
+"""The in-process two-party simulator on the whole compiled ResNet-18 (issue 4, point 6).
+
+ResNet-18 (2 classes, random BN-calibrated weights) exported at 32x32, batch 2,
+with a final ArgMax appended (outputs: logits and label), imported and
+compiled by the real pipeline. The dealer and P0 get the weightless graph;
+P1 the full one. The run must
+
+* equal the fixed-point interpreter bit for bit when the interpreter is given
+  the dealer's comparison masks (same truncation carries): raw ring values;
+* stay close to the interpreter with exact floor truncation: every gate errs
+  by at most one carry (1 LSB at its output scale) on the same input, and the
+  propagated difference at the logits stays small;
+* agree with onnxruntime's argmax (label output and argmax of the logits);
+* cost what the compiler's cost report says (rounds, bytes sent, key bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from tiny_models import tiny_cnn, with_argmax
+
+from fssc.compiler.compile import compile_graph
+from fssc.compiler.gates import gate_tag
+from fssc.compiler.interp import run_fixed
+from fssc.compiler.onnx_import import import_onnx
+from fssc.compiler.ops import _windows
+from fssc.models.export import export_model, synthetic_images
+from fssc.runtime import engine, ring
+from fssc.runtime.keys import KeyReader
+from fssc.runtime.simulate import deal_in_memory, run_parties
+
+BATCH, SIZE = 2, 32
+
+
+def simulate_graph(graph, x):
+    """Deal on the weightless graph, run P0 (weightless graph + W^) and P1 (weights)."""
+    setup = os.urandom(16)
+    g0 = engine.strip_weights(graph)
+    trace = engine.DealTrace()
+    t0 = time.perf_counter()
+    _, k0, k1 = deal_in_memory(lambda D: engine.deal(g0, D, setup, trace))
+    t1 = time.perf_counter()
+    w_hat = engine.masked_weights(graph, setup)
+    x_ring = ring.encode(x, graph.values[graph.inputs[0]].scale)
+    out0, out1, c0, c1 = run_parties(
+        lambda P: engine.run_party(g0, P, x_ring, w_hat, engine.precompute_p0(g0, P, w_hat)),
+        lambda P: engine.run_party(graph, P), k0, k1)
+    t2 = time.perf_counter()
+    assert out1 is None, "P1 learns no result"
+    return dict(out=out0, trace=trace, k0=k0, k1=k1, c0=c0, c1=c1, g0=g0, deal_s=t1 - t0, online_s=t2 - t1)
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("resnet") / "resnet18.onnx")
+    export_model("resnet18", path, num_classes=2, image_size=SIZE, batch=BATCH)
+    proto = with_argmax(onnx.load(path), BATCH)
+    res = compile_graph(import_onnx(proto, "resnet18"), echo=lambda s: None)
+    x = synthetic_images(BATCH, SIZE, seed=5).numpy()
+    ref = ort.InferenceSession(path).run(None, {"input": x})[0]
+    sim = simulate_graph(res.graph, x)
+    print(f"\nresnet18 {SIZE}x{SIZE} batch {BATCH}: deal {sim['deal_s']:.2f} s, online {sim['online_s']:.2f} s, "
+          f"keys {len(sim['k0']) / 1e6:.1f} + {len(sim['k1']) / 1e6:.1f} MB, "
+          f"sent {sim['c0'].bytes_sent / 1e6:.2f} + {sim['c1'].bytes_sent / 1e6:.2f} MB, {sim['c0'].rounds} exchanges")
+    return dict(res=res, graph=res.graph, x=x, ref=ref, **sim)
+
+
+def test_resnet_compiled_graph_is_the_real_thing(resnet):
+    kinds = [op.kind for op in resnet["graph"].ops]
+    assert kinds.count("conv") == 20 and kinds.count("relu") == 17 and kinds.count("maxpool") == 2
+    assert kinds[-1] == "argmax" and resnet["graph"].outputs == ["logits", "label"]
+    assert all(op.attrs.get("trunc") for op in resnet["graph"].ops if op.kind == "relu"), "truncation is fused"
+
+
+def test_resnet_matches_fixed_point_interpreter_exactly(resnet):
+    g = resnet["graph"]
+    want = run_fixed(g, resnet["x"], raw=True, compare_masks=resnet["trace"].compare_masks)
+    logits, label = resnet["out"]
+    assert logits.dtype == np.uint64 and (logits == want[0]).all(), "raw ring values must be equal"
+    assert (label == want[1]).all()
+
+
+def test_resnet_close_to_exact_floor_truncation(resnet):
+    """Each gate errs by at most one carry on its own input; end to end the logits move by a few LSBs."""
+    g, cm = resnet["graph"], resnet["trace"].compare_masks
+    checked = {"relu": 0, "maxpool": 0}
+
+    def observe(op, ins, out):
+        if op.kind == "relu":
+            s = op.attrs.get("trunc", 0)
+            floor = np.maximum(ring.signed(ring.trunc(ins[0], s)), 0)
+            err = ring.signed(out) - floor
+            assert ((err == 0) | (err == 1)).all(), f"relu {op.name}: error beyond one carry"
+            checked["relu"] += 1
+        elif op.kind == "maxpool":  # a window element within depth * 2^cmp_trunc of the window max
+            w, valid, _, nd = _windows(ring.signed(ins[0]), op.attrs, np.iinfo(np.int64).min)
+            w = np.where(valid, w, np.iinfo(np.int64).min)
+            exact = w.max(axis=tuple(range(-nd, 0)))
+            depth = int(np.ceil(np.log2(np.prod(op.attrs["kernel_shape"]))))
+            err = exact - ring.signed(out)
+            assert (err >= 0).all() and (err < depth << op.attrs.get("cmp_trunc", 0)).all()
+            assert (w == ring.signed(out)[..., None, None]).any(axis=(-2, -1)).all(), "max picks a window element"
+            checked["maxpool"] += 1
+        if op.kind == "relu":
+            assert gate_tag(op) in cm
+
+    run_fixed(g, resnet["x"], raw=True, compare_masks=cm, observe=observe)
+    assert checked == {"relu": 17, "maxpool": 2}
+    plain = run_fixed(g, resnet["x"], raw=True)[0]
+    s_out = g.values["logits"].scale
+    lsb12 = 1 << (s_out - 12)  # one LSB of the scale-12 activations, at the logits' scale
+    diff = np.abs(ring.signed(resnet["out"][0] - plain)) / lsb12
+    print(f"\nlogits vs exact-floor interpreter: max {diff.max():.1f} LSB (2^-12)")
+    assert diff.max() <= 32, "carry errors grew beyond a few dozen LSBs"
+
+
+def test_resnet_matches_onnxruntime_argmax(resnet):
+    logits, label = resnet["out"]
+    ref = resnet["ref"]
+    y = ring.decode(logits, resnet["graph"].values["logits"].scale)
+    assert (label == ref.argmax(1)).all()
+    assert (y.argmax(1) == ref.argmax(1)).all()
+    assert np.abs(y - ref).max() < 0.05, "fixed point at 12 fractional bits tracks float"
+    assert len(set(ref.argmax(1).tolist())) == 2, "the batch exercises both labels"
+
+
+def test_resnet_costs_match_the_cost_report(resnet):
+    rep, c0, c1 = resnet["res"].report, resnet["c0"], resnet["c1"]
+    # steps: P0's masked input (one way), the gate / linear exchanges, P1's label share (one way)
+    assert c0.rounds == c1.rounds and c0.rounds + 2 == rep.rounds
+    assert c0.messages_sent == c1.messages_sent == c0.rounds + 1
+    # payload bytes as reported; the channel adds a few framing bytes (dtype, rank, shape) per message
+    for sent, model in ((c0.bytes_sent, rep.total("sent_p0") + rep.input_bytes), (c1.bytes_sent, rep.total("sent_p1"))):
+        assert 0 <= sent - int(model) <= 32 * c0.messages_sent
+    for party, kb, model in ((0, resnet["k0"], rep.total("key_p0")), (1, resnet["k1"], rep.total("key_p1"))):
+        r = KeyReader(kb, party=party)
+        nrec = 0
+        while not r.skip_to_end():
+            r._next()
+            nrec += 1
+        assert 0 <= len(kb) - int(model) <= 48 * nrec + 1024, f"P{party} key bytes"
+
+
+def test_p0_graph_holds_no_weight_bytes(resnet):
+    g, g0 = resnet["graph"], resnet["g0"]
+    consts = [n for n, v in g.values.items() if v.is_const]
+    assert consts and all(g0.values[n].data is None and g0.values[n].stripped for n in consts)
+    assert all(g.values[n].data is not None for n in consts), "stripping works on a copy"
+    blob = pickle.dumps(g0)
+    total = sum(g.values[n].data.nbytes for n in consts)
+    assert len(blob) < 200_000 < total
+    for n in consts:  # not even a fragment of any weight tensor
+        raw = np.ascontiguousarray(g.values[n].data).tobytes()
+        for off in range(0, len(raw) - 32, max(32, len(raw) // 8)):
+            assert raw[off:off + 32] not in blob, f"bytes of {n} in P0's graph"
+    # nor do P0's keys (seeds, masks, DCF keys) hold P1's encoded weights
+    for op in engine.weighted_ops(g):
+        w_enc = engine.encode_weights(op, g)[0]
+        if w_enc is not None and w_enc.size >= 4:
+            assert w_enc[:4].tobytes() not in resnet["k0"], f"weights of {op.name} in P0's keys"
+
+
+def test_tiny_cnn_labels_and_logits():
+    """A small CNN with grouped/dilated conv, folded BN and a residual add, several inputs."""
+    graph, proto, _ = tiny_cnn(batch=4, size=12, seed=3)
+    sess = ort.InferenceSession(proto.SerializeToString())
+    gen = np.random.default_rng(0)
+    for _ in range(2):
+        x = gen.standard_normal((4, 3, 12, 12)).astype(np.float32)
+        sim = simulate_graph(graph, x)
+        want = run_fixed(graph, x, raw=True, compare_masks=sim["trace"].compare_masks)
+        assert all((a == b).all() for a, b in zip(sim["out"], want))
+        ref_logits, ref_label = sess.run(None, {"input": x})
+        y = ring.decode(sim["out"][0], graph.values["logits"].scale)
+        margin = np.abs(ref_logits[:, 1] - ref_logits[:, 0]) > 0.02
+        assert (sim["out"][1][margin] == ref_label[margin]).all()
+        assert np.abs(y - ref_logits).max() < 0.02
