@@ -29,7 +29,8 @@ ROLES = {
 
 
 def _lit(v) -> str:
-    return json.dumps(v) if not isinstance(v, bytes) else repr(v)
+    """A Python literal for a public parameter (ints, lists, None)."""
+    return repr(v)
 
 
 def _kw(params: dict, keys) -> str:
@@ -73,14 +74,14 @@ def render_stmt(st: Stmt, role: str) -> list[str]:
     elif st.kind == "clip":
         line = f'{st.out} = lib.clip({ctx}, "{st.tag}", {a[0]}, lo={p["lo"]}, hi={p["hi"]}, m={p["m"]})'
     elif st.kind == "argmax2":
-        line = f'{st.out} = lib.argmax2({ctx}, "{st.tag}", {a[0]}, {_kw(p, ("axis", "keepdims", "m"))})'
+        line = f'{st.out} = lib.argmax2({ctx}, "{st.tag}", {a[0]}, {_kw(p, ("axis", "keepdims", "select_last", "m"))})'
     elif st.kind == "local":
         kw = {k: v for k, v in p.items() if k != "fn"}
         args = ", ".join(a + [f"{k}={_lit(v)}" for k, v in kw.items()])
         line = f'{st.out} = lib.{p["fn"]}({args})'
     elif st.kind == "output":
         lhs = f'out["{p["name"]}"] = ' if role == "party0" else ""
-        line = f'{lhs}lib.output({ctx}, "{st.tag}", {a[0]}, scale={p["scale"]})'
+        line = f'{lhs}lib.output({ctx}, "{st.tag}", {a[0]})'
     else:  # pragma: no cover
         raise ValueError(st.kind)
     return [f"# {st.comment}", line]
@@ -104,7 +105,7 @@ def _functions(prog: SecureProgram, role: str) -> list[dict]:
         return [{"signature": "offline(P, WH)", "doc": "P0's halves z_0 of every linear layer, before the input "
                  "exists (keys and W^ suffice).", "body": off},
                 {"signature": "online(P, x, Z0)", "doc": "The inference: x is the encoded input batch; returns "
-                 "the decoded outputs.", "body": body}]
+                 "the outputs (ring elements at the manifest's scale, or labels).", "body": body}]
     if role == "party1":
         return [{"signature": "online(P, W)", "doc": "The inference on P1's side: W holds the encoded weights. "
                  "Learns nothing.", "body": body}]

@@ -76,6 +76,11 @@ class SecureProgram:
         return hashlib.sha256(blob).hexdigest()[:32]
 
 
+def is_weighted(op: Op, graph: Graph) -> bool:
+    """Ops computed with the model owner's constants (the linear-layer protocol)."""
+    return _is_weighted(op, graph)
+
+
 def _is_weighted(op: Op, graph: Graph) -> bool:
     if op.kind in WEIGHTED:
         return True
@@ -106,12 +111,20 @@ def _bilinear(op: Op, graph: Graph, x_name: str) -> tuple[str, dict, int, str | 
     if op.kind == "matmul":
         if graph.values[ins[0]].is_const:
             return "matmul_left", {}, graph.values[ins[0]].shape[-1], ins[0], None
-        return "matmul", {}, graph.values[ins[1]].shape[0], ins[1], None
+        shp = graph.values[ins[1]].shape  # [.., K, N] or [K]: the reduction runs over K
+        return "matmul", {}, shp[-2] if len(shp) > 1 else shp[0], ins[1], None
     if op.kind == "mul":
         return "elementwise", {}, 1, next(i for i in ins if graph.values[i].is_const), None
     if op.kind == "affine":
         return "channelwise", {"ndim": len(graph.values[x_name].shape)}, 1, ins[1], ins[2]
     return "identity", {}, 1, None, None  # add/sub of a constant
+
+
+def encode_linear(op: Op, graph: Graph) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """P1's ring encodings of a weighted op: W at ``wscale`` and the bias at the output scale."""
+    secret = [i for i in op.inputs if not graph.values[i].is_const]
+    _, _, _, w_name, b_name = _bilinear(op, graph, secret[0])
+    return _encode_linear(op, graph, secret[0], w_name, b_name)
 
 
 def _encode_linear(op: Op, graph: Graph, x_name: str, w_name, b_name) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -210,7 +223,8 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
                 raise FsscError(f"argmax %{op.name}: the secure runtime supports a final 2-class argmax "
                                 f"(got {x.shape[ax]} classes)")
             stmts.append(Stmt("argmax2", new_var(op.outputs[0]), args,
-                              {"axis": ax, "keepdims": op.attrs.get("keepdims", 1), "m": g["bits"]}, tag, comment))
+                              {"axis": ax, "keepdims": op.attrs.get("keepdims", 1),
+                               "select_last": op.attrs.get("select_last_index", 0), "m": g["bits"]}, tag, comment))
         elif k in LOCAL:
             if k in ("add", "sub", "concat"):
                 params = {"axis": op.attrs["axis"]} if k == "concat" else {}

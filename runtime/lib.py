@@ -59,13 +59,12 @@ def input(ctx, tag: str, shape, x: np.ndarray | None = None) -> np.ndarray:  # n
     return ctx.input(tag, x, tuple(shape))
 
 
-def output(ctx, tag: str, v: np.ndarray, scale: int):
-    """P0: the decoded result; P1: None; D: hands P0 the output mask."""
+def output(ctx, tag: str, v: np.ndarray):
+    """P0: the unmasked result (ring elements); P1: None; D: hands P0 the output mask."""
     if isinstance(ctx, Dealer):
         ctx.output(tag, v)
         return None
-    y = ctx.output(tag, v)
-    return None if y is None else ring.decode(y, scale)
+    return ctx.output(tag, v)
 
 
 # ------------------------------------------------------------ linear layers
@@ -118,18 +117,20 @@ def clip(ctx, tag: str, x, lo: int | None, hi: int | None, m: int):
     return out.reshape(shape)
 
 
-def argmax2(ctx, tag: str, x, axis: int, keepdims: int, m: int):
-    """Label of a 2-class argmax, revealed to P0 only: 1 iff x1 > x0 (ties pick 0)."""
+def argmax2(ctx, tag: str, x, axis: int, keepdims: int, select_last: int, m: int):
+    """Label of a 2-class argmax, revealed to P0 only.
+
+    argmax = 1 iff x1 > x0, i.e. 1 - DReLU(x0 - x1) (ties pick class 0); with
+    ``select_last`` a tie picks class 1: argmax = DReLU(x1 - x0).
+    """
     moved = np.moveaxis(x, axis, -1)
     rest = moved.shape[:-1]
     flat = moved.reshape(-1, 2)
-    if isinstance(ctx, Dealer):
-        ctx.drelu_to_p0(tag, flat[:, 0] - flat[:, 1], m)
+    z = flat[:, 1] - flat[:, 0] if select_last else flat[:, 0] - flat[:, 1]
+    d = ctx.drelu_to_p0(tag, z, m)
+    if d is None:  # the dealer, and P1: no result
         return None
-    d = ctx.drelu_to_p0(tag, flat[:, 0] - flat[:, 1], m)
-    if d is None:
-        return None
-    lab = (1 - d).reshape(rest)
+    lab = (d if select_last else 1 - d).reshape(rest)
     return np.expand_dims(lab, axis) if keepdims else lab
 
 

@@ -168,7 +168,7 @@ def main_party0(mod, argv) -> int:
                 if o["kind"] == "labels":
                     rec["label"] = int(np.asarray(v).reshape(shape[0], -1)[i, 0])
                 else:
-                    logits = np.asarray(v).reshape(shape[0], -1)[i]
+                    logits = ring.decode(np.asarray(v), o["scale"]).reshape(shape[0], -1)[i]
                     rec["logits"] = [float(z) for z in logits]
                     rec.setdefault("label", int(np.argmax(logits)))
             results.append(rec)

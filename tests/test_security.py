@@ -294,7 +294,7 @@ RUNTIME = Path(engine.__file__).parent
 
 # every runtime module on the dealer's and the parties' paths; images.py (public synthetic
 # calibration images, not key material) is the only runtime module left out
-PROTOCOL_MODULES = ["ring", "prg", "dcf", "keys", "channel", "protocol", "pooling", "engine", "simulate"]
+PROTOCOL_MODULES = ["ring", "prg", "dcf", "keys", "channel", "protocol", "pooling", "lib", "engine", "simulate", "session", "transport"]
 
 
 def test_runtime_sources_do_not_import_random():
