@@ -117,6 +117,27 @@ def check_header(path: str, program: str, party: int, batch: int | None = None) 
         raise FsscError(f"{path}: keys of batch {h.get('batch')} filed as batch {batch}")
 
 
+def h_digest(fh, mv: memoryview, end: int) -> bytes:
+    """SHA-256 of the first ``end`` bytes: read through the file (not the mapping),
+    so checking a 1.5 GB key file does not make it resident in this process."""
+    h = hashlib.sha256()
+    if fh is None:
+        for i in range(0, end, 1 << 24):
+            h.update(mv[i:min(end, i + (1 << 24))])
+        return h.digest()
+    buf = bytearray(1 << 22)
+    view = memoryview(buf)
+    fh.seek(0)
+    left = end
+    while left:
+        n = fh.readinto(view[:min(len(buf), left)])
+        if not n:
+            raise FsscError(f"{fh.name}: truncated key file")
+        h.update(view[:n])
+        left -= n
+    return h.digest()
+
+
 class KeyReader:
     """Checks a stream and hands out its records in order (zero-copy views)."""
 
@@ -152,17 +173,32 @@ class KeyReader:
         end = len(mv) - len(TRAILER) - 32
         if end < 0 or bytes(mv[end:end + len(TRAILER)]) != TRAILER:
             raise FsscError(f"{self.name}: truncated key file (no trailer)")
-        h = hashlib.sha256()
-        for i in range(0, end, 1 << 24):
-            h.update(mv[i:min(end, i + (1 << 24))])
-        if h.digest() != bytes(mv[end + len(TRAILER):]):
+        if h_digest(self._fh, mv, end) != bytes(mv[end + len(TRAILER):]):
             raise FsscError(f"{self.name}: checksum mismatch (corrupt or tampered key file)")
         self._mv = mv
         self._end = end
         self.pos = 12 + hlen + _pad8(hlen + 12)
+        self._dropped = 0  # bytes before this offset were handed back to the kernel
+        self._prev = self.pos  # start of the previous record
+
+    def _release(self, upto: int) -> None:
+        """Let the kernel drop mapped pages of records read two steps ago.
+
+        Pages of a file mapping are reloaded from the file if touched again, so
+        this is safe even if an old view is still in use; it keeps a party's
+        resident memory at a few records instead of the whole key file.
+        """
+        if not isinstance(self.buf, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        upto -= upto % mmap.PAGESIZE
+        if upto - self._dropped >= 1 << 24:
+            self.buf.madvise(mmap.MADV_DONTNEED, self._dropped, upto - self._dropped)
+            self._dropped = upto
 
     def _next(self) -> tuple[str, np.ndarray]:
         mv = self._mv
+        self._release(self._prev)
+        self._prev = self.pos
         if self.pos >= self._end:
             raise FsscError(f"{self.name}: key stream exhausted (program and keys out of step)")
         (tl,) = struct.unpack_from("<H", mv, self.pos)
