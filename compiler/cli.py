@@ -73,6 +73,17 @@ def compile_cmd(model, out, frac_bits, calibrate, dump_ir, print_ir_after_all, p
 
 
 @cli.command()
+@click.argument("prog", type=click.Path(exists=True))
+@click.option("--port", type=int, default=0, show_default=True, help="Port on 127.0.0.1 (0: any free port).")
+@click.option("--open", "open_browser", is_flag=True, help="Also open the page in a browser, if there is one.")
+def view(prog, port, open_browser):
+    """Serve PROG's IR dump viewer (prog/ir/index.html, from --dump-ir) on localhost until Ctrl-C."""
+    from .serve import serve_viewer
+
+    serve_viewer(prog, port, open_browser, echo=lambda s: click.echo(s) or sys.stdout.flush())
+
+
+@cli.command()
 @click.argument("prog", type=click.Path(file_okay=False, exists=True))
 @click.option("--batches", type=int, default=1, show_default=True, help="Key batches to make (one per inference).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
@@ -134,6 +145,23 @@ def bench_dcf(n_keys):
     from fssc.benchmarks import bench_dcf as mod
 
     mod.run(n_keys=n_keys)
+
+
+@bench.command("resnet")
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--batch", type=int, default=2, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), default="bench-out", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+def bench_resnet(image_size, batch, workdir, json_path):
+    """ResNet-18 end to end over TCP loopback: online/offline/dealer time, keys, traffic, rounds, memory."""
+    import json
+
+    from fssc.benchmarks import bench_resnet as mod
+
+    fig = mod.run(image_size, batch, workdir)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(fig, fh, indent=1)
 
 
 def main(argv=None):

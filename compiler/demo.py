@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -43,21 +41,14 @@ def _write_images(folder: str, n: int, size: int) -> list[str]:
     return paths
 
 
-def _run(cmd: list[str], con: Console, what: str) -> subprocess.CompletedProcess:
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        con.print(f"[bold red]{what} failed[/] (exit {res.returncode}):\n{res.stdout}{res.stderr}")
-        raise SystemExit(1)
-    return res
-
-
 def run_demo(workdir: str, image_size: int = 224, batch: int = 2, num_classes: int = 2,
-             weights: str | None = None, frac_bits: int = 12, port: int = 0) -> bool:
+             weights: str | None = None, frac_bits: int = 12) -> bool:
     import onnxruntime as ort
 
     from fssc.models.export import export_model
     from fssc.runtime.certs import make_certs
     from fssc.runtime.images import Preprocess, load_inputs
+    from fssc.runtime.loopback import run_loopback
     from fssc.runtime.session import deal_batches
 
     from .compile import compile_model
@@ -96,37 +87,16 @@ def run_demo(workdir: str, image_size: int = 224, batch: int = 2, num_classes: i
 
     images = os.path.join(fssc_dir, "images")
     _write_images(images, batch, image_size)
-    ready = os.path.join(fssc_dir, "party1.port")
-    if os.path.exists(ready):
-        os.remove(ready)
-    py = sys.executable
     out_json = os.path.join(fssc_dir, "results.json")
-    p1 = subprocess.Popen([py, os.path.join(prog, "party1", "program.py"), "--keys", os.path.join(keys, "p1"),
-                           "--listen", f"127.0.0.1:{port}", "--certs", certs, "--ready-file", ready, "--timeout", "600"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while not os.path.exists(ready):
-            if p1.poll() is not None or time.time() > deadline:
-                con.print(f"[bold red]the model owner did not start[/]:\n{p1.stdout.read()}")
-                return False
-            time.sleep(0.05)
-        with open(ready) as fh:
-            p1_port = int(fh.read())
-        t = time.perf_counter()
-        r0 = _run([py, os.path.join(prog, "party0", "program.py"), "--keys", os.path.join(keys, "p0"), "--peer",
-                   f"127.0.0.1:{p1_port}", "--certs", certs, "--images", images, "--out", out_json], con,
-                  "the data owner")
-        times["two-party run"] = time.perf_counter() - t
-        p1_out = p1.communicate(timeout=120)[0]
-        if p1.returncode != 0:
-            con.print(f"[bold red]the model owner failed[/]:\n{p1_out}")
-            return False
-    finally:
-        if p1.poll() is None:
-            p1.kill()
+    run = run_loopback(prog, keys, certs, ["--images", images, "--out", out_json])
+    times["two-party run"] = run.seconds
+    if run.p0_rc != 0 or run.p1_rc != 0:
+        con.print(f"[bold red]the two-party run failed[/] (data owner exit {run.p0_rc}, model owner exit {run.p1_rc}):")
+        con.print(run.p0_out + run.p0_err + run.p1_out, markup=False, highlight=False)
+        return False
+    r0, p1_out = run.p0_out, run.p1_out
     con.print("4. run      data owner's output:")
-    for line in r0.stdout.strip().splitlines():
+    for line in r0.strip().splitlines():
         con.print(f"           {line}", markup=False, highlight=False)
     con.print(f"           model owner's output: {p1_out.strip().splitlines()[-1]}", markup=False, highlight=False)
 
@@ -153,6 +123,7 @@ def run_demo(workdir: str, image_size: int = 224, batch: int = 2, num_classes: i
               f"two-party run {times['two-party run']:.1f} s (P1's weights to P0 {tm.get('setup', 0):.1f} s, "
               f"P0 offline {tm.get('offline', 0):.1f} s, online {tm.get('online', 0):.1f} s); "
               f"onnxruntime {times['onnxruntime (plaintext)'] * 1e3:.0f} ms")
+    con.print(f"memory: peak RSS data owner {run.p0_max_rss_mb:,.0f} MB, model owner {run.p1_max_rss_mb:,.0f} MB")
     con.print(f"traffic: data owner sent {st['bytes_sent'] / 1e6:,.1f} MB, received {st['bytes_received'] / 1e6:,.1f} MB "
               f"(incl. the model owner's masked weights, {res.report.setup_bytes / 1e6:,.1f} MB, sent once per session); "
               f"{st['rounds']} rounds")

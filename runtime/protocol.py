@@ -213,6 +213,7 @@ class Party:
     # -- input / output ---------------------------------------------------
     def input(self, tag: str, x: np.ndarray | None, shape) -> np.ndarray:
         """P0 masks and sends its input; both then hold x^ = x + r_in."""
+        self.chan.rounds += 1  # one message, P0 -> P1
         if self.b == 0:
             xhat = np.asarray(x, dtype=U64).reshape(shape) + self.keys.get(tag + ".rin")
             self.chan.send(xhat)
@@ -263,6 +264,7 @@ class Party:
         dshare = self._dcf_share(tag, u, m)
         _, bits = self._shares(tag, 0, u.size, True)
         e = dshare ^ bits
+        self.chan.rounds += 1  # one message, P1 -> P0
         if self.b == 1:
             self.chan.send(np.packbits(e, bitorder="little"))
             return None

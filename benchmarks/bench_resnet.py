@@ -1,0 +1,140 @@
+"""ResNet-18 end to end: the figures DESIGN.md section 5 asks for, in one run.
+
+    fssc bench resnet [--image-size 224] [--batch 2] [--workdir bench-out]
+
+Exports ResNet-18 (2 classes), compiles it, deals one key batch (a separate
+process, timed, with its peak memory), runs the model owner and the data owner
+as two processes over TCP loopback with mutual TLS, and prints: online and
+offline time, dealer time, key bytes per party per image (measured and the
+cost model's estimate), bytes sent, rounds, peak RSS per process, and
+onnxruntime's plaintext time on the same machine in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _timed_child(cmd: list[str]) -> tuple[int, float, float, str]:
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), time.perf_counter() - t, usage.ru_maxrss / 1024, out
+
+
+def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> dict:
+    import onnxruntime as ort
+
+    from fssc.compiler.compile import compile_model
+    from fssc.compiler.demo import _write_images
+    from fssc.models.export import export_model
+    from fssc.runtime.certs import make_certs
+    from fssc.runtime.images import Preprocess, load_inputs
+    from fssc.runtime.loopback import run_loopback
+    from rich.console import Console
+
+    os.makedirs(workdir, exist_ok=True)
+    onnx_path, prog, keys, certs = (os.path.join(workdir, n) for n in ("resnet18.onnx", "prog", "keys", "certs"))
+    import shutil
+
+    shutil.rmtree(keys, ignore_errors=True)
+    export_model("resnet18", onnx_path, 2, None, image_size, batch)
+    t = time.perf_counter()
+    res = compile_model(onnx_path, prog, output_mode="logits", console=Console(file=open(os.devnull, "w")))
+    compile_s = time.perf_counter() - t
+    make_certs(certs)
+    fssc = os.path.join(os.path.dirname(sys.executable), "fssc")
+    rc, deal_s, deal_rss, out = _timed_child([fssc, "deal", prog, "--batches", "1", "-o", keys])
+    if rc:
+        raise SystemExit(f"fssc deal failed:\n{out}")
+    k0 = os.path.getsize(os.path.join(keys, "p0", "batch0000.key"))
+    k1 = os.path.getsize(os.path.join(keys, "p1", "batch0000.key"))
+    images = os.path.join(workdir, "images")
+    _write_images(images, batch, image_size)
+    out_json = os.path.join(workdir, "results.json")
+    lb = run_loopback(prog, keys, certs, ["--images", images, "--out", out_json])
+    if lb.p0_rc or lb.p1_rc:
+        raise SystemExit(f"two-party run failed:\n{lb.p0_out}{lb.p0_err}{lb.p1_out}")
+    result = json.load(open(out_json))
+    st = result["stats"]
+    x = load_inputs(images, Preprocess(size=image_size), (3, image_size, image_size))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+    sess.run(None, {"input": x})
+    ts = []
+    for _ in range(10):
+        t = time.perf_counter()
+        ref = sess.run(None, {"input": x})[0]
+        ts.append(time.perf_counter() - t)
+    secure = np.array([r["logits"] for r in result["results"]])
+    tot = res.report.to_dict()["totals"]
+    fig = {
+        "image_size": image_size, "batch": batch,
+        "online_s": st["timings"]["online"], "offline_p0_s": st["timings"]["offline"],
+        "weights_setup_s": st["timings"]["setup"], "two_party_wall_s": lb.seconds,
+        "deal_s": deal_s, "compile_s": compile_s,
+        "key_bytes_p0_per_image": k0 / batch, "key_bytes_p1_per_image": k1 / batch,
+        "key_bytes_p0_per_image_est": tot["key_bytes_p0_per_image"],
+        "key_bytes_p1_per_image_est": tot["key_bytes_p1_per_image"],
+        "bytes_sent_p0": st["bytes_sent"], "bytes_sent_p1": st["bytes_received"],
+        "weights_setup_bytes": res.report.setup_bytes, "rounds": st["rounds"], "rounds_est": tot["rounds"],
+        "rss_p0_mb": lb.p0_max_rss_mb, "rss_p1_mb": lb.p1_max_rss_mb, "rss_dealer_mb": deal_rss,
+        "onnxruntime_ms": 1e3 * float(np.median(ts)),
+        "max_logit_diff": float(np.abs(secure - ref).max()),
+        "labels_agree": bool((secure.argmax(1) == ref.argmax(1)).all()),
+        "gates_per_image": tot["gates_per_image"],
+    }
+    mb = lambda b: f"{b / 1e6:,.1f} MB"  # noqa: E731
+    print(f"ResNet-18, {image_size}x{image_size}, batch {batch}, two processes over TCP loopback (mutual TLS)")
+    rows = [
+        ("online (data owner's wall time, input to labels)", f"{fig['online_s']:.2f} s"),
+        ("offline, data owner (its halves of the linear layers)", f"{fig['offline_p0_s']:.2f} s"),
+        ("model owner's masked weights to data owner (once per session)",
+         f"{fig['weights_setup_s']:.2f} s, {mb(fig['weights_setup_bytes'])}"),
+        ("two-party session, wall", f"{fig['two_party_wall_s']:.2f} s"),
+        ("dealer, one batch", f"{fig['deal_s']:.2f} s"),
+        ("compile", f"{fig['compile_s']:.2f} s"),
+        ("comparison gates per image", f"{fig['gates_per_image']:,.0f}"),
+        ("key bytes per image, party 0 (measured / estimated)",
+         f"{mb(fig['key_bytes_p0_per_image'])} / {mb(fig['key_bytes_p0_per_image_est'])}"),
+        ("key bytes per image, party 1 (measured / estimated)",
+         f"{mb(fig['key_bytes_p1_per_image'])} / {mb(fig['key_bytes_p1_per_image_est'])}"),
+        ("bytes sent, data owner / model owner (incl. weight setup)",
+         f"{mb(fig['bytes_sent_p0'])} / {mb(fig['bytes_sent_p1'])}"),
+        ("rounds (measured / estimated)", f"{fig['rounds']} / {fig['rounds_est']}"),
+        ("peak RSS, data owner / model owner / dealer",
+         f"{fig['rss_p0_mb']:,.0f} / {fig['rss_p1_mb']:,.0f} / {fig['rss_dealer_mb']:,.0f} MB"),
+        ("onnxruntime plaintext, same batch (2 threads, median of 10)", f"{fig['onnxruntime_ms']:.1f} ms"),
+        ("secure vs onnxruntime: max |logit diff|, labels agree",
+         f"{fig['max_logit_diff']:.4f}, {'yes' if fig['labels_agree'] else 'NO'}"),
+    ]
+    w = max(len(a) for a, _ in rows)
+    for a, b in rows:
+        print(f"  {a:<{w}}  {b}")
+    return fig
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--workdir", default="bench-out")
+    ap.add_argument("--json", help="also write the figures here")
+    a = ap.parse_args(argv)
+    fig = run(a.image_size, a.batch, a.workdir)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(fig, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

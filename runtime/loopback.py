@@ -1,0 +1,78 @@
+"""Both parties as two processes on 127.0.0.1 (the demo and the benchmark).
+
+Starts the model owner's generated program listening on a free port, waits
+until it listens, runs the data owner's program against it, and returns both
+outputs, exit codes, the wall time and each process's peak resident memory.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from fssc.compiler.errors import FsscError
+
+
+@dataclass
+class LoopbackRun:
+    p0_out: str
+    p0_err: str
+    p0_rc: int
+    p1_out: str
+    p1_rc: int
+    seconds: float
+    p0_max_rss_mb: float
+    p1_max_rss_mb: float
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int, float]:
+    """Exit code and peak RSS (MB) of a child, via wait4."""
+    deadline = time.time() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_maxrss / 1024
+        if time.time() > deadline:
+            proc.kill()
+            raise FsscError(f"party process {proc.args[1]} did not finish within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def run_loopback(prog: str, keys: str, certs: str, p0_args: list[str], timeout: float = 1800) -> LoopbackRun:
+    py = sys.executable
+    with tempfile.TemporaryDirectory(prefix="fssc-loopback-") as tmp:
+        ready = os.path.join(tmp, "port")
+        logs = {n: open(os.path.join(tmp, n), "w+") for n in ("p1", "p0out", "p0err")}
+        p1 = subprocess.Popen([py, os.path.join(prog, "party1", "program.py"), "--keys", os.path.join(keys, "p1"),
+                               "--listen", "127.0.0.1:0", "--certs", certs, "--ready-file", ready,
+                               "--timeout", str(int(timeout))], stdout=logs["p1"], stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 120
+            while not os.path.exists(ready):
+                if p1.poll() is not None or time.time() > deadline:
+                    logs["p1"].seek(0)
+                    raise FsscError(f"the model owner did not start:\n{logs['p1'].read()}")
+                time.sleep(0.05)
+            with open(ready) as fh:
+                port = int(fh.read())
+            t = time.perf_counter()
+            p0 = subprocess.Popen([py, os.path.join(prog, "party0", "program.py"), "--keys", os.path.join(keys, "p0"),
+                                   "--peer", f"127.0.0.1:{port}", "--certs", certs, *p0_args],
+                                  stdout=logs["p0out"], stderr=logs["p0err"])
+            rc0, rss0 = _wait(p0, timeout)
+            seconds = time.perf_counter() - t
+            rc1, rss1 = _wait(p1, 120)
+        finally:
+            if p1.returncode is None and p1.poll() is None:
+                p1.kill()
+        out = {}
+        for n, fh in logs.items():
+            fh.seek(0)
+            out[n] = fh.read()
+            fh.close()
+    return LoopbackRun(out["p0out"], out["p0err"], rc0, out["p1"], rc1, seconds, rss0, rss1)
