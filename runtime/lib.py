@@ -11,6 +11,8 @@ masked values.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from fssc.compiler.ops import OPS, _windows, conv_float
@@ -48,7 +50,7 @@ def channelwise(ndim: int):
 
 def weight_mask(setup_seed: bytes, tag: str, shape) -> np.ndarray:
     """A for one weighted layer, expanded from the per-model seed D shares with P1."""
-    nonce = int.from_bytes(tag.encode()[:8].ljust(8, b"\0"), "little")
+    nonce = int.from_bytes(hashlib.sha256(tag.encode()).digest()[:8], "little")  # distinct per layer
     return expand(setup_seed, tuple(shape), nonce=nonce)
 
 
