@@ -17,17 +17,22 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 
 def _timed_child(cmd: list[str]) -> tuple[int, float, float, str]:
+    """Run a command; exit code, seconds, peak RSS (MB, polled from /proc) and its output."""
+    from fssc.runtime.loopback import _wait
+
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.perf_counter() - t, usage.ru_maxrss / 1024, out
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        rc, rss = _wait(proc, 3600)
+        log.seek(0)
+        return rc, time.perf_counter() - t, rss, log.read()
 
 
 def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> dict:

@@ -29,14 +29,32 @@ class LoopbackRun:
     p1_max_rss_mb: float
 
 
-def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int, float]:
-    """Exit code and peak RSS (MB) of a child, via wait4."""
+def _hwm_mb(pid: int) -> float | None:
+    """Peak resident memory of a live process (VmHWM; reset at exec, unlike ru_maxrss)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _wait(proc: subprocess.Popen, timeout: float, also: dict | None = None) -> tuple[int, float]:
+    """Exit code and peak RSS (MB) of a child, polling /proc while it runs.
+
+    ``also`` maps other live processes to their peak so far; they are polled too.
+    """
     deadline = time.time() + timeout
+    peak = 0.0
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, usage.ru_maxrss / 1024
+        peak = max(peak, _hwm_mb(proc.pid) or 0.0)
+        for other in also or {}:
+            also[other] = max(also[other], _hwm_mb(other.pid) or 0.0)
+        rc = proc.poll()
+        if rc is not None:
+            return rc, peak
         if time.time() > deadline:
             proc.kill()
             raise FsscError(f"party process {proc.args[1]} did not finish within {timeout:.0f} s")
@@ -64,9 +82,11 @@ def run_loopback(prog: str, keys: str, certs: str, p0_args: list[str], timeout: 
             p0 = subprocess.Popen([py, os.path.join(prog, "party0", "program.py"), "--keys", os.path.join(keys, "p0"),
                                    "--peer", f"127.0.0.1:{port}", "--certs", certs, *p0_args],
                                   stdout=logs["p0out"], stderr=logs["p0err"])
-            rc0, rss0 = _wait(p0, timeout)
+            peaks = {p1: 0.0}
+            rc0, rss0 = _wait(p0, timeout, peaks)
             seconds = time.perf_counter() - t
             rc1, rss1 = _wait(p1, 120)
+            rss1 = max(rss1, peaks[p1])
         finally:
             if p1.returncode is None and p1.poll() is None:
                 p1.kill()
