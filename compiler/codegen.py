@@ -58,7 +58,7 @@ def render_stmt(st: Stmt, role: str) -> list[str]:
         line = f'{st.out} = lib.input({ctx}, "{st.tag}", {_lit(p["shape"])}{extra})'
     elif st.kind == "linear":
         if role == "party0":
-            line = f'{st.out} = lib.linear_p0(P, "{st.tag}", Z0["{st.tag}"])'
+            line = f'{st.out} = lib.linear_p0(P, "{st.tag}", Z0.pop("{st.tag}"))'
         elif role == "party1":
             w = f'W["{st.tag}.w"]' if p["w_shape"] is not None else "None"
             b = f'W["{st.tag}.b"]' if p["bias"] else "None"
@@ -87,11 +87,32 @@ def render_stmt(st: Stmt, role: str) -> list[str]:
     return [f"# {st.comment}", line]
 
 
-def _functions(prog: SecureProgram, role: str) -> list[dict]:
+def _uses(st: Stmt, role: str) -> list[str]:
+    """Variables a statement reads in one role's program (P0's linear layers read only Z0)."""
+    if st.kind == "linear" and role == "party0":
+        return []
+    return list(st.args)
+
+
+def _body(prog: SecureProgram, role: str, keep: set[str]) -> list[str]:
+    """Statements in order, each followed by ``del`` of the variables it read for the last time,
+    so a party holds only the activations still needed (not every layer's)."""
+    last = {}
+    for i, st in enumerate(prog.stmts):
+        for v in _uses(st, role):
+            last[v] = i
     body: list[str] = []
-    for st in prog.stmts:
+    for i, st in enumerate(prog.stmts):
         body += render_stmt(st, role)
+        dead = sorted({v for v in _uses(st, role) if last[v] == i and v not in keep}, key=lambda v: int(v[1:]))
+        if dead:
+            body.append(f"del {', '.join(dead)}")
+    return body
+
+
+def _functions(prog: SecureProgram, role: str) -> list[dict]:
     labels = [o for o in prog.outputs if o["kind"] == "labels"]
+    body = _body(prog, role, {o["var"] for o in labels})
     if role == "party0":
         off = ["Z0 = {}"]
         for st in prog.linears:
