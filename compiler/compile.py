@@ -2,7 +2,9 @@
 
 prog/ holds ``party0/program.py``, ``party1/program.py`` + ``weights.bin``,
 ``dealer/program.py``, ``manifest.json``, ``report.txt``, ``report.json``
-and, with ``--dump-ir``, ``ir/NN-pass.txt``.
+and, with ``--dump-ir``, ``ir/NN-pass.txt`` plus the viewer ``ir/index.html``
+(and ``ir/timings.js``, the pass timings it shows: the one file that differs
+between two runs).
 """
 
 from __future__ import annotations
@@ -115,9 +117,9 @@ def compile_model(model: str, out_dir: str, frac_bits: int = 12, calibrate: str 
     con = console or Console(width=max(160, Console().width))
     graph = import_onnx(model)
     os.makedirs(out_dir, exist_ok=True)
+    echo = lambda s: con.print(s, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     res = compile_graph(graph, frac_bits, calibrate, os.path.join(out_dir, "ir") if dump_ir else None,
-                        print_after, print_all, echo=lambda s: con.print(s, markup=False, highlight=False,
-                                                                          soft_wrap=True), output_mode=output_mode)
+                        print_after, print_all, keep_graphs=dump_ir, echo=echo, output_mode=output_mode)
     prog = lower(res.graph)
     in_shape = res.graph.values[res.graph.inputs[0]].shape
     extra = {"source": os.path.basename(model), "output_mode": output_mode,
@@ -125,6 +127,10 @@ def compile_model(model: str, out_dir: str, frac_bits: int = 12, calibrate: str 
              "cost": res.report.to_dict()["totals"]}
     write_program(prog, out_dir, os.path.basename(model), extra)
     res.program = prog
+    if dump_ir:
+        from .viewer import write_viewer
+
+        page = write_viewer(res.records, out_dir, os.path.basename(model))
     passes = Table(title="passes", title_justify="left")
     for col in ("#", "pass", "ms", "changed"):
         passes.add_column(col)
@@ -138,6 +144,8 @@ def compile_model(model: str, out_dir: str, frac_bits: int = 12, calibrate: str 
     con.print(f"per-model setup: P1 sends its masked weights once, {_mb(res.report.setup_bytes)} MB")
     con.print(f"wrote {out_dir}/party0/program.py, party1/program.py + weights.bin, dealer/program.py, "
               f"manifest.json (program {prog.hash}, output: {output_mode})")
+    if dump_ir:
+        con.print(f"IR dumps and viewer: {page} (fssc view {out_dir})", markup=False, highlight=False)
     data = res.report.to_dict()
     data["passes"] = [{"index": r.index, "name": r.name, "changed": r.changed} for r in res.records]
     data["frac_bits"] = frac_bits
