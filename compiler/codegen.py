@@ -69,6 +69,8 @@ def render_stmt(st: Stmt, role: str) -> list[str]:
                     f'{_lit(p["w_shape"])}, {_lit(p["y_shape"])}, S["{st.tag}"], setup_seed)')
     elif st.kind == "relu":
         line = f'{st.out} = lib.relu({ctx}, "{st.tag}", {a[0]}, m={p["m"]}, trunc={p["trunc"]})'
+    elif st.kind == "trunc":
+        line = f'{st.out} = lib.trunc({ctx}, "{st.tag}", {a[0]}, m={p["m"]}, shift={p["shift"]})'
     elif st.kind == "maxpool":
         line = f'{st.out} = lib.maxpool({ctx}, "{st.tag}", {a[0]}, {_kw(p, POOL + ("m", "cmp_trunc"))})'
     elif st.kind == "clip":

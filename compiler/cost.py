@@ -11,6 +11,8 @@ one gate call:
   P1 n*(dcf + 6*8) + n/8 (corrections of r_d, rho, r_d*rho, rho_hi,
   r_d*rho_hi, r_out, and of the bit rho_hi ^ r_d). 2 rounds; each party sends
   n/8 + 8n bytes.
+* standalone truncation: as ReLU with 5 words (r_d, rho, rho_hi, r_d*rho_hi,
+  r_out).
 * max (one tree level of a MaxPool): as ReLU with 4 words (r_d, r_z, r_d*r_z,
   r_out) instead of 6; a pool of depth D costs 2D rounds.
 * ArgMax over 2 classes: P0 n*dcf + 16, P1 n*dcf + n/8; 1 round; P1 sends
@@ -37,7 +39,7 @@ from .ir import Graph, Op
 
 SEED_BYTES = 16
 WORD = 8
-SHARE_WORDS = {"relu": 6, "max": 4, "clip": 6}
+SHARE_WORDS = {"relu": 6, "max": 4, "clip": 6, "trunc": 5}
 
 
 def dcf_bytes(m: int) -> int:

@@ -15,6 +15,9 @@ Gate kinds (DESIGN.md section 4):
 * ``argmax``: C - 1 max gates per row (a tournament that also selects the
   index); for C = 2 a single DReLU of l1 - l0 gives the label.
 * ``clip``: two comparisons per element (against min and against max).
+* ``trunc``: a standalone truncation by ``shift`` bits (no gate absorbs it):
+  one comparison per element on x >> shift, to lift the m-bit result back
+  to the ring (sign extension).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def gate_count(op: Op, graph: Graph) -> int:
     """Gate evaluations for the whole batch."""
     kind = gate_kind(op)
     x = graph.values[op.inputs[0]]
-    if kind == "relu":
+    if kind in ("relu", "trunc"):
         return x.size
     if kind == "clip":
         return x.size * sum(1 for b in ("min", "max") if b in op.attrs)
@@ -64,7 +67,7 @@ def gate_count(op: Op, graph: Graph) -> int:
 def gate_depth(op: Op, graph: Graph) -> int:
     """Sequential gate layers (each a protocol round trip or two)."""
     kind = gate_kind(op)
-    if kind in ("relu", "clip"):
+    if kind in ("relu", "clip", "trunc"):
         return 1
     if kind == "max":
         k = int(np.prod(op.attrs["kernel_shape"]))
@@ -82,8 +85,8 @@ def comparison_magnitude(op: Op, graph: Graph, inputs: list[np.ndarray]) -> int:
     x = ring.signed(inputs[0])
     if x.size == 0:
         return 0
-    if kind == "relu":
-        s = op.attrs.get("trunc", 0)
+    if kind in ("relu", "trunc"):
+        s = op.attrs.get("trunc" if kind == "relu" else "shift", 0)
         xs = x >> np.int64(s) if s else x
         return int(max(abs(int(xs.max())), abs(int(xs.min()))))
     if kind == "clip":

@@ -208,7 +208,9 @@ class _Fixed:
         return OPS["argmax"].run(op.attrs, signed(env[op.inputs[0]]))[0]
 
     def trunc(self, op, env):
-        return ring.trunc(env[op.inputs[0]], op.attrs["shift"])
+        x = env[op.inputs[0]]
+        s = op.attrs["shift"]
+        return ring.trunc(x, s) + self._carry(gate_tag(op), x, s)
 
     def upscale(self, op, env):
         return ring.upscale(env[op.inputs[0]], op.attrs["shift"])

@@ -183,9 +183,6 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
         comment = _comment(op, graph)
         args = [var[i] for i in secret]
         g = op.gate or {}
-        if k == "trunc":
-            raise FsscError(f"standalone truncation at %{op.name} (from {', '.join(op.origin) or 'a pass'}) "
-                            f"is not supported by the secure runtime: no comparison gate absorbs it")
         if OPS[k].comparison and not g:
             raise FsscError(f"{k} %{op.name} has no gate plan (the mark-comparisons pass should have run)")
         if _is_weighted(op, graph):
@@ -206,6 +203,9 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
             stmts.append(st)
         elif k == "relu":
             stmts.append(Stmt("relu", new_var(op.outputs[0]), args, {"m": g["bits"], "trunc": op.attrs.get("trunc", 0)},
+                              tag, comment))
+        elif k == "trunc":
+            stmts.append(Stmt("trunc", new_var(op.outputs[0]), args, {"m": g["bits"], "shift": op.attrs["shift"]},
                               tag, comment))
         elif k == "maxpool":
             stmts.append(Stmt("maxpool", new_var(op.outputs[0]), args,

@@ -118,11 +118,28 @@ def _conv_shape(attrs, shapes):
     return [(x[0], w[0], *out)]
 
 
+def _depthwise_float(attrs, x, w, b=None):
+    """Depthwise conv (one filter per channel) as a sum over kernel taps of strided views:
+    torch's float64 grouped convolution is ~50x slower for this shape."""
+    nd = x.ndim - 2
+    k = list(w.shape[2:])
+    a = {"kernel_shape": k, "strides": attrs.get("strides") or [1] * nd, "pads": attrs.get("pads") or [0] * (2 * nd),
+         "dilations": attrs.get("dilations") or [1] * nd, "ceil_mode": 0}
+    win, _, _, _ = _windows(np.asarray(x, dtype=np.float64), a, 0.0)  # [N, C, *out, *k]
+    wf = np.asarray(w, dtype=np.float64).reshape((1, w.shape[0]) + (1,) * nd + tuple(k))
+    y = (win * wf).sum(axis=tuple(range(-nd, 0)))
+    if b is not None:
+        y = y + np.asarray(b, dtype=np.float64).reshape((1, -1) + (1,) * nd)
+    return [y]
+
+
 def conv_float(attrs, x, w, b=None):
+    nd = x.ndim - 2
+    if attrs.get("group", 1) > 1 and w.shape[1] == 1 and w.shape[0] == x.shape[1]:
+        return _depthwise_float(attrs, x, w, b)
     import torch  # here, not at module level: `fssc ir` and error paths need no torch (~1 s to import)
     import torch.nn.functional as F
 
-    nd = x.ndim - 2
     p = attrs.get("pads") or [0] * (2 * nd)
     xt = torch.from_numpy(np.asarray(x, dtype=np.float64))
     if any(p):
@@ -445,7 +462,7 @@ class ArgMax:
         return [idx.astype(np.int64)]
 
 
-@register("trunc")
+@register("trunc", comparison="trunc")
 class Trunc:
     """Fixed-point rescale: drop ``shift`` fractional bits (identity on floats)."""
 

@@ -32,7 +32,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         n = gate_count(op, graph)
         op.gate = {"kind": kind, "count": n, "per_image": n // batch, "bits": bits,
                    "depth": gate_depth(op, graph)}
-        for key in ("trunc", "cmp_trunc"):
+        for key in ("trunc", "cmp_trunc", "shift"):
             if op.attrs.get(key):
                 op.gate[key] = op.attrs[key]
     return graph

@@ -69,6 +69,10 @@ class _TracingDealer(Dealer):
         self.trace.compare_masks[tag] = np.asarray(r).reshape(-1)
         return super().relu(tag, r, m, trunc)
 
+    def trunc(self, tag, r, m, shift):
+        self.trace.compare_masks[tag] = np.asarray(r).reshape(-1)
+        return super().trunc(tag, r, m, shift)
+
     def select(self, tag, r_z, m, s=0):
         self.trace.compare_masks[tag] = np.asarray(r_z[0]).reshape(-1)
         return super().select(tag, r_z, m, s)

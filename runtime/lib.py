@@ -92,6 +92,11 @@ def relu(ctx, tag: str, x, m: int, trunc: int = 0):
     return ctx.relu(tag, x, m, trunc)
 
 
+def trunc(ctx, tag: str, x, m: int, shift: int):
+    """A truncation no comparison gate absorbs: its own DCF lifts the m-bit result to the ring."""
+    return ctx.trunc(tag, x, m, shift)
+
+
 def maxpool(ctx, tag: str, x, kernel_shape, strides, pads, dilations, ceil_mode, m: int, cmp_trunc: int = 0):
     attrs = {"kernel_shape": list(kernel_shape), "strides": list(strides), "pads": list(pads),
              "dilations": list(dilations), "ceil_mode": int(ceil_mode)}

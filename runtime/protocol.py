@@ -114,6 +114,17 @@ class Dealer:
         self._shares(tag, vals, rho_hi ^ r_d)
         return r_out.reshape(shape)
 
+    def trunc(self, tag: str, r: np.ndarray, m: int, shift: int) -> np.ndarray:
+        """Mask of a standalone truncation: (x >> shift) lifted from m bits to the ring."""
+        shape = r.shape
+        r = r.reshape(-1)
+        rho = compare_input(r, shift, m)
+        rho_hi = self._dcf(tag, rho, m)
+        r_d = self.rng.bits(r.size).astype(U64)
+        r_out = self.fresh(r.size)
+        self._shares(tag, np.stack([r_d, rho, rho_hi, r_d * rho_hi, r_out]), rho_hi ^ r_d)
+        return r_out.reshape(shape)
+
     def select(self, tag: str, r_z: list[np.ndarray], m: int, s: int = 0) -> list[np.ndarray]:
         """Masks of d * z_j + r_out_j where d = DReLU(z_0 >> s) (z_j flat, same length)."""
         rho = compare_input(r_z[0], s, m)
@@ -236,6 +247,25 @@ class Party:
         y = t * (u * r_d - rdrho) - D * rho + _pow2(m) * (ONE - u_hi) * (D * rho_hi + t * rdrhohi) + r_out
         if self.b == 0:
             y += D * u
+        return self._open(y).reshape(shape)
+
+    def trunc(self, tag: str, xhat: np.ndarray, m: int, shift: int) -> np.ndarray:
+        """Standalone truncation: z' = (x >> shift) + carry as an m-bit signed value, in Z_2^64 (masked).
+
+        (u - rho) mod 2^m = u - rho + 2^m lt with lt = 1{u < rho}; reading it as
+        signed subtracts 2^m (1 - d). With d = DReLU(z'):
+        lt - 1 + d = (u_hi xor rho_hi) d - u_hi (1 - rho_hi), which is linear in
+        D's shares of d, rho_hi d and rho_hi once d^ = d xor r_d is open.
+        """
+        shape = xhat.shape
+        u = compare_input(xhat.reshape(-1), shift, m)
+        D, (r_d, rho, rho_hi, rdrhohi, r_out), u_hi = self._compare(tag, u, m, 5)
+        t = ONE - (D << ONE)  # 1 - 2D
+        one = ONE if self.b == 0 else U64(0)  # P0 holds the constant 1
+        d = D * one + t * r_d
+        hd = D * rho_hi + t * rdrhohi  # shares of rho_hi * d
+        k = (ONE - u_hi) * hd + u_hi * (d - hd - one + rho_hi)  # shares of lt - 1 + d
+        y = u * one - rho + _pow2(m) * k + r_out
         return self._open(y).reshape(shape)
 
     def select(self, tag: str, zhat: list[np.ndarray], m: int, s: int = 0) -> list[np.ndarray]:

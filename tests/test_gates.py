@@ -126,6 +126,33 @@ def test_relu_random_wide(m, s):
     _check_relu(u, rho, m, s, gen)
 
 
+# ----------------------------------------------------------------- standalone truncation
+def _check_trunc(u: np.ndarray, rho: np.ndarray, m: int, s: int, gen) -> None:
+    r = place(rho, m, s, gen)
+    xhat = place(u, m, s, gen)
+    r_out, y0, y1, _, _ = simulate(lambda D: D.trunc("g", r, m, s), lambda P: P.trunc("g", xhat, m, s))
+    assert (y0 == y1).all()
+    # the formula: (u - rho) mod 2^m read as signed, lifted to Z_2^64 exactly
+    want = ring.unsigned(signed_mod(u - rho, m))
+    bad = np.flatnonzero(y0 - r_out != want)
+    assert bad.size == 0, f"m={m} s={s}: {bad.size} wrong, e.g. u={u[bad[0]]} rho={rho[bad[0]]}"
+    # which is floor(x / 2^s) + carry for x = x^ - r
+    assert (ring.unsigned(signed_mod(truncated_with_carry(xhat - r, r, s), m)) == want).all()
+
+
+@pytest.mark.parametrize("s", TRUNCS)
+@pytest.mark.parametrize("m", range(4, 9))
+def test_trunc_exhaustive(m, s):
+    _check_trunc(*all_pairs(m), m, s, np.random.default_rng(3000 * m + s))
+
+
+@pytest.mark.parametrize("m,s", [(20, 12), (33, 19), (40, 24), (52, 12)])
+def test_trunc_random_wide(m, s):
+    gen = np.random.default_rng(m + 100 * s)
+    u, rho = _rand_u64(gen, 4000) & _low(m), _rand_u64(gen, 4000) & _low(m)
+    _check_trunc(u, rho, m, s, gen)
+
+
 @pytest.mark.parametrize("s", TRUNCS)
 def test_relu_plaintext_in_range(s):
     """Small secrets x (|x >> s| < 2^(m-1) - 1) under uniform 64-bit masks: ReLU of the truncated x."""

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from tiny_models import tiny_cnn, with_argmax
 
 from fssc.compiler.compile import compile_graph
@@ -183,3 +184,53 @@ def test_tiny_cnn_labels_and_logits():
         margin = np.abs(ref_logits[:, 1] - ref_logits[:, 0]) > 0.02
         assert (sim["out"][1][margin] == ref_label[margin]).all()
         assert np.abs(y - ref_logits).max() < 0.02
+
+
+class _Bottleneck(torch.nn.Module):
+    """MobileNet-v2's pieces: depthwise conv, ReLU6 (Clip), a linear bottleneck (conv -> BN -> conv, no
+    activation between: a standalone truncation gate) and a residual add with no ReLU after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.expand = torch.nn.Conv2d(8, 16, 1)
+        self.dw = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.project = torch.nn.Conv2d(16, 8, 1)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        s = torch.clamp(self.stem(x), 0, 6)
+        y = torch.clamp(self.bn(self.dw(torch.clamp(self.expand(s), 0, 6))), 0, 6)
+        y = self.project(y) + s  # no activation: the sum goes straight into another conv
+        y = self.head(y)
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_mobilenet_style_block_with_standalone_truncations():
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    model = _Bottleneck().eval()
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(2, 3, 8, 8),), buf, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"])
+    proto = onnx.load_from_string(buf.getvalue())
+    graph = compile_graph(import_onnx(proto, "bottleneck"), echo=lambda s: None, output_mode="logits").graph
+    kinds = [op.kind for op in graph.ops]
+    assert "trunc" in kinds and "clip" in kinds, kinds
+    assert all(op.gate for op in graph.ops if op.kind == "trunc"), "standalone truncations are gates"
+    x = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    sim = simulate_graph(graph, x)
+    want = run_fixed(graph, x, raw=True, compare_masks=sim["trace"].compare_masks)
+    assert (sim["out"][0] == want[0]).all(), "secure == fixed-point semantics, carries included"
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"input": x})[0]
+    y = ring.decode(sim["out"][0], graph.values[graph.outputs[0]].scale)
+    assert np.abs(y - ref).max() < 0.02
