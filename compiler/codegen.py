@@ -75,6 +75,8 @@ def render_stmt(st: Stmt, role: str) -> list[str]:
         line = f'{st.out} = lib.maxpool({ctx}, "{st.tag}", {a[0]}, {_kw(p, POOL + ("m", "cmp_trunc"))})'
     elif st.kind == "clip":
         line = f'{st.out} = lib.clip({ctx}, "{st.tag}", {a[0]}, lo={p["lo"]}, hi={p["hi"]}, m={p["m"]})'
+    elif st.kind == "argmax":
+        line = f'{st.out} = lib.argmax({ctx}, "{st.tag}", {a[0]}, {_kw(p, ("axis", "keepdims", "select_last", "m"))})'
     elif st.kind == "argmax2":
         line = f'{st.out} = lib.argmax2({ctx}, "{st.tag}", {a[0]}, {_kw(p, ("axis", "keepdims", "select_last", "m"))})'
     elif st.kind == "local":
@@ -113,7 +115,7 @@ def _body(prog: SecureProgram, role: str, keep: set[str]) -> list[str]:
 
 
 def _functions(prog: SecureProgram, role: str) -> list[dict]:
-    labels = [o for o in prog.outputs if o["kind"] == "labels"]
+    labels = [o for o in prog.outputs if not o["masked"]]
     body = _body(prog, role, {o["var"] for o in labels})
     if role == "party0":
         off = ["Z0 = {}"]

@@ -16,7 +16,9 @@ one gate call:
 * max (one tree level of a MaxPool): as ReLU with 4 words (r_d, r_z, r_d*r_z,
   r_out) instead of 6; a pool of depth D costs 2D rounds.
 * ArgMax over 2 classes: P0 n*dcf + 16, P1 n*dcf + n/8; 1 round; P1 sends
-  n/8, P0 nothing. (C > 2 classes is not supported by the runtime yet.)
+  n/8, P0 nothing. Over C > 2 classes: a tournament of n = rows*(C-1)
+  selections in D levels, each opening value and index: P0 n*dcf + 16D, P1
+  n*(dcf + 7*8) + n/8, 2D rounds, n/8 + 16n sent by each party.
 * Clip: a ReLU call over 2n elements (n when one-sided).
 * Linear layers with the model owner's constants: P0 two 16-byte seeds per
   op; P1 8 bytes per input and per output element ([r_x]_1, c_1). 1 round;
@@ -34,7 +36,6 @@ from dataclasses import asdict, dataclass
 
 from fssc.runtime import dcf
 
-from .errors import FsscError
 from .ir import Graph, Op
 
 SEED_BYTES = 16
@@ -83,11 +84,13 @@ def op_cost(op: Op, graph: Graph) -> OpCost:
         c.gate, c.gates, c.bits = g["kind"], g["count"], g["bits"]
         n = g["count"]
         kb = dcf_bytes(g["bits"])
+        if g["kind"] == "argmax" and _classes(op, graph) > 2:  # tournament: value and index selected
+            c.key_p0 = n * kb + SEED_BYTES * g["depth"]
+            c.key_p1 = n * (kb + 7 * WORD) + n / 8
+            c.rounds = 2 * g["depth"]
+            c.sent_p0 = c.sent_p1 = n * (1 / 8 + 2 * WORD)
+            return c
         if g["kind"] == "argmax":
-            if _classes(op, graph) != 2:
-                raise FsscError(f"argmax %{op.name} ({', '.join(op.origin) or 'labels'}) over "
-                                f"{_classes(op, graph)} classes: the secure runtime supports 2 "
-                                f"(compile with --output-mode logits)")
             c.key_p0 = n * kb + SEED_BYTES
             c.key_p1 = n * kb + n / 8
             c.rounds = 1
@@ -170,5 +173,11 @@ def cost_report(graph: Graph) -> CostReport:
     ops = [op_cost(op, graph) for op in graph.ops]
     weights = sum(_weight_size(op, graph) for op in graph.ops)
     inp = sum(graph.values[i].size for i in graph.inputs) * WORD
-    outs = sum(graph.values[o].size for o in graph.outputs if graph.values[o].dtype != "int64") * WORD
+    producer = graph.producer()
+
+    def masked(o: str) -> bool:  # a 2-class argmax's label reaches P0 unmasked; every other output has r_out
+        op = producer.get(o)
+        return not (op is not None and op.kind == "argmax" and _classes(op, graph) == 2)
+
+    outs = sum(graph.values[o].size for o in graph.outputs if masked(o)) * WORD
     return CostReport(batch, ops, inp, weights * WORD, masks_p0=inp + outs)

@@ -219,12 +219,13 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
         elif k == "argmax":
             x = graph.values[secret[0]]
             ax = op.attrs.get("axis", 0) % len(x.shape)
-            if x.shape[ax] != 2 or op.outputs[0] not in graph.outputs:
-                raise FsscError(f"argmax %{op.name}: the secure runtime supports a final 2-class argmax "
-                                f"(got {x.shape[ax]} classes)")
-            stmts.append(Stmt("argmax2", new_var(op.outputs[0]), args,
-                              {"axis": ax, "keepdims": op.attrs.get("keepdims", 1),
-                               "select_last": op.attrs.get("select_last_index", 0), "m": g["bits"]}, tag, comment))
+            if op.outputs[0] not in graph.outputs:
+                raise FsscError(f"argmax %{op.name} feeds other ops: the secure runtime supports a final argmax")
+            params = {"axis": ax, "keepdims": op.attrs.get("keepdims", 1),
+                      "select_last": op.attrs.get("select_last_index", 0), "m": g["bits"]}
+            # 2 classes: one DReLU whose bit only P0 opens; more: a tournament of selections (masked index)
+            stmts.append(Stmt("argmax2" if x.shape[ax] == 2 else "argmax", new_var(op.outputs[0]), args, params,
+                              tag, comment))
         elif k in LOCAL:
             if k in ("add", "sub", "concat"):
                 params = {"axis": op.attrs["axis"]} if k == "concat" else {}
@@ -248,12 +249,13 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
         else:
             raise FsscError(f"op kind {k} (%{op.name}) is not supported by the secure runtime")
     outputs = []
+    plain = {st.out for st in stmts if st.kind == "argmax2"}  # results P0 already holds unmasked
     for o in graph.outputs:
         v = graph.values[o]
         is_label = v.dtype == "int64"
         outputs.append({"name": o, "var": var[o], "shape": list(v.shape), "scale": v.scale,
-                        "kind": "labels" if is_label else "logits"})
-        if not is_label:
+                        "kind": "labels" if is_label else "logits", "masked": var[o] not in plain})
+        if var[o] not in plain:
             stmts.append(Stmt("output", None, [var[o]], {"name": o, "scale": v.scale}, f"out.{o}",
                               f"output %{o} (P0 unmasks it)"))
     return SecureProgram(graph.name, stmts, inputs, outputs, graph.meta.get("frac_bits", 12), weights)

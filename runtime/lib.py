@@ -141,6 +141,45 @@ def argmax2(ctx, tag: str, x, axis: int, keepdims: int, select_last: int, m: int
     return np.expand_dims(lab, axis) if keepdims else lab
 
 
+def argmax(ctx, tag: str, x, axis: int, keepdims: int, select_last: int, m: int):
+    """ArgMax over C classes: a tournament of selections that carries the index along.
+
+    Each level pairs columns (0,1), (2,3), ...; one select gate per pair
+    compares a - b (a wins ties: the first maximum, as numpy) or b - a with
+    ``select_last`` (the last maximum), and returns both the winning value and
+    its index. Indices start as public constants (mask 0) and end as a masked
+    wire; ceil(log2 C) levels, two rounds each. Returns the masked index.
+    """
+    party = not isinstance(ctx, Dealer)
+    moved = np.moveaxis(x, axis, -1)
+    rest = moved.shape[:-1]
+    vals = [np.ascontiguousarray(moved[..., j]).reshape(-1) for j in range(moved.shape[-1])]
+    idx = [np.full(vals[0].shape, j if party else 0, dtype=U64) for j in range(len(vals))]
+    level = 0
+    while len(vals) > 1:
+        pairs = len(vals) // 2
+        a = np.concatenate(vals[0:2 * pairs:2])
+        b = np.concatenate(vals[1:2 * pairs:2])
+        ia = np.concatenate(idx[0:2 * pairs:2])
+        ib = np.concatenate(idx[1:2 * pairs:2])
+        if select_last:  # b wins unless a > b
+            w, wi = ctx.select(f"{tag}.L{level}", [b - a, ib - ia], m, 0)
+            v, i = a + w, ia + wi
+        else:  # a wins unless b > a
+            w, wi = ctx.select(f"{tag}.L{level}", [a - b, ia - ib], m, 0)
+            v, i = b + w, ib + wi
+        n = vals[0].size
+        nv = [v[k * n:(k + 1) * n] for k in range(pairs)]
+        ni = [i[k * n:(k + 1) * n] for k in range(pairs)]
+        if len(vals) % 2:
+            nv.append(vals[-1])
+            ni.append(idx[-1])
+        vals, idx = nv, ni
+        level += 1
+    lab = idx[0].reshape(rest)
+    return np.expand_dims(lab, axis) if keepdims else lab
+
+
 # ------------------------------------------------------------ local ops
 def add(a, b):
     return a + b

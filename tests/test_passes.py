@@ -901,12 +901,14 @@ def test_cost_estimates_match_an_in_memory_deal_and_run(mode):
     assert rep.rounds == c0.rounds == c1.rounds
 
 
-def test_cost_model_refuses_an_argmax_over_more_than_two_classes_cleanly():
+def test_cost_model_argmax_over_more_than_two_classes():
     from fssc.compiler.compile import compile_graph
 
     model = make_model([oh.make_node("Gemm", ["x", "W"], ["y"])], (2, 4), {"W": rand((4, 3))})
-    with pytest.raises(FsscError, match="3 classes.*--output-mode logits"):
-        compile_graph(import_onnx(model), echo=lambda s: None, output_mode="labels")
+    res = compile_graph(import_onnx(model), echo=lambda s: None, output_mode="labels")
+    am = next(o for o in res.report.ops if o.gate == "argmax")
+    assert am.gates == 2 * 2 and am.rounds == 2 * 2  # 2 rows x (3 - 1) selections, ceil(log2 3) levels
+    assert am.sent_p0 == am.sent_p1 == am.gates * (1 / 8 + 16)  # value and index opened per selection
     res = compile_graph(import_onnx(model), echo=lambda s: None, output_mode="logits")
     assert res.report.gates_by_kind() == {}
 

@@ -234,3 +234,33 @@ def test_mobilenet_style_block_with_standalone_truncations():
     ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"input": x})[0]
     y = ring.decode(sim["out"][0], graph.values[graph.outputs[0]].scale)
     assert np.abs(y - ref).max() < 0.02
+
+
+@pytest.mark.parametrize("classes,select_last", [(5, 0), (8, 0), (5, 1)])
+def test_argmax_over_many_classes(classes, select_last):
+    """labels mode on a C-class model: a tournament of selections; P0 learns only the index."""
+    gen = np.random.default_rng(classes + 10 * select_last)
+    w = gen.standard_normal((6, classes)).astype(np.float32)
+    nodes = [onnx.helper.make_node("MatMul", ["input", "W"], ["logits"]),
+             onnx.helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0,
+                                   select_last_index=select_last)]
+    g = onnx.helper.make_graph(
+        nodes, "argmax", [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [16, 6])],
+        [onnx.helper.make_tensor_value_info("label", onnx.TensorProto.INT64, [16])],
+        [onnx.numpy_helper.from_array(w, "W")])
+    proto = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    x = gen.standard_normal((16, 6)).astype(np.float32)
+    x[0] = 0.0  # all logits tie: the first (or last) index must win
+    res = compile_graph(import_onnx(proto, "argmax"), echo=lambda s: None)
+    graph = res.graph
+    sim = simulate_graph(graph, x)
+    label = ring.signed(sim["out"][0])
+    want = run_fixed(graph, x)[0]
+    assert (label == want).all()
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"input": x})[0]
+    assert (label == ref).all()
+    assert label[0] == (classes - 1 if select_last else 0)
+    rep = res.report
+    assert rep.rounds == sim["c0"].rounds == sim["c1"].rounds
+    assert rep.total("key_p0") <= len(sim["k0"]) <= rep.total("key_p0") + 4096
+    assert rep.total("key_p1") <= len(sim["k1"]) <= rep.total("key_p1") + 4096
