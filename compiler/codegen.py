@@ -19,6 +19,7 @@ import jinja2
 from fssc import __version__
 from fssc.runtime.keys import KeyWriter
 
+from .files import write_atomic
 from .lower import PROTOCOL_VERSION, SecureProgram, Stmt
 
 ROLES = {
@@ -169,19 +170,12 @@ def write_program(prog: SecureProgram, out_dir: str, source: str, extra_manifest
         d = os.path.join(out_dir, role)
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, "program.py")
-        _write(path, render(prog, role, source))
+        write_atomic(path, render(prog, role, source))
         paths[role] = path
     w = KeyWriter(os.path.join(out_dir, "party1", "weights.bin"), {"kind": "weights", "program": prog.hash})
     for name in sorted(prog.weights):
         w.put(name, prog.weights[name])
     w.close()
-    _write(os.path.join(out_dir, "manifest.json"),
+    write_atomic(os.path.join(out_dir, "manifest.json"),
            json.dumps(manifest(prog, extra_manifest), indent=1, sort_keys=True) + "\n")
     return paths
-
-
-def _write(path: str, text: str) -> None:
-    tmp = path + ".part"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

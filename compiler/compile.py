@@ -21,6 +21,7 @@ from fssc.passes.base import PassContext
 
 from .cost import CostReport, cost_report
 from .errors import FsscError
+from .files import write_atomic
 from .ir import Graph, Value
 from .onnx_import import import_onnx
 from .pipeline import PassRecord, run_pipeline
@@ -149,17 +150,10 @@ def compile_model(model: str, out_dir: str, frac_bits: int = 12, calibrate: str 
     data = res.report.to_dict()
     data["passes"] = [{"index": r.index, "name": r.name, "changed": r.changed} for r in res.records]
     data["frac_bits"] = frac_bits
-    _write(os.path.join(out_dir, "report.json"), json.dumps(data, indent=1, sort_keys=True) + "\n")
+    write_atomic(os.path.join(out_dir, "report.json"), json.dumps(data, indent=1, sort_keys=True) + "\n")
     with open(os.path.join(out_dir, "report.txt.part"), "w") as fh:
         Console(file=fh, width=160, no_color=True).print(table)
     os.replace(os.path.join(out_dir, "report.txt.part"), os.path.join(out_dir, "report.txt"))
     if json_path:
-        _write(json_path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        write_atomic(json_path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return res
-
-
-def _write(path: str, text: str) -> None:
-    tmp = path + ".part"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

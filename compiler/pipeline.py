@@ -17,6 +17,7 @@ from fssc.passes import (canonicalize, fold_batchnorm, fold_public_scaling, lowe
 from fssc.passes.base import PassContext
 
 from .errors import FsscError, VerifyError
+from .files import write_atomic
 from .ir import Graph
 from .verify import verify
 
@@ -58,7 +59,7 @@ def run_pipeline(graph: Graph, ctx: PassContext, passes=None, print_after: tuple
     records = [PassRecord(0, "import", 0.0, True, text, graph.clone() if keep_graphs else None)]
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
-        _write(os.path.join(dump_dir, "00-import.txt"), text)
+        write_atomic(os.path.join(dump_dir, "00-import.txt"), text)
     for i, p in enumerate(passes, start=1):
         t = time.perf_counter()
         try:
@@ -73,15 +74,8 @@ def run_pipeline(graph: Graph, ctx: PassContext, passes=None, print_after: tuple
         rec = PassRecord(i, p.NAME, dt, new_text != text, new_text, new.clone() if keep_graphs else None)
         records.append(rec)
         if dump_dir:
-            _write(os.path.join(dump_dir, f"{i:02d}-{p.NAME}.txt"), new_text)
+            write_atomic(os.path.join(dump_dir, f"{i:02d}-{p.NAME}.txt"), new_text)
         if print_all or p.NAME in print_after:
             echo(f"// ----- IR after {p.NAME} -----\n{new_text}")
         graph, text = new, new_text
     return graph, records
-
-
-def _write(path: str, text: str) -> None:
-    tmp = path + ".part"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

@@ -43,6 +43,7 @@ from fssc import __version__
 
 from .cost import CostReport, OpCost, cost_report, op_cost
 from .errors import FsscError
+from .files import write_atomic
 from .gates import gate_count, gate_depth, gate_kind
 from .ir import Graph, Op, Value, _fmt_attr, _fmt_type
 
@@ -353,13 +354,6 @@ def write_viewer(records, out_dir: str, source: str = "") -> str:
     ir_dir = os.path.join(out_dir, "ir")
     os.makedirs(ir_dir, exist_ok=True)
     page = os.path.join(ir_dir, "index.html")
-    _write(page, render_page(doc))
-    _write(os.path.join(ir_dir, "timings.js"), timings_js(records))
+    write_atomic(page, render_page(doc))
+    write_atomic(os.path.join(ir_dir, "timings.js"), timings_js(records))
     return page
-
-
-def _write(path: str, text: str) -> None:
-    tmp = path + ".part"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
