@@ -103,27 +103,24 @@ class Dealer:
         self.w[0].put(tag + ".rout", np.ascontiguousarray(r))
 
     # -- comparison gates -------------------------------------------------
-    def relu(self, tag: str, r: np.ndarray, m: int, trunc: int = 0) -> np.ndarray:
+    def _lift_gate(self, tag: str, r: np.ndarray, m: int, s: int, rows) -> np.ndarray:
+        """A comparison on (r >> s) mod 2^m whose output is a fresh mask; ``rows(r_d, rho, rho_hi, r_out)``
+        lists the values the parties get shares of."""
         shape = r.shape
         r = r.reshape(-1)
-        rho = compare_input(r, trunc, m)
+        rho = compare_input(r, s, m)
         rho_hi = self._dcf(tag, rho, m)
         r_d = self.rng.bits(r.size).astype(U64)
         r_out = self.fresh(r.size)
-        vals = np.stack([r_d, rho, r_d * rho, rho_hi, r_d * rho_hi, r_out])
-        self._shares(tag, vals, rho_hi ^ r_d)
+        self._shares(tag, np.stack(rows(r_d, rho, rho_hi, r_out)), rho_hi ^ r_d)
         return r_out.reshape(shape)
+
+    def relu(self, tag: str, r: np.ndarray, m: int, trunc: int = 0) -> np.ndarray:
+        return self._lift_gate(tag, r, m, trunc, lambda d, rho, hi, out: [d, rho, d * rho, hi, d * hi, out])
 
     def trunc(self, tag: str, r: np.ndarray, m: int, shift: int) -> np.ndarray:
         """Mask of a standalone truncation: (x >> shift) lifted from m bits to the ring."""
-        shape = r.shape
-        r = r.reshape(-1)
-        rho = compare_input(r, shift, m)
-        rho_hi = self._dcf(tag, rho, m)
-        r_d = self.rng.bits(r.size).astype(U64)
-        r_out = self.fresh(r.size)
-        self._shares(tag, np.stack([r_d, rho, rho_hi, r_d * rho_hi, r_out]), rho_hi ^ r_d)
-        return r_out.reshape(shape)
+        return self._lift_gate(tag, r, m, shift, lambda d, rho, hi, out: [d, rho, hi, d * hi, out])
 
     def select(self, tag: str, r_z: list[np.ndarray], m: int, s: int = 0) -> list[np.ndarray]:
         """Masks of d * z_j + r_out_j where d = DReLU(z_0 >> s) (z_j flat, same length)."""
