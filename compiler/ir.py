@@ -236,3 +236,6 @@ def topo_check(graph: Graph) -> Iterable[str]:
     for o in graph.outputs:
         if o not in defined:
             yield f"graph output %{o} is never defined"
+    for name in graph.values:
+        if name not in defined:
+            yield f"value %{name} is neither an input, a constant nor an op's output (orphan)"

@@ -134,6 +134,15 @@ def test_verifier_catches_undefined_output(small_graph):
         verify(g, "p")
 
 
+def test_verifier_catches_orphan_value(small_graph):
+    from fssc.compiler.ir import Value
+
+    g = small_graph
+    g.add_value(Value("left.behind", (2, 3)))
+    with pytest.raises(VerifyError, match=r"after pass 'p'.*%left\.behind is neither .* \(orphan\)"):
+        verify(g, "p")
+
+
 def test_verifier_error_is_one_line_user_error(small_graph):
     g = small_graph
     g.add_value(Value("x2", (1,)))
