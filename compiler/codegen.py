@@ -19,6 +19,7 @@ import jinja2
 from fssc import __version__
 from fssc.runtime.keys import KeyWriter
 
+from .errors import FsscError
 from .files import write_atomic
 from .lower import PROTOCOL_VERSION, SecureProgram, Stmt
 
@@ -30,8 +31,19 @@ ROLES = {
 
 
 def _lit(v) -> str:
-    """A Python literal for a public parameter (ints, lists, None)."""
+    """A Python literal for a public parameter (ints, lists, None, strings: names from the model are data,
+    never code)."""
     return repr(v)
+
+
+def _comment_text(s: str) -> str:
+    """One comment line: model-supplied names cannot end the comment (no newlines or control characters)."""
+    return "".join(c if c.isprintable() else "?" for c in s)
+
+
+def _doc_text(s: str) -> str:
+    """Text safe inside the programs' triple-quoted docstring."""
+    return _comment_text(s).replace("\\", "/").replace('"', "'")
 
 
 def _kw(params: dict, keys) -> str:
@@ -51,45 +63,46 @@ POOL = ("kernel_shape", "strides", "pads", "dilations", "ceil_mode")
 def render_stmt(st: Stmt, role: str) -> list[str]:
     """Python lines for one statement in one role's program (with its comment)."""
     ctx = "D" if role == "dealer" else "P"
+    T = _lit(st.tag)
     p = st.params
     a = st.args
     line: str
     if st.kind == "input":
         extra = ", x" if role == "party0" else ""
-        line = f'{st.out} = lib.input({ctx}, "{st.tag}", {_lit(p["shape"])}{extra})'
+        line = f'{st.out} = lib.input({ctx}, {T}, {_lit(p["shape"])}{extra})'
     elif st.kind == "linear":
         if role == "party0":
-            line = f'{st.out} = lib.linear_p0(P, "{st.tag}", Z0.pop("{st.tag}"))'
+            line = f'{st.out} = lib.linear_p0(P, {T}, Z0.pop({T}))'
         elif role == "party1":
-            w = f'W["{st.tag}.w"]' if p["w_shape"] is not None else "None"
-            b = f'W["{st.tag}.b"]' if p["bias"] else "None"
-            line = (f'{st.out} = lib.linear_p1(P, "{st.tag}", {a[0]}, {_fn_expr(p)}, {p["k"]}, {w}, {b}, '
+            w = f'W[{_lit(st.tag + ".w")}]' if p["w_shape"] is not None else "None"
+            b = f'W[{_lit(st.tag + ".b")}]' if p["bias"] else "None"
+            line = (f'{st.out} = lib.linear_p1(P, {T}, {a[0]}, {_fn_expr(p)}, {p["k"]}, {w}, {b}, '
                     f'w_bits={st.p1.get("w_bits", 64)})')
         else:
-            line = (f'{st.out} = lib.linear_dealer(D, "{st.tag}", {a[0]}, {_fn_expr(p)}, {p["k"]}, '
-                    f'{_lit(p["w_shape"])}, {_lit(p["y_shape"])}, S["{st.tag}"], setup_seed)')
+            line = (f'{st.out} = lib.linear_dealer(D, {T}, {a[0]}, {_fn_expr(p)}, {p["k"]}, '
+                    f'{_lit(p["w_shape"])}, {_lit(p["y_shape"])}, S[{T}], setup_seed)')
     elif st.kind == "relu":
-        line = f'{st.out} = lib.relu({ctx}, "{st.tag}", {a[0]}, m={p["m"]}, trunc={p["trunc"]})'
+        line = f'{st.out} = lib.relu({ctx}, {T}, {a[0]}, m={p["m"]}, trunc={p["trunc"]})'
     elif st.kind == "trunc":
-        line = f'{st.out} = lib.trunc({ctx}, "{st.tag}", {a[0]}, m={p["m"]}, shift={p["shift"]})'
+        line = f'{st.out} = lib.trunc({ctx}, {T}, {a[0]}, m={p["m"]}, shift={p["shift"]})'
     elif st.kind == "maxpool":
-        line = f'{st.out} = lib.maxpool({ctx}, "{st.tag}", {a[0]}, {_kw(p, POOL + ("m", "cmp_trunc"))})'
+        line = f'{st.out} = lib.maxpool({ctx}, {T}, {a[0]}, {_kw(p, POOL + ("m", "cmp_trunc"))})'
     elif st.kind == "clip":
-        line = f'{st.out} = lib.clip({ctx}, "{st.tag}", {a[0]}, lo={p["lo"]}, hi={p["hi"]}, m={p["m"]})'
+        line = f'{st.out} = lib.clip({ctx}, {T}, {a[0]}, lo={p["lo"]}, hi={p["hi"]}, m={p["m"]})'
     elif st.kind == "argmax":
-        line = f'{st.out} = lib.argmax({ctx}, "{st.tag}", {a[0]}, {_kw(p, ("axis", "keepdims", "select_last", "m"))})'
+        line = f'{st.out} = lib.argmax({ctx}, {T}, {a[0]}, {_kw(p, ("axis", "keepdims", "select_last", "m"))})'
     elif st.kind == "argmax2":
-        line = f'{st.out} = lib.argmax2({ctx}, "{st.tag}", {a[0]}, {_kw(p, ("axis", "keepdims", "select_last", "m"))})'
+        line = f'{st.out} = lib.argmax2({ctx}, {T}, {a[0]}, {_kw(p, ("axis", "keepdims", "select_last", "m"))})'
     elif st.kind == "local":
         kw = {k: v for k, v in p.items() if k != "fn"}
         args = ", ".join(a + [f"{k}={_lit(v)}" for k, v in kw.items()])
         line = f'{st.out} = lib.{p["fn"]}({args})'
     elif st.kind == "output":
-        lhs = f'out["{p["name"]}"] = ' if role == "party0" else ""
-        line = f'{lhs}lib.output({ctx}, "{st.tag}", {a[0]})'
+        lhs = f'out[{_lit(p["name"])}] = ' if role == "party0" else ""
+        line = f'{lhs}lib.output({ctx}, {T}, {a[0]})'
     else:  # pragma: no cover
         raise ValueError(st.kind)
-    return [f"# {st.comment}", line]
+    return [f"# {_comment_text(st.comment)}", line]
 
 
 def _uses(st: Stmt, role: str) -> list[str]:
@@ -122,12 +135,13 @@ def _functions(prog: SecureProgram, role: str) -> list[dict]:
         off = ["Z0 = {}"]
         for st in prog.linears:
             p = st.params
-            wh = f'WH["{st.tag}"]' if p["w_shape"] is not None else "None"
-            off += [f"# {st.comment}",
-                    f'Z0["{st.tag}"] = lib.linear_offline(P, "{st.tag}", {_fn_expr(p)}, {p["k"]}, '
+            T = _lit(st.tag)
+            wh = f'WH[{T}]' if p["w_shape"] is not None else "None"
+            off += [f"# {_comment_text(st.comment)}",
+                    f'Z0[{T}] = lib.linear_offline(P, {T}, {_fn_expr(p)}, {p["k"]}, '
                     f'{_lit(p["x_shape"])}, {wh}, {_lit(p["y_shape"])})']
         off.append("return Z0")
-        body = ["out = {}"] + body + [f'out["{o["name"]}"] = {o["var"]}' for o in labels] + ["return out"]
+        body = ["out = {}"] + body + [f'out[{_lit(o["name"])}] = {o["var"]}' for o in labels] + ["return out"]
         return [{"signature": "offline(P, WH)", "doc": "P0's halves z_0 of every linear layer, before the input "
                  "exists (keys and W^ suffice).", "body": off},
                 {"signature": "online(P, x, Z0)", "doc": "The inference: x is the encoded input batch; returns "
@@ -135,7 +149,7 @@ def _functions(prog: SecureProgram, role: str) -> list[dict]:
     if role == "party1":
         return [{"signature": "online(P, W)", "doc": "The inference on P1's side: W holds the encoded weights. "
                  "Learns nothing.", "body": body}]
-    seeds = [f'S["{st.tag}"] = D.linear_seeds("{st.tag}")' for st in prog.linears]
+    seeds = [f'S[{_lit(st.tag)}] = D.linear_seeds({_lit(st.tag)})' for st in prog.linears]
     return [{"signature": "deal(D, setup_seed)", "doc": "One batch of keys: P0's linear seeds first, then every "
              "op in evaluation order.", "body": ["S = {}"] + seeds + body}]
 
@@ -153,7 +167,7 @@ def render(prog: SecureProgram, role: str, source: str) -> str:
                                                        if st.params["w_shape"] is not None}))
     title, doc = ROLES[role]
     return env.get_template("program.py.j2").render(
-        role=role, role_title=title, role_doc=doc, version=__version__, source=source, hash=prog.hash,
+        role=role, role_title=title, role_doc=doc, version=__version__, source=_doc_text(source), hash=prog.hash,
         header=header, functions=_functions(prog, role))
 
 
@@ -165,12 +179,18 @@ def manifest(prog: SecureProgram, extra: dict) -> dict:
 
 def write_program(prog: SecureProgram, out_dir: str, source: str, extra_manifest: dict) -> dict[str, str]:
     """Write the three programs, P1's weights and the manifest; returns role -> path."""
+    sources = {role: render(prog, role, source) for role in ROLES}
+    for role, src in sources.items():  # a program that does not parse is a compiler bug: never write it
+        try:
+            compile(src, f"{role}/program.py", "exec")
+        except SyntaxError as e:
+            raise FsscError(f"code generation produced invalid Python for {role} (line {e.lineno}): {e.msg}") from None
     paths = {}
-    for role in ROLES:
+    for role, src in sources.items():
         d = os.path.join(out_dir, role)
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, "program.py")
-        write_atomic(path, render(prog, role, source))
+        write_atomic(path, src)
         paths[role] = path
     w = KeyWriter(os.path.join(out_dir, "party1", "weights.bin"), {"kind": "weights", "program": prog.hash})
     for name in sorted(prog.weights):
