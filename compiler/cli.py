@@ -13,7 +13,7 @@ import click
 
 from fssc import __version__
 
-from .errors import FsscError
+from .errors import FsscError, os_error_message
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -170,6 +170,9 @@ def main(argv=None):
     except FsscError as e:
         click.echo(f"fssc: error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # a path that cannot be written, a port in use, ...
+        click.echo(f"fssc: error: {os_error_message(e)}", err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("fssc: aborted", err=True)
         sys.exit(130)

@@ -49,13 +49,13 @@ def load_calibration(path: str, graph: Graph) -> list[np.ndarray]:
 def add_label_output(graph: Graph) -> Graph:
     """Output mode ``labels``: append ArgMax over the class axis to a logits output."""
     if len(graph.outputs) != 1:
-        raise FsscError(f"--output labels needs one output, the graph has {len(graph.outputs)}")
+        raise FsscError(f"--output-mode labels needs one output, the graph has {len(graph.outputs)}")
     o = graph.outputs[0]
     v = graph.values[o]
     if v.dtype == "int64":
         return graph
     if len(v.shape) != 2:
-        raise FsscError(f"--output labels: output %{o} has shape {v.shape}, expected [batch, classes]")
+        raise FsscError(f"--output-mode labels: output %{o} has shape {v.shape}, expected [batch, classes]")
     lab = graph.fresh_name("labels")
     graph.add_value(Value(lab, (v.shape[0],), "int64"))
     graph.ops.append(graph.make_op("argmax", [o], [lab], {"axis": 1, "keepdims": 0, "select_last_index": 0},
@@ -72,7 +72,7 @@ def compile_graph(graph: Graph, frac_bits: int = 12, calibrate: str | None = Non
     if output_mode == "labels":
         graph = add_label_output(graph)
     elif output_mode != "logits":
-        raise FsscError(f"--output {output_mode!r}: choose labels or logits")
+        raise FsscError(f"--output-mode {output_mode!r}: choose labels or logits")
     ctx = PassContext(frac_bits=frac_bits)
     if calibrate:
         ctx.calibration = load_calibration(calibrate, graph)

@@ -7,5 +7,12 @@ class FsscError(Exception):
     exit_code = 2
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for a failed file or socket operation: the path (if any) and the reason."""
+    where = e.filename if e.filename is not None else None
+    reason = e.strerror or str(e)
+    return f"{where}: {reason}" if where else reason
+
+
 class VerifyError(FsscError):
     """The IR verifier found a broken invariant (names the pass that broke it)."""

@@ -105,7 +105,7 @@ class _Fixed:
         a_name, b_name = op.inputs
         if self.g.values[b_name].is_const:
             w = self.g.values[b_name].data.astype(np.float64)
-            k = w.shape[0] if w.ndim > 1 else w.shape[0]
+            k = w.shape[-2] if w.ndim > 1 else w.shape[0]  # x @ W reduces over W's second-to-last axis
             return ring_bilinear(lambda p, q: np.matmul(p, q), env[a_name], encode(w, ws), k)
         w = self.g.values[a_name].data.astype(np.float64)
         return ring_bilinear(lambda p, q: np.matmul(q, p), env[b_name], encode(w, ws), w.shape[-1])

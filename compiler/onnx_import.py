@@ -279,7 +279,8 @@ class _Importer:
                 pads, value = list(a["pads"]), float(a.get("value", 0.0))
             else:
                 pads = self.need_const(node, 1, label, "pads (input 1)").astype(np.int64).tolist()
-                value = float(self.const(ins[2]).reshape(())) if len(ins) > 2 and ins[2] else 0.0
+                value = float(self.need_const(node, 2, label, "constant_value (input 2)").reshape(())) \
+                    if len(ins) > 2 and ins[2] else 0.0
                 if len(ins) > 3 and ins[3]:
                     axes = [int(x) % r for x in self.need_const(node, 3, label, "axes (input 3)").tolist()]
                     full = [0] * (2 * r)

@@ -10,6 +10,7 @@ model sums these into the compile report. Semantics are unchanged.
 
 from __future__ import annotations
 
+from fssc.compiler.errors import FsscError
 from fssc.compiler.gates import gate_count, gate_depth, gate_kind
 from fssc.compiler.ir import Graph
 
@@ -28,7 +29,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             continue
         bits = ranges.get(op.uid, {}).get("bits") or graph.values[op.inputs[0]].bits
         if bits is None:
-            raise ValueError(f"{NAME}: no bitwidth for {op.kind} %{op.name}; run range-analysis first")
+            raise FsscError(f"{NAME}: no bitwidth for {op.kind} %{op.name}; run range-analysis first")
         n = gate_count(op, graph)
         op.gate = {"kind": kind, "count": n, "per_image": n // batch, "bits": bits,
                    "depth": gate_depth(op, graph)}

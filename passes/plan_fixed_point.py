@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fssc.compiler.errors import FsscError
 from fssc.compiler.ir import Graph, Value
 
 from .base import PassContext
@@ -129,7 +130,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         elif k == "upscale":
             out_scale = scale[secret[0]] + op.attrs["shift"]
         else:
-            raise NotImplementedError(f"{NAME}: no scale rule for op kind {k!r} (%{op.name})")
+            raise FsscError(f"{NAME}: no fixed-point rule for op kind {k!r} (%{op.name}, from "
+                            f"{', '.join(op.origin) or 'a pass'})")
         new_ops.append(op)
         for o in op.outputs:
             scale[o] = out_scale

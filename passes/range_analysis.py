@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fssc.compiler.errors import FsscError
 from fssc.compiler.gates import bits_for, comparison_magnitude, gate_kind
 from fssc.compiler.interp import run_fixed
 from fssc.compiler.ir import Graph
@@ -37,7 +38,8 @@ def default_calibration(shape: tuple[int, ...]) -> list[np.ndarray]:
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
     if len(graph.inputs) != 1:
-        raise NotImplementedError(f"{NAME}: graphs with {len(graph.inputs)} inputs")
+        raise FsscError(f"{NAME}: the graph has {len(graph.inputs)} inputs ({', '.join(graph.inputs)}); "
+                        f"fssc compiles models with one input")
     shape = graph.values[graph.inputs[0]].shape
     data = ctx.calibration or default_calibration(shape)
     mags: dict[int, int] = {}
@@ -51,7 +53,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     ranges = {}
     for op in graph.ops:
         if op.uid in mags:
-            m = min(64, bits_for(mags[op.uid]) + ctx.margin_bits)
+            shift = op.attrs.get("trunc") or op.attrs.get("shift") or op.attrs.get("cmp_trunc") or 0
+            m = min(64 - shift, bits_for(mags[op.uid]) + ctx.margin_bits)  # the gate reads m bits above the shift
             ranges[op.uid] = {"magnitude": mags[op.uid], "bits": m}
             graph.values[op.inputs[0]].bits = m
     ctx.notes["ranges"] = ranges

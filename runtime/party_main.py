@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from fssc.compiler.errors import FsscError
+from fssc.compiler.errors import FsscError, os_error_message
 
 from . import ring
 from .session import (check_batches, load_manifest, load_weights, masked_weights, open_batch, read_setup, recv_weights,
@@ -56,6 +56,9 @@ def main(role: str, mod, argv: list[str]) -> int:
 
             traceback.print_exc()
         print(f"fssc {role}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:  # e.g. the listen port is in use, a certificate file is unreadable
+        print(f"fssc {role}: error: {os_error_message(e)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print(f"fssc {role}: interrupted", file=sys.stderr)

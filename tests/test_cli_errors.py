@@ -124,3 +124,30 @@ def test_usage_errors_are_one_line(tmp_path, run_fssc):
     assert_one_line_error(run_fssc("ir", tmp_path), "is a directory", "fssc ir --help")
     assert_one_line_error(run_fssc("export", "resnet18", "-o", tmp_path / "x.onnx", "--batch", "two"),
                           "'--batch'", "not a valid integer")
+
+
+def test_unwritable_output_directory(tmp_path, run_fssc, resnet18_onnx):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = run_fssc("compile", resnet18_onnx, "-o", blocker / "prog")
+    assert_one_line_error(proc, str(blocker))
+
+
+def test_listen_port_in_use_is_one_line(tmp_path, run_fssc, resnet18_onnx):
+    import socket
+    import subprocess
+    import sys
+
+    prog, keys, certs = tmp_path / "prog", tmp_path / "keys", tmp_path / "certs"
+    assert run_fssc("compile", resnet18_onnx, "-o", prog).returncode == 0
+    assert run_fssc("certs", "-o", certs).returncode == 0
+    assert run_fssc("deal", prog, "--batches", 1, "-o", keys).returncode == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(prog / "party1" / "program.py"), "--keys", str(keys / "p1"),
+                               "--listen", f"127.0.0.1:{port}", "--certs", str(certs)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "in use" in proc.stderr.lower()
