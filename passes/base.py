@@ -20,8 +20,7 @@ class PassContext:
     max_scale_factor: int = 2  # a value may reach scale k*f before a truncation is forced
     calibration: list[np.ndarray] | None = None  # input batches for range analysis
     margin_bits: int = 2  # safety margin added to measured ranges
-    weight_bits: int = 20  # signed bits a model owner's weight may use once encoded (P1's limb plan)
-    max_weight_extra: int = 12  # at most this many fractional bits beyond f for weights
+    weight_extra_bits: int = 5  # weights get f + this many fractional bits (public, value-independent)
     notes: dict[str, Any] = field(default_factory=dict)  # passes leave findings here
 
     @property

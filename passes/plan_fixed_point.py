@@ -7,9 +7,9 @@ constants at the scale of the value they join. Then, in program order:
 * a linear op with a constant operand (conv, gemm, matmul, mul, batchnorm,
   affine, avgpool, globalavgpool) adds its weight scale ``wscale`` to its
   input's scale. Public multipliers (pools' 1/k) use f (+ ``wscale_extra``
-  bits set by fold-public-scaling); the model owner's weights use as many
-  fractional bits as fit in ``weight_bits`` (20) signed bits, between f and
-  f + 12, so small weights keep their precision. If an input above scale f
+  bits set by fold-public-scaling); the model owner's weights use
+  f + ``weight_extra_bits`` (5) more, independent of their values (see
+  ``weight_scale``), so small weights keep their precision. If an input above scale f
   would pass ``max_scale`` (2f by default), a ``trunc`` op first brings it
   back to f;
 * add, sub and concat of two secret values align scales by ``upscale`` (a
@@ -27,8 +27,6 @@ floor division by 2^k (at most one LSB from the secure runtime's carry).
 
 from __future__ import annotations
 
-import numpy as np
-
 from fssc.compiler.errors import FsscError
 from fssc.compiler.ir import Graph, Value
 
@@ -40,36 +38,21 @@ LINEAR = {"conv", "gemm", "matmul", "mul", "batchnorm", "affine", "avgpool", "gl
 WEIGHTED = {"conv", "gemm", "matmul", "mul", "batchnorm", "affine"}
 
 
-def _multiplier(op, graph: Graph) -> np.ndarray | None:
-    """The model owner's constant that multiplies the input (None without bytes)."""
-    if op.kind == "batchnorm":
-        gamma, _, _, var = (graph.values[n].data for n in op.inputs[1:5])
-        if gamma is None:
-            return None
-        return gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + op.attrs.get("epsilon", 1e-5))
-    if op.kind in ("conv", "gemm", "affine"):
-        return graph.values[op.inputs[1]].data
-    return next((graph.values[i].data for i in op.inputs if graph.values[i].is_const), None)
+def weight_scale(op, ctx: PassContext) -> int:
+    """Fractional bits for a layer's constant multiplier.
 
-
-def weight_scale(op, graph: Graph, ctx: PassContext) -> int:
-    """Fractional bits for a layer's weights: as many as fit in ``weight_bits`` signed bits.
-
-    At least f (+ ``wscale_extra`` from fold-public-scaling), at most
-    f + ``max_weight_extra``. Small weights encoded at f bits alone would lose
-    most of their precision (a weight of 0.01 is 41 units at f = 12).
+    Public multipliers (pools' 1/k) use f (+ ``wscale_extra`` from
+    fold-public-scaling). The model owner's weights use f + ``weight_extra_bits``
+    (+ ``wscale_extra``) whatever their values: the scale is part of the public
+    program, so it must not depend on the weights (a per-layer choice from
+    max|W| would tell the data owner each layer's largest weight to a factor
+    of 2). Weights encoded at f bits alone would lose most of their precision
+    (a weight of 0.01 is 41 units at f = 12).
     """
     base = ctx.frac_bits + op.attrs.get("wscale_extra", 0)
-    if op.kind not in WEIGHTED:
-        return base
-    w = _multiplier(op, graph)
-    if w is None or w.size == 0:
-        return base
-    mag = float(np.abs(w.astype(np.float64)).max())
-    if mag == 0.0:
-        return base
-    fit = int(np.floor(np.log2(((1 << (ctx.weight_bits - 1)) - 1) / mag)))
-    return max(base, min(fit, ctx.frac_bits + ctx.max_weight_extra))
+    return base + ctx.weight_extra_bits if op.kind in WEIGHTED else base
+
+
 SCALE_PRESERVING = {"maxpool", "clip", "pad", "flatten", "reshape", "sumpool", "globalsumpool"}
 ALIGNING = {"add", "sub", "concat"}
 
@@ -99,7 +82,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         k = op.kind
         if k in LINEAR:
             x = secret[0]
-            ws = weight_scale(op, graph, ctx)
+            ws = weight_scale(op, ctx)
             if scale[x] + ws > smax and scale[x] > f:
                 x_new = rescale(x, f, op)
                 op.inputs = [x_new if i == x else i for i in op.inputs]

@@ -191,7 +191,7 @@ def test_fixed_point_interpreter_keeps_argmax_on_resnet18_224(resnet18_224_onnx,
 
 def test_fixed_point_interpreter_within_tolerance_on_resnet18_64(resnet18_onnx, ort_session):
     """The 64x64 model at f = 12: weights encoded at f bits alone moved the logits by ~0.021 here (seeds 110, 112);
-    plan-fixed-point now gives weights up to 20 signed bits of precision, which keeps this well inside 0.02."""
+    plan-fixed-point now gives weights f + 5 fractional bits, which keeps this well inside 0.02."""
     g = import_onnx(str(resnet18_onnx))
     sess = ort_session(resnet18_onnx)
     err = 0.0
