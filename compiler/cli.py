@@ -125,7 +125,8 @@ def certs(out, days):
 @click.option("--weights", type=click.Path(dir_okay=False), default=None)
 @click.option("--frac-bits", type=int, default=12, show_default=True)
 def demo(workdir, image_size, batch, num_classes, weights, frac_bits):
-    """Export ResNet-18, import it, run the plaintext interpreters and compare with onnxruntime."""
+    """The whole job on loopback: export ResNet-18, compile, certificates, deal, run both parties as two
+    processes over mutual TLS, and compare the labels with onnxruntime (exit 0 only if they agree)."""
     from .demo import run_demo
 
     ok = run_demo(workdir, image_size=image_size, batch=batch, num_classes=num_classes, weights=weights,

@@ -67,7 +67,7 @@ class OpCost:
         return d
 
 
-LINEAR_WEIGHTED = {"conv", "gemm", "matmul", "mul", "affine"}  # as fssc.runtime.engine.WEIGHTED
+LINEAR_WEIGHTED = {"conv", "gemm", "matmul", "mul", "affine"}  # as fssc.compiler.lower.WEIGHTED
 
 
 def is_weighted(op: Op, graph: Graph) -> bool:

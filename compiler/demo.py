@@ -19,9 +19,6 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-LOGIT_TOL = 0.02
-
-
 def _write_images(folder: str, n: int, size: int) -> list[str]:
     """n deterministic RGB test images (PNG), a little larger than the model input."""
     from PIL import Image

@@ -166,10 +166,6 @@ class Graph:
         n = sum(1 for op in self.ops for i in op.inputs if i == name)
         return n + (1 if name in self.outputs else 0)
 
-    def const(self, name: str) -> np.ndarray | None:
-        v = self.values.get(name)
-        return None if v is None else v.data
-
     def remove_unused(self) -> None:
         """Drop values nobody reads or defines (constants left over by rewrites)."""
         used = set(self.inputs) | set(self.outputs)

@@ -2,8 +2,9 @@
 
 Each IR op becomes one statement (``Stmt``) over program variables ``v0,
 v1, ...``: ``input``, ``linear`` (an op with the model owner's constants:
-the linear-layer protocol), a comparison gate (``relu``, ``maxpool``,
-``clip``, ``argmax2``), a ``local`` op (public and linear: runs on masks and
+the linear-layer protocol), a comparison gate (``relu``, ``trunc``,
+``maxpool``, ``clip``, ``argmax2`` for two classes, ``argmax`` for more), a
+``local`` op (public and linear: runs on masks and
 masked values alike) or ``output``. The statements are role-independent;
 code generation renders them for P0, P1 and the dealer, and the program hash
 is computed over them (public parameters only), so the three programs agree

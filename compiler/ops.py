@@ -9,13 +9,12 @@ Each kind maps to an :class:`OpDef` with
 
 Structural constants (reshape targets, pads, clip bounds) are attributes, so
 every tensor value in the IR is data. Kinds created by passes (``trunc``,
-``affine``, ``maxtree``...) are registered here too so one table serves the
+``affine``, ``upscale``...) are registered here too so one table serves the
 verifier and every interpreter.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -488,7 +487,3 @@ def infer_shapes(kind: str, attrs: dict, in_shapes: list[tuple[int, ...]]) -> li
     if kind not in OPS:
         raise FsscError(f"unknown IR op kind {kind!r}")
     return [tuple(int(d) for d in s) for s in OPS[kind].shape(attrs, [tuple(s) for s in in_shapes])]
-
-
-def ceil_log2(n: int) -> int:
-    return max(0, math.ceil(math.log2(max(n, 1))))

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable
 
@@ -51,17 +50,6 @@ ROLES = ("party0", "party1", "dealer")
 UNRANGED_BITS = 64  # a comparison before range analysis: the full ring
 # layout grid (px): node box, horizontal and vertical pitch
 NODE_W, NODE_H, COL_W, ROW_H, MARGIN = 184, 38, 212, 62, 40
-
-
-@dataclass
-class PassInput:
-    """What the viewer needs from one pass (compatible with :class:`fssc.compiler.pipeline.PassRecord`)."""
-
-    index: int
-    name: str
-    changed: bool
-    graph: Graph
-    seconds: float = 0.0
 
 
 # --------------------------------------------------------------------------- layout

@@ -62,8 +62,6 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if consumer is None:
             continue
         w = graph.values[consumer.inputs[1]].data.astype(np.float64)
-        if consumer.kind == "gemm" and consumer.attrs.get("alpha") not in (None, 1.0):
-            continue
         w_name = graph.fresh_name(consumer.inputs[1] + f".div{k}")
         graph.add_const(w_name, (w / k).astype(np.float32))
         consumer.inputs = [consumer.inputs[0], w_name] + consumer.inputs[2:]

@@ -9,7 +9,7 @@ File layout (little-endian)::
     hlen   uint32                        header length
     header JSON {format, program, party, batch, ...}
     records, each:
-        tag    uint16 length + utf-8     (e.g. "relu3.dcf")
+        tag    uint16 length + utf-8     (e.g. "op12.dcf": op uid, record)
         dtype  uint8 code, ndim uint8, dims uint64 x ndim
         pad to 8 bytes, then the array bytes, padded to 8 bytes
     trailer b"FSSCEND\\0" + sha256 of every byte before the trailer

@@ -191,10 +191,6 @@ def recv_weights(chan: Channel, tags: list[str]) -> dict[str, np.ndarray]:
     return {tag: chan.recv() for tag in sorted(tags)}
 
 
-def p0_weight_tags(mod) -> list[str]:
-    return list(getattr(mod, "WEIGHT_TAGS", ()))
-
-
 def run_p1_batch(mod, chan: Channel, keys: KeyReader, W: dict[str, np.ndarray]) -> None:
     mod.online(Party(1, keys, chan), W)
     if not keys.skip_to_end():
