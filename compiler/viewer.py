@@ -218,7 +218,7 @@ def _split_text(graph: Graph) -> tuple[list[str], list[str], list[str]]:
 
 
 # --------------------------------------------------------------------------- generated code
-TAG = re.compile(r'"op(\d+)(?:\.[\w.]*)?"')
+TAG = re.compile(r"""["']op(\d+)(?:\.[\w.]*)?["']""")  # a tag literal, as codegen's repr writes it
 COMMENT = re.compile(r"^# (\S+) %(\S+) \[")
 
 
@@ -228,7 +228,7 @@ def program_lines(prog_dir: str, graph: Graph) -> dict[int, dict[str, list[list]
     Code generation writes each statement as a comment naming the op
     (``# kind %output [shape] ...``, :func:`fssc.compiler.lower._comment`)
     and a code line under it; gate and linear statements also carry the
-    op's tag ``"op{uid}"`` (:func:`fssc.compiler.gates.gate_tag`), local ops
+    op's tag ``'op{uid}'`` (:func:`fssc.compiler.gates.gate_tag`), local ops
     do not. A code line belongs to the op its comment names, else (the
     dealer's seed lines, which have no comment) to the one tag it carries.
     """

@@ -194,7 +194,7 @@ def test_every_final_op_knows_its_generated_lines(r18_prog):
         for role, lines in code.items():
             for no, comment, text in lines:
                 assert programs[role][no - 1].strip() == text
-                assert comment or f'"op{r["uid"]}"' in text  # the comment names the op, else the tag does
+                assert comment or f"'op{r['uid']}'" in text  # the comment names the op, else the tag does
                 if comment:  # a statement's comment names the op (the dealer's seed lines have none)
                     assert programs[role][no - 2].strip() == f"# {comment}" and f"%{r['name']} " in comment
 
@@ -322,7 +322,7 @@ def test_search_maxpool_and_the_inspector(page, r18_prog):
     for role in ("party0", "party1", "dealer"):
         block = page.inner_text(f"#inspector .code[data-role={role}]")
         no = int(re.search(r"^(\d+)\s+v\d+ = lib\.maxpool", block, re.M).group(1))
-        assert f'"op{uid}"' in (r18_prog / role / "program.py").read_text().splitlines()[no - 1]
+        assert f"'op{uid}'" in (r18_prog / role / "program.py").read_text().splitlines()[no - 1]
     # the text IR follows the selection ...
     sel = page.locator("#text .ln.sel")
     assert sel.count() == 1 and sel.inner_text().split(maxsplit=1)[1] == line.strip()
