@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from fssc.runtime import ring
+from fssc.runtime import lib, ring
 from fssc.runtime.pooling import max_tree
 from fssc.runtime.ring import decode, encode, ring_bilinear, signed, unsigned
 
@@ -128,27 +128,22 @@ class _Fixed:
         (x,), (a, b) = self.split(op, env)
         return self._channel_affine(op, x, a, b)
 
+    # pools are public and linear: the same functions the secure programs call
     def avgpool(self, op, env):
-        x = env[op.inputs[0]]
-        w, valid, inpad, nd = _windows(x, op.attrs, 0)
-        axes = tuple(range(-nd, 0))
-        cnt = (inpad if op.attrs.get("count_include_pad", 0) else valid).sum(axis=axes)
-        total = w.sum(axis=axes, dtype=np.uint64)
-        return total * encode(1.0 / cnt, op.attrs["wscale"])
+        a = op.attrs
+        return lib.avgpool(env[op.inputs[0]], a["kernel_shape"], a["strides"], a["pads"], a["dilations"],
+                           a.get("ceil_mode", 0), a.get("count_include_pad", 0), a["wscale"])
 
     def globalavgpool(self, op, env):
-        x = env[op.inputs[0]]
-        axes = tuple(range(2, x.ndim))
-        n = int(np.prod(x.shape[2:]))
-        return x.sum(axis=axes, keepdims=True, dtype=np.uint64) * encode(1.0 / n, op.attrs["wscale"])
+        return lib.globalavgpool(env[op.inputs[0]], op.attrs["wscale"])
 
     def sumpool(self, op, env):
-        w, _, _, nd = _windows(env[op.inputs[0]], op.attrs, 0)
-        return w.sum(axis=tuple(range(-nd, 0)), dtype=np.uint64)
+        a = op.attrs
+        return lib.sumpool(env[op.inputs[0]], a["kernel_shape"], a["strides"], a["pads"], a["dilations"],
+                           a.get("ceil_mode", 0))
 
     def globalsumpool(self, op, env):
-        x = env[op.inputs[0]]
-        return x.sum(axis=tuple(range(2, x.ndim)), keepdims=True, dtype=np.uint64)
+        return lib.globalsumpool(env[op.inputs[0]])
 
     # local ops --------------------------------------------------------
     def _const_at(self, op, env):

@@ -16,8 +16,8 @@ import numpy as np
 
 from fssc.compiler.errors import FsscError
 
-_DT = {0: np.dtype("<u8"), 1: np.dtype("u1"), 2: np.dtype("<i8"), 3: np.dtype("<f8")}
-_CODE = {v: k for k, v in _DT.items()}
+from .keys import DTYPE_CODES as _CODE
+from .keys import DTYPES as _DT
 
 
 def encode_array(arr: np.ndarray) -> bytes:

@@ -27,7 +27,7 @@ from fssc.compiler.codegen import render
 from fssc.compiler.ir import Graph, Op
 from fssc.compiler.lower import SecureProgram, encode_linear, is_weighted, lower
 
-from .lib import weight_mask
+from . import lib
 from .protocol import Dealer, Party
 
 __all__ = ["DealTrace", "deal", "run_party", "precompute_p0", "masked_weights", "strip_weights", "is_weighted",
@@ -87,8 +87,8 @@ def deal(graph: Graph, D: Dealer, setup_seed: bytes, trace: DealTrace | None = N
 def masked_weights(graph: Graph, setup_seed: bytes) -> dict[str, np.ndarray]:
     """P1's one-time setup message: W^ = W + A per weighted layer (tag -> array)."""
     prog = lower(graph)
-    return {st.tag: prog.weights[st.tag + ".w"] + weight_mask(setup_seed, st.tag, st.params["w_shape"])
-            for st in prog.linears if st.params["w_shape"] is not None}
+    shapes = {st.tag: st.params["w_shape"] for st in prog.linears if st.params["w_shape"] is not None}
+    return lib.masked_weights(prog.weights, setup_seed, shapes)
 
 
 def precompute_p0(graph: Graph, P: Party, w_hat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

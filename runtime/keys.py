@@ -33,11 +33,13 @@ import numpy as np
 
 from fssc.compiler.errors import FsscError
 
+from .dcf import LAYOUT_VERSION as DCF_LAYOUT  # key headers record the DCF layout they hold
+
 MAGIC = b"FSSCKEY\0"
 TRAILER = b"FSSCEND\0"
 FORMAT_VERSION = 1
-_DTYPES = {0: np.dtype("<u8"), 1: np.dtype("u1"), 2: np.dtype("<i8"), 3: np.dtype("<f8")}
-_CODES = {v: k for k, v in _DTYPES.items()}
+DTYPES = {0: np.dtype("<u8"), 1: np.dtype("u1"), 2: np.dtype("<i8"), 3: np.dtype("<f8")}  # record/message codes
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 
 def _pad8(n: int) -> int:
@@ -52,7 +54,7 @@ class KeyWriter:
         self._fh = open(path + ".part", "wb") if path else io.BytesIO()
         self._hash = hashlib.sha256()
         self.bytes_written = 0
-        hdr = json.dumps({"format": FORMAT_VERSION, **header}, sort_keys=True).encode()
+        hdr = json.dumps({"format": FORMAT_VERSION, "dcf_layout": DCF_LAYOUT, **header}, sort_keys=True).encode()
         self._write(MAGIC + struct.pack("<I", len(hdr)) + hdr + b"\0" * _pad8(len(hdr) + 12))
         self.records = 0
 
@@ -63,18 +65,24 @@ class KeyWriter:
 
     def put(self, tag: str, arr: np.ndarray) -> None:
         arr = np.ascontiguousarray(arr)
-        if arr.dtype not in _CODES:
+        if arr.dtype not in DTYPE_CODES:
             arr = arr.astype(np.uint64) if arr.dtype.kind in "iu" and arr.dtype.itemsize == 8 else arr
-        if arr.dtype not in _CODES:
+        if arr.dtype not in DTYPE_CODES:
             raise TypeError(f"key record {tag}: unsupported dtype {arr.dtype}")
         t = tag.encode()
-        head = struct.pack("<H", len(t)) + t + struct.pack("<BB", _CODES[arr.dtype], arr.ndim)
+        head = struct.pack("<H", len(t)) + t + struct.pack("<BB", DTYPE_CODES[arr.dtype], arr.ndim)
         head += struct.pack(f"<{arr.ndim}Q", *arr.shape)
         head += b"\0" * _pad8(len(head))
         self._write(head)
         self._write(memoryview(arr).cast("B") if arr.size else b"")
         self._write(b"\0" * _pad8(arr.nbytes))
         self.records += 1
+
+    def abort(self) -> None:
+        """Drop a stream that will not be completed: no partial file is left behind."""
+        self._fh.close()
+        if self.path and os.path.exists(self.path + ".part"):
+            os.remove(self.path + ".part")
 
     def close(self) -> bytes | None:
         digest = self._hash.digest()
@@ -163,8 +171,9 @@ class KeyReader:
             self.header = json.loads(bytes(mv[12:12 + hlen]))
         except ValueError:
             raise FsscError(f"{self.name}: corrupt key header") from None
-        if self.header.get("format") != FORMAT_VERSION:
-            raise FsscError(f"{self.name}: key format {self.header.get('format')}, this fssc reads {FORMAT_VERSION}")
+        if self.header.get("format") != FORMAT_VERSION or self.header.get("dcf_layout") != DCF_LAYOUT:
+            raise FsscError(f"{self.name}: key format {self.header.get('format')} (DCF layout "
+                            f"{self.header.get('dcf_layout')}), this fssc reads {FORMAT_VERSION} ({DCF_LAYOUT})")
         for key, want in (("program", program), ("party", party), ("batch", batch)):
             if want is not None and self.header.get(key) != want:
                 got = self.header.get(key)
@@ -209,11 +218,16 @@ class KeyReader:
         shape = struct.unpack_from(f"<{ndim}Q", mv, p)
         p += 8 * ndim
         p += _pad8(p - self.pos)
-        dt = _DTYPES[code]
+        dt = DTYPES[code]
         n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         arr = np.frombuffer(mv[p:p + n], dtype=dt).reshape(shape)
         self.pos = p + n + _pad8(n)
         return tag, arr
+
+    def records(self):
+        """Every remaining (tag, array), in order."""
+        while not self.skip_to_end():
+            yield self._next()
 
     def get(self, tag: str) -> np.ndarray:
         got, arr = self._next()

@@ -54,6 +54,11 @@ def weight_mask(setup_seed: bytes, tag: str, shape) -> np.ndarray:
     return expand(setup_seed, tuple(shape), nonce=nonce)
 
 
+def masked_weights(W: dict[str, np.ndarray], setup_seed: bytes, shapes: dict[str, list]) -> dict[str, np.ndarray]:
+    """P1's one-time setup message: W^ = W + A for each weighted layer (tag -> array)."""
+    return {tag: W[tag + ".w"] + weight_mask(setup_seed, tag, shape) for tag, shape in shapes.items()}
+
+
 # ------------------------------------------------------------ input / output
 def input(ctx, tag: str, shape, x: np.ndarray | None = None) -> np.ndarray:  # noqa: A001
     if isinstance(ctx, Dealer):

@@ -61,11 +61,7 @@ def load_weights(path: str, program_hash: str) -> dict[str, np.ndarray]:
     r = KeyReader(path)
     if r.header.get("kind") != "weights" or r.header.get("program") != program_hash:
         raise FsscError(f"{path}: weights for program {r.header.get('program')}, not {program_hash}")
-    out = {}
-    while not r.skip_to_end():
-        tag, arr = r._next()
-        out[tag] = arr
-    return out
+    return dict(r.records())
 
 
 # ------------------------------------------------------------ dealing
@@ -126,9 +122,7 @@ def deal_batches(prog_dir: str, keys_dir: str, batches: int, progress: Callable[
             mod.deal(Dealer(w0, w1), seed)
         except BaseException:
             for w in (w0, w1):  # no partial key file that looks complete
-                w._fh.close()
-                if os.path.exists(w.path + ".part"):
-                    os.remove(w.path + ".part")
+                w.abort()
             raise
         w0.close()
         w1.close()
@@ -177,9 +171,10 @@ def read_setup(party_dir: str, program_hash: str) -> bytes:
 
 # ------------------------------------------------------------ the two sides
 def masked_weights(mod, W: dict[str, np.ndarray], setup_seed: bytes) -> dict[str, np.ndarray]:
-    from .lib import weight_mask
+    """W^ = W + A for the layers P1's program lists."""
+    from . import lib
 
-    return {tag: W[tag + ".w"] + weight_mask(setup_seed, tag, shape) for tag, shape in mod.LINEAR_WEIGHTS.items()}
+    return lib.masked_weights(W, setup_seed, mod.LINEAR_WEIGHTS)
 
 
 def send_weights(chan: Channel, w_hat: dict[str, np.ndarray]) -> None:
