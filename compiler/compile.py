@@ -9,6 +9,7 @@ between two runs).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -151,9 +152,9 @@ def compile_model(model: str, out_dir: str, frac_bits: int = 12, calibrate: str 
     data["passes"] = [{"index": r.index, "name": r.name, "changed": r.changed} for r in res.records]
     data["frac_bits"] = frac_bits
     write_atomic(os.path.join(out_dir, "report.json"), json.dumps(data, indent=1, sort_keys=True) + "\n")
-    with open(os.path.join(out_dir, "report.txt.part"), "w") as fh:
-        Console(file=fh, width=160, no_color=True).print(table)
-    os.replace(os.path.join(out_dir, "report.txt.part"), os.path.join(out_dir, "report.txt"))
+    text = io.StringIO()
+    Console(file=text, width=160, no_color=True).print(table)
+    write_atomic(os.path.join(out_dir, "report.txt"), text.getvalue())
     if json_path:
         write_atomic(json_path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return res

@@ -227,8 +227,8 @@ class _Importer:
             self.emit(node, label, "relu", ins, {})
         elif op == "Clip":
             attrs = {}
-            if self.opset < 11:
-                attrs = {"min": float(a.get("min", -3.4028234663852886e38)), "max": float(a.get("max", 3.4028234663852886e38))}
+            if self.opset < 11:  # bounds are attributes; an absent one is no bound (no comparison)
+                attrs = {k: float(a[k]) for k in ("min", "max") if k in a}
             else:
                 for key, idx in (("min", 1), ("max", 2)):
                     if len(ins) > idx and ins[idx]:

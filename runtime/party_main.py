@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from fssc.compiler.errors import FsscError, os_error_message
+from fssc.compiler.files import write_atomic
 
 from . import ring
 from .session import (check_batches, load_manifest, load_weights, masked_weights, open_batch, read_setup, recv_weights,
@@ -84,9 +85,7 @@ def main_party1(mod, argv) -> int:
     def ready(port):
         print(f"fssc party1: listening on {a.listen.rpartition(':')[0]}:{port}", flush=True)
         if a.ready_file:
-            with open(a.ready_file + ".part", "w") as fh:
-                fh.write(str(port))
-            os.replace(a.ready_file + ".part", a.ready_file)
+            write_atomic(a.ready_file, str(port))
 
     chan = listen(a.listen, a.certs, timeout=a.timeout, accept_timeout=a.timeout, on_ready=ready)
     free = set(unused_batches(a.keys))
@@ -182,9 +181,8 @@ def main_party0(mod, argv) -> int:
         if a.out:
             stats = {"timings": timings, "bytes_sent": chan.bytes_sent, "bytes_received": chan.bytes_received,
                      "rounds": chan.rounds, "batches_done": bi + 1, "batches": len(use)}
-            with open(a.out + ".part", "w") as fh:
-                json.dump({"results": results, "program": mod.PROGRAM_HASH, "stats": stats}, fh, indent=1)
-            os.replace(a.out + ".part", a.out)
+            write_atomic(a.out, json.dumps({"results": results, "program": mod.PROGRAM_HASH, "stats": stats},
+                                           indent=1))
     total = time.perf_counter() - t0
     print(f"fssc party0: {len(results)} input(s), {len(use)} batch(es): setup {timings['setup']:.2f} s, "
           f"offline {timings.get('offline', 0):.2f} s, online {timings.get('online', 0):.2f} s, total {total:.2f} s; "

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import socket
 import ssl
@@ -36,8 +37,6 @@ MAX_FRAME = 1 << 36
 
 
 def _context(certs: str, party: int) -> ssl.SSLContext:
-    import os
-
     ca = os.path.join(certs, "ca.pem")
     cert = os.path.join(certs, f"party{party}.pem")
     key = os.path.join(certs, f"party{party}.key")
@@ -191,8 +190,6 @@ def listen(addr: str, certs: str, timeout: float = 600.0, accept_timeout: float 
 
 def connect(addr: str, certs: str, timeout: float = 600.0, record: bool = False) -> TcpChannel:
     """P0: open both connections to P1, authenticating both ways."""
-    import os
-
     host, port = _split(addr)
     ctx = _context(certs, 0)
     token = os.urandom(16).hex()
