@@ -260,3 +260,29 @@ def test_print_ir_after_unknown_name_in_the_api(tmp_path):
     g = import_onnx(str(tiny_model_file(tmp_path)))
     with pytest.raises(FsscError, match="no such pass"):
         run_pipeline(g, PassContext(), print_after=("fold-batchnorms",), echo=lambda s: None)
+
+
+def test_calibrate_from_images_and_npy(tmp_path, export_resnet18):
+    """--calibrate DIR (images, preprocessed as the manifest says) or an .npy of inputs drives range analysis."""
+    import numpy as np
+
+    from fssc.compiler.compile import compile_graph
+    from fssc.compiler.demo import _write_images
+    from fssc.compiler.errors import FsscError
+    from fssc.compiler.onnx_import import import_onnx
+
+    path = export_resnet18(64, 2)
+    images = tmp_path / "images"
+    _write_images(str(images), 3, 64)  # 3 images -> 2 batches of 2 (the last padded)
+    res = compile_graph(import_onnx(str(path)), calibrate=str(images), echo=lambda s: None)
+    assert res.ctx.notes["calibration_batches"] == 2
+    arr = tmp_path / "x.npy"
+    np.save(arr, np.zeros((4, 3, 64, 64), np.float32))
+    res0 = compile_graph(import_onnx(str(path)), calibrate=str(arr), echo=lambda s: None)
+    assert res0.ctx.notes["calibration_batches"] == 2
+    # all-zero inputs still give positive bitwidths for every comparison
+    assert all(op.gate["bits"] >= 2 for op in res0.graph.ops if op.gate)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FsscError, match="no images found"):
+        compile_graph(import_onnx(str(path)), calibrate=str(empty), echo=lambda s: None)
