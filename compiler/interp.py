@@ -25,7 +25,7 @@ from fssc.runtime.ring import decode, encode, ring_bilinear, signed, unsigned
 from .errors import FsscError
 from .gates import gate_tag
 from .ir import Graph, Op
-from .ops import OPS, _windows, conv_float
+from .ops import OPS, _windows, batchnorm_affine, conv_float
 
 
 def _bind_inputs(graph: Graph, inputs) -> dict[str, np.ndarray]:
@@ -120,9 +120,8 @@ class _Fixed:
         return x * encode(a, ws).reshape(sh) + encode(b, self.sc(op.inputs[0]) + ws).reshape(sh)
 
     def batchnorm(self, op, env):
-        (x,), (gamma, beta, mean, var) = self.split(op, env)
-        a = gamma / np.sqrt(var + op.attrs.get("epsilon", 1e-5))
-        return self._channel_affine(op, x, a, beta - mean * a)
+        (x,), params = self.split(op, env)
+        return self._channel_affine(op, x, *batchnorm_affine(op.attrs, *params))
 
     def affine(self, op, env):
         (x,), (a, b) = self.split(op, env)

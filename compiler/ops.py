@@ -327,6 +327,13 @@ class GlobalSumPool:
         return [x.astype(np.float64).sum(axis=tuple(range(2, x.ndim)), keepdims=True)]
 
 
+def batchnorm_affine(attrs, scale, bias, mean, var) -> tuple[np.ndarray, np.ndarray]:
+    """BatchNormalization as y = x * a + b per channel: a = scale / sqrt(var + eps), b = bias - mean * a
+    (eps from the node's attribute)."""
+    a = np.asarray(scale, np.float64) / np.sqrt(np.asarray(var, np.float64) + attrs.get("epsilon", 1e-5))
+    return a, np.asarray(bias, np.float64) - np.asarray(mean, np.float64) * a
+
+
 @register("batchnorm")
 class BatchNorm:
     @staticmethod
@@ -340,8 +347,8 @@ class BatchNorm:
     @staticmethod
     def run(attrs, x, scale, bias, mean, var):
         sh = (1, -1) + (1,) * (x.ndim - 2)
-        a = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + attrs.get("epsilon", 1e-5))
-        return [(x - mean.reshape(sh)) * a.reshape(sh) + bias.reshape(sh)]
+        a, b = batchnorm_affine(attrs, scale, bias, mean, var)
+        return [x * a.reshape(sh) + b.reshape(sh)]
 
 
 @register("affine")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from fssc.compiler.ir import Graph
+from fssc.compiler.ops import batchnorm_affine
 
 from .base import PassContext
 
@@ -23,9 +24,7 @@ NAME = "fold-batchnorm"
 
 
 def _bn_params(graph: Graph, op):
-    gamma, beta, mean, var = (graph.values[n].data.astype(np.float64) for n in op.inputs[1:5])
-    a = gamma / np.sqrt(var + op.attrs.get("epsilon", 1e-5))
-    return a, beta - mean * a
+    return batchnorm_affine(op.attrs, *(graph.values[n].data for n in op.inputs[1:5]))
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:

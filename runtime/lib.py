@@ -103,8 +103,7 @@ def trunc(ctx, tag: str, x, m: int, shift: int):
 
 
 def maxpool(ctx, tag: str, x, kernel_shape, strides, pads, dilations, ceil_mode, m: int, cmp_trunc: int = 0):
-    attrs = {"kernel_shape": list(kernel_shape), "strides": list(strides), "pads": list(pads),
-             "dilations": list(dilations), "ceil_mode": int(ceil_mode)}
+    attrs = _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode)
     return max_tree(x, attrs, lambda level, a, b: ctx.max(f"{tag}.L{level}", a, b, m, cmp_trunc))
 
 
