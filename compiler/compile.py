@@ -68,6 +68,11 @@ def add_label_output(graph: Graph) -> Graph:
 def compile_graph(graph: Graph, frac_bits: int = 12, calibrate: str | None = None, dump_dir: str | None = None,
                   print_after=(), print_all=False, keep_graphs=False, echo=print,
                   output_mode: str = "logits") -> CompileResult:
+    """The middle of the compiler: passes, verifier, cost report (no files but the optional IR dumps).
+
+    ``output_mode`` defaults to ``logits`` here (the graph as imported, for tests and tools);
+    ``fssc compile`` and :func:`compile_model` default to ``labels``, what a data owner should get.
+    """
     if not 4 <= frac_bits <= 24:
         raise FsscError(f"--frac-bits {frac_bits}: must be between 4 and 24")
     if output_mode == "labels":
