@@ -19,8 +19,10 @@ kept" would say little.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -145,6 +147,24 @@ def prepare_model(name: str, num_classes: int | None = None, weights: str | None
     return model.eval()
 
 
+@contextlib.contextmanager
+def _quiet_output():
+    """Silence file descriptors 1 and 2 (C++ writers included) for the duration."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [devnull]:
+            os.close(fd)
+
+
 def export_model(name: str, out: str, num_classes: int | None = None, weights: str | None = None,
                  image_size: int = 224, batch: int = 2, opset: int = 17, seed: int = DEFAULT_SEED) -> ExportInfo:
     import onnx
@@ -162,8 +182,16 @@ def export_model(name: str, out: str, num_classes: int | None = None, weights: s
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, do_constant_folding=False,
-                          training=torch.onnx.TrainingMode.EVAL, input_names=["input"], output_names=["logits"])
+        try:
+            with _quiet_output():  # torch's exporter logs its whole graph (from C++) on failure
+                torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, do_constant_folding=False,
+                                  training=torch.onnx.TrainingMode.EVAL, input_names=["input"],
+                                  output_names=["logits"])
+        except Exception as e:  # torch's exporter reports unsupported shapes with pages of graph dump
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first.split(" Please feel free")[0].split(" [Caused by")[0]
+            raise FsscError(f"torch cannot export {name} at {image_size}x{image_size}, batch {batch}: {first} "
+                            f"(try another --image-size)") from None
     proto = onnx.load_from_string(buf.getvalue())
     proto.producer_name = "fssc export"
     tmp = out + ".part"

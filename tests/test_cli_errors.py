@@ -151,3 +151,10 @@ def test_listen_port_in_use_is_one_line(tmp_path, run_fssc, resnet18_onnx):
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "in use" in proc.stderr.lower()
+
+
+def test_model_torch_cannot_export_is_one_line(tmp_path, run_fssc):
+    """VGG's adaptive pool to 7x7 cannot be exported from 64x64 inputs: torch's own multi-page dump stays hidden."""
+    proc = run_fssc("export", "vgg11", "-o", tmp_path / "v.onnx", "--image-size", 64, "--batch", 1)
+    assert_one_line_error(proc, "vgg11", "64x64", "adaptive_avg_pool2d")
+    assert not (tmp_path / "v.onnx").exists()
