@@ -28,7 +28,7 @@ def _party(prog: Path, role: str, *args) -> list[str]:
     return [sys.executable, str(prog / role / "program.py"), *map(str, args)]
 
 
-def _start_p1(prog: Path, keys: Path, certs: Path, tmp: Path, timeout: int = 60):
+def _start_p1(prog: Path, keys: Path, certs: Path, tmp: Path, timeout: int = 300):
     ready = tmp / f"p1-{time.monotonic_ns()}.port"
     proc = subprocess.Popen(_party(prog, "party1", "--keys", keys / "p1", "--listen", "127.0.0.1:0", "--certs", certs,
                                    "--ready-file", ready, "--timeout", timeout),
