@@ -89,10 +89,8 @@ def render_stmt(st: Stmt, role: str) -> list[str]:
         line = f'{st.out} = lib.maxpool({ctx}, {T}, {a[0]}, {_kw(p, POOL + ("m", "cmp_trunc"))})'
     elif st.kind == "clip":
         line = f'{st.out} = lib.clip({ctx}, {T}, {a[0]}, lo={p["lo"]}, hi={p["hi"]}, m={p["m"]})'
-    elif st.kind == "argmax":
-        line = f'{st.out} = lib.argmax({ctx}, {T}, {a[0]}, {_kw(p, ("axis", "keepdims", "select_last", "m"))})'
-    elif st.kind == "argmax2":
-        line = f'{st.out} = lib.argmax2({ctx}, {T}, {a[0]}, {_kw(p, ("axis", "keepdims", "select_last", "m"))})'
+    elif st.kind in ("argmax", "argmax2"):  # a tournament, or the 2-class label for P0 only
+        line = f'{st.out} = lib.{st.kind}({ctx}, {T}, {a[0]}, {_kw(p, ("axis", "keepdims", "select_last", "m"))})'
     elif st.kind == "local":
         kw = {k: v for k, v in p.items() if k != "fn"}
         args = ", ".join(a + [f"{k}={_lit(v)}" for k, v in kw.items()])

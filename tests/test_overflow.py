@@ -26,12 +26,6 @@ LOGIT_TOLERANCE = 0.02
 
 
 @pytest.fixture(scope="module")
-def r18(export_resnet18):
-    """ResNet-18 224x224 batch 2 (conftest's session cache, shared with test_pipeline.py)."""
-    return export_resnet18(image_size=224, batch=2, num_classes=2)
-
-
-@pytest.fixture(scope="module")
 def final_ir(r18):
     return compile_graph(import_onnx(str(r18)), echo=lambda s: None).graph
 

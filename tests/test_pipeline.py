@@ -40,12 +40,6 @@ PYSYFT_COMPARISONS = 3_311_620
 
 
 @pytest.fixture(scope="module")
-def r18(export_resnet18):
-    """ResNet-18 224x224 batch 2 (conftest's session cache: exported once for all test files)."""
-    return export_resnet18(image_size=224, batch=2, num_classes=2)
-
-
-@pytest.fixture(scope="module")
 def compiled(r18):
     return compile_graph(import_onnx(str(r18)), echo=lambda s: None)
 
