@@ -26,8 +26,12 @@ def cli():
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--num-classes", type=int, default=None, help="Replace the final layer with this many classes.")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None,
-              help="A state dict (torch.save) for the model; default: random weights, BN calibrated.")
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A state dict (torch.save) for the model; default: random weights, BN calibrated.",
+)
 @click.option("--image-size", type=int, default=224, show_default=True)
 @click.option("--batch", type=int, default=2, show_default=True, help="Static batch dimension.")
 @click.option("--opset", type=int, default=17, show_default=True)
@@ -36,9 +40,11 @@ def export(model, out, num_classes, weights, image_size, batch, opset):
     from fssc.models.export import export_model
 
     info = export_model(model, out, num_classes, weights, image_size, batch, opset)
-    click.echo(f"wrote {info.path}: {info.model}, {info.num_classes} classes, input [{info.batch},3,"
-               f"{info.image_size},{info.image_size}], opset {info.opset}, {info.nodes} nodes "
-               f"({info.batchnorms} BatchNormalization), weights: {info.weights}")
+    click.echo(
+        f"wrote {info.path}: {info.model}, {info.num_classes} classes, input [{info.batch},3,"
+        f"{info.image_size},{info.image_size}], opset {info.opset}, {info.nodes} nodes "
+        f"({info.batchnorms} BatchNormalization), weights: {info.weights}"
+    )
 
 
 @cli.command()
@@ -54,22 +60,45 @@ def ir(model):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Program directory.")
 @click.option("--frac-bits", type=int, default=12, show_default=True, help="Fixed-point fractional bits f.")
-@click.option("--calibrate", type=click.Path(exists=True), default=None,
-              help="Images (folder) or .npy for range analysis; default: inputs from a fixed seed.")
+@click.option(
+    "--calibrate",
+    type=click.Path(exists=True),
+    default=None,
+    help="Images (folder) or .npy for range analysis; default: inputs from a fixed seed.",
+)
 @click.option("--dump-ir", is_flag=True, help="Write prog/ir/NN-pass.txt after every pass.")
 @click.option("--print-ir-after-all", is_flag=True, help="Print the IR after every pass.")
 @click.option("--print-ir-after", multiple=True, metavar="PASS", help="Print the IR after this pass (repeatable).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the cost report as JSON here.")
-@click.option("--output-mode", "output_mode", type=click.Choice(["labels", "logits"]), default="labels", show_default=True,
-              help="What the data owner learns: labels only (argmax inside), or the logits.")
-def compile_cmd(model, out, frac_bits, calibrate, dump_ir, print_ir_after_all, print_ir_after, json_path,
-                output_mode):
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the cost report as JSON here.",
+)
+@click.option(
+    "--output-mode",
+    "output_mode",
+    type=click.Choice(["labels", "logits"]),
+    default="labels",
+    show_default=True,
+    help="What the data owner learns: labels only (argmax inside), or the logits.",
+)
+def compile_cmd(model, out, frac_bits, calibrate, dump_ir, print_ir_after_all, print_ir_after, json_path, output_mode):
     """Compile an ONNX MODEL into prog/: the passes, the cost report, and one program per party."""
     from .compile import compile_model
 
-    compile_model(model, out, frac_bits, calibrate, dump_ir, print_ir_after, print_ir_after_all, json_path,
-                  output_mode=output_mode)
+    compile_model(
+        model,
+        out,
+        frac_bits,
+        calibrate,
+        dump_ir,
+        print_ir_after,
+        print_ir_after_all,
+        json_path,
+        output_mode=output_mode,
+    )
 
 
 @cli.command()
@@ -86,8 +115,14 @@ def view(prog, port, open_browser):
 @cli.command()
 @click.argument("prog", type=click.Path(file_okay=False, exists=True))
 @click.option("--batches", type=int, default=1, show_default=True, help="Key batches to make (one per inference).")
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
-              help="Key directory: writes OUT/p0, OUT/p1 (and OUT/dealer, the dealer's private state).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Key directory: writes OUT/p0, OUT/p1 (and OUT/dealer, the dealer's private state).",
+)
 def deal(prog, batches, out):
     """The dealer: make one-time FSS key batches for a compiled program."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -96,8 +131,9 @@ def deal(prog, batches, out):
 
     if batches < 1:
         raise FsscError("--batches must be at least 1")
-    with Progress(TextColumn("dealing"), BarColumn(), TextColumn("{task.completed}/{task.total} batches"),
-                  TimeElapsedColumn()) as bar:
+    with Progress(
+        TextColumn("dealing"), BarColumn(), TextColumn("{task.completed}/{task.total} batches"), TimeElapsedColumn()
+    ) as bar:
         task = bar.add_task("deal", total=batches)
         done = deal_batches(prog, out, batches, lambda i, n, dt: bar.update(task, completed=i))
     for b, n0, n1, dt in done:
@@ -129,8 +165,9 @@ def demo(workdir, image_size, batch, num_classes, weights, frac_bits):
     processes over mutual TLS, and compare the labels with onnxruntime (exit 0 only if they agree)."""
     from .demo import run_demo
 
-    ok = run_demo(workdir, image_size=image_size, batch=batch, num_classes=num_classes, weights=weights,
-                  frac_bits=frac_bits)
+    ok = run_demo(
+        workdir, image_size=image_size, batch=batch, num_classes=num_classes, weights=weights, frac_bits=frac_bits
+    )
     sys.exit(0 if ok else 1)
 
 

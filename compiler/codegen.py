@@ -69,35 +69,39 @@ def render_stmt(st: Stmt, role: str) -> list[str]:
     line: str
     if st.kind == "input":
         extra = ", x" if role == "party0" else ""
-        line = f'{st.out} = lib.input({ctx}, {T}, {_lit(p["shape"])}{extra})'
+        line = f"{st.out} = lib.input({ctx}, {T}, {_lit(p['shape'])}{extra})"
     elif st.kind == "linear":
         if role == "party0":
-            line = f'{st.out} = lib.linear_p0(P, {T}, Z0.pop({T}))'
+            line = f"{st.out} = lib.linear_p0(P, {T}, Z0.pop({T}))"
         elif role == "party1":
-            w = f'W[{_lit(st.tag + ".w")}]' if p["w_shape"] is not None else "None"
-            b = f'W[{_lit(st.tag + ".b")}]' if p["bias"] else "None"
-            line = (f'{st.out} = lib.linear_p1(P, {T}, {a[0]}, {_fn_expr(p)}, {p["k"]}, {w}, {b}, '
-                    f'w_bits={st.p1.get("w_bits", 64)})')
+            w = f"W[{_lit(st.tag + '.w')}]" if p["w_shape"] is not None else "None"
+            b = f"W[{_lit(st.tag + '.b')}]" if p["bias"] else "None"
+            line = (
+                f"{st.out} = lib.linear_p1(P, {T}, {a[0]}, {_fn_expr(p)}, {p['k']}, {w}, {b}, "
+                f"w_bits={st.p1.get('w_bits', 64)})"
+            )
         else:
-            line = (f'{st.out} = lib.linear_dealer(D, {T}, {a[0]}, {_fn_expr(p)}, {p["k"]}, '
-                    f'{_lit(p["w_shape"])}, {_lit(p["y_shape"])}, S[{T}], setup_seed)')
+            line = (
+                f"{st.out} = lib.linear_dealer(D, {T}, {a[0]}, {_fn_expr(p)}, {p['k']}, "
+                f"{_lit(p['w_shape'])}, {_lit(p['y_shape'])}, S[{T}], setup_seed)"
+            )
     elif st.kind == "relu":
-        line = f'{st.out} = lib.relu({ctx}, {T}, {a[0]}, m={p["m"]}, trunc={p["trunc"]})'
+        line = f"{st.out} = lib.relu({ctx}, {T}, {a[0]}, m={p['m']}, trunc={p['trunc']})"
     elif st.kind == "trunc":
-        line = f'{st.out} = lib.trunc({ctx}, {T}, {a[0]}, m={p["m"]}, shift={p["shift"]})'
+        line = f"{st.out} = lib.trunc({ctx}, {T}, {a[0]}, m={p['m']}, shift={p['shift']})"
     elif st.kind == "maxpool":
-        line = f'{st.out} = lib.maxpool({ctx}, {T}, {a[0]}, {_kw(p, POOL + ("m", "cmp_trunc"))})'
+        line = f"{st.out} = lib.maxpool({ctx}, {T}, {a[0]}, {_kw(p, POOL + ('m', 'cmp_trunc'))})"
     elif st.kind == "clip":
-        line = f'{st.out} = lib.clip({ctx}, {T}, {a[0]}, lo={p["lo"]}, hi={p["hi"]}, m={p["m"]})'
+        line = f"{st.out} = lib.clip({ctx}, {T}, {a[0]}, lo={p['lo']}, hi={p['hi']}, m={p['m']})"
     elif st.kind in ("argmax", "argmax2"):  # a tournament, or the 2-class label for P0 only
-        line = f'{st.out} = lib.{st.kind}({ctx}, {T}, {a[0]}, {_kw(p, ("axis", "keepdims", "select_last", "m"))})'
+        line = f"{st.out} = lib.{st.kind}({ctx}, {T}, {a[0]}, {_kw(p, ('axis', 'keepdims', 'select_last', 'm'))})"
     elif st.kind == "local":
         kw = {k: v for k, v in p.items() if k != "fn"}
         args = ", ".join(a + [f"{k}={_lit(v)}" for k, v in kw.items()])
-        line = f'{st.out} = lib.{p["fn"]}({args})'
+        line = f"{st.out} = lib.{p['fn']}({args})"
     elif st.kind == "output":
-        lhs = f'out[{_lit(p["name"])}] = ' if role == "party0" else ""
-        line = f'{lhs}lib.output({ctx}, {T}, {a[0]})'
+        lhs = f"out[{_lit(p['name'])}] = " if role == "party0" else ""
+        line = f"{lhs}lib.output({ctx}, {T}, {a[0]})"
     else:  # pragma: no cover
         raise ValueError(st.kind)
     return [f"# {_comment_text(st.comment)}", line]
@@ -134,45 +138,89 @@ def _functions(prog: SecureProgram, role: str) -> list[dict]:
         for st in prog.linears:
             p = st.params
             T = _lit(st.tag)
-            wh = f'WH[{T}]' if p["w_shape"] is not None else "None"
-            off += [f"# {_comment_text(st.comment)}",
-                    f'Z0[{T}] = lib.linear_offline(P, {T}, {_fn_expr(p)}, {p["k"]}, '
-                    f'{_lit(p["x_shape"])}, {wh}, {_lit(p["y_shape"])})']
+            wh = f"WH[{T}]" if p["w_shape"] is not None else "None"
+            off += [
+                f"# {_comment_text(st.comment)}",
+                f"Z0[{T}] = lib.linear_offline(P, {T}, {_fn_expr(p)}, {p['k']}, "
+                f"{_lit(p['x_shape'])}, {wh}, {_lit(p['y_shape'])})",
+            ]
         off.append("return Z0")
-        body = ["out = {}"] + body + [f'out[{_lit(o["name"])}] = {o["var"]}' for o in labels] + ["return out"]
-        return [{"signature": "offline(P, WH)", "doc": "P0's halves z_0 of every linear layer, before the input "
-                 "exists (keys and W^ suffice).", "body": off},
-                {"signature": "online(P, x, Z0)", "doc": "The inference: x is the encoded input batch; returns "
-                 "the outputs (ring elements at the manifest's scale, or labels).", "body": body}]
+        body = ["out = {}"] + body + [f"out[{_lit(o['name'])}] = {o['var']}" for o in labels] + ["return out"]
+        return [
+            {
+                "signature": "offline(P, WH)",
+                "doc": "P0's halves z_0 of every linear layer, before the input exists (keys and W^ suffice).",
+                "body": off,
+            },
+            {
+                "signature": "online(P, x, Z0)",
+                "doc": "The inference: x is the encoded input batch; returns "
+                "the outputs (ring elements at the manifest's scale, or labels).",
+                "body": body,
+            },
+        ]
     if role == "party1":
-        return [{"signature": "online(P, W)", "doc": "The inference on P1's side: W holds the encoded weights. "
-                 "Learns nothing.", "body": body}]
-    seeds = [f'S[{_lit(st.tag)}] = D.linear_seeds({_lit(st.tag)})' for st in prog.linears]
-    return [{"signature": "deal(D, setup_seed)", "doc": "One batch of keys: P0's linear seeds first, then every "
-             "op in evaluation order.", "body": ["S = {}"] + seeds + body}]
+        return [
+            {
+                "signature": "online(P, W)",
+                "doc": "The inference on P1's side: W holds the encoded weights. Learns nothing.",
+                "body": body,
+            }
+        ]
+    seeds = [f"S[{_lit(st.tag)}] = D.linear_seeds({_lit(st.tag)})" for st in prog.linears]
+    return [
+        {
+            "signature": "deal(D, setup_seed)",
+            "doc": "One batch of keys: P0's linear seeds first, then every op in evaluation order.",
+            "body": ["S = {}"] + seeds + body,
+        }
+    ]
 
 
 def render(prog: SecureProgram, role: str, source: str) -> str:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("fssc.compiler", "templates"), keep_trailing_newline=True,
-                             autoescape=False, undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("fssc.compiler", "templates"),
+        keep_trailing_newline=True,
+        autoescape=False,
+        undefined=jinja2.StrictUndefined,
+    )
     header = []
     if role == "party0":
         header.append("# weighted layers whose W^ = W + A the model owner sends at the start of a session")
-        header.append("WEIGHT_TAGS = " + json.dumps([st.tag for st in prog.linears if st.params["w_shape"] is not None]))
+        header.append(
+            "WEIGHT_TAGS = " + json.dumps([st.tag for st in prog.linears if st.params["w_shape"] is not None])
+        )
     if role == "party1":
         header.append("# weighted layers: tag -> weight shape (W^ = W + A is sent to P0 once per session)")
-        header.append("LINEAR_WEIGHTS = " + json.dumps({st.tag: st.params["w_shape"] for st in prog.linears
-                                                       if st.params["w_shape"] is not None}))
+        header.append(
+            "LINEAR_WEIGHTS = "
+            + json.dumps({st.tag: st.params["w_shape"] for st in prog.linears if st.params["w_shape"] is not None})
+        )
     title, doc = ROLES[role]
     return env.get_template("program.py.j2").render(
-        role=role, role_title=title, role_doc=doc, version=__version__, source=_doc_text(source), hash=prog.hash,
-        header=header, functions=_functions(prog, role))
+        role=role,
+        role_title=title,
+        role_doc=doc,
+        version=__version__,
+        source=_doc_text(source),
+        hash=prog.hash,
+        header=header,
+        functions=_functions(prog, role),
+    )
 
 
 def manifest(prog: SecureProgram, extra: dict) -> dict:
-    return {"fssc_version": __version__, "protocol": PROTOCOL_VERSION, "program_hash": prog.hash,
-            "name": prog.name, "ring_bits": 64, "frac_bits": prog.frac_bits, "inputs": prog.inputs,
-            "outputs": prog.outputs, **extra}
+    return {
+        "fssc_version": __version__,
+        "protocol": PROTOCOL_VERSION,
+        "program_hash": prog.hash,
+        "name": prog.name,
+        "ring_bits": 64,
+        "frac_bits": prog.frac_bits,
+        "inputs": prog.inputs,
+        "outputs": prog.outputs,
+        **extra,
+    }
 
 
 def write_program(prog: SecureProgram, out_dir: str, source: str, extra_manifest: dict) -> dict[str, str]:
@@ -194,6 +242,8 @@ def write_program(prog: SecureProgram, out_dir: str, source: str, extra_manifest
     for name in sorted(prog.weights):
         w.put(name, prog.weights[name])
     w.close()
-    write_atomic(os.path.join(out_dir, "manifest.json"),
-           json.dumps(manifest(prog, extra_manifest), indent=1, sort_keys=True) + "\n")
+    write_atomic(
+        os.path.join(out_dir, "manifest.json"),
+        json.dumps(manifest(prog, extra_manifest), indent=1, sort_keys=True) + "\n",
+    )
     return paths

@@ -73,7 +73,8 @@ LINEAR_WEIGHTED = {"conv", "gemm", "matmul", "mul", "affine"}  # as fssc.compile
 def is_weighted(op: Op, graph: Graph) -> bool:
     """Ops run with the linear-layer protocol: the model owner's weights, or a constant added."""
     return op.kind in LINEAR_WEIGHTED or (
-        op.kind in ("add", "sub") and any(graph.values[i].is_const for i in op.inputs))
+        op.kind in ("add", "sub") and any(graph.values[i].is_const for i in op.inputs)
+    )
 
 
 def op_cost(op: Op, graph: Graph) -> OpCost:
@@ -147,13 +148,16 @@ class CostReport:
             "batch": self.batch,
             "ops": [o.to_dict() for o in self.ops if o.gate or o.rounds],
             "totals": {
-                "gates": self.total("gates"), "gates_per_image": self.per_image("gates"),
+                "gates": self.total("gates"),
+                "gates_per_image": self.per_image("gates"),
                 "gates_by_kind": self.gates_by_kind(),
-                "key_bytes_p0": self.total("key_p0"), "key_bytes_p1": self.total("key_p1"),
+                "key_bytes_p0": self.total("key_p0"),
+                "key_bytes_p1": self.total("key_p1"),
                 "key_bytes_p0_per_image": self.per_image("key_p0"),
                 "key_bytes_p1_per_image": self.per_image("key_p1"),
                 "rounds": self.rounds,
-                "sent_p0": self.total("sent_p0") + self.input_bytes, "sent_p1": self.total("sent_p1"),
+                "sent_p0": self.total("sent_p0") + self.input_bytes,
+                "sent_p1": self.total("sent_p1"),
                 "setup_bytes": self.setup_bytes,
             },
         }

@@ -19,6 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+
 def _write_images(folder: str, n: int, size: int) -> list[str]:
     """n deterministic RGB test images (PNG), a little larger than the model input."""
     from PIL import Image
@@ -38,8 +39,14 @@ def _write_images(folder: str, n: int, size: int) -> list[str]:
     return paths
 
 
-def run_demo(workdir: str, image_size: int = 224, batch: int = 2, num_classes: int = 2,
-             weights: str | None = None, frac_bits: int = 12) -> bool:
+def run_demo(
+    workdir: str,
+    image_size: int = 224,
+    batch: int = 2,
+    num_classes: int = 2,
+    weights: str | None = None,
+    frac_bits: int = 12,
+) -> bool:
     import onnxruntime as ort
 
     from fssc.models.export import export_model
@@ -63,24 +70,30 @@ def run_demo(workdir: str, image_size: int = 224, batch: int = 2, num_classes: i
     t = time.perf_counter()
     info = export_model("resnet18", onnx_path, num_classes, weights, image_size, batch)
     times["export"] = time.perf_counter() - t
-    con.print(f"1. export   {info.nodes} ONNX nodes ({info.batchnorms} BatchNormalization), {num_classes} classes, "
-              f"input [{batch},3,{image_size},{image_size}], weights: {info.weights}")
+    con.print(
+        f"1. export   {info.nodes} ONNX nodes ({info.batchnorms} BatchNormalization), {num_classes} classes, "
+        f"input [{batch},3,{image_size},{image_size}], weights: {info.weights}"
+    )
 
     t = time.perf_counter()
     quiet = Console(file=open(os.devnull, "w"))
     res = compile_model(onnx_path, prog, frac_bits, output_mode="logits", console=quiet)
     times["compile"] = time.perf_counter() - t
     tot = res.report.to_dict()["totals"]
-    con.print(f"2. compile  {len(res.graph.ops)} IR ops after {len(res.records) - 1} passes; "
-              f"{tot['gates_per_image']:,.0f} comparison gates per image; program {res.program.hash[:12]}")
+    con.print(
+        f"2. compile  {len(res.graph.ops)} IR ops after {len(res.records) - 1} passes; "
+        f"{tot['gates_per_image']:,.0f} comparison gates per image; program {res.program.hash[:12]}"
+    )
 
     make_certs(certs)
     t = time.perf_counter()
     dealt = deal_batches(prog, keys, 1)
     times["deal"] = time.perf_counter() - t
     _, k0, k1, _ = dealt[0]
-    con.print(f"3. deal     keys for one batch: party 0 {k0 / 1e6:,.0f} MB, party 1 {k1 / 1e6:,.0f} MB "
-              f"({k0 / batch / 1e6:,.0f} / {k1 / batch / 1e6:,.0f} MB per image)")
+    con.print(
+        f"3. deal     keys for one batch: party 0 {k0 / 1e6:,.0f} MB, party 1 {k1 / 1e6:,.0f} MB "
+        f"({k0 / batch / 1e6:,.0f} / {k1 / batch / 1e6:,.0f} MB per image)"
+    )
 
     images = os.path.join(fssc_dir, "images")
     _write_images(images, batch, image_size)
@@ -110,20 +123,29 @@ def run_demo(workdir: str, image_size: int = 224, batch: int = 2, num_classes: i
     for col in ("image", "secure logits", "onnxruntime logits", "max |diff|", "secure label", "onnxruntime label"):
         tab.add_column(col)
     for i, r in enumerate(result["results"]):
-        tab.add_row(os.path.basename(r["input"]), " ".join(f"{v:+.4f}" for v in secure[i]),
-                    " ".join(f"{v:+.4f}" for v in ref[i]), f"{np.abs(secure[i] - ref[i]).max():.4f}",
-                    str(labels[i]), str(int(ref[i].argmax())))
+        tab.add_row(
+            os.path.basename(r["input"]),
+            " ".join(f"{v:+.4f}" for v in secure[i]),
+            " ".join(f"{v:+.4f}" for v in ref[i]),
+            f"{np.abs(secure[i] - ref[i]).max():.4f}",
+            str(labels[i]),
+            str(int(ref[i].argmax())),
+        )
     con.print(tab)
     st = result["stats"]
     tm = st["timings"]
-    con.print(f"times: export {times['export']:.1f} s, compile {times['compile']:.1f} s, deal {times['deal']:.1f} s, "
-              f"two-party run {times['two-party run']:.1f} s (P1's weights to P0 {tm.get('setup', 0):.1f} s, "
-              f"P0 offline {tm.get('offline', 0):.1f} s, online {tm.get('online', 0):.1f} s); "
-              f"onnxruntime {times['onnxruntime (plaintext)'] * 1e3:.0f} ms")
+    con.print(
+        f"times: export {times['export']:.1f} s, compile {times['compile']:.1f} s, deal {times['deal']:.1f} s, "
+        f"two-party run {times['two-party run']:.1f} s (P1's weights to P0 {tm.get('setup', 0):.1f} s, "
+        f"P0 offline {tm.get('offline', 0):.1f} s, online {tm.get('online', 0):.1f} s); "
+        f"onnxruntime {times['onnxruntime (plaintext)'] * 1e3:.0f} ms"
+    )
     con.print(f"memory: peak RSS data owner {run.p0_max_rss_mb:,.0f} MB, model owner {run.p1_max_rss_mb:,.0f} MB")
-    con.print(f"traffic: data owner sent {st['bytes_sent'] / 1e6:,.1f} MB, received {st['bytes_received'] / 1e6:,.1f} MB "
-              f"(incl. the model owner's masked weights, {res.report.setup_bytes / 1e6:,.1f} MB, sent once per session); "
-              f"{st['rounds']} rounds")
+    con.print(
+        f"traffic: data owner sent {st['bytes_sent'] / 1e6:,.1f} MB, received {st['bytes_received'] / 1e6:,.1f} MB "
+        f"(incl. the model owner's masked weights, {res.report.setup_bytes / 1e6:,.1f} MB, sent once per session); "
+        f"{st['rounds']} rounds"
+    )
     ok = bool((labels == ref.argmax(1)).all())
     close = float(np.abs(secure - ref).max())
     if ok:

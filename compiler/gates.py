@@ -94,7 +94,7 @@ def comparison_magnitude(op: Op, graph: Graph, inputs: list[np.ndarray]) -> int:
         mags = []
         for b in ("min", "max"):
             if b in op.attrs:
-                bound = np.clip(op.attrs[b] * 2.0 ** s, -2.0 ** 62, 2.0 ** 62)
+                bound = np.clip(op.attrs[b] * 2.0**s, -(2.0**62), 2.0**62)
                 d = x.astype(np.float64) - bound
                 mags.append(float(np.abs(d).max()))
         return int(max(mags)) if mags else 0

@@ -130,16 +130,25 @@ class _Fixed:
     # pools are public and linear: the same functions the secure programs call
     def avgpool(self, op, env):
         a = op.attrs
-        return lib.avgpool(env[op.inputs[0]], a["kernel_shape"], a["strides"], a["pads"], a["dilations"],
-                           a.get("ceil_mode", 0), a.get("count_include_pad", 0), a["wscale"])
+        return lib.avgpool(
+            env[op.inputs[0]],
+            a["kernel_shape"],
+            a["strides"],
+            a["pads"],
+            a["dilations"],
+            a.get("ceil_mode", 0),
+            a.get("count_include_pad", 0),
+            a["wscale"],
+        )
 
     def globalavgpool(self, op, env):
         return lib.globalavgpool(env[op.inputs[0]], op.attrs["wscale"])
 
     def sumpool(self, op, env):
         a = op.attrs
-        return lib.sumpool(env[op.inputs[0]], a["kernel_shape"], a["strides"], a["pads"], a["dilations"],
-                           a.get("ceil_mode", 0))
+        return lib.sumpool(
+            env[op.inputs[0]], a["kernel_shape"], a["strides"], a["pads"], a["dilations"], a.get("ceil_mode", 0)
+        )
 
     def globalsumpool(self, op, env):
         return lib.globalsumpool(env[op.inputs[0]])
@@ -179,8 +188,8 @@ class _Fixed:
         s = self.sc(op.inputs[0])
         x = signed(env[op.inputs[0]])
         lim = np.iinfo(np.int64)
-        lo = max(float(lim.min), min(float(lim.max), op.attrs.get("min", -np.inf) * 2.0 ** s))
-        hi = max(float(lim.min), min(float(lim.max), op.attrs.get("max", np.inf) * 2.0 ** s))
+        lo = max(float(lim.min), min(float(lim.max), op.attrs.get("min", -np.inf) * 2.0**s))
+        hi = max(float(lim.min), min(float(lim.max), op.attrs.get("max", np.inf) * 2.0**s))
         lo = lim.min if lo <= lim.min else int(np.rint(lo))
         hi = lim.max if hi >= lim.max else int(np.rint(hi))
         return unsigned(np.clip(x, lo, hi))
@@ -216,7 +225,8 @@ class _Fixed:
 def _ensure_planned(graph: Graph, frac_bits: int | None) -> Graph:
     names = list(graph.inputs) + [n for op in graph.ops for n in op.outputs]
     if all(graph.values[n].scale is not None for n in names) and (
-            frac_bits is None or graph.meta.get("frac_bits") == frac_bits):
+        frac_bits is None or graph.meta.get("frac_bits") == frac_bits
+    ):
         return graph
     from fssc.passes import plan_fixed_point
     from fssc.passes.base import PassContext
@@ -224,9 +234,14 @@ def _ensure_planned(graph: Graph, frac_bits: int | None) -> Graph:
     return plan_fixed_point.run(graph.clone(), PassContext(frac_bits=12 if frac_bits is None else frac_bits))
 
 
-def run_fixed(graph: Graph, inputs, frac_bits: int | None = None,
-              observe: Callable[[Op, list[np.ndarray], np.ndarray], None] | None = None,
-              raw: bool = False, compare_masks: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+def run_fixed(
+    graph: Graph,
+    inputs,
+    frac_bits: int | None = None,
+    observe: Callable[[Op, list[np.ndarray], np.ndarray], None] | None = None,
+    raw: bool = False,
+    compare_masks: dict[str, np.ndarray] | None = None,
+) -> list[np.ndarray]:
     """Fixed-point evaluation. Returns decoded outputs (or ring elements with ``raw``).
 
     ``observe(op, input_values, output_value)`` sees every op (ring elements).
@@ -266,8 +281,10 @@ class Overflow:
     planned_bits: int
 
     def __str__(self) -> str:
-        return (f"overflow at {self.kind} %{self.op}: its {self.gate} comparison needs {self.needed_bits} bits, "
-                f"planned {self.planned_bits} (by {self.needed_bits - self.planned_bits} bits)")
+        return (
+            f"overflow at {self.kind} %{self.op}: its {self.gate} comparison needs {self.needed_bits} bits, "
+            f"planned {self.planned_bits} (by {self.needed_bits - self.planned_bits} bits)"
+        )
 
 
 def find_overflows(graph: Graph, inputs) -> list[Overflow]:

@@ -117,9 +117,7 @@ class Graph:
 
     def add_const(self, name: str, data: np.ndarray, dtype: str | None = None) -> Value:
         data = np.asarray(data)
-        return self.add_value(
-            Value(name, tuple(int(d) for d in data.shape), dtype or str(data.dtype), data=data)
-        )
+        return self.add_value(Value(name, tuple(int(d) for d in data.shape), dtype or str(data.dtype), data=data))
 
     def fresh_name(self, base: str) -> str:
         if base not in self.values:
@@ -135,15 +133,23 @@ class Graph:
         return uid
 
     def make_op(self, kind, inputs, outputs, attrs=None, origin=(), created_by="import", uid=None) -> Op:
-        op = Op(kind, list(inputs), list(outputs), dict(attrs or {}), tuple(origin), created_by,
-                self.new_uid() if uid is None else uid)
+        op = Op(
+            kind,
+            list(inputs),
+            list(outputs),
+            dict(attrs or {}),
+            tuple(origin),
+            created_by,
+            self.new_uid() if uid is None else uid,
+        )
         return op
 
     def clone(self) -> "Graph":
         """Deep copy of structure; constant arrays are shared (treated immutably)."""
         g = Graph(self.name)
-        g.values = {k: Value(v.name, v.shape, v.dtype, v.data, v.scale, v.bits, v.stripped)
-                    for k, v in self.values.items()}
+        g.values = {
+            k: Value(v.name, v.shape, v.dtype, v.data, v.scale, v.bits, v.stripped) for k, v in self.values.items()
+        }
         g.ops = [copy.deepcopy(op) for op in self.ops]
         g.inputs = list(self.inputs)
         g.outputs = list(self.outputs)

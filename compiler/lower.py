@@ -32,8 +32,19 @@ from .ops import OPS
 
 PROTOCOL_VERSION = 1
 WEIGHTED = {"conv", "gemm", "matmul", "mul", "affine"}
-LOCAL = {"add", "sub", "upscale", "reshape", "flatten", "pad", "concat", "sumpool", "globalsumpool", "avgpool",
-         "globalavgpool"}
+LOCAL = {
+    "add",
+    "sub",
+    "upscale",
+    "reshape",
+    "flatten",
+    "pad",
+    "concat",
+    "sumpool",
+    "globalsumpool",
+    "avgpool",
+    "globalavgpool",
+}
 
 
 @dataclass
@@ -67,9 +78,16 @@ class SecureProgram:
         return [s for s in self.stmts if s.kind == "linear"]
 
     def public(self) -> dict:
-        return {"name": self.name, "protocol": PROTOCOL_VERSION, "fssc": __version__, "ring": 64,
-                "frac_bits": self.frac_bits, "inputs": self.inputs, "outputs": self.outputs,
-                "stmts": [s.public() for s in self.stmts]}
+        return {
+            "name": self.name,
+            "protocol": PROTOCOL_VERSION,
+            "fssc": __version__,
+            "ring": 64,
+            "frac_bits": self.frac_bits,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "stmts": [s.public() for s in self.stmts],
+        }
 
     @property
     def hash(self) -> str:
@@ -102,9 +120,13 @@ def _bilinear(op: Op, graph: Graph, x_name: str) -> tuple[str, dict, int, str | 
     ins = op.inputs
     if op.kind == "conv":
         w = graph.values[ins[1]]
-        return ("conv", {"strides": a["strides"], "pads": a["pads"], "dilations": a["dilations"],
-                         "group": a.get("group", 1)}, int(np.prod(w.shape[1:])), ins[1],
-                ins[2] if len(ins) > 2 else None)
+        return (
+            "conv",
+            {"strides": a["strides"], "pads": a["pads"], "dilations": a["dilations"], "group": a.get("group", 1)},
+            int(np.prod(w.shape[1:])),
+            ins[1],
+            ins[2] if len(ins) > 2 else None,
+        )
     if op.kind == "gemm":
         if a.get("transA") or any(key in a for key in ("alpha", "beta", "transB")):
             raise FsscError(f"gemm %{op.name} is not canonical (the canonicalize pass should have run)")
@@ -151,14 +173,19 @@ def _encode_linear(op: Op, graph: Graph, x_name: str, w_name, b_name) -> tuple[n
 
 
 def _pool_params(a: dict) -> dict:
-    return {"kernel_shape": a["kernel_shape"], "strides": a["strides"], "pads": a["pads"],
-            "dilations": a["dilations"], "ceil_mode": a.get("ceil_mode", 0)}
+    return {
+        "kernel_shape": a["kernel_shape"],
+        "strides": a["strides"],
+        "pads": a["pads"],
+        "dilations": a["dilations"],
+        "ceil_mode": a.get("ceil_mode", 0),
+    }
 
 
 def _clip_bound(v, s):
     if v is None:
         return None
-    return int(ring.encode(np.clip(v, -2.0 ** 62 / 2 ** s, 2.0 ** 62 / 2 ** s), s).view(np.uint64))
+    return int(ring.encode(np.clip(v, -(2.0**62) / 2**s, 2.0**62 / 2**s), s).view(np.uint64))
 
 
 def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
@@ -174,8 +201,16 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
     inputs = []
     for name in graph.inputs:
         v = graph.values[name]
-        stmts.append(Stmt("input", new_var(name), [], {"shape": list(v.shape)}, f"in.{name}",
-                          f"input %{name} [{'x'.join(map(str, v.shape))}] s={v.scale} (the data owner's)"))
+        stmts.append(
+            Stmt(
+                "input",
+                new_var(name),
+                [],
+                {"shape": list(v.shape)},
+                f"in.{name}",
+                f"input %{name} [{'x'.join(map(str, v.shape))}] s={v.scale} (the data owner's)",
+            )
+        )
         inputs.append({"name": name, "var": var[name], "shape": list(v.shape), "scale": v.scale})
     for op in graph.ops:
         k = op.kind
@@ -188,11 +223,15 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
             raise FsscError(f"{k} %{op.name} has no gate plan (the mark-comparisons pass should have run)")
         if _is_weighted(op, graph):
             fn, fn_args, red, w_name, b_name = _bilinear(op, graph, secret[0])
-            params = {"fn": fn, "fn_args": fn_args, "k": red,
-                      "x_shape": list(graph.values[secret[0]].shape),
-                      "y_shape": list(graph.values[op.outputs[0]].shape),
-                      "w_shape": list(graph.values[w_name].shape) if w_name else None,
-                      "bias": b_name is not None or w_name is None}
+            params = {
+                "fn": fn,
+                "fn_args": fn_args,
+                "k": red,
+                "x_shape": list(graph.values[secret[0]].shape),
+                "y_shape": list(graph.values[op.outputs[0]].shape),
+                "w_shape": list(graph.values[w_name].shape) if w_name else None,
+                "bias": b_name is not None or w_name is None,
+            }
             st = Stmt("linear", new_var(op.outputs[0]), args, params, tag, comment)
             if with_weights:
                 w_enc, b_enc = _encode_linear(op, graph, secret[0], w_name, b_name)
@@ -203,30 +242,62 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
                     weights[tag + ".b"] = b_enc
             stmts.append(st)
         elif k == "relu":
-            stmts.append(Stmt("relu", new_var(op.outputs[0]), args, {"m": g["bits"], "trunc": op.attrs.get("trunc", 0)},
-                              tag, comment))
+            stmts.append(
+                Stmt(
+                    "relu",
+                    new_var(op.outputs[0]),
+                    args,
+                    {"m": g["bits"], "trunc": op.attrs.get("trunc", 0)},
+                    tag,
+                    comment,
+                )
+            )
         elif k == "trunc":
-            stmts.append(Stmt("trunc", new_var(op.outputs[0]), args, {"m": g["bits"], "shift": op.attrs["shift"]},
-                              tag, comment))
+            stmts.append(
+                Stmt("trunc", new_var(op.outputs[0]), args, {"m": g["bits"], "shift": op.attrs["shift"]}, tag, comment)
+            )
         elif k == "maxpool":
-            stmts.append(Stmt("maxpool", new_var(op.outputs[0]), args,
-                              {**_pool_params(op.attrs), "m": g["bits"], "cmp_trunc": op.attrs.get("cmp_trunc", 0)},
-                              tag, comment))
+            stmts.append(
+                Stmt(
+                    "maxpool",
+                    new_var(op.outputs[0]),
+                    args,
+                    {**_pool_params(op.attrs), "m": g["bits"], "cmp_trunc": op.attrs.get("cmp_trunc", 0)},
+                    tag,
+                    comment,
+                )
+            )
         elif k == "clip":
             s = graph.values[secret[0]].scale
-            stmts.append(Stmt("clip", new_var(op.outputs[0]), args,
-                              {"lo": _clip_bound(op.attrs.get("min"), s), "hi": _clip_bound(op.attrs.get("max"), s),
-                               "m": g["bits"]}, tag, comment))
+            stmts.append(
+                Stmt(
+                    "clip",
+                    new_var(op.outputs[0]),
+                    args,
+                    {
+                        "lo": _clip_bound(op.attrs.get("min"), s),
+                        "hi": _clip_bound(op.attrs.get("max"), s),
+                        "m": g["bits"],
+                    },
+                    tag,
+                    comment,
+                )
+            )
         elif k == "argmax":
             x = graph.values[secret[0]]
             ax = op.attrs.get("axis", 0) % len(x.shape)
             if op.outputs[0] not in graph.outputs:
                 raise FsscError(f"argmax %{op.name} feeds other ops: the secure runtime supports a final argmax")
-            params = {"axis": ax, "keepdims": op.attrs.get("keepdims", 1),
-                      "select_last": op.attrs.get("select_last_index", 0), "m": g["bits"]}
+            params = {
+                "axis": ax,
+                "keepdims": op.attrs.get("keepdims", 1),
+                "select_last": op.attrs.get("select_last_index", 0),
+                "m": g["bits"],
+            }
             # 2 classes: one DReLU whose bit only P0 opens; more: a tournament of selections (masked index)
-            stmts.append(Stmt("argmax2" if x.shape[ax] == 2 else "argmax", new_var(op.outputs[0]), args, params,
-                              tag, comment))
+            stmts.append(
+                Stmt("argmax2" if x.shape[ax] == 2 else "argmax", new_var(op.outputs[0]), args, params, tag, comment)
+            )
         elif k in LOCAL:
             if k in ("add", "sub", "concat"):
                 params = {"axis": op.attrs["axis"]} if k == "concat" else {}
@@ -240,8 +311,11 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
             elif k == "sumpool":
                 params = _pool_params(op.attrs)
             elif k == "avgpool":
-                params = {**_pool_params(op.attrs), "count_include_pad": op.attrs.get("count_include_pad", 0),
-                          "wscale": op.attrs["wscale"]}
+                params = {
+                    **_pool_params(op.attrs),
+                    "count_include_pad": op.attrs.get("count_include_pad", 0),
+                    "wscale": op.attrs["wscale"],
+                }
             elif k == "globalavgpool":
                 params = {"wscale": op.attrs["wscale"]}
             else:
@@ -254,9 +328,20 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
     for o in graph.outputs:
         v = graph.values[o]
         is_label = v.dtype == "int64"
-        outputs.append({"name": o, "var": var[o], "shape": list(v.shape), "scale": v.scale,
-                        "kind": "labels" if is_label else "logits", "masked": var[o] not in plain})
+        outputs.append(
+            {
+                "name": o,
+                "var": var[o],
+                "shape": list(v.shape),
+                "scale": v.scale,
+                "kind": "labels" if is_label else "logits",
+                "masked": var[o] not in plain,
+            }
+        )
         if var[o] not in plain:
-            stmts.append(Stmt("output", None, [var[o]], {"name": o, "scale": v.scale}, f"out.{o}",
-                              f"output %{o} (P0 unmasks it)"))
+            stmts.append(
+                Stmt(
+                    "output", None, [var[o]], {"name": o, "scale": v.scale}, f"out.{o}", f"output %{o} (P0 unmasks it)"
+                )
+            )
     return SecureProgram(graph.name, stmts, inputs, outputs, graph.meta.get("frac_bits", 12), weights)

@@ -25,9 +25,26 @@ from .ops import OPS, infer_shapes
 from .verify import verify
 
 SUPPORTED = (
-    "ArgMax", "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Constant", "Conv",
-    "Dropout", "Flatten", "Gemm", "GlobalAveragePool", "Identity", "MatMul", "MaxPool", "Mul",
-    "Pad", "Relu", "Reshape", "Sub",
+    "ArgMax",
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Clip",
+    "Concat",
+    "Constant",
+    "Conv",
+    "Dropout",
+    "Flatten",
+    "Gemm",
+    "GlobalAveragePool",
+    "Identity",
+    "MatMul",
+    "MaxPool",
+    "Mul",
+    "Pad",
+    "Relu",
+    "Reshape",
+    "Sub",
 )
 
 
@@ -37,7 +54,9 @@ def load_onnx(path: str) -> onnx.ModelProto:
     try:
         model = onnx.load(path)
     except Exception as e:  # protobuf raises several types for garbage
-        raise FsscError(f"{path}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cannot parse'})") from None
+        raise FsscError(
+            f"{path}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'cannot parse'})"
+        ) from None
     if not model.graph.node and not model.graph.output:
         raise FsscError(f"{path}: not an ONNX model (no graph)")
     return model
@@ -49,7 +68,9 @@ def import_onnx(path_or_model, name: str | None = None) -> Graph:
     else:
         src = str(path_or_model)
         model = load_onnx(src)
-    return _Importer(model, src).run(name or (os.path.splitext(os.path.basename(src))[0] if src != "<model>" else "model"))
+    return _Importer(model, src).run(
+        name or (os.path.splitext(os.path.basename(src))[0] if src != "<model>" else "model")
+    )
 
 
 def _node_label(node: onnx.NodeProto, idx: int) -> str:
@@ -103,8 +124,11 @@ class _Importer:
     # ---------------------------------------------------------------- main
     def run(self, gname: str) -> Graph:
         gp = self.model.graph
-        bad = [(_node_label(n, i), n.op_type) for i, n in enumerate(gp.node)
-               if n.op_type not in SUPPORTED or n.domain not in ("", "ai.onnx")]
+        bad = [
+            (_node_label(n, i), n.op_type)
+            for i, n in enumerate(gp.node)
+            if n.op_type not in SUPPORTED or n.domain not in ("", "ai.onnx")
+        ]
         if bad:
             listed = ", ".join(f"{nm} ({op})" for nm, op in bad)
             raise FsscError(f"{self.src}: unsupported ONNX op(s): {listed}; fssc supports: {', '.join(SUPPORTED)}")
@@ -117,17 +141,23 @@ class _Importer:
                 continue
             tt = inp.type.tensor_type
             if tt.elem_type != onnx.TensorProto.FLOAT:
-                raise FsscError(f"{self.src}: input {inp.name!r} has element type "
-                                f"{onnx.TensorProto.DataType.Name(tt.elem_type)}; fssc takes float32 inputs")
+                raise FsscError(
+                    f"{self.src}: input {inp.name!r} has element type "
+                    f"{onnx.TensorProto.DataType.Name(tt.elem_type)}; fssc takes float32 inputs"
+                )
             dims = []
             for i, d in enumerate(tt.shape.dim):
                 if d.HasField("dim_value") and d.dim_value == 0:
-                    raise FsscError(f"{self.src}: input {inp.name!r} has a zero-size dimension (axis {i}); "
-                                    f"fssc needs non-empty tensors")
+                    raise FsscError(
+                        f"{self.src}: input {inp.name!r} has a zero-size dimension (axis {i}); "
+                        f"fssc needs non-empty tensors"
+                    )
                 if not d.HasField("dim_value") or d.dim_value < 0:
                     sym = d.dim_param or "?"
-                    raise FsscError(f"{self.src}: input {inp.name!r} has a dynamic dimension {sym!r} (axis {i}); "
-                                    f"fssc needs static shapes (export with a fixed batch, e.g. fssc export --batch 2)")
+                    raise FsscError(
+                        f"{self.src}: input {inp.name!r} has a dynamic dimension {sym!r} (axis {i}); "
+                        f"fssc needs static shapes (export with a fixed batch, e.g. fssc export --batch 2)"
+                    )
                 dims.append(d.dim_value)
             if not tt.HasField("shape"):
                 raise FsscError(f"{self.src}: input {inp.name!r} has no shape; fssc needs static shapes")
@@ -191,8 +221,9 @@ class _Importer:
         if op in ("Identity", "Dropout"):
             if op == "Dropout":
                 unused_extra_outputs(1)
-                if a.get("is_test") == 0 or (len(ins) > 2 and ins[2] and self.const(ins[2]) is not None
-                                             and bool(self.const(ins[2]))):
+                if a.get("is_test") == 0 or (
+                    len(ins) > 2 and ins[2] and self.const(ins[2]) is not None and bool(self.const(ins[2]))
+                ):
                     raise FsscError(f"{self.src}: node {label} (Dropout): training mode is not supported")
             self.alias[node.output[0]] = self.resolve(ins[0])
             return
@@ -203,21 +234,34 @@ class _Importer:
             x_shape = g.values[self.resolve(ins[0])].shape
             nd = len(x_shape) - 2
             if "kernel_shape" in a and list(a["kernel_shape"]) != list(w.shape[2:]):
-                raise FsscError(f"{self.src}: node {label} (Conv): kernel_shape {a['kernel_shape']} != weight {w.shape}")
-            attrs = {"strides": list(a.get("strides", [1] * nd)), "dilations": list(a.get("dilations", [1] * nd)),
-                     "group": int(a.get("group", 1))}
-            attrs["pads"] = self.pads(a, label, op, x_shape[2:], list(w.shape[2:]), attrs["strides"], attrs["dilations"])
+                raise FsscError(
+                    f"{self.src}: node {label} (Conv): kernel_shape {a['kernel_shape']} != weight {w.shape}"
+                )
+            attrs = {
+                "strides": list(a.get("strides", [1] * nd)),
+                "dilations": list(a.get("dilations", [1] * nd)),
+                "group": int(a.get("group", 1)),
+            }
+            attrs["pads"] = self.pads(
+                a, label, op, x_shape[2:], list(w.shape[2:]), attrs["strides"], attrs["dilations"]
+            )
             self.emit(node, label, "conv", [i for i in ins if i], attrs)
         elif op == "Gemm":
             self.need_const(node, 1, label, "B (input 1, the weights)")
             if len(ins) > 2 and ins[2]:
                 self.need_const(node, 2, label, "C (input 2, the bias)")
-            attrs = {"alpha": float(a.get("alpha", 1.0)), "beta": float(a.get("beta", 1.0)),
-                     "transA": int(a.get("transA", 0)), "transB": int(a.get("transB", 0))}
+            attrs = {
+                "alpha": float(a.get("alpha", 1.0)),
+                "beta": float(a.get("beta", 1.0)),
+                "transA": int(a.get("transA", 0)),
+                "transB": int(a.get("transB", 0)),
+            }
             self.emit(node, label, "gemm", [i for i in ins if i], attrs)
         elif op == "MatMul":
             if self.const(ins[0]) is None and self.const(ins[1]) is None:
-                raise FsscError(f"{self.src}: node {label} (MatMul): one operand must be a constant (the model owner's weights)")
+                raise FsscError(
+                    f"{self.src}: node {label} (MatMul): one operand must be a constant (the model owner's weights)"
+                )
             self.emit(node, label, "matmul", ins, {})
         elif op in ("Add", "Sub", "Mul"):
             if op == "Mul" and self.const(ins[0]) is None and self.const(ins[1]) is None:
@@ -240,8 +284,12 @@ class _Importer:
             x_shape = g.values[self.resolve(ins[0])].shape
             nd = len(x_shape) - 2
             k = list(a["kernel_shape"])
-            attrs = {"kernel_shape": k, "strides": list(a.get("strides", [1] * nd)),
-                     "dilations": list(a.get("dilations", [1] * nd)), "ceil_mode": int(a.get("ceil_mode", 0))}
+            attrs = {
+                "kernel_shape": k,
+                "strides": list(a.get("strides", [1] * nd)),
+                "dilations": list(a.get("dilations", [1] * nd)),
+                "ceil_mode": int(a.get("ceil_mode", 0)),
+            }
             attrs["pads"] = self.pads(a, label, op, x_shape[2:], k, attrs["strides"], attrs["dilations"])
             if op == "AveragePool":
                 attrs["count_include_pad"] = int(a.get("count_include_pad", 0))
@@ -279,8 +327,11 @@ class _Importer:
                 pads, value = list(a["pads"]), float(a.get("value", 0.0))
             else:
                 pads = self.need_const(node, 1, label, "pads (input 1)").astype(np.int64).tolist()
-                value = float(self.need_const(node, 2, label, "constant_value (input 2)").reshape(())) \
-                    if len(ins) > 2 and ins[2] else 0.0
+                value = (
+                    float(self.need_const(node, 2, label, "constant_value (input 2)").reshape(()))
+                    if len(ins) > 2 and ins[2]
+                    else 0.0
+                )
                 if len(ins) > 3 and ins[3]:
                     axes = [int(x) % r for x in self.need_const(node, 3, label, "axes (input 3)").tolist()]
                     full = [0] * (2 * r)
@@ -291,8 +342,17 @@ class _Importer:
                 raise FsscError(f"{self.src}: node {label} (Pad): constant value {value} is not supported (only 0)")
             self.emit(node, label, "pad", ins[:1], {"pads": [int(p) for p in pads]})
         elif op == "ArgMax":
-            self.emit(node, label, "argmax", ins, {"axis": int(a.get("axis", 0)), "keepdims": int(a.get("keepdims", 1)),
-                                                   "select_last_index": int(a.get("select_last_index", 0))})
+            self.emit(
+                node,
+                label,
+                "argmax",
+                ins,
+                {
+                    "axis": int(a.get("axis", 0)),
+                    "keepdims": int(a.get("keepdims", 1)),
+                    "select_last_index": int(a.get("select_last_index", 0)),
+                },
+            )
         else:  # pragma: no cover - SUPPORTED and this switch must agree
             raise FsscError(f"{self.src}: node {label}: {op} is listed as supported but has no converter")
 

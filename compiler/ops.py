@@ -122,8 +122,13 @@ def _depthwise_float(attrs, x, w, b=None):
     torch's float64 grouped convolution is ~50x slower for this shape."""
     nd = x.ndim - 2
     k = list(w.shape[2:])
-    a = {"kernel_shape": k, "strides": attrs.get("strides") or [1] * nd, "pads": attrs.get("pads") or [0] * (2 * nd),
-         "dilations": attrs.get("dilations") or [1] * nd, "ceil_mode": 0}
+    a = {
+        "kernel_shape": k,
+        "strides": attrs.get("strides") or [1] * nd,
+        "pads": attrs.get("pads") or [0] * (2 * nd),
+        "dilations": attrs.get("dilations") or [1] * nd,
+        "ceil_mode": 0,
+    }
     win, _, _, _ = _windows(np.asarray(x, dtype=np.float64), a, 0.0)  # [N, C, *out, *k]
     wf = np.asarray(w, dtype=np.float64).reshape((1, w.shape[0]) + (1,) * nd + tuple(k))
     y = (win * wf).sum(axis=tuple(range(-nd, 0)))
@@ -147,9 +152,14 @@ def conv_float(attrs, x, w, b=None):
             padw += [p[i], p[i + nd]]
         xt = F.pad(xt, padw)
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-    y = fn(xt, torch.from_numpy(np.asarray(w, dtype=np.float64)),
-           None if b is None else torch.from_numpy(np.asarray(b, dtype=np.float64)),
-           stride=attrs.get("strides") or 1, dilation=attrs.get("dilations") or 1, groups=attrs.get("group", 1))
+    y = fn(
+        xt,
+        torch.from_numpy(np.asarray(w, dtype=np.float64)),
+        None if b is None else torch.from_numpy(np.asarray(b, dtype=np.float64)),
+        stride=attrs.get("strides") or 1,
+        dilation=attrs.get("dilations") or 1,
+        groups=attrs.get("group", 1),
+    )
     return [y.numpy()]
 
 

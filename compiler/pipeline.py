@@ -12,8 +12,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from fssc.passes import (canonicalize, fold_batchnorm, fold_public_scaling, lower_maxpool, mark_comparisons,
-                         plan_fixed_point, range_analysis, reorder_maxpool_relu)
+from fssc.passes import (
+    canonicalize,
+    fold_batchnorm,
+    fold_public_scaling,
+    lower_maxpool,
+    mark_comparisons,
+    plan_fixed_point,
+    range_analysis,
+    reorder_maxpool_relu,
+)
 from fssc.passes.base import PassContext
 
 from .errors import FsscError, VerifyError
@@ -47,9 +55,16 @@ class PassRecord:
     graph: Graph | None = field(default=None, repr=False)
 
 
-def run_pipeline(graph: Graph, ctx: PassContext, passes=None, print_after: tuple[str, ...] = (),
-                 print_all: bool = False, dump_dir: str | None = None, keep_graphs: bool = False,
-                 echo: Callable[[str], None] = print) -> tuple[Graph, list[PassRecord]]:
+def run_pipeline(
+    graph: Graph,
+    ctx: PassContext,
+    passes=None,
+    print_after: tuple[str, ...] = (),
+    print_all: bool = False,
+    dump_dir: str | None = None,
+    keep_graphs: bool = False,
+    echo: Callable[[str], None] = print,
+) -> tuple[Graph, list[PassRecord]]:
     passes = PIPELINE if passes is None else passes
     known = {p.NAME for p in passes}
     for name in print_after:

@@ -26,7 +26,9 @@ def viewer_dir(prog: str) -> str:
     for d in (os.path.join(prog, "ir"), prog):
         if os.path.isfile(os.path.join(d, "index.html")):
             return os.path.abspath(d)
-    raise FsscError(f"{prog}: no IR viewer here (compile with --dump-ir: it writes {os.path.join(prog, 'ir', 'index.html')})")
+    raise FsscError(
+        f"{prog}: no IR viewer here (compile with --dump-ir: it writes {os.path.join(prog, 'ir', 'index.html')})"
+    )
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -44,8 +46,9 @@ def make_server(prog: str, port: int = 0) -> tuple[http.server.ThreadingHTTPServ
     try:
         httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     except OSError as e:
-        raise FsscError(f"--port {port}: cannot listen on 127.0.0.1:{port} ({e.strerror}); "
-                        f"--port 0 picks a free port") from e
+        raise FsscError(
+            f"--port {port}: cannot listen on 127.0.0.1:{port} ({e.strerror}); --port 0 picks a free port"
+        ) from e
     httpd.daemon_threads = True
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/index.html"
 
@@ -54,8 +57,9 @@ def serve_viewer(prog: str, port: int = 0, open_browser: bool = False, echo: Cal
     httpd, url = make_server(prog, port)
     echo(f"serving {viewer_dir(prog)} at {url}  (Ctrl-C to stop)")
     if open_browser:
-        threading.Thread(target=lambda: webbrowser.open(url) or echo("no browser found: open the URL yourself"),
-                         daemon=True).start()
+        threading.Thread(
+            target=lambda: webbrowser.open(url) or echo("no browser found: open the URL yourself"), daemon=True
+        ).start()
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

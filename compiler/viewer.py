@@ -101,8 +101,7 @@ def layout(graph: Graph) -> dict[int, tuple[int, int]]:
     if not pos:
         return {}
     c0 = min(c for c, _ in pos.values())
-    return {u: (MARGIN + NODE_W // 2 + (c - c0) * COL_W, MARGIN + NODE_H // 2 + d * ROW_H)
-            for u, (c, d) in pos.items()}
+    return {u: (MARGIN + NODE_W // 2 + (c - c0) * COL_W, MARGIN + NODE_H // 2 + d * ROW_H) for u, (c, d) in pos.items()}
 
 
 # --------------------------------------------------------------------------- costs
@@ -116,8 +115,15 @@ def _planned_gate(op: Op, graph: Graph) -> dict | None:
     bits = graph.values[op.inputs[0]].bits
     n = gate_count(op, graph)
     batch = graph.values[graph.inputs[0]].shape[0] if graph.inputs else 1
-    return {"kind": kind, "count": n, "per_image": n // batch, "bits": bits or UNRANGED_BITS,
-            "depth": gate_depth(op, graph), "estimated": True, "ranged": bits is not None}
+    return {
+        "kind": kind,
+        "count": n,
+        "per_image": n // batch,
+        "bits": bits or UNRANGED_BITS,
+        "depth": gate_depth(op, graph),
+        "estimated": True,
+        "ranged": bits is not None,
+    }
 
 
 def estimated_cost(op: Op, graph: Graph) -> tuple[OpCost, str]:
@@ -131,11 +137,13 @@ def estimated_cost(op: Op, graph: Graph) -> tuple[OpCost, str]:
     note = ""
     probe = op
     if not op.gate and gate_kind(op):
-        probe = Op(op.kind, op.inputs, op.outputs, op.attrs, op.origin, op.created_by, op.uid,
-                   _planned_gate(op, graph))
+        probe = Op(op.kind, op.inputs, op.outputs, op.attrs, op.origin, op.created_by, op.uid, _planned_gate(op, graph))
         bits = graph.values[op.inputs[0]].bits
-        note = (f"estimate: not marked yet, m={bits} from range analysis" if bits is not None
-                else f"estimate: not marked yet, m={UNRANGED_BITS} (no range analysis yet)")
+        note = (
+            f"estimate: not marked yet, m={bits} from range analysis"
+            if bits is not None
+            else f"estimate: not marked yet, m={UNRANGED_BITS} (no range analysis yet)"
+        )
     elif op.kind == "batchnorm":
         probe = Op("affine", op.inputs, op.outputs, op.attrs, op.origin, op.created_by, op.uid)
         note = "estimate: costed as a channel-wise affine op (not folded)"
@@ -190,11 +198,15 @@ def op_record(op: Op, graph: Graph, line: str, digests: dict[int, str]) -> tuple
     cost, note = estimated_cost(op, graph)
     gate = _planned_gate(op, graph)
     rec = {
-        "uid": op.uid, "kind": op.kind, "name": op.name, "line": line,
+        "uid": op.uid,
+        "kind": op.kind,
+        "name": op.name,
+        "line": line,
         "attrs": {k: _fmt_attr(op.attrs[k]) for k in sorted(op.attrs)},
         "ins": [_value(graph.values[i], digests) for i in op.inputs],
         "outs": [_value(graph.values[o], digests) for o in op.outputs],
-        "origin": list(op.origin), "by": op.created_by,
+        "origin": list(op.origin),
+        "by": op.created_by,
         "gate": _jsonable(gate),
         "marked": bool(op.gate),
         "cost": {k: getattr(cost, k) for k in ("key_p0", "key_p1", "rounds", "sent_p0", "sent_p1")},
@@ -209,12 +221,12 @@ def _split_text(graph: Graph) -> tuple[list[str], list[str], list[str]]:
     lines = graph.text().splitlines()
     n = len(graph.ops)
     tail = 2  # "  return ..." and "}"
-    head = lines[:len(lines) - n - tail]
-    body = lines[len(head):len(head) + n]
+    head = lines[: len(lines) - n - tail]
+    body = lines[len(head) : len(head) + n]
     for op, ln in zip(graph.ops, body):
         if not ln.startswith(f"  %{op.outputs[0]}:" if op.outputs else "  "):
             raise FsscError(f"viewer: text line of {op.kind} %{op.name} not where expected")
-    return head, body, lines[len(head) + n:]
+    return head, body, lines[len(head) + n :]
 
 
 # --------------------------------------------------------------------------- generated code
@@ -284,23 +296,35 @@ def build_document(passes: Iterable, prog_dir: str | None = None, source: str = 
             xy += list(pos[op.uid])
         width = max(xy[0::2], default=0) + NODE_W // 2 + MARGIN
         height = max(xy[1::2], default=0) + NODE_H // 2 + MARGIN
-        out_passes.append({
-            "index": p.index, "name": p.name, "changed": bool(p.changed),
-            "file": f"{p.index:02d}-{p.name}.txt",
-            "ops": refs, "xy": xy, "size": [width, height],
-            "head": head, "tail": tail,
-            "inputs": list(g.inputs), "outputs": list(g.outputs),
-            "totals": pass_totals(g, costs),
-        })
+        out_passes.append(
+            {
+                "index": p.index,
+                "name": p.name,
+                "changed": bool(p.changed),
+                "file": f"{p.index:02d}-{p.name}.txt",
+                "ops": refs,
+                "xy": xy,
+                "size": [width, height],
+                "head": head,
+                "tail": tail,
+                "inputs": list(g.inputs),
+                "outputs": list(g.outputs),
+                "totals": pass_totals(g, costs),
+            }
+        )
     final = passes[-1].graph if passes else None
     code = {}
     if prog_dir and final is not None:
         code = {str(u): v for u, v in sorted(program_lines(prog_dir, final).items())}
     return {
-        "fssc": __version__, "graph": final.name if final is not None else "", "source": source,
+        "fssc": __version__,
+        "graph": final.name if final is not None else "",
+        "source": source,
         "batch": final.values[final.inputs[0]].shape[0] if final is not None and final.inputs else 1,
         "node": {"w": NODE_W, "h": NODE_H, "row": ROW_H},
-        "ops": table, "passes": out_passes, "code": code,
+        "ops": table,
+        "passes": out_passes,
+        "code": code,
     }
 
 
@@ -315,8 +339,12 @@ def _inline_json(doc: dict) -> str:
 
 
 def render_page(doc: dict) -> str:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("fssc.compiler", "templates"), autoescape=False,
-                             keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("fssc.compiler", "templates"),
+        autoescape=False,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
     css, js = _asset("viewer.css"), _asset("viewer.js")
     for name, text in (("viewer.css", css), ("viewer.js", js)):
         if re.search(r"</(script|style)", text, re.I):

@@ -96,8 +96,9 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     if unexpected:
         problems.append(f"unexpected keys: {', '.join(unexpected)}")
     if wrong:
-        problems.append("wrong shapes: " + ", ".join(
-            f"{k} {tuple(sd[k].shape)} (model has {tuple(own[k].shape)})" for k in wrong))
+        problems.append(
+            "wrong shapes: " + ", ".join(f"{k} {tuple(sd[k].shape)} (model has {tuple(own[k].shape)})" for k in wrong)
+        )
     if problems:
         raise FsscError(f"--weights {path} does not fit the model: " + "; ".join(problems))
     model.load_state_dict(sd, strict=True)
@@ -112,8 +113,9 @@ def synthetic_images(n: int, image_size: int, seed: int = DEFAULT_SEED) -> torch
 
 
 @torch.no_grad()
-def randomize_and_calibrate(model: torch.nn.Module, image_size: int, seed: int = DEFAULT_SEED,
-                            batches: int = 4, batch_size: int = 8) -> None:
+def randomize_and_calibrate(
+    model: torch.nn.Module, image_size: int, seed: int = DEFAULT_SEED, batches: int = 4, batch_size: int = 8
+) -> None:
     """Deterministic random weights with BN statistics measured on synthetic inputs."""
     torch.manual_seed(seed)
     for m in model.modules():
@@ -129,14 +131,20 @@ def randomize_and_calibrate(model: torch.nn.Module, image_size: int, seed: int =
     # Centre the logits: a random head otherwise gives one class for every input.
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if linear and linear[-1].bias is not None:
-        mean = torch.cat([model(synthetic_images(batch_size, image_size, seed + 1 + i))
-                          for i in range(min(batches, 2))]).mean(0)
+        mean = torch.cat(
+            [model(synthetic_images(batch_size, image_size, seed + 1 + i)) for i in range(min(batches, 2))]
+        ).mean(0)
         if mean.shape == linear[-1].bias.shape:
             linear[-1].bias -= mean
 
 
-def prepare_model(name: str, num_classes: int | None = None, weights: str | None = None, image_size: int = 224,
-                  seed: int = DEFAULT_SEED) -> torch.nn.Module:
+def prepare_model(
+    name: str,
+    num_classes: int | None = None,
+    weights: str | None = None,
+    image_size: int = 224,
+    seed: int = DEFAULT_SEED,
+) -> torch.nn.Module:
     """The eval-mode torch model :func:`export_model` exports: the user's weights, or random calibrated ones."""
     torch.manual_seed(seed)
     model = build_model(name, num_classes)
@@ -165,8 +173,16 @@ def _quiet_output():
             os.close(fd)
 
 
-def export_model(name: str, out: str, num_classes: int | None = None, weights: str | None = None,
-                 image_size: int = 224, batch: int = 2, opset: int = 17, seed: int = DEFAULT_SEED) -> ExportInfo:
+def export_model(
+    name: str,
+    out: str,
+    num_classes: int | None = None,
+    weights: str | None = None,
+    image_size: int = 224,
+    batch: int = 2,
+    opset: int = 17,
+    seed: int = DEFAULT_SEED,
+) -> ExportInfo:
     import onnx
 
     if batch < 1 or image_size < 8:
@@ -184,14 +200,24 @@ def export_model(name: str, out: str, num_classes: int | None = None, weights: s
         warnings.simplefilter("ignore")
         try:
             with _quiet_output():  # torch's exporter logs its whole graph (from C++) on failure
-                torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, do_constant_folding=False,
-                                  training=torch.onnx.TrainingMode.EVAL, input_names=["input"],
-                                  output_names=["logits"])
+                torch.onnx.export(
+                    model,
+                    (x,),
+                    buf,
+                    dynamo=False,
+                    opset_version=opset,
+                    do_constant_folding=False,
+                    training=torch.onnx.TrainingMode.EVAL,
+                    input_names=["input"],
+                    output_names=["logits"],
+                )
         except Exception as e:  # torch's exporter reports unsupported shapes with pages of graph dump
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             first = first.split(" Please feel free")[0].split(" [Caused by")[0]
-            raise FsscError(f"torch cannot export {name} at {image_size}x{image_size}, batch {batch}: {first} "
-                            f"(try another --image-size)") from None
+            raise FsscError(
+                f"torch cannot export {name} at {image_size}x{image_size}, batch {batch}: {first} "
+                f"(try another --image-size)"
+            ) from None
     proto = onnx.load_from_string(buf.getvalue())
     proto.producer_name = "fssc export"
     tmp = out + ".part"
@@ -206,8 +232,9 @@ def export_model(name: str, out: str, num_classes: int | None = None, weights: s
     return ExportInfo(out, name, nc, image_size, batch, opset, len(kinds), kinds.count("BatchNormalization"), wdesc)
 
 
-def torch_reference(name: str, num_classes: int | None, weights: str | None, image_size: int, x: torch.Tensor,
-                    seed: int = DEFAULT_SEED) -> torch.Tensor:
+def torch_reference(
+    name: str, num_classes: int | None, weights: str | None, image_size: int, x: torch.Tensor, seed: int = DEFAULT_SEED
+) -> torch.Tensor:
     """The same model as :func:`export_model` builds, run in torch (for tests)."""
     model = prepare_model(name, num_classes, weights, image_size, seed)
     with torch.no_grad():

@@ -41,12 +41,18 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if op.kind == "flatten":
             op.kind = "reshape"
             op.attrs = {"shape": list(v[op.outputs[0]].shape)}
-        if op.kind == "reshape" and tuple(op.attrs["shape"]) == tuple(v[op.inputs[0]].shape) \
-                and op.outputs[0] not in graph.outputs:
+        if (
+            op.kind == "reshape"
+            and tuple(op.attrs["shape"]) == tuple(v[op.inputs[0]].shape)
+            and op.outputs[0] not in graph.outputs
+        ):
             graph.replace_uses(op.outputs[0], op.inputs[0])
             continue
-        if op.kind == "gemm" and not op.attrs.get("transA", 0) and any(
-                k in op.attrs for k in ("alpha", "beta", "transB")):
+        if (
+            op.kind == "gemm"
+            and not op.attrs.get("transA", 0)
+            and any(k in op.attrs for k in ("alpha", "beta", "transB"))
+        ):
             a = op.attrs
             w = v[op.inputs[1]].data.astype(np.float64)
             w = (w.T if a.get("transB", 0) else w) * a.get("alpha", 1.0)
@@ -61,8 +67,13 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                 ins.append(_new_const(graph, op.inputs[2] + ".b", c))
             op.inputs = ins
             op.attrs = {}
-        if op.kind == "matmul" and v[op.inputs[1]].is_const and v[op.inputs[1]].data.ndim == 2 \
-                and len(v[op.inputs[0]].shape) == 2 and not v[op.inputs[0]].is_const:
+        if (
+            op.kind == "matmul"
+            and v[op.inputs[1]].is_const
+            and v[op.inputs[1]].data.ndim == 2
+            and len(v[op.inputs[0]].shape) == 2
+            and not v[op.inputs[0]].is_const
+        ):
             op.kind = "gemm"
             op.attrs = {}
         if op.kind == "sub" and v[op.inputs[1]].is_const and not v[op.inputs[0]].is_const:

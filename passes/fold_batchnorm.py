@@ -42,8 +42,13 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             w_name = graph.fresh_name(conv.inputs[1] + ".bn")
             graph.add_const(w_name, (w * a.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32))
             b_name = graph.fresh_name((conv.inputs[2] if len(conv.inputs) > 2 else conv.inputs[1]) + ".bnbias")
-            graph.add_const(b_name, ((b - graph.values[op.inputs[3]].data.astype(np.float64)) * a
-                                     + graph.values[op.inputs[2]].data.astype(np.float64)).astype(np.float32))
+            graph.add_const(
+                b_name,
+                (
+                    (b - graph.values[op.inputs[3]].data.astype(np.float64)) * a
+                    + graph.values[op.inputs[2]].data.astype(np.float64)
+                ).astype(np.float32),
+            )
             conv.inputs = [conv.inputs[0], w_name, b_name]
             conv.origin = tuple(conv.origin) + tuple(op.origin)
             # the BN's users now read the conv's output (the conv keeps its name)

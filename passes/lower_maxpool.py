@@ -24,10 +24,18 @@ def _axis_attrs(a: dict, axis: int) -> dict:
     """The 1-D part of 2-D pool attrs along spatial axis 0 (H) or 1 (W)."""
     keep = lambda vals, other: [vals[0] if axis == 0 else other, vals[1] if axis == 1 else other]  # noqa: E731
     p = a["pads"]
-    return {"kernel_shape": keep(a["kernel_shape"], 1), "strides": keep(a["strides"], 1),
-            "dilations": keep(a["dilations"], 1), "ceil_mode": a.get("ceil_mode", 0),
-            "pads": [p[0] if axis == 0 else 0, p[1] if axis == 1 else 0,
-                     p[2] if axis == 0 else 0, p[3] if axis == 1 else 0]}
+    return {
+        "kernel_shape": keep(a["kernel_shape"], 1),
+        "strides": keep(a["strides"], 1),
+        "dilations": keep(a["dilations"], 1),
+        "ceil_mode": a.get("ceil_mode", 0),
+        "pads": [
+            p[0] if axis == 0 else 0,
+            p[1] if axis == 1 else 0,
+            p[2] if axis == 0 else 0,
+            p[3] if axis == 1 else 0,
+        ],
+    }
 
 
 def _split(graph: Graph, op, first: int):
@@ -49,8 +57,9 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             a1, a2, mid_shape = _split(graph, op, first)
             probe = Graph()
             probe.values = {"x": graph.values[op.inputs[0]], "m": Value("m", mid_shape)}
-            cost = sum(gate_count(probe.make_op("maxpool", [i], [], a, uid=-1), probe)
-                       for i, a in (("x", a1), ("m", a2)))
+            cost = sum(
+                gate_count(probe.make_op("maxpool", [i], [], a, uid=-1), probe) for i, a in (("x", a1), ("m", a2))
+            )
             if best is None or cost < best[0]:
                 best = (cost, a1, a2, mid_shape)
         _, a1, a2, mid_shape = best

@@ -31,8 +31,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if bits is None:
             raise FsscError(f"{NAME}: no bitwidth for {op.kind} %{op.name}; run range-analysis first")
         n = gate_count(op, graph)
-        op.gate = {"kind": kind, "count": n, "per_image": n // batch, "bits": bits,
-                   "depth": gate_depth(op, graph)}
+        op.gate = {"kind": kind, "count": n, "per_image": n // batch, "bits": bits, "depth": gate_depth(op, graph)}
         for key in ("trunc", "cmp_trunc", "shift"):
             if op.attrs.get(key):
                 op.gate[key] = op.attrs[key]

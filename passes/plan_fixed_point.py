@@ -72,8 +72,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         out = graph.fresh_name(f"{name}.{'trunc' if cur > target else 'up'}{abs(cur - target)}")
         graph.add_value(Value(out, v.shape, v.dtype))
         k = "trunc" if cur > target else "upscale"
-        new_ops.append(graph.make_op(k, [name], [out], {"shift": abs(cur - target)},
-                                     origin=op.origin, created_by=NAME))
+        new_ops.append(graph.make_op(k, [name], [out], {"shift": abs(cur - target)}, origin=op.origin, created_by=NAME))
         scale[out] = target
         return out
 
@@ -113,8 +112,9 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         elif k == "upscale":
             out_scale = scale[secret[0]] + op.attrs["shift"]
         else:
-            raise FsscError(f"{NAME}: no fixed-point rule for op kind {k!r} (%{op.name}, from "
-                            f"{', '.join(op.origin) or 'a pass'})")
+            raise FsscError(
+                f"{NAME}: no fixed-point rule for op kind {k!r} (%{op.name}, from {', '.join(op.origin) or 'a pass'})"
+            )
         new_ops.append(op)
         for o in op.outputs:
             scale[o] = out_scale

@@ -38,8 +38,10 @@ def default_calibration(shape: tuple[int, ...]) -> list[np.ndarray]:
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
     if len(graph.inputs) != 1:
-        raise FsscError(f"{NAME}: the graph has {len(graph.inputs)} inputs ({', '.join(graph.inputs)}); "
-                        f"fssc compiles models with one input")
+        raise FsscError(
+            f"{NAME}: the graph has {len(graph.inputs)} inputs ({', '.join(graph.inputs)}); "
+            f"fssc compiles models with one input"
+        )
     shape = graph.values[graph.inputs[0]].shape
     data = ctx.calibration or default_calibration(shape)
     mags: dict[int, int] = {}

@@ -30,8 +30,18 @@ from fssc.compiler.lower import SecureProgram, encode_linear, is_weighted, lower
 from . import lib
 from .protocol import Dealer, Party
 
-__all__ = ["DealTrace", "deal", "run_party", "precompute_p0", "masked_weights", "strip_weights", "is_weighted",
-           "weighted_ops", "encode_weights", "program_modules"]
+__all__ = [
+    "DealTrace",
+    "deal",
+    "run_party",
+    "precompute_p0",
+    "masked_weights",
+    "strip_weights",
+    "is_weighted",
+    "weighted_ops",
+    "encode_weights",
+    "program_modules",
+]
 
 
 def _has_weights(graph: Graph) -> bool:

@@ -90,7 +90,7 @@ def batches(x: np.ndarray, batch: int) -> list[np.ndarray]:
     """Split [N,...] into batches of exactly ``batch``; the last one is padded by repeating."""
     out = []
     for i in range(0, len(x), batch):
-        b = x[i:i + batch]
+        b = x[i : i + batch]
         if len(b) < batch:
             b = np.concatenate([b, np.repeat(b[-1:], batch - len(b), axis=0)])
         out.append(b)

@@ -131,14 +131,14 @@ def h_digest(fh, mv: memoryview, end: int) -> bytes:
     h = hashlib.sha256()
     if fh is None:
         for i in range(0, end, 1 << 24):
-            h.update(mv[i:min(end, i + (1 << 24))])
+            h.update(mv[i : min(end, i + (1 << 24))])
         return h.digest()
     buf = bytearray(1 << 22)
     view = memoryview(buf)
     fh.seek(0)
     left = end
     while left:
-        n = fh.readinto(view[:min(len(buf), left)])
+        n = fh.readinto(view[: min(len(buf), left)])
         if not n:
             raise FsscError(f"{fh.name}: truncated key file")
         h.update(view[:n])
@@ -149,8 +149,9 @@ def h_digest(fh, mv: memoryview, end: int) -> bytes:
 class KeyReader:
     """Checks a stream and hands out its records in order (zero-copy views)."""
 
-    def __init__(self, source: str | bytes, program: str | None = None, party: int | None = None,
-                 batch: int | None = None):
+    def __init__(
+        self, source: str | bytes, program: str | None = None, party: int | None = None, batch: int | None = None
+    ):
         self.name = source if isinstance(source, str) else "<memory>"
         if isinstance(source, str):
             if not os.path.exists(source):
@@ -168,21 +169,25 @@ class KeyReader:
             raise FsscError(f"{self.name}: not an fssc key file")
         (hlen,) = struct.unpack("<I", mv[8:12])
         try:
-            self.header = json.loads(bytes(mv[12:12 + hlen]))
+            self.header = json.loads(bytes(mv[12 : 12 + hlen]))
         except ValueError:
             raise FsscError(f"{self.name}: corrupt key header") from None
         if self.header.get("format") != FORMAT_VERSION or self.header.get("dcf_layout") != DCF_LAYOUT:
-            raise FsscError(f"{self.name}: key format {self.header.get('format')} (DCF layout "
-                            f"{self.header.get('dcf_layout')}), this fssc reads {FORMAT_VERSION} ({DCF_LAYOUT})")
+            raise FsscError(
+                f"{self.name}: key format {self.header.get('format')} (DCF layout "
+                f"{self.header.get('dcf_layout')}), this fssc reads {FORMAT_VERSION} ({DCF_LAYOUT})"
+            )
         for key, want in (("program", program), ("party", party), ("batch", batch)):
             if want is not None and self.header.get(key) != want:
                 got = self.header.get(key)
-                raise FsscError(f"{self.name}: keys are for {key} {got!r}, not {want!r}"
-                                + (" (keys made for a different program)" if key == "program" else ""))
+                raise FsscError(
+                    f"{self.name}: keys are for {key} {got!r}, not {want!r}"
+                    + (" (keys made for a different program)" if key == "program" else "")
+                )
         end = len(mv) - len(TRAILER) - 32
-        if end < 0 or bytes(mv[end:end + len(TRAILER)]) != TRAILER:
+        if end < 0 or bytes(mv[end : end + len(TRAILER)]) != TRAILER:
             raise FsscError(f"{self.name}: truncated key file (no trailer)")
-        if h_digest(self._fh, mv, end) != bytes(mv[end + len(TRAILER):]):
+        if h_digest(self._fh, mv, end) != bytes(mv[end + len(TRAILER) :]):
             raise FsscError(f"{self.name}: checksum mismatch (corrupt or tampered key file)")
         self._mv = mv
         self._end = end
@@ -211,7 +216,7 @@ class KeyReader:
         if self.pos >= self._end:
             raise FsscError(f"{self.name}: key stream exhausted (program and keys out of step)")
         (tl,) = struct.unpack_from("<H", mv, self.pos)
-        tag = bytes(mv[self.pos + 2:self.pos + 2 + tl]).decode()
+        tag = bytes(mv[self.pos + 2 : self.pos + 2 + tl]).decode()
         p = self.pos + 2 + tl
         code, ndim = struct.unpack_from("<BB", mv, p)
         p += 2
@@ -220,7 +225,7 @@ class KeyReader:
         p += _pad8(p - self.pos)
         dt = DTYPES[code]
         n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        arr = np.frombuffer(mv[p:p + n], dtype=dt).reshape(shape)
+        arr = np.frombuffer(mv[p : p + n], dtype=dt).reshape(shape)
         self.pos = p + n + _pad8(n)
         return tag, arr
 

@@ -162,10 +162,10 @@ def argmax(ctx, tag: str, x, axis: int, keepdims: int, select_last: int, m: int)
     level = 0
     while len(vals) > 1:
         pairs = len(vals) // 2
-        a = np.concatenate(vals[0:2 * pairs:2])
-        b = np.concatenate(vals[1:2 * pairs:2])
-        ia = np.concatenate(idx[0:2 * pairs:2])
-        ib = np.concatenate(idx[1:2 * pairs:2])
+        a = np.concatenate(vals[0 : 2 * pairs : 2])
+        b = np.concatenate(vals[1 : 2 * pairs : 2])
+        ia = np.concatenate(idx[0 : 2 * pairs : 2])
+        ib = np.concatenate(idx[1 : 2 * pairs : 2])
         if select_last:  # b wins unless a > b
             w, wi = ctx.select(f"{tag}.L{level}", [b - a, ib - ia], m, 0)
             v, i = a + w, ia + wi
@@ -173,8 +173,8 @@ def argmax(ctx, tag: str, x, axis: int, keepdims: int, select_last: int, m: int)
             w, wi = ctx.select(f"{tag}.L{level}", [a - b, ia - ib], m, 0)
             v, i = b + w, ib + wi
         n = vals[0].size
-        nv = [v[k * n:(k + 1) * n] for k in range(pairs)]
-        ni = [i[k * n:(k + 1) * n] for k in range(pairs)]
+        nv = [v[k * n : (k + 1) * n] for k in range(pairs)]
+        ni = [i[k * n : (k + 1) * n] for k in range(pairs)]
         if len(vals) % 2:
             nv.append(vals[-1])
             ni.append(idx[-1])
@@ -210,8 +210,13 @@ def concat(*xs, axis: int):
 
 
 def _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode):
-    return {"kernel_shape": list(kernel_shape), "strides": list(strides), "pads": list(pads),
-            "dilations": list(dilations), "ceil_mode": int(ceil_mode)}
+    return {
+        "kernel_shape": list(kernel_shape),
+        "strides": list(strides),
+        "pads": list(pads),
+        "dilations": list(dilations),
+        "ceil_mode": int(ceil_mode),
+    }
 
 
 def sumpool(x, kernel_shape, strides, pads, dilations, ceil_mode):

@@ -66,9 +66,24 @@ def run_loopback(prog: str, keys: str, certs: str, p0_args: list[str], timeout: 
     with tempfile.TemporaryDirectory(prefix="fssc-loopback-") as tmp:
         ready = os.path.join(tmp, "port")
         logs = {n: open(os.path.join(tmp, n), "w+") for n in ("p1", "p0out", "p0err")}
-        p1 = subprocess.Popen([py, os.path.join(prog, "party1", "program.py"), "--keys", os.path.join(keys, "p1"),
-                               "--listen", "127.0.0.1:0", "--certs", certs, "--ready-file", ready,
-                               "--timeout", str(int(timeout))], stdout=logs["p1"], stderr=subprocess.STDOUT)
+        p1 = subprocess.Popen(
+            [
+                py,
+                os.path.join(prog, "party1", "program.py"),
+                "--keys",
+                os.path.join(keys, "p1"),
+                "--listen",
+                "127.0.0.1:0",
+                "--certs",
+                certs,
+                "--ready-file",
+                ready,
+                "--timeout",
+                str(int(timeout)),
+            ],
+            stdout=logs["p1"],
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.time() + 120
             while not os.path.exists(ready):
@@ -79,9 +94,21 @@ def run_loopback(prog: str, keys: str, certs: str, p0_args: list[str], timeout: 
             with open(ready) as fh:
                 port = int(fh.read())
             t = time.perf_counter()
-            p0 = subprocess.Popen([py, os.path.join(prog, "party0", "program.py"), "--keys", os.path.join(keys, "p0"),
-                                   "--peer", f"127.0.0.1:{port}", "--certs", certs, *p0_args],
-                                  stdout=logs["p0out"], stderr=logs["p0err"])
+            p0 = subprocess.Popen(
+                [
+                    py,
+                    os.path.join(prog, "party0", "program.py"),
+                    "--keys",
+                    os.path.join(keys, "p0"),
+                    "--peer",
+                    f"127.0.0.1:{port}",
+                    "--certs",
+                    certs,
+                    *p0_args,
+                ],
+                stdout=logs["p0out"],
+                stderr=logs["p0err"],
+            )
             peaks = {p1: 0.0}
             rc0, rss0 = _wait(p0, timeout, peaks)
             seconds = time.perf_counter() - t

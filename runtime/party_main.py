@@ -24,8 +24,19 @@ from fssc.compiler.errors import FsscError, os_error_message
 from fssc.compiler.files import write_atomic
 
 from . import ring
-from .session import (check_batches, load_manifest, load_weights, masked_weights, open_batch, read_setup, recv_weights,
-                      run_p0_batch, run_p1_batch, send_weights, unused_batches)
+from .session import (
+    check_batches,
+    load_manifest,
+    load_weights,
+    masked_weights,
+    open_batch,
+    read_setup,
+    recv_weights,
+    run_p0_batch,
+    run_p1_batch,
+    send_weights,
+    unused_batches,
+)
 from .transport import client_handshake, connect, listen, server_handshake
 
 
@@ -34,14 +45,21 @@ def _prog_dir(mod) -> str:
 
 
 def _hello(mod, manifest: dict, extra: dict) -> dict:
-    return {"protocol": manifest["protocol"], "program": mod.PROGRAM_HASH, "role": mod.ROLE,
-            "fssc": manifest["fssc_version"], **extra}
+    return {
+        "protocol": manifest["protocol"],
+        "program": mod.PROGRAM_HASH,
+        "role": mod.ROLE,
+        "fssc": manifest["fssc_version"],
+        **extra,
+    }
 
 
 def _check_manifest(mod, manifest: dict) -> None:
     if manifest["program_hash"] != mod.PROGRAM_HASH:
-        raise FsscError(f"{mod.__file__}: program hash {mod.PROGRAM_HASH} does not match manifest.json "
-                        f"({manifest['program_hash']}); recompile")
+        raise FsscError(
+            f"{mod.__file__}: program hash {mod.PROGRAM_HASH} does not match manifest.json "
+            f"({manifest['program_hash']}); recompile"
+        )
 
 
 def main(role: str, mod, argv: list[str]) -> int:
@@ -67,8 +85,10 @@ def main(role: str, mod, argv: list[str]) -> int:
 
 
 def main_party1(mod, argv) -> int:
-    ap = argparse.ArgumentParser(prog="party1/program.py", description="fssc model owner (party 1): serve one "
-                                 "data owner's session over mutual TLS.")
+    ap = argparse.ArgumentParser(
+        prog="party1/program.py",
+        description="fssc model owner (party 1): serve one data owner's session over mutual TLS.",
+    )
     ap.add_argument("--keys", required=True, help="this party's key directory (keys/p1)")
     ap.add_argument("--listen", required=True, metavar="HOST:PORT")
     ap.add_argument("--certs", default="certs", help="directory with ca.pem, party1.pem, party1.key")
@@ -107,8 +127,11 @@ def main_party1(mod, argv) -> int:
         keys = open_batch(a.keys, 1, b, mod.PROGRAM_HASH)
         run_p1_batch(mod, chan, keys, W)
         keys.close()
-    print(f"fssc party1: served {len(peer['batches'])} batch(es) in {time.perf_counter() - t:.2f} s, "
-          f"sent {chan.bytes_sent / 1e6:.1f} MB, received {chan.bytes_received / 1e6:.1f} MB", flush=True)
+    print(
+        f"fssc party1: served {len(peer['batches'])} batch(es) in {time.perf_counter() - t:.2f} s, "
+        f"sent {chan.bytes_sent / 1e6:.1f} MB, received {chan.bytes_received / 1e6:.1f} MB",
+        flush=True,
+    )
     chan.close()
     return 0
 
@@ -116,16 +139,23 @@ def main_party1(mod, argv) -> int:
 def main_party0(mod, argv) -> int:
     from .images import Preprocess, batches, list_images, load_inputs
 
-    ap = argparse.ArgumentParser(prog="party0/program.py", description="fssc data owner (party 0): label images "
-                                 "with the model owner's network; only this party learns the results.")
+    ap = argparse.ArgumentParser(
+        prog="party0/program.py",
+        description="fssc data owner (party 0): label images "
+        "with the model owner's network; only this party learns the results.",
+    )
     ap.add_argument("--keys", required=True, help="this party's key directory (keys/p0)")
     ap.add_argument("--peer", required=True, metavar="HOST:PORT", help="the model owner's address")
     ap.add_argument("--certs", default="certs", help="directory with ca.pem, party0.pem, party0.key")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="a folder of images (or an ImageFolder tree)")
     src.add_argument("--input", help="a .npy array [N,C,H,W] of preprocessed inputs")
-    ap.add_argument("--output", choices=("labels", "logits"), default=None,
-                    help="what to print (logits only if the program outputs them)")
+    ap.add_argument(
+        "--output",
+        choices=("labels", "logits"),
+        default=None,
+        help="what to print (logits only if the program outputs them)",
+    )
     ap.add_argument("--out", help="write results as JSON here (after each completed batch)")
     ap.add_argument("--timeout", type=float, default=600.0)
     a = ap.parse_args(argv)
@@ -137,19 +167,24 @@ def main_party0(mod, argv) -> int:
     kinds = {o["kind"] for o in manifest["outputs"]}
     want = a.output or ("logits" if "logits" in kinds else "labels")
     if want == "logits" and "logits" not in kinds:
-        raise FsscError("--output logits: this program was compiled to output labels only "
-                        "(recompile with `fssc compile --output-mode logits`)")
-    pre = Preprocess(**{k: v for k, v in manifest.get("preprocess", {}).items() if k in ("size", "resize", "mean",
-                                                                                            "std")})
+        raise FsscError(
+            "--output logits: this program was compiled to output labels only "
+            "(recompile with `fssc compile --output-mode logits`)"
+        )
+    pre = Preprocess(
+        **{k: v for k, v in manifest.get("preprocess", {}).items() if k in ("size", "resize", "mean", "std")}
+    )
     path = a.images or a.input
     x = load_inputs(path, pre, tuple(shape[1:]))
     names = list_images(a.images) if a.images else [f"{a.input}[{i}]" for i in range(len(x))]
     xb = batches(x, shape[0])
     free = unused_batches(a.keys)
     if len(free) < len(xb):
-        raise FsscError(f"{len(xb)} batch(es) of {shape[0]} images need {len(xb)} unused key batches; "
-                        f"{a.keys} has {len(free)} (deal more with `fssc deal --batches N`)")
-    use = free[:len(xb)]
+        raise FsscError(
+            f"{len(xb)} batch(es) of {shape[0]} images need {len(xb)} unused key batches; "
+            f"{a.keys} has {len(free)} (deal more with `fssc deal --batches N`)"
+        )
+    use = free[: len(xb)]
     check_batches(a.keys, 0, use, mod.PROGRAM_HASH)
     chan = connect(a.peer, a.certs, timeout=a.timeout)
     client_handshake(chan, _hello(mod, manifest, {"batches": use}))
@@ -179,14 +214,22 @@ def main_party0(mod, argv) -> int:
                 line += "  logits " + " ".join(f"{z:+.4f}" for z in rec["logits"])
             print(line, flush=True)
         if a.out:
-            stats = {"timings": timings, "bytes_sent": chan.bytes_sent, "bytes_received": chan.bytes_received,
-                     "rounds": chan.rounds, "batches_done": bi + 1, "batches": len(use)}
-            write_atomic(a.out, json.dumps({"results": results, "program": mod.PROGRAM_HASH, "stats": stats},
-                                           indent=1))
+            stats = {
+                "timings": timings,
+                "bytes_sent": chan.bytes_sent,
+                "bytes_received": chan.bytes_received,
+                "rounds": chan.rounds,
+                "batches_done": bi + 1,
+                "batches": len(use),
+            }
+            write_atomic(a.out, json.dumps({"results": results, "program": mod.PROGRAM_HASH, "stats": stats}, indent=1))
     total = time.perf_counter() - t0
-    print(f"fssc party0: {len(results)} input(s), {len(use)} batch(es): setup {timings['setup']:.2f} s, "
-          f"offline {timings.get('offline', 0):.2f} s, online {timings.get('online', 0):.2f} s, total {total:.2f} s; "
-          f"sent {chan.bytes_sent / 1e6:.1f} MB, received {chan.bytes_received / 1e6:.1f} MB, "
-          f"{chan.rounds} rounds", flush=True)
+    print(
+        f"fssc party0: {len(results)} input(s), {len(use)} batch(es): setup {timings['setup']:.2f} s, "
+        f"offline {timings.get('offline', 0):.2f} s, online {timings.get('online', 0):.2f} s, total {total:.2f} s; "
+        f"sent {chan.bytes_sent / 1e6:.1f} MB, received {chan.bytes_received / 1e6:.1f} MB, "
+        f"{chan.rounds} rounds",
+        flush=True,
+    )
     chan.close()
     return 0

@@ -20,7 +20,7 @@ from fssc.compiler.ops import _windows
 def max_tree(x: np.ndarray, attrs: dict, pairmax: Callable[[int, np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
     """Window max of x[N,C,*spatial] with ``pairmax(level, a_flat, b_flat)`` as the gate."""
     w, valid, _, nd = _windows(x, attrs, 0)
-    lead = w.shape[:2 + nd]
+    lead = w.shape[: 2 + nd]
     taps = w.reshape(lead + (-1,))
     vmask = valid.reshape(valid.shape[:nd] + (-1,))
     items = [(np.ascontiguousarray(taps[..., t]), vmask[..., t]) for t in range(taps.shape[-1])]
@@ -33,14 +33,17 @@ def max_tree(x: np.ndarray, attrs: dict, pairmax: Callable[[int, np.ndarray, np.
             firsts.append(a[..., both].reshape(-1))
             seconds.append(b[..., both].reshape(-1))
             spans.append(both)
-        flat = pairmax(level, np.concatenate(firsts), np.concatenate(seconds)) if sum(
-            f.size for f in firsts) else np.zeros(0, dtype=x.dtype)
+        flat = (
+            pairmax(level, np.concatenate(firsts), np.concatenate(seconds))
+            if sum(f.size for f in firsts)
+            else np.zeros(0, dtype=x.dtype)
+        )
         off = 0
         for ((a, va), (b, vb)), both in zip(pairs, spans):
             out = np.where(va, a, b)
             n = firsts[len(nxt)].size
             if n:
-                out[..., both] = flat[off:off + n].reshape(a.shape[:2] + (-1,))
+                out[..., both] = flat[off : off + n].reshape(a.shape[:2] + (-1,))
             off += n
             nxt.append((out, va | vb))
         if len(items) % 2:

@@ -154,8 +154,9 @@ class Dealer:
         self.w[0].put(tag + ".seeds", np.frombuffer(seeds, dtype=np.uint8))
         return seeds
 
-    def linear(self, tag: str, fn, k: int, r_x: np.ndarray, a_mask: np.ndarray | None, y_shape,
-               seeds: bytes) -> np.ndarray:
+    def linear(
+        self, tag: str, fn, k: int, r_x: np.ndarray, a_mask: np.ndarray | None, y_shape, seeds: bytes
+    ) -> np.ndarray:
         """y = W * x + b: P0 has two seeds, P1 gets [r_x]_1 and c_1 (DESIGN.md section 4)."""
         s_rx, s_c = seeds[:16], seeds[16:]
         rx0 = expand(s_rx, r_x.shape)
@@ -273,7 +274,7 @@ class Party:
         r_d = vals[0]
         ys = []
         for j, z in enumerate(zhat):
-            rz, rdrz, ro = vals[1 + 3 * j:4 + 3 * j]
+            rz, rdrz, ro = vals[1 + 3 * j : 4 + 3 * j]
             y = t * (r_d * z - rdrz) - D * rz + ro
             if self.b == 0:
                 y += D * z
@@ -310,9 +311,18 @@ class Party:
         cross = ring_bilinear(fn, rx0, w_hat, k, 64, 64) if w_hat is not None else rx0.reshape(y_shape)
         return c0 - cross
 
-    def linear(self, tag: str, xhat: np.ndarray, fn=None, k: int = 0, w: np.ndarray | None = None,
-               bias: np.ndarray | None = None, w_bits: int = 64, z0: np.ndarray | None = None,
-               y_shape=None) -> np.ndarray:
+    def linear(
+        self,
+        tag: str,
+        xhat: np.ndarray,
+        fn=None,
+        k: int = 0,
+        w: np.ndarray | None = None,
+        bias: np.ndarray | None = None,
+        w_bits: int = 64,
+        z0: np.ndarray | None = None,
+        y_shape=None,
+    ) -> np.ndarray:
         """y^ = z_0 + z_1: P1 computes z_1 = W * (x^ - [r_x]_1) + b + c_1 online; P0 brings z_0."""
         if self.b == 0:
             return self._open(z0)

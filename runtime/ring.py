@@ -99,8 +99,14 @@ def plan_limbs(bits_x: int, bits_w: int, k: int) -> tuple[int, int, int, int]:
     return lx, math.ceil(mx / lx), lw, math.ceil(mw / lw)
 
 
-def ring_bilinear(fn: Callable[[np.ndarray, np.ndarray], np.ndarray], x: np.ndarray, w: np.ndarray, k: int,
-                  bits_x: int | None = None, bits_w: int | None = None) -> np.ndarray:
+def ring_bilinear(
+    fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    x: np.ndarray,
+    w: np.ndarray,
+    k: int,
+    bits_x: int | None = None,
+    bits_w: int | None = None,
+) -> np.ndarray:
     """Exact fn(x, w) over Z_2^64 for a bilinear fn computed in float64.
 
     ``k`` is the reduction length (terms summed per output). ``bits_*`` bound

@@ -87,8 +87,10 @@ def setup_seed_for(keys_dir: str, program_hash: str) -> bytes:
         with open(path, "rb") as fh:
             blob = fh.read()
         if blob[SEED_BYTES:].decode(errors="replace") != program_hash:
-            raise FsscError(f"{path} belongs to program {blob[SEED_BYTES:].decode(errors='replace')}; "
-                            f"use a fresh keys directory for program {program_hash}")
+            raise FsscError(
+                f"{path} belongs to program {blob[SEED_BYTES:].decode(errors='replace')}; "
+                f"use a fresh keys directory for program {program_hash}"
+            )
         return blob[:SEED_BYTES]
     seed = os.urandom(SEED_BYTES)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -192,8 +194,9 @@ def run_p1_batch(mod, chan: Channel, keys: KeyReader, W: dict[str, np.ndarray]) 
         raise FsscError(f"{keys.name}: key records left over after the program (program and keys out of step)")
 
 
-def run_p0_batch(mod, chan: Channel, keys: KeyReader, w_hat: dict[str, np.ndarray], x_enc: np.ndarray,
-                 timings: dict | None = None) -> dict:
+def run_p0_batch(
+    mod, chan: Channel, keys: KeyReader, w_hat: dict[str, np.ndarray], x_enc: np.ndarray, timings: dict | None = None
+) -> dict:
     P = Party(0, keys, chan)
     t = time.perf_counter()
     z0 = mod.offline(P, w_hat)

@@ -25,8 +25,14 @@ def deal_in_memory(fn: Callable[[Dealer], Any], header: dict | None = None, rng:
     return res, w0.close(), w1.close()
 
 
-def run_parties(fn0: Callable[[Party], Any], fn1: Callable[[Party], Any], keys0: bytes, keys1: bytes,
-                timeout: float = 120.0, record: bool = False):
+def run_parties(
+    fn0: Callable[[Party], Any],
+    fn1: Callable[[Party], Any],
+    keys0: bytes,
+    keys1: bytes,
+    timeout: float = 120.0,
+    record: bool = False,
+):
     """Run both parties concurrently; returns (result0, result1, chan0, chan1). Errors propagate."""
     c0, c1 = queue_pair(timeout, record)
     out: dict[int, Any] = {}
@@ -39,8 +45,10 @@ def run_parties(fn0: Callable[[Party], Any], fn1: Callable[[Party], Any], keys0:
             errors.append(e)
             chan.close()
 
-    threads = [threading.Thread(target=go, args=(0, fn0, keys0, c0)),
-               threading.Thread(target=go, args=(1, fn1, keys1, c1))]
+    threads = [
+        threading.Thread(target=go, args=(0, fn0, keys0, c0)),
+        threading.Thread(target=go, args=(1, fn1, keys1, c1)),
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -146,8 +146,14 @@ def _parse_json(b) -> dict:
     return obj
 
 
-def listen(addr: str, certs: str, timeout: float = 600.0, accept_timeout: float | None = None,
-           record: bool = False, on_ready=None) -> TcpChannel:
+def listen(
+    addr: str,
+    certs: str,
+    timeout: float = 600.0,
+    accept_timeout: float | None = None,
+    record: bool = False,
+    on_ready=None,
+) -> TcpChannel:
     """P1: accept one authenticated data owner (its two connections)."""
     host, port = _split(addr)
     ctx = _context(certs, 1)
@@ -234,8 +240,10 @@ def _check(peer: dict, mine: dict) -> list[str]:
     if peer.get("protocol") != mine.get("protocol"):
         problems.append(f"{them} speaks protocol {peer.get('protocol')}, {us} {mine.get('protocol')}")
     if peer.get("program") != mine.get("program"):
-        problems.append(f"{them} runs program {peer.get('program')}, {us} runs {mine.get('program')} "
-                        "(compiled from a different model or options)")
+        problems.append(
+            f"{them} runs program {peer.get('program')}, {us} runs {mine.get('program')} "
+            "(compiled from a different model or options)"
+        )
     if peer.get("role") == mine.get("role") or peer.get("role") not in ("party0", "party1"):
         problems.append(f"peer role {peer.get('role')!r} does not complement ours {mine.get('role')!r}")
     return problems

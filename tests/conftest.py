@@ -34,8 +34,9 @@ def run_fssc_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.Completed
     """Run the real CLI; returns the CompletedProcess (text mode, output captured)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run(fssc_command() + [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        fssc_command() + [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +70,9 @@ def export_resnet18(tmp_path_factory, _export_cache):
 def resnet18_224_cli(tmp_path_factory, _export_cache):
     """``fssc export resnet18 -o r.onnx --num-classes 2 --image-size 224 --batch 2``, run once."""
     d = tmp_path_factory.mktemp("resnet18_cli_224")
-    proc = run_fssc_cli("export", "resnet18", "-o", "r.onnx", "--num-classes", 2, "--image-size", 224,
-                        "--batch", 2, cwd=d)
+    proc = run_fssc_cli(
+        "export", "resnet18", "-o", "r.onnx", "--num-classes", 2, "--image-size", 224, "--batch", 2, cwd=d
+    )
     path = d / "r.onnx"
     if proc.returncode == 0 and path.exists():
         _export_cache.setdefault((224, 2, 2, None), path)

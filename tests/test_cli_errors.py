@@ -28,8 +28,9 @@ def assert_one_line_error(proc, *must_contain):
     return line
 
 
-@pytest.mark.parametrize("content", [b"this is not an ONNX model\n", b"", b"\x08\x07\x12\x04junk\xff\xff"],
-                         ids=["text", "empty", "garbage"])
+@pytest.mark.parametrize(
+    "content", [b"this is not an ONNX model\n", b"", b"\x08\x07\x12\x04junk\xff\xff"], ids=["text", "empty", "garbage"]
+)
 def test_not_onnx(tmp_path, run_fssc, content):
     path = tmp_path / "photo.onnx"
     path.write_bytes(content)
@@ -49,17 +50,27 @@ def test_unsupported_ops_are_all_listed(tmp_path, run_fssc):
         helper.make_node("LSTM", ["xr", "W", "R"], ["y"], name="encoder_lstm", hidden_size=h),
         helper.make_node("Softmax", ["xr"], ["p"], name="head_softmax", axis=-1),
     ]
-    inits = [numpy_helper.from_array(rng.standard_normal((1, 4 * h, i)).astype(np.float32), "W"),
-             numpy_helper.from_array(rng.standard_normal((1, 4 * h, h)).astype(np.float32), "R")]
-    graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, b, i])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, 1, b, h]),
-                               helper.make_tensor_value_info("p", TensorProto.FLOAT, [t, b, i])], inits)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((1, 4 * h, i)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((1, 4 * h, h)).astype(np.float32), "R"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "lstm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, b, i])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, 1, b, h]),
+            helper.make_tensor_value_info("p", TensorProto.FLOAT, [t, b, i]),
+        ],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     path = tmp_path / "lstm.onnx"
     onnx.save(model, path)
-    line = assert_one_line_error(run_fssc("ir", path), "lstm.onnx", "encoder_lstm (LSTM)", "head_softmax (Softmax)",
-                                 "supports:")
+    line = assert_one_line_error(
+        run_fssc("ir", path), "lstm.onnx", "encoder_lstm (LSTM)", "head_softmax (Softmax)", "supports:"
+    )
     assert "pre_relu" not in line
     for op in ("Conv", "Gemm", "MaxPool", "BatchNormalization", "ArgMax"):
         assert op in line.split("supports:")[1]
@@ -72,15 +83,18 @@ def test_dynamic_batch_dimension(tmp_path, run_fssc, resnet18_onnx):
     dim.dim_param = "batch_size"  # as torch.onnx.export(..., dynamic_axes={"input": {0: "batch_size"}}) writes
     path = tmp_path / "dynamic.onnx"
     onnx.save(model, path)
-    assert_one_line_error(run_fssc("ir", path), "dynamic.onnx", "'input'", "dynamic dimension 'batch_size'",
-                          "axis 0", "--batch")
+    assert_one_line_error(
+        run_fssc("ir", path), "dynamic.onnx", "'input'", "dynamic dimension 'batch_size'", "axis 0", "--batch"
+    )
 
 
 def test_dynamic_dimension_elsewhere(tmp_path, run_fssc):
     x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [2, 3, "height", 8])
     y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, "height", 8])
-    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["pixels"], ["out"])], "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["pixels"], ["out"])], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     path = tmp_path / "h.onnx"
     onnx.save(model, path)
     assert_one_line_error(run_fssc("ir", path), "'pixels'", "dynamic dimension 'height'", "axis 2")
@@ -102,9 +116,13 @@ def test_weights_with_wrong_keys(tmp_path, run_fssc, resnet18_2class_state_dict)
     torch.save(sd, tmp_path / "sd.pt")
     out = tmp_path / "out.onnx"
     line = assert_one_line_error(
-        run_fssc("export", "resnet18", "-o", out, "--num-classes", 2, "--image-size", 32, "--weights",
-                 tmp_path / "sd.pt"),
-        "sd.pt", "missing keys: fc.weight, layer1.0.bn1.running_var", "unexpected keys: extra.scale, head.weight")
+        run_fssc(
+            "export", "resnet18", "-o", out, "--num-classes", 2, "--image-size", 32, "--weights", tmp_path / "sd.pt"
+        ),
+        "sd.pt",
+        "missing keys: fc.weight, layer1.0.bn1.running_var",
+        "unexpected keys: extra.scale, head.weight",
+    )
     assert "wrong shapes" not in line
     assert not out.exists() and not (tmp_path / "out.onnx.part").exists()
 
@@ -115,15 +133,20 @@ def test_weights_with_wrong_shapes(tmp_path, run_fssc, resnet18_2class_state_dic
     out = tmp_path / "out.onnx"
     line = assert_one_line_error(
         run_fssc("export", "resnet18", "-o", out, "--image-size", 32, "--weights", tmp_path / "sd2.pt"),
-        "sd2.pt", "wrong shapes:", "fc.weight (2, 512) (model has (1000, 512))", "fc.bias (2,) (model has (1000,))")
+        "sd2.pt",
+        "wrong shapes:",
+        "fc.weight (2, 512) (model has (1000, 512))",
+        "fc.bias (2,) (model has (1000,))",
+    )
     assert "missing keys" not in line and "unexpected keys" not in line
     assert not out.exists()
 
 
 def test_usage_errors_are_one_line(tmp_path, run_fssc):
     assert_one_line_error(run_fssc("ir", tmp_path), "is a directory", "fssc ir --help")
-    assert_one_line_error(run_fssc("export", "resnet18", "-o", tmp_path / "x.onnx", "--batch", "two"),
-                          "'--batch'", "not a valid integer")
+    assert_one_line_error(
+        run_fssc("export", "resnet18", "-o", tmp_path / "x.onnx", "--batch", "two"), "'--batch'", "not a valid integer"
+    )
 
 
 def test_unwritable_output_directory(tmp_path, run_fssc, resnet18_onnx):
@@ -146,9 +169,21 @@ def test_listen_port_in_use_is_one_line(tmp_path, run_fssc, resnet18_onnx):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = subprocess.run([sys.executable, str(prog / "party1" / "program.py"), "--keys", str(keys / "p1"),
-                               "--listen", f"127.0.0.1:{port}", "--certs", str(certs)],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(prog / "party1" / "program.py"),
+                "--keys",
+                str(keys / "p1"),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--certs",
+                str(certs),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "in use" in proc.stderr.lower()
 

@@ -17,10 +17,17 @@ from fssc.runtime.simulate import deal_in_memory, run_parties
 
 def hostile_model(path: str) -> None:
     w = numpy_helper.from_array(np.ones((4, 2), np.float32), "W")
-    nodes = [oh.make_node("MatMul", ['in"put', "W"], ["mm"], name='mm\nimport os\nos.system("exit 1")'),
-             oh.make_node("Relu", ["mm"], ['out"\n'], name='r\\"""')]
-    g = oh.make_graph(nodes, 'g"""', [oh.make_tensor_value_info('in"put', TensorProto.FLOAT, [2, 4])],
-                      [oh.make_tensor_value_info('out"\n', TensorProto.FLOAT, [2, 2])], [w])
+    nodes = [
+        oh.make_node("MatMul", ['in"put', "W"], ["mm"], name='mm\nimport os\nos.system("exit 1")'),
+        oh.make_node("Relu", ["mm"], ['out"\n'], name='r\\"""'),
+    ]
+    g = oh.make_graph(
+        nodes,
+        'g"""',
+        [oh.make_tensor_value_info('in"put', TensorProto.FLOAT, [2, 4])],
+        [oh.make_tensor_value_info('out"\n', TensorProto.FLOAT, [2, 2])],
+        [w],
+    )
     onnx.save(oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)]), path)
 
 
@@ -43,5 +50,8 @@ def test_hostile_names_stay_data(tmp_path):
     x = np.arange(8, dtype=np.float32).reshape(2, 4) - 3
     (y,), _, _, _ = run_parties(
         lambda P: engine.run_party(g0, P, ring.encode(x, 12), w_hat, engine.precompute_p0(g0, P, w_hat)),
-        lambda P: engine.run_party(g, P), k0, k1)
+        lambda P: engine.run_party(g, P),
+        k0,
+        k1,
+    )
     assert np.allclose(ring.decode(y, g.values[g.outputs[0]].scale), np.maximum(x @ np.ones((4, 2)), 0))

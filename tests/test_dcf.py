@@ -187,7 +187,7 @@ def test_slicing():
     aligned = k0[BLOCK:]
     assert np.shares_memory(aligned.data, k0.data) and len(aligned) == BLOCK + 7
     np.testing.assert_array_equal(dcf.eval(0, aligned, x[BLOCK:]), dcf.eval(0, k0, x)[BLOCK:])
-    part0, part1 = k0[5:BLOCK + 100], k1[5:BLOCK + 100]  # not block aligned: repacked
+    part0, part1 = k0[5 : BLOCK + 100], k1[5 : BLOCK + 100]  # not block aligned: repacked
     got = dcf.eval(0, part0, x[5 : BLOCK + 100]) ^ dcf.eval(1, part1, x[5 : BLOCK + 100])
     np.testing.assert_array_equal(got, (x < alpha)[5 : BLOCK + 100].astype(np.uint8))
 

@@ -30,9 +30,25 @@ def _party(prog: Path, role: str, *args) -> list[str]:
 
 def _start_p1(prog: Path, keys: Path, certs: Path, tmp: Path, timeout: int = 300):
     ready = tmp / f"p1-{time.monotonic_ns()}.port"
-    proc = subprocess.Popen(_party(prog, "party1", "--keys", keys / "p1", "--listen", "127.0.0.1:0", "--certs", certs,
-                                   "--ready-file", ready, "--timeout", timeout),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _party(
+            prog,
+            "party1",
+            "--keys",
+            keys / "p1",
+            "--listen",
+            "127.0.0.1:0",
+            "--certs",
+            certs,
+            "--ready-file",
+            ready,
+            "--timeout",
+            timeout,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not ready.exists():
         if proc.poll() is not None:
@@ -44,8 +60,12 @@ def _start_p1(prog: Path, keys: Path, certs: Path, tmp: Path, timeout: int = 300
 
 
 def _run_p0(prog: Path, keys: Path, certs: Path, port: int, *args, timeout: int = 300):
-    return subprocess.run(_party(prog, "party0", "--keys", keys / "p0", "--peer", f"127.0.0.1:{port}",
-                                 "--certs", certs, *args), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        _party(prog, "party0", "--keys", keys / "p0", "--peer", f"127.0.0.1:{port}", "--certs", certs, *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _images(folder: Path, n: int = 2) -> Path:
@@ -72,12 +92,20 @@ def setup(tmp_path_factory, export_resnet18, run_fssc):
 
 def test_compile_writes_three_programs_and_manifest(setup):
     prog = setup["prog"]
-    for f in ("party0/program.py", "party1/program.py", "party1/weights.bin", "dealer/program.py",
-              "manifest.json"):
+    for f in ("party0/program.py", "party1/program.py", "party1/weights.bin", "dealer/program.py", "manifest.json"):
         assert (prog / f).is_file(), f
     man = json.loads((prog / "manifest.json").read_text())
-    for key in ("program_hash", "ring_bits", "frac_bits", "inputs", "outputs", "preprocess", "cost",
-                "fssc_version", "output_mode"):
+    for key in (
+        "program_hash",
+        "ring_bits",
+        "frac_bits",
+        "inputs",
+        "outputs",
+        "preprocess",
+        "cost",
+        "fssc_version",
+        "output_mode",
+    ):
         assert key in man
     src = (prog / "party1" / "program.py").read_text()
     assert "# conv %" in src and "<- /conv1/Conv" in src, "statements carry their IR op and ONNX node"
@@ -95,13 +123,13 @@ def test_party0_and_dealer_hold_no_weight_bytes(setup):
         a = numpy_helper.to_array(t)
         if a.size >= 8 and a.dtype == np.float32:
             raw = a.tobytes()
-            needles += [raw[:32], raw[len(raw) // 2:len(raw) // 2 + 32]]
+            needles += [raw[:32], raw[len(raw) // 2 : len(raw) // 2 + 32]]
     r = KeyReader(str(setup["prog"] / "party1" / "weights.bin"))
     while not r.skip_to_end():
         _, arr = r._next()
         raw = arr.tobytes()
         if arr.size >= 4:
-            needles += [raw[:32], raw[len(raw) // 2:len(raw) // 2 + 32]]
+            needles += [raw[:32], raw[len(raw) // 2 : len(raw) // 2 + 32]]
     assert len(needles) > 40
     for role in ("party0", "dealer"):
         for f in (setup["prog"] / role).rglob("*"):
@@ -139,8 +167,9 @@ def test_two_processes_label_images_like_onnxruntime(setup, ort_session, tmp_pat
     images = _images(tmp_path / "images")
     p1, port = _start_p1(setup["prog"], setup["keys"], setup["certs"], tmp_path)
     out_json = tmp_path / "out.json"
-    r0 = _run_p0(setup["prog"], setup["keys"], setup["certs"], port, "--images", images, "--out", out_json,
-                 "--output", "logits")
+    r0 = _run_p0(
+        setup["prog"], setup["keys"], setup["certs"], port, "--images", images, "--out", out_json, "--output", "logits"
+    )
     out1, err1 = p1.communicate(timeout=120)
     assert r0.returncode == 0, r0.stderr
     assert p1.returncode == 0, err1
@@ -154,8 +183,9 @@ def test_two_processes_label_images_like_onnxruntime(setup, ort_session, tmp_pat
     from fssc.compiler.interp import run_fixed
     from fssc.compiler.onnx_import import import_onnx
 
-    fixed = run_fixed(compile_graph(import_onnx(str(setup["onnx"])), echo=lambda s: None, output_mode="logits").graph,
-                      x)[0]
+    fixed = run_fixed(
+        compile_graph(import_onnx(str(setup["onnx"])), echo=lambda s: None, output_mode="logits").graph, x
+    )[0]
     assert np.abs(secure - fixed).max() < 0.01
     # ...and f = 12 at 64x64 stays within 0.05 of onnxruntime (0.02 is the 224x224 figure: the demo and
     # tests/test_overflow.py check that one)
@@ -207,8 +237,9 @@ def test_model_owner_receives_uniform_bytes_and_data_owner_no_weights(setup):
     xb = np.zeros_like(xa)  # a very different input: all zeros
     for x in (xa, xb):
         _, to_p0, to_p1, W = _record_session(setup, x)
-        words = np.concatenate([a.reshape(-1).view(np.uint64) if a.dtype != np.uint8 else
-                                np.zeros(0, np.uint64) for a in to_p1])
+        words = np.concatenate(
+            [a.reshape(-1).view(np.uint64) if a.dtype != np.uint8 else np.zeros(0, np.uint64) for a in to_p1]
+        )
         bits = np.concatenate([a.reshape(-1) for a in to_p1 if a.dtype == np.uint8])
         assert words.size > 100_000
         assert _uniform_bits(words).all(), "P1's inbound words are not uniform"
@@ -221,7 +252,7 @@ def test_model_owner_receives_uniform_bytes_and_data_owner_no_weights(setup):
             for w in weights.values():
                 if arr.shape == w.shape:
                     assert np.mean(arr == w) < 1e-3
-        setup_words = np.concatenate([a.reshape(-1) for a in to_p0[:len(weights)]])
+        setup_words = np.concatenate([a.reshape(-1) for a in to_p0[: len(weights)]])
         assert _uniform_bits(setup_words).all()
 
 

@@ -104,11 +104,14 @@ def test_user_weights_match_torch(export_resnet18, ort_session, tmp_path):
     np.testing.assert_allclose(torch_reference("resnet18", 2, str(sd_path), 64, x).numpy(), ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"num_classes": 0}, "--num-classes must be >= 1"),
-    ({"opset": 5}, "--opset 5 is not supported"),
-    ({"batch": 0}, "--batch must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"num_classes": 0}, "--num-classes must be >= 1"),
+        ({"opset": 5}, "--opset 5 is not supported"),
+        ({"batch": 0}, "--batch must be >= 1"),
+    ],
+)
 def test_export_refuses_bad_arguments(tmp_path, bad, message):
     from fssc.compiler.errors import FsscError
 

@@ -97,8 +97,10 @@ def _check_relu(u: np.ndarray, rho: np.ndarray, m: int, s: int, gen) -> None:
     xp = signed_mod(u - rho, m)
     want = ring.unsigned(np.maximum(xp, 0))
     bad = np.flatnonzero(y != want)
-    assert bad.size == 0, (f"m={m} s={s}: {bad.size} wrong, e.g. u={u[bad[0]]} rho={rho[bad[0]]} "
-                           f"got {ring.signed(y)[bad[0]]} want {want[bad[0]]}")
+    assert bad.size == 0, (
+        f"m={m} s={s}: {bad.size} wrong, e.g. u={u[bad[0]]} rho={rho[bad[0]]} "
+        f"got {ring.signed(y)[bad[0]]} want {want[bad[0]]}"
+    )
     # ... which is the plaintext semantics: x = x^ - r, floor-truncated by s with the gate's carry
     x = xhat - r
     assert (signed_mod(truncated_with_carry(x, r, s), m) == xp).all()
@@ -111,8 +113,9 @@ def test_relu_exhaustive(m, s):
     _check_relu(*all_pairs(m), m, s, gen)
 
 
-@pytest.mark.parametrize("m,s", [(m, s) for m in (9, 12, 16, 20, 24, 32, 40, 48, 52, 61, 63, 64) for s in TRUNCS
-                                 if m + s <= 64])
+@pytest.mark.parametrize(
+    "m,s", [(m, s) for m in (9, 12, 16, 20, 24, 32, 40, 48, 52, 61, 63, 64) for s in TRUNCS if m + s <= 64]
+)
 def test_relu_random_wide(m, s):
     gen = np.random.default_rng(7 * m + s)
     n = 3000
@@ -164,8 +167,9 @@ def test_relu_plaintext_in_range(s):
     x = ring.unsigned(x)
     r = _rand_u64(gen, n)
     xhat = x + r
-    r_out, y0, _, _, _ = simulate(lambda D: D.relu("g", r.reshape(50, 100), m, s),
-                                  lambda P: P.relu("g", xhat.reshape(50, 100), m, s))
+    r_out, y0, _, _, _ = simulate(
+        lambda D: D.relu("g", r.reshape(50, 100), m, s), lambda P: P.relu("g", xhat.reshape(50, 100), m, s)
+    )
     y = ring.signed((y0 - r_out).reshape(-1))
     t = ring.signed(truncated_with_carry(x, r, s))
     floor = ring.signed(x) >> s
@@ -231,8 +235,9 @@ def test_select_two_values(m, s):
     n = u.size
     r0, z0hat = place(rho, m, s, gen), place(u, m, s, gen)
     r1, z1hat = _rand_u64(gen, n), _rand_u64(gen, n)
-    outs, y0, y1, _, _ = simulate(lambda D: D.select("g", [r0, r1], m, s),
-                                  lambda P: P.select("g", [z0hat, z1hat], m, s))
+    outs, y0, y1, _, _ = simulate(
+        lambda D: D.select("g", [r0, r1], m, s), lambda P: P.select("g", [z0hat, z1hat], m, s)
+    )
     assert all((a == b).all() for a, b in zip(y0, y1))
     d = (signed_mod(u - rho, m) >= 0).astype(U64)
     assert ((y0[0] - outs[0]) == d * (z0hat - r0)).all()
@@ -280,8 +285,9 @@ def run_engine(graph: Graph, x_ring: np.ndarray):
     trace = engine.DealTrace()
     setup = bytes(16)
     _, k0, k1 = deal_in_memory(lambda D: engine.deal(engine.strip_weights(graph), D, setup, trace))
-    out0, out1, _, _ = run_parties(lambda P: engine.run_party(graph, P, x_ring, {}, {}),
-                                   lambda P: engine.run_party(graph, P), k0, k1)
+    out0, out1, _, _ = run_parties(
+        lambda P: engine.run_party(graph, P, x_ring, {}, {}), lambda P: engine.run_party(graph, P), k0, k1
+    )
     assert out1 is None
     return out0, trace
 
@@ -328,8 +334,13 @@ POOLS = [
 
 
 def _pool_graph(shape, attrs, m, s, lower: bool) -> Graph:
-    attrs = {"strides": [1] * (len(shape) - 2), "dilations": [1] * (len(shape) - 2),
-             "pads": [0] * (2 * (len(shape) - 2)), "ceil_mode": 0, **attrs}
+    attrs = {
+        "strides": [1] * (len(shape) - 2),
+        "dilations": [1] * (len(shape) - 2),
+        "pads": [0] * (2 * (len(shape) - 2)),
+        "ceil_mode": 0,
+        **attrs,
+    }
     if s:
         attrs["cmp_trunc"] = s
     g = one_op_graph("maxpool", shape, attrs, {"kind": "max", "bits": m, "cmp_trunc": s})
@@ -367,7 +378,7 @@ def test_maxpool_truncated_comparisons(shape, attrs):
     gen = np.random.default_rng(11)
     s, m = 12, 20
     x = gen.integers(-(1 << 30), 1 << 30, size=shape)
-    x[..., 1::2] = x[..., 0:x.shape[-1] // 2 * 2:2]  # exact ties
+    x[..., 1::2] = x[..., 0 : x.shape[-1] // 2 * 2 : 2]  # exact ties
     x += gen.integers(-3000, 3000, size=shape) * (gen.random(shape) < 0.3)  # near-ties below 2^s
     g = _pool_graph(shape, attrs, m=m, s=s, lower=False)
     (y,), trace = run_engine(g, ring.unsigned(x))
@@ -409,7 +420,7 @@ def test_clip(lo, hi):
     shape = (4, 3, 50)
     x = gen.integers(-8 << 12, 8 << 12, size=shape)
     for i, v in enumerate(b for b in (lo, hi) if b is not None):  # values on and next to the bounds
-        x.reshape(-1)[i * 6:(i + 1) * 6] = int(v * 4096) + np.array([-1, 0, 1, -1, 0, 1])
+        x.reshape(-1)[i * 6 : (i + 1) * 6] = int(v * 4096) + np.array([-1, 0, 1, -1, 0, 1])
     attrs = {k: v for k, v in (("min", lo), ("max", hi)) if v is not None}
     g = one_op_graph("clip", shape, attrs, {"kind": "clip", "bits": 18})
     (y,), _ = run_engine(g, ring.unsigned(x))

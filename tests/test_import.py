@@ -38,8 +38,10 @@ FRAC_BITS = 12
 
 # ------------------------------------------------------------------ point 3: text form
 def test_fssc_ir_is_byte_identical_across_runs(resnet18_224_onnx, run_fssc):
-    runs = [run_fssc("ir", resnet18_224_onnx.name, cwd=resnet18_224_onnx.parent, env={"PYTHONHASHSEED": seed})
-            for seed in ("0", "12345")]
+    runs = [
+        run_fssc("ir", resnet18_224_onnx.name, cwd=resnet18_224_onnx.parent, env={"PYTHONHASHSEED": seed})
+        for seed in ("0", "12345")
+    ]
     for r in runs:
         assert r.returncode == 0, r.stderr
         assert "Traceback" not in r.stderr
@@ -104,8 +106,11 @@ def test_verifier_catches_wrong_shape(small_graph):
     g = small_graph
     op = _op(g, "maxpool")
     g.values[op.outputs[0]].shape = (2, 64, 17, 17)
-    with pytest.raises(VerifyError, match=r"after pass 'lower-maxpool'.*maxpool %\S+: output %\S+ has shape "
-                                          r"\(2, 64, 17, 17\), rule gives \(2, 64, 16, 16\)"):
+    with pytest.raises(
+        VerifyError,
+        match=r"after pass 'lower-maxpool'.*maxpool %\S+: output %\S+ has shape "
+        r"\(2, 64, 17, 17\), rule gives \(2, 64, 16, 16\)",
+    ):
         verify(g, "lower-maxpool")
 
 

@@ -39,20 +39,24 @@ def conv_ref(x: np.ndarray, w: np.ndarray, strides, pads, dilations, group) -> n
     xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
     if x.dtype == object:  # np.pad fills object arrays with np.int64(0), which would overflow
         xp = np.vectorize(int, otypes=[object])(xp)
-    out = [conv_out_size(x.shape[2 + i], w.shape[2 + i], strides[i], pads[i], pads[i + nd], dilations[i])
-           for i in range(nd)]
+    out = [
+        conv_out_size(x.shape[2 + i], w.shape[2 + i], strides[i], pads[i], pads[i + nd], dilations[i])
+        for i in range(nd)
+    ]
     cg, og = w.shape[1], w.shape[0] // group
     y = np.zeros((x.shape[0], w.shape[0], *out), dtype=x.dtype)
     if x.dtype == object:
         y[...] = 0
     for g in range(group):
         for tap in itertools.product(*[range(k) for k in w.shape[2:]]):
-            sl = tuple(slice(tap[i] * dilations[i], tap[i] * dilations[i] + (out[i] - 1) * strides[i] + 1, strides[i])
-                       for i in range(nd))
+            sl = tuple(
+                slice(tap[i] * dilations[i], tap[i] * dilations[i] + (out[i] - 1) * strides[i] + 1, strides[i])
+                for i in range(nd)
+            )
             xs = xp[(slice(None), slice(g * cg, (g + 1) * cg)) + sl]  # [N, cg, *out]
             wt = w[(slice(g * og, (g + 1) * og), slice(None)) + tuple(tap)]  # [og, cg]
             part = np.tensordot(xs, wt, axes=([1], [1]))  # [N, *out, og]
-            y[:, g * og:(g + 1) * og] += np.moveaxis(part, -1, 1)
+            y[:, g * og : (g + 1) * og] += np.moveaxis(part, -1, 1)
     return y
 
 
@@ -166,9 +170,12 @@ def test_identity_map_add_constant():
         return D.linear("id", None, 1, r_x, None, x.shape, D.linear_seeds("id"))
 
     r_y, k0, k1 = deal_in_memory(dealer)
-    y0, _, _, _ = run_parties(lambda P: P.linear("id", None, z0=P.linear_offline("id", None, 1, x.shape, None,
-                                                                                 x.shape)),
-                              lambda P: P.linear("id", x + r_x, None, 1, None, b), k0, k1)
+    y0, _, _, _ = run_parties(
+        lambda P: P.linear("id", None, z0=P.linear_offline("id", None, 1, x.shape, None, x.shape)),
+        lambda P: P.linear("id", x + r_x, None, 1, None, b),
+        k0,
+        k1,
+    )
     assert (y0 - r_y == x + b).all()
 
 
@@ -227,11 +234,11 @@ def test_linear_worst_case_at_limb_boundary(kind):
         fn, k = conv_fn(attrs), 2048
         ref = lambda a: conv_ref(a, w, [2, 2], [0, 0, 1, 1], [1, 1], 2)  # noqa: E731
     assert ring.signed_bits(w) == 22 and ring.plan_limbs(64, 22, k) == (21, 3, 21, 1)
-    target = ring.unsigned(gen.choice(np.array(X_EXTREMES + [-(1 << 63) + 1, 0x5555_5555_5555_5555],
-                                               dtype=np.int64), size=x_shape))
+    target = ring.unsigned(
+        gen.choice(np.array(X_EXTREMES + [-(1 << 63) + 1, 0x5555_5555_5555_5555], dtype=np.int64), size=x_shape)
+    )
     target.reshape(-1)[: x_shape[-1] * 4] = ring.unsigned(np.int64(-(1 << 63)))  # whole rows at -2^63
-    y, x, xm = run_linear(fn, k, np.zeros(x_shape, U64), w, None, ref(np.zeros(x_shape, U64)).shape,
-                          xm_target=target)
+    y, x, xm = run_linear(fn, k, np.zeros(x_shape, U64), w, None, ref(np.zeros(x_shape, U64)).shape, xm_target=target)
     assert (xm == target).all(), "P1's online operand is the forced worst case"
     assert (y == ref(x)).all()
     # and P1's product alone, at the boundary
@@ -282,8 +289,15 @@ def _signed_arrays(shape_st, bits_st):
 
 
 @settings(max_examples=80, deadline=None)
-@given(data=st.data(), m=st.integers(1, 5), k=st.integers(1, 40), n=st.integers(1, 5),
-       bx=st.integers(1, 64), bw=st.integers(1, 64), declare=st.booleans())
+@given(
+    data=st.data(),
+    m=st.integers(1, 5),
+    k=st.integers(1, 40),
+    n=st.integers(1, 5),
+    bx=st.integers(1, 64),
+    bw=st.integers(1, 64),
+    declare=st.booleans(),
+)
 def test_ring_bilinear_gemm_property(data, m, k, n, bx, bw, declare):
     x, _ = data.draw(_signed_arrays(st.just((m, k)), st.just(bx)))
     w, _ = data.draw(_signed_arrays(st.just((k, n)), st.just(bw)))
@@ -292,8 +306,15 @@ def test_ring_bilinear_gemm_property(data, m, k, n, bx, bw, declare):
 
 
 @settings(max_examples=40, deadline=None)
-@given(data=st.data(), stride=st.integers(1, 2), dil=st.integers(1, 2), pad=st.integers(0, 2),
-       group=st.sampled_from([1, 2]), kh=st.integers(1, 3), bw=st.integers(2, 64))
+@given(
+    data=st.data(),
+    stride=st.integers(1, 2),
+    dil=st.integers(1, 2),
+    pad=st.integers(0, 2),
+    group=st.sampled_from([1, 2]),
+    kh=st.integers(1, 3),
+    bw=st.integers(2, 64),
+)
 def test_ring_bilinear_conv_property(data, stride, dil, pad, group, kh, bw):
     x, _ = data.draw(_signed_arrays(st.just((1, 2 * group, 7, 6)), st.just(64)))
     w, _ = data.draw(_signed_arrays(st.just((2 * group, 2, kh, 2)), st.just(bw)))
@@ -332,8 +353,12 @@ def _engine_run(graph, x):
     _, k0, k1 = deal_in_memory(lambda D: engine.deal(g0, D, setup))
     w_hat = engine.masked_weights(graph, setup)
     x_ring = ring.encode(x, 12)
-    (y,), _, _, _ = run_parties(lambda P: engine.run_party(g0, P, x_ring, w_hat, engine.precompute_p0(g0, P, w_hat)),
-                                lambda P: engine.run_party(graph, P), k0, k1)
+    (y,), _, _, _ = run_parties(
+        lambda P: engine.run_party(g0, P, x_ring, w_hat, engine.precompute_p0(g0, P, w_hat)),
+        lambda P: engine.run_party(graph, P),
+        k0,
+        k1,
+    )
     return y, run_fixed(graph, x, raw=True)[0]
 
 
@@ -344,8 +369,13 @@ def test_weighted_ops_through_engine(case):
     gen = np.random.default_rng(5)
     if case == "conv":
         x = gen.standard_normal((2, 4, 9, 9))
-        g = _weighted_graph("conv", x.shape, gen.standard_normal((6, 2, 3, 3)), [("b", gen.standard_normal(6))],
-                            {"strides": [2, 2], "pads": [1, 0, 1, 2], "dilations": [1, 2], "group": 2})
+        g = _weighted_graph(
+            "conv",
+            x.shape,
+            gen.standard_normal((6, 2, 3, 3)),
+            [("b", gen.standard_normal(6))],
+            {"strides": [2, 2], "pads": [1, 0, 1, 2], "dilations": [1, 2], "group": 2},
+        )
     elif case == "gemm":
         x = gen.standard_normal((3, 40))
         g = _weighted_graph("gemm", x.shape, gen.standard_normal((40, 5)), [("b", gen.standard_normal(5))])

@@ -33,27 +33,55 @@ from fssc.compiler.errors import FsscError
 from fssc.compiler.interp import run_float
 from fssc.compiler.onnx_import import import_onnx
 
-SUPPORTED_OPS = ("ArgMax", "Add", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "Dropout",
-                 "Flatten", "Gemm", "GlobalAveragePool", "Identity", "MatMul", "MaxPool", "Mul", "Pad", "Relu",
-                 "Reshape", "Sub")
+SUPPORTED_OPS = (
+    "ArgMax",
+    "Add",
+    "AveragePool",
+    "BatchNormalization",
+    "Clip",
+    "Concat",
+    "Conv",
+    "Dropout",
+    "Flatten",
+    "Gemm",
+    "GlobalAveragePool",
+    "Identity",
+    "MatMul",
+    "MaxPool",
+    "Mul",
+    "Pad",
+    "Relu",
+    "Reshape",
+    "Sub",
+)
 
 # op type -> input positions that become initializers (the model owner's constants)
 CONSTANT_OPERANDS = {
-    "Conv": {1, 2}, "Gemm": {1, 2}, "MatMul": {1}, "Mul": {1}, "BatchNormalization": {1, 2, 3, 4},
-    "Clip": {1, 2}, "Reshape": {1}, "Pad": {1, 2, 3}, "Dropout": {1, 2},
+    "Conv": {1, 2},
+    "Gemm": {1, 2},
+    "MatMul": {1},
+    "Mul": {1},
+    "BatchNormalization": {1, 2, 3, 4},
+    "Clip": {1, 2},
+    "Reshape": {1},
+    "Pad": {1, 2, 3},
+    "Dropout": {1, 2},
 }
 
 _INT = "integer tensors ({}); fssc's inputs are float32 reals (encoded in fixed point)"
 _EXPANDED = "function-expanded form uses {}, outside fssc's op set (the {} node itself is tested)"
 LEFT_OUT = {
     # Add / Sub / Mul on integer dtypes
-    **{f"test_{op}_{t}": _INT.format(t) for op in ("add", "sub", "mul")
-       for t in ("int8", "int16", "uint8", "uint16", "uint32", "uint64")},
+    **{
+        f"test_{op}_{t}": _INT.format(t)
+        for op in ("add", "sub", "mul")
+        for t in ("int8", "int16", "uint8", "uint16", "uint32", "uint64")
+    },
     # BatchNormalization
     "test_batchnorm_example_training_mode": "training_mode=1 (batch statistics, running-stat outputs); "
-                                            "fssc compiles inference graphs",
+    "fssc compiles inference graphs",
     "test_batchnorm_epsilon_training_mode": "training_mode=1 (batch statistics, running-stat outputs); "
-                                            "fssc compiles inference graphs",
+    "fssc compiles inference graphs",
     # Clip
     "test_clip_default_int8_min": _INT.format("int8"),
     "test_clip_default_int8_max": _INT.format("int8"),
@@ -61,9 +89,19 @@ LEFT_OUT = {
     "test_clip_default_int8_min_expanded": _INT.format("int8"),
     "test_clip_default_int8_max_expanded": _INT.format("int8"),
     "test_clip_default_int8_inbounds_expanded": _INT.format("int8"),
-    **{f"test_clip{s}_expanded": _EXPANDED.format("Less/Where", "Clip")
-       for s in ("", "_example", "_inbounds", "_outbounds", "_splitbounds", "_min_greater_than_max",
-                 "_default_min", "_default_max")},
+    **{
+        f"test_clip{s}_expanded": _EXPANDED.format("Less/Where", "Clip")
+        for s in (
+            "",
+            "_example",
+            "_inbounds",
+            "_outbounds",
+            "_splitbounds",
+            "_min_greater_than_max",
+            "_default_min",
+            "_default_max",
+        )
+    },
     # Dropout
     "test_dropout_default_mask": "uses the mask output; fssc drops Dropout at inference and has no mask",
     "test_dropout_default_mask_ratio": "uses the mask output; fssc drops Dropout at inference and has no mask",
@@ -72,8 +110,7 @@ LEFT_OUT = {
     "test_training_dropout_zero_ratio": "training_mode=true; fssc compiles inference graphs",
     "test_training_dropout_mask": "training_mode=true and the mask output; fssc compiles inference graphs",
     "test_training_dropout_default_mask": "training_mode=true and the mask output; fssc compiles inference graphs",
-    "test_training_dropout_zero_ratio_mask": "training_mode=true and the mask output; "
-                                             "fssc compiles inference graphs",
+    "test_training_dropout_zero_ratio_mask": "training_mode=true and the mask output; fssc compiles inference graphs",
     # Identity
     "test_identity_sequence": "a sequence of tensors, not a tensor",
     "test_identity_opt": "an optional type, not a tensor",
@@ -102,8 +139,11 @@ def _collect() -> dict[str, tuple[str, object]]:
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         cases = collect_testcases()  # all ops (the op_type filter only applies to the first call in a process)
-    op_of = {c.name: c.model.graph.node[0].op_type for c in cases
-             if "_expanded" not in c.name and len(c.model.graph.node) == 1}
+    op_of = {
+        c.name: c.model.graph.node[0].op_type
+        for c in cases
+        if "_expanded" not in c.name and len(c.model.graph.node) == 1
+    }
     out = {}
     for c in cases:
         op = op_of.get(c.name.split("_expanded")[0])
@@ -126,8 +166,11 @@ def freeze_constant_operands(case, op: str):
     model.CopyFrom(case.model)
     inputs, outputs = case.data_sets[0]
     node = model.graph.node[0]
-    const = {name for pos, name in enumerate(node.input)
-             if name and pos in CONSTANT_OPERANDS.get(op, ()) and len(model.graph.node) == 1}
+    const = {
+        name
+        for pos, name in enumerate(node.input)
+        if name and pos in CONSTANT_OPERANDS.get(op, ()) and len(model.graph.node) == 1
+    }
     feeds, keep = {}, []
     for vi, value in zip(list(model.graph.input), inputs):
         if vi.name in const:

@@ -69,8 +69,10 @@ def test_input_far_outside_the_calibrated_range_reports_overflow_naming_the_op(f
         op = ops[o.op]
         assert op.gate and o.kind == op.kind and o.gate == op.gate["kind"]
         assert o.planned_bits == op.gate["bits"] and o.needed_bits > o.planned_bits
-        assert str(o) == (f"overflow at {o.kind} %{o.op}: its {o.gate} comparison needs {o.needed_bits} bits, "
-                          f"planned {o.planned_bits} (by {o.needed_bits - o.planned_bits} bits)")
+        assert str(o) == (
+            f"overflow at {o.kind} %{o.op}: its {o.gate} comparison needs {o.needed_bits} bits, "
+            f"planned {o.planned_bits} (by {o.needed_bits - o.planned_bits} bits)"
+        )
     # the first comparison after the stem conv, the lowered stem MaxPool, is named first
     first = next(op for op in final_ir.ops if op.gate)
     assert found[0].op == first.name and first.kind == "maxpool" and "/maxpool/MaxPool" in first.origin

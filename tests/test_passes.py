@@ -29,8 +29,16 @@ from fssc.compiler.interp import run_fixed, run_float
 from fssc.compiler.ir import Graph
 from fssc.compiler.onnx_import import import_onnx
 from fssc.compiler.pipeline import PIPELINE, run_pipeline
-from fssc.passes import (canonicalize, fold_batchnorm, fold_public_scaling, lower_maxpool, mark_comparisons,
-                         plan_fixed_point, range_analysis, reorder_maxpool_relu)
+from fssc.passes import (
+    canonicalize,
+    fold_batchnorm,
+    fold_public_scaling,
+    lower_maxpool,
+    mark_comparisons,
+    plan_fixed_point,
+    range_analysis,
+    reorder_maxpool_relu,
+)
 from fssc.passes.base import PassContext
 
 F = 12  # default fractional bits
@@ -44,8 +52,13 @@ def make_model(nodes, x_shape, inits=None, outputs=("y",), opset=17) -> onnx.Mod
         a = np.asarray(v)
         a = a.astype(np.int64) if a.dtype.kind in "iu" else a.astype(np.float32)
         tensors.append(nh.from_array(a, name))
-    graph = oh.make_graph(nodes, "t", [oh.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
-                          [oh.make_empty_tensor_value_info(o) for o in outputs], tensors)
+    graph = oh.make_graph(
+        nodes,
+        "t",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [oh.make_empty_tensor_value_info(o) for o in outputs],
+        tensors,
+    )
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)])
     model.ir_version = 8
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -77,7 +90,7 @@ def apply(graph: Graph, mod, ctx: PassContext | None = None) -> tuple[Graph, boo
 
 
 def prefix(mod) -> list:
-    return PIPELINE[:PIPELINE.index(mod)]
+    return PIPELINE[: PIPELINE.index(mod)]
 
 
 def kinds(graph: Graph) -> list[str]:
@@ -122,27 +135,40 @@ def bn_node(inp, out, eps=None):
 
 def bn_inits(out, c, seed):
     rng = np.random.default_rng(seed)
-    return {out + ".s": rng.uniform(0.5, 1.5, c), out + ".b": rng.standard_normal(c),
-            out + ".m": rng.standard_normal(c), out + ".v": rng.uniform(0.05, 2.0, c)}
+    return {
+        out + ".s": rng.uniform(0.5, 1.5, c),
+        out + ".b": rng.standard_normal(c),
+        out + ".m": rng.standard_normal(c),
+        out + ".v": rng.uniform(0.05, 2.0, c),
+    }
 
 
 def tiny_resnet(batch=2, size=8, c=4, classes=3, seed=0):
     """conv-BN-ReLU-MaxPool stem, one residual block, GAP-Flatten-Gemm head."""
     rng = np.random.default_rng(seed)
     nodes = [
-        oh.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]), bn_node("c0", "n0"),
+        oh.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+        bn_node("c0", "n0"),
         oh.make_node("Relu", ["n0"], ["r0"]),
         oh.make_node("MaxPool", ["r0"], ["p0"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-        oh.make_node("Conv", ["p0", "w1"], ["c1"], pads=[1, 1, 1, 1]), bn_node("c1", "n1"),
+        oh.make_node("Conv", ["p0", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        bn_node("c1", "n1"),
         oh.make_node("Relu", ["n1"], ["r1"]),
-        oh.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]), bn_node("c2", "n2"),
-        oh.make_node("Add", ["n2", "p0"], ["a"]), oh.make_node("Relu", ["a"], ["r2"]),
-        oh.make_node("GlobalAveragePool", ["r2"], ["g"]), oh.make_node("Flatten", ["g"], ["f"]),
+        oh.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        bn_node("c2", "n2"),
+        oh.make_node("Add", ["n2", "p0"], ["a"]),
+        oh.make_node("Relu", ["a"], ["r2"]),
+        oh.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        oh.make_node("Flatten", ["g"], ["f"]),
         oh.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1),
     ]
-    inits = {"w0": rng.standard_normal((c, 3, 3, 3)) * 0.3, "w1": rng.standard_normal((c, c, 3, 3)) * 0.2,
-             "w2": rng.standard_normal((c, c, 3, 3)) * 0.2, "wf": rng.standard_normal((classes, c)),
-             "bf": rng.standard_normal(classes)}
+    inits = {
+        "w0": rng.standard_normal((c, 3, 3, 3)) * 0.3,
+        "w1": rng.standard_normal((c, c, 3, 3)) * 0.2,
+        "w2": rng.standard_normal((c, c, 3, 3)) * 0.2,
+        "wf": rng.standard_normal((classes, c)),
+        "bf": rng.standard_normal(classes),
+    }
     for i in range(3):
         inits.update(bn_inits(f"n{i}", c, seed + 1 + i))
     return make_model(nodes, (batch, 3, size, size), inits)
@@ -165,16 +191,20 @@ def test_every_pass_is_a_module_with_name_run_and_docstring():
 
 # --------------------------------------------------------------------------- canonicalize
 def test_canonicalize_flatten_becomes_reshape():
-    model = make_model([oh.make_node("Relu", ["x"], ["r"]), oh.make_node("Flatten", ["r"], ["y"], axis=2)],
-                       (2, 3, 4, 5))
+    model = make_model(
+        [oh.make_node("Relu", ["x"], ["r"]), oh.make_node("Flatten", ["r"], ["y"], axis=2)], (2, 3, 4, 5)
+    )
     g, changed = apply(import_onnx(model), canonicalize)
     assert changed and kinds(g) == ["relu", "reshape"]
     assert op_of(g, "reshape").attrs == {"shape": [6, 20]}
 
 
 def test_canonicalize_drops_a_reshape_to_its_own_shape_but_not_an_output():
-    nodes = [oh.make_node("Reshape", ["x", "s"], ["h"]), oh.make_node("Relu", ["h"], ["r"]),
-             oh.make_node("Reshape", ["r", "s"], ["y"])]
+    nodes = [
+        oh.make_node("Reshape", ["x", "s"], ["h"]),
+        oh.make_node("Relu", ["h"], ["r"]),
+        oh.make_node("Reshape", ["r", "s"], ["y"]),
+    ]
     g, _ = apply(import_onnx(make_model(nodes, (2, 6), {"s": np.array([2, 6])})), canonicalize)
     # the first reshape is a no-op and goes; the second is the graph output and stays
     assert kinds(g) == ["relu", "reshape"]
@@ -184,8 +214,9 @@ def test_canonicalize_drops_a_reshape_to_its_own_shape_but_not_an_output():
 def test_canonicalize_gemm_transb_alpha_beta():
     rng = np.random.default_rng(0)
     b, c = rng.standard_normal((5, 6)), rng.standard_normal((1, 5))
-    model = make_model([oh.make_node("Gemm", ["x", "B", "C"], ["y"], transB=1, alpha=0.5, beta=2.0)], (3, 6),
-                       {"B": b, "C": c})
+    model = make_model(
+        [oh.make_node("Gemm", ["x", "B", "C"], ["y"], transB=1, alpha=0.5, beta=2.0)], (3, 6), {"B": b, "C": c}
+    )
     g, changed = apply(import_onnx(model), canonicalize)
     op = op_of(g, "gemm")
     assert changed and op.attrs == {}
@@ -198,8 +229,9 @@ def test_canonicalize_gemm_transb_alpha_beta():
 
 
 def test_canonicalize_gemm_scalar_c_becomes_a_vector():
-    model = make_model([oh.make_node("Gemm", ["x", "B", "C"], ["y"], beta=3.0)], (2, 4),
-                       {"B": rand((4, 3)), "C": np.array(0.25)})
+    model = make_model(
+        [oh.make_node("Gemm", ["x", "B", "C"], ["y"], beta=3.0)], (2, 4), {"B": rand((4, 3)), "C": np.array(0.25)}
+    )
     g, _ = apply(import_onnx(model), canonicalize)
     np.testing.assert_allclose(g.values[op_of(g, "gemm").inputs[2]].data, [0.75] * 3)
 
@@ -241,8 +273,11 @@ def test_canonicalize_conv_bias_folding():
 
 
 def test_canonicalize_bias_not_folded_when_the_linear_output_has_another_user():
-    nodes = [oh.make_node("Conv", ["x", "W"], ["h"]), oh.make_node("Add", ["h", "b"], ["a"]),
-             oh.make_node("Add", ["a", "h"], ["y"])]
+    nodes = [
+        oh.make_node("Conv", ["x", "W"], ["h"]),
+        oh.make_node("Add", ["h", "b"], ["a"]),
+        oh.make_node("Add", ["a", "h"], ["y"]),
+    ]
     model = make_model(nodes, (1, 2, 4, 4), {"W": rand((3, 2, 3, 3)), "b": rand((3, 1, 1), seed=1)})
     g, changed = apply(import_onnx(model), canonicalize)
     assert not changed and kinds(g) == ["conv", "add", "add"]
@@ -256,8 +291,11 @@ def test_canonicalize_bias_not_folded_when_it_is_not_per_channel():
 
 
 def test_canonicalize_sub_constant_becomes_add():
-    model = make_model([oh.make_node("Sub", ["x", "c"], ["h"]), oh.make_node("Relu", ["h"], ["y"])], (2, 3),
-                       {"c": np.array([0.5, -1.0, 2.0])})
+    model = make_model(
+        [oh.make_node("Sub", ["x", "c"], ["h"]), oh.make_node("Relu", ["h"], ["y"])],
+        (2, 3),
+        {"c": np.array([0.5, -1.0, 2.0])},
+    )
     g, changed = apply(import_onnx(model), canonicalize)
     assert changed and kinds(g) == ["add", "relu"]
     np.testing.assert_allclose(g.values[g.ops[0].inputs[1]].data, [-0.5, 1.0, -2.0])
@@ -268,11 +306,14 @@ def test_canonicalize_sub_constant_becomes_add():
 
 
 def test_canonicalize_semantics():
-    nodes = [oh.make_node("Flatten", ["x"], ["f"]),
-             oh.make_node("Gemm", ["f", "B", "C"], ["h"], transB=1, alpha=0.5, beta=2.0),
-             oh.make_node("Sub", ["h", "d"], ["h2"]),
-             oh.make_node("MatMul", ["h2", "W2"], ["h3"]), oh.make_node("Add", ["h3", "b2"], ["h4"]),
-             oh.make_node("Relu", ["h4"], ["y"])]
+    nodes = [
+        oh.make_node("Flatten", ["x"], ["f"]),
+        oh.make_node("Gemm", ["f", "B", "C"], ["h"], transB=1, alpha=0.5, beta=2.0),
+        oh.make_node("Sub", ["h", "d"], ["h2"]),
+        oh.make_node("MatMul", ["h2", "W2"], ["h3"]),
+        oh.make_node("Add", ["h3", "b2"], ["h4"]),
+        oh.make_node("Relu", ["h4"], ["y"]),
+    ]
     inits = {"B": rand((5, 12)), "C": rand((5,), 1), "d": rand((1, 5), 2), "W2": rand((5, 4), 3), "b2": rand((4,), 4)}
     model = make_model(nodes, (2, 3, 2, 2), inits)
     _, after = check_semantics(model, rand((2, 3, 2, 2), seed=5), canonicalize)
@@ -284,8 +325,10 @@ def conv_bn_model(x_shape, cout, k=3, group=1, bias=True, eps=None, pads=1, stri
     cin = x_shape[1]
     rng = np.random.default_rng(seed)
     ins = ["x", "W"] + (["B"] if bias else [])
-    nodes = [oh.make_node("Conv", ins, ["c"], group=group, pads=[pads] * 4, strides=[stride] * 2),
-             bn_node("c", "y", eps)]
+    nodes = [
+        oh.make_node("Conv", ins, ["c"], group=group, pads=[pads] * 4, strides=[stride] * 2),
+        bn_node("c", "y", eps),
+    ]
     inits = {"W": rng.standard_normal((cout, cin // group, k, k)) * 0.5}
     if bias:
         inits["B"] = rng.standard_normal(cout)
@@ -340,8 +383,11 @@ def test_fold_batchnorm_takes_epsilon_from_the_attribute():
 
 def test_fold_batchnorm_refused_when_the_conv_output_has_two_users():
     rng = np.random.default_rng(0)
-    nodes = [oh.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), bn_node("c", "n"),
-             oh.make_node("Add", ["n", "c"], ["y"])]
+    nodes = [
+        oh.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+        bn_node("c", "n"),
+        oh.make_node("Add", ["n", "c"], ["y"]),
+    ]
     model = make_model(nodes, (1, 2, 4, 4), {"W": rng.standard_normal((3, 2, 3, 3)), **bn_inits("n", 3, 1)})
     g, changed = apply(import_onnx(model), fold_batchnorm)
     assert changed and kinds(g) == ["conv", "affine", "add"]
@@ -355,8 +401,9 @@ def test_fold_batchnorm_refused_when_the_conv_output_has_two_users():
 def test_fold_batchnorm_refused_when_the_conv_output_is_a_graph_output():
     rng = np.random.default_rng(0)
     nodes = [oh.make_node("Conv", ["x", "W"], ["c"]), bn_node("c", "y")]
-    model = make_model(nodes, (1, 2, 4, 4), {"W": rng.standard_normal((3, 2, 3, 3)), **bn_inits("y", 3, 1)},
-                       outputs=("y", "c"))
+    model = make_model(
+        nodes, (1, 2, 4, 4), {"W": rng.standard_normal((3, 2, 3, 3)), **bn_inits("y", 3, 1)}, outputs=("y", "c")
+    )
     g, _ = apply(import_onnx(model), fold_batchnorm)
     assert kinds(g) == ["conv", "affine"]
 
@@ -384,13 +431,22 @@ def test_fold_batchnorm_semantics():
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(group=st.integers(1, 3), cin_g=st.integers(1, 3), cout_g=st.integers(1, 2), k=st.integers(1, 3),
-       stride=st.integers(1, 2), bias=st.booleans(), eps=st.sampled_from([None, 1e-3, 0.1, 1.0]),
-       size=st.integers(3, 6), seed=st.integers(0, 2**16))
+@given(
+    group=st.integers(1, 3),
+    cin_g=st.integers(1, 3),
+    cout_g=st.integers(1, 2),
+    k=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    bias=st.booleans(),
+    eps=st.sampled_from([None, 1e-3, 0.1, 1.0]),
+    size=st.integers(3, 6),
+    seed=st.integers(0, 2**16),
+)
 def test_fold_batchnorm_random_conv_bn_matches_onnxruntime(group, cin_g, cout_g, k, stride, bias, eps, size, seed):
     x_shape = (1, group * cin_g, size, size)
-    model = conv_bn_model(x_shape, group * cout_g, k=k, group=group, bias=bias, eps=eps, pads=k // 2,
-                          stride=stride, seed=seed)
+    model = conv_bn_model(
+        x_shape, group * cout_g, k=k, group=group, bias=bias, eps=eps, pads=k // 2, stride=stride, seed=seed
+    )
     g, changed = apply(import_onnx(model), fold_batchnorm)
     assert changed and kinds(g) == ["conv"]
     x = rand(x_shape, seed=seed + 1)
@@ -458,8 +514,9 @@ def test_reorder_semantics():
 
 # --------------------------------------------------------------------------- lower-maxpool
 def test_lower_maxpool_3x3_stride2_pad1():
-    model = make_model([oh.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2],
-                                     pads=[1, 1, 1, 1])], (1, 1, 8, 8))
+    model = make_model(
+        [oh.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])], (1, 1, 8, 8)
+    )
     g0 = import_onnx(model)
     g, changed = apply(g0, lower_maxpool)
     assert changed and kinds(g) == ["maxpool", "maxpool"]
@@ -478,19 +535,24 @@ def test_lower_maxpool_3x3_stride2_pad1():
 
 def test_lower_maxpool_six_gates_per_interior_output():
     # a 3x3/2 pool with no padding effects: 2 gates per 1-D window, 2 rows per output
-    model = make_model([oh.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2],
-                                     pads=[1, 1, 1, 1])], (1, 1, 64, 64))
+    model = make_model(
+        [oh.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])], (1, 1, 64, 64)
+    )
     g, _ = apply(import_onnx(model), lower_maxpool)
     n = 32
     assert sum(gates.gate_count(op, g) for op in g.ops) == 6 * n * n - 3 * n
     assert sum(gates.gate_count(op, g) for op in g.ops) / (n * n) < 6
 
 
-@pytest.mark.parametrize("shape,kw", [
-    ((1, 2, 8, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}),
-    ((1, 2, 7, 9), {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 0, 1, 1], "ceil_mode": 1}),
-    ((1, 1, 9, 6), {"kernel_shape": [2, 3], "strides": [3, 1], "dilations": [2, 1]}),
-], ids=["ceil", "ceil-asym-pads", "dilated"])
+@pytest.mark.parametrize(
+    "shape,kw",
+    [
+        ((1, 2, 8, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}),
+        ((1, 2, 7, 9), {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 0, 1, 1], "ceil_mode": 1}),
+        ((1, 1, 9, 6), {"kernel_shape": [2, 3], "strides": [3, 1], "dilations": [2, 1]}),
+    ],
+    ids=["ceil", "ceil-asym-pads", "dilated"],
+)
 def test_lower_maxpool_keeps_geometry(shape, kw):
     model = make_model([oh.make_node("MaxPool", ["x"], ["y"], **kw)], shape)
     g0 = import_onnx(model)
@@ -503,8 +565,9 @@ def test_lower_maxpool_keeps_geometry(shape, kw):
     assert sum(gates.gate_count(op, g) for op in g.ops) <= gates.gate_count(g0.ops[0], g0)
 
 
-@pytest.mark.parametrize("shape,kernel", [((1, 2, 6, 6), [1, 3]), ((1, 2, 6, 6), [3, 1]), ((1, 2, 9), [3])],
-                         ids=["1x3", "3x1", "1-D"])
+@pytest.mark.parametrize(
+    "shape,kernel", [((1, 2, 6, 6), [1, 3]), ((1, 2, 6, 6), [3, 1]), ((1, 2, 9), [3])], ids=["1x3", "3x1", "1-D"]
+)
 def test_lower_maxpool_leaves_1xk_and_1d_pools(shape, kernel):
     model = make_model([oh.make_node("MaxPool", ["x"], ["y"], kernel_shape=kernel)], shape)
     g, changed = apply(import_onnx(model), lower_maxpool)
@@ -538,8 +601,12 @@ def test_reorder_and_lower_random_pools_match_onnxruntime(data):
 
 # --------------------------------------------------------------------------- fold-public-scaling
 def gap_head_model(extra_user=False, c=4, classes=3):
-    nodes = [oh.make_node("Relu", ["x"], ["r"]), oh.make_node("GlobalAveragePool", ["r"], ["g"]),
-             oh.make_node("Flatten", ["g"], ["f"]), oh.make_node("Gemm", ["f", "W", "b"], ["y"], transB=1)]
+    nodes = [
+        oh.make_node("Relu", ["x"], ["r"]),
+        oh.make_node("GlobalAveragePool", ["r"], ["g"]),
+        oh.make_node("Flatten", ["g"], ["f"]),
+        oh.make_node("Gemm", ["f", "W", "b"], ["y"], transB=1),
+    ]
     outputs = ("y",)
     if extra_user:
         nodes.append(oh.make_node("Relu", ["g"], ["z"]))
@@ -553,8 +620,7 @@ def test_fold_public_scaling_gap_flatten_gemm():
     g, changed = apply(before, fold_public_scaling)
     assert changed and kinds(g) == ["relu", "globalsumpool", "reshape", "gemm"]
     gemm_before, gemm = op_of(before, "gemm"), op_of(g, "gemm")
-    np.testing.assert_allclose(g.values[gemm.inputs[1]].data, before.values[gemm_before.inputs[1]].data / 25,
-                               rtol=1e-6)
+    np.testing.assert_allclose(g.values[gemm.inputs[1]].data, before.values[gemm_before.inputs[1]].data / 25, rtol=1e-6)
     assert gemm.inputs[2] == gemm_before.inputs[2]  # the bias is unchanged
     assert gemm.attrs["wscale_extra"] == math.ceil(math.log2(25))
     x = rand((2, 4, 5, 5), seed=1)
@@ -568,9 +634,19 @@ def test_fold_public_scaling_refused_when_the_pool_has_another_user():
 
 
 def avgpool_conv_model(count_include_pad, pads, ceil_mode=0, size=7):
-    nodes = [oh.make_node("AveragePool", ["x"], ["a"], kernel_shape=[3, 3], strides=[2, 2], pads=pads,
-                          count_include_pad=count_include_pad, ceil_mode=ceil_mode),
-             oh.make_node("Conv", ["a", "W"], ["y"])]
+    nodes = [
+        oh.make_node(
+            "AveragePool",
+            ["x"],
+            ["a"],
+            kernel_shape=[3, 3],
+            strides=[2, 2],
+            pads=pads,
+            count_include_pad=count_include_pad,
+            ceil_mode=ceil_mode,
+        ),
+        oh.make_node("Conv", ["a", "W"], ["y"]),
+    ]
     return make_model(nodes, (1, 2, size, size), {"W": rand((3, 2, 2, 2))})
 
 
@@ -584,8 +660,9 @@ def test_fold_public_scaling_uniform_avgpool_into_conv(cip, pads):
     assert_float_close(run_float(g, x)[0], ort_run(model, x))
 
 
-@pytest.mark.parametrize("cip,pads,ceil", [(0, [1, 1, 1, 1], 0), (1, [0, 0, 0, 0], 1)],
-                         ids=["border-counts", "ceil-mode"])
+@pytest.mark.parametrize(
+    "cip,pads,ceil", [(0, [1, 1, 1, 1], 0), (1, [0, 0, 0, 0], 1)], ids=["border-counts", "ceil-mode"]
+)
 def test_fold_public_scaling_refused_with_non_uniform_counts(cip, pads, ceil):
     model = avgpool_conv_model(cip, pads, ceil, size=8)  # ceil mode: the last window is cut short
     g, changed = apply(import_onnx(model), fold_public_scaling)
@@ -603,9 +680,12 @@ def test_fold_public_scaling_random_avgpools_match_onnxruntime(data):
     cip, ceil = data.draw(st.integers(0, 1)), data.draw(st.integers(0, 1))
     hw = [data.draw(st.integers(k[i], 8)) for i in range(2)]
     seed = data.draw(st.integers(0, 2**16))
-    nodes = [oh.make_node("AveragePool", ["x"], ["a"], kernel_shape=k, strides=s, pads=p, count_include_pad=cip,
-                          ceil_mode=ceil),
-             oh.make_node("Conv", ["a", "W"], ["y"], pads=[1, 1, 1, 1])]
+    nodes = [
+        oh.make_node(
+            "AveragePool", ["x"], ["a"], kernel_shape=k, strides=s, pads=p, count_include_pad=cip, ceil_mode=ceil
+        ),
+        oh.make_node("Conv", ["a", "W"], ["y"], pads=[1, 1, 1, 1]),
+    ]
     model = make_model(nodes, (1, 2, *hw), {"W": rand((3, 2, 3, 3), seed)})
     ctx = PassContext()
     before, _ = run_passes(import_onnx(model), prefix(fold_public_scaling), ctx)
@@ -630,17 +710,24 @@ def test_fold_public_scaling_semantics():
 # --------------------------------------------------------------------------- plan-fixed-point
 def planned(model, frac_bits=F):
     ctx = PassContext(frac_bits=frac_bits)
-    g, _ = run_passes(import_onnx(model), PIPELINE[:PIPELINE.index(plan_fixed_point) + 1], ctx)
+    g, _ = run_passes(import_onnx(model), PIPELINE[: PIPELINE.index(plan_fixed_point) + 1], ctx)
     return g
 
 
 def residual_model():
     rng = np.random.default_rng(0)
-    nodes = [oh.make_node("Relu", ["x"], ["r0"]), oh.make_node("Conv", ["r0", "W1"], ["c1"], pads=[1, 1, 1, 1]),
-             oh.make_node("Conv", ["c1", "W2"], ["c2"], pads=[1, 1, 1, 1]),
-             oh.make_node("Add", ["c2", "r0"], ["a"]), oh.make_node("Relu", ["a"], ["y"])]
-    return make_model(nodes, (1, 2, 5, 5), {"W1": rng.standard_normal((2, 2, 3, 3)) * 0.3,
-                                            "W2": rng.standard_normal((2, 2, 3, 3)) * 0.3})
+    nodes = [
+        oh.make_node("Relu", ["x"], ["r0"]),
+        oh.make_node("Conv", ["r0", "W1"], ["c1"], pads=[1, 1, 1, 1]),
+        oh.make_node("Conv", ["c1", "W2"], ["c2"], pads=[1, 1, 1, 1]),
+        oh.make_node("Add", ["c2", "r0"], ["a"]),
+        oh.make_node("Relu", ["a"], ["y"]),
+    ]
+    return make_model(
+        nodes,
+        (1, 2, 5, 5),
+        {"W1": rng.standard_normal((2, 2, 3, 3)) * 0.3, "W2": rng.standard_normal((2, 2, 3, 3)) * 0.3},
+    )
 
 
 @pytest.mark.parametrize("f", [8, 12, 16])
@@ -731,8 +818,9 @@ def test_range_analysis_bits_from_calibration():
 
 
 def test_range_analysis_relu_with_fused_truncation_measures_after_the_shift():
-    model = make_model([oh.make_node("MatMul", ["x", "W"], ["h"]), oh.make_node("Relu", ["h"], ["y"])], (1, 2),
-                       {"W": np.eye(2) * 4.0})
+    model = make_model(
+        [oh.make_node("MatMul", ["x", "W"], ["h"]), oh.make_node("Relu", ["h"], ["y"])], (1, 2), {"W": np.eye(2) * 4.0}
+    )
     g, _ = marked(model, [np.array([[1.0, -0.5]], dtype=np.float32)])
     relu = op_of(g, "relu")
     mm = op_of(g, "gemm")  # canonicalize turned the MatMul into a Gemm
@@ -753,10 +841,14 @@ def test_range_analysis_semantics():
 
 
 def test_mark_comparisons_kinds_counts_and_depths():
-    nodes = [oh.make_node("Relu", ["x"], ["r"]),
-             oh.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
-             oh.make_node("Clip", ["p", "lo", "hi"], ["c"]), oh.make_node("Flatten", ["c"], ["f"]),
-             oh.make_node("Gemm", ["f", "W"], ["l"]), oh.make_node("ArgMax", ["l"], ["y"], axis=1)]
+    nodes = [
+        oh.make_node("Relu", ["x"], ["r"]),
+        oh.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        oh.make_node("Clip", ["p", "lo", "hi"], ["c"]),
+        oh.make_node("Flatten", ["c"], ["f"]),
+        oh.make_node("Gemm", ["f", "W"], ["l"]),
+        oh.make_node("ArgMax", ["l"], ["y"], axis=1),
+    ]
     model = make_model(nodes, (2, 3, 4, 4), {"lo": np.array(-0.5), "hi": np.array(0.5), "W": rand((12, 5))})
     g, ctx = marked(model, [rand((2, 3, 4, 4), seed=1)])
     marks: dict[str, list[dict]] = {}
@@ -782,8 +874,11 @@ def test_mark_comparisons_kinds_counts_and_depths():
 
 
 def test_range_analysis_and_marks_leave_a_graph_without_comparisons_alone():
-    model = make_model([oh.make_node("Conv", ["x", "W"], ["c"]), oh.make_node("Flatten", ["c"], ["y"])],
-                       (1, 2, 3, 3), {"W": rand((2, 2, 2, 2))})
+    model = make_model(
+        [oh.make_node("Conv", ["x", "W"], ["c"]), oh.make_node("Flatten", ["c"], ["y"])],
+        (1, 2, 3, 3),
+        {"W": rand((2, 2, 2, 2))},
+    )
     ctx = PassContext()
     g, recs = run_passes(import_onnx(model), PIPELINE, ctx)
     changed = {r.name: r.changed for r in recs}
@@ -792,8 +887,7 @@ def test_range_analysis_and_marks_leave_a_graph_without_comparisons_alone():
 
 
 def test_mark_comparisons_needs_range_analysis():
-    g, _ = run_passes(import_onnx(make_model([oh.make_node("Relu", ["x"], ["y"])], (1, 3))),
-                      [plan_fixed_point])
+    g, _ = run_passes(import_onnx(make_model([oh.make_node("Relu", ["x"], ["y"])], (1, 3))), [plan_fixed_point])
     with pytest.raises(FsscError, match="mark-comparisons.*range-analysis"):
         run_passes(g, [mark_comparisons])
 
@@ -807,16 +901,27 @@ def cost_model_graph():
     """One op of every cost family: mul, relu (fused trunc), conv, max tree, add of a
     constant, clip, sum pool folded into a gemm, and (labels mode) a 2-class argmax."""
     rng = np.random.default_rng(0)
-    nodes = [oh.make_node("Mul", ["x", "k"], ["a"]), oh.make_node("Relu", ["a"], ["r0"]),
-             oh.make_node("Conv", ["r0", "W"], ["c"], pads=[1, 1, 1, 1]),
-             oh.make_node("MaxPool", ["c"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
-             oh.make_node("Relu", ["p"], ["r1"]), oh.make_node("Add", ["r1", "B"], ["s"]),
-             oh.make_node("Clip", ["s", "lo", "hi"], ["cl"]),
-             oh.make_node("GlobalAveragePool", ["cl"], ["g"]), oh.make_node("Flatten", ["g"], ["f"]),
-             oh.make_node("Gemm", ["f", "V", "vb"], ["y"], transB=1)]
-    inits = {"k": np.array(0.7), "W": rng.standard_normal((4, 3, 3, 3)) * 0.3,
-             "B": rng.standard_normal((1, 4, 4, 4)) * 0.1, "lo": np.array(0.0), "hi": np.array(1.5),
-             "V": rng.standard_normal((2, 4)), "vb": rng.standard_normal(2)}
+    nodes = [
+        oh.make_node("Mul", ["x", "k"], ["a"]),
+        oh.make_node("Relu", ["a"], ["r0"]),
+        oh.make_node("Conv", ["r0", "W"], ["c"], pads=[1, 1, 1, 1]),
+        oh.make_node("MaxPool", ["c"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        oh.make_node("Relu", ["p"], ["r1"]),
+        oh.make_node("Add", ["r1", "B"], ["s"]),
+        oh.make_node("Clip", ["s", "lo", "hi"], ["cl"]),
+        oh.make_node("GlobalAveragePool", ["cl"], ["g"]),
+        oh.make_node("Flatten", ["g"], ["f"]),
+        oh.make_node("Gemm", ["f", "V", "vb"], ["y"], transB=1),
+    ]
+    inits = {
+        "k": np.array(0.7),
+        "W": rng.standard_normal((4, 3, 3, 3)) * 0.3,
+        "B": rng.standard_normal((1, 4, 4, 4)) * 0.1,
+        "lo": np.array(0.0),
+        "hi": np.array(1.5),
+        "V": rng.standard_normal((2, 4)),
+        "vb": rng.standard_normal(2),
+    }
     return make_model(nodes, (2, 3, 8, 8), inits)
 
 

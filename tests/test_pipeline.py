@@ -114,9 +114,25 @@ def test_every_pass_ran_verified_timed_and_changed_the_resnet(compiled):
 # --------------------------------------------------------------------------- fssc compile CLI
 def test_dump_ir_is_byte_identical_across_runs_and_print_ir_after(r18, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
-    procs = [subprocess.Popen(fssc_cmd("compile", str(r18), "-o", str(o), "--dump-ir",
-                                       "--print-ir-after", "fold-batchnorm", "--json", str(o) + ".json"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for o in outs]
+    procs = [
+        subprocess.Popen(
+            fssc_cmd(
+                "compile",
+                str(r18),
+                "-o",
+                str(o),
+                "--dump-ir",
+                "--print-ir-after",
+                "fold-batchnorm",
+                "--json",
+                str(o) + ".json",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for o in outs
+    ]
     results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
     for out, err, rc in results:
         assert rc == 0, err
@@ -135,8 +151,9 @@ def test_dump_ir_is_byte_identical_across_runs_and_print_ir_after(r18, tmp_path)
     assert (a / "ir" / "timings.js").exists() and (b / "ir" / "timings.js").exists()
     match, mismatch, errors = filecmp.cmpfiles(a, b, files_a, shallow=False)
     assert (mismatch, errors) == ([], [])
-    assert (Path(str(a) + ".json").read_bytes() == (a / "report.json").read_bytes()
-            == Path(str(b) + ".json").read_bytes())
+    assert (
+        Path(str(a) + ".json").read_bytes() == (a / "report.json").read_bytes() == Path(str(b) + ".json").read_bytes()
+    )
     # the dumps are the pass manager's text form: the last one is the final IR, every gate marked
     final = (a / "ir" / names[-1]).read_text()
     sites = [ln for ln in final.splitlines() if any(f" = {k}(" in ln for k in ("relu", "maxpool", "argmax", "clip"))]
@@ -145,13 +162,23 @@ def test_dump_ir_is_byte_identical_across_runs_and_print_ir_after(r18, tmp_path)
 
 def tiny_model_file(tmp_path) -> Path:
     """conv -> relu -> flatten -> gemm: logits [2, 3]."""
-    nodes = [oh.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), oh.make_node("Relu", ["c"], ["r"]),
-             oh.make_node("Flatten", ["r"], ["f"]), oh.make_node("Gemm", ["f", "V"], ["y"])]
+    nodes = [
+        oh.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+        oh.make_node("Relu", ["c"], ["r"]),
+        oh.make_node("Flatten", ["r"], ["f"]),
+        oh.make_node("Gemm", ["f", "V"], ["y"]),
+    ]
     rng = np.random.default_rng(0)
-    graph = oh.make_graph(nodes, "tiny", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
-                          [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
-                          [nh.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "W"),
-                           nh.from_array((rng.standard_normal((256, 3)) * 0.1).astype(np.float32), "V")])
+    graph = oh.make_graph(
+        nodes,
+        "tiny",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [
+            nh.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "W"),
+            nh.from_array((rng.standard_normal((256, 3)) * 0.1).astype(np.float32), "V"),
+        ],
+    )
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
     model.ir_version = 8
     path = tmp_path / "tiny.onnx"
@@ -161,8 +188,12 @@ def tiny_model_file(tmp_path) -> Path:
 
 def test_print_ir_after_unknown_pass_is_a_clean_error(tmp_path):
     model = tiny_model_file(tmp_path)
-    p = subprocess.run(fssc_cmd("compile", str(model), "-o", str(tmp_path / "prog"), "--print-ir-after", "nope"),
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        fssc_cmd("compile", str(model), "-o", str(tmp_path / "prog"), "--print-ir-after", "nope"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("fssc: error:")]
@@ -187,9 +218,17 @@ def test_print_ir_after_all_and_changed_flags(tmp_path):
     assert [s.splitlines()[0] for s in printed] == [f"// ----- IR after {n} -----" for n in pass_names()]
     changed = {r.name: r.changed for r in res.records}
     # nothing to fold, reorder, lower or scale in conv -> relu -> flatten -> gemm
-    assert changed == {"import": True, "canonicalize": True, "fold-batchnorm": False,
-                       "reorder-maxpool-relu": False, "lower-maxpool": False, "fold-public-scaling": False,
-                       "plan-fixed-point": True, "range-analysis": True, "mark-comparisons": True}
+    assert changed == {
+        "import": True,
+        "canonicalize": True,
+        "fold-batchnorm": False,
+        "reorder-maxpool-relu": False,
+        "lower-maxpool": False,
+        "fold-public-scaling": False,
+        "plan-fixed-point": True,
+        "range-analysis": True,
+        "mark-comparisons": True,
+    }
 
 
 # --------------------------------------------------------------------------- the verifier names the pass
@@ -225,10 +264,18 @@ def _orphan_output(g, ctx):
     return g
 
 
-@pytest.mark.parametrize("breaker,problem", [
-    (_dangling, "dangling"), (_wrong_shape, "has shape"), (_defined_twice, "defined more than once"),
-    (_out_of_order, "used before definition"), (_unknown_kind, "unknown op kind"), (_orphan_output, "never defined"),
-], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+@pytest.mark.parametrize(
+    "breaker,problem",
+    [
+        (_dangling, "dangling"),
+        (_wrong_shape, "has shape"),
+        (_defined_twice, "defined more than once"),
+        (_out_of_order, "used before definition"),
+        (_unknown_kind, "unknown op kind"),
+        (_orphan_output, "never defined"),
+    ],
+    ids=lambda v: v.__name__.strip("_") if callable(v) else None,
+)
 def test_a_broken_pass_is_named_by_the_verifier(tmp_path, breaker, problem):
     broken = types.SimpleNamespace(NAME=f"broken{breaker.__name__.replace('_', '-')}", run=breaker)
     g = import_onnx(str(tiny_model_file(tmp_path)))
@@ -245,6 +292,7 @@ def test_a_broken_pass_on_the_resnet_is_named(compiled):
     def drop_an_op(g, ctx):
         del g.ops[3]  # something later reads its output: dangling
         return g
+
     broken = types.SimpleNamespace(NAME="drop-an-op", run=drop_an_op)
     with pytest.raises(VerifyError, match="after pass 'drop-an-op'"):
         run_pipeline(compiled.graph, PassContext(), passes=[broken], echo=lambda s: None)

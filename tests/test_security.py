@@ -76,12 +76,13 @@ def check_indistinguishable(bits_a: np.ndarray, bits_b: np.ndarray, what: str, f
     zd = np.abs(fa - fb) * np.sqrt(2 * n)
     for name, zz in (("secret A biased", za), ("secret B biased", zb), ("secrets differ", zd)):
         worst = int(np.argmax(zz))
-        assert zz[worst] <= Z, f"{what}: {name} at bit {free[worst]} ({zz[worst]:.1f} sd; fa={fa[worst]:.3f} " \
-                               f"fb={fb[worst]:.3f}, n={n})"
+        assert zz[worst] <= Z, (
+            f"{what}: {name} at bit {free[worst]} ({zz[worst]:.1f} sd; fa={fa[worst]:.3f} fb={fb[worst]:.3f}, n={n})"
+        )
         # all positions together: sum of squared z-scores ~ chi2(k); Laurent-Massart tail bound
         # P(chi2(k) >= k + 2 sqrt(k t) + 2 t) <= exp(-t), here t = Z^2 / 2 (the per-bit level)
         k, t = zz.size, Z * Z / 2
-        assert (zz ** 2).sum() <= k + 2 * np.sqrt(k * t) + 2 * t, f"{what}: {name} over all {k} bits (chi-square)"
+        assert (zz**2).sum() <= k + 2 * np.sqrt(k * t) + 2 * t, f"{what}: {name} over all {k} bits (chi-square)"
 
 
 def records(key_bytes: bytes, party: int) -> dict[str, np.ndarray]:
@@ -138,8 +139,9 @@ SECRETS = {
 }
 
 
-@pytest.mark.parametrize("kind,m,s", [("relu", 20, 12), ("relu", 5, 0), ("relu", 9, 3), ("max", 16, 12),
-                                      ("drelu", 31, 0)])
+@pytest.mark.parametrize(
+    "kind,m,s", [("relu", 20, 12), ("relu", 5, 0), ("relu", 9, 3), ("max", 16, 12), ("drelu", 31, 0)]
+)
 @pytest.mark.parametrize("sa,sb", [("zero", "ones"), ("small", "uniform")])
 def test_gate_keys_indistinguishable(kind, m, s, sa, sb):
     ka = deal_gate(kind, SECRETS[sa](N), m, s)
@@ -167,11 +169,13 @@ def test_gate_keys_indistinguishable(kind, m, s, sa, sb):
 
 def test_p0_seeds_uniform():
     """P0's gate and linear-layer seeds over many calls (16 and 32 bytes each)."""
+
     def many(r_fill):
         def fn(D):
             for i in range(512):
                 D.relu(f"g{i}", r_fill(4), 12, 3)
                 D.linear_seeds(f"l{i}")
+
         _, k0, _ = deal_in_memory(fn)
         rec = records(k0, 0)
         seeds = np.stack([rec[f"g{i}.seed"] for i in range(512)], axis=1)  # (16 bytes, calls)
@@ -188,8 +192,9 @@ def relu_views(x: np.ndarray, m: int, s: int):
     r = Rng().u64(x.shape)
     _, k0, k1 = deal_in_memory(lambda D: D.relu("g", r, m, s))
     xhat = x + r
-    _, _, c0, c1 = run_parties(lambda P: P.relu("g", xhat, m, s), lambda P: P.relu("g", xhat, m, s), k0, k1,
-                               record=True)
+    _, _, c0, c1 = run_parties(
+        lambda P: P.relu("g", xhat, m, s), lambda P: P.relu("g", xhat, m, s), k0, k1, record=True
+    )
     return c0.received, c1.received
 
 
@@ -263,8 +268,9 @@ def test_linear_messages_indistinguishable(secret):
         def p0(P):
             return P.linear("lin", None, z0=P.linear_offline("lin", _gemm, kdim, x.shape, w_hat, (rows, cols)))
 
-        yhat, _, c0, c1 = run_parties(p0, lambda P: P.linear("lin", x + r_x, _gemm, kdim, w, None, 64), k0, k1,
-                                      record=True)
+        yhat, _, c0, c1 = run_parties(
+            p0, lambda P: P.linear("lin", x + r_x, _gemm, kdim, w, None, 64), k0, k1, record=True
+        )
         views.append((decode_array(c0.received[0]), decode_array(c1.received[0]), yhat))
     for i, what in ((0, "P0 receives z_1"), (1, "P1 receives z_0"), (2, "opened y^")):
         a, b = views[0][i].reshape(-1), views[1][i].reshape(-1)
@@ -283,7 +289,7 @@ def test_detector_catches_a_leak():
     # a mild bias spread over many positions (about 2 sd each, almost always below the per-bit
     # bound): the chi-square over all positions catches it
     wide_a = rng.bits((256, N))
-    wide_b = np.where(rng.u64((256, N)) < U64(int(0.515 * 2 ** 64)), 1, 0).astype(np.uint8)
+    wide_b = np.where(rng.u64((256, N)) < U64(int(0.515 * 2**64)), 1, 0).astype(np.uint8)
     with pytest.raises(AssertionError):
         check_indistinguishable(wide_a, wide_b, "diffuse")
 
@@ -294,7 +300,20 @@ RUNTIME = Path(engine.__file__).parent
 
 # every runtime module on the dealer's and the parties' paths; images.py (public synthetic
 # calibration images, not key material) is the only runtime module left out
-PROTOCOL_MODULES = ["ring", "prg", "dcf", "keys", "channel", "protocol", "pooling", "lib", "engine", "simulate", "session", "transport"]
+PROTOCOL_MODULES = [
+    "ring",
+    "prg",
+    "dcf",
+    "keys",
+    "channel",
+    "protocol",
+    "pooling",
+    "lib",
+    "engine",
+    "simulate",
+    "session",
+    "transport",
+]
 
 
 def test_runtime_sources_do_not_import_random():
@@ -304,15 +323,24 @@ def test_runtime_sources_do_not_import_random():
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                bad = [a.name for a in node.names if a.name in ("random", "numpy.random") or a.name.startswith(
-                    "numpy.random.")]
+                bad = [
+                    a.name
+                    for a in node.names
+                    if a.name in ("random", "numpy.random") or a.name.startswith("numpy.random.")
+                ]
             elif isinstance(node, ast.ImportFrom):
                 mod = node.module or ""
-                bad = [mod] if mod in ("random", "numpy.random") or mod.startswith("numpy.random.") or (
-                    mod == "numpy" and any(a.name == "random" for a in node.names)) else []
-            elif isinstance(node, ast.Attribute) and node.attr == "random":
-                bad = [ast.unparse(node)] if isinstance(node.value, ast.Name) and node.value.id in ("np", "numpy") \
+                bad = (
+                    [mod]
+                    if mod in ("random", "numpy.random")
+                    or mod.startswith("numpy.random.")
+                    or (mod == "numpy" and any(a.name == "random" for a in node.names))
                     else []
+                )
+            elif isinstance(node, ast.Attribute) and node.attr == "random":
+                bad = (
+                    [ast.unparse(node)] if isinstance(node.value, ast.Name) and node.value.id in ("np", "numpy") else []
+                )
             else:
                 bad = []
             offenders += [f"{path.name}:{node.lineno}: {b}" for b in bad]
@@ -366,13 +394,21 @@ def test_gates_without_numpy_or_python_random(forbid_random):
 
     def dealer(D):
         seeds = D.linear_seeds("d")
-        return (D.relu("a", r, 24, 12), D.max("b", r, rb, 30, 3), D.drelu_to_p0("c", r, 40),
-                D.linear("d", _gemm, 500, r[None], a_mask, (1, 3), seeds))
+        return (
+            D.relu("a", r, 24, 12),
+            D.max("b", r, rb, 30, 3),
+            D.drelu_to_p0("c", r, 40),
+            D.linear("d", _gemm, 500, r[None], a_mask, (1, 3), seeds),
+        )
 
     def party(P):
         z0 = P.linear_offline("d", _gemm, 500, (1, 500), w + a_mask, (1, 3)) if P.b == 0 else None
-        return (P.relu("a", xhat, 24, 12), P.max("b", xhat, bhat, 30, 3), P.drelu_to_p0("c", xhat, 40),
-                P.linear("d", xhat[None], _gemm, 500, w, None, 64, z0=z0))
+        return (
+            P.relu("a", xhat, 24, 12),
+            P.max("b", xhat, bhat, 30, 3),
+            P.drelu_to_p0("c", xhat, 40),
+            P.linear("d", xhat[None], _gemm, 500, w, None, 64, z0=z0),
+        )
 
     (ro_a, _, _, ro_d), k0, k1 = deal_in_memory(dealer)
     out0, out1, _, _ = run_parties(party, party, k0, k1)
@@ -402,7 +438,10 @@ def test_whole_model_without_numpy_or_python_random(forbid_random):
     w_hat = engine.masked_weights(graph, setup)
     out0, _, _, _ = run_parties(
         lambda P: engine.run_party(g0, P, x_ring, w_hat, engine.precompute_p0(g0, P, w_hat)),
-        lambda P: engine.run_party(graph, P), k0, k1)
+        lambda P: engine.run_party(graph, P),
+        k0,
+        k1,
+    )
     assert not calls, calls
     want = run_fixed(graph, x, raw=True, compare_masks=trace.compare_masks)
     assert all((a == b).all() for a, b in zip(out0, want))

@@ -52,7 +52,10 @@ def simulate_graph(graph, x):
     x_ring = ring.encode(x, graph.values[graph.inputs[0]].scale)
     out0, out1, c0, c1 = run_parties(
         lambda P: engine.run_party(g0, P, x_ring, w_hat, engine.precompute_p0(g0, P, w_hat)),
-        lambda P: engine.run_party(graph, P), k0, k1)
+        lambda P: engine.run_party(graph, P),
+        k0,
+        k1,
+    )
     t2 = time.perf_counter()
     assert out1 is None, "P1 learns no result"
     return dict(out=out0, trace=trace, k0=k0, k1=k1, c0=c0, c1=c1, g0=g0, deal_s=t1 - t0, online_s=t2 - t1)
@@ -67,9 +70,11 @@ def resnet(tmp_path_factory):
     x = synthetic_images(BATCH, SIZE, seed=5).numpy()
     ref = ort.InferenceSession(path).run(None, {"input": x})[0]
     sim = simulate_graph(res.graph, x)
-    print(f"\nresnet18 {SIZE}x{SIZE} batch {BATCH}: deal {sim['deal_s']:.2f} s, online {sim['online_s']:.2f} s, "
-          f"keys {len(sim['k0']) / 1e6:.1f} + {len(sim['k1']) / 1e6:.1f} MB, "
-          f"sent {sim['c0'].bytes_sent / 1e6:.2f} + {sim['c1'].bytes_sent / 1e6:.2f} MB, {sim['c0'].rounds} exchanges")
+    print(
+        f"\nresnet18 {SIZE}x{SIZE} batch {BATCH}: deal {sim['deal_s']:.2f} s, online {sim['online_s']:.2f} s, "
+        f"keys {len(sim['k0']) / 1e6:.1f} + {len(sim['k1']) / 1e6:.1f} MB, "
+        f"sent {sim['c0'].bytes_sent / 1e6:.2f} + {sim['c1'].bytes_sent / 1e6:.2f} MB, {sim['c0'].rounds} exchanges"
+    )
     return dict(res=res, graph=res.graph, x=x, ref=ref, **sim)
 
 
@@ -161,7 +166,7 @@ def test_p0_graph_holds_no_weight_bytes(resnet):
     for n in consts:  # not even a fragment of any weight tensor
         raw = np.ascontiguousarray(g.values[n].data).tobytes()
         for off in range(0, len(raw) - 32, max(32, len(raw) // 8)):
-            assert raw[off:off + 32] not in blob, f"bytes of {n} in P0's graph"
+            assert raw[off : off + 32] not in blob, f"bytes of {n} in P0's graph"
     # nor do P0's keys (seeds, masks, DCF keys) hold P1's encoded weights
     for op in engine.weighted_ops(g):
         w_enc = engine.encode_weights(op, g)[0]
@@ -220,8 +225,15 @@ def test_mobilenet_style_block_with_standalone_truncations():
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, 3, 8, 8),), buf, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"])
+        torch.onnx.export(
+            model,
+            (torch.zeros(2, 3, 8, 8),),
+            buf,
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
+        )
     proto = onnx.load_from_string(buf.getvalue())
     graph = compile_graph(import_onnx(proto, "bottleneck"), echo=lambda s: None, output_mode="logits").graph
     kinds = [op.kind for op in graph.ops]
@@ -241,13 +253,17 @@ def test_argmax_over_many_classes(classes, select_last):
     """labels mode on a C-class model: a tournament of selections; P0 learns only the index."""
     gen = np.random.default_rng(classes + 10 * select_last)
     w = gen.standard_normal((6, classes)).astype(np.float32)
-    nodes = [onnx.helper.make_node("MatMul", ["input", "W"], ["logits"]),
-             onnx.helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0,
-                                   select_last_index=select_last)]
+    nodes = [
+        onnx.helper.make_node("MatMul", ["input", "W"], ["logits"]),
+        onnx.helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0, select_last_index=select_last),
+    ]
     g = onnx.helper.make_graph(
-        nodes, "argmax", [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [16, 6])],
+        nodes,
+        "argmax",
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [16, 6])],
         [onnx.helper.make_tensor_value_info("label", onnx.TensorProto.INT64, [16])],
-        [onnx.numpy_helper.from_array(w, "W")])
+        [onnx.numpy_helper.from_array(w, "W")],
+    )
     proto = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
     x = gen.standard_normal((16, 6)).astype(np.float32)
     x[0] = 0.0  # all logits tie: the first (or last) index must win

@@ -35,8 +35,16 @@ from onnx import numpy_helper as nh
 from conftest import fssc_command
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "viewer"
 LOAD_BUDGET_S = 2.0
 MINUS = "\u2212"
@@ -62,13 +70,20 @@ def r18_prog(export_resnet18, tmp_path_factory, run_fssc) -> Path:
 def browser():
     """A headless Chromium (Debian's) with a fresh profile, through Playwright."""
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) "
-                    "to run the viewer's browser tests")
+        pytest.skip(
+            f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) "
+            "to run the viewer's browser tests"
+        )
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip) is needed for the browser tests")
     profile = tempfile.mkdtemp(prefix="fssc-chromium-")
     with sync_api.sync_playwright() as pw:
-        ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                    args=CHROMIUM_ARGS, viewport={"width": 1600, "height": 1000})
+        ctx = pw.chromium.launch_persistent_context(
+            profile,
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1600, "height": 1000},
+        )
         yield ctx
         ctx.close()
     shutil.rmtree(profile, ignore_errors=True)
@@ -187,7 +202,9 @@ def test_layout_flows_down_without_overlaps(r18_prog):
 def test_every_final_op_knows_its_generated_lines(r18_prog):
     doc = page_doc(r18_prog)
     final = [doc["ops"][i] for i in doc["passes"][-1]["ops"]]
-    programs = {role: (r18_prog / role / "program.py").read_text().splitlines() for role in ("party0", "party1", "dealer")}
+    programs = {
+        role: (r18_prog / role / "program.py").read_text().splitlines() for role in ("party0", "party1", "dealer")
+    }
     for r in final:
         code = doc["code"][str(r["uid"])]
         assert set(code) == set(programs), r["name"]
@@ -277,8 +294,9 @@ def test_diff_matches_a_rebuilt_op_by_provenance(page, tmp_path):
         return g
 
     passes = [canonicalize, types.SimpleNamespace(NAME="rebuild", run=lambda g, c: drop_mul(rebuild(g, c), c))]
-    _, records = run_pipeline(import_onnx(str(path)), PassContext(), passes=passes, keep_graphs=True,
-                              echo=lambda s: None)
+    _, records = run_pipeline(
+        import_onnx(str(path)), PassContext(), passes=passes, keep_graphs=True, echo=lambda s: None
+    )
     old_uid = next(op.uid for op in records[1].graph.ops if op.kind == "relu")
     new_uid = next(op.uid for op in records[2].graph.ops if op.kind == "relu")
     assert old_uid != new_uid
@@ -344,8 +362,17 @@ def test_reorder_pass_cost_delta_and_pass_list(page, r18_prog):
     open_page(page, (r18_prog / "ir" / "index.html").as_uri())
     rows = page.locator("#passes tr.pass")
     names = [rows.nth(i).get_attribute("data-name") for i in range(rows.count())]
-    assert names == ["import", "canonicalize", "fold-batchnorm", "reorder-maxpool-relu", "lower-maxpool",
-                     "fold-public-scaling", "plan-fixed-point", "range-analysis", "mark-comparisons"]
+    assert names == [
+        "import",
+        "canonicalize",
+        "fold-batchnorm",
+        "reorder-maxpool-relu",
+        "lower-maxpool",
+        "fold-public-scaling",
+        "plan-fixed-point",
+        "range-analysis",
+        "mark-comparisons",
+    ]
     # per-pass timing from timings.js beside the page
     ms = page.inner_text("#passes tr.pass[data-name=range-analysis] td.ms")
     assert re.fullmatch(r"\d+\.\d", ms), ms
@@ -381,8 +408,12 @@ def test_the_page_alone_works_without_its_timings(page, r18_prog, tmp_path):
 
 
 def test_fssc_view_serves_it_locally(page, r18_prog):
-    proc = subprocess.Popen(fssc_command() + ["view", str(r18_prog), "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        fssc_command() + ["view", str(r18_prog), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         m = re.search(r"(http://127\.0\.0\.1:\d+/index\.html)", line)
@@ -425,9 +456,15 @@ def synthetic_model(path: Path, blocks: int, channels: int = 4, size: int = 8, p
 
     def conv_bn_relu(x, name):
         w = const(name + ".w", rng.normal(0, 0.2, (channels, channels, 3, 3)))
-        bn = [const(f"{name}.bn.{k}", v) for k, v in (
-            ("g", rng.uniform(0.5, 1.5, channels)), ("b", rng.normal(0, 0.1, channels)),
-            ("m", rng.normal(0, 0.1, channels)), ("v", rng.uniform(0.5, 1.5, channels)))]
+        bn = [
+            const(f"{name}.bn.{k}", v)
+            for k, v in (
+                ("g", rng.uniform(0.5, 1.5, channels)),
+                ("b", rng.normal(0, 0.1, channels)),
+                ("m", rng.normal(0, 0.1, channels)),
+                ("v", rng.uniform(0.5, 1.5, channels)),
+            )
+        ]
         y = node("Conv", [x, w], name + ".conv", pads=[1, 1, 1, 1])
         return node("Relu", [node("BatchNormalization", [y] + bn, name + ".bn")], name + ".relu")
 
@@ -440,8 +477,13 @@ def synthetic_model(path: Path, blocks: int, channels: int = 4, size: int = 8, p
         x = node("Relu", [node("Add", [y, x], f"b{i}.add")], f"b{i}.out")
     x = node("Flatten", [node("GlobalAveragePool", [x], "gap")], "flat")
     node("Gemm", [x, const("fc.w", rng.normal(0, 0.3, (channels, 2)))], "logits")
-    graph = oh.make_graph(nodes, "synthetic", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
-                          [oh.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])], inits)
+    graph = oh.make_graph(
+        nodes,
+        "synthetic",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
+        [oh.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2])],
+        inits,
+    )
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -483,9 +525,11 @@ def test_2000_op_graph_loads_and_renders_within_budget(page, big_prog):
     assert n_ops >= 2000
     seconds = open_page(page, (big_prog / "ir" / "index.html").as_uri())
     in_page_ms = page.evaluate("window.fsscReady")  # performance.now() at the first painted frame
-    print(f"\n2,000-op viewer: {n_ops} ops in the shown pass, "
-          f"{(big_prog / 'ir' / 'index.html').stat().st_size / 1e6:.1f} MB page, "
-          f"goto -> first frame {seconds * 1e3:.0f} ms (in page: {in_page_ms:.0f} ms since navigation start)")
+    print(
+        f"\n2,000-op viewer: {n_ops} ops in the shown pass, "
+        f"{(big_prog / 'ir' / 'index.html').stat().st_size / 1e6:.1f} MB page, "
+        f"goto -> first frame {seconds * 1e3:.0f} ms (in page: {in_page_ms:.0f} ms since navigation start)"
+    )
     assert seconds < LOAD_BUDGET_S, f"{seconds:.2f} s to load and render {n_ops} ops"
     assert page.locator(".pane .node").count() > 10  # the visible region is drawn ...
     assert page.locator("#text .ln.op").count() == n_ops  # ... and the whole text

@@ -60,8 +60,17 @@ def tiny_cnn(batch: int = 2, size: int = 12, seed: int = 0):
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, do_constant_folding=False,
-                          training=torch.onnx.TrainingMode.EVAL, input_names=["input"], output_names=["logits"])
+        torch.onnx.export(
+            model,
+            (x,),
+            buf,
+            dynamo=False,
+            opset_version=17,
+            do_constant_folding=False,
+            training=torch.onnx.TrainingMode.EVAL,
+            input_names=["input"],
+            output_names=["logits"],
+        )
     proto = with_argmax(onnx.load_from_string(buf.getvalue()), batch)
     graph = compile_graph(import_onnx(proto, "tiny"), echo=lambda s: None).graph
     return graph, proto, x.numpy().astype(np.float32)
