@@ -37,7 +37,6 @@ def _timed_child(cmd: list[str]) -> tuple[int, float, float, str]:
 
 def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> dict:
     import onnxruntime as ort
-
     from fssc.compiler.compile import compile_model
     from fssc.compiler.demo import _write_images
     from fssc.models.export import export_model
@@ -53,7 +52,7 @@ def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> di
     shutil.rmtree(keys, ignore_errors=True)
     export_model("resnet18", onnx_path, 2, None, image_size, batch)
     t = time.perf_counter()
-    res = compile_model(onnx_path, prog, output_mode="logits", console=Console(file=open(os.devnull, "w")))
+    res = compile_model(onnx_path, prog, output_mode="logits", console=Console(quiet=True))
     compile_s = time.perf_counter() - t
     make_certs(certs)
     fssc = os.path.join(os.path.dirname(sys.executable), "fssc")
@@ -68,7 +67,8 @@ def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> di
     lb = run_loopback(prog, keys, certs, ["--images", images, "--out", out_json])
     if lb.p0_rc or lb.p1_rc:
         raise SystemExit(f"two-party run failed:\n{lb.p0_out}{lb.p0_err}{lb.p1_out}")
-    result = json.load(open(out_json))
+    with open(out_json) as fh:
+        result = json.load(fh)
     st = result["stats"]
     x = load_inputs(images, Preprocess(size=image_size), (3, image_size, image_size))
     opts = ort.SessionOptions()

@@ -125,9 +125,8 @@ def view(prog, port, open_browser):
 )
 def deal(prog, batches, out):
     """The dealer: make one-time FSS key batches for a compiled program."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from fssc.runtime.session import deal_batches
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if batches < 1:
         raise FsscError("--batches must be at least 1")

@@ -15,9 +15,9 @@ import json
 import os
 
 import jinja2
+from fssc.runtime.keys import KeyWriter
 
 from fssc import __version__
-from fssc.runtime.keys import KeyWriter
 
 from .errors import FsscError
 from .files import write_atomic
@@ -69,7 +69,7 @@ def render_stmt(st: Stmt, role: str) -> list[str]:
     line: str
     if st.kind == "input":
         extra = ", x" if role == "party0" else ""
-        line = f"{st.out} = lib.input({ctx}, {T}, {_lit(p['shape'])}{extra})"
+        line = f"{st.out} = lib.input_wire({ctx}, {T}, {_lit(p['shape'])}{extra})"
     elif st.kind == "linear":
         if role == "party0":
             line = f"{st.out} = lib.linear_p0(P, {T}, Z0.pop({T}))"

@@ -15,10 +15,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from fssc.passes.base import PassContext
 from rich.console import Console
 from rich.table import Table
-
-from fssc.passes.base import PassContext
 
 from .cost import CostReport, cost_report
 from .errors import FsscError

@@ -26,7 +26,7 @@ def _write_images(folder: str, n: int, size: int) -> list[str]:
 
     os.makedirs(folder, exist_ok=True)
     paths = []
-    side = int(round(size * 256 / 224))
+    side = round(size * 256 / 224)
     yy, xx = np.mgrid[0:side, 0:side] / side
     for i in range(n):
         r = 0.5 + 0.5 * np.sin(2 * np.pi * (xx * (i + 1) + yy * 0.5))
@@ -48,7 +48,6 @@ def run_demo(
     frac_bits: int = 12,
 ) -> bool:
     import onnxruntime as ort
-
     from fssc.models.export import export_model
     from fssc.runtime.certs import make_certs
     from fssc.runtime.images import Preprocess, load_inputs
@@ -76,7 +75,7 @@ def run_demo(
     )
 
     t = time.perf_counter()
-    quiet = Console(file=open(os.devnull, "w"))
+    quiet = Console(quiet=True)
     res = compile_model(onnx_path, prog, frac_bits, output_mode="logits", console=quiet)
     times["compile"] = time.perf_counter() - t
     tot = res.report.to_dict()["totals"]

@@ -23,7 +23,6 @@ Gate kinds (DESIGN.md section 4):
 from __future__ import annotations
 
 import numpy as np
-
 from fssc.runtime import ring
 
 from .ir import Graph, Op

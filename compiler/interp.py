@@ -13,11 +13,10 @@ scale) and can hand every intermediate value to an ``observe`` callback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
-
 from fssc.runtime import lib, ring
 from fssc.runtime.pooling import max_tree
 from fssc.runtime.ring import decode, encode, ring_bilinear, signed, unsigned
@@ -52,7 +51,7 @@ def run_float(graph: Graph, inputs, observe: Callable[[str, np.ndarray], None] |
             env[name] = v.data.astype(np.float64) if v.data.dtype.kind == "f" else v.data
     for op in graph.ops:
         outs = OPS[op.kind].run(op.attrs, *[env[i] for i in op.inputs])
-        for o, val in zip(op.outputs, outs):
+        for o, val in zip(op.outputs, outs, strict=True):
             env[o] = val
             if observe:
                 observe(o, val)
@@ -106,7 +105,7 @@ class _Fixed:
         if self.g.values[b_name].is_const:
             w = self.g.values[b_name].data.astype(np.float64)
             k = w.shape[-2] if w.ndim > 1 else w.shape[0]  # x @ W reduces over W's second-to-last axis
-            return ring_bilinear(lambda p, q: np.matmul(p, q), env[a_name], encode(w, ws), k)
+            return ring_bilinear(np.matmul, env[a_name], encode(w, ws), k)
         w = self.g.values[a_name].data.astype(np.float64)
         return ring_bilinear(lambda p, q: np.matmul(q, p), env[b_name], encode(w, ws), w.shape[-1])
 

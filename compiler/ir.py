@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -144,7 +145,7 @@ class Graph:
         )
         return op
 
-    def clone(self) -> "Graph":
+    def clone(self) -> Graph:
         """Deep copy of structure; constant arrays are shared (treated immutably)."""
         g = Graph(self.name)
         g.values = {
@@ -189,8 +190,7 @@ class Graph:
     # --- text form ----------------------------------------------------
     def text(self) -> str:
         lines = [f"graph {self.name} {{"]
-        for name in self.inputs:
-            lines.append(f"  input %{name}: {_fmt_type(self.values[name])}")
+        lines += [f"  input %{name}: {_fmt_type(self.values[name])}" for name in self.inputs]
         consts = sorted({i for op in self.ops for i in op.inputs if self.values[i].is_const})
         for name in consts:
             v = self.values[name]

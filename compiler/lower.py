@@ -21,9 +21,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from fssc.runtime import ring
 
 from fssc import __version__
-from fssc.runtime import ring
 
 from .errors import FsscError
 from .gates import gate_tag

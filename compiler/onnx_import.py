@@ -186,11 +186,11 @@ class _Importer:
         outs = outputs or [node.output[0]]
         if all(g.values[i].is_const for i in ins):  # fold constant subgraphs
             res = OPS[kind].run(attrs, *[g.values[i].data for i in ins])
-            for o, r in zip(outs, res):
+            for o, r in zip(outs, res, strict=True):
                 g.add_const(self.ir_name(o), np.asarray(r, dtype=np.int64 if kind == "argmax" else np.float32))
             return
         outs = [self.ir_name(o) for o in outs]
-        for o, s in zip(outs, out_shapes):
+        for o, s in zip(outs, out_shapes, strict=True):
             g.add_value(Value(o, s, "int64" if kind == "argmax" else "float32"))
         g.ops.append(g.make_op(kind, ins, outs, attrs, origin=(label,)))
 

@@ -12,7 +12,7 @@ import http.server
 import os
 import threading
 import webbrowser
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import FsscError
 

@@ -27,7 +27,7 @@ def problems(graph: Graph) -> list[str]:
         if len(want) != len(op.outputs):
             out.append(f"{op.kind} %{op.name}: {len(op.outputs)} outputs, kind has {len(want)}")
             continue
-        for o, s in zip(op.outputs, want):
+        for o, s in zip(op.outputs, want, strict=True):
             if tuple(graph.values[o].shape) != tuple(s):
                 out.append(f"{op.kind} %{op.name}: output %{o} has shape {graph.values[o].shape}, rule gives {s}")
     uids = [op.uid for op in graph.ops]

@@ -32,8 +32,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from importlib import resources
-from typing import Iterable
 
 import jinja2
 import networkx as nx
@@ -223,7 +223,7 @@ def _split_text(graph: Graph) -> tuple[list[str], list[str], list[str]]:
     tail = 2  # "  return ..." and "}"
     head = lines[: len(lines) - n - tail]
     body = lines[len(head) : len(head) + n]
-    for op, ln in zip(graph.ops, body):
+    for op, ln in zip(graph.ops, body, strict=True):
         if not ln.startswith(f"  %{op.outputs[0]}:" if op.outputs else "  "):
             raise FsscError(f"viewer: text line of {op.kind} %{op.name} not where expected")
     return head, body, lines[len(head) + n :]
@@ -285,7 +285,7 @@ def build_document(passes: Iterable, prog_dir: str | None = None, source: str = 
         head, body, tail = _split_text(g)
         pos = layout(g)
         refs, xy, costs = [], [], []
-        for op, line in zip(g.ops, body):
+        for op, line in zip(g.ops, body, strict=True):
             rec, cost = op_record(op, g, line, digests)
             costs.append(cost)
             key = json.dumps(rec, sort_keys=True)

@@ -27,7 +27,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-
 from fssc.compiler.errors import FsscError
 
 DEFAULT_SEED = 20261127

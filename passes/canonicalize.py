@@ -20,7 +20,6 @@ the folded constants).
 from __future__ import annotations
 
 import numpy as np
-
 from fssc.compiler.ir import Graph
 
 from .base import PassContext
@@ -90,7 +89,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
 def _fold_bias(graph: Graph, prev, op) -> bool:
     """Move add(linear(x), c) into linear's bias when that is exact and local."""
     v = graph.values
-    if prev.kind not in ("gemm", "conv") or prev.attrs.get("transA", 0) or prev.kind == "gemm" and prev.attrs:
+    if prev.kind not in ("gemm", "conv") or prev.attrs.get("transA", 0) or (prev.kind == "gemm" and prev.attrs):
         return False
     y = prev.outputs[0]
     if y not in op.inputs or graph.n_users(y) != 1:

@@ -14,7 +14,6 @@ another user: folding would change that user's value) becomes a per-channel
 from __future__ import annotations
 
 import numpy as np
-
 from fssc.compiler.ir import Graph
 from fssc.compiler.ops import batchnorm_affine
 

@@ -9,8 +9,9 @@ encoded with ceil(log2 k) extra fractional bits (``wscale_extra``) so the
 1/k costs no precision; the truncation the division would have needed is gone.
 
 ``globalavgpool`` -> ``globalsumpool``; ``avgpool`` with uniform counts ->
-``sumpool``. A pool over single elements (k = 1) becomes a sum pool outright. A pool with another user, or with border windows of different
-counts, is left alone.
+``sumpool``. A pool over single elements (k = 1) becomes a sum pool outright.
+A pool with another user, or with border windows of different counts, is left
+alone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from fssc.compiler.ir import Graph
 from fssc.compiler.ops import _windows
 

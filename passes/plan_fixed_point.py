@@ -60,7 +60,7 @@ ALIGNING = {"add", "sub", "concat"}
 def run(graph: Graph, ctx: PassContext) -> Graph:
     f = ctx.frac_bits
     smax = ctx.max_scale
-    scale: dict[str, int] = {name: f for name in graph.inputs}
+    scale: dict[str, int] = dict.fromkeys(graph.inputs, f)
     new_ops = []
 
     def rescale(name: str, target: int, op) -> str:

@@ -15,7 +15,6 @@ mark-comparisons. Semantics are unchanged.
 from __future__ import annotations
 
 import numpy as np
-
 from fssc.compiler.errors import FsscError
 from fssc.compiler.gates import bits_for, comparison_magnitude, gate_kind
 from fssc.compiler.interp import run_fixed

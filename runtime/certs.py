@@ -39,7 +39,7 @@ def _key_pem(key) -> bytes:
 
 def make_certs(out: str, days: int = 365) -> list[str]:
     os.makedirs(out, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()

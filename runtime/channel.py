@@ -13,7 +13,6 @@ import queue
 import struct
 
 import numpy as np
-
 from fssc.compiler.errors import FsscError
 
 from .keys import DTYPE_CODES as _CODE

@@ -6,7 +6,7 @@ Eurocrypt 2021, Fig. 1, with the early-termination ("leaf table")
 optimisation of Boyle-Gilboa-Ishai (CCS 2016). ``keygen(alpha, n, beta)``
 gives keys k0, k1 with
 
-    eval(0, k0, x) + eval(1, k1, x) = beta * 1{x < alpha}
+    evaluate(0, k0, x) + evaluate(1, k1, x) = beta * 1{x < alpha}
 
 for unsigned n-bit x and alpha, 1 <= n <= 64. Payload groups:
 
@@ -95,16 +95,15 @@ import numpy as np
 from .prg import Rng, mmo, mmo_buffer
 
 __all__ = [
-    "LAYOUT_VERSION",
     "BLOCK",
+    "LAYOUT_VERSION",
     "MAX_K",
-    "DcfParams",
     "DcfKeys",
+    "DcfParams",
     "default_nu",
-    "nbytes_per_key",
-    "keygen",
-    "eval",
     "evaluate",
+    "keygen",
+    "nbytes_per_key",
 ]
 
 U64 = np.uint64
@@ -226,11 +225,11 @@ class DcfKeys:
             raise ValueError("DcfKeys.data is not a whole number of keys")
 
     @classmethod
-    def empty(cls, params: DcfParams, party: int, count: int) -> "DcfKeys":
+    def empty(cls, params: DcfParams, party: int, count: int) -> DcfKeys:
         return cls(params, party, np.empty(count * params.words, dtype="<u8"))
 
     @classmethod
-    def from_buffer(cls, buf, n: int, k: int = 0, party: int = 0, nu: int | None = None) -> "DcfKeys":
+    def from_buffer(cls, buf, n: int, k: int = 0, party: int = 0, nu: int | None = None) -> DcfKeys:
         """Wrap a buffer of whole keys (bytes, bytearray, mmap, memoryview) without copying."""
         params = DcfParams(n, k, nu)
         size = memoryview(buf).nbytes
@@ -267,14 +266,14 @@ class DcfKeys:
         return out
 
     @classmethod
-    def from_columns(cls, params: DcfParams, party: int, mat: np.ndarray) -> "DcfKeys":
+    def from_columns(cls, params: DcfParams, party: int, mat: np.ndarray) -> DcfKeys:
         """Inverse of ``columns``: pack a (W, N) word matrix into the block layout."""
         keys = cls.empty(params, party, mat.shape[1])
         for lo, hi, m in keys.blocks():
             m[:] = mat[:, lo:hi]
         return keys
 
-    def __getitem__(self, idx: slice) -> "DcfKeys":
+    def __getitem__(self, idx: slice) -> DcfKeys:
         """Keys [start:stop]. Zero-copy when start is a multiple of BLOCK and stop
         is a multiple of BLOCK or the end; otherwise the keys are repacked."""
         if not isinstance(idx, slice) or idx.step not in (None, 1):
@@ -409,7 +408,7 @@ def keygen(
             raise ValueError("keygen out buffers have the wrong size")
     gen = _keygen_bits_block if k == 0 else _keygen_ring_block
     scratch = np.empty((2, params.words, min(count, BLOCK)), dtype=U64)
-    for (lo, hi, m0), (_, _, m1) in zip(keys[0].blocks(), keys[1].blocks()):
+    for (lo, hi, m0), (_, _, m1) in zip(keys[0].blocks(), keys[1].blocks(), strict=True):
         s0, s1 = scratch[:, :, : hi - lo]
         gen(params, alpha[lo:hi], beta[..., lo:hi], rng, s0, s1)
         m0[:], m1[:] = s0, s1  # one sequential write per block and party
@@ -520,7 +519,7 @@ def _keygen_ring_block(p: DcfParams, alpha, beta, rng, m0, m1):
 # --------------------------------------------------------------------------- eval
 
 
-def eval(party: int, keys: DcfKeys, x: np.ndarray, threads: int = 1) -> np.ndarray:  # noqa: A001
+def evaluate(party: int, keys: DcfKeys, x: np.ndarray, threads: int = 1) -> np.ndarray:
     """Evaluate party ``party``'s keys at public points x (one point per key).
 
     x: (N,) uint64; only its low n bits are used. Returns this party's shares
@@ -554,9 +553,6 @@ def eval(party: int, keys: DcfKeys, x: np.ndarray, threads: int = 1) -> np.ndarr
         for block in blocks:
             run(block)
     return out
-
-
-evaluate = eval
 
 
 def _eval_bits_block(p: DcfParams, party: int, m, x):

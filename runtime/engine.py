@@ -22,7 +22,6 @@ import types
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from fssc.compiler.codegen import render
 from fssc.compiler.ir import Graph, Op
 from fssc.compiler.lower import SecureProgram, encode_linear, is_weighted, lower
@@ -33,14 +32,14 @@ from .protocol import Dealer, Party
 __all__ = [
     "DealTrace",
     "deal",
-    "run_party",
-    "precompute_p0",
-    "masked_weights",
-    "strip_weights",
-    "is_weighted",
-    "weighted_ops",
     "encode_weights",
+    "is_weighted",
+    "masked_weights",
+    "precompute_p0",
     "program_modules",
+    "run_party",
+    "strip_weights",
+    "weighted_ops",
 ]
 
 
@@ -56,7 +55,7 @@ def program_modules(graph: Graph) -> tuple[SecureProgram, dict[str, types.Module
     for role in roles:
         mod = types.ModuleType(f"fssc_program_{role}")
         mod.__file__ = f"<fssc {role} program>"
-        exec(compile(render(prog, role, graph.name), mod.__file__, "exec"), mod.__dict__)  # noqa: S102
+        exec(compile(render(prog, role, graph.name), mod.__file__, "exec"), mod.__dict__)
         mods[role] = mod
     return prog, mods
 

@@ -13,7 +13,6 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-
 from fssc.compiler.errors import FsscError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -33,7 +32,7 @@ class Preprocess:
 
     @property
     def resize_to(self) -> int:
-        return self.resize or int(round(self.size * 256 / 224))
+        return self.resize or round(self.size * 256 / 224)
 
 
 def list_images(root: str) -> list[str]:
@@ -50,15 +49,14 @@ def load_image(path: str, pre: Preprocess) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = pre.resize_to / min(w, h)
-            im = im.resize((max(pre.size, round(w * s)), max(pre.size, round(h * s))), Image.BILINEAR)
-            w, h = im.size
-            left, top = (w - pre.size) // 2, (h - pre.size) // 2
-            im = im.crop((left, top, left + pre.size, top + pre.size))
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+        with Image.open(path) as src:
+            rgb = src.convert("RGB")
+        w, h = rgb.size
+        s = pre.resize_to / min(w, h)
+        resized = rgb.resize((max(pre.size, round(w * s)), max(pre.size, round(h * s))), Image.BILINEAR)
+        w, h = resized.size
+        left, top = (w - pre.size) // 2, (h - pre.size) // 2
+        arr = np.asarray(resized.crop((left, top, left + pre.size, top + pre.size)), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as e:
         raise FsscError(f"{path}: cannot read image ({e})") from None
     arr = (arr - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)

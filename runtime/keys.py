@@ -22,6 +22,7 @@ out of step fail loudly instead of computing garbage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,7 +31,6 @@ import os
 import struct
 
 import numpy as np
-
 from fssc.compiler.errors import FsscError
 
 from .dcf import LAYOUT_VERSION as DCF_LAYOUT  # key headers record the DCF layout they hold
@@ -51,7 +51,7 @@ class KeyWriter:
 
     def __init__(self, path: str | None, header: dict):
         self.path = path
-        self._fh = open(path + ".part", "wb") if path else io.BytesIO()
+        self._fh = open(path + ".part", "wb") if path else io.BytesIO()  # noqa: SIM115 - closed by close()/abort()
         self._hash = hashlib.sha256()
         self.bytes_written = 0
         hdr = json.dumps({"format": FORMAT_VERSION, "dcf_layout": DCF_LAYOUT, **header}, sort_keys=True).encode()
@@ -156,7 +156,7 @@ class KeyReader:
         if isinstance(source, str):
             if not os.path.exists(source):
                 raise FsscError(f"key file {source}: not found")
-            self._fh = open(source, "rb")
+            self._fh = open(source, "rb")  # noqa: SIM115 - the reader maps it; closed by close()
             size = os.fstat(self._fh.fileno()).st_size
             if size < 64:
                 raise FsscError(f"key file {source}: truncated ({size} bytes)")
@@ -246,8 +246,6 @@ class KeyReader:
     def close(self) -> None:
         self._mv = None
         if self._fh:
-            try:
+            with contextlib.suppress(BufferError):  # views still alive; the map closes when they go
                 self.buf.close()
-            except BufferError:
-                pass  # views still alive; the map closes when they go
             self._fh.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-
 from fssc.compiler.ops import OPS, _windows, conv_float
 
 from . import ring
@@ -32,7 +31,7 @@ def conv(strides, pads, dilations, group):
 
 
 def matmul():
-    return lambda x, w: np.matmul(x, w)
+    return np.matmul
 
 
 def matmul_left():
@@ -60,7 +59,7 @@ def masked_weights(W: dict[str, np.ndarray], setup_seed: bytes, shapes: dict[str
 
 
 # ------------------------------------------------------------ input / output
-def input(ctx, tag: str, shape, x: np.ndarray | None = None) -> np.ndarray:  # noqa: A001
+def input_wire(ctx, tag: str, shape, x: np.ndarray | None = None) -> np.ndarray:
     if isinstance(ctx, Dealer):
         return ctx.input(tag, tuple(shape))
     return ctx.input(tag, x, tuple(shape))
@@ -114,7 +113,10 @@ def clip(ctx, tag: str, x, lo: int | None, hi: int | None, m: int):
     walks masks, on which public constants vanish).
     """
     party = not isinstance(ctx, Dealer)
-    c = (lambda v: U64(v)) if party else (lambda v: U64(0))  # noqa: E731
+
+    def c(v):
+        return U64(v) if party else U64(0)
+
     shape = x.shape
     flat = x.reshape(-1)
     n = flat.size

@@ -7,6 +7,7 @@ outputs, exit codes, the wall time and each process's peak resident memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -63,9 +64,9 @@ def _wait(proc: subprocess.Popen, timeout: float, also: dict | None = None) -> t
 
 def run_loopback(prog: str, keys: str, certs: str, p0_args: list[str], timeout: float = 1800) -> LoopbackRun:
     py = sys.executable
-    with tempfile.TemporaryDirectory(prefix="fssc-loopback-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fssc-loopback-") as tmp, contextlib.ExitStack() as files:
         ready = os.path.join(tmp, "port")
-        logs = {n: open(os.path.join(tmp, n), "w+") for n in ("p1", "p0out", "p0err")}
+        logs = {n: files.enter_context(open(os.path.join(tmp, n), "w+")) for n in ("p1", "p0out", "p0err")}
         p1 = subprocess.Popen(
             [
                 py,

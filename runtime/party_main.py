@@ -19,7 +19,6 @@ import sys
 import time
 
 import numpy as np
-
 from fssc.compiler.errors import FsscError, os_error_message
 from fssc.compiler.files import write_atomic
 
@@ -193,7 +192,7 @@ def main_party0(mod, argv) -> int:
     w_hat = recv_weights(chan, mod.WEIGHT_TAGS)
     timings["setup"] = time.perf_counter() - t0
     results = []
-    for bi, (b, xin) in enumerate(zip(use, xb)):
+    for bi, (b, xin) in enumerate(zip(use, xb, strict=True)):
         keys = open_batch(a.keys, 0, b, mod.PROGRAM_HASH)
         out = run_p0_batch(mod, chan, keys, w_hat, ring.encode(xin, inp["scale"]), timings)
         keys.close()

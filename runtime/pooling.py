@@ -10,10 +10,9 @@ level go in one call: one protocol step per level, ceil(log2 k) levels.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
-
 from fssc.compiler.ops import _windows
 
 
@@ -39,7 +38,7 @@ def max_tree(x: np.ndarray, attrs: dict, pairmax: Callable[[int, np.ndarray, np.
             else np.zeros(0, dtype=x.dtype)
         )
         off = 0
-        for ((a, va), (b, vb)), both in zip(pairs, spans):
+        for ((a, va), (b, vb)), both in zip(pairs, spans, strict=True):
             out = np.where(va, a, b)
             n = firsts[len(nxt)].size
             if n:

@@ -33,7 +33,7 @@ import threading
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["SEED_BYTES", "MMO_KEY", "Rng", "expand", "mmo", "mmo_buffer"]
+__all__ = ["MMO_KEY", "SEED_BYTES", "Rng", "expand", "mmo", "mmo_buffer"]
 
 SEED_BYTES = 16
 """Length of an ``Rng`` seed (an AES-128 key)."""

@@ -130,7 +130,7 @@ class Dealer:
         r_d = self.rng.bits(n).astype(U64)
         outs = [self.fresh(n) for _ in r_z]
         rows = [r_d]
-        for rz, ro in zip(r_z, outs):
+        for rz, ro in zip(r_z, outs, strict=True):
             rows += [rz, r_d * rz, ro]
         self._shares(tag, np.stack(rows), rho_hi ^ r_d)
         return outs
@@ -200,7 +200,7 @@ class Party:
         keys = dcf.DcfKeys(dcf.DcfParams(m - 1, 0), self.b, data)
         if len(keys) != u.size:
             raise ValueError(f"{tag}: {len(keys)} DCF keys for {u.size} comparisons")
-        return dcf.eval(self.b, keys, u & _mask(m - 1))
+        return dcf.evaluate(self.b, keys, u & _mask(m - 1))
 
     def _open_bits(self, e: np.ndarray) -> np.ndarray:
         peer = self.chan.exchange(np.packbits(e, bitorder="little"))

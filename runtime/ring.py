@@ -16,7 +16,7 @@ Digit pairs whose shift reaches 64 vanish mod 2^64 and are skipped.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -24,10 +24,9 @@ import json
 import os
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
-
 from fssc.compiler.errors import FsscError
 
 from .channel import Channel
@@ -102,7 +101,7 @@ def setup_seed_for(keys_dir: str, program_hash: str) -> bytes:
     return seed
 
 
-def deal_batches(prog_dir: str, keys_dir: str, batches: int, progress: Callable[[int, int, float], None] = None):
+def deal_batches(prog_dir: str, keys_dir: str, batches: int, progress: Callable[[int, int, float], None] | None = None):
     """Run the dealer program ``batches`` times; returns [(batch id, bytes p0, bytes p1, seconds)]."""
     manifest = load_manifest(prog_dir)
     h = manifest["program_hash"]

@@ -8,7 +8,8 @@ so the code under test is the code that runs over the network.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .channel import queue_pair
 from .keys import KeyReader, KeyWriter
@@ -41,7 +42,7 @@ def run_parties(
     def go(b, fn, keys, chan):
         try:
             out[b] = fn(Party(b, KeyReader(keys, party=b), chan))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+        except BaseException as e:
             errors.append(e)
             chan.close()
 

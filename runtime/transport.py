@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -74,7 +75,7 @@ class TcpChannel(Channel):
                 return
             try:
                 _send_frame(self.tx, b)
-            except BaseException as e:  # noqa: BLE001 - surfaced on the next send/recv
+            except BaseException as e:
                 self._err = e
                 return
 
@@ -100,10 +101,8 @@ class TcpChannel(Channel):
         self._out.put(None)
         self._sender.join(timeout=self.timeout)
         for sock in (self.tx, self.rx):
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
 
 def _send_frame(sock, b: bytes) -> None:
@@ -119,7 +118,7 @@ def _recv_exact(sock, n: int, timeout: float) -> bytearray:
     while got < n:
         try:
             k = sock.recv_into(view[got:], min(n - got, 1 << 22))
-        except socket.timeout:
+        except TimeoutError:
             raise FsscError(f"peer sent nothing for {timeout:.0f} s (dropped or stuck)") from None
         except (OSError, ssl.SSLError) as e:
             raise FsscError(f"connection to peer lost: {e}") from None
@@ -166,7 +165,7 @@ def listen(
         while True:
             try:
                 raw, peer = srv.accept()
-            except socket.timeout:
+            except TimeoutError:
                 raise FsscError(f"no data owner connected to {addr} within {accept_timeout:.0f} s") from None
             raw.settimeout(30)
             try:

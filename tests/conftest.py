@@ -35,7 +35,13 @@ def run_fssc_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.Completed
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        fssc_command() + [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        fssc_command() + [str(a) for a in args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 

@@ -180,6 +180,7 @@ def test_listen_port_in_use_is_one_line(tmp_path, run_fssc, resnet18_onnx):
                 "--certs",
                 str(certs),
             ],
+            check=False,
             capture_output=True,
             text=True,
             timeout=120,

@@ -10,12 +10,11 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from fssc.runtime import dcf
 from fssc.runtime.dcf import BLOCK, DcfKeys, DcfParams, keygen, nbytes_per_key
 from fssc.runtime.prg import Rng
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 U64 = np.uint64
 
@@ -31,7 +30,7 @@ def _check(n, k, alpha, x, rng, nu=None, beta=None):
     if k and beta is None:
         beta = rng.u64((len(alpha), k))
     k0, k1 = keygen(alpha, n, beta, rng, nu)
-    y0, y1 = dcf.eval(0, k0, x), dcf.eval(1, k1, x)
+    y0, y1 = dcf.evaluate(0, k0, x), dcf.evaluate(1, k1, x)
     less = x < alpha
     if k == 0:
         bits = np.ones(len(alpha), bool) if beta is None else np.asarray(beta, bool)
@@ -124,12 +123,12 @@ def test_high_input_bits_are_ignored():
     alpha, x = _points(12, 500, rng)
     k0, k1 = keygen(alpha, 12, None, rng)
     noisy = x | (rng.u64(500) << U64(12))
-    np.testing.assert_array_equal(dcf.eval(0, k0, noisy) ^ dcf.eval(1, k1, noisy), (x < alpha).astype(np.uint8))
+    np.testing.assert_array_equal(dcf.evaluate(0, k0, noisy) ^ dcf.evaluate(1, k1, noisy), (x < alpha).astype(np.uint8))
 
 
 def test_empty_batch():
-    k0, k1 = keygen(np.zeros(0, dtype=U64), 16)
-    assert len(k0) == 0 and dcf.eval(0, k0, np.zeros(0, dtype=U64)).shape == (0,)
+    k0, _k1 = keygen(np.zeros(0, dtype=U64), 16)
+    assert len(k0) == 0 and dcf.evaluate(0, k0, np.zeros(0, dtype=U64)).shape == (0,)
 
 
 # --------------------------------------------------------------------------- layout
@@ -154,11 +153,11 @@ def test_serialisation_roundtrip(k, tmp_path):
     n, count = 18, BLOCK + 10
     alpha, x = _points(n, count, rng)
     beta = None if k == 0 else rng.u64((count, k))
-    k0, k1 = keygen(alpha, n, beta, rng)
+    k0, _k1 = keygen(alpha, n, beta, rng)
     assert len(k0.to_bytes()) == count * nbytes_per_key(n, k)
     # bytes round trip, zero-copy
     r0 = DcfKeys.from_bytes(k0.to_bytes(), n, k, party=0)
-    np.testing.assert_array_equal(dcf.eval(0, r0, x), dcf.eval(0, k0, x))
+    np.testing.assert_array_equal(dcf.evaluate(0, r0, x), dcf.evaluate(0, k0, x))
     # keygen straight into a memory-mapped file, then map it read-only
     path = tmp_path / "p1.keys"
     out1 = np.memmap(path, dtype="<u8", mode="w+", shape=(count * DcfParams(n, k).words,))
@@ -170,7 +169,7 @@ def test_serialisation_roundtrip(k, tmp_path):
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         m1 = DcfKeys.from_buffer(buf, n, k, party=1)
         m0 = DcfKeys.from_buffer(out0, n, k, party=0)
-        y = dcf.eval(0, m0, x), dcf.eval(1, m1, x)
+        y = dcf.evaluate(0, m0, x), dcf.evaluate(1, m1, x)
         del m1
         buf.close()
     if k == 0:
@@ -186,22 +185,22 @@ def test_slicing():
     k0, k1 = keygen(alpha, n, None, rng)
     aligned = k0[BLOCK:]
     assert np.shares_memory(aligned.data, k0.data) and len(aligned) == BLOCK + 7
-    np.testing.assert_array_equal(dcf.eval(0, aligned, x[BLOCK:]), dcf.eval(0, k0, x)[BLOCK:])
+    np.testing.assert_array_equal(dcf.evaluate(0, aligned, x[BLOCK:]), dcf.evaluate(0, k0, x)[BLOCK:])
     part0, part1 = k0[5 : BLOCK + 100], k1[5 : BLOCK + 100]  # not block aligned: repacked
-    got = dcf.eval(0, part0, x[5 : BLOCK + 100]) ^ dcf.eval(1, part1, x[5 : BLOCK + 100])
+    got = dcf.evaluate(0, part0, x[5 : BLOCK + 100]) ^ dcf.evaluate(1, part1, x[5 : BLOCK + 100])
     np.testing.assert_array_equal(got, (x < alpha)[5 : BLOCK + 100].astype(np.uint8))
 
 
 def test_wrong_party_and_bad_inputs():
     rng = Rng()
-    k0, k1 = keygen(np.array([3, 4], dtype=U64), 8, None, rng)
+    k0, _k1 = keygen(np.array([3, 4], dtype=U64), 8, None, rng)
     with pytest.raises(ValueError):
-        dcf.eval(1, k0, np.array([1, 2], dtype=U64))
+        dcf.evaluate(1, k0, np.array([1, 2], dtype=U64))
     swapped = DcfKeys(k0.params, 1, k0.data)  # mislabelled key file
     with pytest.raises(ValueError):
-        dcf.eval(1, swapped, np.array([1, 2], dtype=U64))
+        dcf.evaluate(1, swapped, np.array([1, 2], dtype=U64))
     with pytest.raises(ValueError):
-        dcf.eval(0, k0, np.array([1], dtype=U64))
+        dcf.evaluate(0, k0, np.array([1], dtype=U64))
     with pytest.raises(ValueError):
         keygen(np.array([256], dtype=U64), 8)
     with pytest.raises(ValueError):
@@ -233,7 +232,7 @@ def test_no_numpy_random_or_python_random(monkeypatch):
     for k in (0, 1, 3):
         _check(20, k, alpha, x, rng)
     k0, k1 = keygen(alpha, 20)  # rng=None: fresh os.urandom-seeded Rng
-    assert np.array_equal(dcf.eval(0, k0, x) ^ dcf.eval(1, k1, x), (x < alpha).astype(np.uint8))
+    assert np.array_equal(dcf.evaluate(0, k0, x) ^ dcf.evaluate(1, k1, x), (x < alpha).astype(np.uint8))
 
 
 def _deterministic_bits(p: DcfParams, party: int):
@@ -289,5 +288,5 @@ def test_threaded_eval_matches():
     rng = Rng()
     alpha, x = _points(18, 3 * BLOCK + 11, rng)
     beta = rng.u64((len(alpha), 3))
-    k0, k1 = keygen(alpha, 18, beta, rng)
-    np.testing.assert_array_equal(dcf.eval(1, k1, x, threads=2), dcf.eval(1, k1, x))
+    _k0, k1 = keygen(alpha, 18, beta, rng)
+    np.testing.assert_array_equal(dcf.evaluate(1, k1, x, threads=2), dcf.evaluate(1, k1, x))

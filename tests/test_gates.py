@@ -20,7 +20,6 @@ import itertools
 
 import numpy as np
 import pytest
-
 from fssc.compiler.interp import run_fixed
 from fssc.compiler.ir import Graph, Value
 from fssc.compiler.ops import infer_shapes
@@ -238,7 +237,7 @@ def test_select_two_values(m, s):
     outs, y0, y1, _, _ = simulate(
         lambda D: D.select("g", [r0, r1], m, s), lambda P: P.select("g", [z0hat, z1hat], m, s)
     )
-    assert all((a == b).all() for a, b in zip(y0, y1))
+    assert all((a == b).all() for a, b in zip(y0, y1, strict=True))
     d = (signed_mod(u - rho, m) >= 0).astype(U64)
     assert ((y0[0] - outs[0]) == d * (z0hat - r0)).all()
     assert ((y0[1] - outs[1]) == d * (z1hat - r1)).all()
@@ -321,15 +320,15 @@ def maxpool_ref(x: np.ndarray, attrs: dict) -> np.ndarray:
 
 
 POOLS = [
-    ((2, 3, 9, 9), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),  # ResNet stem, odd size
-    ((2, 2, 8, 8), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 0, 0], ceil_mode=1)),
-    ((1, 2, 7, 10), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 0, 1, 1], ceil_mode=1)),
-    ((2, 3, 8, 8), dict(kernel_shape=[2, 2], strides=[2, 2])),
-    ((2, 2, 9, 9), dict(kernel_shape=[3, 3], strides=[3, 3], pads=[1, 1, 0, 0])),
-    ((1, 2, 9, 9), dict(kernel_shape=[3, 3], strides=[1, 1], pads=[2, 2, 2, 2], dilations=[2, 2])),
-    ((2, 3, 8, 8), dict(kernel_shape=[1, 3], strides=[1, 2], pads=[0, 1, 0, 1])),  # separable halves
-    ((2, 3, 8, 4), dict(kernel_shape=[3, 1], strides=[2, 1], pads=[1, 0, 1, 0])),
-    ((2, 3, 11), dict(kernel_shape=[3], strides=[2], pads=[1, 1], ceil_mode=1)),  # 1-D
+    ((2, 3, 9, 9), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),  # ResNet stem, odd size
+    ((2, 2, 8, 8), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [0, 0, 0, 0], "ceil_mode": 1}),
+    ((1, 2, 7, 10), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 0, 1, 1], "ceil_mode": 1}),
+    ((2, 3, 8, 8), {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    ((2, 2, 9, 9), {"kernel_shape": [3, 3], "strides": [3, 3], "pads": [1, 1, 0, 0]}),
+    ((1, 2, 9, 9), {"kernel_shape": [3, 3], "strides": [1, 1], "pads": [2, 2, 2, 2], "dilations": [2, 2]}),
+    ((2, 3, 8, 8), {"kernel_shape": [1, 3], "strides": [1, 2], "pads": [0, 1, 0, 1]}),  # separable halves
+    ((2, 3, 8, 4), {"kernel_shape": [3, 1], "strides": [2, 1], "pads": [1, 0, 1, 0]}),
+    ((2, 3, 11), {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "ceil_mode": 1}),  # 1-D
 ]
 
 

@@ -23,7 +23,6 @@ import re
 
 import numpy as np
 import pytest
-
 from fssc.compiler.errors import FsscError, VerifyError
 from fssc.compiler.interp import run_fixed, run_float
 from fssc.compiler.ir import Value

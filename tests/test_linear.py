@@ -15,15 +15,14 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-
 from fssc.compiler.ops import conv_float
 from fssc.runtime import ring
 from fssc.runtime.keys import KeyReader
 from fssc.runtime.prg import Rng, expand
 from fssc.runtime.simulate import deal_in_memory, run_parties
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 U64 = np.uint64
 

@@ -27,11 +27,10 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
-
 from fssc.compiler.errors import FsscError
 from fssc.compiler.interp import run_float
 from fssc.compiler.onnx_import import import_onnx
+from onnx import numpy_helper
 
 SUPPORTED_OPS = (
     "ArgMax",
@@ -172,7 +171,7 @@ def freeze_constant_operands(case, op: str):
         if name and pos in CONSTANT_OPERANDS.get(op, ()) and len(model.graph.node) == 1
     }
     feeds, keep = {}, []
-    for vi, value in zip(list(model.graph.input), inputs):
+    for vi, value in zip(list(model.graph.input), inputs, strict=True):
         if vi.name in const:
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), vi.name))
         else:
@@ -206,7 +205,7 @@ def test_backend_node_case(name):
     g = import_onnx(model, name)
     got = run_float(g, feeds)
     assert len(got) == len(expected)
-    for y, want in zip(got, expected):
+    for y, want in zip(got, expected, strict=True):
         want = np.asarray(want)
         assert y.shape == want.shape, f"shape {y.shape} != {want.shape}"
         if want.dtype.kind in "iub":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from fssc.compiler.compile import compile_graph
 from fssc.compiler.interp import find_overflows, run_fixed
 from fssc.compiler.onnx_import import import_onnx

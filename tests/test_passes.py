@@ -17,12 +17,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from onnx import TensorProto
-from onnx import helper as oh
-from onnx import numpy_helper as nh
-
 from fssc.compiler import cost, gates
 from fssc.compiler.errors import FsscError
 from fssc.compiler.interp import run_fixed, run_float
@@ -40,6 +34,11 @@ from fssc.passes import (
     reorder_maxpool_relu,
 )
 from fssc.passes.base import PassContext
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto
+from onnx import helper as oh
+from onnx import numpy_helper as nh
 
 F = 12  # default fractional bits
 
@@ -699,7 +698,7 @@ def test_fold_public_scaling_random_avgpools_match_onnxruntime(data):
 
 def test_fold_public_scaling_needs_a_linear_consumer():
     nodes = [oh.make_node("GlobalAveragePool", ["x"], ["g"]), oh.make_node("Relu", ["g"], ["y"])]
-    g, changed = apply(import_onnx(make_model(nodes, (1, 2, 3, 3))), fold_public_scaling)
+    _g, changed = apply(import_onnx(make_model(nodes, (1, 2, 3, 3))), fold_public_scaling)
     assert not changed
 
 
@@ -863,7 +862,7 @@ def test_mark_comparisons_kinds_counts_and_depths():
     assert [gt["kind"] for gt in marks["clip"]] == ["clip"] and total["clip"] == 2 * 12 * 2
     assert [gt["kind"] for gt in marks["argmax"]] == ["argmax"] and total["argmax"] == 2 * 4
     assert marks["argmax"][0]["depth"] == 3 and marks["relu"][0]["depth"] == 1
-    for gate in sum(marks.values(), []):
+    for gate in [gt for kind_gates in marks.values() for gt in kind_gates]:
         assert gate["per_image"] * 2 == gate["count"]
         assert 2 <= gate["bits"] <= 64
     assert {op.kind for op in g.ops if not op.gate} == {"reshape", "gemm"}
@@ -888,7 +887,7 @@ def test_range_analysis_and_marks_leave_a_graph_without_comparisons_alone():
 
 def test_mark_comparisons_needs_range_analysis():
     g, _ = run_passes(import_onnx(make_model([oh.make_node("Relu", ["x"], ["y"])], (1, 3))), [plan_fixed_point])
-    with pytest.raises(FsscError, match="mark-comparisons.*range-analysis"):
+    with pytest.raises(FsscError, match=r"mark-comparisons.*range-analysis"):
         run_passes(g, [mark_comparisons])
 
 

@@ -17,10 +17,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto
-from onnx import helper as oh
-from onnx import numpy_helper as nh
-
 from fssc.compiler.compile import compile_graph
 from fssc.compiler.cost import cost_report
 from fssc.compiler.errors import FsscError, VerifyError
@@ -30,6 +26,9 @@ from fssc.compiler.pipeline import PIPELINE, pass_names, run_pipeline
 from fssc.passes import canonicalize, fold_batchnorm, reorder_maxpool_relu
 from fssc.passes.base import PassContext
 from fssc.runtime.images import synthetic_inputs
+from onnx import TensorProto
+from onnx import helper as oh
+from onnx import numpy_helper as nh
 
 # figures from the issue (per image)
 RELU_GATES = 1_705_984
@@ -74,7 +73,7 @@ def test_relu_gates_per_image_without_the_reorder_pass(r18):
     rep = cost_report(g)
     assert per_image(rep, "relu") == RELU_GATES_WITHOUT_REORDER
     # the stem's ReLU: 802,816 elements before the swap, 200,704 after it
-    stem = [op for op in g.ops if op.kind == "relu" and any("/relu/Relu" == o for o in op.origin)]
+    stem = [op for op in g.ops if op.kind == "relu" and any(o == "/relu/Relu" for o in op.origin)]
     assert [op.gate["per_image"] for op in stem] == [64 * 112 * 112]
 
 
@@ -149,7 +148,7 @@ def test_dump_ir_is_byte_identical_across_runs_and_print_ir_after(r18, tmp_path)
     files_b = sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file() and p.name != "timings.js")
     assert files_a == files_b and {"report.json", "report.txt", "ir/index.html"} <= set(files_a)
     assert (a / "ir" / "timings.js").exists() and (b / "ir" / "timings.js").exists()
-    match, mismatch, errors = filecmp.cmpfiles(a, b, files_a, shallow=False)
+    _match, mismatch, errors = filecmp.cmpfiles(a, b, files_a, shallow=False)
     assert (mismatch, errors) == ([], [])
     assert (
         Path(str(a) + ".json").read_bytes() == (a / "report.json").read_bytes() == Path(str(b) + ".json").read_bytes()
@@ -190,6 +189,7 @@ def test_print_ir_after_unknown_pass_is_a_clean_error(tmp_path):
     model = tiny_model_file(tmp_path)
     p = subprocess.run(
         fssc_cmd("compile", str(model), "-o", str(tmp_path / "prog"), "--print-ir-after", "nope"),
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,
@@ -307,7 +307,6 @@ def test_print_ir_after_unknown_name_in_the_api(tmp_path):
 def test_calibrate_from_images_and_npy(tmp_path, export_resnet18):
     """--calibrate DIR (images, preprocessed as the manifest says) or an .npy of inputs drives range analysis."""
     import numpy as np
-
     from fssc.compiler.compile import compile_graph
     from fssc.compiler.demo import _write_images
     from fssc.compiler.errors import FsscError

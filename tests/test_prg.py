@@ -9,11 +9,10 @@ import os
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from fssc.runtime import prg
 from fssc.runtime.prg import MMO_KEY, Rng, expand, mmo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def _aes_block(key: bytes, block: bytes) -> bytes:
@@ -96,9 +95,9 @@ def test_mmo_matches_blockwise_aes():
     blocks = Rng().u64((5, 3, 2))
     out = mmo(blocks)
     assert out.shape == blocks.shape
-    for blk, got in zip(blocks.reshape(-1, 2), out.reshape(-1, 2)):
+    for blk, got in zip(blocks.reshape(-1, 2), out.reshape(-1, 2), strict=True):
         raw = blk.astype("<u8").tobytes()
-        want = bytes(a ^ b for a, b in zip(_aes_block(MMO_KEY, raw), raw))
+        want = bytes(a ^ b for a, b in zip(_aes_block(MMO_KEY, raw), raw, strict=True))
         assert got.astype("<u8").tobytes() == want
 
 

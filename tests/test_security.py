@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fssc.runtime import dcf, engine, ring
 from fssc.runtime.channel import decode_array
 from fssc.runtime.keys import KeyReader
@@ -262,15 +261,16 @@ def test_linear_messages_indistinguishable(secret):
         w = w_small if (secret == "input" or v == 0) else ring.unsigned(np.full((kdim, cols), -(1 << 20)))
         a_mask = Rng().u64(w.shape)
         r_x = Rng().u64(x.shape)
-        r_y, k0, k1 = deal_linear(r_x, a_mask, (rows, cols))
+        _r_y, k0, k1 = deal_linear(r_x, a_mask, (rows, cols))
         w_hat = w + a_mask
 
-        def p0(P):
+        def p0(P, x=x, w_hat=w_hat):
             return P.linear("lin", None, z0=P.linear_offline("lin", _gemm, kdim, x.shape, w_hat, (rows, cols)))
 
-        yhat, _, c0, c1 = run_parties(
-            p0, lambda P: P.linear("lin", x + r_x, _gemm, kdim, w, None, 64), k0, k1, record=True
-        )
+        def p1(P, x=x, r_x=r_x, w=w):
+            return P.linear("lin", x + r_x, _gemm, kdim, w, None, 64)
+
+        yhat, _, c0, c1 = run_parties(p0, p1, k0, k1, record=True)
         views.append((decode_array(c0.received[0]), decode_array(c1.received[0]), yhat))
     for i, what in ((0, "P0 receives z_1"), (1, "P1 receives z_0"), (2, "opened y^")):
         a, b = views[0][i].reshape(-1), views[1][i].reshape(-1)
@@ -387,7 +387,7 @@ def test_gates_without_numpy_or_python_random(forbid_random):
     # DCF keygen and evaluation
     alpha, xs = Rng().u64(1000, 20), Rng().u64(1000, 20)
     k0, k1 = dcf.keygen(alpha, 20)
-    assert ((dcf.eval(0, k0, xs) ^ dcf.eval(1, k1, xs)) == (xs < alpha)).all()
+    assert ((dcf.evaluate(0, k0, xs) ^ dcf.evaluate(1, k1, xs)) == (xs < alpha)).all()
     # comparison gates and a linear layer, dealt and run by the two parties
     r, xhat, rb, bhat = (Rng().u64(500) for _ in range(4))
     a_mask, w = Rng().u64((500, 3)), ring.unsigned(np.full((500, 3), -7, dtype=np.int64))
@@ -423,9 +423,8 @@ def test_gates_without_numpy_or_python_random(forbid_random):
 def test_whole_model_without_numpy_or_python_random(forbid_random):
     """A small compiled CNN (conv, batchnorm, ReLU, MaxPool, residual add, Gemm, ArgMax) is dealt and run
     with numpy.random and random raising. Compiling comes first: the exporter is not under test."""
-    from tiny_models import tiny_cnn
-
     from fssc.compiler.interp import run_fixed
+    from tiny_models import tiny_cnn
 
     graph, _, x = tiny_cnn(batch=2, size=12)
     x_ring = ring.encode(x, graph.values[graph.inputs[0]].scale)
@@ -444,4 +443,4 @@ def test_whole_model_without_numpy_or_python_random(forbid_random):
     )
     assert not calls, calls
     want = run_fixed(graph, x, raw=True, compare_masks=trace.compare_masks)
-    assert all((a == b).all() for a, b in zip(out0, want))
+    assert all((a == b).all() for a, b in zip(out0, want, strict=True))

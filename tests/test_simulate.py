@@ -25,8 +25,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from tiny_models import tiny_cnn, with_argmax
-
 from fssc.compiler.compile import compile_graph
 from fssc.compiler.gates import gate_tag
 from fssc.compiler.interp import run_fixed
@@ -36,6 +34,7 @@ from fssc.models.export import export_model, synthetic_images
 from fssc.runtime import engine, ring
 from fssc.runtime.keys import KeyReader
 from fssc.runtime.simulate import deal_in_memory, run_parties
+from tiny_models import tiny_cnn, with_argmax
 
 BATCH, SIZE = 2, 32
 
@@ -58,7 +57,17 @@ def simulate_graph(graph, x):
     )
     t2 = time.perf_counter()
     assert out1 is None, "P1 learns no result"
-    return dict(out=out0, trace=trace, k0=k0, k1=k1, c0=c0, c1=c1, g0=g0, deal_s=t1 - t0, online_s=t2 - t1)
+    return {
+        "out": out0,
+        "trace": trace,
+        "k0": k0,
+        "k1": k1,
+        "c0": c0,
+        "c1": c1,
+        "g0": g0,
+        "deal_s": t1 - t0,
+        "online_s": t2 - t1,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +192,7 @@ def test_tiny_cnn_labels_and_logits():
         x = gen.standard_normal((4, 3, 12, 12)).astype(np.float32)
         sim = simulate_graph(graph, x)
         want = run_fixed(graph, x, raw=True, compare_masks=sim["trace"].compare_masks)
-        assert all((a == b).all() for a, b in zip(sim["out"], want))
+        assert all((a == b).all() for a, b in zip(sim["out"], want, strict=True))
         ref_logits, ref_label = sess.run(None, {"input": x})
         y = ring.decode(sim["out"][0], graph.values["logits"].scale)
         margin = np.abs(ref_logits[:, 1] - ref_logits[:, 0]) > 0.02

@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import fssc_command
 from onnx import TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as nh
-
-from conftest import fssc_command
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -493,7 +492,6 @@ def synthetic_model(path: Path, blocks: int, channels: int = 4, size: int = 8, p
 def big_prog(tmp_path_factory) -> Path:
     """The synthetic graph compiled in-process: passes, programs and the viewer (one calibration batch)."""
     import torch
-
     from fssc.compiler.codegen import write_program
     from fssc.compiler.compile import add_label_output
     from fssc.compiler.lower import lower

@@ -15,10 +15,9 @@ import warnings
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
-
 from fssc.compiler.compile import compile_graph
 from fssc.compiler.onnx_import import import_onnx
+from onnx import TensorProto, helper
 
 
 class _Tiny(torch.nn.Module):
