@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint typecheck-view install bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,22 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fssc demo
 
-test: $(STAMP)
+# Static checks: ruff (lint + format) and mypy. mypy sees the package as installed (fssc.compiler -> compiler/,
+# ...) through .typecheck/fssc, a generated view of symlinks; the top-level layout stays as it is.
+TYPECHECK := .typecheck/fssc
+
+typecheck-view:
+	rm -rf .typecheck
+	mkdir -p $(TYPECHECK)
+	ln -s ../../fssc/__init__.py $(TYPECHECK)/__init__.py
+	for d in compiler passes runtime models benchmarks; do ln -s ../../$$d $(TYPECHECK)/$$d; done
+
+lint: $(STAMP) typecheck-view
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
@@ -27,4 +42,4 @@ bench: $(STAMP)
 	$(VENV)/bin/fssc bench dcf
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-out test-artifacts
+	rm -rf $(VENV) build *.egg-info demo-out test-artifacts .typecheck .mypy_cache .ruff_cache

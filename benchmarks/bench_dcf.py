@@ -59,13 +59,17 @@ def bench_fssc(n: int, k: int, n_keys: int, repeats: int) -> dict:
     """keygen/s, eval/s and key bytes for one (n, payload) configuration."""
     rng = Rng()
     alpha, x = rng.u64(n_keys, n), rng.u64(n_keys, n)
-    beta = None if k == 0 else rng.u64((n_keys, k))
+    beta = rng.u64((n_keys, k)) if k else None
     keys = dcf.keygen(alpha, n, beta, rng)  # warm-up (page faults, caches)
     t_gen = _best(lambda: dcf.keygen(alpha, n, beta, rng), repeats)
     t_ev = [_best(lambda b=b: dcf.evaluate(b, keys[b], x), repeats) for b in (0, 1)]
     y0, y1 = dcf.evaluate(0, keys[0], x), dcf.evaluate(1, keys[1], x)
     less = x < alpha
-    ok = np.array_equal(y0 ^ y1, less.astype(np.uint8)) if k == 0 else np.array_equal(y0 + y1, beta * less[:, None])
+    ok = (
+        np.array_equal(y0 ^ y1, less.astype(np.uint8))
+        if beta is None
+        else np.array_equal(y0 + y1, beta * less[:, None])
+    )
     if not ok:
         raise AssertionError(f"DCF reconstruction failed for n={n}, k={k}")
     return {
@@ -98,8 +102,8 @@ def run(n_keys: int = 200_000, widths=(20, 32), repeats: int = 3, payloads=PAYLO
     _SELECTED["clock"] = CLOCKS[clock]
     syc = bench_sycret(n_keys, repeats)
     rows = [(n, k, name, bench_fssc(n, k, n_keys, repeats)) for n in widths for k, name in payloads]
-    if syc:  # measure sycret again after ours and keep its best: fair under a varying machine load
-        again = bench_sycret(n_keys, repeats)
+    again = bench_sycret(n_keys, repeats) if syc else None
+    if syc and again:  # sycret again after ours, keeping its best: fair under a varying machine load
         syc = {key: max(syc[key], again[key]) for key in syc}
     lines = [
         f"DCF throughput, one thread, {n_keys} keys, best of {repeats}, {clock} time "

@@ -109,7 +109,11 @@ def view(prog, port, open_browser):
     """Serve PROG's IR dump viewer (prog/ir/index.html, from --dump-ir) on localhost until Ctrl-C."""
     from .serve import serve_viewer
 
-    serve_viewer(prog, port, open_browser, echo=lambda s: click.echo(s) or sys.stdout.flush())
+    def echo(line: str) -> None:
+        click.echo(line)
+        sys.stdout.flush()
+
+    serve_viewer(prog, port, open_browser, echo=echo)
 
 
 @cli.command()

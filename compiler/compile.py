@@ -13,10 +13,11 @@ import io
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fssc.passes.base import PassContext
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from .cost import CostReport, cost_report
@@ -26,6 +27,9 @@ from .ir import Graph, Value
 from .onnx_import import import_onnx
 from .pipeline import PassRecord, run_pipeline
 
+if TYPE_CHECKING:
+    from .lower import SecureProgram
+
 
 @dataclass
 class CompileResult:
@@ -33,7 +37,7 @@ class CompileResult:
     records: list[PassRecord]
     report: CostReport
     ctx: PassContext
-    program: object = None  # the lowered SecureProgram, once code generation ran
+    program: SecureProgram | None = None  # the lowered program, once code generation ran
 
 
 def load_calibration(path: str, graph: Graph) -> list[np.ndarray]:
@@ -116,7 +120,7 @@ def _mb(x: float) -> str:
 def report_table(res: CompileResult, title: str) -> Table:
     rep = res.report
     t = Table(title=title, title_justify="left")
-    for col, just in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("op", "left"),
         ("kind", "left"),
         ("output shape", "left"),
@@ -128,7 +132,8 @@ def report_table(res: CompileResult, title: str) -> Table:
         ("rounds", "right"),
         ("sent MB P0", "right"),
         ("sent MB P1", "right"),
-    ):
+    )
+    for col, just in columns:
         t.add_column(col, justify=just)
     for o in rep.ops:
         if not (o.gate or o.rounds):

@@ -131,7 +131,7 @@ class CostReport:
 
     @property
     def rounds(self) -> int:
-        return 1 + self.total("rounds")  # + the input message
+        return 1 + int(self.total("rounds"))  # + the input message
 
     def per_image(self, field: str) -> float:
         return self.total(field) / self.batch

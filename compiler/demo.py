@@ -79,6 +79,7 @@ def run_demo(
     res = compile_model(onnx_path, prog, frac_bits, output_mode="logits", console=quiet)
     times["compile"] = time.perf_counter() - t
     tot = res.report.to_dict()["totals"]
+    assert res.program is not None  # compile_model generated the programs
     con.print(
         f"2. compile  {len(res.graph.ops)} IR ops after {len(res.records) - 1} passes; "
         f"{tot['gates_per_image']:,.0f} comparison gates per image; program {res.program.hash[:12]}"

@@ -47,6 +47,21 @@ class Value:
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    @property
+    def array(self) -> np.ndarray:
+        """The constant's bytes; an error where there are none (not a constant, or stripped for P0 and D)."""
+        if self.data is None:
+            why = "its bytes were stripped (P0's and the dealer's view)" if self.stripped else "it is not a constant"
+            raise FsscError(f"%{self.name}: constant data needed, but {why}")
+        return self.data
+
+    @property
+    def fixed_scale(self) -> int:
+        """The fixed-point scale; an error before plan-fixed-point has given one."""
+        if self.scale is None:
+            raise FsscError(f"%{self.name}: no fixed-point scale (plan-fixed-point has not run)")
+        return self.scale
+
     def digest(self) -> str:
         """Short content hash of a constant (for the text form)."""
         if self.data is None:

@@ -151,21 +151,21 @@ def encode_linear(op: Op, graph: Graph) -> tuple[np.ndarray | None, np.ndarray |
 
 
 def _encode_linear(op: Op, graph: Graph, x_name: str, w_name, b_name) -> tuple[np.ndarray | None, np.ndarray | None]:
-    s_in = graph.values[x_name].scale
+    s_in = graph.values[x_name].fixed_scale
     out_shape = graph.values[op.outputs[0]].shape
     if w_name is None:  # x + c (or x - c): a bias at the input scale
         c_name = next(i for i in op.inputs if graph.values[i].is_const)
-        c = graph.values[c_name].data.astype(np.float64)
+        c = graph.values[c_name].array.astype(np.float64)
         if op.kind == "sub":
             if op.inputs[0] == c_name:
                 raise FsscError(f"sub(constant, x) at %{op.name} is not supported by the secure runtime")
             c = -c
         return None, np.broadcast_to(ring.encode(c, s_in), out_shape).copy()
     ws = op.attrs["wscale"]
-    w_enc = ring.encode(graph.values[w_name].data.astype(np.float64), ws)
+    w_enc = ring.encode(graph.values[w_name].array.astype(np.float64), ws)
     b_enc = None
     if b_name is not None:
-        b = graph.values[b_name].data.astype(np.float64)
+        b = graph.values[b_name].array.astype(np.float64)
         if op.kind in ("conv", "affine"):
             b = b.reshape((1, -1) + (1,) * (len(out_shape) - 2))
         b_enc = np.broadcast_to(ring.encode(b, s_in + ws), out_shape).copy()

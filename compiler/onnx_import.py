@@ -90,7 +90,7 @@ class _Importer:
             raise FsscError(f"{src}: ONNX shape inference failed: {str(e).splitlines()[0]}") from None
         self.model = model
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        self.g: Graph | None = None
+        self.g = Graph("")  # the graph being built (named in run)
         self.alias: dict[str, str] = {}
 
     # ---------------------------------------------------------------- helpers
@@ -283,14 +283,14 @@ class _Importer:
                 unused_extra_outputs(1)
             x_shape = g.values[self.resolve(ins[0])].shape
             nd = len(x_shape) - 2
-            k = list(a["kernel_shape"])
+            kernel = list(a["kernel_shape"])
             attrs = {
-                "kernel_shape": k,
+                "kernel_shape": kernel,
                 "strides": list(a.get("strides", [1] * nd)),
                 "dilations": list(a.get("dilations", [1] * nd)),
                 "ceil_mode": int(a.get("ceil_mode", 0)),
             }
-            attrs["pads"] = self.pads(a, label, op, x_shape[2:], k, attrs["strides"], attrs["dilations"])
+            attrs["pads"] = self.pads(a, label, op, x_shape[2:], kernel, attrs["strides"], attrs["dilations"])
             if op == "AveragePool":
                 attrs["count_include_pad"] = int(a.get("count_include_pad", 0))
             self.emit(node, label, "maxpool" if op == "MaxPool" else "avgpool", ins[:1], attrs)

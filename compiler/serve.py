@@ -57,9 +57,12 @@ def serve_viewer(prog: str, port: int = 0, open_browser: bool = False, echo: Cal
     httpd, url = make_server(prog, port)
     echo(f"serving {viewer_dir(prog)} at {url}  (Ctrl-C to stop)")
     if open_browser:
-        threading.Thread(
-            target=lambda: webbrowser.open(url) or echo("no browser found: open the URL yourself"), daemon=True
-        ).start()
+
+        def open_page() -> None:
+            if not webbrowser.open(url):
+                echo("no browser found: open the URL yourself")
+
+        threading.Thread(target=open_page, daemon=True).start()
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

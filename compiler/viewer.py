@@ -78,7 +78,7 @@ def layout(graph: Graph) -> dict[int, tuple[int, int]]:
         if succ:
             depth[u] = max(depth[u], min(succ) - 1)
     layers: dict[int, list[int]] = {}
-    for u in sorted(depth, key=order.get):
+    for u in sorted(depth, key=lambda u: order[u]):
         layers.setdefault(depth[u], []).append(u)
     col: dict[int, int] = {}
     pos: dict[int, tuple[int, int]] = {}
@@ -165,7 +165,7 @@ def pass_totals(graph: Graph, costs: list[OpCost]) -> dict:
 
 # --------------------------------------------------------------------------- op records
 def _value(v: Value, digests: dict[int, str]) -> dict:
-    d = {"n": v.name, "t": _fmt_type(v), "sh": list(v.shape), "dt": v.dtype}
+    d: dict[str, object] = {"n": v.name, "t": _fmt_type(v), "sh": list(v.shape), "dt": v.dtype}
     if v.scale is not None:
         d["s"] = v.scale
     if v.bits is not None:
@@ -259,7 +259,7 @@ def program_lines(prog_dir: str, graph: Graph) -> dict[int, dict[str, list[list]
             prev = lines[i - 1].strip() if i else ""
             m = COMMENT.match(prev)
             op = by_name.get(m.group(2)) if m else None
-            if op is not None and op.kind == m.group(1):
+            if op is not None and m is not None and op.kind == m.group(1):
                 uid, comment = op.uid, prev[2:]
             else:
                 uids = {int(t) for t in TAG.findall(code)}

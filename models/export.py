@@ -20,9 +20,9 @@ kept" would say little.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -134,7 +134,7 @@ def randomize_and_calibrate(
             [model(synthetic_images(batch_size, image_size, seed + 1 + i)) for i in range(min(batches, 2))]
         ).mean(0)
         if mean.shape == linear[-1].bias.shape:
-            linear[-1].bias -= mean
+            linear[-1].bias.sub_(mean)
 
 
 def prepare_model(
@@ -194,15 +194,15 @@ def export_model(
     model = prepare_model(name, num_classes, weights, image_size, seed)
     wdesc = os.path.basename(weights) if weights else f"random (seed {seed}), BN calibrated"
     x = synthetic_images(batch, image_size, seed)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="fssc-export-") as scratch:
+        exported = os.path.join(scratch, "model.onnx")
         warnings.simplefilter("ignore")
         try:
             with _quiet_output():  # torch's exporter logs its whole graph (from C++) on failure
                 torch.onnx.export(
                     model,
                     (x,),
-                    buf,
+                    exported,
                     dynamo=False,
                     opset_version=opset,
                     do_constant_folding=False,
@@ -217,7 +217,7 @@ def export_model(
                 f"torch cannot export {name} at {image_size}x{image_size}, batch {batch}: {first} "
                 f"(try another --image-size)"
             ) from None
-    proto = onnx.load_from_string(buf.getvalue())
+        proto = onnx.load(exported)
     proto.producer_name = "fssc export"
     tmp = out + ".part"
     try:

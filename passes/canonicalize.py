@@ -20,7 +20,7 @@ the folded constants).
 from __future__ import annotations
 
 import numpy as np
-from fssc.compiler.ir import Graph
+from fssc.compiler.ir import Graph, Op
 
 from .base import PassContext
 
@@ -34,7 +34,7 @@ def _new_const(graph: Graph, base: str, data: np.ndarray) -> str:
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
-    keep = []
+    keep: list[Op] = []
     for op in graph.ops:
         v = graph.values
         if op.kind == "flatten":
@@ -53,11 +53,11 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             and any(k in op.attrs for k in ("alpha", "beta", "transB"))
         ):
             a = op.attrs
-            w = v[op.inputs[1]].data.astype(np.float64)
+            w = v[op.inputs[1]].array.astype(np.float64)
             w = (w.T if a.get("transB", 0) else w) * a.get("alpha", 1.0)
             ins = [op.inputs[0], _new_const(graph, op.inputs[1] + ".kn", w)]
             if len(op.inputs) > 2:
-                c = v[op.inputs[2]].data.astype(np.float64) * a.get("beta", 1.0)
+                c = v[op.inputs[2]].array.astype(np.float64) * a.get("beta", 1.0)
                 n = w.shape[1]
                 if c.size == 1:
                     c = np.full((n,), float(c.reshape(())))
@@ -69,7 +69,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if (
             op.kind == "matmul"
             and v[op.inputs[1]].is_const
-            and v[op.inputs[1]].data.ndim == 2
+            and v[op.inputs[1]].array.ndim == 2
             and len(v[op.inputs[0]].shape) == 2
             and not v[op.inputs[0]].is_const
         ):
@@ -77,7 +77,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             op.attrs = {}
         if op.kind == "sub" and v[op.inputs[1]].is_const and not v[op.inputs[0]].is_const:
             op.kind = "add"
-            op.inputs = [op.inputs[0], _new_const(graph, op.inputs[1] + ".neg", -v[op.inputs[1]].data)]
+            op.inputs = [op.inputs[0], _new_const(graph, op.inputs[1] + ".neg", -v[op.inputs[1]].array)]
         if op.kind == "add" and keep and _fold_bias(graph, keep[-1], op):
             continue
         keep.append(op)
@@ -97,7 +97,7 @@ def _fold_bias(graph: Graph, prev, op) -> bool:
     c_name = op.inputs[1] if op.inputs[0] == y else op.inputs[0]
     if not v[c_name].is_const:
         return False
-    c = v[c_name].data.astype(np.float64)
+    c = v[c_name].array.astype(np.float64)
     out_shape = v[y].shape
     nout = out_shape[1]
     if prev.kind == "gemm":
@@ -108,7 +108,7 @@ def _fold_bias(graph: Graph, prev, op) -> bool:
         return False
     c = c.reshape(nout)
     if len(prev.inputs) > 2:
-        c = c + v[prev.inputs[2]].data.astype(np.float64)
+        c = c + v[prev.inputs[2]].array.astype(np.float64)
     prev.inputs = prev.inputs[:2] + [_new_const(graph, c_name + ".bias", c)]
     prev.origin = tuple(prev.origin) + tuple(o for o in op.origin if o not in prev.origin)
     prev.outputs = [op.outputs[0]]

@@ -36,16 +36,16 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         a, shift = _bn_params(graph, op)
         conv = producer.get(op.inputs[0])
         if conv is not None and conv.kind == "conv" and graph.n_users(conv.outputs[0]) == 1:
-            w = graph.values[conv.inputs[1]].data.astype(np.float64)
-            b = graph.values[conv.inputs[2]].data.astype(np.float64) if len(conv.inputs) > 2 else 0.0
+            w = graph.values[conv.inputs[1]].array.astype(np.float64)
+            b = graph.values[conv.inputs[2]].array.astype(np.float64) if len(conv.inputs) > 2 else 0.0
             w_name = graph.fresh_name(conv.inputs[1] + ".bn")
             graph.add_const(w_name, (w * a.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32))
             b_name = graph.fresh_name((conv.inputs[2] if len(conv.inputs) > 2 else conv.inputs[1]) + ".bnbias")
             graph.add_const(
                 b_name,
                 (
-                    (b - graph.values[op.inputs[3]].data.astype(np.float64)) * a
-                    + graph.values[op.inputs[2]].data.astype(np.float64)
+                    (b - graph.values[op.inputs[3]].array.astype(np.float64)) * a
+                    + graph.values[op.inputs[2]].array.astype(np.float64)
                 ).astype(np.float32),
             )
             conv.inputs = [conv.inputs[0], w_name, b_name]

@@ -61,7 +61,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             break
         if consumer is None:
             continue
-        w = graph.values[consumer.inputs[1]].data.astype(np.float64)
+        w = graph.values[consumer.inputs[1]].array.astype(np.float64)
         w_name = graph.fresh_name(consumer.inputs[1] + f".div{k}")
         graph.add_const(w_name, (w / k).astype(np.float32))
         consumer.inputs = [consumer.inputs[0], w_name] + consumer.inputs[2:]

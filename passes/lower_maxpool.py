@@ -52,7 +52,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if op.kind != "maxpool" or len(k) != 2 or min(k) == 1:
             out.append(op)
             continue
-        best = None
+        best: tuple[int, dict, dict, tuple[int, ...]] | None = None
         for first in (1, 0):  # W first, then H first
             a1, a2, mid_shape = _split(graph, op, first)
             probe = Graph()
@@ -62,6 +62,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             )
             if best is None or cost < best[0]:
                 best = (cost, a1, a2, mid_shape)
+        assert best is not None  # the loop ran twice
         _, a1, a2, mid_shape = best
         mid = graph.fresh_name(op.outputs[0] + ".sep")
         graph.add_value(Value(mid, mid_shape, graph.values[op.inputs[0]].dtype))

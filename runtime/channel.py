@@ -93,5 +93,6 @@ class QueueChannel(Channel):
 
 
 def queue_pair(timeout: float = 120.0, record: bool = False) -> tuple[QueueChannel, QueueChannel]:
-    a, b = queue.Queue(), queue.Queue()
+    a: queue.Queue = queue.Queue()
+    b: queue.Queue = queue.Queue()
     return QueueChannel(a, b, timeout, record), QueueChannel(b, a, timeout, record)

@@ -133,14 +133,14 @@ class DcfParams:
 
     n: int
     k: int = 0
-    nu: int | None = None
+    nu: int = -1  # -1: the default for (n, k), resolved in __post_init__
 
     def __post_init__(self):
         if not 1 <= self.n <= 64:
             raise ValueError(f"DCF input width n must be in 1..64, got {self.n}")
         if not 0 <= self.k <= MAX_K:
             raise ValueError(f"DCF payload k must be 0 (Z_2) or 1..{MAX_K}, got {self.k}")
-        if self.nu is None:
+        if self.nu == -1:
             object.__setattr__(self, "nu", default_nu(self.n, self.k))
         if not 0 <= self.nu <= min(self.n, self.max_nu(self.k)):
             raise ValueError(f"nu={self.nu} out of range for n={self.n}, k={self.k}")
@@ -195,7 +195,7 @@ class DcfParams:
         return 2 + self.levels * self.level_words
 
 
-def nbytes_per_key(n: int, k: int = 0, nu: int | None = None) -> int:
+def nbytes_per_key(n: int, k: int = 0, nu: int = -1) -> int:
     """Bytes of one party's key for an n-bit DCF with payload k (0 = Z_2)."""
     return DcfParams(n, k, nu).nbytes_per_key
 
@@ -229,7 +229,7 @@ class DcfKeys:
         return cls(params, party, np.empty(count * params.words, dtype="<u8"))
 
     @classmethod
-    def from_buffer(cls, buf, n: int, k: int = 0, party: int = 0, nu: int | None = None) -> DcfKeys:
+    def from_buffer(cls, buf, n: int, k: int = 0, party: int = 0, nu: int = -1) -> DcfKeys:
         """Wrap a buffer of whole keys (bytes, bytearray, mmap, memoryview) without copying."""
         params = DcfParams(n, k, nu)
         size = memoryview(buf).nbytes
@@ -377,7 +377,7 @@ def keygen(
     n: int,
     beta: np.ndarray | None = None,
     rng: Rng | None = None,
-    nu: int | None = None,
+    nu: int = -1,
     out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[DcfKeys, DcfKeys]:
     """Generate DCF keys for f(x) = beta * 1{x < alpha} over unsigned n-bit x.
@@ -403,7 +403,8 @@ def keygen(
     if out is None:
         keys = DcfKeys.empty(params, 0, count), DcfKeys.empty(params, 1, count)
     else:
-        keys = tuple(DcfKeys(params, b, np.asarray(o).reshape(-1).view("<u8")) for b, o in enumerate(out))
+        o0, o1 = (np.asarray(o).reshape(-1).view("<u8") for o in out)
+        keys = DcfKeys(params, 0, o0), DcfKeys(params, 1, o1)
         if any(len(kk) != count for kk in keys):
             raise ValueError("keygen out buffers have the wrong size")
     gen = _keygen_bits_block if k == 0 else _keygen_ring_block

@@ -53,14 +53,14 @@ def load_image(path: str, pre: Preprocess) -> np.ndarray:
             rgb = src.convert("RGB")
         w, h = rgb.size
         s = pre.resize_to / min(w, h)
-        resized = rgb.resize((max(pre.size, round(w * s)), max(pre.size, round(h * s))), Image.BILINEAR)
+        resized = rgb.resize((max(pre.size, round(w * s)), max(pre.size, round(h * s))), Image.Resampling.BILINEAR)
         w, h = resized.size
         left, top = (w - pre.size) // 2, (h - pre.size) // 2
         arr = np.asarray(resized.crop((left, top, left + pre.size, top + pre.size)), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError) as e:
         raise FsscError(f"{path}: cannot read image ({e})") from None
-    arr = (arr - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
-    return arr.transpose(2, 0, 1)  # CHW
+    normed = (arr - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
+    return normed.transpose(2, 0, 1)  # CHW
 
 
 def load_inputs(path: str, pre: Preprocess, chw: tuple[int, int, int]) -> np.ndarray:

@@ -49,16 +49,18 @@ def _wait(proc: subprocess.Popen, timeout: float, also: dict | None = None) -> t
     """
     deadline = time.time() + timeout
     peak = 0.0
+    others = also if also is not None else {}
     while True:
         peak = max(peak, _hwm_mb(proc.pid) or 0.0)
-        for other in also or {}:
-            also[other] = max(also[other], _hwm_mb(other.pid) or 0.0)
+        for other in others:
+            others[other] = max(others[other], _hwm_mb(other.pid) or 0.0)
         rc = proc.poll()
         if rc is not None:
             return rc, peak
         if time.time() > deadline:
             proc.kill()
-            raise FsscError(f"party process {proc.args[1]} did not finish within {timeout:.0f} s")
+            name = proc.args[1] if isinstance(proc.args, list) else proc.args
+            raise FsscError(f"party process {name!s} did not finish within {timeout:.0f} s")
         time.sleep(0.02)
 
 

@@ -25,7 +25,8 @@ def max_tree(x: np.ndarray, attrs: dict, pairmax: Callable[[int, np.ndarray, np.
     items = [(np.ascontiguousarray(taps[..., t]), vmask[..., t]) for t in range(taps.shape[-1])]
     level = 0
     while len(items) > 1:
-        nxt, firsts, seconds, spans = [], [], [], []
+        nxt: list[tuple[np.ndarray, np.ndarray]] = []
+        firsts, seconds, spans = [], [], []
         pairs = [(items[i], items[i + 1]) for i in range(0, len(items) - 1, 2)]
         for (a, va), (b, vb) in pairs:
             both = va & vb

@@ -75,14 +75,14 @@ class Rng:
         for off in range(0, total, _CHUNK):
             n = min(_CHUNK, total - off)
             if off + n + _AES_SLACK <= total:
-                self._enc.update_into(self._zeros[:n], buf[off : off + n + _AES_SLACK])
+                self._enc.update_into(self._zeros[:n].data, buf[off : off + n + _AES_SLACK].data)
             else:  # tail: go through a scratch buffer with the slack update_into needs
                 tmp = np.empty(n + _AES_SLACK, dtype=np.uint8)
-                self._enc.update_into(self._zeros[:n], tmp)
+                self._enc.update_into(self._zeros[:n].data, tmp.data)
                 buf[off : off + n] = tmp[:n]
         return out
 
-    def bytes(self, n: int) -> bytes:
+    def random_bytes(self, n: int) -> bytes:
         """``n`` random bytes."""
         return self._enc.update(bytes(n))
 
@@ -107,7 +107,7 @@ class Rng:
 
     def seed_bytes(self) -> bytes:
         """One fresh 16-byte seed, e.g. for ``expand`` at another party."""
-        return self.bytes(SEED_BYTES)
+        return self.random_bytes(SEED_BYTES)
 
 
 def expand(seed: bytes, shape, nbits: int = 64, nonce: int = 0) -> np.ndarray:

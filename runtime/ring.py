@@ -127,6 +127,7 @@ def ring_bilinear(
             part = np.asarray(fn(xi, wj))
             part = np.rint(part).astype(np.int64).view(np.uint64) << np.uint64(shift)
             acc = part if acc is None else acc + part
+    assert acc is not None  # the (0, 0) digit pair has shift 0
     return acc
 
 

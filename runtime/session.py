@@ -51,6 +51,8 @@ def load_program(prog_dir: str, role: str):
     if not os.path.exists(path):
         raise FsscError(f"{prog_dir}: no {role}/program.py")
     spec = importlib.util.spec_from_file_location(f"fssc_prog_{role}", path)
+    if spec is None or spec.loader is None:
+        raise FsscError(f"{path}: cannot be loaded as a Python module")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

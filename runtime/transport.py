@@ -128,7 +128,7 @@ def _recv_exact(sock, n: int, timeout: float) -> bytearray:
     return buf
 
 
-def _recv_frame(sock, timeout: float) -> bytes:
+def _recv_frame(sock, timeout: float) -> bytearray:
     (n,) = struct.unpack("<Q", _recv_exact(sock, 8, timeout))
     if n > MAX_FRAME:
         raise FsscError(f"peer sent a frame of {n} bytes; refusing")

@@ -23,7 +23,7 @@ def _mask(n):
     return U64((1 << n) - 1) if n < 64 else U64(0xFFFF_FFFF_FFFF_FFFF)
 
 
-def _check(n, k, alpha, x, rng, nu=None, beta=None):
+def _check(n, k, alpha, x, rng, nu=-1, beta=None):
     """Generate keys for alpha, evaluate both parties at x, compare with the oracle."""
     alpha = np.asarray(alpha, dtype=U64)
     x = np.asarray(x, dtype=U64)

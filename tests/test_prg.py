@@ -21,14 +21,14 @@ def _aes_block(key: bytes, block: bytes) -> bytes:
 
 def test_keystream_is_aes_of_counter_blocks():
     seed = bytes(range(16))
-    stream = Rng(seed).bytes(48)
+    stream = Rng(seed).random_bytes(48)
     expected = b"".join(_aes_block(seed, i.to_bytes(16, "big")) for i in range(3))
     assert stream == expected
 
 
 def test_nonce_sets_high_counter_half():
     seed = b"\x11" * 16
-    stream = Rng(seed, nonce=5).bytes(16)
+    stream = Rng(seed, nonce=5).random_bytes(16)
     assert stream == _aes_block(seed, (5 << 64).to_bytes(16, "big"))
     assert expand(seed, 4, nonce=1).tolist() != expand(seed, 4, nonce=2).tolist()
 
@@ -39,7 +39,7 @@ def test_fill_matches_byte_stream(seed, nbytes):
     # crosses the 1 MiB chunk boundary and the tail path of Rng.fill
     nbytes -= nbytes % 8
     a = Rng(seed).u64(nbytes // 8)
-    b = np.frombuffer(Rng(seed).bytes(nbytes), dtype="<u8")
+    b = np.frombuffer(Rng(seed).random_bytes(nbytes), dtype="<u8")
     assert np.array_equal(a, b)
 
 
@@ -59,7 +59,7 @@ def test_expand_deterministic_and_seed_sensitive():
 
 
 def test_unseeded_streams_differ():
-    assert Rng().bytes(32) != Rng().bytes(32)
+    assert Rng().random_bytes(32) != Rng().random_bytes(32)
 
 
 @pytest.mark.parametrize("nbits", [0, 1, 7, 19, 63, 64])
