@@ -125,10 +125,13 @@ def view(prog, port, open_browser):
     "out",
     required=True,
     type=click.Path(file_okay=False),
-    help="Key directory: writes OUT/p0, OUT/p1 (and OUT/dealer, the dealer's private state).",
+    help="Key directory: writes OUT/p0 (for the data owner) and OUT/p1 (for the model owner).",
 )
 def deal(prog, batches, out):
-    """The dealer: make one-time FSS key batches for a compiled program."""
+    """The dealer: make one-time FSS key batches for a compiled program.
+
+    Each run is a new deal (a random deal id and a fresh setup seed for the weight masks). PROG needs only
+    manifest.json and dealer/: the dealer never opens the model owner's weights (party1/)."""
     from fssc.runtime.session import deal_batches
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -141,7 +144,7 @@ def deal(prog, batches, out):
         done = deal_batches(prog, out, batches, lambda i, n, dt: bar.update(task, completed=i))
     for b, n0, n1, dt in done:
         click.echo(f"batch {b}: {n0 / 1e6:,.1f} MB for party 0, {n1 / 1e6:,.1f} MB for party 1 ({dt:.1f} s)")
-    click.echo(f"wrote {out}/p0 and {out}/p1 (give each party its own folder; {out}/dealer stays with the dealer)")
+    click.echo(f"wrote {out}/p0 and {out}/p1 (give each party its own folder, nothing else; the dealer keeps no state)")
 
 
 @cli.command()

@@ -240,7 +240,7 @@ def compile_model(
         f"f={frac_bits}; gates: " + ", ".join(f"{k} {v:,}" for k, v in by_kind.items()) + ")",
     )
     con.print(table)
-    con.print(f"per-model setup: P1 sends its masked weights once, {_mb(res.report.setup_bytes)} MB")
+    con.print(f"setup: P1 sends its masked weights once per session, {_mb(res.report.setup_bytes)} MB")
     con.print(
         f"wrote {out_dir}/party0/program.py, party1/program.py + weights.bin, dealer/program.py, "
         f"manifest.json (program {prog.hash}, output: {output_mode})"

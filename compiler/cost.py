@@ -122,7 +122,7 @@ class CostReport:
     batch: int
     ops: list[OpCost]
     input_bytes: int
-    setup_bytes: int  # masked weights P1 -> P0, once per model
+    setup_bytes: int  # masked weights P1 -> P0, once per session
     masks_p0: int = 0  # P0's input and output masks, in the clear in its key
 
     def total(self, field: str) -> float:

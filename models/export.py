@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from fssc.compiler.errors import FsscError
+from fssc.compiler.files import write_atomic
 
 DEFAULT_SEED = 20261127
 
@@ -219,11 +220,10 @@ def export_model(
             ) from None
         proto = onnx.load(exported)
     proto.producer_name = "fssc export"
-    tmp = out + ".part"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        onnx.save(proto, tmp)
-        os.replace(tmp, out)  # no partial file that looks complete
+        # the model owner's plaintext model: private (0600), and no partial file that looks complete
+        write_atomic(out, proto.SerializeToString(), private=True)
     except OSError as e:
         raise FsscError(f"{out}: cannot write ({e.strerror or type(e).__name__})") from None
     kinds = [n.op_type for n in proto.graph.node]

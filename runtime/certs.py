@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from fssc.compiler.files import write_atomic
 
 from .transport import PARTY_NAMES
 
@@ -24,11 +25,7 @@ def _name(cn: str) -> x509.Name:
 
 
 def _write(path: str, data: bytes, private: bool) -> None:
-    tmp = path + ".part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, data, private=private)
 
 
 def _key_pem(key) -> bytes:

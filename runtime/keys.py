@@ -7,7 +7,7 @@ File layout (little-endian)::
 
     magic  b"FSSCKEY\\0"                 8 bytes
     hlen   uint32                        header length
-    header JSON {format, program, party, batch, ...}
+    header JSON {format, program, party, batch, deal, ...}   (deal: random id of the `fssc deal` run)
     records, each:
         tag    uint16 length + utf-8     (e.g. "op12.dcf": op uid, record)
         dtype  uint8 code, ndim uint8, dims uint64 x ndim
@@ -32,6 +32,7 @@ import struct
 
 import numpy as np
 from fssc.compiler.errors import FsscError
+from fssc.compiler.files import fsync_dir, open_new, private_dir
 
 from .dcf import LAYOUT_VERSION as DCF_LAYOUT  # key headers record the DCF layout they hold
 
@@ -47,11 +48,16 @@ def _pad8(n: int) -> int:
 
 
 class KeyWriter:
-    """Sequential writer; ``path=None`` keeps the stream in memory (the simulator)."""
+    """Sequential writer; ``path=None`` keeps the stream in memory (the simulator).
+
+    Everything written in this format is a secret of its party (key batches, setup keys, P1's
+    weights): the file is 0600 and its folder 0700 from the start, and ``close`` makes it durable."""
 
     def __init__(self, path: str | None, header: dict):
         self.path = path
-        self._fh = open(path + ".part", "wb") if path else io.BytesIO()  # noqa: SIM115 - closed by close()/abort()
+        if path and os.path.dirname(path):
+            private_dir(os.path.dirname(path))
+        self._fh = open_new(path + ".part", private=True) if path else io.BytesIO()
         self._hash = hashlib.sha256()
         self.bytes_written = 0
         hdr = json.dumps({"format": FORMAT_VERSION, "dcf_layout": DCF_LAYOUT, **header}, sort_keys=True).encode()
@@ -93,6 +99,7 @@ class KeyWriter:
             os.fsync(self._fh.fileno())
             self._fh.close()
             os.replace(self.path + ".part", self.path)
+            fsync_dir(os.path.dirname(self.path))
             return None
         return self._fh.getvalue()
 
@@ -112,8 +119,8 @@ def peek_header(path: str) -> dict:
         raise FsscError(f"{path}: corrupt key header") from None
 
 
-def check_header(path: str, program: str, party: int, batch: int | None = None) -> None:
-    """Refuse keys made for another program, party or batch (before any work starts)."""
+def check_header(path: str, program: str, party: int, batch: int | None = None, deal: str | None = None) -> None:
+    """Refuse keys made for another program, party, batch or deal (before any work starts)."""
     h = peek_header(path)
     if h.get("format") != FORMAT_VERSION:
         raise FsscError(f"{path}: key format {h.get('format')}, this fssc reads {FORMAT_VERSION}")
@@ -123,6 +130,10 @@ def check_header(path: str, program: str, party: int, batch: int | None = None) 
         raise FsscError(f"{path}: keys for party {h.get('party')}, not party {party}")
     if batch is not None and h.get("batch") != batch:
         raise FsscError(f"{path}: keys of batch {h.get('batch')} filed as batch {batch}")
+    if h.get("kind") == "batch" and not isinstance(h.get("deal"), str):
+        raise FsscError(f"{path}: keys without a deal id (made by an older fssc): deal new keys")
+    if deal is not None and h.get("deal") != deal:
+        raise FsscError(f"{path}: keys of deal {h.get('deal')}, not deal {deal} (keys of two deals are never paired)")
 
 
 def h_digest(fh, mv: memoryview, end: int) -> bytes:
@@ -150,7 +161,12 @@ class KeyReader:
     """Checks a stream and hands out its records in order (zero-copy views)."""
 
     def __init__(
-        self, source: str | bytes, program: str | None = None, party: int | None = None, batch: int | None = None
+        self,
+        source: str | bytes,
+        program: str | None = None,
+        party: int | None = None,
+        batch: int | None = None,
+        deal: str | None = None,
     ):
         self.name = source if isinstance(source, str) else "<memory>"
         if isinstance(source, str):
@@ -177,12 +193,13 @@ class KeyReader:
                 f"{self.name}: key format {self.header.get('format')} (DCF layout "
                 f"{self.header.get('dcf_layout')}), this fssc reads {FORMAT_VERSION} ({DCF_LAYOUT})"
             )
-        for key, want in (("program", program), ("party", party), ("batch", batch)):
+        for key, want in (("program", program), ("party", party), ("batch", batch), ("deal", deal)):
             if want is not None and self.header.get(key) != want:
                 got = self.header.get(key)
                 raise FsscError(
                     f"{self.name}: keys are for {key} {got!r}, not {want!r}"
                     + (" (keys made for a different program)" if key == "program" else "")
+                    + (" (keys of two deals are never paired)" if key == "deal" else "")
                 )
         end = len(mv) - len(TRAILER) - 32
         if end < 0 or bytes(mv[end : end + len(TRAILER)]) != TRAILER:

@@ -48,7 +48,7 @@ def channelwise(ndim: int):
 
 
 def weight_mask(setup_seed: bytes, tag: str, shape) -> np.ndarray:
-    """A for one weighted layer, expanded from the per-model seed D shares with P1."""
+    """A for one weighted layer, expanded from the seed of one deal, which D shares with P1."""
     nonce = int.from_bytes(hashlib.sha256(tag.encode()).digest()[:8], "little")  # distinct per layer
     return expand(setup_seed, tuple(shape), nonce=nonce)
 

@@ -24,17 +24,18 @@ from fssc.compiler.files import write_atomic
 
 from . import ring
 from .session import (
+    batch_deal,
     check_batches,
+    choose_batches,
     load_manifest,
     load_weights,
-    masked_weights,
-    open_batch,
-    read_setup,
+    p1_masked_weights,
     recv_weights,
     run_p0_batch,
     run_p1_batch,
     send_weights,
     unused_batches,
+    use_batch,
 )
 from .transport import client_handshake, connect, listen, server_handshake
 
@@ -98,8 +99,17 @@ def main_party1(mod, argv) -> int:
     manifest = load_manifest(prog_dir)
     _check_manifest(mod, manifest)
     W = load_weights(os.path.join(prog_dir, "party1", "weights.bin"), mod.PROGRAM_HASH)
-    seed = read_setup(a.keys, mod.PROGRAM_HASH)
-    w_hat = masked_weights(mod, W, seed)
+    w_hats: dict[str, dict] = {}  # deal -> W^ (a deal's seed masks only the weights first bound to it)
+
+    def w_hat_for(deal: str) -> dict:
+        if deal not in w_hats:
+            w_hats.clear()
+            w_hats[deal] = p1_masked_weights(a.keys, mod.PROGRAM_HASH, deal, mod, W)
+        return w_hats[deal]
+
+    unused = unused_batches(a.keys)
+    if unused:  # the deal a data owner will use first: bound (or refused) before listening
+        w_hat_for(batch_deal(a.keys, unused[0]))
 
     def ready(port):
         print(f"fssc party1: listening on {a.listen.rpartition(':')[0]}:{port}", flush=True)
@@ -108,24 +118,27 @@ def main_party1(mod, argv) -> int:
 
     chan = listen(a.listen, a.certs, timeout=a.timeout, accept_timeout=a.timeout, on_ready=ready)
     free = set(unused_batches(a.keys))
+    hello = _hello(mod, manifest, {})
 
     def validate(peer):
         missing = [b for b in peer.get("batches", []) if b not in free]
         if missing:
             return [f"batches {missing} are not available (unused) at the model owner"]
+        if not isinstance(peer.get("deal"), str):
+            return ["the data owner named no deal for its keys (an older fssc?)"]
         try:
-            check_batches(a.keys, 1, peer.get("batches", []), mod.PROGRAM_HASH)
+            check_batches(a.keys, 1, peer.get("batches", []), mod.PROGRAM_HASH, peer["deal"])
         except FsscError as e:
             return [f"model owner's keys: {e}"]
+        hello["deal"] = peer["deal"]  # our answer confirms the deal
         return []
 
-    peer = server_handshake(chan, _hello(mod, manifest, {}), validate)
+    peer = server_handshake(chan, hello, validate)
     t = time.perf_counter()
-    send_weights(chan, w_hat)
+    send_weights(chan, w_hat_for(peer["deal"]))
     for b in peer["batches"]:
-        keys = open_batch(a.keys, 1, b, mod.PROGRAM_HASH)
-        run_p1_batch(mod, chan, keys, W)
-        keys.close()
+        with use_batch(a.keys, 1, b, mod.PROGRAM_HASH, peer["deal"]) as keys:
+            run_p1_batch(mod, chan, keys, W)
     print(
         f"fssc party1: served {len(peer['batches'])} batch(es) in {time.perf_counter() - t:.2f} s, "
         f"sent {chan.bytes_sent / 1e6:.1f} MB, received {chan.bytes_received / 1e6:.1f} MB",
@@ -177,25 +190,20 @@ def main_party0(mod, argv) -> int:
     x = load_inputs(path, pre, tuple(shape[1:]))
     names = list_images(a.images) if a.images else [f"{a.input}[{i}]" for i in range(len(x))]
     xb = batches(x, shape[0])
-    free = unused_batches(a.keys)
-    if len(free) < len(xb):
-        raise FsscError(
-            f"{len(xb)} batch(es) of {shape[0]} images need {len(xb)} unused key batches; "
-            f"{a.keys} has {len(free)} (deal more with `fssc deal --batches N`)"
-        )
-    use = free[: len(xb)]
-    check_batches(a.keys, 0, use, mod.PROGRAM_HASH)
+    deal, use = choose_batches(a.keys, 0, len(xb), mod.PROGRAM_HASH)
     chan = connect(a.peer, a.certs, timeout=a.timeout)
-    client_handshake(chan, _hello(mod, manifest, {"batches": use}))
+    peer = client_handshake(chan, _hello(mod, manifest, {"batches": use, "deal": deal}))
+    if peer.get("deal") != deal:
+        chan.close()
+        raise FsscError(f"handshake refused: the model owner confirmed deal {peer.get('deal')}, our keys are of {deal}")
     timings: dict = {}
     t0 = time.perf_counter()
     w_hat = recv_weights(chan, mod.WEIGHT_TAGS)
     timings["setup"] = time.perf_counter() - t0
     results = []
     for bi, (b, xin) in enumerate(zip(use, xb, strict=True)):
-        keys = open_batch(a.keys, 0, b, mod.PROGRAM_HASH)
-        out = run_p0_batch(mod, chan, keys, w_hat, ring.encode(xin, inp["scale"]), timings)
-        keys.close()
+        with use_batch(a.keys, 0, b, mod.PROGRAM_HASH, deal) as keys:
+            out = run_p0_batch(mod, chan, keys, w_hat, ring.encode(xin, inp["scale"]), timings)
         n_real = min(shape[0], len(x) - bi * shape[0])
         for i in range(n_real):
             rec = {"input": names[bi * shape[0] + i], "batch": b}
@@ -221,7 +229,8 @@ def main_party0(mod, argv) -> int:
                 "batches_done": bi + 1,
                 "batches": len(use),
             }
-            write_atomic(a.out, json.dumps({"results": results, "program": mod.PROGRAM_HASH, "stats": stats}, indent=1))
+            results_json = json.dumps({"results": results, "program": mod.PROGRAM_HASH, "stats": stats}, indent=1)
+            write_atomic(a.out, results_json, private=True)  # the data owner's results are its secret
     total = time.perf_counter() - t0
     print(
         f"fssc party0: {len(results)} input(s), {len(use)} batch(es): setup {timings['setup']:.2f} s, "

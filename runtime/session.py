@@ -5,11 +5,23 @@ Key directory layout (``fssc deal prog/ -o keys/``)::
 
     keys/p0/batch0000.key ...      P0's key streams, one per batch
     keys/p1/batch0000.key ...      P1's key streams
-    keys/p1/setup.key              P1's per-model setup: the seed of the weight mask A
-    keys/dealer/setup.seed         the dealer's copy of that seed (private; reused by later deals)
+    keys/p1/setup-<deal>.key       P1's setup for one deal: the seed of the weight masks A
+    keys/p1/setup-<deal>.commit    written by P1: its salted commitment to the weights it masked with that seed
+    keys/pN/batchNNNN.used         the batch was used (stays after its key file is deleted)
 
-A batch is used once: opening it for a run leaves ``batchNNNN.used`` beside
-it, and a used batch is refused.
+Every ``fssc deal`` is a new deal: a random deal id, written into every key
+header of both parties and into the setup, and a fresh seed for A; the dealer
+keeps nothing. Batch ids continue across deals dealt into one folder. A
+session uses batches of one deal, checked at the handshake, so a party never
+pairs a batch with another deal's batch or setup.
+
+P1 masks its weights with a deal's seed only if they are the weights it first
+masked with that seed (``bind_weights``): W^ = W + A and W'^ = W' + A would
+give P0 W - W'.
+
+A batch is used once: opening it makes ``batchNNNN.used`` beside it, durably
+(file and folder fsync'd) before the batch's first protocol message; its key
+file is deleted when the batch ends, and a used batch is refused.
 
 After the handshake P1 sends W^ = W + A for every weighted layer (once per
 session); then, per batch, P0 computes its linear halves offline and both run
@@ -18,7 +30,10 @@ the online program.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
+import hmac
 import importlib.util
 import json
 import os
@@ -28,9 +43,10 @@ from collections.abc import Callable
 
 import numpy as np
 from fssc.compiler.errors import FsscError
+from fssc.compiler.files import create_durable, remove_durable
 
 from .channel import Channel
-from .keys import KeyReader, KeyWriter
+from .keys import KeyReader, KeyWriter, check_header, peek_header
 from .prg import SEED_BYTES
 from .protocol import Dealer, Party
 
@@ -66,59 +82,58 @@ def load_weights(path: str, program_hash: str) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------ dealing
+DEAL_ID_BYTES = 16
+SALT_BYTES = 32
+
+
 def _batch_path(party_dir: str, batch: int) -> str:
     return os.path.join(party_dir, f"batch{batch:04d}.key")
 
 
-def existing_batches(party_dir: str) -> list[int]:
-    """Batch ids with a key file in one party's key folder (keys/p0 or keys/p1)."""
+def _marker(path: str) -> str:
+    return path[: -len(".key")] + ".used"
+
+
+def setup_path(party_dir: str, deal: str) -> str:
+    return os.path.join(party_dir, f"setup-{deal}.key")
+
+
+def _ids(party_dir: str, suffix: str) -> list[int]:
     out = []
-    for p in glob.glob(os.path.join(party_dir, "batch*.key")):
-        m = re.search(r"batch(\d+)\.key$", p)
+    for p in glob.glob(os.path.join(party_dir, f"batch*{suffix}")):
+        m = re.search(rf"batch(\d+){re.escape(suffix)}$", p)
         if m:
             out.append(int(m.group(1)))
     return sorted(out)
 
 
-def setup_seed_for(keys_dir: str, program_hash: str) -> bytes:
-    """The dealer's per-model seed for the weight masks A (made once, then reused)."""
-    path = os.path.join(keys_dir, "dealer", "setup.seed")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.exists(path):
-        with open(path, "rb") as fh:
-            blob = fh.read()
-        if blob[SEED_BYTES:].decode(errors="replace") != program_hash:
-            raise FsscError(
-                f"{path} belongs to program {blob[SEED_BYTES:].decode(errors='replace')}; "
-                f"use a fresh keys directory for program {program_hash}"
-            )
-        return blob[:SEED_BYTES]
-    seed = os.urandom(SEED_BYTES)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(seed + program_hash.encode())
-    w = KeyWriter(os.path.join(keys_dir, "p1", "setup.key"), {"kind": "setup", "program": program_hash, "party": 1})
-    w.put("setup.seed", np.frombuffer(seed, dtype=np.uint8))
-    w.close()
-    return seed
+def existing_batches(party_dir: str) -> list[int]:
+    """Batch ids with a key file in one party's key folder (keys/p0 or keys/p1)."""
+    return _ids(party_dir, ".key")
 
 
 def deal_batches(prog_dir: str, keys_dir: str, batches: int, progress: Callable[[int, int, float], None] | None = None):
-    """Run the dealer program ``batches`` times; returns [(batch id, bytes p0, bytes p1, seconds)]."""
+    """One deal: a fresh deal id and setup seed, then the dealer program ``batches`` times.
+
+    Reads only ``manifest.json`` and ``dealer/`` of ``prog_dir`` (never P1's weights). Returns
+    [(batch id, bytes p0, bytes p1, seconds)]."""
     manifest = load_manifest(prog_dir)
     h = manifest["program_hash"]
     mod = load_program(prog_dir, "dealer")
     if getattr(mod, "PROGRAM_HASH", None) != h:
         raise FsscError(f"{prog_dir}: dealer program and manifest disagree on the program hash")
-    for p in (0, 1):
-        os.makedirs(os.path.join(keys_dir, f"p{p}"), exist_ok=True)
-    seed = setup_seed_for(keys_dir, h)
     dirs = [os.path.join(keys_dir, f"p{p}") for p in (0, 1)]
-    start = max(existing_batches(dirs[0]) + existing_batches(dirs[1]), default=-1) + 1
+    # ids continue after every batch dealt into these folders, used ones (a marker, no key file) included
+    start = max((b for d in dirs for b in existing_batches(d) + _ids(d, ".used")), default=-1) + 1
+    deal = os.urandom(DEAL_ID_BYTES).hex()
+    seed = os.urandom(SEED_BYTES)  # fresh per deal: a seed never masks two weight sets
+    w = KeyWriter(setup_path(dirs[1], deal), {"kind": "setup", "program": h, "party": 1, "deal": deal})
+    w.put("setup.seed", np.frombuffer(seed, dtype=np.uint8))
+    w.close()
     done = []
     for i in range(start, start + batches):
         t = time.perf_counter()
-        hdr = {"program": h, "batch": i, "kind": "batch"}
+        hdr = {"program": h, "batch": i, "kind": "batch", "deal": deal}
         w0 = KeyWriter(_batch_path(dirs[0], i), {**hdr, "party": 0})
         w1 = KeyWriter(_batch_path(dirs[1], i), {**hdr, "party": 1})
         try:
@@ -137,39 +152,130 @@ def deal_batches(prog_dir: str, keys_dir: str, batches: int, progress: Callable[
 
 
 # ------------------------------------------------------------ key batches
-def open_batch(party_dir: str, party: int, batch: int, program_hash: str) -> KeyReader:
-    """Open one batch's keys (in keys/pN) for use, refusing a used one; marks it used."""
+def _refuse_used(path: str, batch: int):
+    """A used batch is refused; a key file still beside its marker (a session that died) is deleted."""
+    gone = "its leftover key file is now deleted" if remove_durable(path) else "its key file was deleted"
+    raise FsscError(f"{path}: batch {batch} was already used (keys are one-time; {gone})")
+
+
+def open_batch(party_dir: str, party: int, batch: int, program_hash: str, deal: str | None = None) -> KeyReader:
+    """Open one batch's keys (in keys/pN) for use, refusing a used one; marks it used.
+
+    The marker is created (O_EXCL) and it and its folder are fsync'd before this returns, i.e. before
+    the batch's first protocol message: after a crash or power loss the batch is still refused."""
     path = _batch_path(party_dir, batch)
-    used = path[:-4] + ".used"
+    used = _marker(path)
     if os.path.exists(used):
-        raise FsscError(f"{path}: batch {batch} was already used (keys are one-time)")
-    r = KeyReader(path, program=program_hash, party=party, batch=batch)
-    fd = os.open(used, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    os.close(fd)
+        _refuse_used(path, batch)
+    r = KeyReader(path, program=program_hash, party=party, batch=batch, deal=deal)
+    if not create_durable(used, str(r.header.get("deal")).encode()):
+        r.close()
+        _refuse_used(path, batch)
     return r
 
 
-def check_batches(party_dir: str, party: int, batches: list[int], program_hash: str) -> None:
-    """Headers of the batches about to be used: right program, party and batch id, not used yet."""
-    from .keys import check_header
+@contextlib.contextmanager
+def use_batch(party_dir: str, party: int, batch: int, program_hash: str, deal: str):
+    """``open_batch`` for the batch's one use; its key file is deleted when the batch ends, whatever happens."""
+    keys = open_batch(party_dir, party, batch, program_hash, deal)
+    try:
+        yield keys
+    finally:
+        keys.close()
+        remove_durable(keys.name)
 
+
+def check_batches(party_dir: str, party: int, batches: list[int], program_hash: str, deal: str | None = None) -> None:
+    """Headers of the batches about to be used: right program, party, batch id and deal, not used yet."""
     for b in batches:
         path = _batch_path(party_dir, b)
-        if os.path.exists(path[:-4] + ".used"):
-            raise FsscError(f"{path}: batch {b} was already used (keys are one-time)")
-        check_header(path, program_hash, party, b)
+        if os.path.exists(_marker(path)):
+            _refuse_used(path, b)
+        check_header(path, program_hash, party, b, deal)
 
 
 def unused_batches(party_dir: str) -> list[int]:
-    return [b for b in existing_batches(party_dir) if not os.path.exists(_batch_path(party_dir, b)[:-4] + ".used")]
+    return [b for b in existing_batches(party_dir) if not os.path.exists(_marker(_batch_path(party_dir, b)))]
 
 
-def read_setup(party_dir: str, program_hash: str) -> bytes:
-    path = os.path.join(party_dir, "setup.key")
-    r = KeyReader(path, program=program_hash)
+def batch_deal(party_dir: str, batch: int) -> str:
+    """The deal a batch was made in (from its header)."""
+    path = _batch_path(party_dir, batch)
+    deal = peek_header(path).get("deal")
+    if not isinstance(deal, str):
+        raise FsscError(f"{path}: keys without a deal id (made by an older fssc): deal new keys")
+    return deal
+
+
+def choose_batches(party_dir: str, party: int, n: int, program_hash: str) -> tuple[str, list[int]]:
+    """P0: ``n`` unused batches of one deal (the oldest deal that has enough), checked; returns (deal, ids)."""
+    by_deal: dict[str, list[int]] = {}
+    for b in unused_batches(party_dir):
+        by_deal.setdefault(batch_deal(party_dir, b), []).append(b)
+    for deal, ids in by_deal.items():
+        if len(ids) >= n:
+            check_batches(party_dir, party, ids[:n], program_hash, deal)
+            return deal, ids[:n]
+    have = ", ".join(f"{len(ids)} of deal {d[:8]}" for d, ids in by_deal.items()) or "none"
+    raise FsscError(
+        f"{n} batch(es) of inputs need {n} unused key batches of one deal; {party_dir} has {have} "
+        "(deal more with `fssc deal --batches N`)"
+    )
+
+
+def read_setup(party_dir: str, program_hash: str, deal: str) -> bytes:
+    """P1: the seed of a deal's weight masks A (keys/p1/setup-<deal>.key)."""
+    path = setup_path(party_dir, deal)
+    r = KeyReader(path, program=program_hash, party=1, deal=deal)
     if r.header.get("kind") != "setup":
         raise FsscError(f"{path}: not a setup key")
-    return r.get("setup.seed").tobytes()
+    seed = r.get("setup.seed").tobytes()
+    r.close()
+    return seed
+
+
+def _weights_mac(salt: bytes, program_hash: str, deal: str, W: dict[str, np.ndarray], tags) -> str:
+    """HMAC-SHA256 keyed by P1's salt over the weights masked in the setup message (tag, dtype, shape, bytes)."""
+    mac = hmac.new(salt, json.dumps([program_hash, deal]).encode(), hashlib.sha256)
+    for tag in sorted(tags):
+        w = np.ascontiguousarray(W[tag + ".w"])
+        mac.update(json.dumps([tag, w.dtype.str, list(w.shape)]).encode())
+        mac.update(memoryview(w).cast("B") if w.size else b"")
+    return mac.hexdigest()
+
+
+def bind_weights(party_dir: str, program_hash: str, deal: str, W: dict[str, np.ndarray], tags) -> None:
+    """P1: commit to the weights the first time a deal's seed masks them; refuse other weights afterwards.
+
+    The commitment (keys/p1/setup-<deal>.commit, 0600) is an HMAC keyed by a random salt that never
+    leaves P1's key folder, so nobody else could test a guess of W against it; it is written durably
+    before W^ can be sent."""
+    path = setup_path(party_dir, deal)[: -len(".key")] + ".commit"
+    salt = os.urandom(SALT_BYTES)
+    mac = _weights_mac(salt, program_hash, deal, W, tags)
+    record = {"program": program_hash, "deal": deal, "salt": salt.hex(), "hmac_sha256": mac}
+    if create_durable(path, json.dumps(record, sort_keys=True).encode()):
+        return
+    try:
+        with open(path) as fh:
+            old = json.load(fh)
+        same = hmac.compare_digest(
+            str(old["hmac_sha256"]), _weights_mac(bytes.fromhex(old["salt"]), program_hash, deal, W, tags)
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        same = False
+    if not same:
+        raise FsscError(
+            f"{path}: the weight masks of deal {deal[:8]} already hid other weights, and masking these with "
+            "them would show the data owner the difference; deal new keys (`fssc deal`) for these weights"
+        )
+
+
+def p1_masked_weights(party_dir: str, program_hash: str, deal: str, mod, W: dict[str, np.ndarray]):
+    """P1's setup message for a session on ``deal``'s batches: W^ = W + A, once the weights are bound."""
+    seed = read_setup(party_dir, program_hash, deal)
+    bind_weights(party_dir, program_hash, deal, W, mod.LINEAR_WEIGHTS)
+    return masked_weights(mod, W, seed)
 
 
 # ------------------------------------------------------------ the two sides
