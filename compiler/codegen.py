@@ -185,12 +185,7 @@ def render(prog: SecureProgram, role: str, source: str) -> str:
         undefined=jinja2.StrictUndefined,
     )
     header = []
-    if role == "party0":
-        header.append("# weighted layers whose W^ = W + A the model owner sends at the start of a session")
-        header.append(
-            "WEIGHT_TAGS = " + json.dumps([st.tag for st in prog.linears if st.params["w_shape"] is not None])
-        )
-    if role == "party1":
+    if role in ("party0", "party1"):
         header.append("# weighted layers: tag -> weight shape (W^ = W + A is sent to P0 once per session)")
         header.append(
             "LINEAR_WEIGHTS = "

@@ -4,7 +4,10 @@
     python prog/party0/program.py --keys keys/p0 --peer HOST:7601 --certs certs/ --images DIR
 
 The model owner (party1) listens, serves one data owner's session and exits;
-it prints nothing about results (it has none). The data owner (party0) reads
+it prints nothing about results (it has none). A client it refuses (a bad
+certificate, an idle connection, a refused handshake) or whose session fails
+(a message that is not what the program expects at that step) is logged in one
+line and the model owner keeps listening for the next. The data owner (party0) reads
 its images (or ``--input x.npy``), runs one key batch per image batch, prints
 the labels (and logits with ``--output logits`` when the program outputs
 them) and writes ``--out FILE`` (JSON) only after a batch completes.
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -37,7 +41,7 @@ from .session import (
     unused_batches,
     use_batch,
 )
-from .transport import client_handshake, connect, listen, server_handshake
+from .transport import Listener, client_handshake, connect, server_handshake
 
 
 def _prog_dir(mod) -> str:
@@ -82,6 +86,42 @@ def main(role: str, mod, argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(f"fssc {role}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or an exhausted machine: one line, not a traceback
+        if os.environ.get("FSSC_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print(
+            f"fssc {role}: error: internal error: {one_line(e)} (FSSC_DEBUG=1 shows where)", file=sys.stderr, flush=True
+        )
+        return 1
+
+
+def one_line(e: BaseException) -> str:
+    """Any exception as one line."""
+    if isinstance(e, FsscError):
+        text = str(e)
+    elif isinstance(e, OSError):
+        text = os_error_message(e)
+    elif isinstance(e, MemoryError):
+        text = "out of memory"
+    else:
+        text = f"{type(e).__name__}: {e}"
+    return " ".join(text.split())
+
+
+_log_lock = threading.Lock()
+
+
+def _log(role: str):
+    """One line per event on stdout, whole even when written from several threads."""
+
+    def log(msg: str) -> None:
+        with _log_lock:
+            sys.stdout.write(f"fssc {role}: {msg}\n")
+            sys.stdout.flush()
+
+    return log
 
 
 def main_party1(mod, argv) -> int:
@@ -111,23 +151,45 @@ def main_party1(mod, argv) -> int:
     if unused:  # the deal a data owner will use first: bound (or refused) before listening
         w_hat_for(batch_deal(a.keys, unused[0]))
 
-    def ready(port):
-        print(f"fssc party1: listening on {a.listen.rpartition(':')[0]}:{port}", flush=True)
+    log = _log("party1")
+    with Listener(a.listen, a.certs, timeout=a.timeout, log=log) as listener:
+        log(f"listening on {a.listen.rpartition(':')[0]}:{listener.port}")
         if a.ready_file:
-            write_atomic(a.ready_file, str(port))
+            write_atomic(a.ready_file, str(listener.port))
+        while True:  # until one data owner's session completes
+            if not unused_batches(a.keys):
+                raise FsscError(f"{a.keys}: no unused key batches left (deal more with `fssc deal --batches N`)")
+            chan = listener.accept(a.timeout)
+            try:
+                n, seconds = _serve_p1(mod, manifest, a.keys, chan, W, w_hat_for)
+            except Exception as e:  # a failed session ends that client, not the model owner
+                chan.abort()
+                log(f"session with {chan.peer} failed: {one_line(e)}")
+                continue
+            log(
+                f"served {n} batch(es) in {seconds:.2f} s, "
+                f"sent {chan.bytes_sent / 1e6:.1f} MB, received {chan.bytes_received / 1e6:.1f} MB"
+            )
+            chan.close()
+            return 0
 
-    chan = listen(a.listen, a.certs, timeout=a.timeout, accept_timeout=a.timeout, on_ready=ready)
-    free = set(unused_batches(a.keys))
+
+def _serve_p1(mod, manifest: dict, keys_dir: str, chan, W: dict, w_hat_for) -> tuple[int, float]:
+    """One data owner's session: handshake, masked weights, its batches. Returns (batches, seconds)."""
+    free = set(unused_batches(keys_dir))
     hello = _hello(mod, manifest, {})
 
     def validate(peer):
-        missing = [b for b in peer.get("batches", []) if b not in free]
+        asked = peer.get("batches", [])
+        if not isinstance(asked, list) or not all(type(b) is int for b in asked):
+            return ["batches: expected a list of batch ids"]
+        missing = [b for b in asked if b not in free]
         if missing:
             return [f"batches {missing} are not available (unused) at the model owner"]
         if not isinstance(peer.get("deal"), str):
             return ["the data owner named no deal for its keys (an older fssc?)"]
         try:
-            check_batches(a.keys, 1, peer.get("batches", []), mod.PROGRAM_HASH, peer["deal"])
+            check_batches(keys_dir, 1, asked, mod.PROGRAM_HASH, peer["deal"])
         except FsscError as e:
             return [f"model owner's keys: {e}"]
         hello["deal"] = peer["deal"]  # our answer confirms the deal
@@ -137,15 +199,9 @@ def main_party1(mod, argv) -> int:
     t = time.perf_counter()
     send_weights(chan, w_hat_for(peer["deal"]))
     for b in peer["batches"]:
-        with use_batch(a.keys, 1, b, mod.PROGRAM_HASH, peer["deal"]) as keys:
+        with use_batch(keys_dir, 1, b, mod.PROGRAM_HASH, peer["deal"]) as keys:
             run_p1_batch(mod, chan, keys, W)
-    print(
-        f"fssc party1: served {len(peer['batches'])} batch(es) in {time.perf_counter() - t:.2f} s, "
-        f"sent {chan.bytes_sent / 1e6:.1f} MB, received {chan.bytes_received / 1e6:.1f} MB",
-        flush=True,
-    )
-    chan.close()
-    return 0
+    return len(peer["batches"]), time.perf_counter() - t
 
 
 def main_party0(mod, argv) -> int:
@@ -198,7 +254,7 @@ def main_party0(mod, argv) -> int:
         raise FsscError(f"handshake refused: the model owner confirmed deal {peer.get('deal')}, our keys are of {deal}")
     timings: dict = {}
     t0 = time.perf_counter()
-    w_hat = recv_weights(chan, mod.WEIGHT_TAGS)
+    w_hat = recv_weights(chan, mod.LINEAR_WEIGHTS)
     timings["setup"] = time.perf_counter() - t0
     results = []
     for bi, (b, xin) in enumerate(zip(use, xb, strict=True)):

@@ -196,6 +196,7 @@ class Party:
         return vals, bits
 
     def _dcf_share(self, tag: str, u: np.ndarray, m: int) -> np.ndarray:
+        self.chan.step = tag  # every comparison gate starts here: names the step in a receive error
         data = self.keys.get(tag + ".dcf")
         keys = dcf.DcfKeys(dcf.DcfParams(m - 1, 0), self.b, data)
         if len(keys) != u.size:
@@ -227,7 +228,7 @@ class Party:
             xhat = np.asarray(x, dtype=U64).reshape(shape) + self.keys.get(tag + ".rin")
             self.chan.send(xhat)
             return xhat
-        return self.chan.recv().reshape(shape).copy()
+        return self.chan.recv(shape, U64, step=tag).copy()
 
     def output(self, tag: str, yhat: np.ndarray) -> np.ndarray | None:
         """P0 unmasks; P1 learns nothing."""
@@ -298,7 +299,7 @@ class Party:
             return None
         u_hi, _ = split_u(u, m)
         e ^= (ONE ^ u_hi).astype(np.uint8)
-        peer = np.unpackbits(self.chan.recv(), count=u.size, bitorder="little")
+        peer = np.unpackbits(self.chan.recv(((u.size + 7) // 8,), np.uint8), count=u.size, bitorder="little")
         return (e ^ peer).astype(np.int64)
 
     # -- linear layer -------------------------------------------------------
@@ -324,6 +325,7 @@ class Party:
         y_shape=None,
     ) -> np.ndarray:
         """y^ = z_0 + z_1: P1 computes z_1 = W * (x^ - [r_x]_1) + b + c_1 online; P0 brings z_0."""
+        self.chan.step = tag
         if self.b == 0:
             return self._open(z0)
         rx1 = self.keys.get(tag + ".rx1")

@@ -291,8 +291,9 @@ def send_weights(chan: Channel, w_hat: dict[str, np.ndarray]) -> None:
         chan.send(w_hat[tag])
 
 
-def recv_weights(chan: Channel, tags: list[str]) -> dict[str, np.ndarray]:
-    return {tag: chan.recv() for tag in sorted(tags)}
+def recv_weights(chan: Channel, shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """P0: W^ for each weighted layer (tag -> weight shape, the program's ``LINEAR_WEIGHTS``)."""
+    return {tag: chan.recv(shapes[tag], np.uint64, step=f"masked weights {tag}") for tag in sorted(shapes)}
 
 
 def run_p1_batch(mod, chan: Channel, keys: KeyReader, W: dict[str, np.ndarray]) -> None:

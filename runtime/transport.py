@@ -13,7 +13,15 @@
   both directions flow at once and ``exchange`` costs one network round trip.
   P0 opens both and tags them with a random session token; P1 pairs them.
 * Every receive has a timeout; a closed or silent peer is a clear error, not a
-  hang.
+  hang. Every frame's length is checked against what the program expects at
+  that step before its payload is read (``Channel.recv``; JSON messages: at
+  most ``MAX_JSON`` bytes), so a peer cannot make a party allocate more.
+* P1's ``Listener`` handshakes concurrently: a thread per accepted connection,
+  at most ``MAX_PENDING`` connections between accept and the start of their
+  session (more are closed at once), each handshake (TLS, certificate name,
+  the connection's hello, and the arrival of its second connection) bounded by
+  ``HANDSHAKE_TIMEOUT`` in total. Idle or refused clients cost a slot for that
+  long and are logged in one line; they never stop the listener.
 * The handshake (``handshake``) exchanges protocol version, program hash,
   role and the batch ids, and refuses a peer made for another program.
 """
@@ -28,13 +36,17 @@ import socket
 import ssl
 import struct
 import threading
+import time
 
 from fssc.compiler.errors import FsscError
 
-from .channel import Channel
+from .channel import Channel, FrameLengthError, check_frame_length
 
 PARTY_NAMES = {0: "fssc-party0", 1: "fssc-party1"}
-MAX_FRAME = 1 << 36
+MAX_JSON = 1 << 20  # a handshake message (the batch list of a session)
+MAX_HELLO = 4096  # a connection's hello (direction and session token)
+MAX_PENDING = 32  # connections between accept and their session
+HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to a paired, authenticated session
 
 
 def _context(certs: str, party: int) -> ssl.SSLContext:
@@ -61,6 +73,7 @@ class TcpChannel(Channel):
         super().__init__(record)
         self.tx, self.rx = tx, rx
         self.timeout = timeout
+        self.peer = "the peer"  # the listener sets the data owner's address
         tx.settimeout(timeout)
         rx.settimeout(timeout)
         self._out: queue.Queue = queue.Queue()
@@ -84,8 +97,8 @@ class TcpChannel(Channel):
             raise FsscError(f"connection to peer lost while sending: {self._err}")
         self._out.put(b)
 
-    def recv_bytes(self) -> bytes:
-        return _recv_frame(self.rx, self.timeout)
+    def recv_bytes(self, size: int, at_most: bool = False) -> bytes:
+        return _recv_frame(self.rx, self.timeout, size, at_most)
 
     def send_json(self, obj: dict) -> None:
         b = json.dumps(obj, sort_keys=True).encode()
@@ -93,16 +106,38 @@ class TcpChannel(Channel):
         self.send_bytes(b)
 
     def recv_json(self) -> dict:
-        b = self.recv_bytes()
+        try:
+            b = self.recv_bytes(MAX_JSON, at_most=True)
+        except FrameLengthError as e:
+            raise FsscError(f"handshake: {e}") from None
         self.bytes_received += len(b)
+        self.messages_received += 1
         return _parse_json(b)
 
     def close(self) -> None:
+        """Let the sender drain, then close both connections."""
         self._out.put(None)
         self._sender.join(timeout=self.timeout)
+        self._close_sockets()
+
+    def abort(self) -> None:
+        """End a failed session now: unblock the sender (a peer that stopped reading) and close."""
+        for sock in (self.tx, self.rx):
+            _shutdown(sock)
+        self._out.put(None)
+        self._sender.join(timeout=5)
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
         for sock in (self.tx, self.rx):
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+def _shutdown(sock) -> None:
+    """Wake any thread blocked on ``sock`` (the plain socket call: the TLS state is left alone)."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _send_frame(sock, b: bytes) -> None:
@@ -128,10 +163,10 @@ def _recv_exact(sock, n: int, timeout: float) -> bytearray:
     return buf
 
 
-def _recv_frame(sock, timeout: float) -> bytearray:
+def _recv_frame(sock, timeout: float, size: int, at_most: bool = False) -> bytearray:
+    """One frame whose length must be ``size`` (at most ``size`` with ``at_most``), checked before allocating."""
     (n,) = struct.unpack("<Q", _recv_exact(sock, 8, timeout))
-    if n > MAX_FRAME:
-        raise FsscError(f"peer sent a frame of {n} bytes; refusing")
+    check_frame_length(n, size, at_most)
     return _recv_exact(sock, n, timeout)
 
 
@@ -145,52 +180,173 @@ def _parse_json(b) -> dict:
     return obj
 
 
-def listen(
-    addr: str,
-    certs: str,
-    timeout: float = 600.0,
-    accept_timeout: float | None = None,
-    record: bool = False,
-    on_ready=None,
-) -> TcpChannel:
-    """P1: accept one authenticated data owner (its two connections)."""
-    host, port = _split(addr)
-    ctx = _context(certs, 1)
-    srv = socket.create_server((host, port))
-    if on_ready:
-        on_ready(srv.getsockname()[1])
-    srv.settimeout(accept_timeout)
-    pending: dict[str, dict[str, ssl.SSLSocket]] = {}
-    try:
-        while True:
+class Listener:
+    """P1's listening socket: authenticated data owners, one session (two connections) at a time.
+
+    A background thread accepts connections and hands each to a handshake
+    thread; ``accept`` returns the next session whose two connections passed
+    TLS with a fssc-party0 certificate and sent their hello. Refused and
+    timed-out connections are logged in one line (``log``) and closed.
+    """
+
+    def __init__(
+        self,
+        addr: str,
+        certs: str,
+        timeout: float = 600.0,
+        record: bool = False,
+        log=print,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_pending: int = MAX_PENDING,
+    ):
+        host, port = _split(addr)
+        self.addr = addr
+        self.ctx = _context(certs, 1)
+        self.timeout, self.record, self.log = timeout, record, log
+        self.handshake_timeout, self.max_pending = handshake_timeout, max_pending
+        self.srv = socket.create_server((host, port))
+        self.srv.settimeout(0.25)  # the accept loop's tick: expiring handshakes, noticing close()
+        self.port = self.srv.getsockname()[1]
+        self._lock = threading.Lock()
+        self._pending = 0  # connections accepted and not yet handed to a session (or closed)
+        self._inflight: dict[ssl.SSLSocket, float] = {}  # handshakes in progress -> deadline
+        self._halves: dict[str, tuple[float, str, dict[str, ssl.SSLSocket]]] = {}  # token -> (deadline, peer, socks)
+        self._ready: queue.Queue = queue.Queue()  # (peer, {"up": sock, "down": sock})
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    # -- the accept thread -------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            self._expire()
             try:
-                raw, peer = srv.accept()
+                raw, addr = self.srv.accept()
             except TimeoutError:
-                raise FsscError(f"no data owner connected to {addr} within {accept_timeout:.0f} s") from None
-            raw.settimeout(30)
-            try:
-                tls = ctx.wrap_socket(raw, server_side=True)
-                cn = _common_name(tls.getpeercert())
-                if cn != PARTY_NAMES[0]:
-                    raise ssl.SSLError(f"client certificate is for {cn!r}, not {PARTY_NAMES[0]!r}")
-                hello = _parse_json(_recv_frame(tls, 30))
-                token, direction = str(hello.get("token")), hello.get("conn")
-                if direction not in ("up", "down"):
-                    raise ssl.SSLError("connection without a direction")
-            except (ssl.SSLError, OSError, FsscError) as e:
-                print(f"fssc: refused a connection from {peer[0]}: {e}", flush=True)
+                continue
+            except OSError as e:  # e.g. out of file descriptors: log, back off, keep listening
+                if self._closed:
+                    return
+                self.log(f"accept failed: {e}")
+                time.sleep(0.25)
+                continue
+            peer = f"{addr[0]}:{addr[1]}"
+            with self._lock:
+                full = self._pending >= self.max_pending
+                if not full:
+                    self._pending += 1
+            if full:
+                self.log(f"refused a connection from {peer}: too many pending handshakes ({self.max_pending})")
                 raw.close()
                 continue
-            pair = pending.setdefault(token, {})
-            pair[direction] = tls
-            if len(pair) == 2:
-                for other in pending.values():
-                    for sock in other.values():
-                        if sock not in pair.values():
-                            sock.close()
-                return TcpChannel(pair["down"], pair["up"], timeout, record)
-    finally:
-        srv.close()
+            threading.Thread(target=self._handshake, args=(raw, peer), daemon=True).start()
+
+    def _expire(self) -> None:
+        """Wake handshakes past their deadline; drop sessions whose second connection did not come."""
+        now = time.monotonic()
+        stale = []
+        with self._lock:
+            for tls, deadline in self._inflight.items():
+                if now > deadline:
+                    _shutdown(tls)  # the handshake thread then fails and logs
+            for token, (deadline, peer, socks) in list(self._halves.items()):
+                if now > deadline:
+                    del self._halves[token]
+                    self._pending -= len(socks)
+                    stale.append((peer, socks))
+        for peer, socks in stale:
+            self.log(f"refused a connection from {peer}: its second connection did not arrive in time")
+            for sock in socks.values():
+                sock.close()
+
+    def _handshake(self, raw: socket.socket, peer: str) -> None:
+        deadline = time.monotonic() + self.handshake_timeout
+        tls = None
+        try:
+            raw.settimeout(self.handshake_timeout)
+            tls = self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            with self._lock:
+                self._inflight[tls] = deadline
+            tls.do_handshake()
+            cn = _common_name(tls.getpeercert())
+            if cn != PARTY_NAMES[0]:
+                raise FsscError(f"client certificate is for {cn!r}, not {PARTY_NAMES[0]!r}")
+            try:
+                hello = _parse_json(_recv_frame(tls, self.handshake_timeout, MAX_HELLO, at_most=True))
+            except FrameLengthError as e:
+                raise FsscError(f"connection hello: {e}") from None
+            token, direction = hello.get("token"), hello.get("conn")
+            if direction not in ("up", "down") or not isinstance(token, str) or not token:
+                raise FsscError("connection hello without a direction and a session token")
+        except Exception as e:  # any failure refuses this connection only
+            late = isinstance(e, TimeoutError) or time.monotonic() >= deadline
+            why = f"no handshake within {self.handshake_timeout:.0f} s" if late else _reason(e)
+            self._refuse(tls or raw, peer, why, inflight=tls)
+            return
+        with self._lock:
+            self._inflight.pop(tls, None)
+            if self._closed:
+                problem = "closing"  # _refuse says why
+            else:
+                _, first, socks = self._halves.setdefault(token, (deadline, peer, {}))
+                problem = f"a second {direction!r} connection for one session" if direction in socks else None
+                if problem is None:
+                    socks[direction] = tls
+                    if len(socks) == 2:
+                        del self._halves[token]
+                        self._ready.put((first, socks))
+        if problem:
+            self._refuse(tls, peer, problem)
+
+    def _refuse(self, sock, peer: str, why: str, inflight=None) -> None:
+        with self._lock:
+            self._pending -= 1
+            if inflight is not None:
+                self._inflight.pop(inflight, None)
+        if self._closed:
+            why = "the model owner is shutting down"
+        self.log(f"refused a connection from {peer}: {why}")
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    # -- the caller's side ---------------------------------------------------
+    def accept(self, timeout: float | None = None) -> TcpChannel:
+        """The next authenticated data owner's channel; ``chan.peer`` names its address."""
+        try:
+            peer, socks = self._ready.get(timeout=timeout)
+        except queue.Empty:
+            raise FsscError(f"no data owner connected to {self.addr} within {timeout:.0f} s") from None
+        with self._lock:
+            self._pending -= 2
+        chan = TcpChannel(socks["down"], socks["up"], self.timeout, self.record)
+        chan.peer = peer
+        return chan
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(timeout=5)
+        self.srv.close()
+        with self._lock:
+            socks = [s for _, _, half in self._halves.values() for s in half.values()]
+            self._halves.clear()
+            for tls in self._inflight:
+                _shutdown(tls)
+        while not self._ready.empty():
+            socks += list(self._ready.get()[1].values())
+        for sock in socks:
+            sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _reason(e: BaseException) -> str:
+    """One line for a refused connection."""
+    text = str(e).replace("\n", " ").strip()
+    return text if isinstance(e, (FsscError, OSError)) and text else f"{type(e).__name__}: {text}"
 
 
 def connect(addr: str, certs: str, timeout: float = 600.0, record: bool = False) -> TcpChannel:
