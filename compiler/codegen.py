@@ -68,7 +68,7 @@ def render_stmt(st: Stmt, role: str) -> list[str]:
     a = st.args
     line: str
     if st.kind == "input":
-        extra = ", x" if role == "party0" else ""
+        extra = f", X[{_lit(p['name'])}]" if role == "party0" else ""
         line = f"{st.out} = lib.input({ctx}, {T}, {_lit(p['shape'])}{extra})"
     elif st.kind == "linear":
         if role == "party0":
@@ -153,9 +153,9 @@ def _functions(prog: SecureProgram, role: str) -> list[dict]:
                 "body": off,
             },
             {
-                "signature": "online(P, x, Z0)",
-                "doc": "The inference: x is the encoded input batch; returns "
-                "the outputs (ring elements at the manifest's scale, or labels).",
+                "signature": "online(P, X, Z0)",
+                "doc": "The inference: X maps each input's name to its encoded batch (P0 holds every "
+                "input); returns the outputs (ring elements at the manifest's scale, or labels).",
                 "body": body,
             },
         ]

@@ -28,7 +28,7 @@ from .ir import Graph, Op
 from .ops import OPS, _windows, batchnorm_affine, conv_float
 
 
-def _bind_inputs(graph: Graph, inputs) -> dict[str, np.ndarray]:
+def bind_inputs(graph: Graph, inputs) -> dict[str, np.ndarray]:
     if isinstance(inputs, np.ndarray):
         if len(graph.inputs) != 1:
             raise FsscError(f"graph has {len(graph.inputs)} inputs; pass a dict")
@@ -46,7 +46,7 @@ def _bind_inputs(graph: Graph, inputs) -> dict[str, np.ndarray]:
 
 
 def run_float(graph: Graph, inputs, observe: Callable[[str, np.ndarray], None] | None = None) -> list[np.ndarray]:
-    env = {k: v.astype(np.float64) for k, v in _bind_inputs(graph, inputs).items()}
+    env = {k: v.astype(np.float64) for k, v in bind_inputs(graph, inputs).items()}
     for name, v in graph.values.items():
         if v.is_const:
             env[name] = v.data.astype(np.float64) if v.data.dtype.kind == "f" else v.data
@@ -251,7 +251,7 @@ def run_fixed(
     """
     g = _ensure_planned(graph, frac_bits)
     sem = _Fixed(g, compare_masks)
-    env = {name: encode(x, g.values[name].scale) for name, x in _bind_inputs(g, inputs).items()}
+    env = {name: encode(x, g.values[name].scale) for name, x in bind_inputs(g, inputs).items()}
     for op in g.ops:
         fn = getattr(sem, op.kind, None)
         if fn is None:

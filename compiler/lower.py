@@ -206,7 +206,7 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
                 "input",
                 new_var(name),
                 [],
-                {"shape": list(v.shape)},
+                {"name": name, "shape": list(v.shape)},
                 f"in.{name}",
                 f"input %{name} [{'x'.join(map(str, v.shape))}] s={v.scale} (the data owner's)",
             )

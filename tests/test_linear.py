@@ -11,7 +11,6 @@ ring_bilinear alone is property-tested with hypothesis.
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -324,7 +323,7 @@ def test_ring_bilinear_conv_property(data, stride, dil, pad, group, kh, bw):
     assert (y == conv_ref(x, w, [stride, 1], [pad, 0, pad, 1], [dil, 1], group)).all()
 
 
-# ----------------------------------------------------------------- weighted ops through the engine
+# ----------------------------------------------------------------- weighted ops through the generated programs
 def _weighted_graph(kind, x_shape, w, extra_inputs=(), attrs=None, const_left=False):
     from fssc.compiler.ir import Graph, Value
     from fssc.compiler.ops import infer_shapes
@@ -344,27 +343,17 @@ def _weighted_graph(kind, x_shape, w, extra_inputs=(), attrs=None, const_left=Fa
     return g
 
 
-def _engine_run(graph, x):
+def _secure_run(graph, x):
     from fssc.compiler.interp import run_fixed
-    from fssc.runtime import engine
+    from fssc.compiler.simulation import simulate
 
-    setup = os.urandom(16)
-    g0 = engine.strip_weights(graph)
-    _, k0, k1 = deal_in_memory(lambda D: engine.deal(g0, D, setup))
-    w_hat = engine.masked_weights(graph, setup)
-    x_ring = ring.encode(x, 12)
-    (y,), _, _, _ = run_parties(
-        lambda P: engine.run_party(g0, P, x_ring, w_hat, engine.precompute_p0(g0, P, w_hat)),
-        lambda P: engine.run_party(graph, P),
-        k0,
-        k1,
-    )
+    (y,) = simulate(graph, x, reference=False).outputs
     return y, run_fixed(graph, x, raw=True)[0]
 
 
 @pytest.mark.parametrize("case", ["conv", "gemm", "matmul3d", "matmul_left", "add_const", "sub_const"])
-def test_weighted_ops_through_engine(case):
-    """Every weighted op kind through engine.deal / run_party equals the fixed-point interpreter.
+def test_weighted_ops_through_the_programs(case):
+    """Every weighted op kind through the generated programs equals the fixed-point interpreter.
     matmul with a 3-D constant reduces over W's second-to-last axis (4096 terms, not its batch of 2)."""
     gen = np.random.default_rng(5)
     if case == "conv":
@@ -389,5 +378,5 @@ def test_weighted_ops_through_engine(case):
         x = gen.standard_normal((2, 3, 4))
         g = _weighted_graph(case[:3], x.shape, gen.standard_normal((2, 3, 4)), attrs={})
         g.ops[0].attrs.pop("wscale")
-    y, want = _engine_run(g, x)
+    y, want = _secure_run(g, x)
     assert (y == want).all()

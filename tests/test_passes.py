@@ -975,27 +975,19 @@ def test_cost_estimates_match_an_in_memory_deal_and_run(mode):
     """The estimates equal what the runtime's dealer writes and its parties send, up to
     framing: key records (< 64 bytes each) and message headers (< 32 bytes each)."""
     from fssc.compiler.compile import compile_graph
-    from fssc.runtime import engine, ring
-    from fssc.runtime.simulate import deal_in_memory, run_parties
+    from fssc.compiler.lower import is_weighted
+    from fssc.compiler.simulation import simulate
 
     res = compile_graph(import_onnx(cost_model_graph()), echo=lambda s: None, output_mode=mode)
     g, rep = res.graph, res.report
-    seed = b"\1" * 16
-    _, k0, k1 = deal_in_memory(lambda D: engine.deal(g, D, seed))
-    p0_graph, w_hat = engine.strip_weights(g), engine.masked_weights(g, seed)
-    x = rand((2, 3, 8, 8), seed=1)
-
-    def party0(P):
-        z0 = engine.precompute_p0(p0_graph, P, w_hat)
-        return engine.run_party(p0_graph, P, ring.encode(x, g.values[g.inputs[0]].scale), w_hat, z0)
-
-    _, _, c0, c1 = run_parties(party0, lambda P: engine.run_party(g, P), k0, k1)
+    sim = simulate(g, rand((2, 3, 8, 8), seed=1), reference=False)
+    (k0, k1), (c0, c1) = sim.keys, sim.channels
     calls = sum(op.gate["depth"] if op.kind == "maxpool" else 1 for op in g.ops if op.gate)
-    linear = sum(engine.is_weighted(op, g) for op in g.ops)
+    linear = sum(is_weighted(op, g) for op in g.ops)
     records = 3 * calls + 2 * linear + 3
     for actual, est in ((len(k0), rep.total("key_p0")), (len(k1), rep.total("key_p1"))):
         assert est <= actual <= est + 64 * records + 512, (actual, est)
-    assert sum(a.nbytes for a in w_hat.values()) == rep.setup_bytes
+    assert sim.setup_bytes == rep.setup_bytes
     for chan, est in ((c0, rep.total("sent_p0") + rep.input_bytes), (c1, rep.total("sent_p1"))):
         assert est <= chan.bytes_sent <= est + 32 * chan.messages_sent, (chan.bytes_sent, est)
     # rounds: every exchange, P0's input message and P1's label bits (labels mode), as the channel counts them

@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fssc.runtime import dcf, engine, ring
+from fssc.compiler import simulation
+from fssc.compiler.simulation import simulate
+from fssc.runtime import dcf, ring
 from fssc.runtime.channel import decode_array
 from fssc.runtime.keys import KeyReader
 from fssc.runtime.prg import Rng
@@ -295,11 +297,12 @@ def test_detector_catches_a_leak():
 
 
 # ----------------------------------------------------------------- no numpy.random, no random
-RUNTIME = Path(engine.__file__).parent
+RUNTIME = Path(dcf.__file__).parent
 
 
 # every runtime module on the dealer's and the parties' paths; images.py (public synthetic
-# calibration images, not key material) is the only runtime module left out
+# calibration images, not key material) is the only runtime module left out. The in-process
+# simulation (fssc.compiler.simulation) drives the dealer too and is checked with them.
 PROTOCOL_MODULES = [
     "ring",
     "prg",
@@ -309,7 +312,6 @@ PROTOCOL_MODULES = [
     "protocol",
     "pooling",
     "lib",
-    "engine",
     "simulate",
     "session",
     "transport",
@@ -319,7 +321,7 @@ PROTOCOL_MODULES = [
 def test_runtime_sources_do_not_import_random():
     """Static check over the protocol's modules: no ``import random``, no numpy.random anywhere."""
     offenders = []
-    for path in [RUNTIME / f"{m}.py" for m in PROTOCOL_MODULES]:
+    for path in [RUNTIME / f"{m}.py" for m in PROTOCOL_MODULES] + [Path(simulation.__file__)]:
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -428,20 +430,9 @@ def test_whole_model_without_numpy_or_python_random(forbid_random):
     from fssc.compiler.interp import run_fixed
 
     graph, _, x = tiny_cnn(batch=2, size=12)
-    x_ring = ring.encode(x, graph.values[graph.inputs[0]].scale)
     activate, calls = forbid_random
     activate()
-    setup = os.urandom(16)
-    g0 = engine.strip_weights(graph)
-    trace = engine.DealTrace()
-    _, k0, k1 = deal_in_memory(lambda D: engine.deal(g0, D, setup, trace))
-    w_hat = engine.masked_weights(graph, setup)
-    out0, _, _, _ = run_parties(
-        lambda P: engine.run_party(g0, P, x_ring, w_hat, engine.precompute_p0(g0, P, w_hat)),
-        lambda P: engine.run_party(graph, P),
-        k0,
-        k1,
-    )
+    sim = simulate(graph, x)
     assert not calls, calls
-    want = run_fixed(graph, x, raw=True, compare_masks=trace.compare_masks)
-    assert all((a == b).all() for a, b in zip(out0, want))
+    want = run_fixed(graph, x, raw=True, compare_masks=sim.compare_masks)
+    assert all((a == b).all() for a, b in zip(sim.outputs, want))
