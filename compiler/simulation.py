@@ -52,7 +52,7 @@ class Simulation:
 
     def decoded(self) -> list[np.ndarray]:
         """P0's outputs as reals (each at its scale); labels as they are."""
-        outs = zip(self.outputs, self.program.outputs)
+        outs = zip(self.outputs, self.program.outputs, strict=True)
         return [y if o["kind"] == "labels" else ring.decode(y, o["scale"]) for y, o in outs]
 
     def mismatches(self) -> list[str]:
@@ -60,8 +60,8 @@ class Simulation:
         if self.reference is None:
             raise FsscError("simulate(..., reference=False) has no fixed-point reference to compare with")
         out = []
-        for y, want, o in zip(self.outputs, self.reference, self.program.outputs):
-            y, want = np.asarray(y), np.asarray(want)
+        for got, ref, o in zip(self.outputs, self.reference, self.program.outputs, strict=True):
+            y, want = np.asarray(got), np.asarray(ref)
             if y.shape != want.shape:
                 out.append(f"output %{o['name']}: shape {y.shape}, the fixed-point interpreter gives {want.shape}")
                 continue

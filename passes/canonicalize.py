@@ -12,6 +12,9 @@ Rewrite rules:
   [1, N] for gemm, [C,1,1] or [1,C,1,1] for conv), when the linear op's output
   has no other user -> the bias moves into the linear op.
 * ``sub(x, c)`` with a constant c -> ``add(x, -c)``.
+* ``clip`` with neither bound -> ``reshape`` to its own shape (an identity,
+  dropped like any such reshape); with min > max -> min = max (ONNX: every
+  output is max), the form the secure gate computes.
 
 Every rewrite preserves the float semantics exactly (up to float rounding of
 the folded constants).
@@ -38,6 +41,11 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     keep = []
     for op in graph.ops:
         v = graph.values
+        if op.kind == "clip" and "min" not in op.attrs and "max" not in op.attrs:
+            op.kind = "reshape"
+            op.attrs = {"shape": list(v[op.outputs[0]].shape)}
+        if op.kind == "clip" and op.attrs.get("min", -np.inf) > op.attrs.get("max", np.inf):
+            op.attrs["min"] = op.attrs["max"]
         if op.kind == "flatten":
             op.kind = "reshape"
             op.attrs = {"shape": list(v[op.outputs[0]].shape)}

@@ -21,7 +21,7 @@ from .keys import DTYPES as _DT
 
 
 def encode_array(arr: np.ndarray) -> bytes:
-    arr = np.ascontiguousarray(arr)
+    arr = np.require(arr, requirements="C")  # a 0-d array stays 0-d
     if arr.dtype not in _CODE:
         raise TypeError(f"cannot send dtype {arr.dtype}")
     return struct.pack(f"<BB{arr.ndim}Q", _CODE[arr.dtype], arr.ndim, *arr.shape) + arr.tobytes()

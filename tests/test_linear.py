@@ -157,25 +157,31 @@ def test_gemm_protocol_exact(m, kk, n):
     assert (y == from_pyint(to_pyint(x).dot(to_pyint(w)) + to_pyint(b))).all()
 
 
-def test_identity_map_add_constant():
-    """add of a model-owner constant: the identity map with A = 0 (W^ = W = I)."""
+def test_constant_operand_as_a_masked_wire():
+    """A constant of the model owner's in a local op: P1 sends c + r_c, both hold it, the dealer r_c;
+    a local op (here a broadcasting add with P0's masked input) then runs on masks and masked values."""
     gen = np.random.default_rng(2)
-    x = gen.integers(0, 1 << 64, size=(3, 5, 4), dtype=U64)
-    b = gen.integers(0, 1 << 64, size=(3, 5, 4), dtype=U64)
-    rng = Rng()
-    r_x = rng.u64(x.shape)
+    c = gen.integers(0, 1 << 64, size=(3, 1, 4), dtype=U64)
+    x = gen.integers(0, 1 << 64, size=(5, 4), dtype=U64)
 
     def dealer(D):
-        return D.linear("id", None, 1, r_x, None, x.shape, D.linear_seeds("id"))
+        r_x = D.input("x", x.shape)
+        r_c = D.const("c", c.shape)
+        return r_c, r_x + r_c
 
-    r_y, k0, k1 = deal_in_memory(dealer)
-    y0, _, _, _ = run_parties(
-        lambda P: P.linear("id", None, z0=P.linear_offline("id", None, 1, x.shape, None, x.shape)),
-        lambda P: P.linear("id", x + r_x, None, 1, None, b),
-        k0,
-        k1,
-    )
-    assert (y0 - r_y == x + b).all()
+    (r_c, r_y), k0, k1 = deal_in_memory(dealer)
+
+    def party(P):
+        xh = P.input("x", x if P.b == 0 else None, x.shape)
+        ch = P.const("c", c if P.b == 1 else None, c.shape)
+        return ch, xh + ch
+
+    (c0, y0), (c1, y1), chan0, _ = run_parties(party, party, k0, k1)
+    assert (c0 == c1).all() and (y0 == y1).all()
+    assert (c0 - r_c == c).all() and (y0 - r_y == x + c).all()
+    assert not (c0 == c).any(), "P0 sees the constant masked"
+    assert chan0.rounds == 2  # P0's input, P1's constant
+    assert [t for t, _ in KeyReader(k0, party=0).records()] == ["x.rin"], "P0's keys say nothing of r_c"
 
 
 # ----------------------------------------------------------------- the limb boundary

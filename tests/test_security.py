@@ -279,6 +279,16 @@ def test_linear_messages_indistinguishable(secret):
         check_indistinguishable(bit_matrix(a[None, :]), bit_matrix(b[None, :]), f"{what} ({secret})")
 
 
+def test_model_owner_constant_message_indistinguishable():
+    """P0 receives c^ = c + r_c for a constant of the model owner's: for c = 0 and c = all ones alike."""
+    views = []
+    for c in (np.zeros((1, N), U64), np.full((1, N), ALL_ONES)):
+        _, k0, k1 = deal_in_memory(lambda D: D.const("c", (1, N)))
+        chat, _, _, _ = run_parties(lambda P: P.const("c", None, (1, N)), lambda P: P.const("c", c, (1, N)), k0, k1)
+        views.append(chat)
+    check_indistinguishable(bit_matrix(views[0]), bit_matrix(views[1]), "P0 receives c^")
+
+
 def test_detector_catches_a_leak():
     """The statistic is not vacuous: constant, biased and secret-dependent records fail."""
     rng = Rng()
