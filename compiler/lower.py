@@ -129,14 +129,10 @@ def _bilinear(op: Op, graph: Graph, x_name: str) -> tuple[str, dict, int, str | 
             ins[2] if len(ins) > 2 else None,
         )
     if op.kind == "gemm":
-        if a.get("transA"):
-            raise FsscError(
-                f"gemm %{op.name}: transA=1 transposes the data owner's operand, which the secure runtime "
-                f"does not do (compute x^T earlier in the model, or use MatMul)"
-            )
         if any(key in a for key in ("alpha", "beta", "transB")):
             raise FsscError(f"gemm %{op.name} is not canonical (the canonicalize pass should have run)")
-        return "matmul", {}, graph.values[ins[1]].shape[0], ins[1], ins[2] if len(ins) > 2 else None
+        fn = "matmul_transposed" if a.get("transA") else "matmul"  # x^T W when the data operand is [K, M]
+        return fn, {}, graph.values[ins[1]].shape[0], ins[1], ins[2] if len(ins) > 2 else None
     if op.kind == "matmul":
         if graph.values[ins[0]].is_const:
             return "matmul_left", {}, graph.values[ins[0]].shape[-1], ins[0], None

@@ -4,9 +4,10 @@ Rewrite rules:
 
 * ``flatten(x, axis)`` -> ``reshape(x, shape)`` with the explicit shape;
   a reshape to the shape it already has is dropped.
-* ``gemm(a, B, C; alpha, beta, transA=0, transB)`` -> ``gemm(a, W, b)`` with
+* ``gemm(a, B, C; alpha, beta, transA, transB)`` -> ``gemm(a, W, b)`` with
   W = alpha * (B^T if transB else B) of shape [K, N] and b = beta * C (a [N]
-  vector when C broadcasts along rows); no attributes remain.
+  vector when C broadcasts along rows); no attributes remain but ``transA=1``
+  (the data operand is read transposed: y = a^T W + b).
 * ``matmul(x, W)`` with a 2-D constant W and a 2-D x -> ``gemm(x, W)``.
 * ``gemm`` / ``conv`` followed by ``add`` of a constant bias (shape [N] or
   [1, N] for gemm, [C,1,1] or [1,C,1,1] for conv), when the linear op's output
@@ -56,11 +57,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         ):
             graph.replace_uses(op.outputs[0], op.inputs[0])
             continue
-        if (
-            op.kind == "gemm"
-            and not op.attrs.get("transA", 0)
-            and any(k in op.attrs for k in ("alpha", "beta", "transB"))
-        ):
+        if op.kind == "gemm" and any(k in op.attrs for k in ("alpha", "beta", "transB", "transA")):
             a = op.attrs
             w = v[op.inputs[1]].data.astype(np.float64)
             w = (w.T if a.get("transB", 0) else w) * a.get("alpha", 1.0)
@@ -74,7 +71,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                     c = c.reshape(n)
                 ins.append(_new_const(graph, op.inputs[2] + ".b", c))
             op.inputs = ins
-            op.attrs = {}
+            op.attrs = {"transA": 1} if op.attrs.get("transA", 0) else {}
         if (
             op.kind == "matmul"
             and v[op.inputs[1]].is_const

@@ -35,6 +35,11 @@ def matmul():
     return lambda x, w: np.matmul(x, w)
 
 
+def matmul_transposed():
+    """x^T W (Gemm with transA=1: the data operand [K, M] is read transposed)."""
+    return lambda x, w: np.matmul(np.swapaxes(x, -1, -2), w)
+
+
 def matmul_left():
     return lambda x, w: np.matmul(w, x)
 

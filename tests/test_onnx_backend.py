@@ -249,8 +249,7 @@ def compile_case(model, name: str, feeds: dict[str, np.ndarray]):
 
 
 # cases the float interpreter passes that the secure runtime refuses, with the reason (docs/conformance.md)
-_TRANS_A = "Gemm with transA=1 transposes the data owner's operand; the secure runtime has no transpose"
-SECURE_LEFT_OUT = {"test_gemm_all_attributes": _TRANS_A, "test_gemm_transposeA": _TRANS_A}
+SECURE_LEFT_OUT: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in CASES if n not in LEFT_OUT))

@@ -236,10 +236,22 @@ def test_canonicalize_gemm_scalar_c_becomes_a_vector():
     np.testing.assert_allclose(g.values[op_of(g, "gemm").inputs[2]].data, [0.75] * 3)
 
 
-def test_canonicalize_gemm_transa_is_left_alone():
-    model = make_model([oh.make_node("Gemm", ["x", "B"], ["y"], transA=1)], (4, 2), {"B": rand((4, 3))})
+def test_canonicalize_gemm_transa_keeps_only_transa_and_runs_securely():
+    """transA=1 reads the data operand transposed: alpha and transB fold into W, transA stays; the
+    generated programs compute x^T W (lib.matmul_transposed) exactly as the fixed-point interpreter."""
+    from fssc.compiler.compile import compile_graph
+    from fssc.compiler.simulation import simulate
+
+    model = make_model(
+        [oh.make_node("Gemm", ["x", "B"], ["y"], transA=1, transB=1, alpha=0.5)], (4, 2), {"B": rand((3, 4))}
+    )
     g, changed = apply(import_onnx(model), canonicalize)
-    assert not changed and op_of(g, "gemm").attrs["transA"] == 1
+    assert changed and op_of(g, "gemm").attrs == {"transA": 1}
+    x = rand((4, 2), seed=1)
+    assert_float_close(run_float(g, x)[0], ort_run(model, x))
+    sim = simulate(compile_graph(import_onnx(model), echo=lambda s: None).graph, x)
+    assert sim.mismatches() == [] and sim.outputs[0].shape == (2, 3)
+    assert_float_close(sim.decoded()[0], ort_run(model, x))
 
 
 def test_canonicalize_matmul_becomes_gemm_and_bias_folds():
