@@ -284,7 +284,11 @@ def test_model_owner_constant_message_indistinguishable():
     views = []
     for c in (np.zeros((1, N), U64), np.full((1, N), ALL_ONES)):
         _, k0, k1 = deal_in_memory(lambda D: D.const("c", (1, N)))
-        chat, _, _, _ = run_parties(lambda P: P.const("c", None, (1, N)), lambda P: P.const("c", c, (1, N)), k0, k1)
+
+        def p1(P, c=c):
+            return P.const("c", c, (1, N))
+
+        chat, _, _, _ = run_parties(lambda P: P.const("c", None, (1, N)), p1, k0, k1)
         views.append(chat)
     check_indistinguishable(bit_matrix(views[0]), bit_matrix(views[1]), "P0 receives c^")
 
