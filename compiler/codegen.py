@@ -51,8 +51,6 @@ def _kw(params: dict, keys) -> str:
 
 
 def _fn_expr(p: dict) -> str:
-    if p["fn"] == "identity":
-        return "None"
     args = ", ".join(f"{k}={_lit(v)}" for k, v in p["fn_args"].items())
     return f"lib.{p['fn']}({args})"
 
@@ -68,13 +66,16 @@ def render_stmt(st: Stmt, role: str) -> list[str]:
     a = st.args
     line: str
     if st.kind == "input":
-        extra = ", x" if role == "party0" else ""
+        extra = f", X[{_lit(p['name'])}]" if role == "party0" else ""
         line = f"{st.out} = lib.input_wire({ctx}, {T}, {_lit(p['shape'])}{extra})"
+    elif st.kind == "const":  # the model owner's constant operand of a local op, as a masked wire
+        c = f", c=W[{T}]" if role == "party1" else ""
+        line = f"{st.out} = lib.const({ctx}, {T}, shape={_lit(p['shape'])}{c})"
     elif st.kind == "linear":
         if role == "party0":
             line = f"{st.out} = lib.linear_p0(P, {T}, Z0.pop({T}))"
         elif role == "party1":
-            w = f"W[{_lit(st.tag + '.w')}]" if p["w_shape"] is not None else "None"
+            w = f"W[{_lit(st.tag + '.w')}]"
             b = f"W[{_lit(st.tag + '.b')}]" if p["bias"] else "None"
             line = (
                 f"{st.out} = lib.linear_p1(P, {T}, {a[0]}, {_fn_expr(p)}, {p['k']}, {w}, {b}, "
@@ -138,11 +139,10 @@ def _functions(prog: SecureProgram, role: str) -> list[dict]:
         for st in prog.linears:
             p = st.params
             T = _lit(st.tag)
-            wh = f"WH[{T}]" if p["w_shape"] is not None else "None"
             off += [
                 f"# {_comment_text(st.comment)}",
                 f"Z0[{T}] = lib.linear_offline(P, {T}, {_fn_expr(p)}, {p['k']}, "
-                f"{_lit(p['x_shape'])}, {wh}, {_lit(p['y_shape'])})",
+                f"{_lit(p['x_shape'])}, WH[{T}], {_lit(p['y_shape'])})",
             ]
         off.append("return Z0")
         body = ["out = {}"] + body + [f"out[{_lit(o['name'])}] = {o['var']}" for o in labels] + ["return out"]
@@ -153,9 +153,9 @@ def _functions(prog: SecureProgram, role: str) -> list[dict]:
                 "body": off,
             },
             {
-                "signature": "online(P, x, Z0)",
-                "doc": "The inference: x is the encoded input batch; returns "
-                "the outputs (ring elements at the manifest's scale, or labels).",
+                "signature": "online(P, X, Z0)",
+                "doc": "The inference: X maps each input's name to its encoded batch (P0 holds every "
+                "input); returns the outputs (ring elements at the manifest's scale, or labels).",
                 "body": body,
             },
         ]
@@ -187,10 +187,7 @@ def render(prog: SecureProgram, role: str, source: str) -> str:
     header = []
     if role in ("party0", "party1"):
         header.append("# weighted layers: tag -> weight shape (W^ = W + A is sent to P0 once per session)")
-        header.append(
-            "LINEAR_WEIGHTS = "
-            + json.dumps({st.tag: st.params["w_shape"] for st in prog.linears if st.params["w_shape"] is not None})
-        )
+        header.append("LINEAR_WEIGHTS = " + json.dumps({st.tag: st.params["w_shape"] for st in prog.linears}))
     title, doc = ROLES[role]
     return env.get_template("program.py.j2").render(
         role=role,

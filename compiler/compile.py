@@ -43,6 +43,11 @@ class CompileResult:
 def load_calibration(path: str, graph: Graph) -> list[np.ndarray]:
     from fssc.runtime.images import Preprocess, batches, load_inputs
 
+    if len(graph.inputs) != 1:
+        raise FsscError(
+            f"--calibrate takes images for a model with one input; this one has {len(graph.inputs)} "
+            f"({', '.join(graph.inputs)})"
+        )
     shape = graph.values[graph.inputs[0]].shape
     if len(shape) != 4:
         raise FsscError(f"--calibrate needs an image model input [N,C,H,W], got {shape}")
@@ -51,7 +56,8 @@ def load_calibration(path: str, graph: Graph) -> list[np.ndarray]:
 
 
 def add_label_output(graph: Graph) -> Graph:
-    """Output mode ``labels``: append ArgMax over the class axis to a logits output."""
+    """Output mode ``labels``: a copy of the graph with ArgMax over the class axis appended to its logits
+    output (the caller's graph is left as it was)."""
     if len(graph.outputs) != 1:
         raise FsscError(f"--output-mode labels needs one output, the graph has {len(graph.outputs)}")
     o = graph.outputs[0]
@@ -60,6 +66,7 @@ def add_label_output(graph: Graph) -> Graph:
         return graph
     if len(v.shape) != 2:
         raise FsscError(f"--output-mode labels: output %{o} has shape {v.shape}, expected [batch, classes]")
+    graph = graph.clone()
     lab = graph.fresh_name("labels")
     graph.add_value(Value(lab, (v.shape[0],), "int64"))
     graph.ops.append(

@@ -20,14 +20,17 @@ one gate call:
   selections in D levels, each opening value and index: P0 n*dcf + 16D, P1
   n*(dcf + 7*8) + n/8, 2D rounds, n/8 + 16n sent by each party.
 * Clip: a ReLU call over 2n elements (n when one-sided).
-* Linear layers with the model owner's constants: P0 two 16-byte seeds per
+* Linear layers with the model owner's weights: P0 two 16-byte seeds per
   op; P1 8 bytes per input and per output element ([r_x]_1, c_1). 1 round;
   each party sends 8 bytes per output element (P0's z_0 can go early).
+* A constant of the model owner's in a local op (add, sub, concat): P1's key
+  holds a 16-byte seed of its mask r_c and P1 sends c + r_c (8 bytes per
+  element of the constant, one message: 1 round) per constant operand.
 * Input: P0's key holds r_in (8 bytes per element) and P0 sends x^ (8 bytes per
   element). Outputs: P0's key holds r_out (8 bytes per element).
 
 The per-model setup (P1 sends W + A once per session, 8 bytes per weight) is
-reported separately. Local ops cost nothing.
+reported separately. Local ops cost nothing else.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import asdict, dataclass
 from fssc.runtime import dcf
 
 from .ir import Graph, Op
+from .lower import is_weighted
 
 SEED_BYTES = 16
 WORD = 8
@@ -65,16 +69,6 @@ class OpCost:
         d = asdict(self)
         d["shape"] = list(self.shape)
         return d
-
-
-LINEAR_WEIGHTED = {"conv", "gemm", "matmul", "mul", "affine"}  # as fssc.compiler.lower.WEIGHTED
-
-
-def is_weighted(op: Op, graph: Graph) -> bool:
-    """Ops run with the linear-layer protocol: the model owner's weights, or a constant added."""
-    return op.kind in LINEAR_WEIGHTED or (
-        op.kind in ("add", "sub") and any(graph.values[i].is_const for i in op.inputs)
-    )
 
 
 def op_cost(op: Op, graph: Graph) -> OpCost:
@@ -109,6 +103,12 @@ def op_cost(op: Op, graph: Graph) -> OpCost:
         c.key_p1 = WORD * (x.size + out.size)
         c.rounds = 1
         c.sent_p0 = c.sent_p1 = WORD * out.size
+        return c
+    for i in op.inputs:  # constants of a local op: P1 sends each masked (lower's ``const`` statements)
+        if graph.values[i].is_const:
+            c.key_p1 += SEED_BYTES
+            c.rounds += 1
+            c.sent_p1 += WORD * graph.values[i].size
     return c
 
 
@@ -124,6 +124,7 @@ class CostReport:
     input_bytes: int
     setup_bytes: int  # masked weights P1 -> P0, once per session
     masks_p0: int = 0  # P0's input and output masks, in the clear in its key
+    n_inputs: int = 1  # graph inputs: one message (round) each
 
     def total(self, field: str) -> float:
         """Sum over ops; the P0 key total includes ``masks_p0``."""
@@ -131,7 +132,7 @@ class CostReport:
 
     @property
     def rounds(self) -> int:
-        return 1 + int(self.total("rounds"))  # + the input message
+        return self.n_inputs + int(self.total("rounds"))  # + the input messages
 
     def per_image(self, field: str) -> float:
         return self.total(field) / self.batch
@@ -165,7 +166,7 @@ class CostReport:
 
 def _weight_size(op: Op, graph: Graph) -> int:
     """Elements of W in P1's setup message (the constant operand; affine's scale)."""
-    if op.kind not in LINEAR_WEIGHTED:
+    if not is_weighted(op, graph):
         return 0
     if op.kind in ("conv", "gemm", "affine"):
         return graph.values[op.inputs[1]].size
@@ -184,4 +185,4 @@ def cost_report(graph: Graph) -> CostReport:
         return not (op is not None and op.kind == "argmax" and _classes(op, graph) == 2)
 
     outs = sum(graph.values[o].size for o in graph.outputs if masked(o)) * WORD
-    return CostReport(batch, ops, inp, weights * WORD, masks_p0=inp + outs)
+    return CostReport(batch, ops, inp, weights * WORD, masks_p0=inp + outs, n_inputs=len(graph.inputs))

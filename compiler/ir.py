@@ -2,15 +2,16 @@
 
 A :class:`Graph` is a list of :class:`Op` in topological order over named
 :class:`Value` s. A value is a tensor with a static shape and a dtype; once
-the fixed-point plan has run it also carries a ``scale`` (fractional bits)
-and, for comparison inputs, a ``bits`` (comparison bitwidth). Constants
-(weights) are values with ``data``; they belong to the model owner.
+the fixed-point plan has run it also carries a ``scale`` (fractional bits).
+Constants (weights) are values with ``data``; they belong to the model owner.
 
 An op has a ``kind`` (see :mod:`fssc.compiler.ops` for the table of kinds),
 attributes, inputs, outputs and provenance: the ONNX node names it came from
 (``origin``) and the pass that created it (``created_by``). ``uid`` is a stable
 identity that survives passes which rewrite an op in place; the viewer and the
-diff use it.
+diff use it. A comparison op's bitwidth ``bits`` (set by range analysis) is
+the op's, not its input value's: one value may feed several comparisons that
+need different widths.
 
 The text form (:func:`Graph.text`) is deterministic: constants are elided to
 shape and a short content hash.
@@ -36,7 +37,6 @@ class Value:
     dtype: str = "float32"
     data: np.ndarray | None = None  # constants only (model owner's)
     scale: int | None = None  # fixed-point fractional bits, once planned
-    bits: int | None = None  # comparison bitwidth, once range-analysed
     stripped: bool = False  # a constant whose bytes were removed (P0's and D's view)
 
     @property
@@ -84,6 +84,7 @@ class Op:
     created_by: str = "import"  # pass that created this op
     uid: int = -1
     gate: dict[str, Any] | None = None  # set by mark-comparisons: kind, count, bits
+    bits: int | None = None  # comparison bitwidth m of this op's gate, set by range-analysis
 
     @property
     def name(self) -> str:
@@ -105,8 +106,6 @@ def _fmt_type(v: Value) -> str:
     extra = []
     if v.scale is not None:
         extra.append(f"s={v.scale}")
-    if v.bits is not None:
-        extra.append(f"m={v.bits}")
     if extra:
         s += "{" + ",".join(extra) + "}"
     return s
@@ -163,9 +162,7 @@ class Graph:
     def clone(self) -> Graph:
         """Deep copy of structure; constant arrays are shared (treated immutably)."""
         g = Graph(self.name)
-        g.values = {
-            k: Value(v.name, v.shape, v.dtype, v.data, v.scale, v.bits, v.stripped) for k, v in self.values.items()
-        }
+        g.values = {k: Value(v.name, v.shape, v.dtype, v.data, v.scale, v.stripped) for k, v in self.values.items()}
         g.ops = [copy.deepcopy(op) for op in self.ops]
         g.inputs = list(self.inputs)
         g.outputs = list(self.outputs)
@@ -217,6 +214,8 @@ class Graph:
             s = f"  {outs} = {op.kind}({ins})"
             if attrs:
                 s += f" {{{attrs}}}"
+            if op.bits is not None:
+                s += f" m={op.bits}"
             if op.gate:
                 s += " gate{" + ",".join(f"{k}={_fmt_attr(op.gate[k])}" for k in sorted(op.gate)) + "}"
             prov = ",".join(op.origin) if op.origin else "-"

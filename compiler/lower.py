@@ -1,17 +1,22 @@
 """Lowering: a compiled IR graph -> the secure program's statements.
 
 Each IR op becomes one statement (``Stmt``) over program variables ``v0,
-v1, ...``: ``input``, ``linear`` (an op with the model owner's constants:
+v1, ...``: ``input``, ``linear`` (an op with the model owner's weights:
 the linear-layer protocol), a comparison gate (``relu``, ``trunc``,
 ``maxpool``, ``clip``, ``argmax2`` for two classes, ``argmax`` for more), a
-``local`` op (public and linear: runs on masks and
-masked values alike) or ``output``. The statements are role-independent;
-code generation renders them for P0, P1 and the dealer, and the program hash
-is computed over them (public parameters only), so the three programs agree
-on it by construction.
+``local`` op (public and linear: runs on masks and masked values alike) or
+``output``. A constant operand of a local op (add, sub, concat) is the model
+owner's: a ``const`` statement before the op makes it a masked wire (P1
+sends c + r_c, r_c from the dealer), which the op then takes like any other.
+The statements are role-independent; code generation renders them for P0,
+P1 and the dealer, and the program hash is computed over them (public
+parameters only), so the three programs agree on it by construction.
+:func:`check_program` re-infers every statement's shape with the runtime's
+own functions before anything is written.
 
 The model owner's constants are encoded here into ring elements (weights at
-``wscale``, biases at the output scale) and go to P1's weights file only.
+``wscale``, biases at the output scale, constant operands at the scale of the
+values they join) and go to P1's weights file only.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from fssc.runtime import ring
+from fssc.runtime import lib, ring
+from fssc.runtime.pooling import max_tree
 
 from fssc import __version__
 
@@ -72,6 +78,7 @@ class SecureProgram:
     outputs: list[dict]
     frac_bits: int
     weights: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    ir_shapes: dict[str, tuple] = field(repr=False, default_factory=dict)  # var -> its IR value's shape
 
     @property
     def linears(self) -> list[Stmt]:
@@ -96,14 +103,8 @@ class SecureProgram:
 
 
 def is_weighted(op: Op, graph: Graph) -> bool:
-    """Ops computed with the model owner's constants (the linear-layer protocol)."""
-    return _is_weighted(op, graph)
-
-
-def _is_weighted(op: Op, graph: Graph) -> bool:
-    if op.kind in WEIGHTED:
-        return True
-    return op.kind in ("add", "sub") and any(graph.values[i].is_const for i in op.inputs)
+    """Ops computed with the model owner's weights (the linear-layer protocol)."""
+    return op.kind in WEIGHTED
 
 
 def _comment(op: Op, graph: Graph) -> str:
@@ -128,9 +129,10 @@ def _bilinear(op: Op, graph: Graph, x_name: str) -> tuple[str, dict, int, str | 
             ins[2] if len(ins) > 2 else None,
         )
     if op.kind == "gemm":
-        if a.get("transA") or any(key in a for key in ("alpha", "beta", "transB")):
+        if any(key in a for key in ("alpha", "beta", "transB")):
             raise FsscError(f"gemm %{op.name} is not canonical (the canonicalize pass should have run)")
-        return "matmul", {}, graph.values[ins[1]].shape[0], ins[1], ins[2] if len(ins) > 2 else None
+        fn = "matmul_transposed" if a.get("transA") else "matmul"  # x^T W when the data operand is [K, M]
+        return fn, {}, graph.values[ins[1]].shape[0], ins[1], ins[2] if len(ins) > 2 else None
     if op.kind == "matmul":
         if graph.values[ins[0]].is_const:
             return "matmul_left", {}, graph.values[ins[0]].shape[-1], ins[0], None
@@ -140,7 +142,7 @@ def _bilinear(op: Op, graph: Graph, x_name: str) -> tuple[str, dict, int, str | 
         return "elementwise", {}, 1, next(i for i in ins if graph.values[i].is_const), None
     if op.kind == "affine":
         return "channelwise", {"ndim": len(graph.values[x_name].shape)}, 1, ins[1], ins[2]
-    return "identity", {}, 1, None, None  # add/sub of a constant
+    raise FsscError(f"{op.kind} %{op.name} is not a linear layer with weights")
 
 
 def encode_linear(op: Op, graph: Graph) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -151,25 +153,23 @@ def encode_linear(op: Op, graph: Graph) -> tuple[np.ndarray | None, np.ndarray |
 
 
 def _encode_linear(op: Op, graph: Graph, x_name: str, w_name, b_name) -> tuple[np.ndarray | None, np.ndarray | None]:
-    s_in = graph.values[x_name].fixed_scale
+    s_in = graph.values[x_name].scale
     out_shape = graph.values[op.outputs[0]].shape
-    if w_name is None:  # x + c (or x - c): a bias at the input scale
-        c_name = next(i for i in op.inputs if graph.values[i].is_const)
-        c = graph.values[c_name].array.astype(np.float64)
-        if op.kind == "sub":
-            if op.inputs[0] == c_name:
-                raise FsscError(f"sub(constant, x) at %{op.name} is not supported by the secure runtime")
-            c = -c
-        return None, np.broadcast_to(ring.encode(c, s_in), out_shape).copy()
     ws = op.attrs["wscale"]
-    w_enc = ring.encode(graph.values[w_name].array.astype(np.float64), ws)
+    w_enc = ring.encode(graph.values[w_name].data.astype(np.float64), ws)
     b_enc = None
     if b_name is not None:
-        b = graph.values[b_name].array.astype(np.float64)
+        b = graph.values[b_name].data.astype(np.float64)
         if op.kind in ("conv", "affine"):
             b = b.reshape((1, -1) + (1,) * (len(out_shape) - 2))
         b_enc = np.broadcast_to(ring.encode(b, s_in + ws), out_shape).copy()
     return w_enc, b_enc
+
+
+def _encode_const(op: Op, graph: Graph, name: str) -> np.ndarray:
+    """P1's constant operand of a local op, at the scale of the secret values it joins."""
+    s = next(graph.values[i].scale for i in op.inputs if not graph.values[i].is_const)
+    return ring.encode(graph.values[name].data.astype(np.float64), s)
 
 
 def _pool_params(a: dict) -> dict:
@@ -190,9 +190,9 @@ def _clip_bound(v, s):
 
 def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
     """Statements for the compiled graph. ``with_weights=False`` for a graph without constants' bytes."""
-    var: dict[str, str] = {}
+    var: dict[str | tuple, str] = {}
 
-    def new_var(name: str) -> str:
+    def new_var(name: str | tuple) -> str:
         var[name] = f"v{len(var)}"
         return var[name]
 
@@ -206,7 +206,7 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
                 "input",
                 new_var(name),
                 [],
-                {"shape": list(v.shape)},
+                {"name": name, "shape": list(v.shape)},
                 f"in.{name}",
                 f"input %{name} [{'x'.join(map(str, v.shape))}] s={v.scale} (the data owner's)",
             )
@@ -221,7 +221,7 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
         g = op.gate or {}
         if OPS[k].comparison and not g:
             raise FsscError(f"{k} %{op.name} has no gate plan (the mark-comparisons pass should have run)")
-        if _is_weighted(op, graph):
+        if is_weighted(op, graph):
             fn, fn_args, red, w_name, b_name = _bilinear(op, graph, secret[0])
             params = {
                 "fn": fn,
@@ -229,15 +229,14 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
                 "k": red,
                 "x_shape": list(graph.values[secret[0]].shape),
                 "y_shape": list(graph.values[op.outputs[0]].shape),
-                "w_shape": list(graph.values[w_name].shape) if w_name else None,
-                "bias": b_name is not None or w_name is None,
+                "w_shape": list(graph.values[w_name].shape),
+                "bias": b_name is not None,
             }
             st = Stmt("linear", new_var(op.outputs[0]), args, params, tag, comment)
             if with_weights:
                 w_enc, b_enc = _encode_linear(op, graph, secret[0], w_name, b_name)
-                if w_enc is not None:
-                    weights[tag + ".w"] = w_enc
-                    st.p1["w_bits"] = ring.signed_bits(w_enc)
+                weights[tag + ".w"] = w_enc
+                st.p1["w_bits"] = ring.signed_bits(w_enc)
                 if b_enc is not None:
                     weights[tag + ".b"] = b_enc
             stmts.append(st)
@@ -299,6 +298,28 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
                 Stmt("argmax2" if x.shape[ax] == 2 else "argmax", new_var(op.outputs[0]), args, params, tag, comment)
             )
         elif k in LOCAL:
+            args = []
+            for pos, i in enumerate(op.inputs):  # every operand, in order; P1's constants as masked wires
+                if not graph.values[i].is_const:
+                    args.append(var[i])
+                    continue
+                c_tag = f"{tag}.c{pos}"
+                c_var = new_var(("const", c_tag))  # a wire of its own, not an IR value
+                c = graph.values[i]
+                stmts.append(
+                    Stmt(
+                        "const",
+                        c_var,
+                        [],
+                        {"shape": list(c.shape)},
+                        c_tag,
+                        f"constant %{i} [{'x'.join(map(str, c.shape))}] of {k} %{op.name}: "
+                        f"the model owner's, sent masked",
+                    )
+                )
+                if with_weights:
+                    weights[c_tag] = _encode_const(op, graph, i)
+                args.append(c_var)
             if k in ("add", "sub", "concat"):
                 params = {"axis": op.attrs["axis"]} if k == "concat" else {}
             elif k == "upscale":
@@ -344,4 +365,81 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
                     "output", None, [var[o]], {"name": o, "scale": v.scale}, f"out.{o}", f"output %{o} (P0 unmasks it)"
                 )
             )
-    return SecureProgram(graph.name, stmts, inputs, outputs, graph.meta.get("frac_bits", 12), weights)
+    ir_shapes = {v: tuple(graph.values[name].shape) for name, v in var.items() if isinstance(name, str)}
+    prog = SecureProgram(graph.name, stmts, inputs, outputs, graph.meta.get("frac_bits", 12), weights, ir_shapes)
+    check_program(prog)
+    return prog
+
+
+# ------------------------------------------------------------ the lowering verifier
+GATES = ("relu", "trunc", "clip", "maxpool", "argmax", "argmax2")
+
+
+def _label(st: Stmt) -> str:
+    """The op a statement came from, as its comment names it ("concat %h")."""
+    return st.comment.split(" [")[0]
+
+
+def _shape_of(st: Stmt, ins: list[np.ndarray]) -> tuple:
+    """The statement's output shape by the runtime's own rules: the functions the generated programs call,
+    run on zeros (the bilinear maps on zero floats; no protocol)."""
+    p = st.params
+    if st.kind in ("input", "const"):
+        return tuple(p["shape"])
+    if st.kind == "linear":
+        fn = getattr(lib, p["fn"])(**p["fn_args"])
+        if tuple(ins[0].shape) != tuple(p["x_shape"]):
+            raise FsscError(f"its operand has shape {ins[0].shape}, the statement expects {tuple(p['x_shape'])}")
+        x, w = np.zeros(p["x_shape"]), np.zeros(p["w_shape"])
+        per_row = p["fn"] in ("conv", "channelwise")  # maps each batch row alike: one row, then N of them
+        y = (x.shape[0], *fn(x[:1], w).shape[1:]) if per_row else fn(x, w).shape
+        if tuple(y) != tuple(p["y_shape"]):
+            raise FsscError(f"lib.{p['fn']} gives {tuple(y)}, the statement claims {tuple(p['y_shape'])}")
+        return tuple(y)
+    if st.kind in ("relu", "trunc", "clip"):
+        return ins[0].shape
+    if st.kind == "maxpool":
+        attrs = lib._pool_attrs(*(p[k] for k in ("kernel_shape", "strides", "pads", "dilations", "ceil_mode")))
+        return max_tree(ins[0], attrs, lambda level, a, b: a).shape
+    if st.kind in ("argmax", "argmax2"):
+        return np.zeros(ins[0].shape).argmax(axis=p["axis"], keepdims=bool(p["keepdims"])).shape
+    if st.kind == "local":
+        kw = {k: v for k, v in p.items() if k != "fn"}
+        return getattr(lib, p["fn"])(*ins, **kw).shape
+    raise FsscError(f"unknown statement kind {st.kind!r}")
+
+
+def check_program(prog: SecureProgram) -> None:
+    """Refuse a program that disagrees with the IR: every operand defined before use, secret wires only into
+    gates and linear layers (a constant of the model owner's is a wire of its own, for local ops only), and
+    every statement's output shape, re-inferred with the runtime's functions, equal to its IR value's."""
+    shapes: dict[str, np.ndarray] = {}  # var -> zeros of its shape (broadcast views: no memory)
+    consts: set[str] = set()
+    for st in prog.stmts:
+        for a in st.args:
+            if a not in shapes:
+                raise FsscError(f"lowering: {_label(st)} reads {a} before any statement defines it")
+        if st.kind in GATES or st.kind == "linear":
+            if len(st.args) != 1:
+                raise FsscError(f"lowering: {_label(st)} ({st.kind}) takes one secret operand, got {len(st.args)}")
+            if st.args[0] in consts:
+                raise FsscError(
+                    f"lowering: {_label(st)} ({st.kind}) cannot take the model owner's constant as its operand"
+                )
+        if st.kind == "output":
+            continue
+        try:
+            shape = _shape_of(st, [shapes[a] for a in st.args])
+        except FsscError as e:
+            raise FsscError(f"lowering: {_label(st)} ({st.kind}): {e}") from None
+        except (ValueError, TypeError, IndexError, KeyError) as e:
+            raise FsscError(
+                f"lowering: {_label(st)} ({st.kind}): the runtime cannot take its operands "
+                f"{[tuple(shapes[a].shape) for a in st.args]}: {type(e).__name__}: {e}"
+            ) from None
+        want = prog.ir_shapes.get(st.out) if st.kind != "const" else tuple(st.params["shape"])
+        if want is None or tuple(shape) != tuple(want):
+            raise FsscError(f"lowering: {_label(st)} ({st.kind}) gives shape {tuple(shape)}, the IR says {want}")
+        shapes[st.out] = np.broadcast_to(np.zeros((), dtype=np.uint64), shape)
+        if st.kind == "const":
+            consts.add(st.out)

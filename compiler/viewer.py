@@ -112,7 +112,7 @@ def _planned_gate(op: Op, graph: Graph) -> dict | None:
     kind = gate_kind(op)
     if not kind:
         return None
-    bits = graph.values[op.inputs[0]].bits
+    bits = op.bits
     n = gate_count(op, graph)
     batch = graph.values[graph.inputs[0]].shape[0] if graph.inputs else 1
     return {
@@ -138,7 +138,7 @@ def estimated_cost(op: Op, graph: Graph) -> tuple[OpCost, str]:
     probe = op
     if not op.gate and gate_kind(op):
         probe = Op(op.kind, op.inputs, op.outputs, op.attrs, op.origin, op.created_by, op.uid, _planned_gate(op, graph))
-        bits = graph.values[op.inputs[0]].bits
+        bits = op.bits
         note = (
             f"estimate: not marked yet, m={bits} from range analysis"
             if bits is not None
@@ -156,7 +156,7 @@ def estimated_cost(op: Op, graph: Graph) -> tuple[OpCost, str]:
 def pass_totals(graph: Graph, costs: list[OpCost]) -> dict:
     """Cost totals of one pass (the compile report's totals, estimated before marking)."""
     base = cost_report(graph)  # input, setup and mask bytes; its per-op costs are replaced
-    rep = CostReport(base.batch, costs, base.input_bytes, base.setup_bytes, base.masks_p0)
+    rep = CostReport(base.batch, costs, base.input_bytes, base.setup_bytes, base.masks_p0, base.n_inputs)
     t = rep.to_dict()["totals"]
     t["comparisons"] = t["gates"]
     t["marked"] = all(op.gate for op in graph.ops if gate_kind(op))
@@ -168,8 +168,6 @@ def _value(v: Value, digests: dict[int, str]) -> dict:
     d: dict[str, object] = {"n": v.name, "t": _fmt_type(v), "sh": list(v.shape), "dt": v.dtype}
     if v.scale is not None:
         d["s"] = v.scale
-    if v.bits is not None:
-        d["m"] = v.bits
     if v.is_const:  # passes share constant arrays between clones: hash each once
         key = id(v.data)
         if key not in digests:

@@ -4,14 +4,18 @@ Rewrite rules:
 
 * ``flatten(x, axis)`` -> ``reshape(x, shape)`` with the explicit shape;
   a reshape to the shape it already has is dropped.
-* ``gemm(a, B, C; alpha, beta, transA=0, transB)`` -> ``gemm(a, W, b)`` with
+* ``gemm(a, B, C; alpha, beta, transA, transB)`` -> ``gemm(a, W, b)`` with
   W = alpha * (B^T if transB else B) of shape [K, N] and b = beta * C (a [N]
-  vector when C broadcasts along rows); no attributes remain.
+  vector when C broadcasts along rows); no attributes remain but ``transA=1``
+  (the data operand is read transposed: y = a^T W + b).
 * ``matmul(x, W)`` with a 2-D constant W and a 2-D x -> ``gemm(x, W)``.
 * ``gemm`` / ``conv`` followed by ``add`` of a constant bias (shape [N] or
   [1, N] for gemm, [C,1,1] or [1,C,1,1] for conv), when the linear op's output
   has no other user -> the bias moves into the linear op.
 * ``sub(x, c)`` with a constant c -> ``add(x, -c)``.
+* ``clip`` with neither bound -> ``reshape`` to its own shape (an identity,
+  dropped like any such reshape); with min > max -> min = max (ONNX: every
+  output is max), the form the secure gate computes.
 
 Every rewrite preserves the float semantics exactly (up to float rounding of
 the folded constants).
@@ -37,6 +41,11 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     keep: list[Op] = []
     for op in graph.ops:
         v = graph.values
+        if op.kind == "clip" and "min" not in op.attrs and "max" not in op.attrs:
+            op.kind = "reshape"
+            op.attrs = {"shape": list(v[op.outputs[0]].shape)}
+        if op.kind == "clip" and op.attrs.get("min", -np.inf) > op.attrs.get("max", np.inf):
+            op.attrs["min"] = op.attrs["max"]
         if op.kind == "flatten":
             op.kind = "reshape"
             op.attrs = {"shape": list(v[op.outputs[0]].shape)}
@@ -47,11 +56,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         ):
             graph.replace_uses(op.outputs[0], op.inputs[0])
             continue
-        if (
-            op.kind == "gemm"
-            and not op.attrs.get("transA", 0)
-            and any(k in op.attrs for k in ("alpha", "beta", "transB"))
-        ):
+        if op.kind == "gemm" and any(k in op.attrs for k in ("alpha", "beta", "transB", "transA")):
             a = op.attrs
             w = v[op.inputs[1]].array.astype(np.float64)
             w = (w.T if a.get("transB", 0) else w) * a.get("alpha", 1.0)
@@ -65,7 +70,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                     c = c.reshape(n)
                 ins.append(_new_const(graph, op.inputs[2] + ".b", c))
             op.inputs = ins
-            op.attrs = {}
+            op.attrs = {"transA": 1} if op.attrs.get("transA", 0) else {}
         if (
             op.kind == "matmul"
             and v[op.inputs[1]].is_const

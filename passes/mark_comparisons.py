@@ -20,14 +20,13 @@ NAME = "mark-comparisons"
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
-    ranges = ctx.notes.get("ranges", {})
     batch = graph.values[graph.inputs[0]].shape[0] if graph.inputs else 1
     for op in graph.ops:
         kind = gate_kind(op)
         if not kind:
             op.gate = None
             continue
-        bits = ranges.get(op.uid, {}).get("bits") or graph.values[op.inputs[0]].bits
+        bits = op.bits
         if bits is None:
             raise FsscError(f"{NAME}: no bitwidth for {op.kind} %{op.name}; run range-analysis first")
         n = gate_count(op, graph)

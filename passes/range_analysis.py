@@ -2,20 +2,21 @@
 
 Runs the planned IR in the fixed-point interpreter on calibration inputs
 (``--calibrate DIR``, else batches from a fixed seed: synthetic images for an
-image input [N,C,H,W], standard normal values for any other shape) and
+image input [N,C,H,W], standard normal values for any other shape; one
+stream per graph input) and
 measures the largest magnitude each comparison sees
 (:func:`fssc.compiler.gates.comparison_magnitude`: x >> trunc for a ReLU, the
 window spread for max gates, the row spread for ArgMax). The bitwidth is
 m = bits(magnitude) + sign + ``margin_bits`` (a 2^margin safety factor),
 capped at the ring's 64 bits. It is written on the
-op's input value (``bits``) and kept in ``ctx.notes['ranges']`` for
-mark-comparisons. Semantics are unchanged.
+op (``op.bits``: a value feeding several comparisons gets no single width)
+for mark-comparisons, and kept with the magnitude in ``ctx.notes['ranges']``.
+Semantics are unchanged.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from fssc.compiler.errors import FsscError
 from fssc.compiler.gates import bits_for, comparison_magnitude, gate_kind
 from fssc.compiler.interp import run_fixed
 from fssc.compiler.ir import Graph
@@ -27,22 +28,24 @@ NAME = "range-analysis"
 DEFAULT_CALIBRATION_BATCHES = 4
 
 
-def default_calibration(shape: tuple[int, ...]) -> list[np.ndarray]:
+def default_calibration(shape: tuple[int, ...], seed: int = 1) -> list[np.ndarray]:
     """Calibration batches from a fixed seed when the user gave none."""
     if len(shape) == 4:
-        return synthetic_inputs(shape, DEFAULT_CALIBRATION_BATCHES, seed=1)
-    rng = np.random.default_rng(1)
+        return synthetic_inputs(shape, DEFAULT_CALIBRATION_BATCHES, seed=seed)
+    rng = np.random.default_rng(seed)
     return [rng.standard_normal(shape).astype(np.float32) for _ in range(DEFAULT_CALIBRATION_BATCHES)]
 
 
+def default_batches(graph: Graph) -> list:
+    """Default calibration for every graph input: arrays for one input, dicts name -> array for several."""
+    streams = {n: default_calibration(graph.values[n].shape, seed=1 + k) for k, n in enumerate(graph.inputs)}
+    if len(streams) == 1:
+        return next(iter(streams.values()))
+    return [{n: s[b] for n, s in streams.items()} for b in range(DEFAULT_CALIBRATION_BATCHES)]
+
+
 def run(graph: Graph, ctx: PassContext) -> Graph:
-    if len(graph.inputs) != 1:
-        raise FsscError(
-            f"{NAME}: the graph has {len(graph.inputs)} inputs ({', '.join(graph.inputs)}); "
-            f"fssc compiles models with one input"
-        )
-    shape = graph.values[graph.inputs[0]].shape
-    data = ctx.calibration or default_calibration(shape)
+    data = ctx.calibration or default_batches(graph)
     mags: dict[int, int] = {}
 
     def observe(op, ins, out):
@@ -57,7 +60,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             shift = op.attrs.get("trunc") or op.attrs.get("shift") or op.attrs.get("cmp_trunc") or 0
             m = min(64 - shift, bits_for(mags[op.uid]) + ctx.margin_bits)  # the gate reads m bits above the shift
             ranges[op.uid] = {"magnitude": mags[op.uid], "bits": m}
-            graph.values[op.inputs[0]].bits = m
+            op.bits = m
     ctx.notes["ranges"] = ranges
     ctx.notes["calibration_batches"] = len(data)
     return graph

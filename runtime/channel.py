@@ -32,7 +32,7 @@ def _header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
 
 
 def encode_array(arr: np.ndarray) -> bytes:
-    arr = np.ascontiguousarray(arr)
+    arr = np.require(arr, requirements="C")  # a 0-d array stays 0-d
     if arr.dtype not in _CODE:
         raise TypeError(f"cannot send dtype {arr.dtype}")
     return _header(arr.dtype, arr.shape) + arr.tobytes()

@@ -70,7 +70,7 @@ class KeyWriter:
         self.bytes_written += len(b)
 
     def put(self, tag: str, arr: np.ndarray) -> None:
-        arr = np.ascontiguousarray(arr)
+        arr = np.require(arr, requirements="C")  # C order; a 0-d array stays 0-d (ascontiguousarray makes it 1-d)
         if arr.dtype not in DTYPE_CODES:
             arr = arr.astype(np.uint64) if arr.dtype.kind in "iu" and arr.dtype.itemsize == 8 else arr
         if arr.dtype not in DTYPE_CODES:

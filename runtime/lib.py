@@ -34,6 +34,11 @@ def matmul():
     return np.matmul
 
 
+def matmul_transposed():
+    """x^T W (Gemm with transA=1: the data operand [K, M] is read transposed)."""
+    return lambda x, w: np.matmul(np.swapaxes(x, -1, -2), w)
+
+
 def matmul_left():
     return lambda x, w: np.matmul(w, x)
 
@@ -73,10 +78,18 @@ def output(ctx, tag: str, v: np.ndarray):
     return ctx.output(tag, v)
 
 
+def const(ctx, tag: str, shape, c: np.ndarray | None = None) -> np.ndarray:
+    """A constant operand of a local op, the model owner's: P1 sends c^ = c + r_c (``c`` is P1's encoded
+    constant; r_c comes from the dealer), P0 receives it, the dealer returns r_c. From here the constant is
+    a masked wire like any other."""
+    if isinstance(ctx, Dealer):
+        return ctx.const(tag, tuple(shape))
+    return ctx.const(tag, c, tuple(shape))
+
+
 # ------------------------------------------------------------ linear layers
 def linear_dealer(D: Dealer, tag: str, r_x, fn, k: int, w_shape, y_shape, seeds: bytes, setup_seed: bytes):
-    a = weight_mask(setup_seed, tag, w_shape) if w_shape is not None else None
-    return D.linear(tag, fn, k, r_x, a, tuple(y_shape), seeds)
+    return D.linear(tag, fn, k, r_x, weight_mask(setup_seed, tag, w_shape), tuple(y_shape), seeds)
 
 
 def linear_offline(P: Party, tag: str, fn, k: int, x_shape, w_hat, y_shape) -> np.ndarray:

@@ -230,6 +230,12 @@ def main_party0(mod, argv) -> int:
     prog_dir = _prog_dir(mod)
     manifest = load_manifest(prog_dir)
     _check_manifest(mod, manifest)
+    if len(manifest["inputs"]) != 1:
+        names = ", ".join(i["name"] for i in manifest["inputs"])
+        raise FsscError(
+            f"this program has {len(manifest['inputs'])} inputs ({names}); the data owner's command line feeds "
+            f"one (--images or --input): run programs with several inputs through their online(P, X, Z0) function"
+        )
     inp = manifest["inputs"][0]
     shape = inp["shape"]
     kinds = {o["kind"] for o in manifest["outputs"]}
@@ -259,7 +265,7 @@ def main_party0(mod, argv) -> int:
     results = []
     for bi, (b, xin) in enumerate(zip(use, xb, strict=True)):
         with use_batch(a.keys, 0, b, mod.PROGRAM_HASH, deal) as keys:
-            out = run_p0_batch(mod, chan, keys, w_hat, ring.encode(xin, inp["scale"]), timings)
+            out = run_p0_batch(mod, chan, keys, w_hat, {inp["name"]: ring.encode(xin, inp["scale"])}, timings)
         n_real = min(shape[0], len(x) - bi * shape[0])
         for i in range(n_real):
             rec = {"input": names[bi * shape[0] + i], "batch": b}

@@ -100,7 +100,13 @@ class Dealer:
 
     def output(self, tag: str, r: np.ndarray) -> None:
         """P0 gets the output mask in the clear (only P0 learns results)."""
-        self.w[0].put(tag + ".rout", np.ascontiguousarray(r))
+        self.w[0].put(tag + ".rout", r)
+
+    def const(self, tag: str, shape) -> np.ndarray:
+        """Mask r_c of a constant of the model owner's: P1 gets a seed that expands to it, P0 nothing."""
+        seed = self.rng.seed_bytes()
+        self.w[1].put(tag + ".rc", np.frombuffer(seed, dtype=np.uint8))
+        return expand(seed, shape)
 
     # -- comparison gates -------------------------------------------------
     def _lift_gate(self, tag: str, r: np.ndarray, m: int, s: int, rows) -> np.ndarray:
@@ -154,16 +160,13 @@ class Dealer:
         self.w[0].put(tag + ".seeds", np.frombuffer(seeds, dtype=np.uint8))
         return seeds
 
-    def linear(
-        self, tag: str, fn, k: int, r_x: np.ndarray, a_mask: np.ndarray | None, y_shape, seeds: bytes
-    ) -> np.ndarray:
+    def linear(self, tag: str, fn, k: int, r_x: np.ndarray, a_mask: np.ndarray, y_shape, seeds: bytes) -> np.ndarray:
         """y = W * x + b: P0 has two seeds, P1 gets [r_x]_1 and c_1 (DESIGN.md section 4)."""
         s_rx, s_c = seeds[:16], seeds[16:]
         rx0 = expand(s_rx, r_x.shape)
         r_y = self.fresh(y_shape)
         c0 = expand(s_c, y_shape)
-        # A * [r_x]_0; the identity map (add of a constant) has W^ = W = I, so A = 0
-        cross = ring_bilinear(fn, rx0, a_mask, k, 64, 64) if a_mask is not None else U64(0)
+        cross = ring_bilinear(fn, rx0, a_mask, k, 64, 64)  # A * [r_x]_0
         self.w[1].put(tag + ".rx1", r_x - rx0)
         self.w[1].put(tag + ".c1", cross + r_y - c0)
         return r_y
@@ -229,6 +232,15 @@ class Party:
             self.chan.send(xhat)
             return xhat
         return self.chan.recv(shape, U64, step=tag).copy()
+
+    def const(self, tag: str, c: np.ndarray | None, shape) -> np.ndarray:
+        """P1 masks and sends its constant; both then hold c^ = c + r_c. P0 sees a uniform tensor."""
+        self.chan.rounds += 1  # one message, P1 -> P0
+        if self.b == 1:
+            chat = np.asarray(c, dtype=U64).reshape(shape) + expand(self.keys.get(tag + ".rc").tobytes(), shape)
+            self.chan.send(chat)
+            return chat
+        return self.chan.recv().reshape(shape).copy()
 
     def output(self, tag: str, yhat: np.ndarray) -> np.ndarray | None:
         """P0 unmasks; P1 learns nothing."""
@@ -303,14 +315,13 @@ class Party:
         return (e ^ peer).astype(np.int64)
 
     # -- linear layer -------------------------------------------------------
-    def linear_offline(self, tag: str, fn, k: int, x_shape, w_hat: np.ndarray | None, y_shape) -> np.ndarray:
+    def linear_offline(self, tag: str, fn, k: int, x_shape, w_hat: np.ndarray, y_shape) -> np.ndarray:
         """P0's half z_0 = c_0 - W^ * [r_x]_0, computable before the input exists."""
         assert self.b == 0
         seeds = self.keys.get(tag + ".seeds").tobytes()
         rx0 = expand(seeds[:16], x_shape)
         c0 = expand(seeds[16:], y_shape)
-        cross = ring_bilinear(fn, rx0, w_hat, k, 64, 64) if w_hat is not None else rx0.reshape(y_shape)
-        return c0 - cross
+        return c0 - ring_bilinear(fn, rx0, w_hat, k, 64, 64)
 
     def linear(
         self,
@@ -331,8 +342,7 @@ class Party:
         rx1 = self.keys.get(tag + ".rx1")
         c1 = self.keys.get(tag + ".c1")
         xm = xhat - rx1
-        z1 = ring_bilinear(fn, xm, w, k, 64, w_bits) if w is not None else xm.reshape(c1.shape)
-        z1 = z1 + c1
+        z1 = ring_bilinear(fn, xm, w, k, 64, w_bits) + c1
         if bias is not None:
             z1 = z1 + bias
         return self._open(z1)

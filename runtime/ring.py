@@ -125,10 +125,10 @@ def ring_bilinear(
             if shift >= RING_BITS:
                 continue
             part = np.asarray(fn(xi, wj))
-            part = np.rint(part).astype(np.int64).view(np.uint64) << np.uint64(shift)
+            shape = part.shape  # flat while summing: a 0-d result stays an array (numpy scalars warn on wrap)
+            part = np.rint(part.reshape(-1)).astype(np.int64).view(np.uint64) << np.uint64(shift)
             acc = part if acc is None else acc + part
-    assert acc is not None  # the (0, 0) digit pair has shift 0
-    return acc
+    return acc.reshape(shape)
 
 
 def fixed_mul(x: np.ndarray, c: np.ndarray) -> np.ndarray:

@@ -303,13 +303,19 @@ def run_p1_batch(mod, chan: Channel, keys: KeyReader, W: dict[str, np.ndarray]) 
 
 
 def run_p0_batch(
-    mod, chan: Channel, keys: KeyReader, w_hat: dict[str, np.ndarray], x_enc: np.ndarray, timings: dict | None = None
+    mod,
+    chan: Channel,
+    keys: KeyReader,
+    w_hat: dict[str, np.ndarray],
+    inputs: dict[str, np.ndarray],
+    timings: dict | None = None,
 ) -> dict:
+    """One batch on P0's side; ``inputs`` maps every input's name to its encoded batch."""
     P = Party(0, keys, chan)
     t = time.perf_counter()
     z0 = mod.offline(P, w_hat)
     t1 = time.perf_counter()
-    out = mod.online(P, x_enc, z0)
+    out = mod.online(P, inputs, z0)
     t2 = time.perf_counter()
     if not keys.skip_to_end():
         raise FsscError(f"{keys.name}: key records left over after the program (program and keys out of step)")

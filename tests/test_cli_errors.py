@@ -194,3 +194,34 @@ def test_model_torch_cannot_export_is_one_line(tmp_path, run_fssc):
     proc = run_fssc("export", "vgg11", "-o", tmp_path / "v.onnx", "--image-size", 64, "--batch", 1)
     assert_one_line_error(proc, "vgg11", "64x64", "adaptive_avg_pool2d")
     assert not (tmp_path / "v.onnx").exists()
+
+
+def test_two_input_model_compiles_and_the_data_owner_cli_says_it_feeds_one(tmp_path, run_fssc):
+    """A model with two data inputs compiles (P0's program takes both); its command line, which reads one
+    tensor, refuses it in one line naming the inputs (exit 2, before any key or network is touched)."""
+    import subprocess
+    import sys
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in "ab"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "two.onnx"))
+    proc = run_fssc("compile", tmp_path / "two.onnx", "-o", tmp_path / "prog", "--output-mode", "logits")
+    assert proc.returncode == 0, proc.stderr
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), np.float32))
+    args = ["--keys", tmp_path / "keys", "--peer", "127.0.0.1:9", "--input", tmp_path / "x.npy"]
+    p0 = subprocess.run(
+        [sys.executable, str(tmp_path / "prog" / "party0" / "program.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert p0.returncode == 2 and "Traceback" not in p0.stderr
+    assert p0.stderr.strip() == (
+        "fssc party0: error: this program has 2 inputs (a, b); the data owner's command line feeds one "
+        "(--images or --input): run programs with several inputs through their online(P, X, Z0) function"
+    )

@@ -224,7 +224,8 @@ def _record_session(setup, x: np.ndarray):
     def p0(P):
         wh = session.recv_weights(P.chan, mods["party0"].LINEAR_WEIGHTS)
         z0 = mods["party0"].offline(P, wh)
-        return mods["party0"].online(P, ring.encode(x, man["inputs"][0]["scale"]), z0)
+        inp = man["inputs"][0]
+        return mods["party0"].online(P, {inp["name"]: ring.encode(x, inp["scale"])}, z0)
 
     out0, _, c0, c1 = run_parties(p0, p1, k0, k1, record=True)
     return out0, [decode_array(b) for b in c0.received], [decode_array(b) for b in c1.received], W

@@ -6,7 +6,7 @@
   and without fused truncation, max / select with a truncated comparison and
   the 2-class label (DReLU revealed to P0 only).
 * Randomized at m up to 64 in Z_2^64 with uniform high mask bits.
-* MaxPool (the engine's max tree over a small IR graph, incl. the separable
+* MaxPool (the generated programs' max tree over a small IR graph, incl. the separable
   lowering), ArgMax over 2 classes and Clip against numpy on random tensors,
   with window borders (pads, ceil_mode, stride 2, dilation) and ties.
 
@@ -20,12 +20,13 @@ import itertools
 
 import numpy as np
 import pytest
+from fssc.compiler import simulation
 from fssc.compiler.interp import run_fixed
 from fssc.compiler.ir import Graph, Value
 from fssc.compiler.ops import infer_shapes
 from fssc.passes import lower_maxpool
 from fssc.passes.base import PassContext
-from fssc.runtime import engine, ring
+from fssc.runtime import ring
 from fssc.runtime.protocol import compare_input
 from fssc.runtime.simulate import deal_in_memory, run_parties
 
@@ -266,7 +267,7 @@ def test_drelu_to_p0_random_wide(m):
     _check_drelu(_rand_u64(gen, 3000) & _low(m), _rand_u64(gen, 3000) & _low(m), m, gen)
 
 
-# ----------------------------------------------------------------- IR graphs through the engine
+# ----------------------------------------------------------------- IR graphs through the generated programs
 def one_op_graph(kind, in_shape, attrs, gate, scale=12, out_dtype="float32") -> Graph:
     g = Graph(kind)
     g.add_value(Value("x", tuple(in_shape), scale=scale))
@@ -279,16 +280,9 @@ def one_op_graph(kind, in_shape, attrs, gate, scale=12, out_dtype="float32") -> 
     return g
 
 
-def run_engine(graph: Graph, x_ring: np.ndarray):
-    """Deal (on the weightless graph) and run both parties; returns (P0's outputs, DealTrace)."""
-    trace = engine.DealTrace()
-    setup = bytes(16)
-    _, k0, k1 = deal_in_memory(lambda D: engine.deal(engine.strip_weights(graph), D, setup, trace))
-    out0, out1, _, _ = run_parties(
-        lambda P: engine.run_party(graph, P, x_ring, {}, {}), lambda P: engine.run_party(graph, P), k0, k1
-    )
-    assert out1 is None
-    return out0, trace
+def run_programs(graph: Graph, x: np.ndarray):
+    """The graph's generated programs in process on integer inputs x (ring units at scale 12)."""
+    return simulation.simulate(graph, x / 4096.0, reference=False)
 
 
 def maxpool_ref(x: np.ndarray, attrs: dict) -> np.ndarray:
@@ -366,7 +360,7 @@ def test_maxpool_exact(shape, attrs, lower):
     g = _pool_graph(shape, attrs, m=18, s=0, lower=lower)
     if lower:
         assert len(g.ops) == 2 and all(min(op.attrs["kernel_shape"]) == 1 for op in g.ops)
-    (y,), _ = run_engine(g, ring.unsigned(x))
+    (y,) = run_programs(g, x).outputs
     assert (ring.signed(y) == maxpool_ref(x, attrs)).all()
 
 
@@ -380,8 +374,9 @@ def test_maxpool_truncated_comparisons(shape, attrs):
     x[..., 1::2] = x[..., 0 : x.shape[-1] // 2 * 2 : 2]  # exact ties
     x += gen.integers(-3000, 3000, size=shape) * (gen.random(shape) < 0.3)  # near-ties below 2^s
     g = _pool_graph(shape, attrs, m=m, s=s, lower=False)
-    (y,), trace = run_engine(g, ring.unsigned(x))
-    y_fixed = run_fixed(g, x / 4096.0, raw=True, compare_masks=trace.compare_masks)[0]
+    sim = run_programs(g, x)
+    (y,) = sim.outputs
+    y_fixed = run_fixed(g, x / 4096.0, raw=True, compare_masks=sim.compare_masks)[0]
     assert (y == y_fixed).all()
     exact = maxpool_ref(x, attrs)
     depth = int(np.ceil(np.log2(np.prod(attrs["kernel_shape"]))))
@@ -403,7 +398,7 @@ def test_argmax_two_classes(axis, last, keepdims):
     flat[60:70, 1] = flat[60:70, 0] - 1
     attrs = {"axis": axis, "keepdims": keepdims, "select_last_index": last}
     g = one_op_graph("argmax", shape, attrs, {"kind": "argmax", "bits": 24}, out_dtype="int64")
-    (lab,), _ = run_engine(g, ring.unsigned(x))
+    (lab,) = run_programs(g, x).outputs
     want = np.flip(x, axis).argmax(axis) if last else x.argmax(axis)
     if last:
         want = 1 - want
@@ -422,7 +417,7 @@ def test_clip(lo, hi):
         x.reshape(-1)[i * 6 : (i + 1) * 6] = int(v * 4096) + np.array([-1, 0, 1, -1, 0, 1])
     attrs = {k: v for k, v in (("min", lo), ("max", hi)) if v is not None}
     g = one_op_graph("clip", shape, attrs, {"kind": "clip", "bits": 18})
-    (y,), _ = run_engine(g, ring.unsigned(x))
+    (y,) = run_programs(g, x).outputs
     want = np.clip(x, -np.inf if lo is None else int(lo * 4096), np.inf if hi is None else int(hi * 4096))
     assert (ring.signed(y) == want).all()
     assert (y == run_fixed(g, x / 4096.0, raw=True)[0]).all()

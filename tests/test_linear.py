@@ -11,7 +11,6 @@ ring_bilinear alone is property-tested with hypothesis.
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -157,25 +156,31 @@ def test_gemm_protocol_exact(m, kk, n):
     assert (y == from_pyint(to_pyint(x).dot(to_pyint(w)) + to_pyint(b))).all()
 
 
-def test_identity_map_add_constant():
-    """add of a model-owner constant: the identity map with A = 0 (W^ = W = I)."""
+def test_constant_operand_as_a_masked_wire():
+    """A constant of the model owner's in a local op: P1 sends c + r_c, both hold it, the dealer r_c;
+    a local op (here a broadcasting add with P0's masked input) then runs on masks and masked values."""
     gen = np.random.default_rng(2)
-    x = gen.integers(0, 1 << 64, size=(3, 5, 4), dtype=U64)
-    b = gen.integers(0, 1 << 64, size=(3, 5, 4), dtype=U64)
-    rng = Rng()
-    r_x = rng.u64(x.shape)
+    c = gen.integers(0, 1 << 64, size=(3, 1, 4), dtype=U64)
+    x = gen.integers(0, 1 << 64, size=(5, 4), dtype=U64)
 
     def dealer(D):
-        return D.linear("id", None, 1, r_x, None, x.shape, D.linear_seeds("id"))
+        r_x = D.input("x", x.shape)
+        r_c = D.const("c", c.shape)
+        return r_c, r_x + r_c
 
-    r_y, k0, k1 = deal_in_memory(dealer)
-    y0, _, _, _ = run_parties(
-        lambda P: P.linear("id", None, z0=P.linear_offline("id", None, 1, x.shape, None, x.shape)),
-        lambda P: P.linear("id", x + r_x, None, 1, None, b),
-        k0,
-        k1,
-    )
-    assert (y0 - r_y == x + b).all()
+    (r_c, r_y), k0, k1 = deal_in_memory(dealer)
+
+    def party(P):
+        xh = P.input("x", x if P.b == 0 else None, x.shape)
+        ch = P.const("c", c if P.b == 1 else None, c.shape)
+        return ch, xh + ch
+
+    (c0, y0), (c1, y1), chan0, _ = run_parties(party, party, k0, k1)
+    assert (c0 == c1).all() and (y0 == y1).all()
+    assert (c0 - r_c == c).all() and (y0 - r_y == x + c).all()
+    assert not (c0 == c).any(), "P0 sees the constant masked"
+    assert chan0.rounds == 2  # P0's input, P1's constant
+    assert [t for t, _ in KeyReader(k0, party=0).records()] == ["x.rin"], "P0's keys say nothing of r_c"
 
 
 # ----------------------------------------------------------------- the limb boundary
@@ -323,7 +328,7 @@ def test_ring_bilinear_conv_property(data, stride, dil, pad, group, kh, bw):
     assert (y == conv_ref(x, w, [stride, 1], [pad, 0, pad, 1], [dil, 1], group)).all()
 
 
-# ----------------------------------------------------------------- weighted ops through the engine
+# ----------------------------------------------------------------- weighted ops through the generated programs
 def _weighted_graph(kind, x_shape, w, extra_inputs=(), attrs=None, const_left=False):
     from fssc.compiler.ir import Graph, Value
     from fssc.compiler.ops import infer_shapes
@@ -343,27 +348,17 @@ def _weighted_graph(kind, x_shape, w, extra_inputs=(), attrs=None, const_left=Fa
     return g
 
 
-def _engine_run(graph, x):
+def _secure_run(graph, x):
     from fssc.compiler.interp import run_fixed
-    from fssc.runtime import engine
+    from fssc.compiler.simulation import simulate
 
-    setup = os.urandom(16)
-    g0 = engine.strip_weights(graph)
-    _, k0, k1 = deal_in_memory(lambda D: engine.deal(g0, D, setup))
-    w_hat = engine.masked_weights(graph, setup)
-    x_ring = ring.encode(x, 12)
-    (y,), _, _, _ = run_parties(
-        lambda P: engine.run_party(g0, P, x_ring, w_hat, engine.precompute_p0(g0, P, w_hat)),
-        lambda P: engine.run_party(graph, P),
-        k0,
-        k1,
-    )
+    (y,) = simulate(graph, x, reference=False).outputs
     return y, run_fixed(graph, x, raw=True)[0]
 
 
 @pytest.mark.parametrize("case", ["conv", "gemm", "matmul3d", "matmul_left", "add_const", "sub_const"])
-def test_weighted_ops_through_engine(case):
-    """Every weighted op kind through engine.deal / run_party equals the fixed-point interpreter.
+def test_weighted_ops_through_the_programs(case):
+    """Every weighted op kind through the generated programs equals the fixed-point interpreter.
     matmul with a 3-D constant reduces over W's second-to-last axis (4096 terms, not its batch of 2)."""
     gen = np.random.default_rng(5)
     if case == "conv":
@@ -388,5 +383,5 @@ def test_weighted_ops_through_engine(case):
         x = gen.standard_normal((2, 3, 4))
         g = _weighted_graph(case[:3], x.shape, gen.standard_normal((2, 3, 4)), attrs={})
         g.ops[0].attrs.pop("wscale")
-    y, want = _engine_run(g, x)
+    y, want = _secure_run(g, x)
     assert (y == want).all()

@@ -94,7 +94,7 @@ def test_stem_maxpool_and_reordered_relu(compiled):
 def test_all_comparison_gates_per_image(compiled):
     rep = compiled.report
     total = rep.total("gates") / rep.batch
-    assert total == sum(rep.gates_by_kind().values()) / rep.batch
+    assert total == RELU_GATES + 64 * (6 * 56 * 56 - 3 * 56) == 2_899_456  # the ReLUs and the stem pool, no more
     assert total <= ALL_COMPARISONS < PYSYFT_COMPARISONS
     assert set(rep.gates_by_kind()) == {"relu", "max"}
     assert per_image(rep, "max") <= STEM_MAXPOOL_MAX_GATES  # the stem pool is the only max
@@ -104,7 +104,8 @@ def test_every_pass_ran_verified_timed_and_changed_the_resnet(compiled):
     recs = compiled.records
     assert [r.name for r in recs] == ["import"] + pass_names()
     assert [r.index for r in recs] == list(range(len(recs)))
-    assert all(r.seconds >= 0 for r in recs) and all(r.changed for r in recs)
+    assert all(r.changed for r in recs)
+    assert recs[-1].text == compiled.graph.text()  # the last record is the graph the compile returns
     rep = compiled.report.to_dict()["totals"]
     assert rep["key_bytes_p0"] > 0 and rep["key_bytes_p1"] > rep["key_bytes_p0"]
     assert rep["rounds"] < 100

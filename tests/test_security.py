@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fssc.runtime import dcf, engine, ring
+from fssc.compiler import simulation
+from fssc.compiler.simulation import simulate
+from fssc.runtime import dcf, ring
 from fssc.runtime.channel import decode_array
 from fssc.runtime.keys import KeyReader
 from fssc.runtime.prg import Rng
@@ -261,20 +263,33 @@ def test_linear_messages_indistinguishable(secret):
         w = w_small if (secret == "input" or v == 0) else ring.unsigned(np.full((kdim, cols), -(1 << 20)))
         a_mask = Rng().u64(w.shape)
         r_x = Rng().u64(x.shape)
-        _r_y, k0, k1 = deal_linear(r_x, a_mask, (rows, cols))
+        r_y, k0, k1 = deal_linear(r_x, a_mask, (rows, cols))
         w_hat = w + a_mask
 
-        def p0(P, x=x, w_hat=w_hat):
+        def p0(P):
             return P.linear("lin", None, z0=P.linear_offline("lin", _gemm, kdim, x.shape, w_hat, (rows, cols)))
 
-        def p1(P, x=x, r_x=r_x, w=w):
-            return P.linear("lin", x + r_x, _gemm, kdim, w, None, 64)
-
-        yhat, _, c0, c1 = run_parties(p0, p1, k0, k1, record=True)
+        yhat, _, c0, c1 = run_parties(
+            p0, lambda P: P.linear("lin", x + r_x, _gemm, kdim, w, None, 64), k0, k1, record=True
+        )
         views.append((decode_array(c0.received[0]), decode_array(c1.received[0]), yhat))
     for i, what in ((0, "P0 receives z_1"), (1, "P1 receives z_0"), (2, "opened y^")):
         a, b = views[0][i].reshape(-1), views[1][i].reshape(-1)
         check_indistinguishable(bit_matrix(a[None, :]), bit_matrix(b[None, :]), f"{what} ({secret})")
+
+
+def test_model_owner_constant_message_indistinguishable():
+    """P0 receives c^ = c + r_c for a constant of the model owner's: for c = 0 and c = all ones alike."""
+    views = []
+    for c in (np.zeros((1, N), U64), np.full((1, N), ALL_ONES)):
+        _, k0, k1 = deal_in_memory(lambda D: D.const("c", (1, N)))
+
+        def p1(P, c=c):
+            return P.const("c", c, (1, N))
+
+        chat, _, _, _ = run_parties(lambda P: P.const("c", None, (1, N)), p1, k0, k1)
+        views.append(chat)
+    check_indistinguishable(bit_matrix(views[0]), bit_matrix(views[1]), "P0 receives c^")
 
 
 def test_detector_catches_a_leak():
@@ -295,11 +310,12 @@ def test_detector_catches_a_leak():
 
 
 # ----------------------------------------------------------------- no numpy.random, no random
-RUNTIME = Path(engine.__file__).parent
+RUNTIME = Path(dcf.__file__).parent
 
 
 # every runtime module on the dealer's and the parties' paths; images.py (public synthetic
-# calibration images, not key material) is the only runtime module left out
+# calibration images, not key material) is the only runtime module left out. The in-process
+# simulation (fssc.compiler.simulation) drives the dealer too and is checked with them.
 PROTOCOL_MODULES = [
     "ring",
     "prg",
@@ -309,7 +325,6 @@ PROTOCOL_MODULES = [
     "protocol",
     "pooling",
     "lib",
-    "engine",
     "simulate",
     "session",
     "transport",
@@ -319,7 +334,7 @@ PROTOCOL_MODULES = [
 def test_runtime_sources_do_not_import_random():
     """Static check over the protocol's modules: no ``import random``, no numpy.random anywhere."""
     offenders = []
-    for path in [RUNTIME / f"{m}.py" for m in PROTOCOL_MODULES]:
+    for path in [RUNTIME / f"{m}.py" for m in PROTOCOL_MODULES] + [Path(simulation.__file__)]:
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -427,20 +442,9 @@ def test_whole_model_without_numpy_or_python_random(forbid_random):
     from tiny_models import tiny_cnn
 
     graph, _, x = tiny_cnn(batch=2, size=12)
-    x_ring = ring.encode(x, graph.values[graph.inputs[0]].scale)
     activate, calls = forbid_random
     activate()
-    setup = os.urandom(16)
-    g0 = engine.strip_weights(graph)
-    trace = engine.DealTrace()
-    _, k0, k1 = deal_in_memory(lambda D: engine.deal(g0, D, setup, trace))
-    w_hat = engine.masked_weights(graph, setup)
-    out0, _, _, _ = run_parties(
-        lambda P: engine.run_party(g0, P, x_ring, w_hat, engine.precompute_p0(g0, P, w_hat)),
-        lambda P: engine.run_party(graph, P),
-        k0,
-        k1,
-    )
+    sim = simulate(graph, x)
     assert not calls, calls
-    want = run_fixed(graph, x, raw=True, compare_masks=trace.compare_masks)
-    assert all((a == b).all() for a, b in zip(out0, want, strict=True))
+    want = run_fixed(graph, x, raw=True, compare_masks=sim.compare_masks)
+    assert all((a == b).all() for a, b in zip(sim.outputs, want))

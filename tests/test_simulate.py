@@ -16,9 +16,7 @@ P1 the full one. The run must
 
 from __future__ import annotations
 
-import os
 import pickle
-import time
 
 import numpy as np
 import onnx
@@ -28,46 +26,16 @@ import torch
 from fssc.compiler.compile import compile_graph
 from fssc.compiler.gates import gate_tag
 from fssc.compiler.interp import run_fixed
+from fssc.compiler.lower import encode_linear, is_weighted
 from fssc.compiler.onnx_import import import_onnx
 from fssc.compiler.ops import _windows
+from fssc.compiler.simulation import simulate, strip_weights
 from fssc.models.export import export_model, synthetic_images
-from fssc.runtime import engine, ring
+from fssc.runtime import ring
 from fssc.runtime.keys import KeyReader
-from fssc.runtime.simulate import deal_in_memory, run_parties
 from tiny_models import tiny_cnn, with_argmax
 
 BATCH, SIZE = 2, 32
-
-
-def simulate_graph(graph, x):
-    """Deal on the weightless graph, run P0 (weightless graph + W^) and P1 (weights)."""
-    setup = os.urandom(16)
-    g0 = engine.strip_weights(graph)
-    trace = engine.DealTrace()
-    t0 = time.perf_counter()
-    _, k0, k1 = deal_in_memory(lambda D: engine.deal(g0, D, setup, trace))
-    t1 = time.perf_counter()
-    w_hat = engine.masked_weights(graph, setup)
-    x_ring = ring.encode(x, graph.values[graph.inputs[0]].scale)
-    out0, out1, c0, c1 = run_parties(
-        lambda P: engine.run_party(g0, P, x_ring, w_hat, engine.precompute_p0(g0, P, w_hat)),
-        lambda P: engine.run_party(graph, P),
-        k0,
-        k1,
-    )
-    t2 = time.perf_counter()
-    assert out1 is None, "P1 learns no result"
-    return {
-        "out": out0,
-        "trace": trace,
-        "k0": k0,
-        "k1": k1,
-        "c0": c0,
-        "c1": c1,
-        "g0": g0,
-        "deal_s": t1 - t0,
-        "online_s": t2 - t1,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +46,15 @@ def resnet(tmp_path_factory):
     res = compile_graph(import_onnx(proto, "resnet18"), echo=lambda s: None)
     x = synthetic_images(BATCH, SIZE, seed=5).numpy()
     ref = ort.InferenceSession(path).run(None, {"input": x})[0]
-    sim = simulate_graph(res.graph, x)
+    sim = simulate(res.graph, x)
+    k0, k1 = sim.keys
+    c0, c1 = sim.channels
     print(
-        f"\nresnet18 {SIZE}x{SIZE} batch {BATCH}: deal {sim['deal_s']:.2f} s, online {sim['online_s']:.2f} s, "
-        f"keys {len(sim['k0']) / 1e6:.1f} + {len(sim['k1']) / 1e6:.1f} MB, "
-        f"sent {sim['c0'].bytes_sent / 1e6:.2f} + {sim['c1'].bytes_sent / 1e6:.2f} MB, {sim['c0'].rounds} exchanges"
+        f"\nresnet18 {SIZE}x{SIZE} batch {BATCH}: deal {sim.deal_seconds:.2f} s, online {sim.online_seconds:.2f} s, "
+        f"keys {len(k0) / 1e6:.1f} + {len(k1) / 1e6:.1f} MB, "
+        f"sent {c0.bytes_sent / 1e6:.2f} + {c1.bytes_sent / 1e6:.2f} MB, {c0.rounds} exchanges"
     )
-    return dict(res=res, graph=res.graph, x=x, ref=ref, **sim)
+    return dict(res=res, graph=res.graph, x=x, ref=ref, sim=sim, out=sim.outputs, k0=k0, k1=k1, c0=c0, c1=c1)
 
 
 def test_resnet_compiled_graph_is_the_real_thing(resnet):
@@ -95,8 +65,10 @@ def test_resnet_compiled_graph_is_the_real_thing(resnet):
 
 
 def test_resnet_matches_fixed_point_interpreter_exactly(resnet):
-    g = resnet["graph"]
-    want = run_fixed(g, resnet["x"], raw=True, compare_masks=resnet["trace"].compare_masks)
+    g, sim = resnet["graph"], resnet["sim"]
+    want = run_fixed(g, resnet["x"], raw=True, compare_masks=sim.compare_masks)
+    assert all((a == b).all() for a, b in zip(sim.reference, want))
+    assert sim.mismatches() == []
     logits, label = resnet["out"]
     assert logits.dtype == np.uint64 and (logits == want[0]).all(), "raw ring values must be equal"
     assert (label == want[1]).all()
@@ -104,7 +76,7 @@ def test_resnet_matches_fixed_point_interpreter_exactly(resnet):
 
 def test_resnet_close_to_exact_floor_truncation(resnet):
     """Each gate errs by at most one carry on its own input; end to end the logits move by a few LSBs."""
-    g, cm = resnet["graph"], resnet["trace"].compare_masks
+    g, cm = resnet["graph"], resnet["sim"].compare_masks
     checked = {"relu": 0, "maxpool": 0}
 
     def observe(op, ins, out):
@@ -165,7 +137,8 @@ def test_resnet_costs_match_the_cost_report(resnet):
 
 
 def test_p0_graph_holds_no_weight_bytes(resnet):
-    g, g0 = resnet["graph"], resnet["g0"]
+    g = resnet["graph"]
+    g0 = strip_weights(g)
     consts = [n for n, v in g.values.items() if v.is_const]
     assert consts and all(g0.values[n].data is None and g0.values[n].stripped for n in consts)
     assert all(g.values[n].data is not None for n in consts), "stripping works on a copy"
@@ -177,8 +150,8 @@ def test_p0_graph_holds_no_weight_bytes(resnet):
         for off in range(0, len(raw) - 32, max(32, len(raw) // 8)):
             assert raw[off : off + 32] not in blob, f"bytes of {n} in P0's graph"
     # nor do P0's keys (seeds, masks, DCF keys) hold P1's encoded weights
-    for op in engine.weighted_ops(g):
-        w_enc = engine.encode_weights(op, g)[0]
+    for op in (op for op in g.ops if is_weighted(op, g)):
+        w_enc = encode_linear(op, g)[0]
         if w_enc is not None and w_enc.size >= 4:
             assert w_enc[:4].tobytes() not in resnet["k0"], f"weights of {op.name} in P0's keys"
 
@@ -190,13 +163,12 @@ def test_tiny_cnn_labels_and_logits():
     gen = np.random.default_rng(0)
     for _ in range(2):
         x = gen.standard_normal((4, 3, 12, 12)).astype(np.float32)
-        sim = simulate_graph(graph, x)
-        want = run_fixed(graph, x, raw=True, compare_masks=sim["trace"].compare_masks)
-        assert all((a == b).all() for a, b in zip(sim["out"], want, strict=True))
+        sim = simulate(graph, x)
+        assert sim.mismatches() == []
         ref_logits, ref_label = sess.run(None, {"input": x})
-        y = ring.decode(sim["out"][0], graph.values["logits"].scale)
+        y, label = sim.decoded()
         margin = np.abs(ref_logits[:, 1] - ref_logits[:, 0]) > 0.02
-        assert (sim["out"][1][margin] == ref_label[margin]).all()
+        assert (label[margin] == ref_label[margin]).all()
         assert np.abs(y - ref_logits).max() < 0.02
 
 
@@ -249,11 +221,10 @@ def test_mobilenet_style_block_with_standalone_truncations():
     assert "trunc" in kinds and "clip" in kinds, kinds
     assert all(op.gate for op in graph.ops if op.kind == "trunc"), "standalone truncations are gates"
     x = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    sim = simulate_graph(graph, x)
-    want = run_fixed(graph, x, raw=True, compare_masks=sim["trace"].compare_masks)
-    assert (sim["out"][0] == want[0]).all(), "secure == fixed-point semantics, carries included"
+    sim = simulate(graph, x)
+    assert sim.mismatches() == [], "secure == fixed-point semantics, carries included"
     ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"input": x})[0]
-    y = ring.decode(sim["out"][0], graph.values[graph.outputs[0]].scale)
+    (y,) = sim.decoded()
     assert np.abs(y - ref).max() < 0.02
 
 
@@ -278,14 +249,14 @@ def test_argmax_over_many_classes(classes, select_last):
     x[0] = 0.0  # all logits tie: the first (or last) index must win
     res = compile_graph(import_onnx(proto, "argmax"), echo=lambda s: None)
     graph = res.graph
-    sim = simulate_graph(graph, x)
-    label = ring.signed(sim["out"][0])
+    sim = simulate(graph, x)
+    label = ring.signed(sim.outputs[0])
     want = run_fixed(graph, x)[0]
     assert (label == want).all()
     ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"input": x})[0]
     assert (label == ref).all()
     assert label[0] == (classes - 1 if select_last else 0)
     rep = res.report
-    assert rep.rounds == sim["c0"].rounds == sim["c1"].rounds
-    assert rep.total("key_p0") <= len(sim["k0"]) <= rep.total("key_p0") + 4096
-    assert rep.total("key_p1") <= len(sim["k1"]) <= rep.total("key_p1") + 4096
+    assert rep.rounds == sim.channels[0].rounds == sim.channels[1].rounds
+    assert rep.total("key_p0") <= len(sim.keys[0]) <= rep.total("key_p0") + 4096
+    assert rep.total("key_p1") <= len(sim.keys[1]) <= rep.total("key_p1") + 4096

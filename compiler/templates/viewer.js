@@ -580,7 +580,7 @@ const app = {
     const status = this.diff ? (pi === this.ai ? this.diff.statusA : this.diff.statusB).get(r.uid) : null;
     const rows = (pairs) => `<table>${pairs.map(([k, v]) => `<tr><td>${esc(k)}</td><td>${v}</td></tr>`).join("")}</table>`;
     const val = (v) => `%${esc(v.n)}: ${esc(shapeX(v.sh))} ${esc(v.dt)}` +
-      (v.s !== undefined ? ` \u00b7 scale ${v.s}` : "") + (v.m !== undefined ? ` \u00b7 m=${v.m}` : "") +
+      (v.s !== undefined ? ` \u00b7 scale ${v.s}` : "") +
       (v.c ? ` \u00b7 const #${esc(v.c)}` : "");
     let html = `<h3 data-uid="${r.uid}" data-name="${esc(r.name)}"><span class="kindtag" style="border-color:${kindColor(r.kind)};background:${kindFill(r.kind)}">` +
       `${esc(r.kind)}</span>${esc(r.name)}${status ? `<span class="status ${status}">${status}</span>` : ""}</h3>` +
@@ -618,8 +618,7 @@ const app = {
     html += `<h4>Values</h4>` + rows([
       ["output shape", esc(o ? shapeX(o.sh) : "\u2013")],
       ["scale", o && o.s !== undefined ? `${o.s} fractional bits` : "not planned yet"],
-      ["bitwidth", r.ins.length && r.ins[0].m !== undefined ? `m=${r.ins[0].m} (comparison input)` :
-        (o && o.m !== undefined ? `m=${o.m}` : "\u2013")],
+      ["bitwidth", r.gate && (r.marked || r.gate.ranged) ? `m=${r.gate.bits} (this op's comparisons)` : "\u2013"],
       ...r.ins.map((v, i) => [`input ${i}`, val(v)]),
       ...r.outs.map((v, i) => [`output ${i}`, val(v)]),
     ]);

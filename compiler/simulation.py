@@ -1,0 +1,154 @@
+"""The secure path in one process: a compiled graph's generated programs run by the dealer, P0 and P1.
+
+One entry point, :func:`simulate`. The graph is lowered and rendered into
+the three programs ``fssc compile`` writes; the dealer's program writes both
+key streams to memory, then P0's and P1's programs run in two threads over an
+in-memory channel (``fssc.runtime.simulate``), through the same per-batch
+session code the networked parties use (``run_p0_batch``, ``run_p1_batch``:
+every key record read, none left over). P0's and the dealer's programs are
+rendered from the graph without weight bytes; P1 hands P0 its masked weights
+W^ = W + A out of band (on the network they are the session's first message,
+not part of a batch's traffic).
+
+With ``reference=True`` the result also holds the fixed-point interpreter's
+outputs on the same inputs with the dealer's truncation carries replayed
+(:func:`fssc.compiler.interp.run_fixed` with ``compare_masks``): a correct
+program equals them bit for bit, as long as no comparison leaves its
+bitwidth.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import types
+from dataclasses import dataclass
+
+import numpy as np
+from fssc.runtime import ring, session
+from fssc.runtime.channel import Channel
+from fssc.runtime.simulate import DealTrace, TracingDealer, deal_in_memory, run_parties
+
+from .codegen import render
+from .errors import FsscError
+from .interp import bind_inputs, run_fixed
+from .ir import Graph
+from .lower import SecureProgram, lower
+
+
+@dataclass
+class Simulation:
+    """What one in-process secure run gave."""
+
+    outputs: list[np.ndarray]  # P0's results in graph output order: ring elements (uint64) or labels (int64)
+    reference: list[np.ndarray] | None  # the fixed-point interpreter, raw, with the dealer's carries replayed
+    compare_masks: dict[str, np.ndarray]  # gate tag -> the dealer's mask of that comparison's input
+    program: SecureProgram
+    keys: tuple[bytes, bytes]  # P0's and P1's key streams for the batch
+    channels: tuple[Channel, Channel]  # P0's and P1's ends (bytes sent, rounds, received messages if recorded)
+    setup_bytes: int  # W^ = W + A, which P1 sends once per session (not part of a batch's traffic)
+    deal_seconds: float
+    online_seconds: float  # both parties: P0's offline halves and the online programs
+
+    def decoded(self) -> list[np.ndarray]:
+        """P0's outputs as reals (each at its scale); labels as they are."""
+        outs = zip(self.outputs, self.program.outputs, strict=True)
+        return [y if o["kind"] == "labels" else ring.decode(y, o["scale"]) for y, o in outs]
+
+    def mismatches(self) -> list[str]:
+        """One line per output that differs from the reference (empty: bit for bit equal)."""
+        if self.reference is None:
+            raise FsscError("simulate(..., reference=False) has no fixed-point reference to compare with")
+        out = []
+        for got, ref, o in zip(self.outputs, self.reference, self.program.outputs, strict=True):
+            y, want = np.asarray(got), np.asarray(ref)
+            if y.shape != want.shape:
+                out.append(f"output %{o['name']}: shape {y.shape}, the fixed-point interpreter gives {want.shape}")
+                continue
+            bad = y != want
+            if bad.any():
+                diff = np.abs(ring.signed(y.astype(np.uint64) - want.astype(np.uint64)))[bad]
+                out.append(
+                    f"output %{o['name']}: {int(bad.sum())} of {y.size} elements differ from the fixed-point "
+                    f"interpreter (max |difference| {int(diff.max())} units)"
+                )
+        return out
+
+
+def strip_weights(graph: Graph) -> Graph:
+    """The graph P0 and the dealer see: constants reduced to shape and dtype, no bytes."""
+    g = graph.clone()
+    for v in g.values.values():
+        if v.is_const:
+            v.data = None
+            v.stripped = True
+    return g
+
+
+def _module(source: str, role: str) -> types.ModuleType:
+    mod = types.ModuleType(f"fssc_program_{role}")
+    mod.__file__ = f"<fssc {role} program>"
+    exec(compile(source, mod.__file__, "exec"), mod.__dict__)
+    return mod
+
+
+def simulate(
+    graph: Graph,
+    inputs,
+    *,
+    reference: bool = True,
+    setup_seed: bytes | None = None,
+    record: bool = False,
+    timeout: float = 120.0,
+) -> Simulation:
+    """Deal one batch and run both parties' generated programs on ``inputs``.
+
+    ``graph``: a compiled graph (planned and marked, with the model owner's
+    constants). ``inputs``: the data owner's inputs as reals, an array for a
+    graph with one input or a dict input name -> array (P0 holds every graph
+    input); each is encoded at its input's scale. ``setup_seed``: the per-model
+    seed of the weight masks A (fresh from os.urandom by default). ``record``
+    keeps every message each party receives (``channels[b].received``).
+    """
+    feeds = bind_inputs(graph, inputs)
+    prog = lower(graph)
+    public = lower(strip_weights(graph), with_weights=False)
+    if public.hash != prog.hash:  # the programs of P0 and D must not depend on the weights' values
+        raise FsscError(f"{graph.name}: the lowering without weights differs from the one with them")
+    mods = {
+        role: _module(render(prog if role == "party1" else public, role, graph.name), role)
+        for role in ("party0", "party1", "dealer")
+    }
+    X = {name: ring.encode(x, graph.values[name].scale) for name, x in feeds.items()}
+    seed = setup_seed or os.urandom(16)
+    trace = DealTrace()
+    t0 = time.perf_counter()
+    _, k0, k1 = deal_in_memory(
+        lambda D: mods["dealer"].deal(TracingDealer(D, trace), seed), {"program": prog.hash, "batch": 0}
+    )
+    t1 = time.perf_counter()
+    W = prog.weights
+    w_hat = session.masked_weights(mods["party1"], W, seed)
+    out0, out1, c0, c1 = run_parties(
+        lambda P: session.run_p0_batch(mods["party0"], P.chan, P.keys, w_hat, X),
+        lambda P: session.run_p1_batch(mods["party1"], P.chan, P.keys, W),
+        k0,
+        k1,
+        timeout=timeout,
+        record=record,
+    )
+    t2 = time.perf_counter()
+    if out1 is not None:
+        raise FsscError("the model owner's program returned a result (it must learn nothing)")
+    ref = run_fixed(graph, feeds, raw=True, compare_masks=trace.compare_masks) if reference else None
+    return Simulation(
+        outputs=[out0[o["name"]] for o in prog.outputs],
+        reference=ref,
+        compare_masks=trace.compare_masks,
+        program=prog,
+        keys=(k0, k1),
+        channels=(c0, c1),
+        setup_bytes=sum(a.nbytes for a in w_hat.values()),
+        deal_seconds=t1 - t0,
+        online_seconds=t2 - t1,
+    )
