@@ -117,8 +117,8 @@ def _collect_masked_weights(tiny, prog: Path, keys: Path, batch: int) -> dict[st
             "deal": peek_header(str(keys / "p0" / f"batch{batch:04d}.key")).get("deal"),
         }
         client_handshake(chan, hello)
-        tags = session.load_program(str(prog), "party0").WEIGHT_TAGS
-        w_hat = {t: np.array(a) for t, a in session.recv_weights(chan, tags).items()}
+        shapes = session.load_program(str(prog), "party0").LINEAR_WEIGHTS
+        w_hat = {t: np.array(a) for t, a in session.recv_weights(chan, shapes).items()}
         chan.close()
         p1.communicate(timeout=60)  # it opens the batch, then finds the peer gone
     finally:
