@@ -252,8 +252,8 @@ def setting_line(res: CompileResult) -> str:
     wide = full.per_image("key_p0") + full.per_image("key_p1")
     head = f"smallest headroom {min(heads)} bits over the calibration data" if heads else "no comparisons"
     return (
-        f"comparisons: {setting} ({head}); key bytes per image, both parties: {_mb(mine)} MB, "
-        f"with --bits full {_mb(wide)} MB ({100 * (mine / wide - 1):+.1f} %)"
+        f"comparisons: {setting} ({head}); key bytes per image, both parties: {_mb(mine)} MB; "
+        f"with --bits full: {_mb(wide)} MB ({wide / mine:.2f}x)"
         if wide
         else f"comparisons: {setting} ({head})"
     )
@@ -348,7 +348,7 @@ def compile_model(
         f"f={frac_bits}; gates: " + ", ".join(f"{k} {v:,}" for k, v in by_kind.items()) + ")",
     )
     con.print(table)
-    con.print(setting_line(res))
+    echo(setting_line(res))
     con.print(f"per-model setup: P1 sends its masked weights once, {_mb(res.report.setup_bytes)} MB")
     if verify:
         res.verification = run_verify(res, model, verify, out_dir, echo)

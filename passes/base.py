@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_MARGIN_BITS = 2  # fssc compile --margin-bits; chosen from the measurements in docs/accuracy.md
+DEFAULT_MARGIN_BITS = 3  # fssc compile --margin-bits; chosen from the measurements in docs/accuracy.md
 
 
 @dataclass
