@@ -1,6 +1,6 @@
 """Accuracy against headroom: what each comparison setting gets right, refuses and costs.
 
-    fssc bench accuracy [--image-size 224] [--batch 2] [--batches 1] [--margins 2,4,6] [--no-two-process]
+    fssc bench accuracy [--image-size 224] [--batch 2] [--batches 1] [--margins 2,3,4,6] [--no-two-process]
 
 ResNet-18 (2 classes, random BN-calibrated weights, the default calibration)
 compiled with ``--margin-bits K`` for each K and with ``--bits full``, in
@@ -69,7 +69,7 @@ def run(
     image_size: int = 224,
     batch: int = 2,
     batches: int = 1,
-    margins=(2, 4, 6),
+    margins=(2, 3, 4, 6),
     workdir: str = "bench-accuracy",
     two_process: bool = True,
     echo=print,
@@ -178,7 +178,7 @@ def main(argv=None):
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--batches", type=int, default=1)
-    ap.add_argument("--margins", default="2,4,6")
+    ap.add_argument("--margins", default="2,3,4,6")
     ap.add_argument("--workdir", default="bench-accuracy")
     ap.add_argument("--no-two-process", action="store_true")
     ap.add_argument("--no-full", action="store_true", help="skip the --bits full setting")

@@ -231,7 +231,7 @@ def bench_dcf(n_keys):
 @click.option("--image-size", type=int, default=224, show_default=True)
 @click.option("--batch", type=int, default=2, show_default=True)
 @click.option("--batches", type=int, default=1, show_default=True, help="Batches per input scale.")
-@click.option("--margins", default="2,4,6", show_default=True, help="--margin-bits settings to compare.")
+@click.option("--margins", default="2,3,4,6", show_default=True, help="--margin-bits settings to compare.")
 @click.option("--full/--no-full", default=True, show_default=True, help="Also measure --bits full.")
 @click.option("--two-process/--no-two-process", default=True, show_default=True, help="Time one real run each.")
 @click.option("--workdir", type=click.Path(file_okay=False), default="bench-accuracy", show_default=True)

@@ -145,7 +145,12 @@ def input_guard(res: CompileResult) -> dict:
         if op.gate and op.uid in ranges:
             r = ranges[op.uid]
             comparisons.append(
-                {"op": op.name, "gate": op.gate["kind"], "bits": r["bits"], "headroom_bits": headroom_bits(**r)}
+                {
+                    "op": op.name,
+                    "gate": op.gate["kind"],
+                    "bits": r["bits"],
+                    "headroom_bits": headroom_bits(r["magnitude"], r["bits"]),
+                }
             )
     h_min = min((c["headroom_bits"] for c in comparisons), default=None)
     inputs = []
