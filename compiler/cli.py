@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import click
+from fssc.passes.base import DEFAULT_MARGIN_BITS
 
 from fssc import __version__
 
@@ -84,7 +85,44 @@ def ir(model):
     show_default=True,
     help="What the data owner learns: labels only (argmax inside), or the logits.",
 )
-def compile_cmd(model, out, frac_bits, calibrate, dump_ir, print_ir_after_all, print_ir_after, json_path, output_mode):
+@click.option(
+    "--margin-bits",
+    type=click.IntRange(0, 32),
+    default=None,
+    help=f"Headroom bits every comparison gets over its calibrated range (default {DEFAULT_MARGIN_BITS}; "
+    "each bit adds about 16 bytes per comparison key; see docs/accuracy.md).",
+)
+@click.option(
+    "--bits",
+    type=click.Choice(["range", "full"]),
+    default="range",
+    show_default=True,
+    help="range: comparison bitwidths from range analysis plus the margin; full: every comparison as wide "
+    "as the ring allows (m = 64 - shift), no input is too large, keys about 2.6x larger.",
+)
+@click.option(
+    "--verify",
+    type=click.IntRange(0),
+    default=0,
+    metavar="N",
+    help="After compiling, run N inputs (the --calibrate set, else a fixed seed) through onnxruntime, the "
+    "fixed-point interpreter and the in-process two-party run; exit 2 and write nothing if the secure run "
+    "and the interpreter disagree.",
+)
+def compile_cmd(
+    model,
+    out,
+    frac_bits,
+    calibrate,
+    dump_ir,
+    print_ir_after_all,
+    print_ir_after,
+    json_path,
+    output_mode,
+    margin_bits,
+    bits,
+    verify,
+):
     """Compile an ONNX MODEL into prog/: the passes, the cost report, and one program per party."""
     from .compile import compile_model
 
@@ -98,6 +136,9 @@ def compile_cmd(model, out, frac_bits, calibrate, dump_ir, print_ir_after_all, p
         print_ir_after_all,
         json_path,
         output_mode=output_mode,
+        margin_bits=margin_bits,
+        bits=bits,
+        verify=verify,
     )
 
 
@@ -189,6 +230,32 @@ def bench_dcf(n_keys):
     from fssc.benchmarks import bench_dcf as mod
 
     mod.run(n_keys=n_keys)
+
+
+@bench.command("accuracy")
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--batch", type=int, default=2, show_default=True)
+@click.option("--batches", type=int, default=1, show_default=True, help="Batches per input scale.")
+@click.option("--margins", default="2,3,4,6", show_default=True, help="--margin-bits settings to compare.")
+@click.option("--full/--no-full", default=True, show_default=True, help="Also measure --bits full.")
+@click.option("--two-process/--no-two-process", default=True, show_default=True, help="Time one real run each.")
+@click.option("--workdir", type=click.Path(file_okay=False), default="bench-accuracy", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+def bench_accuracy(image_size, batch, batches, margins, full, two_process, workdir, json_path):
+    """ResNet-18 on inputs scaled x1, x2, x4, x8 for each comparison setting: accuracy against onnxruntime
+    with the input guard on and off, overflowing comparisons, key bytes per image, online time."""
+    import json
+
+    from fssc.benchmarks import bench_accuracy as mod
+
+    try:
+        ks = [int(k) for k in margins.split(",")]
+    except ValueError:
+        raise FsscError(f"--margins {margins!r}: a comma-separated list of integers, e.g. 2,4,6") from None
+    fig = mod.run(image_size, batch, batches, ks, workdir, two_process, full=full)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(fig, fh, indent=1)
 
 
 @bench.command("resnet")

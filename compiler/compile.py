@@ -16,19 +16,26 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from fssc.passes.base import PassContext
+from fssc.passes.base import DEFAULT_MARGIN_BITS, PassContext
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from .cost import CostReport, cost_report
 from .errors import FsscError
 from .files import write_atomic
+from .gates import headroom_bits
 from .ir import Graph, Value
 from .onnx_import import import_onnx
 from .pipeline import PassRecord, run_pipeline
 
 if TYPE_CHECKING:
+    from .crosscheck import VerifyResult
     from .lower import SecureProgram
+
+
+MAX_MARGIN_BITS = 32
+RING_INPUT_LIMIT = 1 << 62  # the input guard never allows more than this (ring units)
+GUARD_SPARE_BITS = 2  # headroom bits the input guard keeps for unseen inputs and non-linear growth
 
 
 @dataclass
@@ -38,6 +45,7 @@ class CompileResult:
     report: CostReport
     ctx: PassContext
     program: SecureProgram | None = None  # the lowered program, once code generation ran
+    verification: VerifyResult | None = None  # the --verify result
 
 
 def load_calibration(path: str, graph: Graph) -> list[np.ndarray]:
@@ -93,19 +101,30 @@ def compile_graph(
     keep_graphs=False,
     echo=print,
     output_mode: str = "logits",
+    margin_bits: int | None = None,
+    bits: str = "range",
 ) -> CompileResult:
     """The middle of the compiler: passes, verifier, cost report (no files but the optional IR dumps).
 
     ``output_mode`` defaults to ``logits`` here (the graph as imported, for tests and tools);
     ``fssc compile`` and :func:`compile_model` default to ``labels``, what a data owner should get.
+    ``bits``: ``range`` (comparison bitwidths from range analysis plus ``margin_bits``, default
+    :data:`fssc.passes.base.DEFAULT_MARGIN_BITS`) or ``full`` (every comparison at 64 - shift bits).
     """
     if not 4 <= frac_bits <= 24:
         raise FsscError(f"--frac-bits {frac_bits}: must be between 4 and 24")
+    if bits not in ("range", "full"):
+        raise FsscError(f"--bits {bits!r}: choose range or full")
+    if bits == "full" and margin_bits is not None:
+        raise FsscError("--margin-bits does not apply with --bits full (every comparison is as wide as the ring holds)")
+    margin_bits = DEFAULT_MARGIN_BITS if margin_bits is None else margin_bits
+    if not 0 <= margin_bits <= MAX_MARGIN_BITS:
+        raise FsscError(f"--margin-bits {margin_bits}: must be between 0 and {MAX_MARGIN_BITS}")
     if output_mode == "labels":
         graph = add_label_output(graph)
     elif output_mode != "logits":
         raise FsscError(f"--output-mode {output_mode!r}: choose labels or logits")
-    ctx = PassContext(frac_bits=frac_bits)
+    ctx = PassContext(frac_bits=frac_bits, margin_bits=margin_bits, full_bits=bits == "full")
     if calibrate:
         ctx.calibration = load_calibration(calibrate, graph)
     g, records = run_pipeline(
@@ -117,7 +136,47 @@ def compile_graph(
         keep_graphs=keep_graphs,
         echo=echo,
     )
-    return CompileResult(g, records, cost_report(g), ctx)
+    return CompileResult(g, records, cost_report(g, ctx.notes.get("ranges")), ctx)
+
+
+def input_guard(res: CompileResult) -> dict:
+    """What the data owner's program checks before it sends anything (manifest.json ``input_guard``).
+
+    The rule (measured in docs/accuracy.md): every comparison was given ``headroom_bits`` h over the
+    largest magnitude it saw on the calibration data (m = bits(magnitude) + h). Unseen inputs of the
+    calibration's own range use up to one of those bits (their activations reach past the calibrated
+    maxima), and scaling an input by 2^j costs up to j + 1 bits, not j (folded biases make the network
+    only roughly homogeneous). So the guard allows the input 2^(h - 2) times the calibrated range:
+    allowed |x| <= calibrated max |x| * 2^max(0, h_min - 2), in ring units at the input's scale,
+    capped at 2^62. Under ``--bits full`` h_min is large and the cap is what remains.
+    """
+    g, ranges = res.graph, res.ctx.notes.get("ranges", {})
+    comparisons = []
+    for op in g.ops:
+        if op.gate and op.uid in ranges:
+            r = ranges[op.uid]
+            comparisons.append(
+                {
+                    "op": op.name,
+                    "gate": op.gate["kind"],
+                    "bits": r["bits"],
+                    "headroom_bits": headroom_bits(r["magnitude"], r["bits"]),
+                }
+            )
+    h_min = min((c["headroom_bits"] for c in comparisons), default=None)
+    inputs = []
+    for name, cal in sorted(res.ctx.notes.get("input_ranges", {}).items()):
+        allowed = None if h_min is None else min(cal << max(0, h_min - GUARD_SPARE_BITS), RING_INPUT_LIMIT)
+        inputs.append(
+            {"name": name, "scale": g.values[name].scale, "calibrated_max_abs": cal, "allowed_max_abs": allowed}
+        )
+    return {
+        "bits": "full" if res.ctx.full_bits else "range",
+        "margin_bits": None if res.ctx.full_bits else res.ctx.margin_bits,
+        "headroom_bits": h_min,
+        "inputs": inputs,
+        "comparisons": comparisons,
+    }
 
 
 def _mb(x: float) -> str:
@@ -134,6 +193,8 @@ def report_table(res: CompileResult, title: str) -> Table:
         ("gate", "left"),
         ("gates", "right"),
         ("m", "right"),
+        ("calib max", "right"),
+        ("headroom", "right"),
         ("key MB P0", "right"),
         ("key MB P1", "right"),
         ("rounds", "right"),
@@ -152,6 +213,8 @@ def report_table(res: CompileResult, title: str) -> Table:
             o.gate or "-",
             f"{o.gates:,}" if o.gates else "",
             str(o.bits or ""),
+            "" if o.calibrated is None else f"{o.calibrated / 2.0**o.calibrated_scale:.4g}",
+            "" if o.headroom is None else str(o.headroom),
             _mb(o.key_p0),
             _mb(o.key_p1),
             str(o.rounds),
@@ -166,6 +229,8 @@ def report_table(res: CompileResult, title: str) -> Table:
         "",
         f"{rep.total('gates'):,}",
         "",
+        "",
+        "",
         _mb(rep.total("key_p0")),
         _mb(rep.total("key_p1")),
         str(rep.rounds),
@@ -179,6 +244,8 @@ def report_table(res: CompileResult, title: str) -> Table:
         "",
         f"{rep.per_image('gates'):,.0f}",
         "",
+        "",
+        "",
         _mb(rep.per_image("key_p0")),
         _mb(rep.per_image("key_p1")),
         "",
@@ -186,6 +253,54 @@ def report_table(res: CompileResult, title: str) -> Table:
         _mb(rep.per_image("sent_p1")),
     )
     return t
+
+
+def full_bits_report(res: CompileResult) -> CostReport:
+    """The same graph priced at ``--bits full`` (every comparison at 64 - shift bits)."""
+    return cost_report(res.graph, res.ctx.notes.get("ranges"), full_bits=True)
+
+
+def setting_line(res: CompileResult) -> str:
+    """One line: the comparison setting, its smallest headroom, and its key bytes next to ``--bits full``."""
+    rep, full = res.report, full_bits_report(res)
+    heads = [o.headroom for o in rep.ops if o.headroom is not None]
+    setting = "--bits full" if res.ctx.full_bits else f"--margin-bits {res.ctx.margin_bits}"
+    mine = rep.per_image("key_p0") + rep.per_image("key_p1")
+    wide = full.per_image("key_p0") + full.per_image("key_p1")
+    head = f"smallest headroom {min(heads)} bits over the calibration data" if heads else "no comparisons"
+    return (
+        f"comparisons: {setting} ({head}); key bytes per image, both parties: {_mb(mine)} MB; "
+        f"with --bits full: {_mb(wide)} MB ({wide / mine:.2f}x)"
+        if wide
+        else f"comparisons: {setting} ({head})"
+    )
+
+
+def run_verify(res: CompileResult, model: str, count: int, out_dir: str, echo=print):
+    """``--verify N``: N inputs through onnxruntime, the fixed-point interpreter and the in-process
+    two-party run of the generated programs; an FsscError (one line) when the secure run and the
+    interpreter disagree."""
+    from .crosscheck import cross_check, verify_inputs
+
+    if count < 1:
+        raise FsscError(f"--verify {count}: give the number of inputs to check (at least 1)")
+    result = cross_check(res.graph, model, verify_inputs(res, count))
+    for line in result.lines():
+        echo(line)
+    if result.exact:
+        return result
+    n, k = result.inputs, result.mismatched_values
+    if result.overflows:
+        first = next(iter(result.overflows.values()))
+        raise FsscError(
+            f"--verify: the secure run differs from the fixed-point interpreter in {k} output values over {n} "
+            f"inputs; {len(result.overflows)} comparisons overflow ({first}); recompile with more headroom "
+            f"(--margin-bits K or --bits full) or --calibrate on data like these; nothing written to {out_dir}"
+        )
+    raise FsscError(
+        f"--verify: the secure run differs from the fixed-point interpreter in {k} output values over {n} inputs "
+        f"and no comparison overflows: the generated program is wrong (a compiler bug); nothing written to {out_dir}"
+    )
 
 
 def compile_model(
@@ -199,7 +314,12 @@ def compile_model(
     json_path: str | None = None,
     console: Console | None = None,
     output_mode: str = "labels",
+    margin_bits: int | None = None,
+    bits: str = "range",
+    verify: int = 0,
 ) -> CompileResult:
+    """``fssc compile``: compile, print the report, check with ``verify`` inputs (before anything is
+    written: a program the check rejects is never written), write prog/."""
     from fssc.runtime.images import Preprocess
 
     from .codegen import write_program
@@ -219,6 +339,8 @@ def compile_model(
         keep_graphs=dump_ir,
         echo=echo,
         output_mode=output_mode,
+        margin_bits=margin_bits,
+        bits=bits,
     )
     prog = lower(res.graph)
     in_shape = res.graph.values[res.graph.inputs[0]].shape
@@ -227,13 +349,9 @@ def compile_model(
         "output_mode": output_mode,
         "preprocess": Preprocess(size=in_shape[-1]).to_dict() if len(in_shape) == 4 else {},
         "cost": res.report.to_dict()["totals"],
+        "input_guard": input_guard(res),
     }
-    write_program(prog, out_dir, os.path.basename(model), extra)
     res.program = prog
-    if dump_ir:
-        from .viewer import write_viewer
-
-        page = write_viewer(res.records, out_dir, os.path.basename(model))
     passes = Table(title="passes", title_justify="left")
     for col in ("#", "pass", "ms", "changed"):
         passes.add_column(col)
@@ -247,7 +365,15 @@ def compile_model(
         f"f={frac_bits}; gates: " + ", ".join(f"{k} {v:,}" for k, v in by_kind.items()) + ")",
     )
     con.print(table)
+    echo(setting_line(res))
     con.print(f"setup: P1 sends its masked weights once per session, {_mb(res.report.setup_bytes)} MB")
+    if verify:
+        res.verification = run_verify(res, model, verify, out_dir, echo)
+    write_program(prog, out_dir, os.path.basename(model), extra)
+    if dump_ir:
+        from .viewer import write_viewer
+
+        page = write_viewer(res.records, out_dir, os.path.basename(model))
     con.print(
         f"wrote {out_dir}/party0/program.py, party1/program.py + weights.bin, dealer/program.py, "
         f"manifest.json (program {prog.hash}, output: {output_mode})"
@@ -257,6 +383,9 @@ def compile_model(
     data = res.report.to_dict()
     data["passes"] = [{"index": r.index, "name": r.name, "changed": r.changed} for r in res.records]
     data["frac_bits"] = frac_bits
+    data["bits"] = bits
+    data["margin_bits"] = res.ctx.margin_bits if bits == "range" else None
+    data["totals_bits_full"] = full_bits_report(res).to_dict()["totals"]
     write_atomic(os.path.join(out_dir, "report.json"), json.dumps(data, indent=1, sort_keys=True) + "\n")
     text = io.StringIO()
     Console(file=text, width=160, no_color=True).print(table)

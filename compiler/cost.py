@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 
 from fssc.runtime import dcf
 
+from .gates import compare_shift, headroom_bits, widest_bits
 from .ir import Graph, Op
 from .lower import is_weighted
 
@@ -64,6 +65,9 @@ class OpCost:
     rounds: int = 0
     sent_p0: float = 0.0  # bytes P0 sends
     sent_p1: float = 0.0
+    calibrated: int | None = None  # largest |value| the comparison saw on the calibration data (ring units)
+    calibrated_scale: int | None = None  # the fixed-point scale of that value (after the gate's shift)
+    headroom: int | None = None  # bits: inputs 2^headroom times the calibrated ones still fit
 
     def to_dict(self):
         d = asdict(self)
@@ -71,14 +75,15 @@ class OpCost:
         return d
 
 
-def op_cost(op: Op, graph: Graph) -> OpCost:
+def op_cost(op: Op, graph: Graph, bits: int | None = None) -> OpCost:
+    """One op's cost; ``bits`` overrides the gate's comparison bitwidth (to price another setting)."""
     out = graph.values[op.outputs[0]]
     c = OpCost(op.name, op.kind, tuple(out.shape))
     g = op.gate
     if g:
-        c.gate, c.gates, c.bits = g["kind"], g["count"], g["bits"]
+        c.gate, c.gates, c.bits = g["kind"], g["count"], bits or g["bits"]
         n = g["count"]
-        kb = dcf_bytes(g["bits"])
+        kb = dcf_bytes(c.bits)
         if g["kind"] == "argmax" and _classes(op, graph) > 2:  # tournament: value and index selected
             c.key_p0 = n * kb + SEED_BYTES * g["depth"]
             c.key_p1 = n * (kb + 7 * WORD) + n / 8
@@ -173,9 +178,18 @@ def _weight_size(op: Op, graph: Graph) -> int:
     return next(graph.values[i].size for i in op.inputs if graph.values[i].is_const)
 
 
-def cost_report(graph: Graph) -> CostReport:
+def cost_report(graph: Graph, ranges: dict | None = None, full_bits: bool = False) -> CostReport:
+    """The report for a marked graph. ``ranges`` (range analysis's ``ctx.notes['ranges']``) adds each
+    comparison's calibrated maximum and headroom; ``full_bits`` prices every comparison at 64 - shift
+    bits (what ``fssc compile --bits full`` would cost)."""
     batch = graph.values[graph.inputs[0]].shape[0] if graph.inputs else 1
-    ops = [op_cost(op, graph) for op in graph.ops]
+    ops = [op_cost(op, graph, widest_bits(op) if full_bits and op.gate else None) for op in graph.ops]
+    for op, c in zip(graph.ops, ops, strict=True):
+        r = (ranges or {}).get(op.uid)
+        if op.gate and r is not None:
+            c.calibrated = r["magnitude"]
+            c.calibrated_scale = (graph.values[op.inputs[0]].scale or 0) - compare_shift(op)
+            c.headroom = headroom_bits(r["magnitude"], c.bits)
     weights = sum(_weight_size(op, graph) for op in graph.ops)
     inp = sum(graph.values[i].size for i in graph.inputs) * WORD
     producer = graph.producer()

@@ -1,6 +1,8 @@
 """``fssc demo``: the whole job on loopback, behind ``make demo``.
 
-export ResNet-18 -> compile -> certificates -> deal -> start the model owner
+export ResNet-18 -> compile (checked with ``--verify``: the generated programs,
+simulated in process, against the fixed-point interpreter and onnxruntime) ->
+certificates -> deal -> start the model owner
 (party 1) and the data owner (party 0) as two processes on 127.0.0.1 -> the
 data owner prints its labels. The demo then compares them with onnxruntime on
 the same preprocessed images and prints a short report: labels, logits next to
@@ -76,14 +78,17 @@ def run_demo(
 
     t = time.perf_counter()
     quiet = Console(quiet=True)
-    res = compile_model(onnx_path, prog, frac_bits, output_mode="logits", console=quiet)
+    res = compile_model(onnx_path, prog, frac_bits, output_mode="logits", console=quiet, verify=batch)
     times["compile"] = time.perf_counter() - t
     tot = res.report.to_dict()["totals"]
     assert res.program is not None  # compile_model generated the programs
     con.print(
         f"2. compile  {len(res.graph.ops)} IR ops after {len(res.records) - 1} passes; "
-        f"{tot['gates_per_image']:,.0f} comparison gates per image; program {res.program.hash[:12]}"
+        f"{tot['gates_per_image']:,.0f} comparison gates per image; program {res.program.hash[:12]}; "
+        f"checked with --verify {batch}:"
     )
+    for line in res.verification.lines()[1:]:
+        con.print(f"           {line.strip()}", markup=False, highlight=False)
 
     make_certs(certs)
     t = time.perf_counter()

@@ -111,6 +111,21 @@ def comparison_magnitude(op: Op, graph: Graph, inputs: list[np.ndarray]) -> int:
     return 0
 
 
+def compare_shift(op: Op) -> int:
+    """Bits a comparison drops before it compares (fused truncation, standalone shift, max gates' cmp_trunc)."""
+    return op.attrs.get("trunc") or op.attrs.get("shift") or op.attrs.get("cmp_trunc") or 0
+
+
+def widest_bits(op: Op) -> int:
+    """The widest comparison the ring allows after the op's shift: m = 64 - shift (``--bits full``)."""
+    return 64 - compare_shift(op)
+
+
+def headroom_bits(magnitude: int, bits: int) -> int:
+    """Headroom of an m-bit comparison over a calibrated magnitude: inputs 2^h times larger still fit."""
+    return bits - bits_for(magnitude)
+
+
 def bits_for(magnitude: int) -> int:
     """Signed bitwidth m with |v| < 2^(m-1) for every |v| <= magnitude."""
     return int(magnitude).bit_length() + 1

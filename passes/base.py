@@ -13,13 +13,16 @@ from typing import Any
 
 import numpy as np
 
+DEFAULT_MARGIN_BITS = 3  # fssc compile --margin-bits; chosen from the measurements in docs/accuracy.md
+
 
 @dataclass
 class PassContext:
     frac_bits: int = 12  # f: fixed-point fractional bits
     max_scale_factor: int = 2  # a value may reach scale k*f before a truncation is forced
     calibration: list[np.ndarray] | None = None  # input batches for range analysis
-    margin_bits: int = 2  # safety margin added to measured ranges
+    margin_bits: int = DEFAULT_MARGIN_BITS  # safety margin added to measured ranges (--margin-bits)
+    full_bits: bool = False  # --bits full: every comparison at 64 - shift bits, whatever the calibration
     weight_extra_bits: int = 5  # weights get f + this many fractional bits (public, value-independent)
     notes: dict[str, Any] = field(default_factory=dict)  # passes leave findings here
 

@@ -8,18 +8,24 @@ measures the largest magnitude each comparison sees
 (:func:`fssc.compiler.gates.comparison_magnitude`: x >> trunc for a ReLU, the
 window spread for max gates, the row spread for ArgMax). The bitwidth is
 m = bits(magnitude) + sign + ``margin_bits`` (a 2^margin safety factor),
-capped at the ring's 64 bits. It is written on the
-op (``op.bits``: a value feeding several comparisons gets no single width)
-for mark-comparisons, and kept with the magnitude in ``ctx.notes['ranges']``.
+capped at what the ring holds after the gate's shift (64 - shift). With
+``ctx.full_bits`` (``fssc compile --bits full``) every comparison gets
+m = 64 - shift whatever it measured: no bitwidth depends on the calibration.
+It is written on the op (``op.bits``: a value feeding several comparisons gets
+no single width) and kept in ``ctx.notes['ranges']`` (magnitude, bits) for
+mark-comparisons, the cost report's headroom column and the data owner's
+input guard, which also reads ``ctx.notes['input_ranges']``: the largest
+|encoded input| per graph input.
 Semantics are unchanged.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from fssc.compiler.gates import bits_for, comparison_magnitude, gate_kind
+from fssc.compiler.gates import bits_for, comparison_magnitude, gate_kind, widest_bits
 from fssc.compiler.interp import run_fixed
 from fssc.compiler.ir import Graph
+from fssc.runtime import ring
 from fssc.runtime.images import synthetic_inputs
 
 from .base import PassContext
@@ -28,12 +34,15 @@ NAME = "range-analysis"
 DEFAULT_CALIBRATION_BATCHES = 4
 
 
-def default_calibration(shape: tuple[int, ...], seed: int = 1) -> list[np.ndarray]:
-    """Calibration batches from a fixed seed when the user gave none."""
+def default_calibration(
+    shape: tuple[int, ...], count: int = DEFAULT_CALIBRATION_BATCHES, seed: int = 1
+) -> list[np.ndarray]:
+    """Calibration batches from a fixed seed when the user gave none (other seeds: more of the same
+    distribution, for ``--verify`` and the accuracy benchmark)."""
     if len(shape) == 4:
-        return synthetic_inputs(shape, DEFAULT_CALIBRATION_BATCHES, seed=seed)
+        return synthetic_inputs(shape, count, seed=seed)
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(shape).astype(np.float32) for _ in range(DEFAULT_CALIBRATION_BATCHES)]
+    return [rng.standard_normal(shape).astype(np.float32) for _ in range(count)]
 
 
 def default_batches(graph: Graph) -> list:
@@ -52,15 +61,22 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if gate_kind(op):
             mags[op.uid] = max(mags.get(op.uid, 0), comparison_magnitude(op, graph, ins))
 
+    in_max = dict.fromkeys(graph.inputs, 0)
     for batch in data:
         run_fixed(graph, batch, observe=observe)
+        feeds = batch if isinstance(batch, dict) else {graph.inputs[0]: batch}
+        for name, arr in feeds.items():
+            enc = ring.signed(ring.encode(np.asarray(arr), graph.values[name].fixed_scale))
+            if enc.size:
+                in_max[name] = max(in_max[name], int(np.abs(enc).max()))
     ranges = {}
     for op in graph.ops:
         if op.uid in mags:
-            shift = op.attrs.get("trunc") or op.attrs.get("shift") or op.attrs.get("cmp_trunc") or 0
-            m = min(64 - shift, bits_for(mags[op.uid]) + ctx.margin_bits)  # the gate reads m bits above the shift
+            widest = widest_bits(op)  # the gate reads m bits above its shift
+            m = widest if ctx.full_bits else min(widest, bits_for(mags[op.uid]) + ctx.margin_bits)
             ranges[op.uid] = {"magnitude": mags[op.uid], "bits": m}
             op.bits = m
     ctx.notes["ranges"] = ranges
+    ctx.notes["input_ranges"] = in_max
     ctx.notes["calibration_batches"] = len(data)
     return graph

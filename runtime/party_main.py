@@ -27,6 +27,7 @@ from fssc.compiler.errors import FsscError, os_error_message
 from fssc.compiler.files import write_atomic
 
 from . import ring
+from .guard import FIXES, out_of_range
 from .session import (
     batch_deal,
     check_batches,
@@ -225,6 +226,11 @@ def main_party0(mod, argv) -> int:
         help="what to print (logits only if the program outputs them)",
     )
     ap.add_argument("--out", help="write results as JSON here (after each completed batch)")
+    ap.add_argument(
+        "--allow-out-of-range",
+        action="store_true",
+        help="run inputs outside the range the program was compiled for (results may be wrong; a warning)",
+    )
     ap.add_argument("--timeout", type=float, default=600.0)
     a = ap.parse_args(argv)
     prog_dir = _prog_dir(mod)
@@ -251,6 +257,11 @@ def main_party0(mod, argv) -> int:
     path = a.images or a.input
     x = load_inputs(path, pre, tuple(shape[1:]))
     names = list_images(a.images) if a.images else [f"{a.input}[{i}]" for i in range(len(x))]
+    problem = out_of_range(manifest, inp["name"], ring.encode(x, inp["scale"]), names)  # before anything is sent
+    if problem and not a.allow_out_of_range:
+        raise FsscError(f"{problem}; {FIXES}")
+    if problem:
+        print(f"fssc party0: warning: {problem}; running anyway (--allow-out-of-range)", file=sys.stderr, flush=True)
     xb = batches(x, shape[0])
     deal, use = choose_batches(a.keys, 0, len(xb), mod.PROGRAM_HASH)
     chan = connect(a.peer, a.certs, timeout=a.timeout)

@@ -33,7 +33,7 @@ from fssc.passes import (
     range_analysis,
     reorder_maxpool_relu,
 )
-from fssc.passes.base import PassContext
+from fssc.passes.base import DEFAULT_MARGIN_BITS, PassContext
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
@@ -816,15 +816,17 @@ def marked(model, calibration=None, **ctx_kw):
 def test_range_analysis_bits_from_calibration():
     x = np.array([[-3.0, 5.0, 0.5, 1.0], [0.25, -1.0, 2.0, 0.0]], dtype=np.float32)
     model = make_model([oh.make_node("Relu", ["x"], ["y"])], (2, 4))
-    g, ctx = marked(model, [x])
+    g, ctx = marked(model, [x], margin_bits=2)
     relu = g.ops[0]
     # |5 * 2^12| = 20480 needs 15 bits + sign = 16, plus the 2-bit margin
     assert ctx.notes["ranges"][relu.uid] == {"magnitude": 20480, "bits": 18}
     assert relu.gate["bits"] == 18 and relu.bits == 18
     g3, _ = marked(model, [x], margin_bits=3)
     assert g3.ops[0].gate["bits"] == 19
-    g8, _ = marked(model, [x], frac_bits=8)
+    g8, _ = marked(model, [x], frac_bits=8, margin_bits=2)
     assert g8.ops[0].gate["bits"] == 14
+    gd, _ = marked(model, [x])  # the default margin (docs/accuracy.md)
+    assert gd.ops[0].gate["bits"] == 16 + DEFAULT_MARGIN_BITS
     assert ctx.notes["calibration_batches"] == 1
 
 
@@ -836,7 +838,7 @@ def test_range_analysis_relu_with_fused_truncation_measures_after_the_shift():
     relu = op_of(g, "relu")
     mm = op_of(g, "gemm")  # canonicalize turned the MatMul into a Gemm
     assert relu.gate["trunc"] == mm.attrs["wscale"]  # the product is at scale f + wscale; the gate drops wscale
-    assert relu.gate["bits"] == gates.bits_for(4 << F) + 2  # 4.0 at scale f after the shift
+    assert relu.gate["bits"] == gates.bits_for(4 << F) + DEFAULT_MARGIN_BITS  # 4.0 at scale f after the shift
 
 
 def test_range_analysis_default_calibration_for_image_and_flat_inputs():
