@@ -19,7 +19,6 @@ What each role holds:
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,7 +30,6 @@ from . import lib
 from .protocol import Dealer, Party
 
 __all__ = [
-    "DealTrace",
     "deal",
     "run_party",
     "precompute_p0",
@@ -61,37 +59,10 @@ def program_modules(graph: Graph) -> tuple[SecureProgram, dict[str, types.Module
     return prog, mods
 
 
-@dataclass
-class DealTrace:
-    """What a deal saw beyond the keys (tests only): the mask of each comparison's input, per gate tag."""
-
-    compare_masks: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-class _TracingDealer(Dealer):
-    """A dealer that also records comparison masks (so the interpreter can replay the carries)."""
-
-    def __init__(self, inner: Dealer, trace: DealTrace):
-        self.__dict__.update(inner.__dict__)
-        self.trace = trace
-
-    def relu(self, tag, r, m, trunc=0):
-        self.trace.compare_masks[tag] = np.asarray(r).reshape(-1)
-        return super().relu(tag, r, m, trunc)
-
-    def trunc(self, tag, r, m, shift):
-        self.trace.compare_masks[tag] = np.asarray(r).reshape(-1)
-        return super().trunc(tag, r, m, shift)
-
-    def select(self, tag, r_z, m, s=0):
-        self.trace.compare_masks[tag] = np.asarray(r_z[0]).reshape(-1)
-        return super().select(tag, r_z, m, s)
-
-
-def deal(graph: Graph, D: Dealer, setup_seed: bytes, trace: DealTrace | None = None) -> None:
+def deal(graph: Graph, D: Dealer, setup_seed: bytes) -> None:
     """The dealer's program on this graph: keys for one batch."""
     _, mods = program_modules(graph)
-    mods["dealer"].deal(_TracingDealer(D, trace) if trace is not None else D, setup_seed)
+    mods["dealer"].deal(D, setup_seed)
 
 
 def masked_weights(graph: Graph, setup_seed: bytes) -> dict[str, np.ndarray]:
