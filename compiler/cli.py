@@ -84,7 +84,26 @@ def ir(model):
     show_default=True,
     help="What the data owner learns: labels only (argmax inside), or the logits.",
 )
-def compile_cmd(model, out, frac_bits, calibrate, dump_ir, print_ir_after_all, print_ir_after, json_path, output_mode):
+@click.option(
+    "--weight-bound-bits",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Public bound |W| < 2^B on every weight (after BatchNorm folding). It fixes the model owner's "
+    "arithmetic (and so its timing) independently of the weights; a larger weight is a compile error.",
+)
+def compile_cmd(
+    model,
+    out,
+    frac_bits,
+    calibrate,
+    dump_ir,
+    print_ir_after_all,
+    print_ir_after,
+    json_path,
+    output_mode,
+    weight_bound_bits,
+):
     """Compile an ONNX MODEL into prog/: the passes, the cost report, and one program per party."""
     from .compile import compile_model
 
@@ -98,6 +117,7 @@ def compile_cmd(model, out, frac_bits, calibrate, dump_ir, print_ir_after_all, p
         print_ir_after_all,
         json_path,
         output_mode=output_mode,
+        weight_bound_bits=weight_bound_bits,
     )
 
 

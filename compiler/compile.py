@@ -83,6 +83,7 @@ def compile_graph(
     keep_graphs=False,
     echo=print,
     output_mode: str = "logits",
+    weight_bound_bits: int = 4,
 ) -> CompileResult:
     """The middle of the compiler: passes, verifier, cost report (no files but the optional IR dumps).
 
@@ -95,7 +96,9 @@ def compile_graph(
         graph = add_label_output(graph)
     elif output_mode != "logits":
         raise FsscError(f"--output-mode {output_mode!r}: choose labels or logits")
-    ctx = PassContext(frac_bits=frac_bits)
+    if not 0 <= weight_bound_bits <= 24:
+        raise FsscError(f"--weight-bound-bits {weight_bound_bits}: must be between 0 and 24")
+    ctx = PassContext(frac_bits=frac_bits, weight_bound_bits=weight_bound_bits)
     if calibrate:
         ctx.calibration = load_calibration(calibrate, graph)
     g, records = run_pipeline(
@@ -188,6 +191,7 @@ def compile_model(
     json_path: str | None = None,
     console: Console | None = None,
     output_mode: str = "labels",
+    weight_bound_bits: int = 4,
 ) -> CompileResult:
     from fssc.runtime.images import Preprocess
 
@@ -208,6 +212,7 @@ def compile_model(
         keep_graphs=dump_ir,
         echo=echo,
         output_mode=output_mode,
+        weight_bound_bits=weight_bound_bits,
     )
     prog = lower(res.graph)
     in_shape = res.graph.values[res.graph.inputs[0]].shape

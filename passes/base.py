@@ -21,6 +21,7 @@ class PassContext:
     calibration: list[np.ndarray] | None = None  # input batches for range analysis
     margin_bits: int = 2  # safety margin added to measured ranges
     weight_extra_bits: int = 5  # weights get f + this many fractional bits (public, value-independent)
+    weight_bound_bits: int = 4  # public bound |W| < 2^this on every weight: fixes P1's limb counts (ring.plan_limbs)
     notes: dict[str, Any] = field(default_factory=dict)  # passes leave findings here
 
     @property

@@ -391,3 +391,50 @@ def test_weighted_ops_through_engine(case):
         g.ops[0].attrs.pop("wscale")
     y, want = _engine_run(g, x)
     assert (y == want).all()
+
+
+# ----------------------------------------------------------------- limb counts from public bounds (issue 10, point 6)
+def _with_weights_scaled(graph, factor: float):
+    g = graph.clone()
+    for v in g.values.values():
+        if v.is_const and v.data is not None and v.data.dtype.kind == "f":
+            v.data = v.data * factor
+    return g
+
+
+def test_limb_counts_and_program_do_not_depend_on_the_weights():
+    """P1's operand width, hence its float64 limb counts and time, comes from the public weight scale and
+    the public bound |W| < 2^weight_bound_bits: the same for tiny and for large weights, and so is
+    P1's program text and the program hash."""
+    from tiny_models import tiny_cnn
+
+    from fssc.compiler.codegen import render
+    from fssc.compiler.lower import lower
+
+    graph, _, _ = tiny_cnn(batch=2, size=12)
+    progs = [lower(_with_weights_scaled(graph, f)) for f in (1.0, 1e-3, 7.0)]
+    limbs = [
+        [ring.plan_limbs(64, st.p1["w_bits"], st.params["k"]) for st in p.linears if "w_bits" in st.p1] for p in progs
+    ]
+    assert limbs[0] and limbs[0] == limbs[1] == limbs[2]
+    assert len({p.hash for p in progs}) == 1
+    assert len({render(p, "party1", graph.name) for p in progs}) == 1
+    # the width is the public one: wscale + bound + sign
+    for st in progs[0].linears:
+        if "w_bits" in st.p1:
+            op = next(o for o in graph.ops if f"op{o.uid}" == st.tag)
+            assert st.p1["w_bits"] == op.attrs["wscale"] + graph.meta["weight_bound_bits"] + 1
+
+
+def test_weight_beyond_the_public_bound_is_one_line():
+    from tiny_models import tiny_cnn
+
+    from fssc.compiler.errors import FsscError
+    from fssc.compiler.lower import lower
+
+    graph, _, _ = tiny_cnn(batch=2, size=12)
+    big = _with_weights_scaled(graph, 1000.0)
+    with pytest.raises(FsscError, match=r"is beyond the public bound 2\^4; recompile with --weight-bound-bits") as e:
+        lower(big)
+    assert "\n" not in str(e.value)
+    lower(big, with_weights=False)  # the dealer's and the data owner's programs need no weights
