@@ -185,9 +185,12 @@ def test_plan_limbs_choices():
     assert ring.plan_limbs(64, 22, 2048) == (21, 3, 21, 1)  # 21 + 21 + 11 = 53: at the boundary
     assert ring.plan_limbs(64, 17, 576) == (27, 3, 16, 1)  # a 3x3x64 conv with 16-bit weights
     assert ring.plan_limbs(64, 21, 4608) == (20, 4, 20, 1)  # 3x3x512 at 20 bits
-    # P0 offline / D: full ring x full ring
-    assert ring.plan_limbs(64, 64, 4608) == (20, 4, 20, 4)
-    assert ring.plan_limbs(64, 64, 1) == (26, 3, 27, 3)
+    # the public weight width (f + 5 + 4 bits + sign = 22): 4 products where k > 2^11
+    assert ring.plan_limbs(64, 22, 4608) == (19, 4, 21, 1)
+    # P0 offline / D: full ring x full ring, the fewest products (8 and 5; even 20-bit splits: 10 and 6)
+    assert ring.plan_limbs(64, 64, 4608) == (16, 4, 24, 3)
+    assert ring.plan_limbs(64, 64, 1) == (21, 3, 32, 2)
+    assert ring._products(16, 4, 24, 3) == 8 and ring._products(20, 4, 20, 4) == 10
     with pytest.raises(ValueError):
         ring.plan_limbs(64, 64, 1 << 46)
 
@@ -382,6 +385,7 @@ def test_weighted_ops_through_engine(case):
     elif case == "matmul3d":
         x = gen.standard_normal((2, 3, 4096)) * 4
         g = _weighted_graph("matmul", x.shape, gen.uniform(-255, 255, size=(2, 4096, 2)))
+        g.meta["weight_bound_bits"] = 8  # |W| < 2^8, as `fssc compile --weight-bound-bits 8` records it
     elif case == "matmul_left":
         x = gen.standard_normal((2, 30, 4))
         g = _weighted_graph("matmul", x.shape, gen.standard_normal((5, 30)), const_left=True)
