@@ -185,7 +185,7 @@ def _public_weight_bits(op: Op, graph: Graph, w_enc: np.ndarray) -> int:
         big = float(np.abs(ring.signed(w_enc)).max()) / 2.0 ** op.attrs["wscale"]
         raise FsscError(
             f"{op.kind} %{op.name}: a weight of magnitude {big:.4g} is beyond the public bound 2^{bound}; "
-            f"recompile with --weight-bound-bits {math.ceil(math.log2(big)) + 1} or more"
+            f"recompile with --weight-bound-bits {math.floor(math.log2(big)) + 1} or more"
         )
     return bits
 

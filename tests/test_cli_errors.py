@@ -193,3 +193,25 @@ def test_model_torch_cannot_export_is_one_line(tmp_path, run_fssc):
     proc = run_fssc("export", "vgg11", "-o", tmp_path / "v.onnx", "--image-size", 64, "--batch", 1)
     assert_one_line_error(proc, "vgg11", "64x64", "adaptive_avg_pool2d")
     assert not (tmp_path / "v.onnx").exists()
+
+
+def test_weight_beyond_the_public_bound(tmp_path, run_fssc):
+    """A weight at or beyond 2^--weight-bound-bits (after BN folding) is one line and no program; a larger
+    public bound compiles it (issue 10, point 6: P1's arithmetic comes from the bound, not the weights)."""
+    w = np.full((4, 2), 0.5, dtype=np.float32)
+    w[2, 1] = 40.0
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["y"], name="head")],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    path = tmp_path / "big.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    proc = run_fssc("compile", path, "-o", tmp_path / "prog", "--output-mode", "logits", cwd=tmp_path)
+    assert_one_line_error(proc, "gemm %", "magnitude 40", "public bound 2^4", "--weight-bound-bits 6 or more")
+    assert not (tmp_path / "prog" / "party1" / "program.py").exists()
+    ok = run_fssc("compile", path, "-o", tmp_path / "prog", "--output-mode", "logits", "--weight-bound-bits", 6)
+    assert ok.returncode == 0, ok.stderr
+    assert "w_bits=24" in (tmp_path / "prog" / "party1" / "program.py").read_text()  # 17 + 6 + 1
