@@ -109,6 +109,14 @@ def ir(model):
     "fixed-point interpreter and the in-process two-party run; exit 2 and write nothing if the secure run "
     "and the interpreter disagree.",
 )
+@click.option(
+    "--weight-bound-bits",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Public bound |W| < 2^B on every weight (after BatchNorm folding). It fixes the model owner's "
+    "arithmetic (and so its timing) independently of the weights; a larger weight is a compile error.",
+)
 def compile_cmd(
     model,
     out,
@@ -122,6 +130,7 @@ def compile_cmd(
     margin_bits,
     bits,
     verify,
+    weight_bound_bits,
 ):
     """Compile an ONNX MODEL into prog/: the passes, the cost report, and one program per party."""
     from .compile import compile_model
@@ -139,6 +148,7 @@ def compile_cmd(
         margin_bits=margin_bits,
         bits=bits,
         verify=verify,
+        weight_bound_bits=weight_bound_bits,
     )
 
 

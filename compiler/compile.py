@@ -103,6 +103,7 @@ def compile_graph(
     output_mode: str = "logits",
     margin_bits: int | None = None,
     bits: str = "range",
+    weight_bound_bits: int = 4,
 ) -> CompileResult:
     """The middle of the compiler: passes, verifier, cost report (no files but the optional IR dumps).
 
@@ -124,7 +125,11 @@ def compile_graph(
         graph = add_label_output(graph)
     elif output_mode != "logits":
         raise FsscError(f"--output-mode {output_mode!r}: choose labels or logits")
-    ctx = PassContext(frac_bits=frac_bits, margin_bits=margin_bits, full_bits=bits == "full")
+    if not 0 <= weight_bound_bits <= 24:
+        raise FsscError(f"--weight-bound-bits {weight_bound_bits}: must be between 0 and 24")
+    ctx = PassContext(
+        frac_bits=frac_bits, margin_bits=margin_bits, full_bits=bits == "full", weight_bound_bits=weight_bound_bits
+    )
     if calibrate:
         ctx.calibration = load_calibration(calibrate, graph)
     g, records = run_pipeline(
@@ -317,6 +322,7 @@ def compile_model(
     margin_bits: int | None = None,
     bits: str = "range",
     verify: int = 0,
+    weight_bound_bits: int = 4,
 ) -> CompileResult:
     """``fssc compile``: compile, print the report, check with ``verify`` inputs (before anything is
     written: a program the check rejects is never written), write prog/."""
@@ -341,6 +347,7 @@ def compile_model(
         output_mode=output_mode,
         margin_bits=margin_bits,
         bits=bits,
+        weight_bound_bits=weight_bound_bits,
     )
     prog = lower(res.graph)
     in_shape = res.graph.values[res.graph.inputs[0]].shape

@@ -7,12 +7,18 @@ For a comparison of bitwidth m the DCF takes the low m-1 bits with a Z_2 payload
 ``dcf_bytes(m) = fssc.runtime.dcf.nbytes_per_key(m - 1, 0)``. For n gates in
 one gate call:
 
-* ReLU (fused truncation): P0 n*dcf + 16 (a seed for its arithmetic shares);
+* ReLU: P0 n*dcf + 16 (a seed for its arithmetic shares);
   P1 n*(dcf + 6*8) + n/8 (corrections of r_d, rho, r_d*rho, rho_hi,
   r_d*rho_hi, r_out, and of the bit rho_hi ^ r_d). 2 rounds; each party sends
   n/8 + 8n bytes.
+* exact truncation by s bits (a ReLU with fused truncation, a standalone
+  truncation) adds per element the carry's DCF over s bits,
+  ``carry_bytes(s) = fssc.runtime.dcf.nbytes_per_key(s, 0)``, to both keys,
+  and to P1's the correction of the carry's mask bit r_c (1/8) and of
+  ``CARRY_WORDS`` share words (ReLU: r_c, r_d*r_c; truncation: r_c); each
+  party sends one more bit (c^) in the first round.
 * standalone truncation: as ReLU with 5 words (r_d, rho, rho_hi, r_d*rho_hi,
-  r_out).
+  r_out), plus the carry.
 * max (one tree level of a MaxPool): as ReLU with 4 words (r_d, r_z, r_d*r_z,
   r_out) instead of 6; a pool of depth D costs 2D rounds.
 * ArgMax over 2 classes: P0 n*dcf + 16, P1 n*dcf + n/8; 1 round; P1 sends
@@ -46,10 +52,21 @@ from .lower import is_weighted
 SEED_BYTES = 16
 WORD = 8
 SHARE_WORDS = {"relu": 6, "max": 4, "clip": 6, "trunc": 5}
+CARRY_WORDS = {"relu": 2, "trunc": 1}  # exact truncation: r_c, r_d*r_c (ReLU); r_c (standalone truncation)
 
 
 def dcf_bytes(m: int) -> int:
     return dcf.nbytes_per_key(max(1, m - 1), 0)
+
+
+def carry_bytes(s: int) -> int:
+    """Key bytes per element and party of the exact truncation's carry DCF (s bits, Z_2 payload)."""
+    return dcf.nbytes_per_key(s, 0) if s else 0
+
+
+def truncated_bits(gate: dict) -> int:
+    """Bits an exact truncation drops in this gate (0 for gates that do not truncate)."""
+    return gate.get("trunc", 0) if gate["kind"] == "relu" else gate.get("shift", 0) if gate["kind"] == "trunc" else 0
 
 
 @dataclass
@@ -101,6 +118,12 @@ def op_cost(op: Op, graph: Graph, bits: int | None = None) -> OpCost:
         c.key_p1 = n * (kb + SHARE_WORDS[g["kind"]] * WORD) + n / 8
         c.rounds = 2 * g["depth"]
         c.sent_p0 = c.sent_p1 = n * (1 / 8 + WORD)
+        s = truncated_bits(g)
+        if s:  # exact truncation: the carry's DCF, its mask bit, its share words, and c^ in round 1
+            c.key_p0 += n * carry_bytes(s)
+            c.key_p1 += n * (carry_bytes(s) + CARRY_WORDS[g["kind"]] * WORD) + n / 8
+            c.sent_p0 += n / 8
+            c.sent_p1 += n / 8
         return c
     if is_weighted(op, graph):
         x = graph.values[next(i for i in op.inputs if not graph.values[i].is_const)]

@@ -3,8 +3,8 @@
 Three runs of the same inputs:
 
 * **onnxruntime** on the ONNX model (float);
-* the **fixed-point interpreter** (:func:`fssc.compiler.interp.run_fixed`) on the compiled IR, given the
-  dealer's comparison masks so that its truncation carries are the secure gates' carries;
+* the **fixed-point interpreter** (:func:`fssc.compiler.interp.run_fixed`) on the compiled IR (floor
+  truncation, as the secure gates truncate exactly);
 * the **in-process two-party simulation** of the generated programs (:func:`secure_run`: the dealer's,
   P0's and P1's programs, rendered exactly as ``fssc compile`` writes them, run in one process).
 
@@ -17,7 +17,6 @@ exact comparison covers every gate, not only the label bits.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,34 +30,15 @@ from .ir import Graph
 VERIFY_SEED = 2  # inputs from a fixed seed: the calibration's distribution, not its batches (seed 1)
 
 
-@dataclass
-class SecureRun:
-    outputs: list[np.ndarray]  # P0's outputs in graph order (ring elements, or labels)
-    compare_masks: dict[str, np.ndarray]  # gate tag -> the dealer's mask of that comparison's input
+def secure_run(graph: Graph, x: np.ndarray) -> list[np.ndarray]:
+    """P0's outputs (graph order: ring elements, or labels) of the generated programs run in one process.
 
-
-def secure_run(graph: Graph, x: np.ndarray) -> SecureRun:
-    """The generated programs in one process: deal on the weightless graph, run P0 and P1 over queues.
-
-    The one place --verify and ``fssc bench accuracy`` run the secure path; it uses the runtime's
-    engine (the same rendered programs) and the dealer's trace of comparison masks.
+    The one place --verify and ``fssc bench accuracy`` run the secure path: the simulator
+    (:func:`fssc.compiler.simulation.simulate`), which runs the programs exactly as ``fssc compile`` writes them.
     """
-    from fssc.runtime import engine
-    from fssc.runtime.simulate import deal_in_memory, run_parties
+    from .simulation import simulate
 
-    setup = os.urandom(16)
-    g0 = engine.strip_weights(graph)
-    trace = engine.DealTrace()
-    _, k0, k1 = deal_in_memory(lambda D: engine.deal(g0, D, setup, trace))
-    w_hat = engine.masked_weights(graph, setup)
-    x_ring = ring.encode(x, graph.values[graph.inputs[0]].scale)
-    out0, _, _, _ = run_parties(
-        lambda P: engine.run_party(g0, P, x_ring, w_hat, engine.precompute_p0(g0, P, w_hat)),
-        lambda P: engine.run_party(graph, P),
-        k0,
-        k1,
-    )
-    return SecureRun(out0, trace.compare_masks)
+    return simulate(graph, x, reference=False).outputs
 
 
 def with_logits(graph: Graph) -> Graph:
@@ -215,10 +195,10 @@ def cross_check(graph: Graph, onnx_model, batches: list[np.ndarray]) -> VerifyRe
         ref = sess.run([pick], {in_name: x})[0]
         ref = ref.reshape(ref.shape[0], -1)
         sec = secure_run(g, x)
-        want = run_fixed(g, x, raw=True, compare_masks=sec.compare_masks)
-        mismatched = sum(int((np.asarray(a) != np.asarray(b)).sum()) for a, b in zip(sec.outputs, want, strict=True))
+        want = run_fixed(g, x, raw=True)
+        mismatched = sum(int((np.asarray(a) != np.asarray(b)).sum()) for a, b in zip(sec, want, strict=True))
         y_fix, l_fix = _logits_and_labels(g, want)
-        y_sec, l_sec = _logits_and_labels(g, sec.outputs)
+        y_sec, l_sec = _logits_and_labels(g, sec)
         slack = comparison_slack(graph, x)
         for name, (s, need, ov) in slack.items():
             if s < 0 and (name not in worst or need > worst[name][0]):

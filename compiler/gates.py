@@ -7,11 +7,13 @@ interpreter's overflow check, so they cannot disagree.
 Gate kinds (DESIGN.md section 4):
 
 * ``relu``: one DCF comparison per element, optionally dropping ``trunc`` bits
-  (fused truncation); its input is x >> trunc.
+  (fused exact truncation, with a second DCF over the dropped bits for the
+  carry); its input is x >> trunc.
 * ``max``: max(a, b) = b + ReLU(a - b); a MaxPool is a tree of these over each
   window, padding skipped, so a window with v real taps costs v - 1 gates.
   Every comparison input a - b lies within [min, max] - [min, max] of its window;
-  with ``cmp_trunc`` = s the gate compares (a - b) >> s.
+  with ``cmp_trunc`` = s the gate would compare (a - b) >> s, a choice that depends
+  on the masks (plan-fixed-point no longer sets it: max gates compare the full difference).
 * ``argmax``: C - 1 max gates per row (a tournament that also selects the
   index); for C = 2 a single DReLU of l1 - l0 gives the label.
 * ``clip``: two comparisons per element (against min and against max).

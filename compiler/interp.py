@@ -18,11 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from fssc.runtime import lib, ring
-from fssc.runtime.pooling import max_tree
 from fssc.runtime.ring import decode, encode, ring_bilinear, signed, unsigned
 
 from .errors import FsscError
-from .gates import gate_tag
 from .ir import Graph, Op
 from .ops import OPS, _windows, batchnorm_affine, conv_float
 
@@ -51,7 +49,7 @@ def run_float(graph: Graph, inputs, observe: Callable[[str, np.ndarray], None] |
             env[name] = v.data.astype(np.float64) if v.data.dtype.kind == "f" else v.data
     for op in graph.ops:
         outs = OPS[op.kind].run(op.attrs, *[env[i] for i in op.inputs])
-        for o, val in zip(op.outputs, outs):
+        for o, val in zip(op.outputs, outs, strict=True):
             env[o] = val
             if observe:
                 observe(o, val)
@@ -62,9 +60,8 @@ def run_float(graph: Graph, inputs, observe: Callable[[str, np.ndarray], None] |
 class _Fixed:
     """Per-kind fixed-point semantics; ``self.scale[name]`` is a value's scale."""
 
-    def __init__(self, graph: Graph, compare_masks: dict[str, np.ndarray] | None = None):
+    def __init__(self, graph: Graph):
         self.g = graph
-        self.cm = compare_masks
 
     def sc(self, name: str) -> int:
         return self.g.values[name].scale
@@ -105,7 +102,7 @@ class _Fixed:
         if self.g.values[b_name].is_const:
             w = self.g.values[b_name].data.astype(np.float64)
             k = w.shape[-2] if w.ndim > 1 else w.shape[0]  # x @ W reduces over W's second-to-last axis
-            return ring_bilinear(lambda p, q: np.matmul(p, q), env[a_name], encode(w, ws), k)
+            return ring_bilinear(np.matmul, env[a_name], encode(w, ws), k)
         w = self.g.values[a_name].data.astype(np.float64)
         return ring_bilinear(lambda p, q: np.matmul(q, p), env[b_name], encode(w, ws), w.shape[-1])
 
@@ -169,19 +166,9 @@ class _Fixed:
     def concat(self, op, env):
         return np.concatenate(self._const_at(op, env), axis=op.attrs["axis"])
 
-    def _carry(self, tag: str, x: np.ndarray, s: int) -> np.ndarray:
-        """The secure gate's truncation carry 1{x mod 2^s + r mod 2^s >= 2^s} (0 without masks)."""
-        if not s or self.cm is None:
-            return np.uint64(0)
-        low = np.uint64((1 << s) - 1)
-        r = self.cm[tag].reshape(x.shape)
-        return ((x & low) + (r & low)) >> np.uint64(s)
-
     def relu(self, op, env):
         x = env[op.inputs[0]]
-        s = op.attrs.get("trunc", 0)
-        t = ring.trunc(x, s) + self._carry(gate_tag(op), x, s)
-        return unsigned(np.maximum(signed(t), 0))
+        return unsigned(np.maximum(signed(ring.trunc(x, op.attrs.get("trunc", 0))), 0))
 
     def clip(self, op, env):
         s = self.sc(op.inputs[0])
@@ -193,26 +180,15 @@ class _Fixed:
         hi = lim.max if hi >= lim.max else int(np.rint(hi))
         return unsigned(np.clip(x, lo, hi))
 
-    def maxpool(self, op, env):
-        if self.cm is None:  # exact max; the gate tree gives the same values
-            w, _, _, nd = _windows(signed(env[op.inputs[0]]), op.attrs, np.iinfo(np.int64).min)
-            return unsigned(w.max(axis=tuple(range(-nd, 0))))
-        s = op.attrs.get("cmp_trunc", 0)
-
-        def pairmax(level, a, b):  # the secure max gate's choice, carries included
-            z = a - b
-            d = signed(ring.trunc(z, s) + self._carry(gate_tag(op, f".L{level}"), z, s)) >= 0
-            return np.where(d, a, b)
-
-        return max_tree(env[op.inputs[0]], op.attrs, pairmax)
+    def maxpool(self, op, env):  # exact max; the secure gate tree gives the same values
+        w, _, _, nd = _windows(signed(env[op.inputs[0]]), op.attrs, np.iinfo(np.int64).min)
+        return unsigned(w.max(axis=tuple(range(-nd, 0))))
 
     def argmax(self, op, env):
         return OPS["argmax"].run(op.attrs, signed(env[op.inputs[0]]))[0]
 
     def trunc(self, op, env):
-        x = env[op.inputs[0]]
-        s = op.attrs["shift"]
-        return ring.trunc(x, s) + self._carry(gate_tag(op), x, s)
+        return ring.trunc(env[op.inputs[0]], op.attrs["shift"])
 
     def upscale(self, op, env):
         return ring.upscale(env[op.inputs[0]], op.attrs["shift"])
@@ -239,17 +215,15 @@ def run_fixed(
     frac_bits: int | None = None,
     observe: Callable[[Op, list[np.ndarray], np.ndarray], None] | None = None,
     raw: bool = False,
-    compare_masks: dict[str, np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """Fixed-point evaluation. Returns decoded outputs (or ring elements with ``raw``).
 
     ``observe(op, input_values, output_value)`` sees every op (ring elements).
-    ``compare_masks`` (gate tag -> the dealer's mask of that comparison's
-    input, from a simulation) reproduces the secure gates' truncation carries
-    bit for bit; without it truncation is exact floor.
+    Truncation is floor division, as in the secure gates (exact truncation):
+    the secure result equals this bit for bit.
     """
     g = _ensure_planned(graph, frac_bits)
-    sem = _Fixed(g, compare_masks)
+    sem = _Fixed(g)
     env = {name: encode(x, g.values[name].scale) for name, x in bind_inputs(g, inputs).items()}
     for op in g.ops:
         fn = getattr(sem, op.kind, None)

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from fssc.passes.base import PassContext
+from fssc.passes.plan_fixed_point import weight_bits
 from fssc.runtime import lib, ring
 from fssc.runtime.pooling import max_tree
 
@@ -172,6 +175,21 @@ def _encode_const(op: Op, graph: Graph, name: str) -> np.ndarray:
     return ring.encode(graph.values[name].data.astype(np.float64), s)
 
 
+def _public_weight_bits(op: Op, graph: Graph, w_enc: np.ndarray) -> int:
+    """P1's operand width for the layer's exact products, from public values only (the weight scale and
+    the public bound on |W|), so its limb counts and time do not depend on the weights; a weight beyond
+    the bound is refused here (one line), never multiplied wrongly."""
+    bound = graph.meta.get("weight_bound_bits", PassContext.weight_bound_bits)
+    bits = weight_bits(op.attrs["wscale"], bound)
+    if ring.signed_bits(w_enc) > bits:
+        big = float(np.abs(ring.signed(w_enc)).max()) / 2.0 ** op.attrs["wscale"]
+        raise FsscError(
+            f"{op.kind} %{op.name}: a weight of magnitude {big:.4g} is beyond the public bound 2^{bound}; "
+            f"recompile with --weight-bound-bits {math.floor(math.log2(big)) + 1} or more"
+        )
+    return bits
+
+
 def _pool_params(a: dict) -> dict:
     return {
         "kernel_shape": a["kernel_shape"],
@@ -236,7 +254,7 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
             if with_weights:
                 w_enc, b_enc = _encode_linear(op, graph, secret[0], w_name, b_name)
                 weights[tag + ".w"] = w_enc
-                st.p1["w_bits"] = ring.signed_bits(w_enc)
+                st.p1["w_bits"] = _public_weight_bits(op, graph, w_enc)
                 if b_enc is not None:
                     weights[tag + ".b"] = b_enc
             stmts.append(st)

@@ -11,10 +11,9 @@ W^ = W + A out of band (on the network they are the session's first message,
 not part of a batch's traffic).
 
 With ``reference=True`` the result also holds the fixed-point interpreter's
-outputs on the same inputs with the dealer's truncation carries replayed
-(:func:`fssc.compiler.interp.run_fixed` with ``compare_masks``): a correct
-program equals them bit for bit, as long as no comparison leaves its
-bitwidth.
+outputs on the same inputs (:func:`fssc.compiler.interp.run_fixed`; the
+secure gates truncate exactly, so nothing needs replaying): a correct program
+equals them bit for bit, as long as no comparison leaves its bitwidth.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from fssc.runtime import ring, session
 from fssc.runtime.channel import Channel
-from fssc.runtime.simulate import DealTrace, TracingDealer, deal_in_memory, run_parties
+from fssc.runtime.simulate import deal_in_memory, run_parties
 
 from .codegen import render
 from .errors import FsscError
@@ -41,8 +40,7 @@ class Simulation:
     """What one in-process secure run gave."""
 
     outputs: list[np.ndarray]  # P0's results in graph output order: ring elements (uint64) or labels (int64)
-    reference: list[np.ndarray] | None  # the fixed-point interpreter, raw, with the dealer's carries replayed
-    compare_masks: dict[str, np.ndarray]  # gate tag -> the dealer's mask of that comparison's input
+    reference: list[np.ndarray] | None  # the fixed-point interpreter, raw
     program: SecureProgram
     keys: tuple[bytes, bytes]  # P0's and P1's key streams for the batch
     channels: tuple[Channel, Channel]  # P0's and P1's ends (bytes sent, rounds, received messages if recorded)
@@ -121,11 +119,8 @@ def simulate(
     }
     X = {name: ring.encode(x, graph.values[name].scale) for name, x in feeds.items()}
     seed = setup_seed or os.urandom(16)
-    trace = DealTrace()
     t0 = time.perf_counter()
-    _, k0, k1 = deal_in_memory(
-        lambda D: mods["dealer"].deal(TracingDealer(D, trace), seed), {"program": prog.hash, "batch": 0}
-    )
+    _, k0, k1 = deal_in_memory(lambda D: mods["dealer"].deal(D, seed), {"program": prog.hash, "batch": 0})
     t1 = time.perf_counter()
     W = prog.weights
     w_hat = session.masked_weights(mods["party1"], W, seed)
@@ -140,11 +135,10 @@ def simulate(
     t2 = time.perf_counter()
     if out1 is not None:
         raise FsscError("the model owner's program returned a result (it must learn nothing)")
-    ref = run_fixed(graph, feeds, raw=True, compare_masks=trace.compare_masks) if reference else None
+    ref = run_fixed(graph, feeds, raw=True) if reference else None
     return Simulation(
         outputs=[out0[o["name"]] for o in prog.outputs],
         reference=ref,
-        compare_masks=trace.compare_masks,
         program=prog,
         keys=(k0, k1),
         channels=(c0, c1),

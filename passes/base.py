@@ -24,6 +24,7 @@ class PassContext:
     margin_bits: int = DEFAULT_MARGIN_BITS  # safety margin added to measured ranges (--margin-bits)
     full_bits: bool = False  # --bits full: every comparison at 64 - shift bits, whatever the calibration
     weight_extra_bits: int = 5  # weights get f + this many fractional bits (public, value-independent)
+    weight_bound_bits: int = 4  # public bound |W| < 2^this on every weight: fixes P1's limb counts (ring.plan_limbs)
     notes: dict[str, Any] = field(default_factory=dict)  # passes leave findings here
 
     @property

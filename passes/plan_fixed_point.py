@@ -9,7 +9,8 @@ constants at the scale of the value they join. Then, in program order:
   input's scale. Public multipliers (pools' 1/k) use f (+ ``wscale_extra``
   bits set by fold-public-scaling); the model owner's weights use
   f + ``weight_extra_bits`` (5) more, independent of their values (see
-  ``weight_scale``), so small weights keep their precision. If an input above scale f
+  ``weight_scale``), so small weights keep their precision. Every weight must
+  satisfy the public bound |W| < 2^``weight_bound_bits`` (``weight_bits``); If an input above scale f
   would pass ``max_scale`` (2f by default), a ``trunc`` op first brings it
   back to f;
 * add, sub and concat of two secret values align scales by ``upscale`` (a
@@ -22,7 +23,7 @@ constants at the scale of the value they join. Then, in program order:
 * graph outputs keep whatever scale they have; the decoder reads it.
 
 Semantics: the float meaning of every value is unchanged; truncation is
-floor division by 2^k (at most one LSB from the secure runtime's carry).
+floor division by 2^k, exactly what the secure gates compute.
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ def weight_scale(op, ctx: PassContext) -> int:
     """
     base = ctx.frac_bits + op.attrs.get("wscale_extra", 0)
     return base + ctx.weight_extra_bits if op.kind in WEIGHTED else base
+
+
+def weight_bits(wscale: int, bound_bits: int) -> int:
+    """Signed bit width of every encoded weight of a layer: |W| < 2^bound_bits at scale wscale.
+
+    Public (the scale and the bound are), so P1's float64 limb counts (``ring.plan_limbs``), and with
+    them its online time, do not depend on the weights' values; a weight beyond the bound is a compile
+    error (``fssc.compiler.lower``), never a wrong product.
+    """
+    return wscale + bound_bits + 1
 
 
 SCALE_PRESERVING = {"maxpool", "clip", "pad", "flatten", "reshape", "sumpool", "globalsumpool"}
@@ -103,8 +114,9 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         elif k in SCALE_PRESERVING:
             out_scale = scale[secret[0]]
             if k == "maxpool":
-                # compare on the difference truncated to scale f (the max itself stays exact)
-                op.attrs["cmp_trunc"] = max(0, out_scale - f)
+                # max gates compare the full difference (no cmp_trunc): a truncated comparison could pick
+                # either of two values closer than 2^s, at random (docs/protocol.md, "Max and selection")
+                op.attrs.pop("cmp_trunc", None)
         elif k == "argmax":
             out_scale = 0
         elif k == "trunc":
@@ -122,4 +134,5 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     for name, s in scale.items():
         graph.values[name].scale = s
     graph.meta["frac_bits"] = f
+    graph.meta["weight_bound_bits"] = ctx.weight_bound_bits  # public: see weight_bits
     return graph

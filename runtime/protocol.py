@@ -19,6 +19,14 @@ The parties open d^ = d ^ r_d (one bit each way), then compute arithmetic
 shares of the gate's output from D's shares of products of r_d with masks
 and open the masked output (8 bytes each way): two rounds.
 
+Exact truncation by s >= 1 bits (ReLU with fused truncation, standalone
+truncation): (u - rho) mod 2^m is floor(z / 2^s) + c with the carry
+c = 1{z^ mod 2^s < r_z mod 2^s} of the dropped bits. A second, small DCF
+over s bits (alpha = r_z mod 2^s, evaluated at the public z^ mod 2^s) gives
+xor-shares of c; the parties open c^ = c ^ r_c in the same message as d^ and
+subtract c inside the output's shares, so the result is floor(z / 2^s)
+exactly, with no extra round (docs/protocol.md section 6).
+
 P0's share of every arithmetic value and bit comes from a 16-byte seed per
 gate call (``expand``); P1 receives the corrections (value - P0's share).
 """
@@ -88,6 +96,13 @@ class Dealer:
         self.w[1].put(tag + ".dcf", k1.data)
         return hi
 
+    def _carry_dcf(self, tag: str, r: np.ndarray, s: int) -> np.ndarray:
+        """DCF keys over s bits for the carry c = 1{z^ mod 2^s < r mod 2^s}; returns the bit mask r_c of c^."""
+        k0, k1 = dcf.keygen(r & _mask(s), s, None, self.rng)
+        self.w[0].put(tag + ".cdcf", k0.data)
+        self.w[1].put(tag + ".cdcf", k1.data)
+        return self.rng.bits(r.size).astype(U64)
+
     def fresh(self, shape) -> np.ndarray:
         return self.rng.u64(shape)
 
@@ -109,24 +124,33 @@ class Dealer:
         return expand(seed, shape)
 
     # -- comparison gates -------------------------------------------------
-    def _lift_gate(self, tag: str, r: np.ndarray, m: int, s: int, rows) -> np.ndarray:
-        """A comparison on (r >> s) mod 2^m whose output is a fresh mask; ``rows(r_d, rho, rho_hi, r_out)``
-        lists the values the parties get shares of."""
+    def _lift_gate(self, tag: str, r: np.ndarray, m: int, s: int, offset: int, rows) -> np.ndarray:
+        """A comparison on ((r >> s) + offset) mod 2^m whose output is a fresh mask; with s > 0 also the carry DCF.
+        ``rows(r_d, rho, rho_hi, r_out, r_c)`` lists the values the parties get shares of (r_c is None if s = 0)."""
         shape = r.shape
         r = r.reshape(-1)
-        rho = compare_input(r, s, m)
+        rho = (compare_input(r, s, m) + U64(offset)) & _mask(m)
         rho_hi = self._dcf(tag, rho, m)
+        r_c = self._carry_dcf(tag, r, s) if s else None
         r_d = self.rng.bits(r.size).astype(U64)
         r_out = self.fresh(r.size)
-        self._shares(tag, np.stack(rows(r_d, rho, rho_hi, r_out)), rho_hi ^ r_d)
+        bits = rho_hi ^ r_d if r_c is None else np.concatenate([rho_hi ^ r_d, r_c])
+        self._shares(tag, np.stack(rows(r_d, rho, rho_hi, r_out, r_c)), bits)
         return r_out.reshape(shape)
 
     def relu(self, tag: str, r: np.ndarray, m: int, trunc: int = 0) -> np.ndarray:
-        return self._lift_gate(tag, r, m, trunc, lambda d, rho, hi, out: [d, rho, d * rho, hi, d * hi, out])
+        """Mask of ReLU(floor(x / 2^trunc)); with trunc > 0 the DCF compares x'' - 1 (rho + 1), see Party.relu."""
+        if not trunc:
+            return self._lift_gate(tag, r, m, 0, 0, lambda d, rho, hi, out, c: [d, rho, d * rho, hi, d * hi, out])
+        return self._lift_gate(
+            tag, r, m, trunc, 1, lambda d, rho, hi, out, c: [d, rho, d * rho, hi, d * hi, out, c, d * c]
+        )
 
     def trunc(self, tag: str, r: np.ndarray, m: int, shift: int) -> np.ndarray:
-        """Mask of a standalone truncation: (x >> shift) lifted from m bits to the ring."""
-        return self._lift_gate(tag, r, m, shift, lambda d, rho, hi, out: [d, rho, hi, d * hi, out])
+        """Mask of a standalone truncation: floor(x / 2^shift) lifted from m bits to the ring."""
+        return self._lift_gate(
+            tag, r, m, shift, 0, lambda d, rho, hi, out, c: [d, rho, hi, d * hi, out] + ([c] if shift else [])
+        )
 
     def select(self, tag: str, r_z: list[np.ndarray], m: int, s: int = 0) -> list[np.ndarray]:
         """Masks of d * z_j + r_out_j where d = DReLU(z_0 >> s) (z_j flat, same length)."""
@@ -183,24 +207,26 @@ class Party:
         self.chan = chan
 
     # -- plumbing ---------------------------------------------------------
-    def _shares(self, tag: str, rows: int, n: int, with_bits: bool):
+    def _shares(self, tag: str, rows: int, n: int, nbits: int):
+        """Shares of ``rows`` words per element (n elements) and xor-shares of ``nbits`` bits."""
         if self.b == 0:
             seed = self.keys.get(tag + ".seed").tobytes()
             vals = expand(seed, (rows, n))
             bits = None
-            if with_bits:
-                b0 = expand(seed, ((n + 63) // 64,), nonce=1).view(np.uint8)
-                bits = np.unpackbits(b0, count=n, bitorder="little")
+            if nbits:
+                b0 = expand(seed, ((nbits + 63) // 64,), nonce=1).view(np.uint8)
+                bits = np.unpackbits(b0, count=nbits, bitorder="little")
             return vals, bits
         vals = self.keys.get(tag + ".corr")
         if vals.shape != (rows, n):
             raise ValueError(f"{tag}: key shares have shape {vals.shape}, expected {(rows, n)}")
-        bits = np.unpackbits(self.keys.get(tag + ".bits"), count=n, bitorder="little") if with_bits else None
+        bits = np.unpackbits(self.keys.get(tag + ".bits"), count=nbits, bitorder="little") if nbits else None
         return vals, bits
 
-    def _dcf_share(self, tag: str, u: np.ndarray, m: int) -> np.ndarray:
+    def _dcf_share(self, tag: str, u: np.ndarray, m: int, record: str = ".dcf") -> np.ndarray:
+        """Xor-share of 1{u mod 2^(m-1) < alpha} (the borrow; with record ".cdcf" and m = s + 1 the carry)."""
         self.chan.step = tag  # every comparison gate starts here: names the step in a receive error
-        data = self.keys.get(tag + ".dcf")
+        data = self.keys.get(tag + record)
         keys = dcf.DcfKeys(dcf.DcfParams(m - 1, 0), self.b, data)
         if len(keys) != u.size:
             raise ValueError(f"{tag}: {len(keys)} DCF keys for {u.size} comparisons")
@@ -213,15 +239,23 @@ class Party:
     def _open(self, y: np.ndarray) -> np.ndarray:
         return y + self.chan.exchange(y)
 
-    def _compare(self, tag: str, u: np.ndarray, m: int, rows: int):
-        """Round 1: open d^ = d ^ r_d. Returns (d^ as 0/1 uint64, share rows, u_hi)."""
+    def _compare(self, tag: str, u: np.ndarray, m: int, rows: int, xhat: np.ndarray | None = None, s: int = 0):
+        """Round 1: open d^ = d ^ r_d (and, with s > 0, c^ = c ^ r_c for the carry of x^'s low s bits).
+
+        Returns (d^ as 0/1 uint64, share rows, u_hi, c^ as 0/1 uint64 or None).
+        """
+        n = u.size
         dshare = self._dcf_share(tag, u, m)
-        vals, bits = self._shares(tag, rows, u.size, True)
+        cshare = self._dcf_share(tag, xhat, s + 1, ".cdcf") if s else None
+        vals, bits = self._shares(tag, rows, n, 2 * n if s else n)
         u_hi, _ = split_u(u, m)
-        e = dshare ^ bits
+        e = dshare ^ bits[:n]
         if self.b == 0:
             e ^= (ONE ^ u_hi).astype(np.uint8)
-        return self._open_bits(e), vals, u_hi
+        if not s:
+            return self._open_bits(e), vals, u_hi, None
+        opened = self._open_bits(np.concatenate([e, cshare ^ bits[n:]]))
+        return opened[:n], vals, u_hi, opened[n:]
 
     # -- input / output ---------------------------------------------------
     def input(self, tag: str, x: np.ndarray | None, shape) -> np.ndarray:
@@ -240,7 +274,7 @@ class Party:
             chat = np.asarray(c, dtype=U64).reshape(shape) + expand(self.keys.get(tag + ".rc").tobytes(), shape)
             self.chan.send(chat)
             return chat
-        return self.chan.recv().reshape(shape).copy()
+        return self.chan.recv(shape, U64, step=tag).copy()
 
     def output(self, tag: str, yhat: np.ndarray) -> np.ndarray | None:
         """P0 unmasks; P1 learns nothing."""
@@ -250,39 +284,61 @@ class Party:
 
     # -- comparison gates -------------------------------------------------
     def relu(self, tag: str, xhat: np.ndarray, m: int, trunc: int = 0) -> np.ndarray:
-        """ReLU((x >> trunc) mod 2^m as signed), exact in Z_2^64 (masked)."""
+        """ReLU(floor(x / 2^trunc)) for an m-bit signed truncated value, exact in Z_2^64 (masked).
+
+        Without truncation the DCF gives d = DReLU(x') and the output is d * x'.
+        With trunc = s > 0, x'' = (u - rho) mod 2^m (signed) is floor(x / 2^s) + c
+        with the carry c; the DCF compares x'' - 1 (mask rho + 1), so its bit is
+        g = 1{x'' >= 1}, and ReLU(x'' - c) = g (x'' - c) = g (x'' - 1) + g (1 - c):
+        the first term is the plain ReLU formula on mask rho + 1, the second is
+        linear in D's shares of r_g, r_c and r_g r_c once g^ and c^ are open.
+        """
         shape = xhat.shape
-        u = compare_input(xhat.reshape(-1), trunc, m)
-        D, (r_d, rho, rdrho, rho_hi, rdrhohi, r_out), u_hi = self._compare(tag, u, m, 6)
+        flat = xhat.reshape(-1)
+        u = compare_input(flat, trunc, m)
+        rows = 8 if trunc else 6
+        D, vals, u_hi, C = self._compare(tag, u, m, rows, flat, trunc)
+        r_d, rho, rdrho, rho_hi, rdrhohi, r_out = vals[:6]
         t = ONE - (D << ONE)  # 1 - 2D
         y = t * (u * r_d - rdrho) - D * rho + _pow2(m) * (ONE - u_hi) * (D * rho_hi + t * rdrhohi) + r_out
         if self.b == 0:
             y += D * u
+        if trunc:  # + g (1 - c) = g - g c, with g = D + t r_g and c = C + tc r_c
+            r_c, rdrc = vals[6:8]
+            tc = ONE - (C << ONE)
+            one = ONE if self.b == 0 else U64(0)  # P0 holds the constants
+            y += D * one + t * r_d - (D * C * one + D * tc * r_c + C * t * r_d + t * tc * rdrc)
         return self._open(y).reshape(shape)
 
     def trunc(self, tag: str, xhat: np.ndarray, m: int, shift: int) -> np.ndarray:
-        """Standalone truncation: z' = (x >> shift) + carry as an m-bit signed value, in Z_2^64 (masked).
+        """Standalone truncation: floor(x / 2^shift) as an m-bit signed value, lifted to Z_2^64 (masked).
 
-        (u - rho) mod 2^m = u - rho + 2^m lt with lt = 1{u < rho}; reading it as
-        signed subtracts 2^m (1 - d). With d = DReLU(z'):
+        x'' = (u - rho) mod 2^m = u - rho + 2^m lt with lt = 1{u < rho}; reading it
+        as signed subtracts 2^m (1 - d). With d = DReLU(x''):
         lt - 1 + d = (u_hi xor rho_hi) d - u_hi (1 - rho_hi), which is linear in
-        D's shares of d, rho_hi d and rho_hi once d^ = d xor r_d is open.
+        D's shares of d, rho_hi d and rho_hi once d^ = d xor r_d is open. x'' is
+        floor(x / 2^shift) + c; subtracting c = c^ + (1 - 2c^) r_c (c^ opened with d^)
+        makes the result exact.
         """
         shape = xhat.shape
-        u = compare_input(xhat.reshape(-1), shift, m)
-        D, (r_d, rho, rho_hi, rdrhohi, r_out), u_hi = self._compare(tag, u, m, 5)
+        flat = xhat.reshape(-1)
+        u = compare_input(flat, shift, m)
+        D, vals, u_hi, C = self._compare(tag, u, m, 6 if shift else 5, flat, shift)
+        r_d, rho, rho_hi, rdrhohi, r_out = vals[:5]
         t = ONE - (D << ONE)  # 1 - 2D
         one = ONE if self.b == 0 else U64(0)  # P0 holds the constant 1
         d = D * one + t * r_d
         hd = D * rho_hi + t * rdrhohi  # shares of rho_hi * d
         k = (ONE - u_hi) * hd + u_hi * (d - hd - one + rho_hi)  # shares of lt - 1 + d
         y = u * one - rho + _pow2(m) * k + r_out
+        if shift:
+            y -= C * one + (ONE - (C << ONE)) * vals[5]
         return self._open(y).reshape(shape)
 
     def select(self, tag: str, zhat: list[np.ndarray], m: int, s: int = 0) -> list[np.ndarray]:
         """Open d * z_j + r_out_j with d = DReLU(z_0 >> s) (flat arrays)."""
         u = compare_input(zhat[0], s, m)
-        D, vals, _ = self._compare(tag, u, m, 1 + 3 * len(zhat))
+        D, vals, _, _ = self._compare(tag, u, m, 1 + 3 * len(zhat))
         t = ONE - (D << ONE)
         r_d = vals[0]
         ys = []
@@ -303,7 +359,7 @@ class Party:
         """DReLU(z) as 0/1 for P0; P1 sends its share and learns nothing."""
         u = compare_input(zhat.reshape(-1), 0, m)
         dshare = self._dcf_share(tag, u, m)
-        _, bits = self._shares(tag, 0, u.size, True)
+        _, bits = self._shares(tag, 0, u.size, u.size)
         e = dshare ^ bits
         self.chan.rounds += 1  # one message, P1 -> P0
         if self.b == 1:

@@ -74,13 +74,24 @@ def digits(u: np.ndarray, width: int, count: int) -> list[np.ndarray]:
     return out
 
 
+MAX_DIGITS = 16  # more digits than this never gives fewer products
+
+
+def _products(lx: int, nx: int, lw: int, nw: int) -> int:
+    """Digit products a ring product computes (pairs whose shift reaches 64 vanish mod 2^64)."""
+    return sum(min(nw, -(-(RING_BITS - lx * i) // lw)) for i in range(nx) if lx * i < RING_BITS)
+
+
 def plan_limbs(bits_x: int, bits_w: int, k: int) -> tuple[int, int, int, int]:
     """Choose digit widths and counts (Lx, nx, Lw, nw) for exact float64 products.
 
     ``bits_*`` are signed widths (sign bit included), so magnitudes are below
     2^(bits-1). An unsigned digit of width L is below 2^L, and a signed top
     digit of n digits stays below 2^L when n*L >= bits-1. Every partial sum
-    stays below 2^53 when mag_x + mag_w + ceil(log2 k) <= 53.
+    stays below 2^53 when mag_x + mag_w + ceil(log2 k) <= 53. Among the
+    splittings that satisfy this, the one with the fewest digit products
+    (float64 GEMMs/convs) wins; ties go to fewer digits of w, then of x.
+    The choice depends on the widths and k only, never on the values.
     """
     budget = MANTISSA_BUDGET - math.ceil(math.log2(max(k, 1)))
     mx, mw = min(bits_x, RING_BITS) - 1, min(bits_w, RING_BITS) - 1
@@ -88,15 +99,23 @@ def plan_limbs(bits_x: int, bits_w: int, k: int) -> tuple[int, int, int, int]:
         raise ValueError(f"reduction length {k} too large for exact float64 products")
     if mx + mw <= budget:
         return max(mx, 1), 1, max(mw, 1), 1
-    if mw <= budget // 2:  # keep the small operand whole, split the other
-        lx = budget - mw
-        return lx, math.ceil(mx / lx), max(mw, 1), 1
-    if mx <= budget // 2:
-        lw = budget - mx
-        return max(mx, 1), 1, lw, math.ceil(mw / lw)
-    lx = budget // 2
-    lw = budget - lx
-    return lx, math.ceil(mx / lx), lw, math.ceil(mw / lw)
+    mx, mw = max(mx, 1), max(mw, 1)
+    best = None
+    for nw in range(1, min(mw, MAX_DIGITS) + 1):  # split w into nw digits, x into digits as wide as the budget allows
+        lw = math.ceil(mw / nw)
+        if lw < budget:
+            lx = min(budget - lw, mx)
+            cand = (_products(lx, math.ceil(mx / lx), lw, nw), nw, lx, math.ceil(mx / lx), lw)
+            best = cand if best is None or cand[:2] < best[:2] else best
+    for nx in range(1, min(mx, MAX_DIGITS) + 1):  # and the other way round
+        lx = math.ceil(mx / nx)
+        if lx < budget:
+            lw = min(budget - lx, mw)
+            nw = math.ceil(mw / lw)
+            cand = (_products(lx, nx, lw, nw), nw, lx, nx, lw)
+            best = cand if best is None or cand[:2] < best[:2] else best
+    _, nw, lx, nx, lw = best
+    return lx, nx, lw, nw
 
 
 def ring_bilinear(

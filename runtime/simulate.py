@@ -2,9 +2,7 @@
 
 The dealer writes both key streams to memory; the parties run in two threads
 connected by queues (the same ``Channel`` interface the TCP transport has),
-so the code under test is the code that runs over the network. A
-``TracingDealer`` also records each comparison's input mask, so the
-fixed-point interpreter can replay the gates' truncation carries.
+so the code under test is the code that runs over the network.
 :func:`fssc.compiler.simulation.simulate` runs a compiled graph's generated
 programs on these pieces.
 """
@@ -13,42 +11,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from .channel import queue_pair
 from .keys import KeyReader, KeyWriter
 from .prg import Rng
 from .protocol import Dealer, Party
-
-
-@dataclass
-class DealTrace:
-    """What a deal saw beyond the keys (simulations only): the mask of each comparison's input, per gate tag."""
-
-    compare_masks: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-class TracingDealer(Dealer):
-    """A dealer that also records comparison masks (so the interpreter can replay the carries)."""
-
-    def __init__(self, inner: Dealer, trace: DealTrace):
-        self.__dict__.update(inner.__dict__)
-        self.trace = trace
-
-    def relu(self, tag, r, m, trunc=0):
-        self.trace.compare_masks[tag] = np.asarray(r).reshape(-1)
-        return super().relu(tag, r, m, trunc)
-
-    def trunc(self, tag, r, m, shift):
-        self.trace.compare_masks[tag] = np.asarray(r).reshape(-1)
-        return super().trunc(tag, r, m, shift)
-
-    def select(self, tag, r_z, m, s=0):
-        self.trace.compare_masks[tag] = np.asarray(r_z[0]).reshape(-1)
-        return super().select(tag, r_z, m, s)
 
 
 def deal_in_memory(fn: Callable[[Dealer], Any], header: dict | None = None, rng: Rng | None = None):

@@ -225,3 +225,25 @@ def test_two_input_model_compiles_and_the_data_owner_cli_says_it_feeds_one(tmp_p
         "fssc party0: error: this program has 2 inputs (a, b); the data owner's command line feeds one "
         "(--images or --input): run programs with several inputs through their online(P, X, Z0) function"
     )
+
+
+def test_weight_beyond_the_public_bound(tmp_path, run_fssc):
+    """A weight at or beyond 2^--weight-bound-bits (after BN folding) is one line and no program; a larger
+    public bound compiles it (issue 10, point 6: P1's arithmetic comes from the bound, not the weights)."""
+    w = np.full((4, 2), 0.5, dtype=np.float32)
+    w[2, 1] = 40.0
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["y"], name="head")],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    path = tmp_path / "big.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    proc = run_fssc("compile", path, "-o", tmp_path / "prog", "--output-mode", "logits", cwd=tmp_path)
+    assert_one_line_error(proc, "gemm %", "magnitude 40", "public bound 2^4", "--weight-bound-bits 6 or more")
+    assert not (tmp_path / "prog" / "party1" / "program.py").exists()
+    ok = run_fssc("compile", path, "-o", tmp_path / "prog", "--output-mode", "logits", "--weight-bound-bits", 6)
+    assert ok.returncode == 0, ok.stderr
+    assert "w_bits=24" in (tmp_path / "prog" / "party1" / "program.py").read_text()  # 17 + 6 + 1

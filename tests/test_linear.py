@@ -189,9 +189,12 @@ def test_plan_limbs_choices():
     assert ring.plan_limbs(64, 22, 2048) == (21, 3, 21, 1)  # 21 + 21 + 11 = 53: at the boundary
     assert ring.plan_limbs(64, 17, 576) == (27, 3, 16, 1)  # a 3x3x64 conv with 16-bit weights
     assert ring.plan_limbs(64, 21, 4608) == (20, 4, 20, 1)  # 3x3x512 at 20 bits
-    # P0 offline / D: full ring x full ring
-    assert ring.plan_limbs(64, 64, 4608) == (20, 4, 20, 4)
-    assert ring.plan_limbs(64, 64, 1) == (26, 3, 27, 3)
+    # the public weight width (f + 5 + 4 bits + sign = 22): 4 products where k > 2^11
+    assert ring.plan_limbs(64, 22, 4608) == (19, 4, 21, 1)
+    # P0 offline / D: full ring x full ring, the fewest products (8 and 5; even 20-bit splits: 10 and 6)
+    assert ring.plan_limbs(64, 64, 4608) == (16, 4, 24, 3)
+    assert ring.plan_limbs(64, 64, 1) == (21, 3, 32, 2)
+    assert ring._products(16, 4, 24, 3) == 8 and ring._products(20, 4, 20, 4) == 10
     with pytest.raises(ValueError):
         ring.plan_limbs(64, 64, 1 << 46)
 
@@ -376,6 +379,7 @@ def test_weighted_ops_through_the_programs(case):
     elif case == "matmul3d":
         x = gen.standard_normal((2, 3, 4096)) * 4
         g = _weighted_graph("matmul", x.shape, gen.uniform(-255, 255, size=(2, 4096, 2)))
+        g.meta["weight_bound_bits"] = 8  # |W| < 2^8, as `fssc compile --weight-bound-bits 8` records it
     elif case == "matmul_left":
         x = gen.standard_normal((2, 30, 4))
         g = _weighted_graph("matmul", x.shape, gen.standard_normal((5, 30)), const_left=True)
@@ -385,3 +389,48 @@ def test_weighted_ops_through_the_programs(case):
         g.ops[0].attrs.pop("wscale")
     y, want = _secure_run(g, x)
     assert (y == want).all()
+
+
+# ----------------------------------------------------------------- limb counts from public bounds (issue 10, point 6)
+def _with_weights_scaled(graph, factor: float):
+    g = graph.clone()
+    for v in g.values.values():
+        if v.is_const and v.data is not None and v.data.dtype.kind == "f":
+            v.data = v.data * factor
+    return g
+
+
+def test_limb_counts_and_program_do_not_depend_on_the_weights():
+    """P1's operand width, hence its float64 limb counts and time, comes from the public weight scale and
+    the public bound |W| < 2^weight_bound_bits: the same for tiny and for large weights, and so is
+    P1's program text and the program hash."""
+    from fssc.compiler.codegen import render
+    from fssc.compiler.lower import lower
+    from tiny_models import tiny_cnn
+
+    graph, _, _ = tiny_cnn(batch=2, size=12)
+    progs = [lower(_with_weights_scaled(graph, f)) for f in (1.0, 1e-3, 7.0)]
+    limbs = [
+        [ring.plan_limbs(64, st.p1["w_bits"], st.params["k"]) for st in p.linears if "w_bits" in st.p1] for p in progs
+    ]
+    assert limbs[0] and limbs[0] == limbs[1] == limbs[2]
+    assert len({p.hash for p in progs}) == 1
+    assert len({render(p, "party1", graph.name) for p in progs}) == 1
+    # the width is the public one: wscale + bound + sign
+    for stmt in progs[0].linears:
+        if "w_bits" in stmt.p1:
+            op = next(o for o in graph.ops if f"op{o.uid}" == stmt.tag)
+            assert stmt.p1["w_bits"] == op.attrs["wscale"] + graph.meta["weight_bound_bits"] + 1
+
+
+def test_weight_beyond_the_public_bound_is_one_line():
+    from fssc.compiler.errors import FsscError
+    from fssc.compiler.lower import lower
+    from tiny_models import tiny_cnn
+
+    graph, _, _ = tiny_cnn(batch=2, size=12)
+    big = _with_weights_scaled(graph, 1000.0)
+    with pytest.raises(FsscError, match=r"is beyond the public bound 2\^4; recompile with --weight-bound-bits") as e:
+        lower(big)
+    assert "\n" not in str(e.value)
+    lower(big, with_weights=False)  # the dealer's and the data owner's programs need no weights

@@ -175,7 +175,7 @@ def freeze_constant_operands(case, op: str):
         if name and pos in CONSTANT_OPERANDS.get(op, ()) and len(model.graph.node) == 1
     }
     feeds, keep = {}, []
-    for vi, value in zip(list(model.graph.input), inputs):
+    for vi, value in zip(list(model.graph.input), inputs, strict=True):
         if vi.name in const:
             model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), vi.name))
         else:
@@ -210,7 +210,7 @@ def test_backend_node_case(name):
     g = import_onnx(model, name)
     got = run_float(g, feeds)
     assert len(got) == len(expected)
-    for y, want in zip(got, expected):
+    for y, want in zip(got, expected, strict=True):
         want = np.asarray(want)
         assert y.shape == want.shape, f"shape {y.shape} != {want.shape}"
         if want.dtype.kind in "iub":

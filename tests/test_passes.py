@@ -783,11 +783,12 @@ def test_plan_fixed_point_every_value_has_a_scale_and_fixed_point_is_close():
 def test_plan_fixed_point_pool_argmax_and_public_scaling():
     g = planned(tiny_resnet())
     pools = [op for op in g.ops if op.kind == "maxpool"]
-    # after the reorder, the pool sees the conv's output (scale f + wscale) and compares differences
-    # truncated back to scale f
+    # after the reorder, the pool sees the conv's output (scale f + wscale) and compares the full
+    # differences: a comparison truncated back to scale f would choose at random between close values
     stem = g.producer()[pools[0].inputs[0]]
     assert stem.kind == "conv"
-    assert pools and all(op.attrs["cmp_trunc"] == stem.attrs["wscale"] for op in pools)
+    assert pools and all(not op.attrs.get("cmp_trunc") for op in pools)
+    assert all(g.values[op.outputs[0]].scale == F + stem.attrs["wscale"] for op in pools)
     gemm = op_of(g, "gemm")
     assert gemm.attrs["wscale"] == F + gemm.attrs["wscale_extra"] + PassContext().weight_extra_bits
     am = make_model([oh.make_node("Relu", ["x"], ["r"]), oh.make_node("ArgMax", ["r"], ["y"], axis=1)], (2, 5))
@@ -950,11 +951,13 @@ def test_mark_comparisons_needs_range_analysis():
 
 # --------------------------------------------------------------------------- cost model
 def cost_model_graph():
-    """One op of every cost family: mul, relu (fused trunc), conv, max tree, add of a
-    constant, clip, sum pool folded into a gemm, and (labels mode) a 2-class argmax."""
+    """One op of every cost family: mul, standalone truncation (between two muls), relu (fused
+    trunc), conv, max tree, add of a constant, clip, sum pool folded into a gemm, and (labels mode)
+    a 2-class argmax."""
     rng = np.random.default_rng(0)
     nodes = [
-        oh.make_node("Mul", ["x", "k"], ["a"]),
+        oh.make_node("Mul", ["x", "k"], ["a0"]),
+        oh.make_node("Mul", ["a0", "k2"], ["a"]),
         oh.make_node("Relu", ["a"], ["r0"]),
         oh.make_node("Conv", ["r0", "W"], ["c"], pads=[1, 1, 1, 1]),
         oh.make_node("MaxPool", ["c"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
@@ -967,6 +970,7 @@ def cost_model_graph():
     ]
     inits = {
         "k": np.array(0.7),
+        "k2": np.array(-1.3),
         "W": rng.standard_normal((4, 3, 3, 3)) * 0.3,
         "B": rng.standard_normal((1, 4, 4, 4)) * 0.1,
         "lo": np.array(0.0),
@@ -991,9 +995,17 @@ def test_cost_model_follows_the_documented_formulas():
         if op.gate:
             n, m, depth = op.gate["count"], op.gate["bits"], op.gate["depth"]
             kb = cost.dcf.nbytes_per_key(m - 1, 0)
+            s = op.gate.get("trunc" if op.kind == "relu" else "shift", 0)
+            cb = cost.dcf.nbytes_per_key(s, 0) if s else 0  # exact truncation: the carry's DCF over s bits
             if op.kind in ("relu", "clip"):
-                assert (c.key_p0, c.key_p1) == (n * kb + 16, n * (kb + 48 + 1 / 8))
-                assert c.rounds == 2 and c.sent_p0 == c.sent_p1 == n * (1 / 8 + 8)
+                assert (op.kind == "relu") == (s > 0), "the ReLUs truncate, the clip does not"
+                words, bits = (48 + 16, 2) if s else (48, 1)  # + r_c, r_d r_c and the bit c^
+                assert (c.key_p0, c.key_p1) == (n * (kb + cb) + 16, pytest.approx(n * (kb + cb + words + bits / 8)))
+                assert c.rounds == 2 and c.sent_p0 == c.sent_p1 == pytest.approx(n * (bits / 8 + 8))
+            elif op.kind == "trunc":
+                assert s > 0 and cb > 0
+                assert (c.key_p0, c.key_p1) == (n * (kb + cb) + 16, pytest.approx(n * (kb + cb + 40 + 8 + 2 / 8)))
+                assert c.rounds == 2 and c.sent_p0 == c.sent_p1 == pytest.approx(n * (2 / 8 + 8))
             elif op.kind == "maxpool":
                 assert (c.key_p0, c.key_p1) == (n * kb + 16 * depth, n * (kb + 32 + 1 / 8))
                 assert c.rounds == 2 * depth == 4 and c.sent_p0 == c.sent_p1 == n * (1 / 8 + 8)
@@ -1013,13 +1025,25 @@ def test_cost_model_follows_the_documented_formulas():
             assert op.kind in ("globalsumpool", "reshape")
             assert c.key_p0 == c.key_p1 == c.rounds == c.sent_p0 == c.sent_p1 == 0
         seen.add(op.kind)
-    assert seen == {"mul", "relu", "conv", "maxpool", "add", "clip", "globalsumpool", "reshape", "gemm", "argmax"}
+    assert seen == {
+        "mul",
+        "trunc",
+        "relu",
+        "conv",
+        "maxpool",
+        "add",
+        "clip",
+        "globalsumpool",
+        "reshape",
+        "gemm",
+        "argmax",
+    }
     n_in = 2 * 3 * 8 * 8
     assert rep.input_bytes == 8 * n_in and rep.masks_p0 == 8 * n_in  # label output: no output mask
-    assert rep.setup_bytes == 8 * (1 + 4 * 3 * 3 * 3 + 4 * 2)  # mul, conv, gemm weights
-    # rounds by the docs' table: the input 1, mul 1, relu 2, conv 1, the 3x3 pool lowered to two 1-D pools of
-    # depth 2 (2 x 2 x 2), relu 2, the constant B sent 1, clip 2, gemm 1, the 2-class argmax 1
-    assert rep.rounds == 1 + 1 + 2 + 1 + 8 + 2 + 1 + 2 + 1 + 1
+    assert rep.setup_bytes == 8 * (2 + 4 * 3 * 3 * 3 + 4 * 2)  # two muls, conv, gemm weights
+    # rounds by the docs' table: the input 1, mul 1, mul 1, trunc 2, relu 2, conv 1, the 3x3 pool lowered to two
+    # 1-D pools of depth 2 (2 x 2 x 2), relu 2, the constant B sent 1, clip 2, gemm 1, the 2-class argmax 1
+    assert rep.rounds == 1 + 1 + 1 + 2 + 2 + 1 + 8 + 2 + 1 + 2 + 1 + 1
 
 
 @pytest.mark.parametrize("mode", ["logits", "labels"])
@@ -1036,7 +1060,7 @@ def test_cost_estimates_match_an_in_memory_deal_and_run(mode):
     (k0, k1), (c0, c1) = sim.keys, sim.channels
     calls = sum(op.gate["depth"] if op.kind == "maxpool" else 1 for op in g.ops if op.gate)
     linear = sum(is_weighted(op, g) for op in g.ops)
-    records = 3 * calls + 2 * linear + 3
+    records = 4 * calls + 2 * linear + 3  # dcf, carry dcf, seed (P0) / corrections and bits (P1) per call
     for actual, est in ((len(k0), rep.total("key_p0")), (len(k1), rep.total("key_p1"))):
         assert est <= actual <= est + 64 * records + 512, (actual, est)
     assert sim.setup_bytes == rep.setup_bytes
