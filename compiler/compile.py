@@ -218,7 +218,7 @@ def report_table(res: CompileResult, title: str) -> Table:
             o.gate or "-",
             f"{o.gates:,}" if o.gates else "",
             str(o.bits or ""),
-            "" if o.calibrated is None else f"{o.calibrated / 2.0**o.calibrated_scale:.4g}",
+            "" if o.calibrated is None else f"{o.calibrated / 2.0 ** (o.calibrated_scale or 0):.4g}",
             "" if o.headroom is None else str(o.headroom),
             _mb(o.key_p0),
             _mb(o.key_p1),

@@ -64,8 +64,10 @@ def _logits_and_labels(graph: Graph, outs: list[np.ndarray]) -> tuple[np.ndarray
         if val.dtype == "int64":
             labels = ring.signed(np.asarray(v)).reshape(-1) if labels is None else labels
         elif logits is None:
-            logits = ring.decode(np.asarray(v), val.scale)
+            logits = ring.decode(np.asarray(v), val.fixed_scale)
     if labels is None:
+        if logits is None:
+            raise FsscError(f"{graph.name}: the program has neither logits nor labels to compare")
         labels = logits.reshape(logits.shape[0], -1).argmax(axis=1)
     return logits, labels
 
@@ -102,7 +104,8 @@ def pair_stats(records: list[BatchRecord], keep: list[np.ndarray] | None = None)
     for i, j in ((0, 1), (0, 2), (1, 2)):
         (na, ka), (nb, kb) = PAIRS[i], PAIRS[j]
         diff, agree, total = None, 0, 0
-        for r, chosen in zip(records, keep or [None] * len(records), strict=True):
+        chosen_rows: list[np.ndarray | None] = list(keep) if keep else [None] * len(records)
+        for r, chosen in zip(records, chosen_rows, strict=True):
             sel = np.ones(len(r.ref_labels), bool) if chosen is None else chosen
             if not sel.any():
                 continue
@@ -162,7 +165,7 @@ def verify_inputs(res, count: int) -> list[np.ndarray]:
 
 def comparison_slack(graph: Graph, x: np.ndarray) -> dict[str, tuple[int, int, Overflow]]:
     """Per comparison op: (planned bits - bits needed on x, needed bits, its overflow description)."""
-    out = {}
+    out: dict[str, tuple[int, int, Overflow]] = {}
 
     def observe(op, ins, _):
         if op.gate and op.gate.get("bits") is not None:
@@ -190,7 +193,8 @@ def cross_check(graph: Graph, onnx_model, batches: list[np.ndarray]) -> VerifyRe
     pick = logit_name if logit_name in float_outs else (float_outs[0] if float_outs else None)
     if pick is None:
         raise FsscError("--verify: the ONNX model has no float output to compare")
-    records, worst = [], {}
+    records: list[BatchRecord] = []
+    worst: dict[str, tuple[int, str]] = {}
     for x in batches:
         ref = sess.run([pick], {in_name: x})[0]
         ref = ref.reshape(ref.shape[0], -1)

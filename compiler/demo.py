@@ -87,6 +87,7 @@ def run_demo(
         f"{tot['gates_per_image']:,.0f} comparison gates per image; program {res.program.hash[:12]}; "
         f"checked with --verify {batch}:"
     )
+    assert res.verification is not None  # compile_model ran --verify
     for line in res.verification.lines()[1:]:
         con.print(f"           {line.strip()}", markup=False, highlight=False)
 

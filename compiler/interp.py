@@ -46,7 +46,7 @@ def run_float(graph: Graph, inputs, observe: Callable[[str, np.ndarray], None] |
     env = {k: v.astype(np.float64) for k, v in bind_inputs(graph, inputs).items()}
     for name, v in graph.values.items():
         if v.is_const:
-            env[name] = v.data.astype(np.float64) if v.data.dtype.kind == "f" else v.data
+            env[name] = v.array.astype(np.float64) if v.array.dtype.kind == "f" else v.array
     for op in graph.ops:
         outs = OPS[op.kind].run(op.attrs, *[env[i] for i in op.inputs])
         for o, val in zip(op.outputs, outs, strict=True):
@@ -64,23 +64,23 @@ class _Fixed:
         self.g = graph
 
     def sc(self, name: str) -> int:
-        return self.g.values[name].scale
+        return self.g.values[name].fixed_scale
 
     def split(self, op: Op, env):
         """(secret input arrays, constant input arrays) in input order."""
         sec = [env[i] for i in op.inputs if not self.g.values[i].is_const]
-        con = [self.g.values[i].data.astype(np.float64) for i in op.inputs if self.g.values[i].is_const]
+        con = [self.g.values[i].array.astype(np.float64) for i in op.inputs if self.g.values[i].is_const]
         return sec, con
 
     # linear ops with the model owner's constants ------------------------
     def conv(self, op, env):
         x = env[op.inputs[0]]
-        w = self.g.values[op.inputs[1]].data.astype(np.float64)
+        w = self.g.values[op.inputs[1]].array.astype(np.float64)
         ws = op.attrs["wscale"]
         k = int(np.prod(w.shape[1:]))  # reduction length per output
         y = ring_bilinear(lambda a, b: conv_float(op.attrs, a, b)[0], x, encode(w, ws), k)
         if len(op.inputs) > 2:
-            b = self.g.values[op.inputs[2]].data.astype(np.float64)
+            b = self.g.values[op.inputs[2]].array.astype(np.float64)
             y = y + encode(b, self.sc(op.inputs[0]) + ws).reshape((1, -1) + (1,) * (x.ndim - 2))
         return y
 
@@ -88,11 +88,11 @@ class _Fixed:
         a = op.attrs
         x = env[op.inputs[0]]
         x = x.T if a.get("transA", 0) else x
-        w = self.g.values[op.inputs[1]].data.astype(np.float64)
+        w = self.g.values[op.inputs[1]].array.astype(np.float64)
         w = (w.T if a.get("transB", 0) else w) * a.get("alpha", 1.0)
         y = ring_bilinear(lambda p, q: p @ q, x, encode(w, a["wscale"]), w.shape[0])
         if len(op.inputs) > 2:
-            c = self.g.values[op.inputs[2]].data.astype(np.float64) * a.get("beta", 1.0)
+            c = self.g.values[op.inputs[2]].array.astype(np.float64) * a.get("beta", 1.0)
             y = y + encode(c, self.sc(op.inputs[0]) + a["wscale"])
         return y
 
@@ -100,10 +100,10 @@ class _Fixed:
         ws = op.attrs["wscale"]
         a_name, b_name = op.inputs
         if self.g.values[b_name].is_const:
-            w = self.g.values[b_name].data.astype(np.float64)
+            w = self.g.values[b_name].array.astype(np.float64)
             k = w.shape[-2] if w.ndim > 1 else w.shape[0]  # x @ W reduces over W's second-to-last axis
             return ring_bilinear(np.matmul, env[a_name], encode(w, ws), k)
-        w = self.g.values[a_name].data.astype(np.float64)
+        w = self.g.values[a_name].array.astype(np.float64)
         return ring_bilinear(lambda p, q: np.matmul(q, p), env[b_name], encode(w, ws), w.shape[-1])
 
     def mul(self, op, env):
@@ -224,7 +224,7 @@ def run_fixed(
     """
     g = _ensure_planned(graph, frac_bits)
     sem = _Fixed(g)
-    env = {name: encode(x, g.values[name].scale) for name, x in bind_inputs(g, inputs).items()}
+    env = {name: encode(x, g.values[name].fixed_scale) for name, x in bind_inputs(g, inputs).items()}
     for op in g.ops:
         fn = getattr(sem, op.kind, None)
         if fn is None:
@@ -241,7 +241,7 @@ def run_fixed(
     outs = []
     for o in g.outputs:
         v = g.values[o]
-        outs.append(env[o] if v.dtype == "int64" else decode(env[o], v.scale))
+        outs.append(env[o] if v.dtype == "int64" else decode(env[o], v.fixed_scale))
     return outs
 
 

@@ -118,7 +118,7 @@ def _comment(op: Op, graph: Graph) -> str:
     return f"{op.kind} %{op.outputs[0]} [{shape}]{extra} <- {src} ({op.created_by})"
 
 
-def _bilinear(op: Op, graph: Graph, x_name: str) -> tuple[str, dict, int, str | None, str | None]:
+def _bilinear(op: Op, graph: Graph, x_name: str) -> tuple[str, dict, int, str, str | None]:
     """(fn name, fn kwargs, reduction length k, weight value, bias value)."""
     a = op.attrs
     ins = op.inputs
@@ -148,21 +148,23 @@ def _bilinear(op: Op, graph: Graph, x_name: str) -> tuple[str, dict, int, str | 
     raise FsscError(f"{op.kind} %{op.name} is not a linear layer with weights")
 
 
-def encode_linear(op: Op, graph: Graph) -> tuple[np.ndarray | None, np.ndarray | None]:
+def encode_linear(op: Op, graph: Graph) -> tuple[np.ndarray, np.ndarray | None]:
     """P1's ring encodings of a weighted op: W at ``wscale`` and the bias at the output scale."""
     secret = [i for i in op.inputs if not graph.values[i].is_const]
     _, _, _, w_name, b_name = _bilinear(op, graph, secret[0])
     return _encode_linear(op, graph, secret[0], w_name, b_name)
 
 
-def _encode_linear(op: Op, graph: Graph, x_name: str, w_name, b_name) -> tuple[np.ndarray | None, np.ndarray | None]:
-    s_in = graph.values[x_name].scale
+def _encode_linear(
+    op: Op, graph: Graph, x_name: str, w_name: str, b_name: str | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    s_in = graph.values[x_name].fixed_scale
     out_shape = graph.values[op.outputs[0]].shape
     ws = op.attrs["wscale"]
-    w_enc = ring.encode(graph.values[w_name].data.astype(np.float64), ws)
+    w_enc = ring.encode(graph.values[w_name].array.astype(np.float64), ws)
     b_enc = None
     if b_name is not None:
-        b = graph.values[b_name].data.astype(np.float64)
+        b = graph.values[b_name].array.astype(np.float64)
         if op.kind in ("conv", "affine"):
             b = b.reshape((1, -1) + (1,) * (len(out_shape) - 2))
         b_enc = np.broadcast_to(ring.encode(b, s_in + ws), out_shape).copy()
@@ -171,8 +173,8 @@ def _encode_linear(op: Op, graph: Graph, x_name: str, w_name, b_name) -> tuple[n
 
 def _encode_const(op: Op, graph: Graph, name: str) -> np.ndarray:
     """P1's constant operand of a local op, at the scale of the secret values it joins."""
-    s = next(graph.values[i].scale for i in op.inputs if not graph.values[i].is_const)
-    return ring.encode(graph.values[name].data.astype(np.float64), s)
+    s = next(graph.values[i].fixed_scale for i in op.inputs if not graph.values[i].is_const)
+    return ring.encode(graph.values[name].array.astype(np.float64), s)
 
 
 def _public_weight_bits(op: Op, graph: Graph, w_enc: np.ndarray) -> int:
@@ -455,6 +457,8 @@ def check_program(prog: SecureProgram) -> None:
                 f"lowering: {_label(st)} ({st.kind}): the runtime cannot take its operands "
                 f"{[tuple(shapes[a].shape) for a in st.args]}: {type(e).__name__}: {e}"
             ) from None
+        if st.out is None:
+            continue  # an output statement: it defines nothing
         want = prog.ir_shapes.get(st.out) if st.kind != "const" else tuple(st.params["shape"])
         if want is None or tuple(shape) != tuple(want):
             raise FsscError(f"lowering: {_label(st)} ({st.kind}) gives shape {tuple(shape)}, the IR says {want}")

@@ -117,7 +117,7 @@ def simulate(
         role: _module(render(prog if role == "party1" else public, role, graph.name), role)
         for role in ("party0", "party1", "dealer")
     }
-    X = {name: ring.encode(x, graph.values[name].scale) for name, x in feeds.items()}
+    X = {name: ring.encode(x, graph.values[name].fixed_scale) for name, x in feeds.items()}
     seed = setup_seed or os.urandom(16)
     t0 = time.perf_counter()
     _, k0, k1 = deal_in_memory(lambda D: mods["dealer"].deal(D, seed), {"program": prog.hash, "batch": 0})

@@ -38,7 +38,7 @@ def encode_array(arr: np.ndarray) -> bytes:
     return _header(arr.dtype, arr.shape) + arr.tobytes()
 
 
-def decode_array(b: bytes | memoryview) -> np.ndarray:
+def decode_array(b: bytes | bytearray | memoryview) -> np.ndarray:
     code, ndim = struct.unpack_from("<BB", b, 0)
     shape = struct.unpack_from(f"<{ndim}Q", b, 2)
     off = 2 + 8 * ndim
@@ -94,7 +94,7 @@ class Channel:
     def send_bytes(self, b: bytes) -> None:
         raise NotImplementedError
 
-    def recv_bytes(self, size: int, at_most: bool = False) -> bytes:
+    def recv_bytes(self, size: int, at_most: bool = False) -> bytes | bytearray:
         """The next frame. Its length must be ``size`` (at most ``size`` with ``at_most``):
         ``check_frame_length`` before the payload is read."""
         raise NotImplementedError
@@ -144,7 +144,7 @@ class QueueChannel(Channel):
     def send_bytes(self, b: bytes) -> None:
         self.outbox.put(b)
 
-    def recv_bytes(self, size: int, at_most: bool = False) -> bytes:
+    def recv_bytes(self, size: int, at_most: bool = False) -> bytes | bytearray:
         try:
             b = self.inbox.get(timeout=self.timeout)
         except queue.Empty:

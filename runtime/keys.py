@@ -39,7 +39,12 @@ from .dcf import LAYOUT_VERSION as DCF_LAYOUT  # key headers record the DCF layo
 MAGIC = b"FSSCKEY\0"
 TRAILER = b"FSSCEND\0"
 FORMAT_VERSION = 1
-DTYPES = {0: np.dtype("<u8"), 1: np.dtype("u1"), 2: np.dtype("<i8"), 3: np.dtype("<f8")}  # record/message codes
+DTYPES: dict[int, np.dtype] = {
+    0: np.dtype("<u8"),
+    1: np.dtype("u1"),
+    2: np.dtype("<i8"),
+    3: np.dtype("<f8"),
+}  # record/message codes
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 
 
@@ -80,7 +85,7 @@ class KeyWriter:
         head += struct.pack(f"<{arr.ndim}Q", *arr.shape)
         head += b"\0" * _pad8(len(head))
         self._write(head)
-        self._write(memoryview(arr).cast("B") if arr.size else b"")
+        self._write(np.ascontiguousarray(arr).data.cast("B") if arr.size else b"")
         self._write(b"\0" * _pad8(arr.nbytes))
         self.records += 1
 
@@ -169,6 +174,8 @@ class KeyReader:
         deal: str | None = None,
     ):
         self.name = source if isinstance(source, str) else "<memory>"
+        self._fh: io.BufferedReader | None = None
+        self.buf: mmap.mmap | bytes
         if isinstance(source, str):
             if not os.path.exists(source):
                 raise FsscError(f"key file {source}: not found")
@@ -178,7 +185,6 @@ class KeyReader:
                 raise FsscError(f"key file {source}: truncated ({size} bytes)")
             self.buf = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         else:
-            self._fh = None
             self.buf = source
         mv = memoryview(self.buf)
         if bytes(mv[:8]) != MAGIC:
@@ -206,7 +212,7 @@ class KeyReader:
             raise FsscError(f"{self.name}: truncated key file (no trailer)")
         if h_digest(self._fh, mv, end) != bytes(mv[end + len(TRAILER) :]):
             raise FsscError(f"{self.name}: checksum mismatch (corrupt or tampered key file)")
-        self._mv = mv
+        self._mv: memoryview | None = mv
         self._end = end
         self.pos = 12 + hlen + _pad8(hlen + 12)
         self._dropped = 0  # bytes before this offset were handed back to the kernel
@@ -228,6 +234,8 @@ class KeyReader:
 
     def _next(self) -> tuple[str, np.ndarray]:
         mv = self._mv
+        if mv is None:
+            raise FsscError(f"{self.name}: key file read after close")
         self._release(self._prev)
         self._prev = self.pos
         if self.pos >= self._end:
@@ -264,5 +272,6 @@ class KeyReader:
         self._mv = None
         if self._fh:
             with contextlib.suppress(BufferError):  # views still alive; the map closes when they go
-                self.buf.close()
+                if isinstance(self.buf, mmap.mmap):
+                    self.buf.close()
             self._fh.close()

@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 import numpy as np
 from fssc.compiler.errors import FsscError, os_error_message
@@ -237,9 +238,9 @@ def main_party0(mod, argv) -> int:
     manifest = load_manifest(prog_dir)
     _check_manifest(mod, manifest)
     if len(manifest["inputs"]) != 1:
-        names = ", ".join(i["name"] for i in manifest["inputs"])
+        listed = ", ".join(i["name"] for i in manifest["inputs"])
         raise FsscError(
-            f"this program has {len(manifest['inputs'])} inputs ({names}); the data owner's command line feeds "
+            f"this program has {len(manifest['inputs'])} inputs ({listed}); the data owner's command line feeds "
             f"one (--images or --input): run programs with several inputs through their online(P, X, Z0) function"
         )
     inp = manifest["inputs"][0]
@@ -279,7 +280,7 @@ def main_party0(mod, argv) -> int:
             out = run_p0_batch(mod, chan, keys, w_hat, {inp["name"]: ring.encode(xin, inp["scale"])}, timings)
         n_real = min(shape[0], len(x) - bi * shape[0])
         for i in range(n_real):
-            rec = {"input": names[bi * shape[0] + i], "batch": b}
+            rec: dict[str, Any] = {"input": names[bi * shape[0] + i], "batch": b}
             for o in manifest["outputs"]:
                 v = out[o["name"]]
                 if o["kind"] == "labels":

@@ -246,7 +246,7 @@ class Party:
         """
         n = u.size
         dshare = self._dcf_share(tag, u, m)
-        cshare = self._dcf_share(tag, xhat, s + 1, ".cdcf") if s else None
+        cshare = self._dcf_share(tag, xhat, s + 1, ".cdcf") if s and xhat is not None else None
         vals, bits = self._shares(tag, rows, n, 2 * n if s else n)
         u_hi, _ = split_u(u, m)
         e = dshare ^ bits[:n]
@@ -382,7 +382,7 @@ class Party:
     def linear(
         self,
         tag: str,
-        xhat: np.ndarray,
+        xhat: np.ndarray | None,
         fn=None,
         k: int = 0,
         w: np.ndarray | None = None,
@@ -394,7 +394,11 @@ class Party:
         """y^ = z_0 + z_1: P1 computes z_1 = W * (x^ - [r_x]_1) + b + c_1 online; P0 brings z_0."""
         self.chan.step = tag
         if self.b == 0:
+            if z0 is None:
+                raise ValueError(f"{tag}: the data owner's offline half z_0 is missing")
             return self._open(z0)
+        if w is None:
+            raise ValueError(f"{tag}: the model owner's weights are missing")
         rx1 = self.keys.get(tag + ".rx1")
         c1 = self.keys.get(tag + ".c1")
         xm = xhat - rx1

@@ -114,6 +114,7 @@ def plan_limbs(bits_x: int, bits_w: int, k: int) -> tuple[int, int, int, int]:
             nw = math.ceil(mw / lw)
             cand = (_products(lx, nx, lw, nw), nw, lx, nx, lw)
             best = cand if best is None or cand[:2] < best[:2] else best
+    assert best is not None  # nx = 1 always fits
     _, nw, lx, nx, lw = best
     return lx, nx, lw, nw
 
@@ -147,6 +148,7 @@ def ring_bilinear(
             shape = part.shape  # flat while summing: a 0-d result stays an array (numpy scalars warn on wrap)
             part = np.rint(part.reshape(-1)).astype(np.int64).view(np.uint64) << np.uint64(shift)
             acc = part if acc is None else acc + part
+    assert acc is not None  # the (0, 0) digit pair has shift 0
     return acc.reshape(shape)
 
 

@@ -240,7 +240,7 @@ def _weights_mac(salt: bytes, program_hash: str, deal: str, W: dict[str, np.ndar
     for tag in sorted(tags):
         w = np.ascontiguousarray(W[tag + ".w"])
         mac.update(json.dumps([tag, w.dtype.str, list(w.shape)]).encode())
-        mac.update(memoryview(w).cast("B") if w.size else b"")
+        mac.update(w.data.cast("B") if w.size else b"")
     return mac.hexdigest()
 
 

@@ -97,7 +97,7 @@ class TcpChannel(Channel):
             raise FsscError(f"connection to peer lost while sending: {self._err}")
         self._out.put(b)
 
-    def recv_bytes(self, size: int, at_most: bool = False) -> bytes:
+    def recv_bytes(self, size: int, at_most: bool = False) -> bytes | bytearray:
         return _recv_frame(self.rx, self.timeout, size, at_most)
 
     def send_json(self, obj: dict) -> None:
@@ -268,7 +268,7 @@ class Listener:
             with self._lock:
                 self._inflight[tls] = deadline
             tls.do_handshake()
-            cn = _common_name(tls.getpeercert())
+            cn = _common_name(tls.getpeercert() or {})
             if cn != PARTY_NAMES[0]:
                 raise FsscError(f"client certificate is for {cn!r}, not {PARTY_NAMES[0]!r}")
             try:
@@ -286,7 +286,7 @@ class Listener:
         with self._lock:
             self._inflight.pop(tls, None)
             if self._closed:
-                problem = "closing"  # _refuse says why
+                problem: str | None = "closing"  # _refuse says why
             else:
                 _, first, socks = self._halves.setdefault(token, (deadline, peer, {}))
                 problem = f"a second {direction!r} connection for one session" if direction in socks else None
@@ -390,8 +390,8 @@ ROLE_NAMES = {"party0": "the data owner", "party1": "the model owner"}
 
 def _check(peer: dict, mine: dict) -> list[str]:
     problems = []
-    them = ROLE_NAMES.get(peer.get("role"), f"a peer claiming role {peer.get('role')!r}")
-    us = ROLE_NAMES.get(mine.get("role"), mine.get("role"))
+    them = ROLE_NAMES.get(str(peer.get("role")), f"a peer claiming role {peer.get('role')!r}")
+    us = ROLE_NAMES.get(str(mine.get("role")), str(mine.get("role")))
     if peer.get("protocol") != mine.get("protocol"):
         problems.append(f"{them} speaks protocol {peer.get('protocol')}, {us} {mine.get('protocol')}")
     if peer.get("program") != mine.get("program"):
