@@ -1,4 +1,4 @@
-"""ResNet-18 end to end: the figures DESIGN.md section 5 asks for, in one run.
+"""ResNet-18 end to end: the figures docs/protocol.md reports, in one run.
 
     fssc bench resnet [--image-size 224] [--batch 2] [--workdir bench-out]
 

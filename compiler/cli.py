@@ -98,7 +98,7 @@ def ir(model):
     default="range",
     show_default=True,
     help="range: comparison bitwidths from range analysis plus the margin; full: every comparison as wide "
-    "as the ring allows (m = 64 - shift), no input is too large, keys about 2.6x larger.",
+    "as the ring allows (m = 64 - shift), no input is too large, keys about 1.85x larger.",
 )
 @click.option(
     "--verify",

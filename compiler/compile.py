@@ -180,8 +180,7 @@ def input_guard(res: CompileResult) -> dict:
         "margin_bits": None if res.ctx.full_bits else res.ctx.margin_bits,
         "headroom_bits": h_min,
         "inputs": inputs,
-        "comparisons": comparisons,
-    }
+    }  # per-comparison headroom stays in P1's report: under --bits full it would tell the calibrated ranges
 
 
 def _mb(x: float) -> str:

@@ -179,7 +179,7 @@ def comparison_slack(graph: Graph, x: np.ndarray) -> dict[str, tuple[int, int, O
 
 
 def cross_check(graph: Graph, onnx_model, batches: list[np.ndarray]) -> VerifyResult:
-    """Run every batch through onnxruntime, the interpreter (with the secure run's carries) and the
+    """Run every batch through onnxruntime, the interpreter (floor truncation, as the secure gates) and the
     secure simulation; ``onnx_model`` is a path or a serialized model."""
     import onnxruntime as ort
 

@@ -4,7 +4,7 @@ One table serves range analysis (what magnitude reaches each comparison),
 mark-comparisons (gate kind and count), the cost model and the fixed-point
 interpreter's overflow check, so they cannot disagree.
 
-Gate kinds (DESIGN.md section 4):
+Gate kinds (docs/protocol.md, section 6):
 
 * ``relu``: one DCF comparison per element, optionally dropping ``trunc`` bits
   (fused exact truncation, with a second DCF over the dropped bits for the

@@ -104,7 +104,7 @@ def simulate(
     ``graph``: a compiled graph (planned and marked, with the model owner's
     constants). ``inputs``: the data owner's inputs as reals, an array for a
     graph with one input or a dict input name -> array (P0 holds every graph
-    input); each is encoded at its input's scale. ``setup_seed``: the per-model
+    input); each is encoded at its input's scale. ``setup_seed``: the per-deal
     seed of the weight masks A (fresh from os.urandom by default). ``record``
     keeps every message each party receives (``channels[b].received``).
     """

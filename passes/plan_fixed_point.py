@@ -16,7 +16,7 @@ constants at the scale of the value they join. Then, in program order:
 * add, sub and concat of two secret values align scales by ``upscale`` (a
   local multiplication by 2^k, exact) of the lower-scale operand;
 * relu on a value above scale f absorbs the truncation: its ``trunc``
-  attribute says how many bits the comparison gate drops (DESIGN.md section 4,
+  attribute says how many bits the comparison gate drops (docs/protocol.md, section 6,
   fused truncation), and its output is at scale f;
 * maxpool, clip, pad, flatten, reshape and the sum pools keep their input's scale; argmax
   outputs integers (scale 0);

@@ -26,7 +26,8 @@ def out_of_range(manifest: dict, name: str, x_enc: np.ndarray, items: list[str])
         return None
     allowed = int(spec["allowed_max_abs"])
     v = ring.signed(np.asarray(x_enc)).reshape(len(items), -1) if len(items) else np.zeros((0, 1), np.int64)
-    per_item = np.abs(v).max(axis=1) if v.size else np.zeros(len(items), np.int64)
+    # in float64: |int64 min| (what an unencodable input becomes) must count as out of range, not wrap negative
+    per_item = np.abs(v.astype(np.float64)).max(axis=1) if v.size else np.zeros(len(items))
     bad = np.flatnonzero(per_item > allowed)
     if not bad.size:
         return None
@@ -39,6 +40,22 @@ def out_of_range(manifest: dict, name: str, x_enc: np.ndarray, items: list[str])
     return (
         f"input %{name}: {items[bad[0]]}{more} has values in [{lo:.4g}, {hi:.4g}], outside the range this program "
         f"was compiled for, [{-a:.4g}, {a:.4g}] ({why}); such inputs overflow comparisons and give wrong results"
+    )
+
+
+def unencodable(x: np.ndarray, scale: int, items: list[str]) -> str | None:
+    """None if every value of the real input ``x`` [N, ...] is finite and fits the ring at ``scale``;
+    else one sentence naming the first offending item. No flag runs such an input: it has no encoding."""
+    flat = np.asarray(x, dtype=np.float64).reshape(len(items), -1) if len(items) else np.zeros((0, 1))
+    with np.errstate(invalid="ignore", over="ignore"):
+        bad_rows = ~(np.isfinite(flat) & (np.abs(flat) * 2.0**scale < 2.0**62)).all(axis=1)
+    bad = np.flatnonzero(bad_rows)
+    if not bad.size:
+        return None
+    more = f" (and {bad.size - 1} more of {len(items)})" if bad.size > 1 else ""
+    return (
+        f"{items[bad[0]]}{more} holds values that are not finite or too large for the fixed-point ring "
+        f"(|x| < 2^{62 - scale} at scale {scale})"
     )
 
 

@@ -28,7 +28,7 @@ from fssc.compiler.errors import FsscError, os_error_message
 from fssc.compiler.files import write_atomic
 
 from . import ring
-from .guard import FIXES, out_of_range
+from .guard import FIXES, out_of_range, unencodable
 from .session import (
     batch_deal,
     check_batches,
@@ -185,6 +185,8 @@ def _serve_p1(mod, manifest: dict, keys_dir: str, chan, W: dict, w_hat_for) -> t
         asked = peer.get("batches", [])
         if not isinstance(asked, list) or not all(type(b) is int for b in asked):
             return ["batches: expected a list of batch ids"]
+        if not asked or len(set(asked)) != len(asked):
+            return ["batches: expected at least one batch id, each once"]
         missing = [b for b in asked if b not in free]
         if missing:
             return [f"batches {missing} are not available (unused) at the model owner"]
@@ -258,6 +260,9 @@ def main_party0(mod, argv) -> int:
     path = a.images or a.input
     x = load_inputs(path, pre, tuple(shape[1:]))
     names = list_images(a.images) if a.images else [f"{a.input}[{i}]" for i in range(len(x))]
+    broken = unencodable(x, inp["scale"], names)
+    if broken:
+        raise FsscError(f"input %{inp['name']}: {broken}")
     problem = out_of_range(manifest, inp["name"], ring.encode(x, inp["scale"]), names)  # before anything is sent
     if problem and not a.allow_out_of_range:
         raise FsscError(f"{problem}; {FIXES}")

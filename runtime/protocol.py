@@ -185,7 +185,7 @@ class Dealer:
         return seeds
 
     def linear(self, tag: str, fn, k: int, r_x: np.ndarray, a_mask: np.ndarray, y_shape, seeds: bytes) -> np.ndarray:
-        """y = W * x + b: P0 has two seeds, P1 gets [r_x]_1 and c_1 (DESIGN.md section 4)."""
+        """y = W * x + b: P0 has two seeds, P1 gets [r_x]_1 and c_1 (docs/protocol.md, section 3)."""
         s_rx, s_c = seeds[:16], seeds[16:]
         rx0 = expand(s_rx, r_x.shape)
         r_y = self.fresh(y_shape)

@@ -211,7 +211,7 @@ def test_compile_report_shows_headroom_and_bits_full_cost(tmp_path, run_fssc, mo
     assert rep["totals_bits_full"]["key_bytes_p1"] > rep["totals"]["key_bytes_p1"]
     assert {o["headroom"] for o in rep["ops"] if o["gate"] and o["bits"] < 60} == {3}
     man = json.loads((tmp_path / "p" / "manifest.json").read_text())
-    assert man["input_guard"]["margin_bits"] == 3 and man["input_guard"]["comparisons"]
+    assert man["input_guard"]["margin_bits"] == 3 and "comparisons" not in man["input_guard"]
     r = run_fssc("compile", model, "-o", tmp_path / "q", "--bits", "full", "--margin-bits", 2)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--margin-bits" in r.stderr
     assert not (tmp_path / "q" / "manifest.json").exists()
@@ -272,3 +272,30 @@ def test_verify_names_overflows_when_inputs_exceed_the_headroom(model):
     ops = {op.name for op in res.graph.ops if op.gate}
     assert set(result.overflows) <= ops
     assert all(v.startswith("overflow at ") for v in result.overflows.values())
+
+
+def test_guard_refuses_what_has_no_encoding():
+    """inf, nan and values beyond the ring encode to int64's minimum, whose |.| wraps negative: the guard must
+    still call them out of range, and the data owner refuses them whatever --allow-out-of-range says."""
+    from fssc.runtime import ring
+    from fssc.runtime.guard import out_of_range, unencodable
+
+    manifest = {
+        "input_guard": {
+            "headroom_bits": 3,
+            "inputs": [{"name": "x", "scale": 12, "allowed_max_abs": 6 << 12, "calibrated_max_abs": 3 << 12}],
+        }
+    }
+    names = ["a", "b"]
+    ok = np.full((2, 3), 5.0, np.float32)
+    assert out_of_range(manifest, "x", ring.encode(ok, 12), names) is None
+    assert unencodable(ok, 12, names) is None
+    for bad in (10.0, 1e30, -1e30, np.inf, np.nan):
+        x = ok.copy()
+        x[1, 2] = bad
+        with np.errstate(invalid="ignore", over="ignore"):
+            enc = ring.encode(x, 12)
+        assert out_of_range(manifest, "x", enc, names) is not None, bad
+        if not np.isfinite(bad) or abs(bad) > 1e20:
+            msg = unencodable(x, 12, names)
+            assert msg is not None and msg.startswith("b "), (bad, msg)

@@ -2,7 +2,7 @@
 
 * Exhaustive at m = 4..8: every masked input u and every mask rho, in one
   vectorised gate call per (gate, m, trunc), against the plaintext formula
-  x' = (u - rho) mod 2^m read as signed (DESIGN.md section 4), for ReLU with
+  x' = (u - rho) mod 2^m read as signed (docs/protocol.md, section 5), for ReLU with
   and without fused truncation, max / select with a truncated comparison and
   the 2-class label (DReLU revealed to P0 only).
 * Randomized at m up to 64 in Z_2^64 with uniform high mask bits.

@@ -2,8 +2,8 @@
 
 Each model goes through the real pipeline and the generated programs (dealer,
 P0, P1 in process, :func:`fssc.compiler.simulation.simulate`); the oracles
-are the fixed-point interpreter with the dealer's carries replayed (bit for
-bit) and onnxruntime (within fixed-point tolerance).
+are the fixed-point interpreter (bit for bit: truncation is exact in both) and
+onnxruntime (within fixed-point tolerance).
 """
 
 from __future__ import annotations

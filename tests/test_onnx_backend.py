@@ -255,7 +255,7 @@ SECURE_LEFT_OUT: dict[str, str] = {}
 def test_backend_node_case_secure(name):
     """Every case the float interpreter passes runs through the generated programs (dealer, P0 holding
     every data input, P1 holding the case's constant operands) and equals the fixed-point interpreter bit
-    for bit, truncation carries replayed; or it is in SECURE_LEFT_OUT and the compile refuses it in one line."""
+    for bit (exact truncation in both); or it is in SECURE_LEFT_OUT and the compile refuses it in one line."""
     op, case = CASES[name]
     model, feeds, expected = freeze_constant_operands(case, op)
     if name in SECURE_LEFT_OUT:
