@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import signal
 import threading
 import webbrowser
 from collections.abc import Callable
@@ -54,6 +55,8 @@ def make_server(prog: str, port: int = 0) -> tuple[http.server.ThreadingHTTPServ
 
 
 def serve_viewer(prog: str, port: int = 0, open_browser: bool = False, echo: Callable[[str], None] = print) -> None:
+    # Ctrl-C stops the server even when fssc was started where SIGINT is ignored (a shell's background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     httpd, url = make_server(prog, port)
     echo(f"serving {viewer_dir(prog)} at {url}  (Ctrl-C to stop)")
     if open_browser:

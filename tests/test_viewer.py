@@ -433,7 +433,7 @@ def test_fssc_view_serves_it_locally(page, r18_prog):
         shot(page, "fssc-view.png")
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "stopped" in out and "Traceback" not in err
 
