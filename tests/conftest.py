@@ -7,7 +7,7 @@ ask for the model it needs without paying for the export twice:
   returns the path of ``fssc export resnet18 ...`` output (random weights,
   BN calibrated, fixed seed) unless ``weights`` names a state dict.
 * ``resnet18_onnx``: 2 classes, 64x64, batch 2 (cheap; for most tests).
-* ``resnet18_224_onnx``: 2 classes, 224x224, batch 2 -- the model issue 2
+* ``resnet18_224_onnx``: 2 classes, 224x224, batch 2 -- the demo model
   is about. It is written by the real CLI in a subprocess
   (``resnet18_224_cli`` keeps that run's result for the export test).
 * ``ort_session(path)``: a cached onnxruntime CPU session.

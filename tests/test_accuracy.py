@@ -1,4 +1,4 @@
-"""No silent wrong answers (issue 9, points 1-3): the input guard, --margin-bits / --bits full, --verify.
+"""No silent wrong answers: the input guard, --margin-bits / --bits full, --verify.
 
 The scaled-input experiment at small size: ResNet-18 (2 classes, random BN-calibrated weights) at
 32x32, batch 2, compiled with the default calibration. Inputs are drawn from the calibration

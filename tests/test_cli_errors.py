@@ -1,4 +1,4 @@
-"""Issue 2, point 5: user errors through the real CLI.
+"""User errors through the real CLI.
 
 A file that is not ONNX, a graph with an unsupported op, a graph with a
 dynamic batch dimension, and ``fssc export --weights`` with a state dict that
@@ -229,7 +229,7 @@ def test_two_input_model_compiles_and_the_data_owner_cli_says_it_feeds_one(tmp_p
 
 def test_weight_beyond_the_public_bound(tmp_path, run_fssc):
     """A weight at or beyond 2^--weight-bound-bits (after BN folding) is one line and no program; a larger
-    public bound compiles it (issue 10, point 6: P1's arithmetic comes from the bound, not the weights)."""
+    public bound compiles it (P1's arithmetic comes from the bound, not the weights)."""
     w = np.full((4, 2), 0.5, dtype=np.float32)
     w[2, 1] = 40.0
     graph = helper.make_graph(

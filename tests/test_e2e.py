@@ -1,4 +1,4 @@
-"""End to end (issue 5): compile -> programs, deal, two real processes over mutual TLS.
+"""End to end: compile -> programs, deal, two real processes over mutual TLS.
 
 Uses ResNet-18 at 64x64, batch 2 (the real graph, small images) so the whole
 path runs within the CI budget. Oracles: onnxruntime on the same

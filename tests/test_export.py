@@ -1,4 +1,4 @@
-"""Issue 2, point 2: ``fssc export`` writes the ResNet-18 the project is about.
+"""``fssc export`` writes the ResNet-18 the project is about.
 
 ``fssc export resnet18 -o r.onnx --num-classes 2 --image-size 224 --batch 2``
 (the real CLI, in a subprocess) writes a valid ONNX graph with static shapes

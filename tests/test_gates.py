@@ -1,4 +1,4 @@
-"""Comparison gates on masked wires (issue 4, point 2).
+"""Comparison gates on masked wires.
 
 * Exhaustive at m = 4..8: every masked input u and every mask rho, in one
   vectorised gate call per (gate, m, trunc), against the plaintext formula

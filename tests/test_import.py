@@ -1,4 +1,4 @@
-"""Issue 2, points 3 and 4: the IR text form, the verifier, and the interpreters on ResNet-18.
+"""The IR text form, the verifier, and the interpreters on ResNet-18.
 
 * ``fssc ir r.onnx`` prints the IR; two runs (different hash seeds) give
   byte-identical output.

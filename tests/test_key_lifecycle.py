@@ -1,4 +1,4 @@
-"""Key and secret lifecycle (issue 10, points 1, 2, 3 and 7), on a tiny CNN run by the real party programs.
+"""Key and secret lifecycle, on a tiny CNN run by the real party programs.
 
 * Weight masks are never reused across weights: every ``fssc deal`` makes a fresh setup seed, and the
   model owner commits (salted, in its own key folder) to the weights it first masks with a seed and

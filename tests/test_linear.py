@@ -1,4 +1,4 @@
-"""The linear-layer protocol and exact ring products (issue 4, point 3).
+"""The linear-layer protocol and exact ring products.
 
 Dealer.linear + Party.linear_offline (P0) + Party.linear (P1) with a weight
 mask A and W^ = W + A, bit-exact against integer references mod 2^64 (numpy
@@ -391,7 +391,7 @@ def test_weighted_ops_through_the_programs(case):
     assert (y == want).all()
 
 
-# ----------------------------------------------------------------- limb counts from public bounds (issue 10, point 6)
+# ----------------------------------------------------------------- limb counts from public bounds
 def _with_weights_scaled(graph, factor: float):
     g = graph.clone()
     for v in g.values.values():

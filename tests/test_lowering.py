@@ -1,4 +1,4 @@
-"""Lowering: the generated programs agree with the IR (issue 9, point 4).
+"""Lowering: the generated programs agree with the IR.
 
 Each model goes through the real pipeline and the generated programs (dealer,
 P0, P1 in process, :func:`fssc.compiler.simulation.simulate`); the oracles

@@ -1,4 +1,4 @@
-"""Issue 2, point 6: ONNX's backend node test cases for the ops fssc supports.
+"""ONNX's backend node test cases for the ops fssc supports.
 
 The cases come from the installed onnx package
 (``onnx.backend.test.case.node.collect_testcases``: models and reference data

@@ -1,6 +1,6 @@
-"""The final IR in the fixed-point interpreter against onnxruntime, and overflow reports (issue 3, part 4).
+"""The final IR in the fixed-point interpreter against onnxruntime, and overflow reports.
 
-Model: the issue's ResNet-18 at 224x224, batch 2, two classes (random weights,
+Model: the demo's ResNet-18 at 224x224, batch 2, two classes (random weights,
 BN calibrated; exported once per session through conftest's cache),
 compiled with the default pipeline (f = 12; range analysis on its default
 calibration, ``runtime.images.synthetic_inputs`` with seed 1) in logits mode.

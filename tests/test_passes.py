@@ -1,4 +1,4 @@
-"""Unit and semantics tests for every pass in ``passes/`` (issue 3, part 1).
+"""Unit and semantics tests for every pass in ``passes/``.
 
 Each pass gets positive cases (the rewrite happens, with the right result) and
 negative cases (it is refused where it would be wrong or useless), on tiny

@@ -1,4 +1,4 @@
-"""The pass pipeline on the issue's model, the pass manager and ``fssc compile`` (issue 3, parts 2-3).
+"""The pass pipeline on ResNet-18, the pass manager and ``fssc compile``.
 
 Model: ResNet-18 exported by ``models.export.export_model`` at 224x224, batch
 2, two classes (random weights, BN calibrated), from conftest's session cache.

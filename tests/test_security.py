@@ -1,4 +1,4 @@
-"""Each party's view is independent of the secrets (issue 4, point 4).
+"""Each party's view is independent of the secrets.
 
 For two different secrets (masks / DCF alphas, inputs, weights) we collect a
 party's key records and the messages it receives over many gates and check,

@@ -1,4 +1,4 @@
-"""The in-process two-party simulator on the whole compiled ResNet-18 (issue 4, point 6).
+"""The in-process two-party simulator on the whole compiled ResNet-18.
 
 ResNet-18 (2 classes, random BN-calibrated weights) exported at 32x32, batch 2,
 with a final ArgMax appended (outputs: logits and label), imported and

@@ -1,4 +1,4 @@
-"""The transport is bounded (issue 10, point 4).
+"""The transport is bounded.
 
 Two real processes on a tiny CNN: the model owner (P1) runs its generated
 program; data owners are either the real party0 program in a subprocess, or

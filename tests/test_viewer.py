@@ -1,4 +1,4 @@
-"""The IR dump viewer (issue 6): ``prog/ir/index.html`` and ``fssc view``.
+"""The IR dump viewer: ``prog/ir/index.html`` and ``fssc view``.
 
 Browser tests drive Debian's Chromium (``/usr/bin/chromium``, headless) with
 Playwright for Python; without it they skip, saying so. Every page load is
