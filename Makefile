@@ -26,7 +26,7 @@ TYPECHECK := .typecheck/fssc
 typecheck-view:
 	rm -rf .typecheck
 	mkdir -p $(TYPECHECK)
-	ln -s ../../fssc/__init__.py $(TYPECHECK)/__init__.py
+	for f in fssc/*; do ln -s ../../$$f $(TYPECHECK)/$$(basename $$f); done
 	for d in compiler passes runtime models benchmarks; do ln -s ../../$$d $(TYPECHECK)/$$d; done
 
 lint: $(STAMP) typecheck-view

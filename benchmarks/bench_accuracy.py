@@ -76,7 +76,7 @@ def run(
     full: bool = True,
 ) -> dict:
     from fssc.compiler.compile import compile_model, input_guard
-    from fssc.compiler.crosscheck import VERIFY_SEED, cross_check, pair_stats
+    from fssc.compiler.reference.crosscheck import VERIFY_SEED, cross_check, pair_stats
     from fssc.models.export import export_model
     from fssc.passes.range_analysis import default_calibration
     from fssc.runtime import ring

@@ -16,21 +16,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from fssc.compiler.backend.cost import CostReport, cost_report
+from fssc.compiler.backend.gates import headroom_bits
+from fssc.compiler.frontend.onnx_import import import_onnx
+from fssc.compiler.ir.graph import Graph, Value
 from fssc.passes.base import DEFAULT_MARGIN_BITS, PassContext
+from fssc.passes.manager import PassRecord, run_pipeline
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 
-from .cost import CostReport, cost_report
-from .errors import FsscError
-from .files import write_atomic
-from .gates import headroom_bits
-from .ir import Graph, Value
-from .onnx_import import import_onnx
-from .pipeline import PassRecord, run_pipeline
+from fssc.errors import FsscError
+from fssc.files import write_atomic
 
 if TYPE_CHECKING:
-    from .crosscheck import VerifyResult
-    from .lower import SecureProgram
+    from fssc.compiler.backend.lower import SecureProgram
+    from fssc.compiler.reference.crosscheck import VerifyResult
 
 
 MAX_MARGIN_BITS = 32
@@ -284,7 +284,7 @@ def run_verify(res: CompileResult, model: str, count: int, out_dir: str, echo=pr
     """``--verify N``: N inputs through onnxruntime, the fixed-point interpreter and the in-process
     two-party run of the generated programs; an FsscError (one line) when the secure run and the
     interpreter disagree."""
-    from .crosscheck import cross_check, verify_inputs
+    from fssc.compiler.reference.crosscheck import cross_check, verify_inputs
 
     if count < 1:
         raise FsscError(f"--verify {count}: give the number of inputs to check (at least 1)")
@@ -325,10 +325,9 @@ def compile_model(
 ) -> CompileResult:
     """``fssc compile``: compile, print the report, check with ``verify`` inputs (before anything is
     written: a program the check rejects is never written), write prog/."""
+    from fssc.compiler.backend.codegen import write_program
+    from fssc.compiler.backend.lower import lower
     from fssc.runtime.images import Preprocess
-
-    from .codegen import write_program
-    from .lower import lower
 
     con = console or Console(width=max(160, Console().width))
     graph = import_onnx(model)
@@ -377,7 +376,7 @@ def compile_model(
         res.verification = run_verify(res, model, verify, out_dir, echo)
     write_program(prog, out_dir, os.path.basename(model), extra)
     if dump_ir:
-        from .viewer import write_viewer
+        from fssc.compiler.viewer.document import write_viewer
 
         page = write_viewer(res.records, out_dir, os.path.basename(model))
     con.print(

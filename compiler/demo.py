@@ -50,13 +50,12 @@ def run_demo(
     frac_bits: int = 12,
 ) -> bool:
     import onnxruntime as ort
+    from fssc.compiler.compile import compile_model
     from fssc.models.export import export_model
     from fssc.runtime.certs import make_certs
     from fssc.runtime.images import Preprocess, load_inputs
     from fssc.runtime.loopback import run_loopback
     from fssc.runtime.session import deal_batches
-
-    from .compile import compile_model
 
     con = Console(width=max(120, Console().width))
     fssc_dir = os.path.abspath(workdir)

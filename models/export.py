@@ -27,8 +27,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from fssc.compiler.errors import FsscError
-from fssc.compiler.files import write_atomic
+
+from fssc.errors import FsscError
+from fssc.files import write_atomic
 
 DEFAULT_SEED = 20261127
 

@@ -24,9 +24,8 @@ the folded constants).
 from __future__ import annotations
 
 import numpy as np
-from fssc.compiler.ir import Graph, Op
-
-from .base import PassContext
+from fssc.compiler.ir.graph import Graph, Op
+from fssc.passes.base import PassContext
 
 NAME = "canonicalize"
 

@@ -14,10 +14,9 @@ another user: folding would change that user's value) becomes a per-channel
 from __future__ import annotations
 
 import numpy as np
-from fssc.compiler.ir import Graph
-from fssc.compiler.ops import batchnorm_affine
-
-from .base import PassContext
+from fssc.compiler.ir.graph import Graph
+from fssc.compiler.ir.ops import batchnorm_affine
+from fssc.passes.base import PassContext
 
 NAME = "fold-batchnorm"
 

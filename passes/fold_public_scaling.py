@@ -19,10 +19,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from fssc.compiler.ir import Graph
-from fssc.compiler.ops import _windows
-
-from .base import PassContext
+from fssc.compiler.ir.graph import Graph
+from fssc.passes.base import PassContext
+from fssc.runtime.geometry import windows
 
 NAME = "fold-public-scaling"
 
@@ -32,7 +31,7 @@ def _uniform_count(graph: Graph, op) -> int | None:
     if op.kind == "globalavgpool":
         return int(np.prod(x.shape[2:]))
     dummy = np.zeros((1, 1) + tuple(x.shape[2:]), dtype=np.int8)
-    _, valid, inpad, nd = _windows(dummy, op.attrs, 0)
+    _, valid, inpad, nd = windows(dummy, op.attrs, 0)
     cnt = (inpad if op.attrs.get("count_include_pad", 0) else valid).sum(axis=tuple(range(-nd, 0)))
     return int(cnt.flat[0]) if (cnt == cnt.flat[0]).all() else None
 

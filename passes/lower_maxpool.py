@@ -11,11 +11,10 @@ instead of 8.
 
 from __future__ import annotations
 
-from fssc.compiler.gates import gate_count
-from fssc.compiler.ir import Graph, Value
-from fssc.compiler.ops import infer_shapes
-
-from .base import PassContext
+from fssc.compiler.backend.gates import gate_count
+from fssc.compiler.ir.graph import Graph, Value
+from fssc.compiler.ir.ops import infer_shapes
+from fssc.passes.base import PassContext
 
 NAME = "lower-maxpool"
 

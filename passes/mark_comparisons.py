@@ -2,7 +2,7 @@
 
 For ReLU, max (MaxPool trees), ArgMax and Clip ops: ``gate = {kind, count,
 per_image, bits, depth[, trunc]}`` where count is the number of gate
-evaluations for the whole batch (:func:`fssc.compiler.gates.gate_count`),
+evaluations for the whole batch (:func:`fssc.compiler.backend.gates.gate_count`),
 bits is the comparison bitwidth m from range analysis, depth the sequential
 gate layers and trunc the bits a ReLU gate drops (fused truncation). The cost
 model sums these into the compile report. Semantics are unchanged.
@@ -10,11 +10,11 @@ model sums these into the compile report. Semantics are unchanged.
 
 from __future__ import annotations
 
-from fssc.compiler.errors import FsscError
-from fssc.compiler.gates import gate_count, gate_depth, gate_kind
-from fssc.compiler.ir import Graph
+from fssc.compiler.backend.gates import gate_count, gate_depth, gate_kind
+from fssc.compiler.ir.graph import Graph
+from fssc.passes.base import PassContext
 
-from .base import PassContext
+from fssc.errors import FsscError
 
 NAME = "mark-comparisons"
 

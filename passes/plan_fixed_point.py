@@ -28,10 +28,10 @@ floor division by 2^k, exactly what the secure gates compute.
 
 from __future__ import annotations
 
-from fssc.compiler.errors import FsscError
-from fssc.compiler.ir import Graph, Value
+from fssc.compiler.ir.graph import Graph, Value
+from fssc.passes.base import PassContext
 
-from .base import PassContext
+from fssc.errors import FsscError
 
 NAME = "plan-fixed-point"
 
@@ -59,7 +59,7 @@ def weight_bits(wscale: int, bound_bits: int) -> int:
 
     Public (the scale and the bound are), so P1's float64 limb counts (``ring.plan_limbs``), and with
     them its online time, do not depend on the weights' values; a weight beyond the bound is a compile
-    error (``fssc.compiler.lower``), never a wrong product.
+    error (``fssc.compiler.backend.lower``), never a wrong product.
     """
     return wscale + bound_bits + 1
 

@@ -5,7 +5,7 @@ Runs the planned IR in the fixed-point interpreter on calibration inputs
 image input [N,C,H,W], standard normal values for any other shape; one
 stream per graph input) and
 measures the largest magnitude each comparison sees
-(:func:`fssc.compiler.gates.comparison_magnitude`: x >> trunc for a ReLU, the
+(:func:`fssc.compiler.backend.gates.comparison_magnitude`: x >> trunc for a ReLU, the
 window spread for max gates, the row spread for ArgMax). The bitwidth is
 m = bits(magnitude) + sign + ``margin_bits`` (a 2^margin safety factor),
 capped at what the ring holds after the gate's shift (64 - shift). With
@@ -22,13 +22,12 @@ Semantics are unchanged.
 from __future__ import annotations
 
 import numpy as np
-from fssc.compiler.gates import bits_for, comparison_magnitude, gate_kind, widest_bits
-from fssc.compiler.interp import run_fixed
-from fssc.compiler.ir import Graph
+from fssc.compiler.backend.gates import bits_for, comparison_magnitude, gate_kind, widest_bits
+from fssc.compiler.ir.graph import Graph
+from fssc.compiler.reference.interp import run_fixed
+from fssc.passes.base import PassContext
 from fssc.runtime import ring
 from fssc.runtime.images import synthetic_inputs
-
-from .base import PassContext
 
 NAME = "range-analysis"
 DEFAULT_CALIBRATION_BATCHES = 4

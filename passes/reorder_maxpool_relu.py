@@ -10,9 +10,8 @@ pooled size: on ResNet-18's stem 802,816 -> 200,704 per image.
 
 from __future__ import annotations
 
-from fssc.compiler.ir import Graph, Value
-
-from .base import PassContext
+from fssc.compiler.ir.graph import Graph, Value
+from fssc.passes.base import PassContext
 
 NAME = "reorder-maxpool-relu"
 

@@ -15,9 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from fssc.compiler.files import write_atomic
+from fssc.runtime.transport import PARTY_NAMES
 
-from .transport import PARTY_NAMES
+from fssc.files import write_atomic
 
 
 def _name(cn: str) -> x509.Name:

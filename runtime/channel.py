@@ -21,10 +21,10 @@ import queue
 import struct
 
 import numpy as np
-from fssc.compiler.errors import FsscError
+from fssc.runtime.keys import DTYPE_CODES as _CODE
+from fssc.runtime.keys import DTYPES as _DT
 
-from .keys import DTYPE_CODES as _CODE
-from .keys import DTYPES as _DT
+from fssc.errors import FsscError
 
 
 def _header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:

@@ -91,8 +91,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-
-from .prg import Rng, mmo, mmo_buffer
+from fssc.runtime.prg import Rng, mmo, mmo_buffer
 
 __all__ = [
     "BLOCK",

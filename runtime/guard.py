@@ -13,8 +13,7 @@ before anything is sent.
 from __future__ import annotations
 
 import numpy as np
-
-from . import ring
+from fssc.runtime import ring
 
 
 def out_of_range(manifest: dict, name: str, x_enc: np.ndarray, items: list[str]) -> str | None:

@@ -13,7 +13,8 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from fssc.compiler.errors import FsscError
+
+from fssc.errors import FsscError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 

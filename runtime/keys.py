@@ -31,10 +31,10 @@ import os
 import struct
 
 import numpy as np
-from fssc.compiler.errors import FsscError
-from fssc.compiler.files import fsync_dir, open_new, private_dir
+from fssc.runtime.dcf import LAYOUT_VERSION as DCF_LAYOUT  # key headers record the DCF layout they hold
 
-from .dcf import LAYOUT_VERSION as DCF_LAYOUT  # key headers record the DCF layout they hold
+from fssc.errors import FsscError
+from fssc.files import fsync_dir, open_new, private_dir
 
 MAGIC = b"FSSCKEY\0"
 TRAILER = b"FSSCEND\0"

@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from fssc.compiler.ops import OPS, _windows, conv_float
-
-from . import ring
-from .pooling import max_tree
-from .prg import expand
-from .protocol import Dealer, Party
+from fssc.compiler.ir.ops import OPS, conv_float
+from fssc.runtime import ring
+from fssc.runtime.geometry import windows
+from fssc.runtime.pooling import max_tree
+from fssc.runtime.prg import expand
+from fssc.runtime.protocol import Dealer, Party
 
 U64 = np.uint64
 
@@ -235,7 +235,7 @@ def _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode):
 
 
 def sumpool(x, kernel_shape, strides, pads, dilations, ceil_mode):
-    w, _, _, nd = _windows(x, _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode), 0)
+    w, _, _, nd = windows(x, _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode), 0)
     return w.sum(axis=tuple(range(-nd, 0)), dtype=U64)
 
 
@@ -246,7 +246,7 @@ def globalsumpool(x):
 def avgpool(x, kernel_shape, strides, pads, dilations, ceil_mode, count_include_pad, wscale):
     """Window sums times the public 1/count at scale ``wscale`` (output scale + wscale)."""
     attrs = _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode)
-    w, valid, inpad, nd = _windows(x, attrs, 0)
+    w, valid, inpad, nd = windows(x, attrs, 0)
     axes = tuple(range(-nd, 0))
     cnt = (inpad if count_include_pad else valid).sum(axis=axes)
     return w.sum(axis=axes, dtype=U64) * ring.encode(1.0 / cnt, wscale)

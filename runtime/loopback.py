@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from fssc.compiler.errors import FsscError
+from fssc.errors import FsscError
 
 
 @dataclass

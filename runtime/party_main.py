@@ -24,12 +24,9 @@ import time
 from typing import Any
 
 import numpy as np
-from fssc.compiler.errors import FsscError, os_error_message
-from fssc.compiler.files import write_atomic
-
-from . import ring
-from .guard import FIXES, out_of_range, unencodable
-from .session import (
+from fssc.runtime import ring
+from fssc.runtime.guard import FIXES, out_of_range, unencodable
+from fssc.runtime.session import (
     batch_deal,
     check_batches,
     choose_batches,
@@ -43,7 +40,10 @@ from .session import (
     unused_batches,
     use_batch,
 )
-from .transport import Listener, client_handshake, connect, server_handshake
+from fssc.runtime.transport import Listener, client_handshake, connect, server_handshake
+
+from fssc.errors import FsscError, os_error_message
+from fssc.files import write_atomic
 
 
 def _prog_dir(mod) -> str:
@@ -209,7 +209,7 @@ def _serve_p1(mod, manifest: dict, keys_dir: str, chan, W: dict, w_hat_for) -> t
 
 
 def main_party0(mod, argv) -> int:
-    from .images import Preprocess, batches, list_images, load_inputs
+    from fssc.runtime.images import Preprocess, batches, list_images, load_inputs
 
     ap = argparse.ArgumentParser(
         prog="party0/program.py",

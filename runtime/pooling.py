@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from fssc.compiler.ops import _windows
+from fssc.runtime.geometry import windows
 
 
 def max_tree(x: np.ndarray, attrs: dict, pairmax: Callable[[int, np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
     """Window max of x[N,C,*spatial] with ``pairmax(level, a_flat, b_flat)`` as the gate."""
-    w, valid, _, nd = _windows(x, attrs, 0)
+    w, valid, _, nd = windows(x, attrs, 0)
     lead = w.shape[: 2 + nd]
     taps = w.reshape(lead + (-1,))
     vmask = valid.reshape(valid.shape[:nd] + (-1,))

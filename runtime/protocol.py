@@ -34,12 +34,11 @@ gate call (``expand``); P1 receives the corrections (value - P0's share).
 from __future__ import annotations
 
 import numpy as np
-
-from . import dcf
-from .channel import Channel
-from .keys import KeyReader, KeyWriter
-from .prg import Rng, expand
-from .ring import ring_bilinear
+from fssc.runtime import dcf
+from fssc.runtime.channel import Channel
+from fssc.runtime.keys import KeyReader, KeyWriter
+from fssc.runtime.prg import Rng, expand
+from fssc.runtime.ring import ring_bilinear
 
 U64 = np.uint64
 ONE = U64(1)

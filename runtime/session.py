@@ -42,13 +42,13 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from fssc.compiler.errors import FsscError
-from fssc.compiler.files import create_durable, remove_durable
+from fssc.runtime.channel import Channel
+from fssc.runtime.keys import KeyReader, KeyWriter, check_header, peek_header
+from fssc.runtime.prg import SEED_BYTES
+from fssc.runtime.protocol import Dealer, Party
 
-from .channel import Channel
-from .keys import KeyReader, KeyWriter, check_header, peek_header
-from .prg import SEED_BYTES
-from .protocol import Dealer, Party
+from fssc.errors import FsscError
+from fssc.files import create_durable, remove_durable
 
 ROLE_DIRS = {"party0": "p0", "party1": "p1"}
 
@@ -281,7 +281,7 @@ def p1_masked_weights(party_dir: str, program_hash: str, deal: str, mod, W: dict
 # ------------------------------------------------------------ the two sides
 def masked_weights(mod, W: dict[str, np.ndarray], setup_seed: bytes) -> dict[str, np.ndarray]:
     """W^ = W + A for the layers P1's program lists."""
-    from . import lib
+    from fssc.runtime import lib
 
     return lib.masked_weights(W, setup_seed, mod.LINEAR_WEIGHTS)
 

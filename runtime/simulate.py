@@ -3,7 +3,7 @@
 The dealer writes both key streams to memory; the parties run in two threads
 connected by queues (the same ``Channel`` interface the TCP transport has),
 so the code under test is the code that runs over the network.
-:func:`fssc.compiler.simulation.simulate` runs a compiled graph's generated
+:func:`fssc.compiler.reference.simulation.simulate` runs a compiled graph's generated
 programs on these pieces.
 """
 
@@ -13,10 +13,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .channel import queue_pair
-from .keys import KeyReader, KeyWriter
-from .prg import Rng
-from .protocol import Dealer, Party
+from fssc.runtime.channel import queue_pair
+from fssc.runtime.keys import KeyReader, KeyWriter
+from fssc.runtime.prg import Rng
+from fssc.runtime.protocol import Dealer, Party
 
 
 def deal_in_memory(fn: Callable[[Dealer], Any], header: dict | None = None, rng: Rng | None = None):

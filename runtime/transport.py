@@ -38,9 +38,9 @@ import struct
 import threading
 import time
 
-from fssc.compiler.errors import FsscError
+from fssc.runtime.channel import Channel, FrameLengthError, check_frame_length
 
-from .channel import Channel, FrameLengthError, check_frame_length
+from fssc.errors import FsscError
 
 PARTY_NAMES = {0: "fssc-party0", 1: "fssc-party1"}
 MAX_JSON = 1 << 20  # a handshake message (the batch list of a session)

@@ -27,7 +27,7 @@ FSSC = Path(sys.executable).with_name("fssc")  # the console script beside this 
 
 
 def fssc_command() -> list[str]:
-    return [str(FSSC)] if FSSC.exists() else [sys.executable, "-m", "fssc.compiler.cli"]
+    return [str(FSSC)] if FSSC.exists() else [sys.executable, "-m", "fssc.cli"]
 
 
 def run_fssc_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:

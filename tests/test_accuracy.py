@@ -18,15 +18,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fssc.compiler import cli
+from fssc.compiler.backend.gates import bits_for, widest_bits
 from fssc.compiler.compile import compile_graph, full_bits_report, input_guard
-from fssc.compiler.crosscheck import VERIFY_SEED
-from fssc.compiler.gates import bits_for, widest_bits
-from fssc.compiler.onnx_import import import_onnx
+from fssc.compiler.frontend.onnx_import import import_onnx
+from fssc.compiler.reference.crosscheck import VERIFY_SEED
 from fssc.passes.base import DEFAULT_MARGIN_BITS
 from fssc.passes.range_analysis import default_calibration
 from fssc.runtime import lib, ring
 from fssc.runtime.guard import out_of_range
+
+from fssc import cli
 
 SIZE, BATCH = 32, 2
 
@@ -263,7 +264,7 @@ def test_verify_fails_on_a_broken_gate_and_writes_nothing(tmp_path, model, capsy
 def test_verify_names_overflows_when_inputs_exceed_the_headroom(model):
     """The same check on x4 inputs at margin 2: the secure run leaves the interpreter, and the overflowing
     comparisons are counted and named."""
-    from fssc.compiler.crosscheck import cross_check
+    from fssc.compiler.reference.crosscheck import cross_check
 
     res = compile_graph(import_onnx(str(model)), echo=lambda s: None, output_mode="labels", margin_bits=2)
     x = inputs(4, batches=1)

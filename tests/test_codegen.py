@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from fssc.compiler.compile import compile_graph, compile_model
-from fssc.compiler.onnx_import import import_onnx
-from fssc.compiler.simulation import simulate
+from fssc.compiler.frontend.onnx_import import import_onnx
+from fssc.compiler.reference.simulation import simulate
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
 

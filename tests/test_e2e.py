@@ -180,8 +180,8 @@ def test_two_processes_label_images_like_onnxruntime(setup, ort_session, tmp_pat
     secure = np.array([r["logits"] for r in res])
     # the secure run computes the fixed-point semantics exactly (exact truncation)...
     from fssc.compiler.compile import compile_graph
-    from fssc.compiler.interp import run_fixed
-    from fssc.compiler.onnx_import import import_onnx
+    from fssc.compiler.frontend.onnx_import import import_onnx
+    from fssc.compiler.reference.interp import run_fixed
 
     fixed = run_fixed(
         compile_graph(import_onnx(str(setup["onnx"])), echo=lambda s: None, output_mode="logits").graph, x
@@ -335,8 +335,9 @@ def test_client_without_the_right_certificate_cannot_connect(setup, run_fssc, tm
 
 
 def test_used_batch_is_refused(setup, tmp_path):
-    from fssc.compiler.errors import FsscError
     from fssc.runtime.session import open_batch
+
+    from fssc.errors import FsscError
 
     man = json.loads((setup["prog"] / "manifest.json").read_text())
     import shutil

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from fssc.compiler.onnx_import import import_onnx
+from fssc.compiler.frontend.onnx_import import import_onnx
 from fssc.models.export import export_model, prepare_model, synthetic_images, torch_reference
 from onnx import numpy_helper
 
@@ -112,7 +112,7 @@ def test_user_weights_match_torch(export_resnet18, ort_session, tmp_path):
     ],
 )
 def test_export_refuses_bad_arguments(tmp_path, bad, message):
-    from fssc.compiler.errors import FsscError
+    from fssc.errors import FsscError
 
     args = {"name": "resnet18", "out": str(tmp_path / "x.onnx"), "num_classes": 2, "image_size": 32, "batch": 2}
     args.update(bad)

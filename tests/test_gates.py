@@ -20,10 +20,10 @@ import itertools
 
 import numpy as np
 import pytest
-from fssc.compiler import simulation
-from fssc.compiler.interp import run_fixed
-from fssc.compiler.ir import Graph, Value
-from fssc.compiler.ops import infer_shapes
+from fssc.compiler.ir.graph import Graph, Value
+from fssc.compiler.ir.ops import infer_shapes
+from fssc.compiler.reference import simulation
+from fssc.compiler.reference.interp import run_fixed
 from fssc.passes import lower_maxpool
 from fssc.passes.base import PassContext
 from fssc.runtime import ring

@@ -23,12 +23,13 @@ import re
 
 import numpy as np
 import pytest
-from fssc.compiler.errors import FsscError, VerifyError
-from fssc.compiler.interp import run_fixed, run_float
-from fssc.compiler.ir import Value
-from fssc.compiler.onnx_import import import_onnx
-from fssc.compiler.verify import verify
+from fssc.compiler.frontend.onnx_import import import_onnx
+from fssc.compiler.ir.graph import Value
+from fssc.compiler.ir.verify import verify
+from fssc.compiler.reference.interp import run_fixed, run_float
 from fssc.models.export import synthetic_images
+
+from fssc.errors import FsscError, VerifyError
 
 FLOAT_TOL = 1e-4
 FIXED_TOL = 0.02
@@ -139,7 +140,7 @@ def test_verifier_catches_undefined_output(small_graph):
 
 
 def test_verifier_catches_orphan_value(small_graph):
-    from fssc.compiler.ir import Value
+    from fssc.compiler.ir.graph import Value
 
     g = small_graph
     g.add_value(Value("left.behind", (2, 3)))

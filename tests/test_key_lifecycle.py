@@ -30,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from fssc.compiler.errors import FsscError
 from fssc.runtime import session
 from fssc.runtime.keys import peek_header
 from onnx import numpy_helper
 from test_e2e import _start_p1, _uniform_bits
 from tiny_models import tiny_cnn
+
+from fssc.errors import FsscError
 
 # ----------------------------------------------------------------- fixtures
 
@@ -360,8 +361,8 @@ def test_a_party_killed_after_the_first_message_refuses_the_batch(tiny, tmp_path
 
 def test_a_completed_batch_leaves_no_key_file_and_matches_the_interpreter(tiny, tmp_path):
     from fssc.compiler.compile import compile_graph
-    from fssc.compiler.interp import run_fixed
-    from fssc.compiler.onnx_import import import_onnx
+    from fssc.compiler.frontend.onnx_import import import_onnx
+    from fssc.compiler.reference.interp import run_fixed
 
     keys = tmp_path / "keys"
     _deal(tiny["a"], keys, 2)

@@ -14,7 +14,7 @@ import itertools
 
 import numpy as np
 import pytest
-from fssc.compiler.ops import conv_float
+from fssc.compiler.ir.ops import conv_float
 from fssc.runtime import ring
 from fssc.runtime.keys import KeyReader
 from fssc.runtime.prg import Rng, expand
@@ -333,8 +333,8 @@ def test_ring_bilinear_conv_property(data, stride, dil, pad, group, kh, bw):
 
 # ----------------------------------------------------------------- weighted ops through the generated programs
 def _weighted_graph(kind, x_shape, w, extra_inputs=(), attrs=None, const_left=False):
-    from fssc.compiler.ir import Graph, Value
-    from fssc.compiler.ops import infer_shapes
+    from fssc.compiler.ir.graph import Graph, Value
+    from fssc.compiler.ir.ops import infer_shapes
 
     g = Graph(kind)
     g.add_value(Value("x", tuple(x_shape), scale=12))
@@ -352,8 +352,8 @@ def _weighted_graph(kind, x_shape, w, extra_inputs=(), attrs=None, const_left=Fa
 
 
 def _secure_run(graph, x):
-    from fssc.compiler.interp import run_fixed
-    from fssc.compiler.simulation import simulate
+    from fssc.compiler.reference.interp import run_fixed
+    from fssc.compiler.reference.simulation import simulate
 
     (y,) = simulate(graph, x, reference=False).outputs
     return y, run_fixed(graph, x, raw=True)[0]
@@ -404,8 +404,8 @@ def test_limb_counts_and_program_do_not_depend_on_the_weights():
     """P1's operand width, hence its float64 limb counts and time, comes from the public weight scale and
     the public bound |W| < 2^weight_bound_bits: the same for tiny and for large weights, and so is
     P1's program text and the program hash."""
-    from fssc.compiler.codegen import render
-    from fssc.compiler.lower import lower
+    from fssc.compiler.backend.codegen import render
+    from fssc.compiler.backend.lower import lower
     from tiny_models import tiny_cnn
 
     graph, _, _ = tiny_cnn(batch=2, size=12)
@@ -424,9 +424,10 @@ def test_limb_counts_and_program_do_not_depend_on_the_weights():
 
 
 def test_weight_beyond_the_public_bound_is_one_line():
-    from fssc.compiler.errors import FsscError
-    from fssc.compiler.lower import lower
+    from fssc.compiler.backend.lower import lower
     from tiny_models import tiny_cnn
+
+    from fssc.errors import FsscError
 
     graph, _, _ = tiny_cnn(batch=2, size=12)
     big = _with_weights_scaled(graph, 1000.0)

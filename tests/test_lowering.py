@@ -1,7 +1,7 @@
 """Lowering: the generated programs agree with the IR.
 
 Each model goes through the real pipeline and the generated programs (dealer,
-P0, P1 in process, :func:`fssc.compiler.simulation.simulate`); the oracles
+P0, P1 in process, :func:`fssc.compiler.reference.simulation.simulate`); the oracles
 are the fixed-point interpreter (bit for bit: truncation is exact in both) and
 onnxruntime (within fixed-point tolerance).
 """
@@ -11,13 +11,14 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from fssc.compiler.backend.lower import check_program, lower
 from fssc.compiler.compile import compile_graph
-from fssc.compiler.errors import FsscError
-from fssc.compiler.lower import check_program, lower
-from fssc.compiler.onnx_import import import_onnx
-from fssc.compiler.simulation import simulate
+from fssc.compiler.frontend.onnx_import import import_onnx
+from fssc.compiler.reference.simulation import simulate
 from onnx import TensorProto, numpy_helper
 from onnx import helper as oh
+
+from fssc.errors import FsscError
 
 
 def model(nodes, inputs: dict[str, tuple], consts: dict[str, np.ndarray], outputs: dict[str, tuple]):

@@ -27,14 +27,15 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from fssc.compiler.errors import FsscError
-from fssc.compiler.interp import run_float
-from fssc.compiler.lower import lower
-from fssc.compiler.onnx_import import import_onnx
-from fssc.compiler.pipeline import run_pipeline
-from fssc.compiler.simulation import simulate
+from fssc.compiler.backend.lower import lower
+from fssc.compiler.frontend.onnx_import import import_onnx
+from fssc.compiler.reference.interp import run_float
+from fssc.compiler.reference.simulation import simulate
 from fssc.passes.base import PassContext
+from fssc.passes.manager import run_pipeline
 from onnx import numpy_helper
+
+from fssc.errors import FsscError
 
 SUPPORTED_OPS = (
     "ArgMax",

@@ -16,8 +16,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from fssc.compiler.compile import compile_graph
-from fssc.compiler.interp import find_overflows, run_fixed
-from fssc.compiler.onnx_import import import_onnx
+from fssc.compiler.frontend.onnx_import import import_onnx
+from fssc.compiler.reference.interp import find_overflows, run_fixed
 from fssc.models.export import synthetic_images
 from fssc.passes.base import DEFAULT_MARGIN_BITS
 

@@ -17,12 +17,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from fssc.compiler import cost, gates
-from fssc.compiler.errors import FsscError
-from fssc.compiler.interp import run_fixed, run_float
-from fssc.compiler.ir import Graph
-from fssc.compiler.onnx_import import import_onnx
-from fssc.compiler.pipeline import PIPELINE, run_pipeline
+from fssc.compiler.backend import cost, gates
+from fssc.compiler.frontend.onnx_import import import_onnx
+from fssc.compiler.ir.graph import Graph
+from fssc.compiler.reference.interp import run_fixed, run_float
 from fssc.passes import (
     canonicalize,
     fold_batchnorm,
@@ -34,11 +32,14 @@ from fssc.passes import (
     reorder_maxpool_relu,
 )
 from fssc.passes.base import DEFAULT_MARGIN_BITS, PassContext
+from fssc.passes.manager import PIPELINE, run_pipeline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as nh
+
+from fssc.errors import FsscError
 
 F = 12  # default fractional bits
 
@@ -239,7 +240,7 @@ def test_canonicalize_gemm_transa_keeps_only_transa_and_runs_securely():
     """transA=1 reads the data operand transposed: alpha and transB fold into W, transA stays; the
     generated programs compute x^T W (lib.matmul_transposed) exactly as the fixed-point interpreter."""
     from fssc.compiler.compile import compile_graph
-    from fssc.compiler.simulation import simulate
+    from fssc.compiler.reference.simulation import simulate
 
     model = make_model(
         [oh.make_node("Gemm", ["x", "B"], ["y"], transA=1, transB=1, alpha=0.5)], (4, 2), {"B": rand((3, 4))}
@@ -854,8 +855,8 @@ def test_range_analysis_bits_cover_the_calibration_and_the_secure_path_relies_on
     """The bitwidths are what the secure gates compute with: the calibration inputs fit them (no
     comparison overflows, the programs equal the interpreter); inputs 64 times larger do not, and then
     the programs' result leaves the interpreter's."""
-    from fssc.compiler.interp import find_overflows
-    from fssc.compiler.simulation import simulate
+    from fssc.compiler.reference.interp import find_overflows
+    from fssc.compiler.reference.simulation import simulate
 
     x = rand((2, 3, 8, 8), seed=11)
     g, _ = marked(tiny_resnet(), [x])
@@ -872,7 +873,7 @@ def test_range_analysis_bitwidth_belongs_to_each_comparison_not_to_a_shared_valu
     """h feeds a ReLU (which drops h's weight scale: fused truncation) and a Clip (which compares at h's
     full scale): two widths, one value. Each op carries its own, the text form prints it on the op's line,
     and the viewer's estimate for the unmarked op (after range-analysis) uses it."""
-    from fssc.compiler.viewer import _planned_gate
+    from fssc.compiler.viewer.document import _planned_gate
 
     nodes = [
         oh.make_node("MatMul", ["x", "W"], ["h"]),
@@ -1050,9 +1051,9 @@ def test_cost_model_follows_the_documented_formulas():
 def test_cost_estimates_match_an_in_memory_deal_and_run(mode):
     """The estimates equal what the runtime's dealer writes and its parties send, up to
     framing: key records (< 64 bytes each) and message headers (< 32 bytes each)."""
+    from fssc.compiler.backend.lower import is_weighted
     from fssc.compiler.compile import compile_graph
-    from fssc.compiler.lower import is_weighted
-    from fssc.compiler.simulation import simulate
+    from fssc.compiler.reference.simulation import simulate
 
     res = compile_graph(import_onnx(cost_model_graph()), echo=lambda s: None, output_mode=mode)
     g, rep = res.graph, res.report

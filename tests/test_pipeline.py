@@ -17,18 +17,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from fssc.compiler.backend.cost import cost_report
 from fssc.compiler.compile import compile_graph
-from fssc.compiler.cost import cost_report
-from fssc.compiler.errors import FsscError, VerifyError
-from fssc.compiler.ir import Value
-from fssc.compiler.onnx_import import import_onnx
-from fssc.compiler.pipeline import PIPELINE, pass_names, run_pipeline
+from fssc.compiler.frontend.onnx_import import import_onnx
+from fssc.compiler.ir.graph import Value
 from fssc.passes import canonicalize, fold_batchnorm, reorder_maxpool_relu
 from fssc.passes.base import PassContext
+from fssc.passes.manager import PIPELINE, pass_names, run_pipeline
 from fssc.runtime.images import synthetic_inputs
 from onnx import TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as nh
+
+from fssc.errors import FsscError, VerifyError
 
 # figures from the issue (per image)
 RELU_GATES = 1_705_984
@@ -49,7 +50,7 @@ def per_image(report, kind):
 
 def fssc_cmd(*args) -> list[str]:
     exe = Path(sys.executable).with_name("fssc")
-    return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "fssc.compiler.cli", *args]
+    return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "fssc.cli", *args]
 
 
 # --------------------------------------------------------------------------- ResNet-18 figures
@@ -205,7 +206,7 @@ def test_print_ir_after_unknown_pass_is_a_clean_error(tmp_path):
 
 def test_compile_options_are_unique():
     """Each option string names one parameter (click warns on every run otherwise)."""
-    from fssc.compiler.cli import cli
+    from fssc.cli import cli
 
     for name, cmd in cli.commands.items():
         flags = [f for prm in cmd.params for f in getattr(prm, "opts", []) + getattr(prm, "secondary_opts", [])]
@@ -310,8 +311,9 @@ def test_calibrate_from_images_and_npy(tmp_path, export_resnet18):
     import numpy as np
     from fssc.compiler.compile import compile_graph
     from fssc.compiler.demo import _write_images
-    from fssc.compiler.errors import FsscError
-    from fssc.compiler.onnx_import import import_onnx
+    from fssc.compiler.frontend.onnx_import import import_onnx
+
+    from fssc.errors import FsscError
 
     path = export_resnet18(64, 2)
     images = tmp_path / "images"

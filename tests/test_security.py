@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fssc.compiler import simulation
-from fssc.compiler.simulation import simulate
+from fssc.compiler.reference import simulation
+from fssc.compiler.reference.simulation import simulate
 from fssc.runtime import dcf, ring
 from fssc.runtime.channel import decode_array
 from fssc.runtime.keys import KeyReader
@@ -326,7 +326,7 @@ RUNTIME = Path(dcf.__file__).parent
 
 # every runtime module on the dealer's and the parties' paths; images.py (public synthetic
 # calibration images, not key material) is the only runtime module left out. The in-process
-# simulation (fssc.compiler.simulation) drives the dealer too and is checked with them.
+# simulation (fssc.compiler.reference.simulation) drives the dealer too and is checked with them.
 PROTOCOL_MODULES = [
     "ring",
     "prg",
@@ -449,7 +449,7 @@ def test_gates_without_numpy_or_python_random(forbid_random):
 def test_whole_model_without_numpy_or_python_random(forbid_random):
     """A small compiled CNN (conv, batchnorm, ReLU, MaxPool, residual add, Gemm, ArgMax) is dealt and run
     with numpy.random and random raising. Compiling comes first: the exporter is not under test."""
-    from fssc.compiler.interp import run_fixed
+    from fssc.compiler.reference.interp import run_fixed
     from tiny_models import tiny_cnn
 
     graph, _, x = tiny_cnn(batch=2, size=12)

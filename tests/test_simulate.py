@@ -21,11 +21,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from fssc.compiler.backend.lower import encode_linear, is_weighted
 from fssc.compiler.compile import compile_graph
-from fssc.compiler.interp import run_fixed
-from fssc.compiler.lower import encode_linear, is_weighted
-from fssc.compiler.onnx_import import import_onnx
-from fssc.compiler.simulation import simulate, strip_weights
+from fssc.compiler.frontend.onnx_import import import_onnx
+from fssc.compiler.reference.interp import run_fixed
+from fssc.compiler.reference.simulation import simulate, strip_weights
 from fssc.models.export import export_model, synthetic_images
 from fssc.runtime import ring
 from fssc.runtime.keys import KeyReader

@@ -138,8 +138,9 @@ def test_forged_input_is_refused_and_p1_keeps_serving(tiny, keys, tmp_path, monk
 
 def test_exchange_of_the_wrong_shape_is_refused_at_its_gate():
     """In process: a peer whose opened values have the wrong shape is refused naming the gate."""
-    from fssc.compiler.errors import FsscError
     from fssc.runtime.channel import queue_pair
+
+    from fssc.errors import FsscError
 
     a, b = queue_pair(timeout=5)
     b.step = "op7.L1"
@@ -162,9 +163,10 @@ def test_exchange_of_the_wrong_shape_is_refused_at_its_gate():
 
 def test_data_owner_refuses_masked_weights_of_the_wrong_shape(tiny):
     """P0's side: the model owner's W^ must have the weight shapes P0's program lists."""
-    from fssc.compiler.errors import FsscError
     from fssc.runtime import session
     from fssc.runtime.channel import queue_pair
+
+    from fssc.errors import FsscError
 
     shapes = session.load_program(str(tiny["prog"]), "party0").LINEAR_WEIGHTS
     tag = sorted(shapes)[-1]

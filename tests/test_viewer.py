@@ -270,11 +270,11 @@ def test_diff_matches_a_rebuilt_op_by_provenance(page, tmp_path):
     """A pass that rebuilds an op (new uid, same kind and ONNX node) shows it changed, not removed + added."""
     import types
 
-    from fssc.compiler.onnx_import import import_onnx
-    from fssc.compiler.pipeline import run_pipeline
-    from fssc.compiler.viewer import write_viewer
+    from fssc.compiler.frontend.onnx_import import import_onnx
+    from fssc.compiler.viewer.document import write_viewer
     from fssc.passes import canonicalize
     from fssc.passes.base import PassContext
+    from fssc.passes.manager import run_pipeline
 
     path = tmp_path / "tiny.onnx"
     synthetic_model(path, blocks=2, pool_every=100)
@@ -492,13 +492,13 @@ def synthetic_model(path: Path, blocks: int, channels: int = 4, size: int = 8, p
 def big_prog(tmp_path_factory) -> Path:
     """The synthetic graph compiled in-process: passes, programs and the viewer (one calibration batch)."""
     import torch
-    from fssc.compiler.codegen import write_program
+    from fssc.compiler.backend.codegen import write_program
+    from fssc.compiler.backend.lower import lower
     from fssc.compiler.compile import add_label_output
-    from fssc.compiler.lower import lower
-    from fssc.compiler.onnx_import import import_onnx
-    from fssc.compiler.pipeline import run_pipeline
-    from fssc.compiler.viewer import write_viewer
+    from fssc.compiler.frontend.onnx_import import import_onnx
+    from fssc.compiler.viewer.document import write_viewer
     from fssc.passes.base import PassContext
+    from fssc.passes.manager import run_pipeline
 
     d = tmp_path_factory.mktemp("viewer_big")
     synthetic_model(d / "synthetic.onnx", blocks=335)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import torch
 from fssc.compiler.compile import compile_graph
-from fssc.compiler.onnx_import import import_onnx
+from fssc.compiler.frontend.onnx_import import import_onnx
 from onnx import TensorProto, helper
 
 

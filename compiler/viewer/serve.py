@@ -15,7 +15,7 @@ import threading
 import webbrowser
 from collections.abc import Callable
 
-from .errors import FsscError
+from fssc.errors import FsscError
 
 
 def viewer_dir(prog: str) -> str:

@@ -17,12 +17,12 @@ import os
 
 import numpy as np
 import onnx
+from fssc.compiler.ir.graph import Graph, Value
+from fssc.compiler.ir.ops import OPS, infer_shapes
+from fssc.compiler.ir.verify import verify
 from onnx import helper, numpy_helper
 
-from .errors import FsscError
-from .ir import Graph, Value
-from .ops import OPS, infer_shapes
-from .verify import verify
+from fssc.errors import FsscError
 
 SUPPORTED = (
     "ArgMax",

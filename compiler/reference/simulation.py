@@ -11,7 +11,7 @@ W^ = W + A out of band (on the network they are the session's first message,
 not part of a batch's traffic).
 
 With ``reference=True`` the result also holds the fixed-point interpreter's
-outputs on the same inputs (:func:`fssc.compiler.interp.run_fixed`; the
+outputs on the same inputs (:func:`fssc.compiler.reference.interp.run_fixed`; the
 secure gates truncate exactly, so nothing needs replaying): a correct program
 equals them bit for bit, as long as no comparison leaves its bitwidth.
 """
@@ -24,15 +24,15 @@ import types
 from dataclasses import dataclass
 
 import numpy as np
+from fssc.compiler.backend.codegen import render
+from fssc.compiler.backend.lower import SecureProgram, lower
+from fssc.compiler.ir.graph import Graph
+from fssc.compiler.reference.interp import bind_inputs, run_fixed
 from fssc.runtime import ring, session
 from fssc.runtime.channel import Channel
 from fssc.runtime.simulate import deal_in_memory, run_parties
 
-from .codegen import render
-from .errors import FsscError
-from .interp import bind_inputs, run_fixed
-from .ir import Graph
-from .lower import SecureProgram, lower
+from fssc.errors import FsscError
 
 
 @dataclass

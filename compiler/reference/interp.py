@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from fssc.compiler.ir.graph import Graph, Op
+from fssc.compiler.ir.ops import OPS, batchnorm_affine, conv_float
 from fssc.runtime import lib, ring
+from fssc.runtime.geometry import windows
 from fssc.runtime.ring import decode, encode, ring_bilinear, signed, unsigned
 
-from .errors import FsscError
-from .ir import Graph, Op
-from .ops import OPS, _windows, batchnorm_affine, conv_float
+from fssc.errors import FsscError
 
 
 def bind_inputs(graph: Graph, inputs) -> dict[str, np.ndarray]:
@@ -181,7 +182,7 @@ class _Fixed:
         return unsigned(np.clip(x, lo, hi))
 
     def maxpool(self, op, env):  # exact max; the secure gate tree gives the same values
-        w, _, _, nd = _windows(signed(env[op.inputs[0]]), op.attrs, np.iinfo(np.int64).min)
+        w, _, _, nd = windows(signed(env[op.inputs[0]]), op.attrs, np.iinfo(np.int64).min)
         return unsigned(w.max(axis=tuple(range(-nd, 0))))
 
     def argmax(self, op, env):
@@ -262,7 +263,7 @@ class Overflow:
 
 def find_overflows(graph: Graph, inputs) -> list[Overflow]:
     """Run the planned, marked IR and name every comparison whose input leaves its bitwidth."""
-    from .gates import bits_for, comparison_magnitude
+    from fssc.compiler.backend.gates import bits_for, comparison_magnitude
 
     worst: dict[int, Overflow] = {}
 

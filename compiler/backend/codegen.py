@@ -15,13 +15,12 @@ import json
 import os
 
 import jinja2
+from fssc.compiler.backend.lower import PROTOCOL_VERSION, SecureProgram, Stmt
 from fssc.runtime.keys import KeyWriter
 
 from fssc import __version__
-
-from .errors import FsscError
-from .files import write_atomic
-from .lower import PROTOCOL_VERSION, SecureProgram, Stmt
+from fssc.errors import FsscError
+from fssc.files import write_atomic
 
 ROLES = {
     "party0": ("party 0, the data owner", "It holds no weights: W^ = W + A arrives from the model owner, masked."),
@@ -179,7 +178,7 @@ def _functions(prog: SecureProgram, role: str) -> list[dict]:
 
 def render(prog: SecureProgram, role: str, source: str) -> str:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("fssc.compiler", "templates"),
+        loader=jinja2.PackageLoader("fssc.compiler.backend", "templates"),
         keep_trailing_newline=True,
         autoescape=False,
         undefined=jinja2.StrictUndefined,

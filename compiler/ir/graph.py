@@ -5,7 +5,7 @@ A :class:`Graph` is a list of :class:`Op` in topological order over named
 the fixed-point plan has run it also carries a ``scale`` (fractional bits).
 Constants (weights) are values with ``data``; they belong to the model owner.
 
-An op has a ``kind`` (see :mod:`fssc.compiler.ops` for the table of kinds),
+An op has a ``kind`` (see :mod:`fssc.compiler.ir.ops` for the table of kinds),
 attributes, inputs, outputs and provenance: the ONNX node names it came from
 (``origin``) and the pass that created it (``created_by``). ``uid`` is a stable
 identity that survives passes which rewrite an op in place; the viewer and the
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FsscError
+from fssc.errors import FsscError
 
 
 @dataclass

@@ -25,10 +25,10 @@ Gate kinds (docs/protocol.md, section 6):
 from __future__ import annotations
 
 import numpy as np
+from fssc.compiler.ir.graph import Graph, Op
+from fssc.compiler.ir.ops import OPS
 from fssc.runtime import ring
-
-from .ir import Graph, Op
-from .ops import OPS, _windows
+from fssc.runtime.geometry import windows
 
 
 def gate_tag(op: Op, suffix: str = "") -> str:
@@ -43,7 +43,7 @@ def gate_kind(op: Op) -> str | None:
 def _window_valid_counts(op: Op, in_shape) -> np.ndarray:
     """Real (non-padding) taps per output window, shape [*out]."""
     dummy = np.zeros((1, 1) + tuple(in_shape[2:]), dtype=np.int8)
-    _, valid, _, nd = _windows(dummy, op.attrs, 0)
+    _, valid, _, nd = windows(dummy, op.attrs, 0)
     return valid.reshape(valid.shape[:nd] + (-1,)).sum(axis=-1)
 
 
@@ -101,8 +101,8 @@ def comparison_magnitude(op: Op, graph: Graph, inputs: list[np.ndarray]) -> int:
         return int(max(mags)) if mags else 0
     if kind == "max":
         lo = np.iinfo(np.int64)
-        wmax, _, _, nd = _windows(x, op.attrs, lo.min)
-        wmin, _, _, _ = _windows(x, op.attrs, lo.max)
+        wmax, _, _, nd = windows(x, op.attrs, lo.min)
+        wmin, _, _, _ = windows(x, op.attrs, lo.max)
         axes = tuple(range(-nd, 0))
         spread = wmax.max(axis=axes).astype(np.float64) - wmin.min(axis=axes).astype(np.float64)
         return int(spread.max()) >> op.attrs.get("cmp_trunc", 0)

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fssc.compiler.ir.graph import Graph
+from fssc.compiler.ir.verify import verify
 from fssc.passes import (
     canonicalize,
     fold_batchnorm,
@@ -24,10 +26,8 @@ from fssc.passes import (
 )
 from fssc.passes.base import PassContext
 
-from .errors import FsscError, VerifyError
-from .files import write_atomic
-from .ir import Graph
-from .verify import verify
+from fssc.errors import FsscError, VerifyError
+from fssc.files import write_atomic
 
 PIPELINE = [
     canonicalize,

@@ -43,11 +43,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from fssc.compiler.backend.gates import compare_shift, headroom_bits, widest_bits
+from fssc.compiler.backend.lower import is_weighted
+from fssc.compiler.ir.graph import Graph, Op
 from fssc.runtime import dcf
-
-from .gates import compare_shift, headroom_bits, widest_bits
-from .ir import Graph, Op
-from .lower import is_weighted
 
 SEED_BYTES = 16
 WORD = 8

@@ -4,9 +4,10 @@ a failure names the pass that broke the invariant."""
 
 from __future__ import annotations
 
-from .errors import FsscError, VerifyError
-from .ir import Graph, topo_check
-from .ops import OPS, infer_shapes
+from fssc.compiler.ir.graph import Graph, topo_check
+from fssc.compiler.ir.ops import OPS, infer_shapes
+
+from fssc.errors import FsscError, VerifyError
 
 
 def problems(graph: Graph) -> list[str]:

@@ -27,17 +27,16 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from fssc.compiler.backend.gates import gate_tag
+from fssc.compiler.ir.graph import Graph, Op
+from fssc.compiler.ir.ops import OPS
 from fssc.passes.base import PassContext
 from fssc.passes.plan_fixed_point import weight_bits
 from fssc.runtime import lib, ring
 from fssc.runtime.pooling import max_tree
 
 from fssc import __version__
-
-from .errors import FsscError
-from .gates import gate_tag
-from .ir import Graph, Op
-from .ops import OPS
+from fssc.errors import FsscError
 
 PROTOCOL_VERSION = 1
 WEIGHTED = {"conv", "gemm", "matmul", "mul", "affine"}

@@ -3,14 +3,14 @@
 Three runs of the same inputs:
 
 * **onnxruntime** on the ONNX model (float);
-* the **fixed-point interpreter** (:func:`fssc.compiler.interp.run_fixed`) on the compiled IR (floor
+* the **fixed-point interpreter** (:func:`fssc.compiler.reference.interp.run_fixed`) on the compiled IR (floor
   truncation, as the secure gates truncate exactly);
 * the **in-process two-party simulation** of the generated programs (:func:`secure_run`: the dealer's,
   P0's and P1's programs, rendered exactly as ``fssc compile`` writes them, run in one process).
 
 The interpreter computes every comparison on the whole ring, so the secure run equals it bit for bit
 unless a comparison overflows its bitwidth or the program is wrong: any difference is an error. The
-overflowing comparisons (:func:`fssc.compiler.interp.find_overflows`) are counted and named. In labels
+overflowing comparisons (:func:`fssc.compiler.reference.interp.find_overflows`) are counted and named. In labels
 mode the simulated program also reveals the logits to P0 (one extra output statement) so that the
 exact comparison covers every gate, not only the label bits.
 """
@@ -20,12 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from fssc.compiler.backend.gates import bits_for, comparison_magnitude
+from fssc.compiler.ir.graph import Graph
+from fssc.compiler.reference.interp import Overflow, run_fixed
 from fssc.runtime import ring
 
-from .errors import FsscError
-from .gates import bits_for, comparison_magnitude
-from .interp import Overflow, run_fixed
-from .ir import Graph
+from fssc.errors import FsscError
 
 VERIFY_SEED = 2  # inputs from a fixed seed: the calibration's distribution, not its batches (seed 1)
 
@@ -34,9 +34,10 @@ def secure_run(graph: Graph, x: np.ndarray) -> list[np.ndarray]:
     """P0's outputs (graph order: ring elements, or labels) of the generated programs run in one process.
 
     The one place --verify and ``fssc bench accuracy`` run the secure path: the simulator
-    (:func:`fssc.compiler.simulation.simulate`), which runs the programs exactly as ``fssc compile`` writes them.
+    (:func:`fssc.compiler.reference.simulation.simulate`), which runs the programs exactly as
+    ``fssc compile`` writes them.
     """
-    from .simulation import simulate
+    from fssc.compiler.reference.simulation import simulate
 
     return simulate(graph, x, reference=False).outputs
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 import sys
 
 import click
-from fssc.passes.base import DEFAULT_MARGIN_BITS
 
 from fssc import __version__
-
-from .errors import FsscError, os_error_message
+from fssc.errors import FsscError, os_error_message
+from fssc.passes.base import DEFAULT_MARGIN_BITS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,7 +51,7 @@ def export(model, out, num_classes, weights, image_size, batch, opset):
 @click.argument("model", type=click.Path(dir_okay=False))
 def ir(model):
     """Import an ONNX MODEL and print fssc's IR (deterministic text form)."""
-    from .onnx_import import import_onnx
+    from fssc.compiler.frontend.onnx_import import import_onnx
 
     click.echo(import_onnx(model).text(), nl=False)
 
@@ -133,7 +132,7 @@ def compile_cmd(
     weight_bound_bits,
 ):
     """Compile an ONNX MODEL into prog/: the passes, the cost report, and one program per party."""
-    from .compile import compile_model
+    from fssc.compiler.compile import compile_model
 
     compile_model(
         model,
@@ -158,7 +157,7 @@ def compile_cmd(
 @click.option("--open", "open_browser", is_flag=True, help="Also open the page in a browser, if there is one.")
 def view(prog, port, open_browser):
     """Serve PROG's IR dump viewer (prog/ir/index.html, from --dump-ir) on localhost until Ctrl-C."""
-    from .serve import serve_viewer
+    from fssc.compiler.viewer.serve import serve_viewer
 
     def echo(line: str) -> None:
         click.echo(line)
@@ -183,8 +182,9 @@ def deal(prog, batches, out):
 
     Each run is a new deal (a random deal id and a fresh setup seed for the weight masks). PROG needs only
     manifest.json and dealer/: the dealer never opens the model owner's weights (party1/)."""
-    from fssc.runtime.session import deal_batches
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fssc.runtime.session import deal_batches
 
     if batches < 1:
         raise FsscError("--batches must be at least 1")
@@ -220,7 +220,7 @@ def certs(out, days):
 def demo(workdir, image_size, batch, num_classes, weights, frac_bits):
     """The whole job on loopback: export ResNet-18, compile, certificates, deal, run both parties as two
     processes over mutual TLS, and compare the labels with onnxruntime (exit 0 only if they agree)."""
-    from .demo import run_demo
+    from fssc.compiler.demo import run_demo
 
     ok = run_demo(
         workdir, image_size=image_size, batch=batch, num_classes=num_classes, weights=weights, frac_bits=frac_bits

@@ -14,8 +14,8 @@ compile time, except what is cheap in the browser (edges, diffs, search):
 * per op: kind, attributes, input and output values (shape, dtype, scale,
   bitwidth), provenance (ONNX nodes, creating pass), the gate (or, before
   mark-comparisons, the comparisons it will need, from
-  :func:`fssc.compiler.gates.gate_count`) and its cost
-  (:func:`fssc.compiler.cost.op_cost`). Ops identical in two passes are
+  :func:`fssc.compiler.backend.gates.gate_count`) and its cost
+  (:func:`fssc.compiler.backend.cost.op_cost`). Ops identical in two passes are
   stored once; each pass lists indices into the op table;
 * for the final pass: the lines of each role's generated program every op
   became (:func:`program_lines`: the statement's comment names the op, and
@@ -37,14 +37,13 @@ from importlib import resources
 
 import jinja2
 import networkx as nx
+from fssc.compiler.backend.cost import CostReport, OpCost, cost_report, op_cost
+from fssc.compiler.backend.gates import gate_count, gate_depth, gate_kind
+from fssc.compiler.ir.graph import Graph, Op, Value, _fmt_attr, _fmt_type
 
 from fssc import __version__
-
-from .cost import CostReport, OpCost, cost_report, op_cost
-from .errors import FsscError
-from .files import write_atomic
-from .gates import gate_count, gate_depth, gate_kind
-from .ir import Graph, Op, Value, _fmt_attr, _fmt_type
+from fssc.errors import FsscError
+from fssc.files import write_atomic
 
 ROLES = ("party0", "party1", "dealer")
 UNRANGED_BITS = 64  # a comparison before range analysis: the full ring
@@ -236,9 +235,9 @@ def program_lines(prog_dir: str, graph: Graph) -> dict[int, dict[str, list[list]
     """uid -> role -> [[line number, comment, code], ...] in the generated programs of ``graph``.
 
     Code generation writes each statement as a comment naming the op
-    (``# kind %output [shape] ...``, :func:`fssc.compiler.lower._comment`)
+    (``# kind %output [shape] ...``, :func:`fssc.compiler.backend.lower._comment`)
     and a code line under it; gate and linear statements also carry the
-    op's tag ``'op{uid}'`` (:func:`fssc.compiler.gates.gate_tag`), local ops
+    op's tag ``'op{uid}'`` (:func:`fssc.compiler.backend.gates.gate_tag`), local ops
     do not. A code line belongs to the op its comment names, else (the
     dealer's seed lines, which have no comment) to the one tag it carries.
     """
@@ -327,7 +326,7 @@ def build_document(passes: Iterable, prog_dir: str | None = None, source: str = 
 
 
 def _asset(name: str) -> str:
-    return resources.files("fssc.compiler").joinpath("templates", name).read_text()
+    return resources.files("fssc.compiler.viewer").joinpath("templates", name).read_text()
 
 
 def _inline_json(doc: dict) -> str:
@@ -338,7 +337,7 @@ def _inline_json(doc: dict) -> str:
 
 def render_page(doc: dict) -> str:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("fssc.compiler", "templates"),
+        loader=jinja2.PackageLoader("fssc.compiler.viewer", "templates"),
         autoescape=False,
         keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined,

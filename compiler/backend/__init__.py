@@ -1,0 +1,1 @@
+"""Back end: lowering to secure statements, gate planning, cost model and code generation."""

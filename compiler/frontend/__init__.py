@@ -1,0 +1,1 @@
+"""Front end: ONNX files -> IR graphs."""

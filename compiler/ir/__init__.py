@@ -1,0 +1,1 @@
+"""The IR: values and ops (graph), the op table (ops) and the verifier."""

@@ -1,0 +1,1 @@
+"""The pass viewer: the HTML document of a compilation and its local server."""

@@ -1,0 +1,68 @@
+"""Window geometry shared by the compiler and the runtime: output sizes and sliding windows.
+
+Pools and convolutions use the same rules (ONNX's pads, strides, dilations and
+ceil_mode). The runtime owns them because every party evaluates pooled windows;
+the compiler reads them from here for shape inference and its interpreters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from fssc.errors import FsscError
+
+
+def pool_out_size(n: int, k: int, s: int, pb: int, pe: int, d: int, ceil: bool) -> int:
+    eff = d * (k - 1) + 1
+    span = n + pb + pe - eff
+    if span < 0:
+        raise FsscError(f"window {k} (dilation {d}) larger than padded input {n + pb + pe}")
+    out = (-(-span // s) if ceil else span // s) + 1
+    if ceil and (out - 1) * s >= n + pb:
+        out -= 1  # the last window must start inside the input or the left padding
+    return out
+
+
+def window_geometry(attrs: dict, spatial: tuple[int, ...]):
+    nd = len(spatial)
+    k = attrs["kernel_shape"]
+    s = attrs.get("strides") or [1] * nd
+    d = attrs.get("dilations") or [1] * nd
+    p = attrs.get("pads") or [0] * (2 * nd)
+    ceil = bool(attrs.get("ceil_mode", 0))
+    out = [pool_out_size(spatial[i], k[i], s[i], p[i], p[i + nd], d[i], ceil) for i in range(nd)]
+    return k, s, d, p, out
+
+
+def windows(x: np.ndarray, attrs: dict, fill: float):
+    """Sliding windows of x[N,C,*spatial] padded with ``fill``.
+
+    Returns (windows [N,C,*out,*k], valid [*out,*k]: the tap reads a real
+    element, inpad [*out,*k]: the tap is inside the declared pads, nd).
+    """
+    nd = x.ndim - 2
+    n = x.shape[2:]
+    k, s, d, p, out = window_geometry(attrs, n)
+    span = [d[i] * (k[i] - 1) + 1 for i in range(nd)]
+    # pad the end far enough for ceil-mode windows (which may pass the declared pads)
+    end = [max(0, (out[i] - 1) * s[i] + span[i] - (n[i] + p[i])) for i in range(nd)]
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(p[i], end[i]) for i in range(nd)], constant_values=fill)
+    valid = np.ones((), dtype=bool)
+    inpad = np.ones((), dtype=bool)
+    for i in range(nd):
+        j = np.arange(xp.shape[2 + i])
+        shape = [1] * nd
+        shape[i] = -1
+        valid = valid & ((j >= p[i]) & (j < p[i] + n[i])).reshape(shape)
+        inpad = inpad & (j < n[i] + p[i] + p[i + nd]).reshape(shape)
+
+    def view(a, lead):
+        a = np.broadcast_to(a, a.shape[:lead] + xp.shape[2:])
+        w = sliding_window_view(a, span, axis=tuple(range(lead, lead + nd)))
+        sl = [slice(None)] * lead
+        sl += [slice(0, (out[i] - 1) * s[i] + 1, s[i]) for i in range(nd)]
+        sl += [slice(None, None, d[i]) for i in range(nd)]
+        return w[tuple(sl)]
+
+    return view(xp, 2), view(valid, 0), view(inpad, 0), nd
