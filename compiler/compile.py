@@ -187,6 +187,11 @@ def _mb(x: float) -> str:
     return f"{x / 1e6:,.2f}"
 
 
+def _summary_row(label: str, gates: str, key_p0: float, key_p1: float, rounds: str) -> list[str]:
+    """The cost table's summary columns up to the rounds (the per-op columns stay empty)."""
+    return [label, "", "", "", gates, "", "", "", _mb(key_p0), _mb(key_p1), rounds]
+
+
 def report_table(res: CompileResult, title: str) -> Table:
     rep = res.report
     t = Table(title=title, title_justify="left")
@@ -226,34 +231,19 @@ def report_table(res: CompileResult, title: str) -> Table:
             _mb(o.sent_p1),
         )
     t.add_section()
+    input_p0 = rep.total("sent_p0") + rep.input_bytes
     t.add_row(
-        "total (batch)",
-        "",
-        "",
-        "",
-        f"{rep.total('gates'):,}",
-        "",
-        "",
-        "",
-        _mb(rep.total("key_p0")),
-        _mb(rep.total("key_p1")),
-        str(rep.rounds),
-        _mb(rep.total("sent_p0") + rep.input_bytes),
+        *_summary_row(
+            "total (batch)", f"{rep.total('gates'):,}", rep.total("key_p0"), rep.total("key_p1"), str(rep.rounds)
+        ),
+        _mb(input_p0),
         _mb(rep.total("sent_p1")),
     )
     t.add_row(
-        "per image",
-        "",
-        "",
-        "",
-        f"{rep.per_image('gates'):,.0f}",
-        "",
-        "",
-        "",
-        _mb(rep.per_image("key_p0")),
-        _mb(rep.per_image("key_p1")),
-        "",
-        _mb((rep.total("sent_p0") + rep.input_bytes) / rep.batch),
+        *_summary_row(
+            "per image", f"{rep.per_image('gates'):,.0f}", rep.per_image("key_p0"), rep.per_image("key_p1"), ""
+        ),
+        _mb(input_p0 / rep.batch),
         _mb(rep.per_image("sent_p1")),
     )
     return t
