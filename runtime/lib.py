@@ -157,6 +157,12 @@ def upscale(x, shift: int):
     return ring.upscale(x, shift)
 
 
+def scale(x, factor: int):
+    """x times a public integer, mod 2^64 (a negative factor wraps): linear, so it runs on masks and masked
+    values alike; ops whose ring map is a public integer multiple (Neg: -1) lower onto it."""
+    return x * U64(factor % (1 << 64))
+
+
 def reshape(x, shape):
     return x.reshape(tuple(shape))
 
