@@ -933,6 +933,21 @@ class Upscale:
         return {"fn": "upscale", "shift": op.attrs["shift"]}
 
 
+@register("neg", Role.LOCAL, Scale.PRESERVING, onnx="Neg")
+class Neg:
+    """y = -x (ONNX Neg): public and linear, the public integer multiple -1 on the ring (lib.scale)."""
+
+    shape = staticmethod(_same_shape)
+
+    @staticmethod
+    def run(attrs, x):
+        return [np.negative(x.astype(np.float64))]
+
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "scale", "factor": -1}
+
+
 def infer_shapes(kind: str, attrs: dict, in_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
     if kind not in OPS:
         raise FsscError(f"unknown IR op kind {kind!r}")
