@@ -87,22 +87,28 @@ class Gate:
     kind: ClassVar[str]
     plain_output: ClassVar[bool] = False  # the result reaches P0 unmasked (no output statement)
 
+    # the signatures differ per gate (``*args: Any`` lets each class name its own parameters)
     @classmethod
-    def run(cls, ctx, tag: str, x, **params):
-        """The statement: ``ctx.gate`` calls ``deal`` for the dealer, ``evaluate`` for a party."""
-        return ctx.gate(cls, tag, x, **params)
+    def run(cls, *args: Any, **params: Any) -> Any:
+        """The statement ``run(ctx, tag, x, **params)``: ``ctx.gate`` calls ``deal`` for the dealer,
+        ``evaluate`` for a party."""
+        ctx, tag, *rest = args
+        return ctx.gate(cls, tag, *rest, **params)
 
     @staticmethod
-    def deal(D, tag: str, r: np.ndarray, **params) -> Any:
+    def deal(*args: Any, **params: Any) -> Any:
+        """``deal(D, tag, masks, **params)``: the dealer's side, on masks; writes both parties' key records."""
         raise NotImplementedError
 
     @staticmethod
-    def evaluate(P, tag: str, xhat: np.ndarray, **params) -> Any:
+    def evaluate(*args: Any, **params: Any) -> Any:
+        """``evaluate(P, tag, masked values, **params)``: a party's side, on masked values."""
         raise NotImplementedError
 
     @staticmethod
-    def out_shape(shape: tuple, **params) -> tuple:
-        return tuple(shape)
+    def out_shape(*args: Any, **params: Any) -> tuple:
+        """``out_shape(x_shape, **params)``: the statement's output shape."""
+        return tuple(args[0])
 
     @classmethod
     def records(cls, tag: str, party: int, shift: int = 0) -> list[str]:
@@ -415,14 +421,14 @@ class ArgMax2(Gate):
         return np.expand_dims(lab, axis) if keepdims else lab
 
     @staticmethod
-    def deal(D, tag: str, r_z: np.ndarray, m: int) -> None:  # type: ignore[override]
+    def deal(D, tag: str, r_z: np.ndarray, m: int) -> None:
         """DReLU(z) revealed to P0 only: D's shares hold no words, only the bit masks."""
         rho = compare_input(r_z.reshape(-1), 0, m)
         rho_hi = D.dcf(tag, rho, m)
         D.shares(tag, np.zeros((0, rho.size), U64), rho_hi)
 
     @staticmethod
-    def evaluate(P, tag: str, zhat: np.ndarray, m: int) -> np.ndarray | None:  # type: ignore[override]
+    def evaluate(P, tag: str, zhat: np.ndarray, m: int) -> np.ndarray | None:
         """DReLU(z) as 0/1 for P0; P1 sends its share and learns nothing."""
         u = compare_input(zhat.reshape(-1), 0, m)
         dshare = P.dcf_share(tag, u, m)

@@ -157,7 +157,9 @@ def _weight_size(op: Op, graph: Graph) -> int:
     if not is_weighted(op, graph):
         return 0
     x = next(i for i in op.inputs if not graph.values[i].is_const)
-    return graph.values[OPS[op.kind].bilinear(op, graph, x).w].size
+    bilinear = OPS[op.kind].bilinear
+    assert bilinear is not None  # every linear entry has one
+    return graph.values[bilinear(op, graph, x).w].size
 
 
 def cost_report(graph: Graph, ranges: dict | None = None, full_bits: bool = False) -> CostReport:

@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from fssc.errors import FsscError
 
-SUPPORTED = (
+SUPPORTED: tuple[str, ...] = (
     "ArgMax",
     "Add",
     "AveragePool",

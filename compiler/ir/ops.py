@@ -151,7 +151,9 @@ def _local_fixed(op: Op, graph: Graph, env) -> np.ndarray:
     """A local op's fixed-point semantics: the lib function the secure programs call, on the same operands."""
     from fssc.runtime import lib  # here: lib reads this registry
 
-    p = dict(OPS[op.kind].lower(op, graph))
+    lower = OPS[op.kind].lower
+    assert lower is not None  # every local entry has one (register gives the default)
+    p = dict(lower(op, graph))
     fn = getattr(lib, p.pop("fn"))
     return fn(*operands_encoded(op, graph, env), **p)
 
