@@ -49,7 +49,6 @@ from dataclasses import asdict, dataclass
 from fssc.compiler.backend.gates import compare_shift, gate_class, headroom_bits, widest_bits
 from fssc.compiler.backend.lower import is_weighted
 from fssc.compiler.ir.graph import Graph, Op
-from fssc.compiler.ir.ops import OPS
 from fssc.runtime import dcf
 from fssc.runtime.gates import SEED_BYTES, WORD, carry_bytes, dcf_bytes
 
@@ -153,13 +152,12 @@ class CostReport:
 
 
 def _weight_size(op: Op, graph: Graph) -> int:
-    """Elements of W in P1's setup message (the constant operand; affine's scale)."""
+    """Elements of W in P1's setup message: a linear layer's first constant operand (conv's W, gemm's B,
+    affine's scale, matmul's and mul's constant; ``Bilinear.w`` once lowered). Read directly, not through
+    the lowering, so passes before canonicalize are priced too."""
     if not is_weighted(op, graph):
         return 0
-    x = next(i for i in op.inputs if not graph.values[i].is_const)
-    bilinear = OPS[op.kind].bilinear
-    assert bilinear is not None  # every linear entry has one
-    return graph.values[bilinear(op, graph, x).w].size
+    return next(graph.values[i].size for i in op.inputs if graph.values[i].is_const)
 
 
 def cost_report(graph: Graph, ranges: dict | None = None, full_bits: bool = False) -> CostReport:
