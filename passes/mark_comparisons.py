@@ -11,7 +11,7 @@ model sums these into the compile report. Semantics are unchanged.
 from __future__ import annotations
 
 from fssc.compiler.backend.gates import gate_count, gate_depth, gate_kind
-from fssc.compiler.ir.graph import Graph
+from fssc.compiler.ir.graph import Graph, Op
 from fssc.passes.base import PassContext
 
 from fssc.errors import FsscError
@@ -19,19 +19,28 @@ from fssc.errors import FsscError
 NAME = "mark-comparisons"
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
+def plan_gate(op: Op, graph: Graph, bits: int) -> dict | None:
+    """The gate plan of one op at comparison bitwidth ``bits`` (None for an op without comparisons); the
+    viewer prices unmarked ops with it too."""
+    kind = gate_kind(op)
+    if not kind:
+        return None
     batch = graph.values[graph.inputs[0]].shape[0] if graph.inputs else 1
+    n = gate_count(op, graph)
+    gate = {"kind": kind, "count": n, "per_image": n // batch, "bits": bits, "depth": gate_depth(op, graph)}
+    for key in ("trunc", "cmp_trunc", "shift"):
+        if op.attrs.get(key):
+            gate[key] = op.attrs[key]
+    return gate
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
     for op in graph.ops:
-        kind = gate_kind(op)
-        if not kind:
+        if not gate_kind(op):
             op.gate = None
             continue
         bits = op.bits
         if bits is None:
             raise FsscError(f"{NAME}: no bitwidth for {op.kind} %{op.name}; run range-analysis first")
-        n = gate_count(op, graph)
-        op.gate = {"kind": kind, "count": n, "per_image": n // batch, "bits": bits, "depth": gate_depth(op, graph)}
-        for key in ("trunc", "cmp_trunc", "shift"):
-            if op.attrs.get(key):
-                op.gate[key] = op.attrs[key]
+        op.gate = plan_gate(op, graph, bits)
     return graph

@@ -1,6 +1,7 @@
 """Fixed-point planning: a scale for every value and where truncation happens.
 
-Rewrite rule. Inputs are encoded at scale f. Constants are encoded where they
+Rewrite rule (each op kind's rule is its registry entry's ``scale``,
+:class:`fssc.compiler.ir.ops.Scale`). Inputs are encoded at scale f. Constants are encoded where they
 are used: weights and multipliers at scale f (``wscale``), biases and added
 constants at the scale of the value they join. Then, in program order:
 
@@ -29,14 +30,12 @@ floor division by 2^k, exactly what the secure gates compute.
 from __future__ import annotations
 
 from fssc.compiler.ir.graph import Graph, Value
+from fssc.compiler.ir.ops import OPS, Scale
 from fssc.passes.base import PassContext
 
 from fssc.errors import FsscError
 
 NAME = "plan-fixed-point"
-
-LINEAR = {"conv", "gemm", "matmul", "mul", "batchnorm", "affine", "avgpool", "globalavgpool"}
-WEIGHTED = {"conv", "gemm", "matmul", "mul", "batchnorm", "affine"}
 
 
 def weight_scale(op, ctx: PassContext) -> int:
@@ -51,7 +50,7 @@ def weight_scale(op, ctx: PassContext) -> int:
     (a weight of 0.01 is 41 units at f = 12).
     """
     base = ctx.frac_bits + op.attrs.get("wscale_extra", 0)
-    return base + ctx.weight_extra_bits if op.kind in WEIGHTED else base
+    return base + ctx.weight_extra_bits if OPS[op.kind].scale is Scale.WEIGHTED else base
 
 
 def weight_bits(wscale: int, bound_bits: int) -> int:
@@ -62,10 +61,6 @@ def weight_bits(wscale: int, bound_bits: int) -> int:
     error (``fssc.compiler.backend.lower``), never a wrong product.
     """
     return wscale + bound_bits + 1
-
-
-SCALE_PRESERVING = {"maxpool", "clip", "pad", "flatten", "reshape", "sumpool", "globalsumpool"}
-ALIGNING = {"add", "sub", "concat"}
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
@@ -89,8 +84,9 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
 
     for op in graph.ops:
         secret = [i for i in op.inputs if not graph.values[i].is_const]
-        k = op.kind
-        if k in LINEAR:
+        d = OPS.get(op.kind)
+        rule = d.scale if d is not None else None  # the registry entry's scale rule
+        if rule in (Scale.WEIGHTED, Scale.PUBLIC_WEIGHTED):
             x = secret[0]
             ws = weight_scale(op, ctx)
             if scale[x] + ws > smax and scale[x] > f:
@@ -99,11 +95,11 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                 x = x_new
             op.attrs["wscale"] = ws
             out_scale = scale[x] + ws
-        elif k in ALIGNING:
+        elif rule is Scale.ALIGNING:
             target = max(scale[i] for i in secret)
             op.inputs = [rescale(i, target, op) if i in secret else i for i in op.inputs]
             out_scale = target
-        elif k == "relu":
+        elif rule is Scale.FUSED_TRUNC:
             s = scale[secret[0]]
             if s > f:
                 op.attrs["trunc"] = s - f
@@ -111,22 +107,20 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             else:
                 op.attrs.pop("trunc", None)
                 out_scale = s
-        elif k in SCALE_PRESERVING:
+        elif rule is Scale.PRESERVING:
             out_scale = scale[secret[0]]
-            if k == "maxpool":
-                # max gates compare the full difference (no cmp_trunc): a truncated comparison could pick
-                # either of two values closer than 2^s, at random (docs/protocol.md, "Max and selection")
-                op.attrs.pop("cmp_trunc", None)
-        elif k == "argmax":
+            # max gates compare the full difference (no cmp_trunc): a truncated comparison could pick
+            # either of two values closer than 2^s, at random (docs/protocol.md, "Max and selection")
+            op.attrs.pop("cmp_trunc", None)
+        elif rule is Scale.INTEGER:
             out_scale = 0
-        elif k == "trunc":
+        elif rule is Scale.SHIFT_DOWN:
             out_scale = scale[secret[0]] - op.attrs["shift"]
-        elif k == "upscale":
+        elif rule is Scale.SHIFT_UP:
             out_scale = scale[secret[0]] + op.attrs["shift"]
         else:
-            raise FsscError(
-                f"{NAME}: no fixed-point rule for op kind {k!r} (%{op.name}, from {', '.join(op.origin) or 'a pass'})"
-            )
+            src = ", ".join(op.origin) or "a pass"
+            raise FsscError(f"{NAME}: no fixed-point rule for op kind {op.kind!r} (%{op.name}, from {src})")
         new_ops.append(op)
         for o in op.outputs:
             scale[o] = out_scale

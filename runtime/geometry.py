@@ -12,6 +12,24 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from fssc.errors import FsscError
 
+POOL_PARAMS = ("kernel_shape", "strides", "pads", "dilations", "ceil_mode")  # a pool's window, in statement order
+
+
+def pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode) -> dict:
+    """A pool's window attributes from its statement parameters (``POOL_PARAMS``)."""
+    return {
+        "kernel_shape": list(kernel_shape),
+        "strides": list(strides),
+        "pads": list(pads),
+        "dilations": list(dilations),
+        "ceil_mode": int(ceil_mode),
+    }
+
+
+def pool_params(attrs: dict) -> dict:
+    """A pool op's statement parameters (``POOL_PARAMS``) from its IR attributes."""
+    return {k: attrs.get(k, 0) if k == "ceil_mode" else attrs[k] for k in POOL_PARAMS}
+
 
 def pool_out_size(n: int, k: int, s: int, pb: int, pe: int, d: int, ceil: bool) -> int:
     eff = d * (k - 1) + 1

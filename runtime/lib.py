@@ -15,9 +15,8 @@ import hashlib
 
 import numpy as np
 from fssc.compiler.ir.ops import OPS, conv_float
-from fssc.runtime import ring
-from fssc.runtime.geometry import windows
-from fssc.runtime.pooling import max_tree
+from fssc.runtime import gates, ring
+from fssc.runtime.geometry import pool_attrs, windows
 from fssc.runtime.prg import expand
 from fssc.runtime.protocol import Dealer, Party
 
@@ -105,98 +104,44 @@ def linear_p1(P: Party, tag: str, x, fn, k: int, w, b, w_bits: int) -> np.ndarra
 
 
 # ------------------------------------------------------------ comparison gates
+# one gate class each (fssc.runtime.gates): the class runs the dealer's or a party's side, by ctx
 def relu(ctx, tag: str, x, m: int, trunc: int = 0):
-    return ctx.relu(tag, x, m, trunc)
+    return gates.Relu.run(ctx, tag, x, m=m, trunc=trunc)
 
 
 def trunc(ctx, tag: str, x, m: int, shift: int):
     """A truncation no comparison gate absorbs: its own DCF lifts the m-bit result to the ring."""
-    return ctx.trunc(tag, x, m, shift)
+    return gates.Trunc.run(ctx, tag, x, m=m, shift=shift)
 
 
 def maxpool(ctx, tag: str, x, kernel_shape, strides, pads, dilations, ceil_mode, m: int, cmp_trunc: int = 0):
-    attrs = _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode)
-    return max_tree(x, attrs, lambda level, a, b: ctx.max(f"{tag}.L{level}", a, b, m, cmp_trunc))
+    return gates.MaxPool.run(
+        ctx,
+        tag,
+        x,
+        kernel_shape=kernel_shape,
+        strides=strides,
+        pads=pads,
+        dilations=dilations,
+        ceil_mode=ceil_mode,
+        m=m,
+        cmp_trunc=cmp_trunc,
+    )
 
 
 def clip(ctx, tag: str, x, lo: int | None, hi: int | None, m: int):
-    """clip(x) = lo + ReLU(x - lo) - ReLU(x - hi), both comparisons in one gate call.
-
-    lo/hi are public ring encodings; they move masked values only (the dealer
-    walks masks, on which public constants vanish).
-    """
-    party = not isinstance(ctx, Dealer)
-
-    def c(v):
-        return U64(v) if party else U64(0)
-
-    shape = x.shape
-    flat = x.reshape(-1)
-    n = flat.size
-    if lo is not None and hi is not None:
-        y = ctx.relu(tag, np.concatenate([flat - c(lo), flat - c(hi)]), m, 0)
-        out = c(lo) + y[:n] - y[n:]
-    elif lo is not None:
-        out = c(lo) + ctx.relu(tag, flat - c(lo), m, 0)
-    else:
-        out = c(hi) - ctx.relu(tag, c(hi) - flat, m, 0)
-    return out.reshape(shape)
+    """clip(x) = lo + ReLU(x - lo) - ReLU(x - hi), both comparisons in one gate call."""
+    return gates.Clip.run(ctx, tag, x, lo=lo, hi=hi, m=m)
 
 
 def argmax2(ctx, tag: str, x, axis: int, keepdims: int, select_last: int, m: int):
-    """Label of a 2-class argmax, revealed to P0 only.
-
-    argmax = 1 iff x1 > x0, i.e. 1 - DReLU(x0 - x1) (ties pick class 0); with
-    ``select_last`` a tie picks class 1: argmax = DReLU(x1 - x0).
-    """
-    moved = np.moveaxis(x, axis, -1)
-    rest = moved.shape[:-1]
-    flat = moved.reshape(-1, 2)
-    z = flat[:, 1] - flat[:, 0] if select_last else flat[:, 0] - flat[:, 1]
-    d = ctx.drelu_to_p0(tag, z, m)
-    if d is None:  # the dealer, and P1: no result
-        return None
-    lab = (d if select_last else 1 - d).reshape(rest)
-    return np.expand_dims(lab, axis) if keepdims else lab
+    """Label of a 2-class argmax, revealed to P0 only (None for the dealer and P1)."""
+    return gates.ArgMax2.run(ctx, tag, x, axis=axis, keepdims=keepdims, select_last=select_last, m=m)
 
 
 def argmax(ctx, tag: str, x, axis: int, keepdims: int, select_last: int, m: int):
-    """ArgMax over C classes: a tournament of selections that carries the index along.
-
-    Each level pairs columns (0,1), (2,3), ...; one select gate per pair
-    compares a - b (a wins ties: the first maximum, as numpy) or b - a with
-    ``select_last`` (the last maximum), and returns both the winning value and
-    its index. Indices start as public constants (mask 0) and end as a masked
-    wire; ceil(log2 C) levels, two rounds each. Returns the masked index.
-    """
-    party = not isinstance(ctx, Dealer)
-    moved = np.moveaxis(x, axis, -1)
-    rest = moved.shape[:-1]
-    vals = [np.ascontiguousarray(moved[..., j]).reshape(-1) for j in range(moved.shape[-1])]
-    idx = [np.full(vals[0].shape, j if party else 0, dtype=U64) for j in range(len(vals))]
-    level = 0
-    while len(vals) > 1:
-        pairs = len(vals) // 2
-        a = np.concatenate(vals[0 : 2 * pairs : 2])
-        b = np.concatenate(vals[1 : 2 * pairs : 2])
-        ia = np.concatenate(idx[0 : 2 * pairs : 2])
-        ib = np.concatenate(idx[1 : 2 * pairs : 2])
-        if select_last:  # b wins unless a > b
-            w, wi = ctx.select(f"{tag}.L{level}", [b - a, ib - ia], m, 0)
-            v, i = a + w, ia + wi
-        else:  # a wins unless b > a
-            w, wi = ctx.select(f"{tag}.L{level}", [a - b, ia - ib], m, 0)
-            v, i = b + w, ib + wi
-        n = vals[0].size
-        nv = [v[k * n : (k + 1) * n] for k in range(pairs)]
-        ni = [i[k * n : (k + 1) * n] for k in range(pairs)]
-        if len(vals) % 2:
-            nv.append(vals[-1])
-            ni.append(idx[-1])
-        vals, idx = nv, ni
-        level += 1
-    lab = idx[0].reshape(rest)
-    return np.expand_dims(lab, axis) if keepdims else lab
+    """ArgMax over C classes: a tournament of selections that carries the index along (masked index)."""
+    return gates.ArgMax.run(ctx, tag, x, axis=axis, keepdims=keepdims, select_last=select_last, m=m)
 
 
 # ------------------------------------------------------------ local ops
@@ -212,6 +157,12 @@ def upscale(x, shift: int):
     return ring.upscale(x, shift)
 
 
+def scale(x, factor: int):
+    """x times a public integer, mod 2^64 (a negative factor wraps): linear, so it runs on masks and masked
+    values alike; ops whose ring map is a public integer multiple (Neg: -1) lower onto it."""
+    return x * U64(factor % (1 << 64))
+
+
 def reshape(x, shape):
     return x.reshape(tuple(shape))
 
@@ -224,18 +175,8 @@ def concat(*xs, axis: int):
     return np.concatenate(xs, axis=axis)
 
 
-def _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode):
-    return {
-        "kernel_shape": list(kernel_shape),
-        "strides": list(strides),
-        "pads": list(pads),
-        "dilations": list(dilations),
-        "ceil_mode": int(ceil_mode),
-    }
-
-
 def sumpool(x, kernel_shape, strides, pads, dilations, ceil_mode):
-    w, _, _, nd = windows(x, _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode), 0)
+    w, _, _, nd = windows(x, pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode), 0)
     return w.sum(axis=tuple(range(-nd, 0)), dtype=U64)
 
 
@@ -245,7 +186,7 @@ def globalsumpool(x):
 
 def avgpool(x, kernel_shape, strides, pads, dilations, ceil_mode, count_include_pad, wscale):
     """Window sums times the public 1/count at scale ``wscale`` (output scale + wscale)."""
-    attrs = _pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode)
+    attrs = pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode)
     w, valid, inpad, nd = windows(x, attrs, 0)
     axes = tuple(range(-nd, 0))
     cnt = (inpad if count_include_pad else valid).sum(axis=axes)

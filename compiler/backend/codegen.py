@@ -16,6 +16,7 @@ import os
 
 import jinja2
 from fssc.compiler.backend.lower import PROTOCOL_VERSION, SecureProgram, Stmt
+from fssc.runtime.geometry import POOL_PARAMS
 from fssc.runtime.keys import KeyWriter
 
 from fssc import __version__
@@ -54,9 +55,6 @@ def _fn_expr(p: dict) -> str:
     return f"lib.{p['fn']}({args})"
 
 
-POOL = ("kernel_shape", "strides", "pads", "dilations", "ceil_mode")
-
-
 def render_stmt(st: Stmt, role: str) -> list[str]:
     """Python lines for one statement in one role's program (with its comment)."""
     ctx = "D" if role == "dealer" else "P"
@@ -90,7 +88,7 @@ def render_stmt(st: Stmt, role: str) -> list[str]:
     elif st.kind == "trunc":
         line = f"{st.out} = lib.trunc({ctx}, {T}, {a[0]}, m={p['m']}, shift={p['shift']})"
     elif st.kind == "maxpool":
-        line = f"{st.out} = lib.maxpool({ctx}, {T}, {a[0]}, {_kw(p, POOL + ('m', 'cmp_trunc'))})"
+        line = f"{st.out} = lib.maxpool({ctx}, {T}, {a[0]}, {_kw(p, POOL_PARAMS + ('m', 'cmp_trunc'))})"
     elif st.kind == "clip":
         line = f"{st.out} = lib.clip({ctx}, {T}, {a[0]}, lo={p['lo']}, hi={p['hi']}, m={p['m']})"
     elif st.kind in ("argmax", "argmax2"):  # a tournament, or the 2-class label for P0 only

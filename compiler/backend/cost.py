@@ -1,8 +1,10 @@
 """Cost model: key bytes, rounds and bytes sent per op, before anything runs.
 
 The formulas are docs/protocol.md section 8 (docs/cost-model.md states each
-one with the report's fields, for a benchmark); the key streams the dealer
-writes match them up to record headers (tests/test_passes.py checks this).
+one with the report's fields, for a benchmark); a gate's are its runtime gate
+class's ``cost`` (:mod:`fssc.runtime.gates`, next to the code that writes the
+keys), which this module reads. The key streams the dealer writes match them
+up to record headers (tests/test_passes.py checks this).
 For a comparison of bitwidth m the DCF takes the low m-1 bits with a Z_2 payload:
 ``dcf_bytes(m) = fssc.runtime.dcf.nbytes_per_key(m - 1, 0)``. For n gates in
 one gate call:
@@ -15,7 +17,8 @@ one gate call:
   truncation) adds per element the carry's DCF over s bits,
   ``carry_bytes(s) = fssc.runtime.dcf.nbytes_per_key(s, 0)``, to both keys,
   and to P1's the correction of the carry's mask bit r_c (1/8) and of
-  ``CARRY_WORDS`` share words (ReLU: r_c, r_d*r_c; truncation: r_c); each
+  the gate class's ``carry_words`` share words (ReLU: r_c, r_d*r_c;
+  truncation: r_c); each
   party sends one more bit (c^) in the first round.
 * standalone truncation: as ReLU with 5 words (r_d, rho, rho_hi, r_d*rho_hi,
   r_out), plus the carry.
@@ -43,29 +46,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from fssc.compiler.backend.gates import compare_shift, headroom_bits, widest_bits
+from fssc.compiler.backend.gates import compare_shift, gate_class, headroom_bits, widest_bits
 from fssc.compiler.backend.lower import is_weighted
 from fssc.compiler.ir.graph import Graph, Op
 from fssc.runtime import dcf
+from fssc.runtime.gates import SEED_BYTES, WORD, carry_bytes, dcf_bytes
 
-SEED_BYTES = 16
-WORD = 8
-SHARE_WORDS = {"relu": 6, "max": 4, "clip": 6, "trunc": 5}
-CARRY_WORDS = {"relu": 2, "trunc": 1}  # exact truncation: r_c, r_d*r_c (ReLU); r_c (standalone truncation)
-
-
-def dcf_bytes(m: int) -> int:
-    return dcf.nbytes_per_key(max(1, m - 1), 0)
-
-
-def carry_bytes(s: int) -> int:
-    """Key bytes per element and party of the exact truncation's carry DCF (s bits, Z_2 payload)."""
-    return dcf.nbytes_per_key(s, 0) if s else 0
-
-
-def truncated_bits(gate: dict) -> int:
-    """Bits an exact truncation drops in this gate (0 for gates that do not truncate)."""
-    return gate.get("trunc", 0) if gate["kind"] == "relu" else gate.get("shift", 0) if gate["kind"] == "trunc" else 0
+# the key sizes' building blocks as the docs name them (dcf.nbytes_per_key, dcf_bytes, carry_bytes)
+__all__ = ["SEED_BYTES", "WORD", "CostReport", "OpCost", "carry_bytes", "cost_report", "dcf", "dcf_bytes", "op_cost"]
 
 
 @dataclass
@@ -96,33 +84,10 @@ def op_cost(op: Op, graph: Graph, bits: int | None = None) -> OpCost:
     out = graph.values[op.outputs[0]]
     c = OpCost(op.name, op.kind, tuple(out.shape))
     g = op.gate
-    if g:
+    if g:  # the runtime gate class prices its keys and messages
         c.gate, c.gates, c.bits = g["kind"], g["count"], bits or g["bits"]
-        n = g["count"]
-        kb = dcf_bytes(c.bits)
-        if g["kind"] == "argmax" and _classes(op, graph) > 2:  # tournament: value and index selected
-            c.key_p0 = n * kb + SEED_BYTES * g["depth"]
-            c.key_p1 = n * (kb + 7 * WORD) + n / 8
-            c.rounds = 2 * g["depth"]
-            c.sent_p0 = c.sent_p1 = n * (1 / 8 + 2 * WORD)
-            return c
-        if g["kind"] == "argmax":
-            c.key_p0 = n * kb + SEED_BYTES
-            c.key_p1 = n * kb + n / 8
-            c.rounds = 1
-            c.sent_p1 = n / 8
-            return c
-        calls = g["depth"] if g["kind"] == "max" else 1
-        c.key_p0 = n * kb + SEED_BYTES * calls
-        c.key_p1 = n * (kb + SHARE_WORDS[g["kind"]] * WORD) + n / 8
-        c.rounds = 2 * g["depth"]
-        c.sent_p0 = c.sent_p1 = n * (1 / 8 + WORD)
-        s = truncated_bits(g)
-        if s:  # exact truncation: the carry's DCF, its mask bit, its share words, and c^ in round 1
-            c.key_p0 += n * carry_bytes(s)
-            c.key_p1 += n * (carry_bytes(s) + CARRY_WORDS[g["kind"]] * WORD) + n / 8
-            c.sent_p0 += n / 8
-            c.sent_p1 += n / 8
+        gc = gate_class(op, graph).cost(g["count"], c.bits, compare_shift(op), g["depth"])
+        c.key_p0, c.key_p1, c.rounds, c.sent_p0, c.sent_p1 = gc.key_p0, gc.key_p1, gc.rounds, gc.sent_p0, gc.sent_p1
         return c
     if is_weighted(op, graph):
         x = graph.values[next(i for i in op.inputs if not graph.values[i].is_const)]
@@ -137,11 +102,6 @@ def op_cost(op: Op, graph: Graph, bits: int | None = None) -> OpCost:
             c.rounds += 1
             c.sent_p1 += WORD * graph.values[i].size
     return c
-
-
-def _classes(op: Op, graph: Graph) -> int:
-    x = graph.values[op.inputs[0]]
-    return x.shape[op.attrs.get("axis", 0) % len(x.shape)]
 
 
 @dataclass
@@ -192,11 +152,11 @@ class CostReport:
 
 
 def _weight_size(op: Op, graph: Graph) -> int:
-    """Elements of W in P1's setup message (the constant operand; affine's scale)."""
+    """Elements of W in P1's setup message: a linear layer's first constant operand (conv's W, gemm's B,
+    affine's scale, matmul's and mul's constant; ``Bilinear.w`` once lowered). Read directly, not through
+    the lowering, so passes before canonicalize are priced too."""
     if not is_weighted(op, graph):
         return 0
-    if op.kind in ("conv", "gemm", "affine"):
-        return graph.values[op.inputs[1]].size
     return next(graph.values[i].size for i in op.inputs if graph.values[i].is_const)
 
 
@@ -218,7 +178,7 @@ def cost_report(graph: Graph, ranges: dict | None = None, full_bits: bool = Fals
 
     def masked(o: str) -> bool:  # a 2-class argmax's label reaches P0 unmasked; every other output has r_out
         op = producer.get(o)
-        return not (op is not None and op.kind == "argmax" and _classes(op, graph) == 2)
+        return not (op is not None and op.gate and gate_class(op, graph).plain_output)
 
     outs = sum(graph.values[o].size for o in graph.outputs if masked(o)) * WORD
     return CostReport(batch, ops, inp, weights * WORD, masks_p0=inp + outs, n_inputs=len(graph.inputs))

@@ -29,30 +29,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from fssc.compiler.backend.gates import gate_tag
 from fssc.compiler.ir.graph import Graph, Op
-from fssc.compiler.ir.ops import OPS
+from fssc.compiler.ir.ops import OPS, Bilinear, Role
 from fssc.passes.base import PassContext
 from fssc.passes.plan_fixed_point import weight_bits
 from fssc.runtime import lib, ring
-from fssc.runtime.pooling import max_tree
+from fssc.runtime.gates import STATEMENTS
 
 from fssc import __version__
 from fssc.errors import FsscError
 
 PROTOCOL_VERSION = 1
-WEIGHTED = {"conv", "gemm", "matmul", "mul", "affine"}
-LOCAL = {
-    "add",
-    "sub",
-    "upscale",
-    "reshape",
-    "flatten",
-    "pad",
-    "concat",
-    "sumpool",
-    "globalsumpool",
-    "avgpool",
-    "globalavgpool",
-}
 
 
 @dataclass
@@ -106,7 +92,8 @@ class SecureProgram:
 
 def is_weighted(op: Op, graph: Graph) -> bool:
     """Ops computed with the model owner's weights (the linear-layer protocol)."""
-    return op.kind in WEIGHTED
+    d = OPS.get(op.kind)
+    return d is not None and d.role is Role.LINEAR
 
 
 def _comment(op: Op, graph: Graph) -> str:
@@ -117,54 +104,28 @@ def _comment(op: Op, graph: Graph) -> str:
     return f"{op.kind} %{op.outputs[0]} [{shape}]{extra} <- {src} ({op.created_by})"
 
 
-def _bilinear(op: Op, graph: Graph, x_name: str) -> tuple[str, dict, int, str, str | None]:
-    """(fn name, fn kwargs, reduction length k, weight value, bias value)."""
-    a = op.attrs
-    ins = op.inputs
-    if op.kind == "conv":
-        w = graph.values[ins[1]]
-        return (
-            "conv",
-            {"strides": a["strides"], "pads": a["pads"], "dilations": a["dilations"], "group": a.get("group", 1)},
-            int(np.prod(w.shape[1:])),
-            ins[1],
-            ins[2] if len(ins) > 2 else None,
-        )
-    if op.kind == "gemm":
-        if any(key in a for key in ("alpha", "beta", "transB")):
-            raise FsscError(f"gemm %{op.name} is not canonical (the canonicalize pass should have run)")
-        fn = "matmul_transposed" if a.get("transA") else "matmul"  # x^T W when the data operand is [K, M]
-        return fn, {}, graph.values[ins[1]].shape[0], ins[1], ins[2] if len(ins) > 2 else None
-    if op.kind == "matmul":
-        if graph.values[ins[0]].is_const:
-            return "matmul_left", {}, graph.values[ins[0]].shape[-1], ins[0], None
-        shp = graph.values[ins[1]].shape  # [.., K, N] or [K]: the reduction runs over K
-        return "matmul", {}, shp[-2] if len(shp) > 1 else shp[0], ins[1], None
-    if op.kind == "mul":
-        return "elementwise", {}, 1, next(i for i in ins if graph.values[i].is_const), None
-    if op.kind == "affine":
-        return "channelwise", {"ndim": len(graph.values[x_name].shape)}, 1, ins[1], ins[2]
-    raise FsscError(f"{op.kind} %{op.name} is not a linear layer with weights")
+def _bilinear(op: Op, graph: Graph, x_name: str) -> Bilinear:
+    d = OPS.get(op.kind)
+    if d is None or d.bilinear is None:
+        raise FsscError(f"{op.kind} %{op.name} is not a linear layer with weights")
+    return d.bilinear(op, graph, x_name)
 
 
 def encode_linear(op: Op, graph: Graph) -> tuple[np.ndarray, np.ndarray | None]:
     """P1's ring encodings of a weighted op: W at ``wscale`` and the bias at the output scale."""
     secret = [i for i in op.inputs if not graph.values[i].is_const]
-    _, _, _, w_name, b_name = _bilinear(op, graph, secret[0])
-    return _encode_linear(op, graph, secret[0], w_name, b_name)
+    return _encode_linear(op, graph, secret[0], _bilinear(op, graph, secret[0]))
 
 
-def _encode_linear(
-    op: Op, graph: Graph, x_name: str, w_name: str, b_name: str | None
-) -> tuple[np.ndarray, np.ndarray | None]:
+def _encode_linear(op: Op, graph: Graph, x_name: str, bl: Bilinear) -> tuple[np.ndarray, np.ndarray | None]:
     s_in = graph.values[x_name].fixed_scale
     out_shape = graph.values[op.outputs[0]].shape
     ws = op.attrs["wscale"]
-    w_enc = ring.encode(graph.values[w_name].array.astype(np.float64), ws)
+    w_enc = ring.encode(graph.values[bl.w].array.astype(np.float64), ws)
     b_enc = None
-    if b_name is not None:
-        b = graph.values[b_name].array.astype(np.float64)
-        if op.kind in ("conv", "affine"):
+    if bl.b is not None:
+        b = graph.values[bl.b].array.astype(np.float64)
+        if bl.channel_bias:
             b = b.reshape((1, -1) + (1,) * (len(out_shape) - 2))
         b_enc = np.broadcast_to(ring.encode(b, s_in + ws), out_shape).copy()
     return w_enc, b_enc
@@ -189,22 +150,6 @@ def _public_weight_bits(op: Op, graph: Graph, w_enc: np.ndarray) -> int:
             f"recompile with --weight-bound-bits {math.floor(math.log2(big)) + 1} or more"
         )
     return bits
-
-
-def _pool_params(a: dict) -> dict:
-    return {
-        "kernel_shape": a["kernel_shape"],
-        "strides": a["strides"],
-        "pads": a["pads"],
-        "dilations": a["dilations"],
-        "ceil_mode": a.get("ceil_mode", 0),
-    }
-
-
-def _clip_bound(v, s):
-    if v is None:
-        return None
-    return int(ring.encode(np.clip(v, -(2.0**62) / 2**s, 2.0**62 / 2**s), s).view(np.uint64))
 
 
 def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
@@ -238,85 +183,37 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
         comment = _comment(op, graph)
         args = [var[i] for i in secret]
         g = op.gate or {}
-        if OPS[k].comparison and not g:
+        d = OPS.get(k)
+        if d is None or d.role is Role.FOLDED:
+            raise FsscError(f"op kind {k} (%{op.name}) is not supported by the secure runtime")
+        if d.role is Role.GATE and not g:
             raise FsscError(f"{k} %{op.name} has no gate plan (the mark-comparisons pass should have run)")
-        if is_weighted(op, graph):
-            fn, fn_args, red, w_name, b_name = _bilinear(op, graph, secret[0])
+        if d.role is Role.LINEAR:
+            bl = _bilinear(op, graph, secret[0])
             params = {
-                "fn": fn,
-                "fn_args": fn_args,
-                "k": red,
+                "fn": bl.fn,
+                "fn_args": bl.fn_args,
+                "k": bl.k,
                 "x_shape": list(graph.values[secret[0]].shape),
                 "y_shape": list(graph.values[op.outputs[0]].shape),
-                "w_shape": list(graph.values[w_name].shape),
-                "bias": b_name is not None,
+                "w_shape": list(graph.values[bl.w].shape),
+                "bias": bl.b is not None,
             }
             st = Stmt("linear", new_var(op.outputs[0]), args, params, tag, comment)
             if with_weights:
-                w_enc, b_enc = _encode_linear(op, graph, secret[0], w_name, b_name)
+                w_enc, b_enc = _encode_linear(op, graph, secret[0], bl)
                 weights[tag + ".w"] = w_enc
                 st.p1["w_bits"] = _public_weight_bits(op, graph, w_enc)
                 if b_enc is not None:
                     weights[tag + ".b"] = b_enc
             stmts.append(st)
-        elif k == "relu":
-            stmts.append(
-                Stmt(
-                    "relu",
-                    new_var(op.outputs[0]),
-                    args,
-                    {"m": g["bits"], "trunc": op.attrs.get("trunc", 0)},
-                    tag,
-                    comment,
-                )
-            )
-        elif k == "trunc":
-            stmts.append(
-                Stmt("trunc", new_var(op.outputs[0]), args, {"m": g["bits"], "shift": op.attrs["shift"]}, tag, comment)
-            )
-        elif k == "maxpool":
-            stmts.append(
-                Stmt(
-                    "maxpool",
-                    new_var(op.outputs[0]),
-                    args,
-                    {**_pool_params(op.attrs), "m": g["bits"], "cmp_trunc": op.attrs.get("cmp_trunc", 0)},
-                    tag,
-                    comment,
-                )
-            )
-        elif k == "clip":
-            s = graph.values[secret[0]].scale
-            stmts.append(
-                Stmt(
-                    "clip",
-                    new_var(op.outputs[0]),
-                    args,
-                    {
-                        "lo": _clip_bound(op.attrs.get("min"), s),
-                        "hi": _clip_bound(op.attrs.get("max"), s),
-                        "m": g["bits"],
-                    },
-                    tag,
-                    comment,
-                )
-            )
-        elif k == "argmax":
-            x = graph.values[secret[0]]
-            ax = op.attrs.get("axis", 0) % len(x.shape)
-            if op.outputs[0] not in graph.outputs:
-                raise FsscError(f"argmax %{op.name} feeds other ops: the secure runtime supports a final argmax")
-            params = {
-                "axis": ax,
-                "keepdims": op.attrs.get("keepdims", 1),
-                "select_last": op.attrs.get("select_last_index", 0),
-                "m": g["bits"],
-            }
-            # 2 classes: one DReLU whose bit only P0 opens; more: a tournament of selections (masked index)
-            stmts.append(
-                Stmt("argmax2" if x.shape[ax] == 2 else "argmax", new_var(op.outputs[0]), args, params, tag, comment)
-            )
-        elif k in LOCAL:
+        elif d.role is Role.GATE:
+            assert d.gate is not None and d.lower is not None
+            params = d.lower(op, graph, g["bits"])
+            kind = d.gate.runtime(op, graph).stmt
+            stmts.append(Stmt(kind, new_var(op.outputs[0]), args, params, tag, comment))
+        else:  # a local op
+            assert d.lower is not None
             args = []
             for pos, i in enumerate(op.inputs):  # every operand, in order; P1's constants as masked wires
                 if not graph.values[i].is_const:
@@ -339,32 +236,11 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
                 if with_weights:
                     weights[c_tag] = _encode_const(op, graph, i)
                 args.append(c_var)
-            if k in ("add", "sub", "concat"):
-                params = {"axis": op.attrs["axis"]} if k == "concat" else {}
-            elif k == "upscale":
-                params = {"shift": op.attrs["shift"]}
-            elif k in ("reshape", "flatten"):
-                params = {"shape": list(graph.values[op.outputs[0]].shape)}
-                k = "reshape"
-            elif k == "pad":
-                params = {"pads": op.attrs["pads"]}
-            elif k == "sumpool":
-                params = _pool_params(op.attrs)
-            elif k == "avgpool":
-                params = {
-                    **_pool_params(op.attrs),
-                    "count_include_pad": op.attrs.get("count_include_pad", 0),
-                    "wscale": op.attrs["wscale"],
-                }
-            elif k == "globalavgpool":
-                params = {"wscale": op.attrs["wscale"]}
-            else:
-                params = {}
-            stmts.append(Stmt("local", new_var(op.outputs[0]), args, {"fn": k, **params}, tag, comment))
-        else:
-            raise FsscError(f"op kind {k} (%{op.name}) is not supported by the secure runtime")
+            stmts.append(Stmt("local", new_var(op.outputs[0]), args, d.lower(op, graph), tag, comment))
     outputs = []
-    plain = {st.out for st in stmts if st.kind == "argmax2"}  # results P0 already holds unmasked
+    plain = {
+        st.out for st in stmts if st.kind in STATEMENTS and STATEMENTS[st.kind].plain_output
+    }  # results P0 already holds unmasked
     for o in graph.outputs:
         v = graph.values[o]
         is_label = v.dtype == "int64"
@@ -391,9 +267,6 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
 
 
 # ------------------------------------------------------------ the lowering verifier
-GATES = ("relu", "trunc", "clip", "maxpool", "argmax", "argmax2")
-
-
 def _label(st: Stmt) -> str:
     """The op a statement came from, as its comment names it ("concat %h")."""
     return st.comment.split(" [")[0]
@@ -415,13 +288,8 @@ def _shape_of(st: Stmt, ins: list[np.ndarray]) -> tuple:
         if tuple(y) != tuple(p["y_shape"]):
             raise FsscError(f"lib.{p['fn']} gives {tuple(y)}, the statement claims {tuple(p['y_shape'])}")
         return tuple(y)
-    if st.kind in ("relu", "trunc", "clip"):
-        return ins[0].shape
-    if st.kind == "maxpool":
-        attrs = lib._pool_attrs(*(p[k] for k in ("kernel_shape", "strides", "pads", "dilations", "ceil_mode")))
-        return max_tree(ins[0], attrs, lambda level, a, b: a).shape
-    if st.kind in ("argmax", "argmax2"):
-        return np.zeros(ins[0].shape).argmax(axis=p["axis"], keepdims=bool(p["keepdims"])).shape
+    if st.kind in STATEMENTS:
+        return STATEMENTS[st.kind].out_shape(ins[0].shape, **p)
     if st.kind == "local":
         kw = {k: v for k, v in p.items() if k != "fn"}
         return getattr(lib, p["fn"])(*ins, **kw).shape
@@ -438,7 +306,7 @@ def check_program(prog: SecureProgram) -> None:
         for a in st.args:
             if a not in shapes:
                 raise FsscError(f"lowering: {_label(st)} reads {a} before any statement defines it")
-        if st.kind in GATES or st.kind == "linear":
+        if st.kind in STATEMENTS or st.kind == "linear":
             if len(st.args) != 1:
                 raise FsscError(f"lowering: {_label(st)} ({st.kind}) takes one secret operand, got {len(st.args)}")
             if st.args[0] in consts:

@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from fssc.errors import FsscError
 
-SUPPORTED = (
+SUPPORTED: tuple[str, ...] = (
     "ArgMax",
     "Add",
     "AveragePool",
@@ -46,6 +46,9 @@ SUPPORTED = (
     "Reshape",
     "Sub",
 )
+# ONNX ops imported one-to-one with no attributes: the registry entries' ``onnx`` names (nothing else to add here)
+SIMPLE = {d.onnx: kind for kind, d in OPS.items() if d.onnx}
+SUPPORTED += tuple(sorted(SIMPLE))
 
 
 def load_onnx(path: str) -> onnx.ModelProto:
@@ -353,6 +356,8 @@ class _Importer:
                     "select_last_index": int(a.get("select_last_index", 0)),
                 },
             )
+        elif op in SIMPLE:
+            self.emit(node, label, SIMPLE[op], ins, {})
         else:  # pragma: no cover - SUPPORTED and this switch must agree
             raise FsscError(f"{self.src}: node {label}: {op} is listed as supported but has no converter")
 

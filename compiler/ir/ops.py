@@ -1,48 +1,184 @@
-"""The table of IR op kinds: shape rules and float (numpy/torch) semantics.
+"""The registry of IR op kinds: every fact about an op kind, in one entry.
 
 Each kind maps to an :class:`OpDef` with
 
-* ``shape(attrs, in_shapes) -> [out_shape, ...]`` used by the importer and the
-  verifier, and
-* ``run(attrs, *inputs) -> [outputs]``: the float reference semantics (ONNX's),
-  computed in float64.
+* ``shape(attrs, in_shapes) -> [out_shape, ...]``, used by the importer and the verifier;
+* ``run(attrs, *inputs) -> [outputs]``: the float reference semantics (ONNX's), in float64;
+* ``fixed(op, graph, env) -> ring array``: the fixed-point semantics the secure runtime has
+  (:func:`fssc.compiler.reference.interp.run_fixed`); a local op's is its runtime function
+  itself, on its operands with constants encoded;
+* ``role`` (:class:`Role`): how the secure program runs it: a local op, a linear layer with the
+  model owner's weights, a comparison gate, or folded away by passes before lowering;
+* ``scale`` (:class:`Scale`): what plan-fixed-point does to its scales;
+* ``gate`` (:class:`GateSpec`, gate ops only): its gate kind, comparisons, depth, the magnitude
+  its comparisons see, the bits it drops, and the runtime gate class
+  (:mod:`fssc.runtime.gates`) that deals it, evaluates it and knows its key cost;
+* its lowering to statement parameters: ``lower(op, graph[, bits])`` for local and gate ops
+  (a local op's parameters start with ``fn``, the :mod:`fssc.runtime.lib` function it calls),
+  ``bilinear(op, graph, x)`` for linear layers;
+* ``onnx``: the ONNX op type imported one-to-one (no attributes) by the importer's generic path.
 
 Structural constants (reshape targets, pads, clip bounds) are attributes, so
 every tensor value in the IR is data. Kinds created by passes (``trunc``,
-``affine``, ``upscale``...) are registered here too so one table serves the
-verifier and every interpreter.
+``affine``, ``upscale``...) are registered here too, so one table serves the
+importer, the verifier, the passes, the interpreters, lowering and the cost
+model. docs/adding-an-op.md walks through adding a kind.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from fssc.runtime.geometry import window_geometry, windows
+from fssc.runtime import gates as rgates
+from fssc.runtime import ring
+from fssc.runtime.geometry import pool_params, window_geometry, windows
 
 from fssc.errors import FsscError
+
+if TYPE_CHECKING:
+    from fssc.compiler.ir.graph import Graph, Op
+
+
+class Role(enum.Enum):
+    """How the secure program runs an op kind."""
+
+    LOCAL = "local"  # public and linear: one lib function runs on masks and masked values alike
+    LINEAR = "linear"  # linear with the model owner's weights: the linear-layer protocol
+    GATE = "gate"  # needs comparison gates
+    FOLDED = "folded"  # removed (folded, rewritten) by passes before lowering
+
+
+class Scale(enum.Enum):
+    """Plan-fixed-point's rule for an op kind's output scale."""
+
+    PRESERVING = "preserving"  # the input's scale
+    ALIGNING = "aligning"  # secret operands upscaled to the highest of their scales
+    WEIGHTED = "weighted"  # + wscale = f + weight_extra_bits: the model owner's weights
+    PUBLIC_WEIGHTED = "public-weighted"  # + wscale = f: a public multiplier (a pool's 1/k)
+    FUSED_TRUNC = "fused-trunc"  # drops the bits above f inside its gate (ReLU)
+    SHIFT_DOWN = "shift-down"  # - shift (standalone truncation)
+    SHIFT_UP = "shift-up"  # + shift (upscale)
+    INTEGER = "integer"  # integers (scale 0)
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """A gate op's comparisons. ``count(op, graph)``: gate evaluations for the whole batch;
+    ``depth(op, graph)``: sequential gate layers; ``magnitude(op, graph, inputs)``: the largest |value|
+    a comparison sees (ring units, after ``shift``); ``shift(op)``: bits the comparison drops;
+    ``runtime(op, graph)``: the runtime gate class of its statement."""
+
+    kind: str
+    count: Callable[..., int]
+    depth: Callable[..., int]
+    magnitude: Callable[..., int]
+    runtime: Callable[..., type[rgates.Gate]]
+    shift: Callable[..., int] = lambda op: 0
+
+
+@dataclass(frozen=True)
+class Bilinear:
+    """A linear layer's map: lib function ``fn(**fn_args)``, reduction length ``k``, the weight and bias
+    values, and whether the bias is per channel (axis 1)."""
+
+    fn: str
+    fn_args: dict
+    k: int
+    w: str
+    b: str | None
+    channel_bias: bool = False
 
 
 @dataclass(frozen=True)
 class OpDef:
+    kind: str
     shape: Callable
     run: Callable
-    # which gate family the op needs in the secure protocol (None: local/linear)
-    comparison: str | None = None
+    role: Role
+    scale: Scale
+    fixed: Callable | None = None
+    gate: GateSpec | None = None
+    lower: Callable | None = None
+    bilinear: Callable | None = None
+    onnx: str | None = None
 
 
 OPS: dict[str, OpDef] = {}
 
 
-def register(kind: str, comparison: str | None = None):
+def register(kind: str, role: Role, scale: Scale, gate: GateSpec | None = None, onnx: str | None = None):
+    """Class decorator: the class's ``shape``, ``run`` and optional ``fixed``, ``lower``, ``bilinear``
+    static methods become kind's entry. A local op without ``fixed`` gets its lib function's semantics;
+    without ``lower`` it calls lib.<kind> with no parameters."""
+
     def deco(cls):
-        OPS[kind] = OpDef(cls.shape, cls.run, comparison)
+        fixed = getattr(cls, "fixed", None)
+        lower = getattr(cls, "lower", None)
+        if role is Role.LOCAL:
+            lower = lower or (lambda op, graph: {"fn": kind})
+            fixed = fixed or _local_fixed
+        OPS[kind] = OpDef(
+            kind, cls.shape, cls.run, role, scale, fixed, gate, lower, getattr(cls, "bilinear", None), onnx
+        )
         return cls
 
     return deco
 
 
+# ------------------------------------------------------------------ fixed-point helpers
+def fixed_scale(graph: Graph, name: str) -> int:
+    return graph.values[name].fixed_scale
+
+
+def secret_and_const(op: Op, graph: Graph, env) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(secret input arrays, constant input arrays as float64) in input order."""
+    sec = [env[i] for i in op.inputs if not graph.values[i].is_const]
+    con = [graph.values[i].array.astype(np.float64) for i in op.inputs if graph.values[i].is_const]
+    return sec, con
+
+
+def operands_encoded(op: Op, graph: Graph, env) -> list[np.ndarray]:
+    """Every operand in order, constants encoded at the secret operand's scale (as lowering's ``const``)."""
+    s = next(fixed_scale(graph, i) for i in op.inputs if not graph.values[i].is_const)
+    return [env[i] if not graph.values[i].is_const else ring.encode(graph.values[i].data, s) for i in op.inputs]
+
+
+def _local_fixed(op: Op, graph: Graph, env) -> np.ndarray:
+    """A local op's fixed-point semantics: the lib function the secure programs call, on the same operands."""
+    from fssc.runtime import lib  # here: lib reads this registry
+
+    lower = OPS[op.kind].lower
+    assert lower is not None  # every local entry has one (register gives the default)
+    p = dict(lower(op, graph))
+    fn = getattr(lib, p.pop("fn"))
+    return fn(*operands_encoded(op, graph, env), **p)
+
+
+def _elements(op: Op, graph: Graph) -> int:
+    return graph.values[op.inputs[0]].size
+
+
+def _one(op: Op, graph: Graph) -> int:
+    return 1
+
+
+def _shifted_magnitude(attr: str) -> Callable[..., int]:
+    def magnitude(op: Op, graph: Graph, inputs: list[np.ndarray]) -> int:
+        x = ring.signed(inputs[0])
+        if x.size == 0:
+            return 0
+        s = op.attrs.get(attr, 0)
+        xs = x >> np.int64(s) if s else x
+        return int(max(abs(int(xs.max())), abs(int(xs.min()))))
+
+    return magnitude
+
+
+# ------------------------------------------------------------------ kinds
 # ------------------------------------------------------------------ kinds
 def _conv_shape(attrs, shapes):
     x, w = shapes[0], shapes[1]
@@ -107,10 +243,29 @@ def conv_float(attrs, x, w, b=None):
     return [y.numpy()]
 
 
-@register("conv")
+@register("conv", Role.LINEAR, Scale.WEIGHTED)
 class Conv:
     shape = staticmethod(_conv_shape)
     run = staticmethod(conv_float)
+
+    @staticmethod
+    def fixed(op, graph, env):
+        x = env[op.inputs[0]]
+        w = graph.values[op.inputs[1]].array.astype(np.float64)
+        ws = op.attrs["wscale"]
+        k = int(np.prod(w.shape[1:]))  # reduction length per output
+        y = ring.ring_bilinear(lambda a, b: conv_float(op.attrs, a, b)[0], x, ring.encode(w, ws), k)
+        if len(op.inputs) > 2:
+            b = graph.values[op.inputs[2]].array.astype(np.float64)
+            y = y + ring.encode(b, fixed_scale(graph, op.inputs[0]) + ws).reshape((1, -1) + (1,) * (x.ndim - 2))
+        return y
+
+    @staticmethod
+    def bilinear(op, graph, x_name):
+        a, ins = op.attrs, op.inputs
+        w = graph.values[ins[1]]
+        args = {"strides": a["strides"], "pads": a["pads"], "dilations": a["dilations"], "group": a.get("group", 1)}
+        return Bilinear("conv", args, int(np.prod(w.shape[1:])), ins[1], ins[2] if len(ins) > 2 else None, True)
 
 
 def _gemm_dims(attrs, a, b):
@@ -119,7 +274,7 @@ def _gemm_dims(attrs, a, b):
     return m, k, k2, n
 
 
-@register("gemm")
+@register("gemm", Role.LINEAR, Scale.WEIGHTED)
 class Gemm:
     @staticmethod
     def shape(attrs, shapes):
@@ -141,8 +296,29 @@ class Gemm:
             y = y + attrs.get("beta", 1.0) * c
         return [y]
 
+    @staticmethod
+    def fixed(op, graph, env):
+        a = op.attrs
+        x = env[op.inputs[0]]
+        x = x.T if a.get("transA", 0) else x
+        w = graph.values[op.inputs[1]].array.astype(np.float64)
+        w = (w.T if a.get("transB", 0) else w) * a.get("alpha", 1.0)
+        y = ring.ring_bilinear(lambda p, q: p @ q, x, ring.encode(w, a["wscale"]), w.shape[0])
+        if len(op.inputs) > 2:
+            c = graph.values[op.inputs[2]].array.astype(np.float64) * a.get("beta", 1.0)
+            y = y + ring.encode(c, fixed_scale(graph, op.inputs[0]) + a["wscale"])
+        return y
 
-@register("matmul")
+    @staticmethod
+    def bilinear(op, graph, x_name):
+        a, ins = op.attrs, op.inputs
+        if any(key in a for key in ("alpha", "beta", "transB")):
+            raise FsscError(f"gemm %{op.name} is not canonical (the canonicalize pass should have run)")
+        fn = "matmul_transposed" if a.get("transA") else "matmul"  # x^T W when the data operand is [K, M]
+        return Bilinear(fn, {}, graph.values[ins[1]].shape[0], ins[1], ins[2] if len(ins) > 2 else None)
+
+
+@register("matmul", Role.LINEAR, Scale.WEIGHTED)
 class MatMul:
     @staticmethod
     def shape(attrs, shapes):
@@ -154,6 +330,25 @@ class MatMul:
     @staticmethod
     def run(attrs, a, b):
         return [np.matmul(a.astype(np.float64), b.astype(np.float64))]
+
+    @staticmethod
+    def fixed(op, graph, env):
+        ws = op.attrs["wscale"]
+        a_name, b_name = op.inputs
+        if graph.values[b_name].is_const:
+            w = graph.values[b_name].array.astype(np.float64)
+            k = w.shape[-2] if w.ndim > 1 else w.shape[0]  # x @ W reduces over W's second-to-last axis
+            return ring.ring_bilinear(np.matmul, env[a_name], ring.encode(w, ws), k)
+        w = graph.values[a_name].array.astype(np.float64)
+        return ring.ring_bilinear(lambda p, q: np.matmul(q, p), env[b_name], ring.encode(w, ws), w.shape[-1])
+
+    @staticmethod
+    def bilinear(op, graph, x_name):
+        ins = op.inputs
+        if graph.values[ins[0]].is_const:
+            return Bilinear("matmul_left", {}, graph.values[ins[0]].shape[-1], ins[0], None)
+        shp = graph.values[ins[1]].shape  # [.., K, N] or [K]: the reduction runs over K
+        return Bilinear("matmul", {}, shp[-2] if len(shp) > 1 else shp[0], ins[1], None)
 
 
 def _matmul_shape(a, b):
@@ -184,25 +379,115 @@ def _bcast_shape(attrs, shapes):
         raise FsscError(f"shapes {list(map(tuple, shapes))} do not broadcast") from None
 
 
-for _k, _f in {"add": np.add, "sub": np.subtract, "mul": np.multiply}.items():
-    OPS[_k] = OpDef(_bcast_shape, (lambda f: lambda attrs, a, b: [f(a.astype(np.float64), b)])(_f))
+@register("add", Role.LOCAL, Scale.ALIGNING)
+class Add:
+    shape = staticmethod(_bcast_shape)
+
+    @staticmethod
+    def run(attrs, a, b):
+        return [np.add(a.astype(np.float64), b)]
+
+
+@register("sub", Role.LOCAL, Scale.ALIGNING)
+class Sub:
+    shape = staticmethod(_bcast_shape)
+
+    @staticmethod
+    def run(attrs, a, b):
+        return [np.subtract(a.astype(np.float64), b)]
+
+
+@register("mul", Role.LINEAR, Scale.WEIGHTED)
+class Mul:
+    """x * c with the model owner's constant c (elementwise, broadcast)."""
+
+    shape = staticmethod(_bcast_shape)
+
+    @staticmethod
+    def run(attrs, a, b):
+        return [np.multiply(a.astype(np.float64), b)]
+
+    @staticmethod
+    def fixed(op, graph, env):
+        (x,), (c,) = secret_and_const(op, graph, env)
+        return ring.fixed_mul(x, ring.encode(c, op.attrs["wscale"]))
+
+    @staticmethod
+    def bilinear(op, graph, x_name):
+        return Bilinear("elementwise", {}, 1, next(i for i in op.inputs if graph.values[i].is_const), None)
 
 
 def _same_shape(attrs, shapes):
     return [tuple(shapes[0])]
 
 
-@register("relu", comparison="relu")
+@register(
+    "relu",
+    Role.GATE,
+    Scale.FUSED_TRUNC,
+    GateSpec(
+        rgates.Relu.kind,
+        count=_elements,
+        depth=_one,
+        magnitude=_shifted_magnitude("trunc"),
+        runtime=lambda op, graph: rgates.Relu,
+        shift=lambda op: op.attrs.get("trunc", 0),
+    ),
+)
 class Relu:
+    """One comparison per element on x >> trunc (fused exact truncation when trunc > 0)."""
+
     shape = staticmethod(_same_shape)
 
     @staticmethod
     def run(attrs, x):
         return [np.maximum(x, 0)]
 
+    @staticmethod
+    def fixed(op, graph, env):
+        x = env[op.inputs[0]]
+        return ring.unsigned(np.maximum(ring.signed(ring.trunc(x, op.attrs.get("trunc", 0))), 0))
 
-@register("clip", comparison="clip")
+    @staticmethod
+    def lower(op, graph, bits):
+        return {"m": bits, "trunc": op.attrs.get("trunc", 0)}
+
+
+def _clip_count(op, graph):
+    return graph.values[op.inputs[0]].size * sum(1 for b in ("min", "max") if b in op.attrs)
+
+
+def _clip_magnitude(op, graph, inputs):
+    x = ring.signed(inputs[0])
+    if x.size == 0:
+        return 0
+    s = graph.values[op.inputs[0]].scale or 0
+    mags = []
+    for b in ("min", "max"):
+        if b in op.attrs:
+            bound = np.clip(op.attrs[b] * 2.0**s, -(2.0**62), 2.0**62)
+            d = x.astype(np.float64) - bound
+            mags.append(float(np.abs(d).max()))
+    return int(max(mags)) if mags else 0
+
+
+def _clip_bound(v, s):
+    if v is None:
+        return None
+    return int(ring.encode(np.clip(v, -(2.0**62) / 2**s, 2.0**62 / 2**s), s).view(np.uint64))
+
+
+@register(
+    "clip",
+    Role.GATE,
+    Scale.PRESERVING,
+    GateSpec(
+        rgates.Clip.kind, count=_clip_count, depth=_one, magnitude=_clip_magnitude, runtime=lambda o, g: rgates.Clip
+    ),
+)
 class Clip:
+    """Two comparisons per element (against min and against max; one for a one-sided clip)."""
+
     shape = staticmethod(_same_shape)
 
     @staticmethod
@@ -215,6 +500,22 @@ class Clip:
             y = np.minimum(y, hi)
         return [y]
 
+    @staticmethod
+    def fixed(op, graph, env):
+        s = fixed_scale(graph, op.inputs[0])
+        x = ring.signed(env[op.inputs[0]])
+        lim = np.iinfo(np.int64)
+        lo = max(float(lim.min), min(float(lim.max), op.attrs.get("min", -np.inf) * 2.0**s))
+        hi = max(float(lim.min), min(float(lim.max), op.attrs.get("max", np.inf) * 2.0**s))
+        lo = lim.min if lo <= lim.min else int(np.rint(lo))
+        hi = lim.max if hi >= lim.max else int(np.rint(hi))
+        return ring.unsigned(np.clip(x, lo, hi))
+
+    @staticmethod
+    def lower(op, graph, bits):
+        s = graph.values[next(i for i in op.inputs if not graph.values[i].is_const)].scale
+        return {"lo": _clip_bound(op.attrs.get("min"), s), "hi": _clip_bound(op.attrs.get("max"), s), "m": bits}
+
 
 def _pool_shape(attrs, shapes):
     x = shapes[0]
@@ -226,8 +527,55 @@ def _pool_shape(attrs, shapes):
     return [(x[0], x[1], *out)]
 
 
-@register("maxpool", comparison="max")
+def _window_valid_counts(op, in_shape) -> np.ndarray:
+    """Real (non-padding) taps per output window, shape [*out]."""
+    dummy = np.zeros((1, 1) + tuple(in_shape[2:]), dtype=np.int8)
+    _, valid, _, nd = windows(dummy, op.attrs, 0)
+    return valid.reshape(valid.shape[:nd] + (-1,)).sum(axis=-1)
+
+
+def _maxpool_count(op, graph):
+    x = graph.values[op.inputs[0]]
+    n, c = x.shape[0], x.shape[1]
+    return int(n * c * (_window_valid_counts(op, x.shape) - 1).sum())
+
+
+def _maxpool_depth(op, graph):
+    k = int(np.prod(op.attrs["kernel_shape"]))
+    return max(1, int(np.ceil(np.log2(k))))
+
+
+def _maxpool_magnitude(op, graph, inputs):
+    """Every comparison input a - b lies within [min, max] - [min, max] of its window."""
+    x = ring.signed(inputs[0])
+    if x.size == 0:
+        return 0
+    lo = np.iinfo(np.int64)
+    wmax, _, _, nd = windows(x, op.attrs, lo.min)
+    wmin, _, _, _ = windows(x, op.attrs, lo.max)
+    axes = tuple(range(-nd, 0))
+    spread = wmax.max(axis=axes).astype(np.float64) - wmin.min(axis=axes).astype(np.float64)
+    return int(spread.max()) >> op.attrs.get("cmp_trunc", 0)
+
+
+@register(
+    "maxpool",
+    Role.GATE,
+    Scale.PRESERVING,
+    GateSpec(
+        rgates.MaxPool.kind,
+        count=_maxpool_count,
+        depth=_maxpool_depth,
+        magnitude=_maxpool_magnitude,
+        runtime=lambda op, graph: rgates.MaxPool,
+        shift=lambda op: op.attrs.get("cmp_trunc", 0),
+    ),
+)
 class MaxPool:
+    """A tree of max gates over each window, padding skipped: a window with v real taps costs v - 1 gates.
+    With ``cmp_trunc`` = s the gates would compare (a - b) >> s, a choice that depends on the masks
+    (plan-fixed-point removes it: max gates compare the full difference)."""
+
     shape = staticmethod(_pool_shape)
 
     @staticmethod
@@ -235,8 +583,17 @@ class MaxPool:
         w, _, _, nd = windows(x.astype(np.float64), attrs, -np.inf)
         return [w.max(axis=tuple(range(-nd, 0)))]
 
+    @staticmethod
+    def fixed(op, graph, env):  # exact max; the secure gate tree gives the same values
+        w, _, _, nd = windows(ring.signed(env[op.inputs[0]]), op.attrs, np.iinfo(np.int64).min)
+        return ring.unsigned(w.max(axis=tuple(range(-nd, 0))))
 
-@register("avgpool")
+    @staticmethod
+    def lower(op, graph, bits):
+        return {**pool_params(op.attrs), "m": bits, "cmp_trunc": op.attrs.get("cmp_trunc", 0)}
+
+
+@register("avgpool", Role.LOCAL, Scale.PUBLIC_WEIGHTED)
 class AvgPool:
     shape = staticmethod(_pool_shape)
 
@@ -247,8 +604,18 @@ class AvgPool:
         cnt = (inpad if attrs.get("count_include_pad", 0) else valid).sum(axis=axes)
         return [w.sum(axis=axes) / cnt]
 
+    @staticmethod
+    def lower(op, graph):
+        a = op.attrs
+        return {
+            "fn": "avgpool",
+            **pool_params(a),
+            "count_include_pad": a.get("count_include_pad", 0),
+            "wscale": a["wscale"],
+        }
 
-@register("globalavgpool")
+
+@register("globalavgpool", Role.LOCAL, Scale.PUBLIC_WEIGHTED)
 class GlobalAvgPool:
     @staticmethod
     def shape(attrs, shapes):
@@ -259,8 +626,12 @@ class GlobalAvgPool:
     def run(attrs, x):
         return [x.astype(np.float64).mean(axis=tuple(range(2, x.ndim)), keepdims=True)]
 
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "globalavgpool", "wscale": op.attrs["wscale"]}
 
-@register("sumpool")
+
+@register("sumpool", Role.LOCAL, Scale.PRESERVING)
 class SumPool:
     """Window sums (zero padding): an average pool whose 1/k was folded away."""
 
@@ -271,8 +642,12 @@ class SumPool:
         w, _, _, nd = windows(x.astype(np.float64), attrs, 0.0)
         return [w.sum(axis=tuple(range(-nd, 0)))]
 
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "sumpool", **pool_params(op.attrs)}
 
-@register("globalsumpool")
+
+@register("globalsumpool", Role.LOCAL, Scale.PRESERVING)
 class GlobalSumPool:
     shape = GlobalAvgPool.shape
 
@@ -288,8 +663,16 @@ def batchnorm_affine(attrs, scale, bias, mean, var) -> tuple[np.ndarray, np.ndar
     return a, np.asarray(bias, np.float64) - np.asarray(mean, np.float64) * a
 
 
-@register("batchnorm")
+def _channel_affine(op, graph, x, a, b):
+    sh = (1, -1) + (1,) * (x.ndim - 2)
+    ws = op.attrs["wscale"]
+    return x * ring.encode(a, ws).reshape(sh) + ring.encode(b, fixed_scale(graph, op.inputs[0]) + ws).reshape(sh)
+
+
+@register("batchnorm", Role.FOLDED, Scale.WEIGHTED)
 class BatchNorm:
+    """Folded into the conv before it, or rewritten as ``affine`` (fold-batchnorm)."""
+
     @staticmethod
     def shape(attrs, shapes):
         x = shapes[0]
@@ -304,8 +687,13 @@ class BatchNorm:
         a, b = batchnorm_affine(attrs, scale, bias, mean, var)
         return [x * a.reshape(sh) + b.reshape(sh)]
 
+    @staticmethod
+    def fixed(op, graph, env):
+        (x,), params = secret_and_const(op, graph, env)
+        return _channel_affine(op, graph, x, *batchnorm_affine(op.attrs, *params))
 
-@register("affine")
+
+@register("affine", Role.LINEAR, Scale.WEIGHTED)
 class Affine:
     """y = x * a[c] + b[c], per channel (axis 1): a BatchNorm with no conv to fold into."""
 
@@ -322,9 +710,25 @@ class Affine:
         sh = (1, -1) + (1,) * (x.ndim - 2)
         return [x.astype(np.float64) * a.reshape(sh) + b.reshape(sh)]
 
+    @staticmethod
+    def fixed(op, graph, env):
+        (x,), (a, b) = secret_and_const(op, graph, env)
+        return _channel_affine(op, graph, x, a, b)
 
-@register("flatten")
+    @staticmethod
+    def bilinear(op, graph, x_name):
+        args = {"ndim": len(graph.values[x_name].shape)}
+        return Bilinear("channelwise", args, 1, op.inputs[1], op.inputs[2], True)
+
+
+def _lower_reshape(op, graph):
+    return {"fn": "reshape", "shape": list(graph.values[op.outputs[0]].shape)}
+
+
+@register("flatten", Role.LOCAL, Scale.PRESERVING)
 class Flatten:
+    lower = staticmethod(_lower_reshape)
+
     @staticmethod
     def shape(attrs, shapes):
         x = shapes[0]
@@ -339,8 +743,10 @@ class Flatten:
         return [x.reshape(int(np.prod(x.shape[:ax], dtype=np.int64)), -1)]
 
 
-@register("reshape")
+@register("reshape", Role.LOCAL, Scale.PRESERVING)
 class Reshape:
+    lower = staticmethod(_lower_reshape)
+
     @staticmethod
     def shape(attrs, shapes):
         out = tuple(attrs["shape"])
@@ -353,7 +759,7 @@ class Reshape:
         return [x.reshape(attrs["shape"])]
 
 
-@register("concat")
+@register("concat", Role.LOCAL, Scale.ALIGNING)
 class Concat:
     @staticmethod
     def shape(attrs, shapes):
@@ -371,8 +777,12 @@ class Concat:
     def run(attrs, *xs):
         return [np.concatenate(xs, axis=attrs["axis"])]
 
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "concat", "axis": op.attrs["axis"]}
 
-@register("pad")
+
+@register("pad", Role.LOCAL, Scale.PRESERVING)
 class Pad:
     """Zero padding; ``pads`` = [begin_0.., end_0..] over all axes (negative crops)."""
 
@@ -394,9 +804,49 @@ class Pad:
         sl = tuple(slice(-min(p[i], 0), y.shape[i] + min(p[i + r], 0)) for i in range(r))
         return [y[sl]]
 
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "pad", "pads": op.attrs["pads"]}
 
-@register("argmax", comparison="argmax")
+
+def _classes(op, graph) -> int:
+    x = graph.values[op.inputs[0]]
+    return x.shape[op.attrs.get("axis", 0) % len(x.shape)]
+
+
+def _argmax_count(op, graph):
+    return (graph.values[op.inputs[0]].size // _classes(op, graph)) * (_classes(op, graph) - 1)
+
+
+def _argmax_depth(op, graph):
+    return max(1, int(np.ceil(np.log2(_classes(op, graph)))))
+
+
+def _argmax_magnitude(op, graph, inputs):
+    x = ring.signed(inputs[0])
+    if x.size == 0:
+        return 0
+    ax = op.attrs.get("axis", 0)
+    spread = x.max(axis=ax).astype(np.float64) - x.min(axis=ax).astype(np.float64)
+    return int(spread.max())
+
+
+@register(
+    "argmax",
+    Role.GATE,
+    Scale.INTEGER,
+    GateSpec(
+        rgates.ArgMax.kind,
+        count=_argmax_count,
+        depth=_argmax_depth,
+        magnitude=_argmax_magnitude,
+        runtime=lambda op, graph: rgates.ArgMax2 if _classes(op, graph) == 2 else rgates.ArgMax,
+    ),
+)
 class ArgMax:
+    """C - 1 selections per row (a tournament that also selects the index); for C = 2 a single DReLU of
+    l1 - l0 gives the label, to P0 only."""
+
     @staticmethod
     def shape(attrs, shapes):
         x = list(shapes[0])
@@ -421,10 +871,39 @@ class ArgMax:
             idx = np.expand_dims(idx, ax)
         return [idx.astype(np.int64)]
 
+    @staticmethod
+    def fixed(op, graph, env):
+        return ArgMax.run(op.attrs, ring.signed(env[op.inputs[0]]))[0]
 
-@register("trunc", comparison="trunc")
+    @staticmethod
+    def lower(op, graph, bits):
+        x = graph.values[next(i for i in op.inputs if not graph.values[i].is_const)]
+        if op.outputs[0] not in graph.outputs:
+            raise FsscError(f"argmax %{op.name} feeds other ops: the secure runtime supports a final argmax")
+        return {
+            "axis": op.attrs.get("axis", 0) % len(x.shape),
+            "keepdims": op.attrs.get("keepdims", 1),
+            "select_last": op.attrs.get("select_last_index", 0),
+            "m": bits,
+        }
+
+
+@register(
+    "trunc",
+    Role.GATE,
+    Scale.SHIFT_DOWN,
+    GateSpec(
+        rgates.Trunc.kind,
+        count=_elements,
+        depth=_one,
+        magnitude=_shifted_magnitude("shift"),
+        runtime=lambda op, graph: rgates.Trunc,
+        shift=lambda op: op.attrs.get("shift", 0),
+    ),
+)
 class Trunc:
-    """Fixed-point rescale: drop ``shift`` fractional bits (identity on floats)."""
+    """Fixed-point rescale: drop ``shift`` fractional bits (identity on floats). A standalone truncation
+    (no gate absorbs it): one comparison per element on x >> shift lifts the m-bit result to the ring."""
 
     shape = staticmethod(_same_shape)
 
@@ -432,16 +911,43 @@ class Trunc:
     def run(attrs, x):
         return [x]
 
+    @staticmethod
+    def fixed(op, graph, env):
+        return ring.trunc(env[op.inputs[0]], op.attrs["shift"])
 
-@register("upscale")
+    @staticmethod
+    def lower(op, graph, bits):
+        return {"m": bits, "shift": op.attrs["shift"]}
+
+
+@register("upscale", Role.LOCAL, Scale.SHIFT_UP)
 class Upscale:
-    """Fixed-point rescale: add ``shift`` fractional bits (identity on floats)."""
+    """Fixed-point rescale: add ``shift`` fractional bits (identity on floats; x * 2^shift on the ring)."""
 
     shape = staticmethod(_same_shape)
 
     @staticmethod
     def run(attrs, x):
         return [x]
+
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "upscale", "shift": op.attrs["shift"]}
+
+
+@register("neg", Role.LOCAL, Scale.PRESERVING, onnx="Neg")
+class Neg:
+    """y = -x (ONNX Neg): public and linear, the public integer multiple -1 on the ring (lib.scale)."""
+
+    shape = staticmethod(_same_shape)
+
+    @staticmethod
+    def run(attrs, x):
+        return [np.negative(x.astype(np.float64))]
+
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "scale", "factor": -1}
 
 
 def infer_shapes(kind: str, attrs: dict, in_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:

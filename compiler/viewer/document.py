@@ -38,8 +38,9 @@ from importlib import resources
 import jinja2
 import networkx as nx
 from fssc.compiler.backend.cost import CostReport, OpCost, cost_report, op_cost
-from fssc.compiler.backend.gates import gate_count, gate_depth, gate_kind
+from fssc.compiler.backend.gates import gate_kind
 from fssc.compiler.ir.graph import Graph, Op, Value, _fmt_attr, _fmt_type
+from fssc.passes.mark_comparisons import plan_gate
 
 from fssc import __version__
 from fssc.errors import FsscError
@@ -105,24 +106,14 @@ def layout(graph: Graph) -> dict[int, tuple[int, int]]:
 
 # --------------------------------------------------------------------------- costs
 def _planned_gate(op: Op, graph: Graph) -> dict | None:
-    """The gate an op will need: its mark, or (before mark-comparisons) one computed now."""
+    """The gate an op will need: its mark, or (before mark-comparisons) mark-comparisons' plan now."""
     if op.gate:
         return dict(op.gate)
-    kind = gate_kind(op)
-    if not kind:
-        return None
     bits = op.bits
-    n = gate_count(op, graph)
-    batch = graph.values[graph.inputs[0]].shape[0] if graph.inputs else 1
-    return {
-        "kind": kind,
-        "count": n,
-        "per_image": n // batch,
-        "bits": bits or UNRANGED_BITS,
-        "depth": gate_depth(op, graph),
-        "estimated": True,
-        "ranged": bits is not None,
-    }
+    gate = plan_gate(op, graph, bits or UNRANGED_BITS)
+    if gate is not None:
+        gate.update(estimated=True, ranged=bits is not None)
+    return gate
 
 
 def estimated_cost(op: Op, graph: Graph) -> tuple[OpCost, str]:
