@@ -27,6 +27,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from fssc.compiler.backend.contract import bind_operands
 from fssc.compiler.backend.gates import gate_tag
 from fssc.compiler.ir.graph import Graph, Op
 from fssc.compiler.ir.ops import OPS
@@ -424,7 +425,7 @@ def _shape_of(st: Stmt, ins: list[np.ndarray]) -> tuple:
         return np.zeros(ins[0].shape).argmax(axis=p["axis"], keepdims=bool(p["keepdims"])).shape
     if st.kind == "local":
         kw = {k: v for k, v in p.items() if k != "fn"}
-        return getattr(lib, p["fn"])(*ins, **kw).shape
+        return getattr(lib, p["fn"])(**bind_operands(p["fn"], kw, ins), **kw).shape
     raise FsscError(f"unknown statement kind {st.kind!r}")
 
 
