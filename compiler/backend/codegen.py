@@ -194,7 +194,7 @@ def _functions(prog: SecureProgram, role: str) -> dict[str, list[_Block]]:
     if role == "party0":
         off = [_Block(["Z0 = {}"])]
         for st in prog.linears:
-            lhs, call = _checked(f"party0's offline half of {st.tag} ({_label(st)})", lambda st=st: _offline(st))
+            lhs, call = _checked(f"{_where(st, role)}, offline half", lambda st=st: _offline(st))
             off.append(_Block([lhs + call.render()], _comment_text(st.comment), _op_uid(st.tag)))
         off.append(_Block(["return Z0"]))
         outs = [f"out[{_lit(o['name'])}] = {o['var']}" for o in labels]
