@@ -171,7 +171,7 @@ def pad(x, pads):
     return OPS["pad"].run({"pads": list(pads)}, x)[0]
 
 
-def concat(*xs, axis: int):
+def concat(xs: list[np.ndarray], axis: int):
     return np.concatenate(xs, axis=axis)
 
 

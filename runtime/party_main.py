@@ -29,6 +29,7 @@ from fssc.runtime.guard import FIXES, out_of_range, unencodable
 from fssc.runtime.session import (
     batch_deal,
     check_batches,
+    check_interface,
     choose_batches,
     load_manifest,
     load_weights,
@@ -70,6 +71,7 @@ def _check_manifest(mod, manifest: dict) -> None:
 
 def main(role: str, mod, argv: list[str]) -> int:
     try:
+        check_interface(mod, role, mod.__file__)
         if role == "party1":
             return main_party1(mod, argv)
         if role == "party0":

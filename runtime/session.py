@@ -35,6 +35,7 @@ import glob
 import hashlib
 import hmac
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -62,7 +63,46 @@ def load_manifest(prog_dir: str) -> dict:
         return json.load(fh)
 
 
+# What each role's generated program defines (code generation writes them from this table): its constants,
+# with their types, and its functions, with their parameters. The runtime calls nothing else.
+PROGRAM_CONSTANTS: dict[str, dict[str, type]] = {
+    "party0": {"PROGRAM_HASH": str, "ROLE": str, "LINEAR_WEIGHTS": dict},
+    "party1": {"PROGRAM_HASH": str, "ROLE": str, "LINEAR_WEIGHTS": dict},
+    "dealer": {"PROGRAM_HASH": str, "ROLE": str},
+}
+PROGRAM_FUNCTIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "party0": {"offline": ("P", "WH"), "online": ("P", "X", "Z0")},
+    "party1": {"online": ("P", "W")},
+    "dealer": {"deal": ("D", "setup_seed")},
+}
+
+
+def check_interface(mod, role: str, where: str) -> None:
+    """FsscError (one line naming ``where``) unless ``mod`` defines what a ``role`` program must."""
+    if role not in PROGRAM_FUNCTIONS:
+        raise FsscError(f"{where}: role {role!r} is none of {', '.join(PROGRAM_FUNCTIONS)}")
+    missing = []
+    for name, typ in PROGRAM_CONSTANTS[role].items():
+        v = getattr(mod, name, None)
+        if not isinstance(v, typ):
+            missing.append(f"{name} ({typ.__name__})" if v is None else f"{name} as a {typ.__name__}")
+    for name, params in PROGRAM_FUNCTIONS[role].items():
+        f = getattr(mod, name, None)
+        want = f"{name}({', '.join(params)})"
+        try:
+            ok = callable(f) and tuple(inspect.signature(f).parameters) == params
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            missing.append(want)
+    if missing:
+        raise FsscError(f"{where}: not a {role} program: it lacks {', '.join(missing)} (recompile with fssc compile)")
+    if role != mod.ROLE:
+        raise FsscError(f"{where}: the {mod.ROLE!r} program, not the {role} one")
+
+
 def load_program(prog_dir: str, role: str):
+    """Import ``prog_dir/role/program.py`` and check that it defines the role's interface."""
     path = os.path.join(prog_dir, role, "program.py")
     if not os.path.exists(path):
         raise FsscError(f"{prog_dir}: no {role}/program.py")
@@ -70,7 +110,11 @@ def load_program(prog_dir: str, role: str):
     if spec is None or spec.loader is None:
         raise FsscError(f"{path}: cannot be loaded as a Python module")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except SyntaxError as e:
+        raise FsscError(f"{path}: not a Python program (line {e.lineno}: {e.msg})") from None
+    check_interface(mod, role, path)
     return mod
 
 

@@ -204,15 +204,21 @@ def test_every_final_op_knows_its_generated_lines(r18_prog):
     programs = {
         role: (r18_prog / role / "program.py").read_text().splitlines() for role in ("party0", "party1", "dealer")
     }
+    maps = {role: json.loads((r18_prog / role / "sourcemap.json").read_text())["ops"] for role in programs}
     for r in final:
         code = doc["code"][str(r["uid"])]
         assert set(code) == set(programs), r["name"]
         for role, lines in code.items():
+            # the page's lines are the source map's, each code line with its statement's comment line
+            assert maps[role][str(r["uid"])] == [[no, no - 1 if comment else None] for no, comment, _ in lines]
             for no, comment, text in lines:
                 assert programs[role][no - 1].strip() == text
                 assert comment or f"'op{r['uid']}'" in text  # the comment names the op, else the tag does
                 if comment:  # a statement's comment names the op (the dealer's seed lines have none)
-                    assert programs[role][no - 2].strip() == f"# {comment}" and f"%{r['name']} " in comment
+                    assert programs[role][no - 2].strip() == f"# {comment}"
+                    assert re.search(rf"%{re.escape(r['name'])}[ :]", comment), comment
+    # and every op the source maps name is a final op
+    assert {int(u) for m in maps.values() for u in m} == {r["uid"] for r in final}
 
 
 def test_fssc_view_without_a_viewer_is_a_clean_error(tmp_path, run_fssc):

@@ -1,23 +1,34 @@
 """Code generation: the secure program's statements -> one Python program per role.
 
 ``prog/party0/program.py`` (data owner), ``prog/party1/program.py`` plus
-``prog/party1/weights.bin`` (model owner), ``prog/dealer/program.py`` and
-``prog/manifest.json``. The programs are straight-line calls into
-:mod:`fssc.runtime.lib`, one statement per IR op, each under a comment with
-its op, ONNX node(s) and pass. Weights live only in P1's weights file; P0's
-and the dealer's programs carry shapes and public parameters only. Output is
+``prog/party1/weights.bin`` (model owner), ``prog/dealer/program.py``, a
+``sourcemap.json`` beside each program and ``prog/manifest.json``. The programs
+are straight-line calls into :mod:`fssc.runtime.lib`, one statement per IR op,
+each under a comment with its op, ONNX node(s) and pass. Every call passes the
+role's context (``P`` or ``D``) first and everything else by keyword, and is
+checked against the runtime's signature before anything is written
+(:mod:`fssc.compiler.backend.contract`); each program's functions and
+constants are the ones the runtime loads (:data:`fssc.runtime.session.PROGRAM_FUNCTIONS`).
+The source map gives, per IR op, the lines of the program it became (the IR
+viewer reads it). Weights live only in P1's weights file; P0's and the
+dealer's programs carry shapes and public parameters only. Output is
 deterministic: the same input compiles to byte-identical files.
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import os
+from dataclasses import dataclass
 
 import jinja2
-from fssc.compiler.backend.lower import PROTOCOL_VERSION, SecureProgram, Stmt
-from fssc.runtime.geometry import POOL_PARAMS
+from fssc.compiler.backend.contract import Call, bind_operands
+from fssc.compiler.backend.lower import PROTOCOL_VERSION, SecureProgram, Stmt, _label
+from fssc.runtime.gates import STATEMENTS
 from fssc.runtime.keys import KeyWriter
+from fssc.runtime.session import PROGRAM_CONSTANTS, PROGRAM_FUNCTIONS
 
 from fssc import __version__
 from fssc.errors import FsscError
@@ -46,63 +57,96 @@ def _doc_text(s: str) -> str:
     return _comment_text(s).replace("\\", "/").replace('"', "'")
 
 
-def _kw(params: dict, keys) -> str:
-    return ", ".join(f"{k}={_lit(params[k])}" for k in keys)
+def _op_uid(tag: str) -> int | None:
+    """The IR op a statement came from: lowering tags an op's statements ``gate_tag(op)`` = ``op{uid}``, with a
+    suffix after a dot for its constants (``op7.c1``); inputs' and outputs' tags (``in.x``, ``out.y``) name no
+    op."""
+    head = tag.split(".", 1)[0]
+    return int(head[2:]) if head.startswith("op") and head[2:].isdigit() else None
 
 
-def _fn_expr(p: dict) -> str:
-    args = ", ".join(f"{k}={_lit(v)}" for k, v in p["fn_args"].items())
-    return f"lib.{p['fn']}({args})"
+@dataclass
+class _Block:
+    """Lines of one function body: a statement (its comment, then its code) or plain code (``del``,
+    ``return``); ``uid`` is the op the lines belong to, for the source map."""
+
+    code: list[str]
+    comment: str | None = None
+    uid: int | None = None
 
 
-def render_stmt(st: Stmt, role: str) -> list[str]:
-    """Python lines for one statement in one role's program (with its comment)."""
+def _bilinear(p: dict) -> Call:
+    return Call(p["fn"], {k: _lit(v) for k, v in p["fn_args"].items()})
+
+
+def _stmt_call(st: Stmt, role: str) -> tuple[str, Call]:
+    """The left-hand side and the runtime call of one statement in one role's program."""
     ctx = "D" if role == "dealer" else "P"
     T = _lit(st.tag)
     p = st.params
     a = st.args
-    line: str
+    out = f"{st.out} = "
     if st.kind == "input":
-        extra = f", X[{_lit(p['name'])}]" if role == "party0" else ""
-        line = f"{st.out} = lib.input_wire({ctx}, {T}, {_lit(p['shape'])}{extra})"
-    elif st.kind == "const":  # the model owner's constant operand of a local op, as a masked wire
-        c = f", c=W[{T}]" if role == "party1" else ""
-        line = f"{st.out} = lib.const({ctx}, {T}, shape={_lit(p['shape'])}{c})"
-    elif st.kind == "linear":
+        x = {"x": f"X[{_lit(p['name'])}]"} if role == "party0" else {}
+        return out, Call("input_wire", {"tag": T, "shape": _lit(p["shape"]), **x}, ctx)
+    if st.kind == "const":  # the model owner's constant operand of a local op, as a masked wire
+        c = {"c": f"W[{T}]"} if role == "party1" else {}
+        return out, Call("const", {"tag": T, "shape": _lit(p["shape"]), **c}, ctx)
+    if st.kind == "linear":
         if role == "party0":
-            line = f"{st.out} = lib.linear_p0(P, {T}, Z0.pop({T}))"
-        elif role == "party1":
-            w = f"W[{_lit(st.tag + '.w')}]"
-            b = f"W[{_lit(st.tag + '.b')}]" if p["bias"] else "None"
-            line = (
-                f"{st.out} = lib.linear_p1(P, {T}, {a[0]}, {_fn_expr(p)}, {p['k']}, {w}, {b}, "
-                f"w_bits={st.p1.get('w_bits', 64)})"
-            )
-        else:
-            line = (
-                f"{st.out} = lib.linear_dealer(D, {T}, {a[0]}, {_fn_expr(p)}, {p['k']}, "
-                f"{_lit(p['w_shape'])}, {_lit(p['y_shape'])}, S[{T}], setup_seed)"
-            )
-    elif st.kind == "relu":
-        line = f"{st.out} = lib.relu({ctx}, {T}, {a[0]}, m={p['m']}, trunc={p['trunc']})"
-    elif st.kind == "trunc":
-        line = f"{st.out} = lib.trunc({ctx}, {T}, {a[0]}, m={p['m']}, shift={p['shift']})"
-    elif st.kind == "maxpool":
-        line = f"{st.out} = lib.maxpool({ctx}, {T}, {a[0]}, {_kw(p, POOL_PARAMS + ('m', 'cmp_trunc'))})"
-    elif st.kind == "clip":
-        line = f"{st.out} = lib.clip({ctx}, {T}, {a[0]}, lo={p['lo']}, hi={p['hi']}, m={p['m']})"
-    elif st.kind in ("argmax", "argmax2"):  # a tournament, or the 2-class label for P0 only
-        line = f"{st.out} = lib.{st.kind}({ctx}, {T}, {a[0]}, {_kw(p, ('axis', 'keepdims', 'select_last', 'm'))})"
-    elif st.kind == "local":
-        kw = {k: v for k, v in p.items() if k != "fn"}
-        args = ", ".join(a + [f"{k}={_lit(v)}" for k, v in kw.items()])
-        line = f"{st.out} = lib.{p['fn']}({args})"
-    elif st.kind == "output":
+            return out, Call("linear_p0", {"tag": T, "z0": f"Z0.pop({T})"}, ctx)
+        if role == "party1":
+            kw = {
+                "tag": T,
+                "x": a[0],
+                "fn": _bilinear(p),
+                "k": _lit(p["k"]),
+                "w": f"W[{_lit(st.tag + '.w')}]",
+                "b": f"W[{_lit(st.tag + '.b')}]" if p["bias"] else "None",
+                "w_bits": _lit(st.p1.get("w_bits", 64)),
+            }
+            return out, Call("linear_p1", kw, ctx)
+        kw = {
+            "tag": T,
+            "r_x": a[0],
+            "fn": _bilinear(p),
+            "k": _lit(p["k"]),
+            "w_shape": _lit(p["w_shape"]),
+            "y_shape": _lit(p["y_shape"]),
+            "seeds": f"S[{T}]",
+            "setup_seed": "setup_seed",
+        }
+        return out, Call("linear_dealer", kw, ctx)
+    if st.kind in STATEMENTS:  # relu, trunc, maxpool, clip, argmax (a tournament), argmax2 (the label for P0 only)
+        return out, Call(st.kind, {"tag": T, "x": a[0], **{k: _lit(v) for k, v in p.items()}}, ctx)
+    if st.kind == "local":
+        params = {k: v for k, v in p.items() if k != "fn"}
+        kw = {**bind_operands(p["fn"], params, list(a)), **{k: _lit(v) for k, v in params.items()}}
+        return out, Call(p["fn"], kw)
+    if st.kind == "output":
         lhs = f"out[{_lit(p['name'])}] = " if role == "party0" else ""
-        line = f"{lhs}lib.output({ctx}, {T}, {a[0]})"
-    else:  # pragma: no cover
-        raise ValueError(st.kind)
-    return [f"# {_comment_text(st.comment)}", line]
+        return lhs, Call("output", {"tag": T, "v": a[0]}, ctx)
+    raise FsscError(f"unknown statement kind {st.kind!r}")
+
+
+def _checked(where: str, make):
+    """``make()``, its Call(s) checked against the runtime; FsscError naming ``where`` if they do not fit."""
+    try:
+        res = make()
+        res[1].check()
+    except FsscError as e:
+        raise FsscError(f"code generation: {where}: {e}") from None
+    return res
+
+
+def _where(st: Stmt, role: str) -> str:
+    return f"{role}'s {st.kind} statement {st.tag} ({_label(st)})"
+
+
+def render_stmt(st: Stmt, role: str) -> list[str]:
+    """Python lines for one statement in one role's program (its comment, then the checked call)."""
+    lhs, call = _checked(_where(st, role), lambda: _stmt_call(st, role))
+    return [f"# {_comment_text(st.comment)}", lhs + call.render()]
 
 
 def _uses(st: Stmt, role: str) -> list[str]:
@@ -112,69 +156,97 @@ def _uses(st: Stmt, role: str) -> list[str]:
     return list(st.args)
 
 
-def _body(prog: SecureProgram, role: str, keep: set[str]) -> list[str]:
+def _body(prog: SecureProgram, role: str, keep: set[str]) -> list[_Block]:
     """Statements in order, each followed by ``del`` of the variables it read for the last time,
     so a party holds only the activations still needed (not every layer's)."""
     last = {}
     for i, st in enumerate(prog.stmts):
         for v in _uses(st, role):
             last[v] = i
-    body: list[str] = []
+    body: list[_Block] = []
     for i, st in enumerate(prog.stmts):
-        body += render_stmt(st, role)
+        comment, code = render_stmt(st, role)
+        body.append(_Block([code], comment[2:], _op_uid(st.tag)))
         dead = sorted({v for v in _uses(st, role) if last[v] == i and v not in keep}, key=lambda v: int(v[1:]))
         if dead:
-            body.append(f"del {', '.join(dead)}")
+            body.append(_Block([f"del {', '.join(dead)}"]))
     return body
 
 
-def _functions(prog: SecureProgram, role: str) -> list[dict]:
+def _offline(st: Stmt) -> tuple[str, Call]:
+    p = st.params
+    T = _lit(st.tag)
+    kw = {
+        "tag": T,
+        "fn": _bilinear(p),
+        "k": _lit(p["k"]),
+        "x_shape": _lit(p["x_shape"]),
+        "w_hat": f"WH[{T}]",
+        "y_shape": _lit(p["y_shape"]),
+    }
+    return f"Z0[{T}] = ", Call("linear_offline", kw, "P")
+
+
+def _functions(prog: SecureProgram, role: str) -> dict[str, list[_Block]]:
+    """Function name -> body, for the functions the runtime calls in a role's program
+    (:data:`fssc.runtime.session.PROGRAM_FUNCTIONS` gives their parameters)."""
     labels = [o for o in prog.outputs if not o["masked"]]
     body = _body(prog, role, {o["var"] for o in labels})
     if role == "party0":
-        off = ["Z0 = {}"]
+        off = [_Block(["Z0 = {}"])]
         for st in prog.linears:
-            p = st.params
-            T = _lit(st.tag)
-            off += [
-                f"# {_comment_text(st.comment)}",
-                f"Z0[{T}] = lib.linear_offline(P, {T}, {_fn_expr(p)}, {p['k']}, "
-                f"{_lit(p['x_shape'])}, WH[{T}], {_lit(p['y_shape'])})",
-            ]
-        off.append("return Z0")
-        body = ["out = {}"] + body + [f"out[{_lit(o['name'])}] = {o['var']}" for o in labels] + ["return out"]
-        return [
-            {
-                "signature": "offline(P, WH)",
-                "doc": "P0's halves z_0 of every linear layer, before the input exists (keys and W^ suffice).",
-                "body": off,
-            },
-            {
-                "signature": "online(P, X, Z0)",
-                "doc": "The inference: X maps each input's name to its encoded batch (P0 holds every "
-                "input); returns the outputs (ring elements at the manifest's scale, or labels).",
-                "body": body,
-            },
-        ]
+            lhs, call = _checked(f"{_where(st, role)}, offline half", lambda st=st: _offline(st))
+            off.append(_Block([lhs + call.render()], _comment_text(st.comment), _op_uid(st.tag)))
+        off.append(_Block(["return Z0"]))
+        outs = [f"out[{_lit(o['name'])}] = {o['var']}" for o in labels]
+        return {"offline": off, "online": [_Block(["out = {}"]), *body, _Block([*outs, "return out"])]}
     if role == "party1":
-        return [
-            {
-                "signature": "online(P, W)",
-                "doc": "The inference on P1's side: W holds the encoded weights. Learns nothing.",
-                "body": body,
-            }
-        ]
-    seeds = [f"S[{_lit(st.tag)}] = D.linear_seeds({_lit(st.tag)})" for st in prog.linears]
-    return [
-        {
-            "signature": "deal(D, setup_seed)",
-            "doc": "One batch of keys: P0's linear seeds first, then every op in evaluation order.",
-            "body": ["S = {}"] + seeds + body,
-        }
+        return {"online": body}
+    seeds = [
+        _Block([f"S[{_lit(st.tag)}] = D.linear_seeds({_lit(st.tag)})"], None, _op_uid(st.tag)) for st in prog.linears
     ]
+    return {"deal": [_Block(["S = {}"]), *seeds, *body]}
 
 
-def render(prog: SecureProgram, role: str, source: str) -> str:
+DOCS = {
+    ("party0", "offline"): "P0's halves z_0 of every linear layer, before the input exists (keys and W^ suffice).",
+    ("party0", "online"): "The inference: X maps each input's name to its encoded batch (P0 holds every "
+    "input); returns the outputs (ring elements at the manifest's scale, or labels).",
+    ("party1", "online"): "The inference on P1's side: W holds the encoded weights. Learns nothing.",
+    ("dealer", "deal"): "One batch of keys: P0's linear seeds first, then every op in evaluation order.",
+}
+
+
+@dataclass
+class Rendered:
+    """One role's program: its text, and the source map op uid -> [[line, comment line or None], ...] (1-based
+    line numbers of the op's code lines, each with the line of the statement's comment)."""
+
+    text: str
+    lines: dict[int, list[list[int | None]]]
+
+
+def _flat(blocks: list[_Block]) -> list[str]:
+    out: list[str] = []
+    for b in blocks:
+        out += ([f"# {b.comment}"] if b.comment is not None else []) + b.code
+    return out
+
+
+def _check_interface(src: str, role: str) -> None:
+    """The program defines what the runtime loads (:func:`fssc.runtime.session.check_interface`), read from its
+    syntax tree: each constant assigned at the top level, each function with its parameters."""
+    tree = ast.parse(src)
+    names = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    funcs = {n.name: tuple(a.arg for a in n.args.args) for n in tree.body if isinstance(n, ast.FunctionDef)}
+    missing = [c for c in PROGRAM_CONSTANTS[role] if c not in names]
+    missing += [f"{f}({', '.join(ps)})" for f, ps in PROGRAM_FUNCTIONS[role].items() if funcs.get(f) != ps]
+    if missing:
+        raise FsscError(f"code generation: the {role} program would lack {', '.join(missing)}")
+
+
+def render_program(prog: SecureProgram, role: str, source: str) -> Rendered:
+    """One role's program, every runtime call checked against :mod:`fssc.runtime.lib`, with its source map."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("fssc.compiler.backend", "templates"),
         keep_trailing_newline=True,
@@ -186,7 +258,12 @@ def render(prog: SecureProgram, role: str, source: str) -> str:
         header.append("# weighted layers: tag -> weight shape (W^ = W + A is sent to P0 once per session)")
         header.append("LINEAR_WEIGHTS = " + json.dumps({st.tag: st.params["w_shape"] for st in prog.linears}))
     title, doc = ROLES[role]
-    return env.get_template("program.py.j2").render(
+    bodies = _functions(prog, role)
+    functions = [
+        {"signature": f"{name}({', '.join(PROGRAM_FUNCTIONS[role][name])})", "doc": DOCS[role, name], "body": _flat(b)}
+        for name, b in bodies.items()
+    ]
+    text = env.get_template("program.py.j2").render(
         role=role,
         role_title=title,
         role_doc=doc,
@@ -194,8 +271,28 @@ def render(prog: SecureProgram, role: str, source: str) -> str:
         source=_doc_text(source),
         hash=prog.hash,
         header=header,
-        functions=_functions(prog, role),
+        functions=functions,
     )
+    lines = text.splitlines()
+    smap: dict[int, list[list[int | None]]] = {}
+    for fn, blocks in zip(functions, bodies.values(), strict=True):
+        no = lines.index(f"def {fn['signature']}:") + 3  # 1-based: the def, its one-line docstring, then the body
+        for b in blocks:
+            comment = None
+            if b.comment is not None:
+                comment, no = no, no + 1
+            for code in b.code:
+                if lines[no - 1] != f"    {code}":  # the template moved the body: a compiler bug
+                    raise FsscError(f"code generation: the {role} program's line {no} is not where its map says")
+                if b.uid is not None:
+                    smap.setdefault(b.uid, []).append([no, comment])
+                no += 1
+    return Rendered(text, smap)
+
+
+def render(prog: SecureProgram, role: str, source: str) -> str:
+    """One role's program (see :func:`render_program`)."""
+    return render_program(prog, role, source).text
 
 
 def manifest(prog: SecureProgram, extra: dict) -> dict:
@@ -212,21 +309,45 @@ def manifest(prog: SecureProgram, extra: dict) -> dict:
     }
 
 
-def write_program(prog: SecureProgram, out_dir: str, source: str, extra_manifest: dict) -> dict[str, str]:
-    """Write the three programs, P1's weights and the manifest; returns role -> path."""
-    sources = {role: render(prog, role, source) for role in ROLES}
-    for role, src in sources.items():  # a program that does not parse is a compiler bug: never write it
+def sourcemap(prog: SecureProgram, role: str, r: Rendered) -> dict:
+    """``<role>/sourcemap.json``: which lines of ``<role>/program.py`` each IR op became. Beside each role's
+    program, so a party's folder maps only its own program; ``sha256`` is the program's, whose lines it maps."""
+    return {
+        "program": "program.py",
+        "program_hash": prog.hash,
+        "sha256": hashlib.sha256(r.text.encode()).hexdigest(),
+        "ops": {str(uid): r.lines[uid] for uid in sorted(r.lines)},
+    }
+
+
+@dataclass
+class Written:
+    """What :func:`write_program` wrote: role -> program path, and role -> its source map."""
+
+    paths: dict[str, str]
+    sourcemaps: dict[str, dict]
+
+
+def write_program(prog: SecureProgram, out_dir: str, source: str, extra_manifest: dict) -> Written:
+    """Write the three programs with their source maps, P1's weights and the manifest.
+
+    Every program is rendered, its runtime calls checked, parsed and its interface checked before any file
+    is written: a program that would call the runtime wrongly is never written."""
+    rendered = {role: render_program(prog, role, source) for role in ROLES}
+    for role, r in rendered.items():  # a program that does not parse is a compiler bug: never write it
         try:
-            compile(src, f"{role}/program.py", "exec")
+            compile(r.text, f"{role}/program.py", "exec")
         except SyntaxError as e:
             raise FsscError(f"code generation produced invalid Python for {role} (line {e.lineno}): {e.msg}") from None
-    paths = {}
-    for role, src in sources.items():
+        _check_interface(r.text, role)
+    paths, maps = {}, {}
+    for role, r in rendered.items():
         d = os.path.join(out_dir, role)
         os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, "program.py")
-        write_atomic(path, src)
-        paths[role] = path
+        paths[role] = os.path.join(d, "program.py")
+        maps[role] = sourcemap(prog, role, r)
+        write_atomic(paths[role], r.text)
+        write_atomic(os.path.join(d, "sourcemap.json"), json.dumps(maps[role], separators=(",", ":")) + "\n")
     w = KeyWriter(os.path.join(out_dir, "party1", "weights.bin"), {"kind": "weights", "program": prog.hash})
     for name in sorted(prog.weights):
         w.put(name, prog.weights[name])
@@ -235,4 +356,4 @@ def write_program(prog: SecureProgram, out_dir: str, source: str, extra_manifest
         os.path.join(out_dir, "manifest.json"),
         json.dumps(manifest(prog, extra_manifest), indent=1, sort_keys=True) + "\n",
     )
-    return paths
+    return Written(paths, maps)

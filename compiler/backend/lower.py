@@ -27,6 +27,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from fssc.compiler.backend.contract import bind_operands
 from fssc.compiler.backend.gates import gate_tag
 from fssc.compiler.ir.graph import Graph, Op
 from fssc.compiler.ir.ops import OPS, Bilinear, Role
@@ -292,7 +293,7 @@ def _shape_of(st: Stmt, ins: list[np.ndarray]) -> tuple:
         return STATEMENTS[st.kind].out_shape(ins[0].shape, **p)
     if st.kind == "local":
         kw = {k: v for k, v in p.items() if k != "fn"}
-        return getattr(lib, p["fn"])(*ins, **kw).shape
+        return getattr(lib, p["fn"])(**bind_operands(p["fn"], kw, ins), **kw).shape
     raise FsscError(f"unknown statement kind {st.kind!r}")
 
 

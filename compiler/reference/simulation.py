@@ -84,9 +84,11 @@ def strip_weights(graph: Graph) -> Graph:
 
 
 def _module(source: str, role: str) -> types.ModuleType:
+    """A role's generated program as a module, its interface checked as :func:`session.load_program` does."""
     mod = types.ModuleType(f"fssc_program_{role}")
     mod.__file__ = f"<fssc {role} program>"
     exec(compile(source, mod.__file__, "exec"), mod.__dict__)
+    session.check_interface(mod, role, mod.__file__)
     return mod
 
 

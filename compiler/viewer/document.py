@@ -18,8 +18,8 @@ compile time, except what is cheap in the browser (edges, diffs, search):
   (:func:`fssc.compiler.backend.cost.op_cost`). Ops identical in two passes are
   stored once; each pass lists indices into the op table;
 * for the final pass: the lines of each role's generated program every op
-  became (:func:`program_lines`: the statement's comment names the op, and
-  gate and linear statements carry its tag ``op{uid}``).
+  became (:func:`program_lines`, from the source maps code generation writes
+  beside the programs).
 
 The page is deterministic (the same input gives a byte-identical file). Pass
 timings are not: they go to ``timings.js`` beside the page, which the page
@@ -29,6 +29,7 @@ loads with a ``<script>`` tag (that works from ``file://`` and from
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -218,43 +219,36 @@ def _split_text(graph: Graph) -> tuple[list[str], list[str], list[str]]:
 
 
 # --------------------------------------------------------------------------- generated code
-TAG = re.compile(r"""["']op(\d+)(?:\.[\w.]*)?["']""")  # a tag literal, as codegen's repr writes it
-COMMENT = re.compile(r"^# (\S+) %(\S+) \[")
-
-
 def program_lines(prog_dir: str, graph: Graph) -> dict[int, dict[str, list[list]]]:
     """uid -> role -> [[line number, comment, code], ...] in the generated programs of ``graph``.
 
-    Code generation writes each statement as a comment naming the op
-    (``# kind %output [shape] ...``, :func:`fssc.compiler.backend.lower._comment`)
-    and a code line under it; gate and linear statements also carry the
-    op's tag ``'op{uid}'`` (:func:`fssc.compiler.backend.gates.gate_tag`), local ops
-    do not. A code line belongs to the op its comment names, else (the
-    dealer's seed lines, which have no comment) to the one tag it carries.
+    Code generation writes ``<role>/sourcemap.json`` beside each program
+    (:func:`fssc.compiler.backend.codegen.sourcemap`): for each op, the lines
+    its statements became, each with the line of the statement's comment (none
+    for the dealer's seed lines). The map names the program by its SHA-256; a
+    program edited since refuses, as does a map naming an op the graph lacks.
     """
-    by_name = {op.outputs[0]: op for op in graph.ops if op.outputs}
+    uids = {op.uid for op in graph.ops}
     out: dict[int, dict[str, list[list]]] = {}
     for role in ROLES:
         path = os.path.join(prog_dir, role, "program.py")
-        if not os.path.exists(path):
+        map_path = os.path.join(prog_dir, role, "sourcemap.json")
+        if not os.path.exists(path) or not os.path.exists(map_path):
             continue
-        with open(path) as fh:
-            lines = fh.read().splitlines()
-        for i, ln in enumerate(lines):
-            code = ln.strip()
-            if not code or code.startswith("#"):
-                continue
-            prev = lines[i - 1].strip() if i else ""
-            m = COMMENT.match(prev)
-            op = by_name.get(m.group(2)) if m else None
-            if op is not None and m is not None and op.kind == m.group(1):
-                uid, comment = op.uid, prev[2:]
-            else:
-                uids = {int(t) for t in TAG.findall(code)}
-                if len(uids) != 1:  # no op, or a header listing many
-                    continue
-                uid, comment = uids.pop(), ""
-            out.setdefault(uid, {}).setdefault(role, []).append([i + 1, comment, code])
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        with open(map_path) as fh:
+            smap = json.load(fh)
+        if hashlib.sha256(raw).hexdigest() != smap.get("sha256"):
+            raise FsscError(f"viewer: {path} is not the program {map_path} maps (edited since compile?)")
+        lines = raw.decode().splitlines()
+        for key, entries in smap["ops"].items():
+            uid = int(key)
+            if uid not in uids:
+                raise FsscError(f"viewer: {map_path} maps op uid {uid}, which the final graph lacks")
+            out.setdefault(uid, {})[role] = [
+                [no, lines[cm - 1].strip()[2:] if cm else "", lines[no - 1].strip()] for no, cm in entries
+            ]
     return out
 
 
