@@ -149,13 +149,14 @@ def operands_encoded(op: Op, graph: Graph, env) -> list[np.ndarray]:
 
 def _local_fixed(op: Op, graph: Graph, env) -> np.ndarray:
     """A local op's fixed-point semantics: the lib function the secure programs call, on the same operands."""
-    from fssc.runtime import lib  # here: lib reads this registry
+    from fssc.compiler.backend.contract import bind_operands  # here: both read this registry
+    from fssc.runtime import lib
 
     lower = OPS[op.kind].lower
     assert lower is not None  # every local entry has one (register gives the default)
     p = dict(lower(op, graph))
-    fn = getattr(lib, p.pop("fn"))
-    return fn(*operands_encoded(op, graph, env), **p)
+    name = p.pop("fn")
+    return getattr(lib, name)(**bind_operands(name, p, operands_encoded(op, graph, env)), **p)
 
 
 def _elements(op: Op, graph: Graph) -> int:
