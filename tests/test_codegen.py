@@ -179,6 +179,8 @@ def _rename(old: str, new: str):
         ("local", "concat", _rename("axis", "dim"), "unexpected keyword argument 'dim'"),
         ("local", "add", lambda p: p.update(fn="plus"), "the runtime has no function lib.plus"),
         ("linear", None, lambda p: p["fn_args"].update(stride=[1, 1]), "lib.conv(strides, pads, dilations, group)"),
+        ("trunc", None, lambda p: p.update(shift="17"), "lib.trunc: shift='17' is not int"),
+        ("clip", None, lambda p: p.update(lo=0.5), "lib.clip: lo=0.5 is not int | None"),
     ],
 )
 def test_a_call_the_runtime_cannot_take_is_refused_and_nothing_is_written(kinds, tmp_path, kind, fn, edit, why):

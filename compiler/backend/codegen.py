@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 
 import jinja2
-from fssc.compiler.backend.contract import Call, bind_operands
+from fssc.compiler.backend.contract import Call, Lit, bind_operands
 from fssc.compiler.backend.lower import PROTOCOL_VERSION, SecureProgram, Stmt, _label
 from fssc.runtime.gates import STATEMENTS
 from fssc.runtime.keys import KeyWriter
@@ -76,52 +76,54 @@ class _Block:
 
 
 def _bilinear(p: dict) -> Call:
-    return Call(p["fn"], {k: _lit(v) for k, v in p["fn_args"].items()})
+    return Call(p["fn"], {k: Lit(v) for k, v in p["fn_args"].items()})
 
 
 def _stmt_call(st: Stmt, role: str) -> tuple[str, Call]:
     """The left-hand side and the runtime call of one statement in one role's program."""
     ctx = "D" if role == "dealer" else "P"
-    T = _lit(st.tag)
+    T = Lit(st.tag)
     p = st.params
     a = st.args
     out = f"{st.out} = "
     if st.kind == "input":
         x = {"x": f"X[{_lit(p['name'])}]"} if role == "party0" else {}
-        return out, Call("input_wire", {"tag": T, "shape": _lit(p["shape"]), **x}, ctx)
+        return out, Call("input_wire", {"tag": T, "shape": Lit(p["shape"]), **x}, ctx)
     if st.kind == "const":  # the model owner's constant operand of a local op, as a masked wire
-        c = {"c": f"W[{T}]"} if role == "party1" else {}
-        return out, Call("const", {"tag": T, "shape": _lit(p["shape"]), **c}, ctx)
+        c = {"c": f"W[{_lit(st.tag)}]"} if role == "party1" else {}
+        return out, Call("const", {"tag": T, "shape": Lit(p["shape"]), **c}, ctx)
     if st.kind == "linear":
         if role == "party0":
-            return out, Call("linear_p0", {"tag": T, "z0": f"Z0.pop({T})"}, ctx)
+            return out, Call("linear_p0", {"tag": T, "z0": f"Z0.pop({_lit(st.tag)})"}, ctx)
         if role == "party1":
             kw = {
                 "tag": T,
                 "x": a[0],
                 "fn": _bilinear(p),
-                "k": _lit(p["k"]),
+                "k": Lit(p["k"]),
                 "w": f"W[{_lit(st.tag + '.w')}]",
                 "b": f"W[{_lit(st.tag + '.b')}]" if p["bias"] else "None",
-                "w_bits": _lit(st.p1.get("w_bits", 64)),
+                "w_bits": Lit(st.p1.get("w_bits", 64)),
             }
             return out, Call("linear_p1", kw, ctx)
         kw = {
             "tag": T,
             "r_x": a[0],
             "fn": _bilinear(p),
-            "k": _lit(p["k"]),
-            "w_shape": _lit(p["w_shape"]),
-            "y_shape": _lit(p["y_shape"]),
-            "seeds": f"S[{T}]",
+            "k": Lit(p["k"]),
+            "w_shape": Lit(p["w_shape"]),
+            "y_shape": Lit(p["y_shape"]),
+            "seeds": f"S[{_lit(st.tag)}]",
             "setup_seed": "setup_seed",
         }
         return out, Call("linear_dealer", kw, ctx)
     if st.kind in STATEMENTS:  # relu, trunc, maxpool, clip, argmax (a tournament), argmax2 (the label for P0 only)
-        return out, Call(st.kind, {"tag": T, "x": a[0], **{k: _lit(v) for k, v in p.items()}}, ctx)
+        if {"tag", "x"} & p.keys():
+            raise FsscError(f"a public parameter may not be named tag or x: {sorted(p)}")
+        return out, Call(st.kind, {"tag": T, "x": a[0], **{k: Lit(v) for k, v in p.items()}}, ctx)
     if st.kind == "local":
         params = {k: v for k, v in p.items() if k != "fn"}
-        kw = {**bind_operands(p["fn"], params, list(a)), **{k: _lit(v) for k, v in params.items()}}
+        kw = {**bind_operands(p["fn"], params, list(a)), **{k: Lit(v) for k, v in params.items()}}
         return out, Call(p["fn"], kw)
     if st.kind == "output":
         lhs = f"out[{_lit(p['name'])}] = " if role == "party0" else ""
@@ -175,16 +177,15 @@ def _body(prog: SecureProgram, role: str, keep: set[str]) -> list[_Block]:
 
 def _offline(st: Stmt) -> tuple[str, Call]:
     p = st.params
-    T = _lit(st.tag)
     kw = {
-        "tag": T,
+        "tag": Lit(st.tag),
         "fn": _bilinear(p),
-        "k": _lit(p["k"]),
-        "x_shape": _lit(p["x_shape"]),
-        "w_hat": f"WH[{T}]",
-        "y_shape": _lit(p["y_shape"]),
+        "k": Lit(p["k"]),
+        "x_shape": Lit(p["x_shape"]),
+        "w_hat": f"WH[{_lit(st.tag)}]",
+        "y_shape": Lit(p["y_shape"]),
     }
-    return f"Z0[{T}] = ", Call("linear_offline", kw, "P")
+    return f"Z0[{_lit(st.tag)}] = ", Call("linear_offline", kw, "P")
 
 
 def _functions(prog: SecureProgram, role: str) -> dict[str, list[_Block]]:

@@ -59,9 +59,37 @@ def bind_operands(fn: str, params: dict, operands: list[T]) -> dict[str, T | lis
     return {p.name: v for p, v in zip(free, operands, strict=True)}
 
 
+@dataclass(frozen=True)
+class Lit:
+    """A public parameter, written into the program with ``repr`` (names from the model stay data) and
+    checked against its parameter's annotation when that is a plain type (``int``, ``str``, ``int | None``)."""
+
+    value: object
+
+
+PLAIN_TYPES: dict[str, type] = {
+    "int": int,
+    "str": str,
+    "bool": bool,
+    "bytes": bytes,
+    "float": float,
+    "None": type(None),
+}
+
+
+def _plain_types(annotation) -> tuple[type, ...] | None:
+    """``int | None`` -> (int, NoneType); None for an annotation that is not a union of plain types."""
+    parts = [t.strip() for t in str(annotation).split("|")]
+    if annotation is inspect.Parameter.empty or not all(t in PLAIN_TYPES for t in parts):
+        return None
+    return tuple(PLAIN_TYPES[t] for t in parts)
+
+
 def _render_value(v) -> str:
     if isinstance(v, Call):
         return v.render()
+    if isinstance(v, Lit):
+        return repr(v.value)
     if isinstance(v, list):  # a list of variables (concat's operands)
         return "[" + ", ".join(map(str, v)) + "]"
     return str(v)
@@ -69,8 +97,8 @@ def _render_value(v) -> str:
 
 @dataclass(frozen=True)
 class Call:
-    """``lib.fn(ctx, name=expr, ...)``: ``kwargs`` maps each parameter to a Python expression (a string: a
-    variable, a literal written with ``repr``, ``W['op4.w']``), a list of variables, or a nested Call."""
+    """``lib.fn(ctx, name=value, ...)``: ``kwargs`` maps each parameter to a :class:`Lit`, a Python expression
+    (a string: a variable, ``W['op4.w']``, ``Z0.pop('op4')``), a list of variables, or a nested Call."""
 
     fn: str
     kwargs: dict = field(default_factory=dict)
@@ -81,15 +109,21 @@ class Call:
         return f"lib.{self.fn}({', '.join(args)})"
 
     def check(self) -> None:
-        """Bind the call to ``lib.fn``'s signature (and each nested call to its own); FsscError if it does not fit."""
+        """Bind the call to ``lib.fn``'s signature (and each nested call to its own) and check each literal
+        against its parameter's plain-type annotation; FsscError if it does not fit."""
         sig = signature(self.fn)
         try:
             sig.bind(*([_VALUE] if self.ctx else []), **dict.fromkeys(self.kwargs, _VALUE))
         except TypeError as e:
             raise FsscError(f"lib.{self.fn}{_plain(sig)} cannot take ({', '.join(self._names())}): {e}") from None
-        for v in self.kwargs.values():
+        for k, v in self.kwargs.items():
             if isinstance(v, Call):
                 v.check()
+            elif isinstance(v, Lit):
+                ann = sig.parameters[k].annotation
+                types = _plain_types(ann)
+                if types is not None and not isinstance(v.value, types):
+                    raise FsscError(f"lib.{self.fn}: {k}={v.value!r} is not {ann}")
 
     def _names(self) -> list[str]:
         return ([self.ctx] if self.ctx else []) + [f"{k}=" for k in self.kwargs]
