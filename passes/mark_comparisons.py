@@ -12,14 +12,18 @@ from __future__ import annotations
 
 from fssc.compiler.backend.gates import gate_count, gate_depth, gate_kind
 from fssc.compiler.ir.graph import Graph
-from fssc.passes.base import PassContext
+from fssc.passes.base import COMPARISONS_MARKED, RANGES, PassContext, PassResult
 
 from fssc.errors import FsscError
 
 NAME = "mark-comparisons"
+REQUIRES = frozenset({RANGES})
+ENSURES = frozenset({COMPARISONS_MARKED})
+INVALIDATES: frozenset[str] = frozenset()
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
+def run(graph: Graph, ctx: PassContext) -> PassResult:
+    before = [op.gate for op in graph.ops]
     batch = graph.values[graph.inputs[0]].shape[0] if graph.inputs else 1
     for op in graph.ops:
         kind = gate_kind(op)
@@ -34,4 +38,4 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         for key in ("trunc", "cmp_trunc", "shift"):
             if op.attrs.get(key):
                 op.gate[key] = op.attrs[key]
-    return graph
+    return PassResult(graph, [op.gate for op in graph.ops] != before)

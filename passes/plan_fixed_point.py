@@ -29,11 +29,14 @@ floor division by 2^k, exactly what the secure gates compute.
 from __future__ import annotations
 
 from fssc.compiler.ir.graph import Graph, Value
-from fssc.passes.base import PassContext
+from fssc.passes.base import COMPARISONS_MARKED, FIXED_POINT, RANGES, PassContext, PassResult
 
 from fssc.errors import FsscError
 
 NAME = "plan-fixed-point"
+REQUIRES: frozenset[str] = frozenset()
+ENSURES = frozenset({FIXED_POINT})
+INVALIDATES = frozenset({RANGES, COMPARISONS_MARKED})  # truncations move: the measured ranges are stale
 
 LINEAR = {"conv", "gemm", "matmul", "mul", "batchnorm", "affine", "avgpool", "globalavgpool"}
 WEIGHTED = {"conv", "gemm", "matmul", "mul", "batchnorm", "affine"}
@@ -68,7 +71,8 @@ SCALE_PRESERVING = {"maxpool", "clip", "pad", "flatten", "reshape", "sumpool", "
 ALIGNING = {"add", "sub", "concat"}
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
+def run(graph: Graph, ctx: PassContext) -> PassResult:
+    before = _planned_state(graph)
     f = ctx.frac_bits
     smax = ctx.max_scale
     scale: dict[str, int] = dict.fromkeys(graph.inputs, f)
@@ -135,4 +139,13 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         graph.values[name].scale = s
     graph.meta["frac_bits"] = f
     graph.meta["weight_bound_bits"] = ctx.weight_bound_bits  # public: see weight_bits
-    return graph
+    return PassResult(graph, _planned_state(graph) != before)
+
+
+def _planned_state(graph: Graph) -> tuple:
+    """What planning sets: the ops (with their attributes), every scale, the plan's meta."""
+    return (
+        [(op.uid, op.kind, list(op.inputs), dict(op.attrs)) for op in graph.ops],
+        {n: v.scale for n, v in graph.values.items()},
+        (graph.meta.get("frac_bits"), graph.meta.get("weight_bound_bits")),
+    )

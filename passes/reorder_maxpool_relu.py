@@ -11,18 +11,18 @@ pooled size: on ResNet-18's stem 802,816 -> 200,704 per image.
 from __future__ import annotations
 
 from fssc.compiler.ir.graph import Graph, Value
-from fssc.passes.base import PassContext
+from fssc.passes.base import RELU_AFTER_MAXPOOL, REWRITE_INVALIDATES, PassContext, PassResult
 
 NAME = "reorder-maxpool-relu"
+REQUIRES: frozenset[str] = frozenset()
+ENSURES = frozenset({RELU_AFTER_MAXPOOL})
+INVALIDATES = REWRITE_INVALIDATES
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
-    producer = graph.producer()
-    ops = list(graph.ops)
-    for i, pool in enumerate(ops):
-        if pool.kind != "maxpool":
-            continue
-        relu = producer.get(pool.inputs[0])
+def run(graph: Graph, ctx: PassContext) -> PassResult:
+    modified = False
+    for pool in [op for op in graph.ops if op.kind == "maxpool"]:
+        relu = graph.producer_of(pool.inputs[0])
         if relu is None or relu.kind != "relu" or relu.attrs or graph.n_users(relu.outputs[0]) != 1:
             continue
         x, r, m = relu.inputs[0], relu.outputs[0], pool.outputs[0]
@@ -31,8 +31,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         pool.inputs, pool.outputs = [x], [pooled]
         relu.inputs, relu.outputs = [pooled], [m]
         del graph.values[r]
-        producer[pooled], producer[m] = pool, relu  # a following maxpool can take the relu too
-        j = ops.index(relu)
-        ops[j], ops[i] = pool, relu  # pool takes the relu's slot, relu the pool's
-    graph.ops = ops
-    return graph
+        i, j = graph.index_of(pool), graph.index_of(relu)
+        graph.ops[j], graph.ops[i] = pool, relu  # pool takes the relu's slot, relu the pool's
+        modified = True  # a following maxpool finds the relu as its producer and takes it too
+    return PassResult(graph, modified)

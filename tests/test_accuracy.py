@@ -182,14 +182,14 @@ def test_bits_full_and_margins_price_and_plan_every_comparison(model):
     g = import_onnx(str(model))
     res = {k: compile_graph(g.clone(), echo=lambda s: None, margin_bits=k) for k in (2, 4)}
     full = compile_graph(g.clone(), echo=lambda s: None, bits="full")
-    ranges = res[2].ctx.notes["ranges"]
+    ranges = res[2].ctx.ranges.comparisons
     for op in full.graph.ops:
         if op.gate:
             shift = op.attrs.get("trunc") or op.attrs.get("shift") or op.attrs.get("cmp_trunc") or 0
             assert op.gate["bits"] == widest_bits(op) == 64 - shift
     for op, op4 in zip(res[2].graph.ops, res[4].graph.ops, strict=True):
         if op.gate:
-            assert op.gate["bits"] == min(widest_bits(op), bits_for(ranges[op.uid]["magnitude"]) + 2)
+            assert op.gate["bits"] == min(widest_bits(op), bits_for(ranges[op.uid].magnitude) + 2)
             assert op4.gate["bits"] == min(widest_bits(op), op.gate["bits"] + 2)
     totals = [r.report.to_dict()["totals"] for r in (res[2], res[4], full)]
     assert totals[0]["key_bytes_p0"] < totals[1]["key_bytes_p0"] < totals[2]["key_bytes_p0"]

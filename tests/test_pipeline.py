@@ -105,7 +105,7 @@ def test_every_pass_ran_verified_timed_and_changed_the_resnet(compiled):
     recs = compiled.records
     assert [r.name for r in recs] == ["import"] + pass_names()
     assert [r.index for r in recs] == list(range(len(recs)))
-    assert all(r.changed for r in recs)
+    assert all(r.modified for r in recs)
     assert recs[-1].text == compiled.graph.text()  # the last record is the graph the compile returns
     rep = compiled.report.to_dict()["totals"]
     assert rep["key_bytes_p0"] > 0 and rep["key_bytes_p1"] > rep["key_bytes_p0"]
@@ -218,7 +218,7 @@ def test_print_ir_after_all_and_changed_flags(tmp_path):
     printed = []
     res = compile_graph(import_onnx(str(tiny_model_file(tmp_path))), print_all=True, echo=printed.append)
     assert [s.splitlines()[0] for s in printed] == [f"// ----- IR after {n} -----" for n in pass_names()]
-    changed = {r.name: r.changed for r in res.records}
+    changed = {r.name: r.modified for r in res.records}
     # nothing to fold, reorder, lower or scale in conv -> relu -> flatten -> gemm
     assert changed == {
         "import": True,
@@ -319,11 +319,11 @@ def test_calibrate_from_images_and_npy(tmp_path, export_resnet18):
     images = tmp_path / "images"
     _write_images(str(images), 3, 64)  # 3 images -> 2 batches of 2 (the last padded)
     res = compile_graph(import_onnx(str(path)), calibrate=str(images), echo=lambda s: None)
-    assert res.ctx.notes["calibration_batches"] == 2
+    assert res.ctx.ranges is not None and res.ctx.ranges.calibration_batches == 2
     arr = tmp_path / "x.npy"
     np.save(arr, np.zeros((4, 3, 64, 64), np.float32))
     res0 = compile_graph(import_onnx(str(path)), calibrate=str(arr), echo=lambda s: None)
-    assert res0.ctx.notes["calibration_batches"] == 2
+    assert res0.ctx.ranges is not None and res0.ctx.ranges.calibration_batches == 2
     # all-zero inputs still give positive bitwidths for every comparison
     assert all(op.gate["bits"] >= 2 for op in res0.graph.ops if op.gate)
     empty = tmp_path / "empty"

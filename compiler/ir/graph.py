@@ -13,6 +13,14 @@ diff use it. A comparison op's bitwidth ``bits`` (set by range analysis) is
 the op's, not its input value's: one value may feed several comparisons that
 need different widths.
 
+The graph keeps use lists: :meth:`Graph.uses` (which ops read a value, and at
+which input), :meth:`Graph.producer_of`, and the edits that keep them right
+(:meth:`Graph.replace_all_uses_with`, :meth:`Graph.remove_op`,
+:meth:`Graph.insert_op_before` / :meth:`Graph.insert_op_after`). The index is
+derived from the ops and rebuilt after any edit, including a direct assignment
+to ``op.inputs``, ``op.outputs`` or ``graph.ops`` (these lists report their
+edits), so it is never stale.
+
 The text form (:func:`Graph.text`) is deterministic: constants are elided to
 shape and a short content hash.
 """
@@ -74,10 +82,45 @@ class Value:
         return h.hexdigest()[:8]
 
 
+_EDITS = [0]  # bumped by every edit of an op's inputs/outputs or a graph's op list: use indexes compare it
+
+
+class _Tracked(list):
+    """A list that counts its edits (an op's inputs and outputs, a graph's ops), so use lists are rebuilt."""
+
+
+def _counting(name: str):
+    base = getattr(list, name)
+
+    def method(self, *args, **kwargs):
+        _EDITS[0] += 1
+        return base(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in (
+    "__setitem__",
+    "__delitem__",
+    "__iadd__",
+    "__imul__",
+    "append",
+    "extend",
+    "insert",
+    "pop",
+    "remove",
+    "clear",
+    "sort",
+    "reverse",
+):
+    setattr(_Tracked, _name, _counting(_name))
+
+
 @dataclass
 class Op:
     kind: str
-    inputs: list[str]
+    inputs: list[str]  # a tracked list (see _Tracked); assigning any list is fine
     outputs: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)
     origin: tuple[str, ...] = ()  # ONNX node names
@@ -89,6 +132,22 @@ class Op:
     @property
     def name(self) -> str:
         return self.outputs[0] if self.outputs else f"op{self.uid}"
+
+
+def _tracked_field(attr: str) -> property:
+    def get(self):
+        return self.__dict__[attr]
+
+    def put(self, value):
+        _EDITS[0] += 1
+        self.__dict__[attr] = _Tracked(value)
+
+    return property(get, put)
+
+
+# after @dataclass: the generated __init__, __eq__ and __repr__ go through these properties
+Op.inputs = _tracked_field("_inputs")  # type: ignore[assignment]
+Op.outputs = _tracked_field("_outputs")  # type: ignore[assignment]
 
 
 def _fmt_attr(v: Any) -> str:
@@ -117,11 +176,25 @@ class Graph:
     def __init__(self, name: str = "graph"):
         self.name = name
         self.values: dict[str, Value] = {}
-        self.ops: list[Op] = []
+        self.ops = []
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.meta: dict[str, Any] = {}
+        self.properties: set[str] = set()  # what the passes run so far ensured (passes.base); not in the text
         self._next_uid = 0
+        self._index_at = -1  # _EDITS when the use index below was built
+        self._uses: dict[str, list[tuple[Op, int]]] = {}
+        self._producers: dict[str, Op] = {}
+
+    @property
+    def ops(self) -> list[Op]:
+        """The ops in program order (a tracked list: edit it freely, the use lists follow)."""
+        return self._ops
+
+    @ops.setter
+    def ops(self, ops: Iterable[Op]) -> None:
+        _EDITS[0] += 1
+        self._ops = _Tracked(ops)
 
     # --- construction -------------------------------------------------
     def add_value(self, v: Value) -> Value:
@@ -167,23 +240,88 @@ class Graph:
         g.inputs = list(self.inputs)
         g.outputs = list(self.outputs)
         g.meta = copy.deepcopy(self.meta)
+        g.properties = set(self.properties)
         g._next_uid = self._next_uid
         return g
 
-    # --- queries ------------------------------------------------------
-    def producer(self) -> dict[str, Op]:
-        return {o: op for op in self.ops for o in op.outputs}
+    # --- use lists ----------------------------------------------------
+    def _index(self) -> None:
+        if self._index_at == _EDITS[0]:
+            return
+        uses: dict[str, list[tuple[Op, int]]] = {}
+        producers: dict[str, Op] = {}
+        for op in self._ops:
+            for k, i in enumerate(op.inputs):
+                uses.setdefault(i, []).append((op, k))
+            for o in op.outputs:
+                producers.setdefault(o, op)
+        self._uses, self._producers, self._index_at = uses, producers, _EDITS[0]
 
-    def users(self) -> dict[str, list[Op]]:
-        u: dict[str, list[Op]] = {}
-        for op in self.ops:
-            for i in op.inputs:
-                u.setdefault(i, []).append(op)
-        return u
+    def uses(self, name: str) -> list[tuple[Op, int]]:
+        """(op, input position) for every read of value ``name``, in program order."""
+        self._index()
+        return list(self._uses.get(name, ()))
+
+    def users_of(self, name: str) -> list[Op]:
+        """The ops that read value ``name``, each once, in program order."""
+        seen: list[Op] = []
+        for op, _ in self.uses(name):
+            if not any(op is s for s in seen):
+                seen.append(op)
+        return seen
 
     def n_users(self, name: str) -> int:
-        n = sum(1 for op in self.ops for i in op.inputs if i == name)
-        return n + (1 if name in self.outputs else 0)
+        """Reads of value ``name``, a graph output counting as one."""
+        return len(self.uses(name)) + (1 if name in self.outputs else 0)
+
+    def producer_of(self, name: str) -> Op | None:
+        """The op that defines value ``name`` (None for inputs and constants)."""
+        self._index()
+        return self._producers.get(name)
+
+    def producer(self) -> dict[str, Op]:
+        """Value name -> the op defining it."""
+        self._index()
+        return dict(self._producers)
+
+    # --- edits --------------------------------------------------------
+    def replace_all_uses_with(self, old: str, new: str) -> None:
+        """Every read of value ``old`` (and a graph output named ``old``) reads ``new`` instead."""
+        for op, k in self.uses(old):
+            op.inputs[k] = new
+        self.outputs = [new if o == old else o for o in self.outputs]
+
+    replace_uses = replace_all_uses_with
+
+    def index_of(self, op: Op) -> int:
+        """Position of ``op`` (this very object) in program order."""
+        for k, o in enumerate(self._ops):
+            if o is op:
+                return k
+        raise FsscError(f"IR: {op.kind} %{op.name} is not in graph {self.name}")
+
+    def remove_op(self, op: Op) -> None:
+        """Take ``op`` out of the graph. An output of it that is still read must be defined by another op
+        (replace its uses first, or move the output to the op that takes over); the others' values go."""
+        k = self.index_of(op)
+        defined = {o for other in self._ops if other is not op for o in other.outputs}
+        for o in op.outputs:
+            if o not in defined and self.n_users(o):
+                raise FsscError(f"IR: cannot remove {op.kind} %{op.name}: %{o} is still read")
+        del self._ops[k]
+        for o in op.outputs:
+            if o not in defined:
+                self.values.pop(o, None)
+
+    def insert_op_before(self, anchor: Op, *ops: Op) -> None:
+        """Put ``ops`` (in this order) just before ``anchor``."""
+        k = self.index_of(anchor)
+        self._ops[k:k] = list(ops)
+
+    def insert_op_after(self, anchor: Op, *ops: Op) -> None:
+        """Put ``ops`` (in this order) just after ``anchor``."""
+        k = self.index_of(anchor) + 1
+        self._ops[k:k] = list(ops)
 
     def remove_unused(self) -> None:
         """Drop values nobody reads or defines (constants left over by rewrites)."""
@@ -193,11 +331,6 @@ class Graph:
             used.update(op.outputs)
         for k in [k for k in self.values if k not in used]:
             del self.values[k]
-
-    def replace_uses(self, old: str, new: str) -> None:
-        for op in self.ops:
-            op.inputs = [new if i == old else i for i in op.inputs]
-        self.outputs = [new if o == old else o for o in self.outputs]
 
     # --- text form ----------------------------------------------------
     def text(self) -> str:
