@@ -74,7 +74,7 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
                 elif c.shape in ((n,), (1, n)):
                     c = c.reshape(n)
                 ins.append(_new_const(graph, op.inputs[2] + ".b", c))
-            op.inputs = ins
+            graph.set_inputs(op, ins)
             op.attrs = {"transA": 1} if op.attrs.get("transA", 0) else {}
         if (
             op.kind == "matmul"
@@ -87,7 +87,7 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
             op.attrs = {}
         if op.kind == "sub" and v[op.inputs[1]].is_const and not v[op.inputs[0]].is_const:
             op.kind = "add"
-            op.inputs = [op.inputs[0], _new_const(graph, op.inputs[1] + ".neg", -v[op.inputs[1]].array)]
+            graph.set_inputs(op, [op.inputs[0], _new_const(graph, op.inputs[1] + ".neg", -v[op.inputs[1]].array)])
         modified |= before != (op.kind, list(op.inputs), dict(op.attrs))
         if op.kind == "add" and _fold_bias(graph, op):
             modified = True
@@ -122,10 +122,12 @@ def _fold_bias(graph: Graph, op) -> bool:
     c = c.reshape(nout)
     if len(prev.inputs) > 2:
         c = c + v[prev.inputs[2]].array.astype(np.float64)
-    prev.inputs = prev.inputs[:2] + [_new_const(graph, c_name + ".bias", c)]
+    graph.set_inputs(prev, prev.inputs[:2] + [_new_const(graph, c_name + ".bias", c)])
     prev.origin = tuple(prev.origin) + tuple(o for o in op.origin if o not in prev.origin)
-    prev.outputs = [op.outputs[0]]
-    v[op.outputs[0]].shape = out_shape
+    out = op.outputs[0]
+    graph.set_outputs(op, [])  # the add gives its output to the linear op
+    graph.set_outputs(prev, [out])
+    v[out].shape = out_shape
     graph.remove_op(op)
     del v[y]
     return True

@@ -46,7 +46,7 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
                     + graph.values[op.inputs[2]].array.astype(np.float64)
                 ).astype(np.float32),
             )
-            conv.inputs = [conv.inputs[0], w_name, b_name]
+            graph.set_inputs(conv, [conv.inputs[0], w_name, b_name])
             conv.origin = tuple(conv.origin) + tuple(op.origin)
             # the BN's users now read the conv's output (the conv keeps its name)
             graph.replace_all_uses_with(op.outputs[0], conv.outputs[0])
@@ -57,7 +57,7 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
         s_name = graph.fresh_name(op.inputs[2] + ".shift")
         graph.add_const(s_name, shift.astype(np.float32))
         op.kind = "affine"
-        op.inputs = [op.inputs[0], a_name, s_name]
+        graph.set_inputs(op, [op.inputs[0], a_name, s_name])
         op.attrs = {}
         op.created_by = NAME
     graph.remove_unused()

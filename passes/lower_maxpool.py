@@ -68,7 +68,7 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
         graph.insert_op_before(
             op, graph.make_op("maxpool", [op.inputs[0]], [mid], a1, origin=op.origin, created_by=NAME)
         )
-        op.inputs = [mid]
+        graph.set_inputs(op, [mid])
         op.attrs = a2
         op.created_by = NAME
     return PassResult(graph, bool(pools))

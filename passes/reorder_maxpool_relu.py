@@ -28,10 +28,11 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
         x, r, m = relu.inputs[0], relu.outputs[0], pool.outputs[0]
         pooled = graph.fresh_name(m + ".max")
         graph.add_value(Value(pooled, graph.values[m].shape, graph.values[m].dtype))
-        pool.inputs, pool.outputs = [x], [pooled]
-        relu.inputs, relu.outputs = [pooled], [m]
+        graph.set_outputs(pool, [pooled])  # m moves from the pool to the relu
+        graph.set_outputs(relu, [m])
+        graph.set_inputs(pool, [x])
+        graph.set_inputs(relu, [pooled])
         del graph.values[r]
-        i, j = graph.index_of(pool), graph.index_of(relu)
-        graph.ops[j], graph.ops[i] = pool, relu  # pool takes the relu's slot, relu the pool's
+        graph.swap_ops(pool, relu)  # pool takes the relu's slot, relu the pool's
         modified = True  # a following maxpool finds the relu as its producer and takes it too
     return PassResult(graph, modified)

@@ -227,6 +227,14 @@ def _chain() -> Graph:
     return g
 
 
+def _same_index_as_rebuilt(g: Graph) -> None:
+    """The incrementally kept use index equals one built from scratch (a clone builds its own)."""
+    h = g.clone()
+    for name in g.values:
+        assert [(op.uid, k) for op, k in g.uses(name)] == [(op.uid, k) for op, k in h.uses(name)], name
+        assert getattr(g.producer_of(name), "uid", None) == getattr(h.producer_of(name), "uid", None), name
+
+
 def test_use_lists_follow_direct_edits():
     g = _chain()
     r1, r2, add = g.ops
@@ -261,10 +269,29 @@ def test_replace_remove_and_insert_keep_the_graph_sound():
     g.insert_op_after(add, g.make_op("relu", ["c"], ["m"]))
     assert [op.name for op in g.ops] == ["b", "n", "c", "m"] and g.producer_of("n") is neg
     verify(g, "test")
+    _same_index_as_rebuilt(g)
     x = np.array([[-1.0, 0.5, 2.0]], dtype=np.float32)
     assert_close = np.testing.assert_allclose
     out = run_float(g, x)
     assert_close(out[0], x) and assert_close(out[1], np.maximum(x, 0) + x)
+
+
+def test_set_inputs_outputs_and_swap_keep_the_index():
+    g = _chain()
+    r1, r2, add = g.ops
+    g.uses("a")  # a fresh index, kept up to date by the edits below
+    g.add_value(Value("p", (1, 3)))
+    g.set_outputs(r2, ["p"])  # b is gone, p takes its place
+    g.outputs[0] = "p"
+    del g.values["b"]
+    g.set_inputs(add, ["x", "a"])
+    assert g.producer_of("p") is r2 and g.producer_of("b") is None and g.users_of("x") == [r1, add]
+    _same_index_as_rebuilt(g)
+    g.swap_ops(r2, add)  # both read only a (and x): still topological
+    assert g.ops == [r1, add, r2] and g.index_of(r2) == 2
+    verify(g, "test")
+    _same_index_as_rebuilt(g)
+    assert [u.name for u in g.users_of("a")] == ["c", "p"]  # program order after the swap
 
 
 def test_clone_and_text_are_unaffected_by_use_lists():

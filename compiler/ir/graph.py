@@ -139,7 +139,8 @@ def _tracked_field(attr: str) -> property:
         return self.__dict__[attr]
 
     def put(self, value):
-        _EDITS[0] += 1
+        if attr in self.__dict__:  # a new op is in no graph yet: no use index to invalidate
+            _EDITS[0] += 1
         self.__dict__[attr] = _Tracked(value)
 
     return property(get, put)
@@ -176,7 +177,7 @@ class Graph:
     def __init__(self, name: str = "graph"):
         self.name = name
         self.values: dict[str, Value] = {}
-        self.ops = []
+        self._ops: list[Op] = _Tracked()  # see the ops property
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.meta: dict[str, Any] = {}
@@ -185,6 +186,7 @@ class Graph:
         self._index_at = -1  # _EDITS when the use index below was built
         self._uses: dict[str, list[tuple[Op, int]]] = {}
         self._producers: dict[str, Op] = {}
+        self._pos: dict[int, int] | None = None  # id(op) -> position, built when uses() needs an order
 
     @property
     def ops(self) -> list[Op]:
@@ -246,21 +248,42 @@ class Graph:
 
     # --- use lists ----------------------------------------------------
     def _index(self) -> None:
+        """Rebuild the use index if anything was edited since it was built (or kept up to date)."""
         if self._index_at == _EDITS[0]:
             return
-        uses: dict[str, list[tuple[Op, int]]] = {}
-        producers: dict[str, Op] = {}
+        self._uses, self._producers, self._pos = {}, {}, None
         for op in self._ops:
-            for k, i in enumerate(op.inputs):
-                uses.setdefault(i, []).append((op, k))
-            for o in op.outputs:
-                producers.setdefault(o, op)
-        self._uses, self._producers, self._index_at = uses, producers, _EDITS[0]
+            self._add_op(op)
+        self._index_at = _EDITS[0]
+
+    def _add_op(self, op: Op) -> None:
+        for k, i in enumerate(op.inputs):
+            self._uses.setdefault(i, []).append((op, k))
+        for o in op.outputs:
+            self._producers.setdefault(o, op)
+
+    def _drop_reads(self, op: Op) -> None:
+        for i in set(op.inputs):
+            rest = [(o, k) for o, k in self._uses.get(i, ()) if o is not op]
+            if rest:
+                self._uses[i] = rest
+            else:
+                self._uses.pop(i, None)
+
+    def _member(self, op: Op) -> bool:
+        """``op`` is one of this graph's ops (checked through the index: the index must be fresh)."""
+        return bool(op.outputs) and self._producers.get(op.outputs[0]) is op
 
     def uses(self, name: str) -> list[tuple[Op, int]]:
         """(op, input position) for every read of value ``name``, in program order."""
         self._index()
-        return list(self._uses.get(name, ()))
+        found = self._uses.get(name, [])
+        if len(found) > 1:
+            if self._pos is None:
+                self._pos = {id(op): k for k, op in enumerate(self._ops)}
+            pos = self._pos
+            found = sorted(found, key=lambda u: (pos[id(u[0])], u[1]))
+        return list(found)
 
     def users_of(self, name: str) -> list[Op]:
         """The ops that read value ``name``, each once, in program order."""
@@ -272,7 +295,8 @@ class Graph:
 
     def n_users(self, name: str) -> int:
         """Reads of value ``name``, a graph output counting as one."""
-        return len(self.uses(name)) + (1 if name in self.outputs else 0)
+        self._index()
+        return len(self._uses.get(name, ())) + (1 if name in self.outputs else 0)
 
     def producer_of(self, name: str) -> Op | None:
         """The op that defines value ``name`` (None for inputs and constants)."""
@@ -284,17 +308,51 @@ class Graph:
         self._index()
         return dict(self._producers)
 
-    # --- edits --------------------------------------------------------
+    # --- edits (they keep the use index up to date instead of rebuilding it) --------------
+    def set_inputs(self, op: Op, names: Iterable[str]) -> None:
+        """``op`` reads ``names`` from now on."""
+        self._index()
+        member = self._member(op)
+        if member:
+            self._drop_reads(op)
+        op.inputs = list(names)
+        if member:
+            for k, i in enumerate(op.inputs):
+                self._uses.setdefault(i, []).append((op, k))
+            self._index_at = _EDITS[0]
+
+    def set_outputs(self, op: Op, names: Iterable[str]) -> None:
+        """``op`` defines ``names`` from now on (the values must exist)."""
+        self._index()
+        member = self._member(op)
+        if member:
+            for o in op.outputs:
+                if self._producers.get(o) is op:
+                    del self._producers[o]
+        op.outputs = list(names)
+        if member:
+            for o in op.outputs:
+                self._producers.setdefault(o, op)
+            self._index_at = _EDITS[0]
+
     def replace_all_uses_with(self, old: str, new: str) -> None:
         """Every read of value ``old`` (and a graph output named ``old``) reads ``new`` instead."""
-        for op, k in self.uses(old):
+        found = self.uses(old)
+        for op, k in found:
             op.inputs[k] = new
+        if found:
+            self._uses.setdefault(new, []).extend(found)
+            del self._uses[old]
+            self._index_at = _EDITS[0]
         self.outputs = [new if o == old else o for o in self.outputs]
 
     replace_uses = replace_all_uses_with
 
     def index_of(self, op: Op) -> int:
         """Position of ``op`` (this very object) in program order."""
+        self._index()
+        if self._pos is not None and self._member(op):
+            return self._pos[id(op)]
         for k, o in enumerate(self._ops):
             if o is op:
                 return k
@@ -304,24 +362,40 @@ class Graph:
         """Take ``op`` out of the graph. An output of it that is still read must be defined by another op
         (replace its uses first, or move the output to the op that takes over); the others' values go."""
         k = self.index_of(op)
-        defined = {o for other in self._ops if other is not op for o in other.outputs}
-        for o in op.outputs:
-            if o not in defined and self.n_users(o):
+        own = [o for o in op.outputs if self._producers.get(o) is op]
+        for o in own:
+            if self.n_users(o):
                 raise FsscError(f"IR: cannot remove {op.kind} %{op.name}: %{o} is still read")
         del self._ops[k]
-        for o in op.outputs:
-            if o not in defined:
-                self.values.pop(o, None)
+        self._drop_reads(op)
+        for o in own:
+            del self._producers[o]
+            self.values.pop(o, None)
+        self._pos = None
+        self._index_at = _EDITS[0]
 
     def insert_op_before(self, anchor: Op, *ops: Op) -> None:
         """Put ``ops`` (in this order) just before ``anchor``."""
-        k = self.index_of(anchor)
-        self._ops[k:k] = list(ops)
+        self._insert(self.index_of(anchor), ops)
 
     def insert_op_after(self, anchor: Op, *ops: Op) -> None:
         """Put ``ops`` (in this order) just after ``anchor``."""
-        k = self.index_of(anchor) + 1
+        self._insert(self.index_of(anchor) + 1, ops)
+
+    def swap_ops(self, a: Op, b: Op) -> None:
+        """Exchange the positions of ops ``a`` and ``b`` (the caller keeps the order topological)."""
+        i, j = self.index_of(a), self.index_of(b)
+        self._ops[i], self._ops[j] = b, a
+        if self._pos is not None:
+            self._pos[id(a)], self._pos[id(b)] = j, i
+        self._index_at = _EDITS[0]
+
+    def _insert(self, k: int, ops: tuple[Op, ...]) -> None:
         self._ops[k:k] = list(ops)
+        for op in ops:
+            self._add_op(op)
+        self._pos = None
+        self._index_at = _EDITS[0]
 
     def remove_unused(self) -> None:
         """Drop values nobody reads or defines (constants left over by rewrites)."""
