@@ -198,7 +198,7 @@ def test_bits_full_and_margins_price_and_plan_every_comparison(model):
     # per comparison: the calibrated maximum and the headroom, in the report
     gated = [(op, c) for op, c in zip(res[4].graph.ops, res[4].report.ops, strict=True) if op.gate]
     assert gated and all(c.headroom == 4 for op, c in gated if c.bits < widest_bits(op))
-    assert all(c.calibrated == ranges[op.uid]["magnitude"] for op, c in gated)
+    assert all(c.calibrated == ranges[op.uid].magnitude for op, c in gated)
     assert input_guard(res[4])["headroom_bits"] == 4 and input_guard(full)["headroom_bits"] > 20
 
 

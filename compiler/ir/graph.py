@@ -14,12 +14,14 @@ the op's, not its input value's: one value may feed several comparisons that
 need different widths.
 
 The graph keeps use lists: :meth:`Graph.uses` (which ops read a value, and at
-which input), :meth:`Graph.producer_of`, and the edits that keep them right
+which input, in program order), :meth:`Graph.users_of`, :meth:`Graph.producer_of`.
+The edit helpers keep them up to date as they go
 (:meth:`Graph.replace_all_uses_with`, :meth:`Graph.remove_op`,
-:meth:`Graph.insert_op_before` / :meth:`Graph.insert_op_after`). The index is
-derived from the ops and rebuilt after any edit, including a direct assignment
-to ``op.inputs``, ``op.outputs`` or ``graph.ops`` (these lists report their
-edits), so it is never stale.
+:meth:`Graph.insert_op_before` / :meth:`Graph.insert_op_after`,
+:meth:`Graph.set_inputs`, :meth:`Graph.set_outputs`, :meth:`Graph.swap_ops`);
+any other edit, such as a direct assignment to ``op.inputs``, ``op.outputs``
+or ``graph.ops`` or a change inside those lists (they report their edits),
+makes the next query rebuild the index from the ops. So it is never stale.
 
 The text form (:func:`Graph.text`) is deterministic: constants are elided to
 shape and a short content hash.
