@@ -99,8 +99,7 @@ def test_verifier_catches_double_definition(small_graph):
     first, second = _op(g, "relu", 0), _op(g, "relu", 1)
     g.values.pop(second.outputs[0])
     new_name = first.outputs[0]
-    for op in g.ops:
-        op.inputs = [new_name if i == second.outputs[0] else i for i in op.inputs]
+    g.replace_all_uses_with(second.outputs[0], new_name)
     second.outputs[0] = new_name
     want = rf"after pass 'reorder-maxpool-relu'.*%{re.escape(new_name)} defined more than once"
     with pytest.raises(VerifyError, match=want):
