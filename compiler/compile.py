@@ -141,7 +141,7 @@ def compile_graph(
         keep_graphs=keep_graphs,
         echo=echo,
     )
-    return CompileResult(g, records, cost_report(g, ctx.notes.get("ranges")), ctx)
+    return CompileResult(g, records, cost_report(g, ctx.ranges), ctx)
 
 
 def input_guard(res: CompileResult) -> dict:
@@ -155,7 +155,7 @@ def input_guard(res: CompileResult) -> dict:
     allowed |x| <= calibrated max |x| * 2^max(0, h_min - 2), in ring units at the input's scale,
     capped at 2^62. Under ``--bits full`` h_min is large and the cap is what remains.
     """
-    g, ranges = res.graph, res.ctx.notes.get("ranges", {})
+    g, ranges = res.graph, (res.ctx.ranges.comparisons if res.ctx.ranges else {})
     comparisons = []
     for op in g.ops:
         if op.gate and op.uid in ranges:
@@ -164,13 +164,13 @@ def input_guard(res: CompileResult) -> dict:
                 {
                     "op": op.name,
                     "gate": op.gate["kind"],
-                    "bits": r["bits"],
-                    "headroom_bits": headroom_bits(r["magnitude"], r["bits"]),
+                    "bits": r.bits,
+                    "headroom_bits": headroom_bits(r.magnitude, r.bits),
                 }
             )
     h_min = min((c["headroom_bits"] for c in comparisons), default=None)
     inputs = []
-    for name, cal in sorted(res.ctx.notes.get("input_ranges", {}).items()):
+    for name, cal in sorted((res.ctx.ranges.inputs if res.ctx.ranges else {}).items()):
         allowed = None if h_min is None else min(cal << max(0, h_min - GUARD_SPARE_BITS), RING_INPUT_LIMIT)
         inputs.append(
             {"name": name, "scale": g.values[name].scale, "calibrated_max_abs": cal, "allowed_max_abs": allowed}
@@ -251,7 +251,7 @@ def report_table(res: CompileResult, title: str) -> Table:
 
 def full_bits_report(res: CompileResult) -> CostReport:
     """The same graph priced at ``--bits full`` (every comparison at 64 - shift bits)."""
-    return cost_report(res.graph, res.ctx.notes.get("ranges"), full_bits=True)
+    return cost_report(res.graph, res.ctx.ranges, full_bits=True)
 
 
 def setting_line(res: CompileResult) -> str:
@@ -351,7 +351,7 @@ def compile_model(
     for col in ("#", "pass", "ms", "changed"):
         passes.add_column(col)
     for r in res.records[1:]:
-        passes.add_row(str(r.index), r.name, f"{r.seconds * 1e3:.1f}", "yes" if r.changed else "[dim]no[/]")
+        passes.add_row(str(r.index), r.name, f"{r.seconds * 1e3:.1f}", "yes" if r.modified else "[dim]no[/]")
     con.print(passes)
     by_kind = res.report.gates_by_kind()
     table = report_table(
@@ -376,7 +376,7 @@ def compile_model(
     if dump_ir:
         con.print(f"IR dumps and viewer: {page} (fssc view {out_dir})", markup=False, highlight=False)
     data = res.report.to_dict()
-    data["passes"] = [{"index": r.index, "name": r.name, "changed": r.changed} for r in res.records]
+    data["passes"] = [{"index": r.index, "name": r.name, "changed": r.modified} for r in res.records]
     data["frac_bits"] = frac_bits
     data["bits"] = bits
     data["margin_bits"] = res.ctx.margin_bits if bits == "range" else None

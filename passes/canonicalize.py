@@ -24,10 +24,13 @@ the folded constants).
 from __future__ import annotations
 
 import numpy as np
-from fssc.compiler.ir.graph import Graph, Op
-from fssc.passes.base import PassContext
+from fssc.compiler.ir.graph import Graph
+from fssc.passes.base import CANONICAL, REWRITE_INVALIDATES, PassContext, PassResult
 
 NAME = "canonicalize"
+REQUIRES: frozenset[str] = frozenset()
+ENSURES = frozenset({CANONICAL})
+INVALIDATES = REWRITE_INVALIDATES
 
 
 def _new_const(graph: Graph, base: str, data: np.ndarray) -> str:
@@ -36,10 +39,11 @@ def _new_const(graph: Graph, base: str, data: np.ndarray) -> str:
     return name
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
-    keep: list[Op] = []
-    for op in graph.ops:
+def run(graph: Graph, ctx: PassContext) -> PassResult:
+    modified = False
+    for op in list(graph.ops):
         v = graph.values
+        before = (op.kind, list(op.inputs), dict(op.attrs))
         if op.kind == "clip" and "min" not in op.attrs and "max" not in op.attrs:
             op.kind = "reshape"
             op.attrs = {"shape": list(v[op.outputs[0]].shape)}
@@ -53,7 +57,9 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             and tuple(op.attrs["shape"]) == tuple(v[op.inputs[0]].shape)
             and op.outputs[0] not in graph.outputs
         ):
-            graph.replace_uses(op.outputs[0], op.inputs[0])
+            graph.replace_all_uses_with(op.outputs[0], op.inputs[0])
+            graph.remove_op(op)
+            modified = True
             continue
         if op.kind == "gemm" and any(k in op.attrs for k in ("alpha", "beta", "transB", "transA")):
             a = op.attrs
@@ -68,7 +74,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                 elif c.shape in ((n,), (1, n)):
                     c = c.reshape(n)
                 ins.append(_new_const(graph, op.inputs[2] + ".b", c))
-            op.inputs = ins
+            graph.set_inputs(op, ins)
             op.attrs = {"transA": 1} if op.attrs.get("transA", 0) else {}
         if (
             op.kind == "matmul"
@@ -81,22 +87,25 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             op.attrs = {}
         if op.kind == "sub" and v[op.inputs[1]].is_const and not v[op.inputs[0]].is_const:
             op.kind = "add"
-            op.inputs = [op.inputs[0], _new_const(graph, op.inputs[1] + ".neg", -v[op.inputs[1]].array)]
-        if op.kind == "add" and keep and _fold_bias(graph, keep[-1], op):
-            continue
-        keep.append(op)
-    graph.ops = keep
+            graph.set_inputs(op, [op.inputs[0], _new_const(graph, op.inputs[1] + ".neg", -v[op.inputs[1]].array)])
+        modified |= before != (op.kind, list(op.inputs), dict(op.attrs))
+        if op.kind == "add" and _fold_bias(graph, op):
+            modified = True
     graph.remove_unused()
-    return graph
+    return PassResult(graph, modified)
 
 
-def _fold_bias(graph: Graph, prev, op) -> bool:
-    """Move add(linear(x), c) into linear's bias when that is exact and local."""
+def _fold_bias(graph: Graph, op) -> bool:
+    """Move add(linear(x), c) into linear's bias when that is exact and local; the linear op takes
+    over the add's output (and its name)."""
     v = graph.values
-    if prev.kind not in ("gemm", "conv") or prev.attrs.get("transA", 0) or (prev.kind == "gemm" and prev.attrs):
+    prev = next((p for p in map(graph.producer_of, op.inputs) if p is not None), None)
+    if prev is None or prev.kind not in ("gemm", "conv") or prev.attrs.get("transA", 0):
+        return False
+    if prev.kind == "gemm" and prev.attrs:
         return False
     y = prev.outputs[0]
-    if y not in op.inputs or graph.n_users(y) != 1:
+    if graph.n_users(y) != 1:
         return False
     c_name = op.inputs[1] if op.inputs[0] == y else op.inputs[0]
     if not v[c_name].is_const:
@@ -113,8 +122,12 @@ def _fold_bias(graph: Graph, prev, op) -> bool:
     c = c.reshape(nout)
     if len(prev.inputs) > 2:
         c = c + v[prev.inputs[2]].array.astype(np.float64)
-    prev.inputs = prev.inputs[:2] + [_new_const(graph, c_name + ".bias", c)]
+    graph.set_inputs(prev, prev.inputs[:2] + [_new_const(graph, c_name + ".bias", c)])
     prev.origin = tuple(prev.origin) + tuple(o for o in op.origin if o not in prev.origin)
-    prev.outputs = [op.outputs[0]]
-    v[op.outputs[0]].shape = out_shape
+    out = op.outputs[0]
+    graph.set_outputs(op, [])  # the add gives its output to the linear op
+    graph.set_outputs(prev, [out])
+    v[out].shape = out_shape
+    graph.remove_op(op)
+    del v[y]
     return True

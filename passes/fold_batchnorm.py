@@ -16,24 +16,23 @@ from __future__ import annotations
 import numpy as np
 from fssc.compiler.ir.graph import Graph
 from fssc.compiler.ir.ops import batchnorm_affine
-from fssc.passes.base import PassContext
+from fssc.passes.base import NO_BATCHNORM, REWRITE_INVALIDATES, PassContext, PassResult
 
 NAME = "fold-batchnorm"
+REQUIRES: frozenset[str] = frozenset()
+ENSURES = frozenset({NO_BATCHNORM})
+INVALIDATES = REWRITE_INVALIDATES
 
 
 def _bn_params(graph: Graph, op):
     return batchnorm_affine(op.attrs, *(graph.values[n].data for n in op.inputs[1:5]))
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
-    producer = graph.producer()
-    keep = []
-    for op in graph.ops:
-        if op.kind != "batchnorm":
-            keep.append(op)
-            continue
+def run(graph: Graph, ctx: PassContext) -> PassResult:
+    bns = [op for op in graph.ops if op.kind == "batchnorm"]
+    for op in bns:
         a, shift = _bn_params(graph, op)
-        conv = producer.get(op.inputs[0])
+        conv = graph.producer_of(op.inputs[0])
         if conv is not None and conv.kind == "conv" and graph.n_users(conv.outputs[0]) == 1:
             w = graph.values[conv.inputs[1]].array.astype(np.float64)
             b = graph.values[conv.inputs[2]].array.astype(np.float64) if len(conv.inputs) > 2 else 0.0
@@ -47,20 +46,19 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                     + graph.values[op.inputs[2]].array.astype(np.float64)
                 ).astype(np.float32),
             )
-            conv.inputs = [conv.inputs[0], w_name, b_name]
+            graph.set_inputs(conv, [conv.inputs[0], w_name, b_name])
             conv.origin = tuple(conv.origin) + tuple(op.origin)
             # the BN's users now read the conv's output (the conv keeps its name)
-            graph.replace_uses(op.outputs[0], conv.outputs[0])
+            graph.replace_all_uses_with(op.outputs[0], conv.outputs[0])
+            graph.remove_op(op)
             continue
         a_name = graph.fresh_name(op.inputs[1] + ".a")
         graph.add_const(a_name, a.astype(np.float32))
         s_name = graph.fresh_name(op.inputs[2] + ".shift")
         graph.add_const(s_name, shift.astype(np.float32))
         op.kind = "affine"
-        op.inputs = [op.inputs[0], a_name, s_name]
+        graph.set_inputs(op, [op.inputs[0], a_name, s_name])
         op.attrs = {}
         op.created_by = NAME
-        keep.append(op)
-    graph.ops = keep
     graph.remove_unused()
-    return graph
+    return PassResult(graph, bool(bns))

@@ -20,10 +20,13 @@ import math
 
 import numpy as np
 from fssc.compiler.ir.graph import Graph
-from fssc.passes.base import PassContext
+from fssc.passes.base import PUBLIC_SCALING_FOLDED, REWRITE_INVALIDATES, PassContext, PassResult
 from fssc.runtime.geometry import windows
 
 NAME = "fold-public-scaling"
+REQUIRES: frozenset[str] = frozenset()  # after canonicalize it also sees through flattens (now reshapes)
+ENSURES = frozenset({PUBLIC_SCALING_FOLDED})
+INVALIDATES = REWRITE_INVALIDATES
 
 
 def _uniform_count(graph: Graph, op) -> int | None:
@@ -36,8 +39,8 @@ def _uniform_count(graph: Graph, op) -> int | None:
     return int(cnt.flat[0]) if (cnt == cnt.flat[0]).all() else None
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
-    users = graph.users()
+def run(graph: Graph, ctx: PassContext) -> PassResult:
+    modified = False
     for op in graph.ops:
         if op.kind not in ("globalavgpool", "avgpool"):
             continue
@@ -48,10 +51,11 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             op.kind = "globalsumpool" if op.kind == "globalavgpool" else "sumpool"
             op.attrs = {key: v for key, v in op.attrs.items() if key != "count_include_pad"}
             op.created_by = NAME
+            modified = True
             continue
         cur, consumer = op.outputs[0], None
-        while cur not in graph.outputs and len(users.get(cur, [])) == 1:
-            nxt = users[cur][0]
+        while cur not in graph.outputs and graph.n_users(cur) == 1:
+            nxt = graph.users_of(cur)[0]
             if nxt.kind == "reshape":
                 cur = nxt.outputs[0]
                 continue
@@ -69,5 +73,6 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         op.kind = "globalsumpool" if op.kind == "globalavgpool" else "sumpool"
         op.attrs = {key: v for key, v in op.attrs.items() if key != "count_include_pad"}
         op.created_by = NAME
+        modified = True
     graph.remove_unused()
-    return graph
+    return PassResult(graph, modified)

@@ -14,9 +14,12 @@ from __future__ import annotations
 from fssc.compiler.backend.gates import gate_count
 from fssc.compiler.ir.graph import Graph, Value
 from fssc.compiler.ir.ops import infer_shapes
-from fssc.passes.base import PassContext
+from fssc.passes.base import REWRITE_INVALIDATES, SEPARABLE_MAXPOOL, PassContext, PassResult
 
 NAME = "lower-maxpool"
+REQUIRES: frozenset[str] = frozenset()
+ENSURES = frozenset({SEPARABLE_MAXPOOL})
+INVALIDATES = REWRITE_INVALIDATES
 
 
 def _axis_attrs(a: dict, axis: int) -> dict:
@@ -44,13 +47,10 @@ def _split(graph: Graph, op, first: int):
     return a1, a2, mid_shape
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
-    out = []
-    for op in graph.ops:
-        k = op.attrs.get("kernel_shape", [])
-        if op.kind != "maxpool" or len(k) != 2 or min(k) == 1:
-            out.append(op)
-            continue
+def run(graph: Graph, ctx: PassContext) -> PassResult:
+    pools = [op for op in graph.ops if op.kind == "maxpool"]
+    pools = [op for op in pools if len(op.attrs["kernel_shape"]) == 2 and min(op.attrs["kernel_shape"]) > 1]
+    for op in pools:
         best: tuple[int, dict, dict, tuple[int, ...]] | None = None
         for first in (1, 0):  # W first, then H first
             a1, a2, mid_shape = _split(graph, op, first)
@@ -65,10 +65,10 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         _, a1, a2, mid_shape = best
         mid = graph.fresh_name(op.outputs[0] + ".sep")
         graph.add_value(Value(mid, mid_shape, graph.values[op.inputs[0]].dtype))
-        out.append(graph.make_op("maxpool", [op.inputs[0]], [mid], a1, origin=op.origin, created_by=NAME))
-        op.inputs = [mid]
+        graph.insert_op_before(
+            op, graph.make_op("maxpool", [op.inputs[0]], [mid], a1, origin=op.origin, created_by=NAME)
+        )
+        graph.set_inputs(op, [mid])
         op.attrs = a2
         op.created_by = NAME
-        out.append(op)
-    graph.ops = out
-    return graph
+    return PassResult(graph, bool(pools))

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from fssc.compiler.backend.gates import gate_count, gate_depth, gate_kind
 from fssc.compiler.ir.graph import Graph, Op
-from fssc.passes.base import PassContext
+from fssc.passes.base import COMPARISONS_MARKED, RANGES, PassContext, PassResult
 
 from fssc.errors import FsscError
 
 NAME = "mark-comparisons"
+REQUIRES = frozenset({RANGES})
+ENSURES = frozenset({COMPARISONS_MARKED})
+INVALIDATES: frozenset[str] = frozenset()
 
 
 def plan_gate(op: Op, graph: Graph, bits: int) -> dict | None:
@@ -34,7 +37,8 @@ def plan_gate(op: Op, graph: Graph, bits: int) -> dict | None:
     return gate
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
+def run(graph: Graph, ctx: PassContext) -> PassResult:
+    before = [op.gate for op in graph.ops]
     for op in graph.ops:
         if not gate_kind(op):
             op.gate = None
@@ -43,4 +47,4 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if bits is None:
             raise FsscError(f"{NAME}: no bitwidth for {op.kind} %{op.name}; run range-analysis first")
         op.gate = plan_gate(op, graph, bits)
-    return graph
+    return PassResult(graph, [op.gate for op in graph.ops] != before)

@@ -31,11 +31,14 @@ from __future__ import annotations
 
 from fssc.compiler.ir.graph import Graph, Value
 from fssc.compiler.ir.ops import OPS, Scale
-from fssc.passes.base import PassContext
+from fssc.passes.base import COMPARISONS_MARKED, FIXED_POINT, RANGES, PassContext, PassResult
 
 from fssc.errors import FsscError
 
 NAME = "plan-fixed-point"
+REQUIRES: frozenset[str] = frozenset()
+ENSURES = frozenset({FIXED_POINT})
+INVALIDATES = frozenset({RANGES, COMPARISONS_MARKED})  # truncations move: the measured ranges are stale
 
 
 def weight_scale(op, ctx: PassContext) -> int:
@@ -63,7 +66,8 @@ def weight_bits(wscale: int, bound_bits: int) -> int:
     return wscale + bound_bits + 1
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
+def run(graph: Graph, ctx: PassContext) -> PassResult:
+    before = _planned_state(graph)
     f = ctx.frac_bits
     smax = ctx.max_scale
     scale: dict[str, int] = dict.fromkeys(graph.inputs, f)
@@ -129,4 +133,13 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         graph.values[name].scale = s
     graph.meta["frac_bits"] = f
     graph.meta["weight_bound_bits"] = ctx.weight_bound_bits  # public: see weight_bits
-    return graph
+    return PassResult(graph, _planned_state(graph) != before)
+
+
+def _planned_state(graph: Graph) -> tuple:
+    """What planning sets: the ops (with their attributes), every scale, the plan's meta."""
+    return (
+        [(op.uid, op.kind, list(op.inputs), dict(op.attrs)) for op in graph.ops],
+        {n: v.scale for n, v in graph.values.items()},
+        (graph.meta.get("frac_bits"), graph.meta.get("weight_bound_bits")),
+    )

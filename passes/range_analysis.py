@@ -12,10 +12,10 @@ capped at what the ring holds after the gate's shift (64 - shift). With
 ``ctx.full_bits`` (``fssc compile --bits full``) every comparison gets
 m = 64 - shift whatever it measured: no bitwidth depends on the calibration.
 It is written on the op (``op.bits``: a value feeding several comparisons gets
-no single width) and kept in ``ctx.notes['ranges']`` (magnitude, bits) for
-mark-comparisons, the cost report's headroom column and the data owner's
-input guard, which also reads ``ctx.notes['input_ranges']``: the largest
-|encoded input| per graph input.
+no single width) and kept in ``ctx.ranges`` (:class:`fssc.passes.base.Ranges`:
+magnitude and bits per comparison op, for the cost report's headroom column and
+the data owner's input guard, which also reads the largest |encoded input| per
+graph input).
 Semantics are unchanged.
 """
 
@@ -25,11 +25,22 @@ import numpy as np
 from fssc.compiler.backend.gates import bits_for, comparison_magnitude, gate_kind, widest_bits
 from fssc.compiler.ir.graph import Graph
 from fssc.compiler.reference.interp import run_fixed
-from fssc.passes.base import PassContext
+from fssc.passes.base import (
+    COMPARISONS_MARKED,
+    FIXED_POINT,
+    RANGES,
+    ComparisonRange,
+    PassContext,
+    PassResult,
+    Ranges,
+)
 from fssc.runtime import ring
 from fssc.runtime.images import synthetic_inputs
 
 NAME = "range-analysis"
+REQUIRES = frozenset({FIXED_POINT})  # it runs the fixed-point interpreter on the planned scales
+ENSURES = frozenset({RANGES})
+INVALIDATES = frozenset({COMPARISONS_MARKED})  # the gates' bits are now these
 DEFAULT_CALIBRATION_BATCHES = 4
 
 
@@ -52,7 +63,7 @@ def default_batches(graph: Graph) -> list:
     return [{n: s[b] for n, s in streams.items()} for b in range(DEFAULT_CALIBRATION_BATCHES)]
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
+def run(graph: Graph, ctx: PassContext) -> PassResult:
     data = ctx.calibration or default_batches(graph)
     mags: dict[int, int] = {}
 
@@ -69,13 +80,13 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             if enc.size:
                 in_max[name] = max(in_max[name], int(np.abs(enc).max()))
     ranges = {}
+    modified = False
     for op in graph.ops:
         if op.uid in mags:
             widest = widest_bits(op)  # the gate reads m bits above its shift
             m = widest if ctx.full_bits else min(widest, bits_for(mags[op.uid]) + ctx.margin_bits)
-            ranges[op.uid] = {"magnitude": mags[op.uid], "bits": m}
+            ranges[op.uid] = ComparisonRange(mags[op.uid], m)
+            modified |= op.bits != m
             op.bits = m
-    ctx.notes["ranges"] = ranges
-    ctx.notes["input_ranges"] = in_max
-    ctx.notes["calibration_batches"] = len(data)
-    return graph
+    ctx.ranges = Ranges(ranges, in_max, len(data))
+    return PassResult(graph, modified)

@@ -11,28 +11,28 @@ pooled size: on ResNet-18's stem 802,816 -> 200,704 per image.
 from __future__ import annotations
 
 from fssc.compiler.ir.graph import Graph, Value
-from fssc.passes.base import PassContext
+from fssc.passes.base import RELU_AFTER_MAXPOOL, REWRITE_INVALIDATES, PassContext, PassResult
 
 NAME = "reorder-maxpool-relu"
+REQUIRES: frozenset[str] = frozenset()
+ENSURES = frozenset({RELU_AFTER_MAXPOOL})
+INVALIDATES = REWRITE_INVALIDATES
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
-    producer = graph.producer()
-    ops = list(graph.ops)
-    for i, pool in enumerate(ops):
-        if pool.kind != "maxpool":
-            continue
-        relu = producer.get(pool.inputs[0])
+def run(graph: Graph, ctx: PassContext) -> PassResult:
+    modified = False
+    for pool in [op for op in graph.ops if op.kind == "maxpool"]:
+        relu = graph.producer_of(pool.inputs[0])
         if relu is None or relu.kind != "relu" or relu.attrs or graph.n_users(relu.outputs[0]) != 1:
             continue
         x, r, m = relu.inputs[0], relu.outputs[0], pool.outputs[0]
         pooled = graph.fresh_name(m + ".max")
         graph.add_value(Value(pooled, graph.values[m].shape, graph.values[m].dtype))
-        pool.inputs, pool.outputs = [x], [pooled]
-        relu.inputs, relu.outputs = [pooled], [m]
+        graph.set_outputs(pool, [pooled])  # m moves from the pool to the relu
+        graph.set_outputs(relu, [m])
+        graph.set_inputs(pool, [x])
+        graph.set_inputs(relu, [pooled])
         del graph.values[r]
-        producer[pooled], producer[m] = pool, relu  # a following maxpool can take the relu too
-        j = ops.index(relu)
-        ops[j], ops[i] = pool, relu  # pool takes the relu's slot, relu the pool's
-    graph.ops = ops
-    return graph
+        graph.swap_ops(pool, relu)  # pool takes the relu's slot, relu the pool's
+        modified = True  # a following maxpool finds the relu as its producer and takes it too
+    return PassResult(graph, modified)

@@ -182,14 +182,14 @@ def test_bits_full_and_margins_price_and_plan_every_comparison(model):
     g = import_onnx(str(model))
     res = {k: compile_graph(g.clone(), echo=lambda s: None, margin_bits=k) for k in (2, 4)}
     full = compile_graph(g.clone(), echo=lambda s: None, bits="full")
-    ranges = res[2].ctx.notes["ranges"]
+    ranges = res[2].ctx.ranges.comparisons
     for op in full.graph.ops:
         if op.gate:
             shift = op.attrs.get("trunc") or op.attrs.get("shift") or op.attrs.get("cmp_trunc") or 0
             assert op.gate["bits"] == widest_bits(op) == 64 - shift
     for op, op4 in zip(res[2].graph.ops, res[4].graph.ops, strict=True):
         if op.gate:
-            assert op.gate["bits"] == min(widest_bits(op), bits_for(ranges[op.uid]["magnitude"]) + 2)
+            assert op.gate["bits"] == min(widest_bits(op), bits_for(ranges[op.uid].magnitude) + 2)
             assert op4.gate["bits"] == min(widest_bits(op), op.gate["bits"] + 2)
     totals = [r.report.to_dict()["totals"] for r in (res[2], res[4], full)]
     assert totals[0]["key_bytes_p0"] < totals[1]["key_bytes_p0"] < totals[2]["key_bytes_p0"]
@@ -198,7 +198,7 @@ def test_bits_full_and_margins_price_and_plan_every_comparison(model):
     # per comparison: the calibrated maximum and the headroom, in the report
     gated = [(op, c) for op, c in zip(res[4].graph.ops, res[4].report.ops, strict=True) if op.gate]
     assert gated and all(c.headroom == 4 for op, c in gated if c.bits < widest_bits(op))
-    assert all(c.calibrated == ranges[op.uid]["magnitude"] for op, c in gated)
+    assert all(c.calibrated == ranges[op.uid].magnitude for op, c in gated)
     assert input_guard(res[4])["headroom_bits"] == 4 and input_guard(full)["headroom_bits"] > 20
 
 

@@ -351,7 +351,7 @@ def _pool_graph(shape, attrs, m, s, lower: bool) -> Graph:
         attrs["cmp_trunc"] = s
     g = one_op_graph("maxpool", shape, attrs, {"kind": "max", "bits": m, "cmp_trunc": s})
     if lower:
-        g = lower_maxpool.run(g, PassContext(frac_bits=12))
+        g = lower_maxpool.run(g, PassContext(frac_bits=12)).graph
         for op in g.ops:
             op.gate = {"kind": "max", "bits": m, "cmp_trunc": s}
             if s:

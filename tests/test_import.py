@@ -20,14 +20,19 @@ below ~0.016 can flip.
 from __future__ import annotations
 
 import re
+import types
 
 import numpy as np
+import onnx
 import pytest
-from fssc.compiler.frontend.onnx_import import import_onnx
-from fssc.compiler.ir.graph import Value
+from fssc.compiler.frontend.onnx_import import CONVERTERS, SUPPORTED, default_converters, import_onnx, simple
+from fssc.compiler.ir.graph import Graph, Value
 from fssc.compiler.ir.verify import verify
 from fssc.compiler.reference.interp import run_fixed, run_float
 from fssc.models.export import synthetic_images
+from onnx import TensorProto
+from onnx import helper as oh
+from onnx import numpy_helper as nh
 
 from fssc.errors import FsscError, VerifyError
 
@@ -94,8 +99,7 @@ def test_verifier_catches_double_definition(small_graph):
     first, second = _op(g, "relu", 0), _op(g, "relu", 1)
     g.values.pop(second.outputs[0])
     new_name = first.outputs[0]
-    for op in g.ops:
-        op.inputs = [new_name if i == second.outputs[0] else i for i in op.inputs]
+    g.replace_all_uses_with(second.outputs[0], new_name)
     second.outputs[0] = new_name
     want = rf"after pass 'reorder-maxpool-relu'.*%{re.escape(new_name)} defined more than once"
     with pytest.raises(VerifyError, match=want):
@@ -206,3 +210,153 @@ def test_fixed_point_interpreter_within_tolerance_on_resnet18_64(resnet18_onnx, 
         assert (out.argmax(1) == ref.argmax(1)).all()
         err = max(err, float(np.abs(out - ref).max()))
     assert err <= FIXED_TOL, f"max |fixed - onnxruntime| = {err:.4f}"
+
+
+# ------------------------------------------------------------------ the IR's use lists
+def _chain() -> Graph:
+    """x -> relu -> a -> relu -> b (output), plus c = add(a, a)."""
+    g = Graph("chain")
+    g.add_value(Value("x", (1, 3)))
+    g.inputs = ["x"]
+    for name, kind, ins in (("a", "relu", ["x"]), ("b", "relu", ["a"]), ("c", "add", ["a", "a"])):
+        g.add_value(Value(name, (1, 3)))
+        g.ops.append(g.make_op(kind, ins, [name]))
+    g.outputs = ["b", "c"]
+    verify(g, "test")
+    return g
+
+
+def _same_index_as_rebuilt(g: Graph) -> None:
+    """The incrementally kept use index equals one built from scratch (a clone builds its own)."""
+    h = g.clone()
+    for name in g.values:
+        assert [(op.uid, k) for op, k in g.uses(name)] == [(op.uid, k) for op, k in h.uses(name)], name
+        assert getattr(g.producer_of(name), "uid", None) == getattr(h.producer_of(name), "uid", None), name
+
+
+def test_use_lists_follow_direct_edits():
+    g = _chain()
+    r1, r2, add = g.ops
+    assert [(op.name, k) for op, k in g.uses("a")] == [("b", 0), ("c", 0), ("c", 1)]
+    assert g.users_of("a") == [r2, add] and g.n_users("a") == 3 and g.n_users("b") == 1
+    assert g.producer_of("a") is r1 and g.producer_of("x") is None
+    add.inputs[1] = "x"  # an edit of the list itself
+    assert [(op.name, k) for op, k in g.uses("x")] == [("a", 0), ("c", 1)] and g.n_users("a") == 2
+    r2.inputs = ["x"]  # a new list
+    assert g.users_of("a") == [add] and g.users_of("x") == [r1, r2, add]
+    g.ops = [r1, add]  # a new op list: r2's read is gone
+    assert g.users_of("x") == [r1, add]
+
+
+def test_replace_remove_and_insert_keep_the_graph_sound():
+    g = _chain()
+    r1, r2, add = g.ops
+    with pytest.raises(FsscError, match=r"cannot remove relu %a: %a is still read"):
+        g.remove_op(r1)
+    assert g.ops == [r1, r2, add] and "a" in g.values  # refused: nothing changed
+    g.replace_all_uses_with("a", "x")  # drop the first relu
+    g.remove_op(r1)
+    assert "a" not in g.values and g.users_of("x") == [r2, add] and add.inputs == ["x", "x"]
+    verify(g, "test")
+    g.replace_all_uses_with("b", "x")  # a graph output follows too
+    assert g.outputs == ["x", "c"]
+    g.add_value(Value("n", (1, 3)))
+    neg = g.make_op("relu", ["x"], ["n"])
+    g.insert_op_before(add, neg)
+    add.inputs[0] = "n"
+    g.add_value(Value("m", (1, 3)))
+    g.insert_op_after(add, g.make_op("relu", ["c"], ["m"]))
+    assert [op.name for op in g.ops] == ["b", "n", "c", "m"] and g.producer_of("n") is neg
+    verify(g, "test")
+    _same_index_as_rebuilt(g)
+    x = np.array([[-1.0, 0.5, 2.0]], dtype=np.float32)
+    assert_close = np.testing.assert_allclose
+    out = run_float(g, x)
+    assert_close(out[0], x) and assert_close(out[1], np.maximum(x, 0) + x)
+
+
+def test_set_inputs_outputs_and_swap_keep_the_index():
+    g = _chain()
+    r1, r2, add = g.ops
+    g.uses("a")  # a fresh index, kept up to date by the edits below
+    g.add_value(Value("p", (1, 3)))
+    g.set_outputs(r2, ["p"])  # b is gone, p takes its place
+    g.outputs[0] = "p"
+    del g.values["b"]
+    g.set_inputs(add, ["x", "a"])
+    assert g.producer_of("p") is r2 and g.producer_of("b") is None and g.users_of("x") == [r1, add]
+    _same_index_as_rebuilt(g)
+    g.swap_ops(r2, add)  # both read only a (and x): still topological
+    assert g.ops == [r1, add, r2] and g.index_of(r2) == 2
+    verify(g, "test")
+    _same_index_as_rebuilt(g)
+    assert [u.name for u in g.users_of("a")] == ["c", "p"]  # program order after the swap
+
+
+def test_clone_and_text_are_unaffected_by_use_lists():
+    g = _chain()
+    h = g.clone()
+    h.ops[0].inputs[0] = "a"  # an edit of the clone
+    assert g.ops[0].inputs == ["x"] and g.users_of("x") == [g.ops[0]] and h.users_of("x") == []
+    assert g.text() == _chain().text()
+
+
+# ------------------------------------------------------------------ the converter table
+def _model(nodes, shape, inits=None, opset=17) -> onnx.ModelProto:
+    graph = oh.make_graph(
+        nodes,
+        "t",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],  # every model here keeps the shape
+        [nh.from_array(np.asarray(v, dtype=np.float32), k) for k, v in (inits or {}).items()],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def test_supported_ops_are_the_converter_table():
+    assert tuple(sorted(CONVERTERS)) == SUPPORTED and all(callable(c) for c in CONVERTERS.values())
+    assert {"Conv", "Gemm", "Relu", "MaxPool", "Constant"} <= set(SUPPORTED)
+
+
+def test_a_one_line_entry_adds_an_op(monkeypatch):
+    model = _model([oh.make_node("Relu", ["x"], ["y"])], (2, 3))
+    monkeypatch.delitem(CONVERTERS, "Relu")
+    with pytest.raises(FsscError) as e:
+        import_onnx(model)
+    msg = str(e.value)
+    assert "unsupported ONNX op(s): Relu_0 (Relu); fssc supports: Add, ArgMax," in msg and ", Relu," not in msg
+    monkeypatch.setitem(CONVERTERS, "Relu", simple("relu"))
+    g = import_onnx(model)
+    assert [op.kind for op in g.ops] == ["relu"]
+    x = np.array([[-1.5, 0.0, 2.5], [3.0, -0.25, 1.0]], dtype=np.float32)
+    np.testing.assert_array_equal(run_float(g, x)[0], np.maximum(x, 0))
+
+
+def test_default_converters_come_from_op_definitions_that_name_an_onnx_type(monkeypatch):
+    table = {"relu": types.SimpleNamespace(onnx="Relu"), "trunc": types.SimpleNamespace(onnx=None), "pad": object()}
+    defaults = default_converters(table)
+    assert set(defaults) == {"Relu"}
+    monkeypatch.setitem(CONVERTERS, "Relu", defaults["Relu"])
+    g = import_onnx(_model([oh.make_node("Relu", ["x"], ["y"])], (1, 4)))
+    x = np.array([[-2.0, -0.5, 0.5, 2.0]], dtype=np.float32)
+    assert [op.kind for op in g.ops] == ["relu"]
+    np.testing.assert_array_equal(run_float(g, x)[0], np.maximum(x, 0))
+
+
+def test_constant_nodes_become_the_model_owners_constants():
+    c = nh.from_array(np.array([1.0, -2.0, 0.5], dtype=np.float32), "c")
+    nodes = [
+        oh.make_node("Constant", [], ["c"], value=c),
+        oh.make_node("Constant", [], ["k"], value_float=3.0),
+        oh.make_node("Add", ["x", "c"], ["s"]),
+        oh.make_node("Mul", ["s", "k"], ["y"]),
+    ]
+    g = import_onnx(_model(nodes, (2, 3)))
+    assert [op.kind for op in g.ops] == ["add", "mul"] and g.values["c"].is_const and g.values["k"].is_const
+    x = np.array([[0.0, 1.0, 2.0], [-1.0, 4.0, 0.25]], dtype=np.float32)
+    np.testing.assert_allclose(run_float(g, x)[0], (x + [1.0, -2.0, 0.5]) * 3.0, rtol=1e-6)
+    bad = [oh.make_node("Constant", [], ["k"], value_string="no"), oh.make_node("Mul", ["x", "k"], ["y"])]
+    with pytest.raises(FsscError, match=r"node Constant_0 \(Constant\): unsupported constant form \['value_string'\]"):
+        import_onnx(_model(bad, (2, 3)))

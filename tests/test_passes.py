@@ -31,7 +31,7 @@ from fssc.passes import (
     range_analysis,
     reorder_maxpool_relu,
 )
-from fssc.passes.base import DEFAULT_MARGIN_BITS, PassContext
+from fssc.passes.base import DEFAULT_MARGIN_BITS, ComparisonRange, PassContext
 from fssc.passes.manager import PIPELINE, run_pipeline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -86,7 +86,7 @@ def run_passes(graph: Graph, passes, ctx: PassContext | None = None):
 
 def apply(graph: Graph, mod, ctx: PassContext | None = None) -> tuple[Graph, bool]:
     g, recs = run_passes(graph, [mod], ctx)
-    return g, recs[-1].changed
+    return g, recs[-1].modified
 
 
 def prefix(mod) -> list:
@@ -121,7 +121,7 @@ def check_semantics(model, x, mod, ctx: PassContext | None = None, expect_change
     ctx = ctx or PassContext(calibration=[x])
     before, _ = run_passes(import_onnx(model), prefix(mod), ctx)
     after, recs = run_passes(before, [mod], ctx)
-    assert recs[-1].changed == expect_change
+    assert recs[-1].modified == expect_change
     for stage in (before, after):
         assert_float_close(run_float(stage, x)[0], ref)
         assert_fixed_close(run_fixed(stage, x)[0], ref)
@@ -604,7 +604,7 @@ def test_reorder_and_lower_random_pools_match_onnxruntime(data):
     nodes = relu_pool_nodes(kernel_shape=k, strides=s, pads=p, ceil_mode=ceil, dilations=d)
     model = make_model(nodes, (1, 2, *hw))
     g, recs = run_passes(import_onnx(model), [reorder_maxpool_relu, lower_maxpool])
-    assert recs[1].changed  # the relu always moves
+    assert recs[1].modified  # the relu always moves
     x = rand((1, 2, *hw), seed=seed)
     ref = ort_run(model, x)
     np.testing.assert_array_equal(run_float(g, x)[0], ref.astype(np.float64))
@@ -821,7 +821,7 @@ def test_range_analysis_bits_from_calibration():
     g, ctx = marked(model, [x], margin_bits=2)
     relu = g.ops[0]
     # |5 * 2^12| = 20480 needs 15 bits + sign = 16, plus the 2-bit margin
-    assert ctx.notes["ranges"][relu.uid] == {"magnitude": 20480, "bits": 18}
+    assert ctx.ranges is not None and ctx.ranges.comparisons[relu.uid] == ComparisonRange(magnitude=20480, bits=18)
     assert relu.gate["bits"] == 18 and relu.bits == 18
     g3, _ = marked(model, [x], margin_bits=3)
     assert g3.ops[0].gate["bits"] == 19
@@ -829,7 +829,7 @@ def test_range_analysis_bits_from_calibration():
     assert g8.ops[0].gate["bits"] == 14
     gd, _ = marked(model, [x])  # the default margin (docs/accuracy.md)
     assert gd.ops[0].gate["bits"] == 16 + DEFAULT_MARGIN_BITS
-    assert ctx.notes["calibration_batches"] == 1
+    assert ctx.ranges.calibration_batches == 1
 
 
 def test_range_analysis_relu_with_fused_truncation_measures_after_the_shift():
@@ -847,7 +847,8 @@ def test_range_analysis_default_calibration_for_image_and_flat_inputs():
     for shape in ((2, 3, 8, 8), (2, 6)):
         nodes = [oh.make_node("Relu", ["x"], ["y"])]
         g, ctx = marked(make_model(nodes, shape))
-        assert ctx.notes["calibration_batches"] == range_analysis.DEFAULT_CALIBRATION_BATCHES
+        assert ctx.ranges is not None
+        assert ctx.ranges.calibration_batches == range_analysis.DEFAULT_CALIBRATION_BATCHES
         assert 4 <= g.ops[0].gate["bits"] <= 64
 
 
@@ -927,7 +928,7 @@ def test_mark_comparisons_kinds_counts_and_depths():
     assert {op.kind for op in g.ops if not op.gate} == {"reshape", "gemm"}
     for op in g.ops:
         if op.gate:
-            assert op.gate["bits"] == ctx.notes["ranges"][op.uid]["bits"]
+            assert op.gate["bits"] == ctx.ranges.comparisons[op.uid].bits
             assert op.gate["count"] == gates.gate_count(op, g)
 
 
@@ -939,15 +940,17 @@ def test_range_analysis_and_marks_leave_a_graph_without_comparisons_alone():
     )
     ctx = PassContext()
     g, recs = run_passes(import_onnx(model), PIPELINE, ctx)
-    changed = {r.name: r.changed for r in recs}
+    changed = {r.name: r.modified for r in recs}
     assert not changed["range-analysis"] and not changed["mark-comparisons"]
-    assert ctx.notes["ranges"] == {} and all(op.gate is None for op in g.ops)
+    assert ctx.ranges is not None and ctx.ranges.comparisons == {} and all(op.gate is None for op in g.ops)
 
 
 def test_mark_comparisons_needs_range_analysis():
     g, _ = run_passes(import_onnx(make_model([oh.make_node("Relu", ["x"], ["y"])], (1, 3))), [plan_fixed_point])
+    with pytest.raises(FsscError, match=r"^pass 'mark-comparisons' requires ranges, which no earlier pass ensures"):
+        run_passes(g, [mark_comparisons])  # the manager refuses the order before anything runs
     with pytest.raises(FsscError, match=r"mark-comparisons.*range-analysis"):
-        run_passes(g, [mark_comparisons])
+        mark_comparisons.run(g.clone(), PassContext())  # and the pass itself finds no bitwidth
 
 
 # --------------------------------------------------------------------------- cost model

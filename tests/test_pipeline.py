@@ -21,9 +21,25 @@ from fssc.compiler.backend.cost import cost_report
 from fssc.compiler.compile import compile_graph
 from fssc.compiler.frontend.onnx_import import import_onnx
 from fssc.compiler.ir.graph import Value
-from fssc.passes import canonicalize, fold_batchnorm, reorder_maxpool_relu
-from fssc.passes.base import PassContext
-from fssc.passes.manager import PIPELINE, pass_names, run_pipeline
+from fssc.passes import (
+    canonicalize,
+    fold_batchnorm,
+    lower_maxpool,
+    mark_comparisons,
+    plan_fixed_point,
+    range_analysis,
+    reorder_maxpool_relu,
+)
+from fssc.passes.base import (
+    CANONICAL,
+    COMPARISONS_MARKED,
+    FIXED_POINT,
+    PROPERTIES,
+    RANGES,
+    PassContext,
+    PassResult,
+)
+from fssc.passes.manager import PIPELINE, check_order, contract, pass_names, run_pipeline
 from fssc.runtime.images import synthetic_inputs
 from onnx import TensorProto
 from onnx import helper as oh
@@ -105,7 +121,7 @@ def test_every_pass_ran_verified_timed_and_changed_the_resnet(compiled):
     recs = compiled.records
     assert [r.name for r in recs] == ["import"] + pass_names()
     assert [r.index for r in recs] == list(range(len(recs)))
-    assert all(r.changed for r in recs)
+    assert all(r.modified for r in recs)
     assert recs[-1].text == compiled.graph.text()  # the last record is the graph the compile returns
     rep = compiled.report.to_dict()["totals"]
     assert rep["key_bytes_p0"] > 0 and rep["key_bytes_p1"] > rep["key_bytes_p0"]
@@ -218,7 +234,7 @@ def test_print_ir_after_all_and_changed_flags(tmp_path):
     printed = []
     res = compile_graph(import_onnx(str(tiny_model_file(tmp_path))), print_all=True, echo=printed.append)
     assert [s.splitlines()[0] for s in printed] == [f"// ----- IR after {n} -----" for n in pass_names()]
-    changed = {r.name: r.changed for r in res.records}
+    changed = {r.name: r.modified for r in res.records}
     # nothing to fold, reorder, lower or scale in conv -> relu -> flatten -> gemm
     assert changed == {
         "import": True,
@@ -231,6 +247,70 @@ def test_print_ir_after_all_and_changed_flags(tmp_path):
         "range-analysis": True,
         "mark-comparisons": True,
     }
+    # what a pass reports is what its IR text shows
+    for prev, rec in zip(res.records, res.records[1:], strict=False):
+        assert rec.modified == (rec.text != prev.text), rec.name
+
+
+# --------------------------------------------------------------------------- pass contracts
+def test_every_pass_declares_its_contract_and_the_pipeline_keeps_it():
+    for p in PIPELINE:
+        _, ens, inv = contract(p)
+        assert all(isinstance(getattr(p, k), frozenset) for k in ("REQUIRES", "ENSURES", "INVALIDATES")), p.NAME
+        assert ens and not (ens & inv), p.NAME
+    check_order(PIPELINE)
+    assert contract(range_analysis)[0] == {FIXED_POINT} and contract(mark_comparisons)[0] == {RANGES}
+
+
+@pytest.mark.parametrize(
+    "order,missing",
+    [
+        ([canonicalize, range_analysis, plan_fixed_point], "'range-analysis' requires fixed-point"),
+        ([plan_fixed_point, mark_comparisons], "'mark-comparisons' requires ranges"),
+        # a rewrite after the plan leaves values without a scale: the plan no longer holds
+        ([plan_fixed_point, lower_maxpool, range_analysis], "'range-analysis' requires fixed-point"),
+        ([plan_fixed_point, range_analysis, plan_fixed_point, mark_comparisons], "'mark-comparisons' requires ranges"),
+    ],
+    ids=["analysis-before-plan", "marks-without-ranges", "rewrite-after-plan", "replanned"],
+)
+def test_a_pipeline_in_the_wrong_order_is_refused_before_anything_runs(tmp_path, order, missing):
+    g = import_onnx(str(tiny_model_file(tmp_path)))
+    ran = []
+    spy = types.SimpleNamespace(NAME="spy", run=lambda g, c: ran.append(1) or PassResult(g, False))
+    with pytest.raises(FsscError) as e:
+        run_pipeline(g, PassContext(), passes=[spy, *order], echo=lambda s: None)
+    msg = str(e.value)
+    assert msg.startswith(f"pass {missing}, which no earlier pass ensures") and "\n" not in msg
+    assert not ran and g.properties == set()
+
+
+def test_properties_are_recorded_and_travel_with_the_graph(tmp_path):
+    ctx = PassContext()
+    g, recs = run_pipeline(import_onnx(str(tiny_model_file(tmp_path))), ctx, echo=lambda s: None)
+    assert recs[0].ensured == frozenset() and recs[-1].ensured == PROPERTIES == g.properties
+    assert recs[1].ensured == {CANONICAL} and FIXED_POINT not in recs[5].ensured and FIXED_POINT in recs[6].ensured
+    assert recs[7].ensured - recs[6].ensured == {RANGES}
+    # the compiled graph may be marked again on its own: its ranges are known; nothing changes
+    again, recs2 = run_pipeline(g, ctx, passes=[mark_comparisons], echo=lambda s: None)
+    assert not recs2[-1].modified and again.text() == g.text()
+    # a clone keeps them, a rewrite drops what rests on the plan
+    assert g.clone().properties == PROPERTIES
+    _, recs3 = run_pipeline(g, ctx, passes=[canonicalize], echo=lambda s: None)
+    assert recs3[-1].ensured == PROPERTIES - {FIXED_POINT, RANGES, COMPARISONS_MARKED}
+
+
+def test_a_pass_that_hides_a_modification_is_refused(tmp_path):
+    def liar(g, ctx):
+        g.ops[0].created_by = "liar"  # shows in the text form
+        return PassResult(g, False)
+
+    g = import_onnx(str(tiny_model_file(tmp_path)))
+    with pytest.raises(FsscError, match=r"^pass 'liar' reported no modification but changed the IR$"):
+        run_pipeline(g, PassContext(), passes=[types.SimpleNamespace(NAME="liar", run=liar)], echo=lambda s: None)
+    with pytest.raises(FsscError, match=r"^pass 'odd' returned int, not a PassResult$"):
+        run_pipeline(g, PassContext(), passes=[types.SimpleNamespace(NAME="odd", run=lambda g, c: 1)])
+    with pytest.raises(FsscError, match=r"^pass 'typo': unknown property canonicl$"):
+        run_pipeline(g, PassContext(), passes=[types.SimpleNamespace(NAME="typo", REQUIRES={"canonicl"})])
 
 
 # --------------------------------------------------------------------------- the verifier names the pass
@@ -319,11 +399,11 @@ def test_calibrate_from_images_and_npy(tmp_path, export_resnet18):
     images = tmp_path / "images"
     _write_images(str(images), 3, 64)  # 3 images -> 2 batches of 2 (the last padded)
     res = compile_graph(import_onnx(str(path)), calibrate=str(images), echo=lambda s: None)
-    assert res.ctx.notes["calibration_batches"] == 2
+    assert res.ctx.ranges is not None and res.ctx.ranges.calibration_batches == 2
     arr = tmp_path / "x.npy"
     np.save(arr, np.zeros((4, 3, 64, 64), np.float32))
     res0 = compile_graph(import_onnx(str(path)), calibrate=str(arr), echo=lambda s: None)
-    assert res0.ctx.notes["calibration_batches"] == 2
+    assert res0.ctx.ranges is not None and res0.ctx.ranges.calibration_batches == 2
     # all-zero inputs still give positive bitwidths for every comparison
     assert all(op.gate["bits"] >= 2 for op in res0.graph.ops if op.gate)
     empty = tmp_path / "empty"

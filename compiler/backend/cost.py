@@ -45,6 +45,7 @@ reported separately. Local ops cost nothing else.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from fssc.compiler.backend.gates import compare_shift, gate_class, headroom_bits, widest_bits
 from fssc.compiler.backend.lower import is_weighted
@@ -54,6 +55,9 @@ from fssc.runtime.gates import SEED_BYTES, WORD, carry_bytes, dcf_bytes
 
 # the key sizes' building blocks as the docs name them (dcf.nbytes_per_key, dcf_bytes, carry_bytes)
 __all__ = ["SEED_BYTES", "WORD", "CostReport", "OpCost", "carry_bytes", "cost_report", "dcf", "dcf_bytes", "op_cost"]
+
+if TYPE_CHECKING:
+    from fssc.passes.base import Ranges
 
 
 @dataclass
@@ -160,18 +164,18 @@ def _weight_size(op: Op, graph: Graph) -> int:
     return next(graph.values[i].size for i in op.inputs if graph.values[i].is_const)
 
 
-def cost_report(graph: Graph, ranges: dict | None = None, full_bits: bool = False) -> CostReport:
-    """The report for a marked graph. ``ranges`` (range analysis's ``ctx.notes['ranges']``) adds each
+def cost_report(graph: Graph, ranges: Ranges | None = None, full_bits: bool = False) -> CostReport:
+    """The report for a marked graph. ``ranges`` (range analysis's ``ctx.ranges``) adds each
     comparison's calibrated maximum and headroom; ``full_bits`` prices every comparison at 64 - shift
     bits (what ``fssc compile --bits full`` would cost)."""
     batch = graph.values[graph.inputs[0]].shape[0] if graph.inputs else 1
     ops = [op_cost(op, graph, widest_bits(op) if full_bits and op.gate else None) for op in graph.ops]
     for op, c in zip(graph.ops, ops, strict=True):
-        r = (ranges or {}).get(op.uid)
+        r = ranges.comparisons.get(op.uid) if ranges else None
         if op.gate and r is not None:
-            c.calibrated = r["magnitude"]
+            c.calibrated = r.magnitude
             c.calibrated_scale = (graph.values[op.inputs[0]].scale or 0) - compare_shift(op)
-            c.headroom = headroom_bits(r["magnitude"], c.bits)
+            c.headroom = headroom_bits(r.magnitude, c.bits)
     weights = sum(_weight_size(op, graph) for op in graph.ops)
     inp = sum(graph.values[i].size for i in graph.inputs) * WORD
     producer = graph.producer()

@@ -7,6 +7,14 @@ nodes become constant values: the model owner's. Structural constant inputs
 (Reshape's shape, Pad's pads, Clip's bounds) become attributes. Nodes whose
 inputs are all constants are folded at import.
 
+The importer is a table of converters, :data:`CONVERTERS`: ONNX op type ->
+a function ``(importer, node, label, attrs)`` that emits the node's IR op (or
+aliases or adds a constant). A 1:1 op with no attributes to translate is a
+one-line entry, :func:`simple` (``CONVERTERS["Relu"] = simple("relu")``), and
+an IR kind whose :class:`~fssc.compiler.ir.ops.OpDef` names an ONNX op type
+(``onnx``) gets that default converter without an entry here. The supported
+op set, :data:`SUPPORTED`, is the table's keys.
+
 Anything outside the supported op set is reported in one error listing every
 offending node and the set fssc accepts.
 """
@@ -14,6 +22,8 @@ offending node and the set fssc accepts.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,32 +33,6 @@ from fssc.compiler.ir.verify import verify
 from onnx import helper, numpy_helper
 
 from fssc.errors import FsscError
-
-SUPPORTED: tuple[str, ...] = (
-    "ArgMax",
-    "Add",
-    "AveragePool",
-    "BatchNormalization",
-    "Clip",
-    "Concat",
-    "Constant",
-    "Conv",
-    "Dropout",
-    "Flatten",
-    "Gemm",
-    "GlobalAveragePool",
-    "Identity",
-    "MatMul",
-    "MaxPool",
-    "Mul",
-    "Pad",
-    "Relu",
-    "Reshape",
-    "Sub",
-)
-# ONNX ops imported one-to-one with no attributes: the registry entries' ``onnx`` names (nothing else to add here)
-SIMPLE = {d.onnx: kind for kind, d in OPS.items() if d.onnx}
-SUPPORTED += tuple(sorted(SIMPLE))
 
 
 def load_onnx(path: str) -> onnx.ModelProto:
@@ -130,11 +114,13 @@ class _Importer:
         bad = [
             (_node_label(n, i), n.op_type)
             for i, n in enumerate(gp.node)
-            if n.op_type not in SUPPORTED or n.domain not in ("", "ai.onnx")
+            if n.op_type not in CONVERTERS or n.domain not in ("", "ai.onnx")
         ]
         if bad:
             listed = ", ".join(f"{nm} ({op})" for nm, op in bad)
-            raise FsscError(f"{self.src}: unsupported ONNX op(s): {listed}; fssc supports: {', '.join(SUPPORTED)}")
+            raise FsscError(
+                f"{self.src}: unsupported ONNX op(s): {listed}; fssc supports: {', '.join(sorted(CONVERTERS))}"
+            )
         g = self.g = Graph(gname)
         inits = {t.name for t in gp.initializer}
         for t in gp.initializer:
@@ -201,165 +187,19 @@ class _Importer:
     def convert(self, node: onnx.NodeProto, label: str) -> None:
         a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
         a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
-        op = node.op_type
-        g = self.g
-        ins = list(node.input)
+        CONVERTERS[node.op_type](self, node, label, a)
 
-        def unused_extra_outputs(n_keep):
-            users = {i for nd in self.model.graph.node for i in nd.input} | {o.name for o in self.model.graph.output}
-            extra = [o for o in node.output[n_keep:] if o and o in users]
-            if extra:
-                raise FsscError(f"{self.src}: node {label} ({op}): output(s) {extra} are not supported")
+    def unused_extra_outputs(self, node: onnx.NodeProto, label: str, n_keep: int) -> None:
+        """Refuse a node whose outputs past the first ``n_keep`` are read (MaxPool's indices, BN's stats)."""
+        gp = self.model.graph
+        users = {i for nd in gp.node for i in nd.input} | {o.name for o in gp.output}
+        extra = [o for o in node.output[n_keep:] if o and o in users]
+        if extra:
+            raise FsscError(f"{self.src}: node {label} ({node.op_type}): output(s) {extra} are not supported")
 
-        if op == "Constant":
-            t = a.get("value")
-            if t is None:
-                for k in ("value_float", "value_floats", "value_int", "value_ints"):
-                    if k in a:
-                        g.add_const(node.output[0], np.asarray(a[k], dtype=np.float32 if "float" in k else np.int64))
-                        return
-                raise FsscError(f"{self.src}: node {label} (Constant): unsupported constant form {sorted(a)}")
-            g.add_const(node.output[0], numpy_helper.to_array(t).copy())
-            return
-        if op in ("Identity", "Dropout"):
-            if op == "Dropout":
-                unused_extra_outputs(1)
-                if a.get("is_test") == 0 or (
-                    len(ins) > 2 and ins[2] and self.const(ins[2]) is not None and bool(self.const(ins[2]))
-                ):
-                    raise FsscError(f"{self.src}: node {label} (Dropout): training mode is not supported")
-            self.alias[node.output[0]] = self.resolve(ins[0])
-            return
-        if op == "Conv":
-            w = self.need_const(node, 1, label, "weight (input 1)")
-            if len(ins) > 2 and ins[2]:
-                self.need_const(node, 2, label, "bias (input 2)")
-            x_shape = g.values[self.resolve(ins[0])].shape
-            nd = len(x_shape) - 2
-            if "kernel_shape" in a and list(a["kernel_shape"]) != list(w.shape[2:]):
-                raise FsscError(
-                    f"{self.src}: node {label} (Conv): kernel_shape {a['kernel_shape']} != weight {w.shape}"
-                )
-            attrs = {
-                "strides": list(a.get("strides", [1] * nd)),
-                "dilations": list(a.get("dilations", [1] * nd)),
-                "group": int(a.get("group", 1)),
-            }
-            attrs["pads"] = self.pads(
-                a, label, op, x_shape[2:], list(w.shape[2:]), attrs["strides"], attrs["dilations"]
-            )
-            self.emit(node, label, "conv", [i for i in ins if i], attrs)
-        elif op == "Gemm":
-            self.need_const(node, 1, label, "B (input 1, the weights)")
-            if len(ins) > 2 and ins[2]:
-                self.need_const(node, 2, label, "C (input 2, the bias)")
-            attrs = {
-                "alpha": float(a.get("alpha", 1.0)),
-                "beta": float(a.get("beta", 1.0)),
-                "transA": int(a.get("transA", 0)),
-                "transB": int(a.get("transB", 0)),
-            }
-            self.emit(node, label, "gemm", [i for i in ins if i], attrs)
-        elif op == "MatMul":
-            if self.const(ins[0]) is None and self.const(ins[1]) is None:
-                raise FsscError(
-                    f"{self.src}: node {label} (MatMul): one operand must be a constant (the model owner's weights)"
-                )
-            self.emit(node, label, "matmul", ins, {})
-        elif op in ("Add", "Sub", "Mul"):
-            if op == "Mul" and self.const(ins[0]) is None and self.const(ins[1]) is None:
-                raise FsscError(f"{self.src}: node {label} (Mul): one operand must be a constant")
-            self.emit(node, label, op.lower(), ins, {})
-        elif op == "Relu":
-            self.emit(node, label, "relu", ins, {})
-        elif op == "Clip":
-            attrs = {}
-            if self.opset < 11:  # bounds are attributes; an absent one is no bound (no comparison)
-                attrs = {k: float(a[k]) for k in ("min", "max") if k in a}
-            else:
-                for key, idx in (("min", 1), ("max", 2)):
-                    if len(ins) > idx and ins[idx]:
-                        attrs[key] = float(self.need_const(node, idx, label, key).reshape(()))
-            self.emit(node, label, "clip", ins[:1], attrs)
-        elif op in ("MaxPool", "AveragePool"):
-            if op == "MaxPool":
-                unused_extra_outputs(1)
-            x_shape = g.values[self.resolve(ins[0])].shape
-            nd = len(x_shape) - 2
-            kernel = list(a["kernel_shape"])
-            attrs = {
-                "kernel_shape": kernel,
-                "strides": list(a.get("strides", [1] * nd)),
-                "dilations": list(a.get("dilations", [1] * nd)),
-                "ceil_mode": int(a.get("ceil_mode", 0)),
-            }
-            attrs["pads"] = self.pads(a, label, op, x_shape[2:], kernel, attrs["strides"], attrs["dilations"])
-            if op == "AveragePool":
-                attrs["count_include_pad"] = int(a.get("count_include_pad", 0))
-            self.emit(node, label, "maxpool" if op == "MaxPool" else "avgpool", ins[:1], attrs)
-        elif op == "GlobalAveragePool":
-            self.emit(node, label, "globalavgpool", ins, {})
-        elif op == "BatchNormalization":
-            unused_extra_outputs(1)
-            if a.get("training_mode", 0):
-                raise FsscError(f"{self.src}: node {label} (BatchNormalization): training_mode is not supported")
-            for i, what in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var")):
-                self.need_const(node, i, label, what)
-            self.emit(node, label, "batchnorm", ins[:5], {"epsilon": float(a.get("epsilon", 1e-5))})
-        elif op == "Flatten":
-            self.emit(node, label, "flatten", ins, {"axis": int(a.get("axis", 1))})
-        elif op == "Reshape":
-            shp = self.need_const(node, 1, label, "shape (input 1)").astype(np.int64).tolist()
-            x_shape = g.values[self.resolve(ins[0])].shape
-            out = []
-            for i, d in enumerate(shp):
-                out.append(x_shape[i] if d == 0 and not a.get("allowzero", 0) else d)
-            if out.count(-1) == 1:
-                known = int(np.prod([d for d in out if d != -1], dtype=np.int64))
-                out[out.index(-1)] = int(np.prod(x_shape, dtype=np.int64)) // max(known, 1)
-            self.emit(node, label, "reshape", ins[:1], {"shape": [int(d) for d in out]})
-        elif op == "Concat":
-            self.emit(node, label, "concat", ins, {"axis": int(a["axis"])})
-        elif op == "Pad":
-            mode = a.get("mode", "constant")
-            if mode != "constant":
-                raise FsscError(f"{self.src}: node {label} (Pad): mode {mode!r} is not supported (only constant 0)")
-            x_shape = g.values[self.resolve(ins[0])].shape
-            r = len(x_shape)
-            if self.opset < 11:
-                pads, value = list(a["pads"]), float(a.get("value", 0.0))
-            else:
-                pads = self.need_const(node, 1, label, "pads (input 1)").astype(np.int64).tolist()
-                value = (
-                    float(self.need_const(node, 2, label, "constant_value (input 2)").reshape(()))
-                    if len(ins) > 2 and ins[2]
-                    else 0.0
-                )
-                if len(ins) > 3 and ins[3]:
-                    axes = [int(x) % r for x in self.need_const(node, 3, label, "axes (input 3)").tolist()]
-                    full = [0] * (2 * r)
-                    for j, ax in enumerate(axes):
-                        full[ax], full[ax + r] = pads[j], pads[j + len(axes)]
-                    pads = full
-            if value != 0.0:
-                raise FsscError(f"{self.src}: node {label} (Pad): constant value {value} is not supported (only 0)")
-            self.emit(node, label, "pad", ins[:1], {"pads": [int(p) for p in pads]})
-        elif op == "ArgMax":
-            self.emit(
-                node,
-                label,
-                "argmax",
-                ins,
-                {
-                    "axis": int(a.get("axis", 0)),
-                    "keepdims": int(a.get("keepdims", 1)),
-                    "select_last_index": int(a.get("select_last_index", 0)),
-                },
-            )
-        elif op in SIMPLE:
-            self.emit(node, label, SIMPLE[op], ins, {})
-        else:  # pragma: no cover - SUPPORTED and this switch must agree
-            raise FsscError(f"{self.src}: node {label}: {op} is listed as supported but has no converter")
+    def x_shape(self, node: onnx.NodeProto) -> tuple[int, ...]:
+        """Shape of the node's first (data) input."""
+        return self.g.values[self.resolve(node.input[0])].shape
 
     def pads(self, a, label, op, spatial, k, s, d):
         nd = len(spatial)
@@ -377,3 +217,216 @@ class _Importer:
                 pads[i], pads[i + nd] = (small, big) if auto == "SAME_UPPER" else (big, small)
             return pads
         raise FsscError(f"{self.src}: node {label} ({op}): auto_pad {auto!r} is not supported")
+
+
+# ---------------------------------------------------------------------------- the converters
+Converter = Callable[[_Importer, onnx.NodeProto, str, dict[str, Any]], None]
+CONVERTERS: dict[str, Converter] = {}
+
+
+def converts(*op_types: str) -> Callable[[Converter], Converter]:
+    """Register the decorated function as the converter of these ONNX op types."""
+
+    def deco(fn: Converter) -> Converter:
+        for t in op_types:
+            CONVERTERS[t] = fn
+        return fn
+
+    return deco
+
+
+def simple(kind: str) -> Converter:
+    """The converter of a 1:1 op: IR ``kind`` over the node's inputs, no attributes."""
+
+    def convert(imp: _Importer, node: onnx.NodeProto, label: str, a: dict[str, Any]) -> None:
+        imp.emit(node, label, kind, list(node.input), {})
+
+    convert.__name__ = f"simple_{kind}"
+    return convert
+
+
+def default_converters(ops: Mapping[str, Any]) -> dict[str, Converter]:
+    """:func:`simple` converters for the IR kinds whose op definition names an ONNX op type (``onnx``)."""
+    return {d.onnx: simple(kind) for kind, d in ops.items() if getattr(d, "onnx", None)}
+
+
+@converts("Constant")
+def _constant(imp: _Importer, node, label, a) -> None:
+    t = a.get("value")
+    if t is None:
+        for k in ("value_float", "value_floats", "value_int", "value_ints"):
+            if k in a:
+                imp.g.add_const(node.output[0], np.asarray(a[k], dtype=np.float32 if "float" in k else np.int64))
+                return
+        raise FsscError(f"{imp.src}: node {label} (Constant): unsupported constant form {sorted(a)}")
+    imp.g.add_const(node.output[0], numpy_helper.to_array(t).copy())
+
+
+@converts("Identity", "Dropout")
+def _alias(imp: _Importer, node, label, a) -> None:
+    ins = list(node.input)
+    if node.op_type == "Dropout":
+        imp.unused_extra_outputs(node, label, 1)
+        if a.get("is_test") == 0 or (
+            len(ins) > 2 and ins[2] and imp.const(ins[2]) is not None and bool(imp.const(ins[2]))
+        ):
+            raise FsscError(f"{imp.src}: node {label} (Dropout): training mode is not supported")
+    imp.alias[node.output[0]] = imp.resolve(ins[0])
+
+
+@converts("Conv")
+def _conv(imp: _Importer, node, label, a) -> None:
+    ins = list(node.input)
+    w = imp.need_const(node, 1, label, "weight (input 1)")
+    if len(ins) > 2 and ins[2]:
+        imp.need_const(node, 2, label, "bias (input 2)")
+    x_shape = imp.x_shape(node)
+    nd = len(x_shape) - 2
+    if "kernel_shape" in a and list(a["kernel_shape"]) != list(w.shape[2:]):
+        raise FsscError(f"{imp.src}: node {label} (Conv): kernel_shape {a['kernel_shape']} != weight {w.shape}")
+    attrs = {
+        "strides": list(a.get("strides", [1] * nd)),
+        "dilations": list(a.get("dilations", [1] * nd)),
+        "group": int(a.get("group", 1)),
+    }
+    attrs["pads"] = imp.pads(a, label, "Conv", x_shape[2:], list(w.shape[2:]), attrs["strides"], attrs["dilations"])
+    imp.emit(node, label, "conv", [i for i in ins if i], attrs)
+
+
+@converts("Gemm")
+def _gemm(imp: _Importer, node, label, a) -> None:
+    ins = list(node.input)
+    imp.need_const(node, 1, label, "B (input 1, the weights)")
+    if len(ins) > 2 and ins[2]:
+        imp.need_const(node, 2, label, "C (input 2, the bias)")
+    attrs = {
+        "alpha": float(a.get("alpha", 1.0)),
+        "beta": float(a.get("beta", 1.0)),
+        "transA": int(a.get("transA", 0)),
+        "transB": int(a.get("transB", 0)),
+    }
+    imp.emit(node, label, "gemm", [i for i in ins if i], attrs)
+
+
+@converts("MatMul", "Mul")
+def _product(imp: _Importer, node, label, a) -> None:
+    ins = list(node.input)
+    if imp.const(ins[0]) is None and imp.const(ins[1]) is None:
+        whose = " (the model owner's weights)" if node.op_type == "MatMul" else ""
+        raise FsscError(f"{imp.src}: node {label} ({node.op_type}): one operand must be a constant{whose}")
+    imp.emit(node, label, node.op_type.lower(), ins, {})
+
+
+CONVERTERS["Add"] = simple("add")
+CONVERTERS["Sub"] = simple("sub")
+CONVERTERS["Relu"] = simple("relu")
+CONVERTERS["GlobalAveragePool"] = simple("globalavgpool")
+
+
+@converts("Clip")
+def _clip(imp: _Importer, node, label, a) -> None:
+    ins = list(node.input)
+    attrs = {}
+    if imp.opset < 11:  # bounds are attributes; an absent one is no bound (no comparison)
+        attrs = {k: float(a[k]) for k in ("min", "max") if k in a}
+    else:
+        for key, idx in (("min", 1), ("max", 2)):
+            if len(ins) > idx and ins[idx]:
+                attrs[key] = float(imp.need_const(node, idx, label, key).reshape(()))
+    imp.emit(node, label, "clip", ins[:1], attrs)
+
+
+@converts("MaxPool", "AveragePool")
+def _pool(imp: _Importer, node, label, a) -> None:
+    op = node.op_type
+    if op == "MaxPool":
+        imp.unused_extra_outputs(node, label, 1)
+    x_shape = imp.x_shape(node)
+    nd = len(x_shape) - 2
+    kernel = list(a["kernel_shape"])
+    attrs = {
+        "kernel_shape": kernel,
+        "strides": list(a.get("strides", [1] * nd)),
+        "dilations": list(a.get("dilations", [1] * nd)),
+        "ceil_mode": int(a.get("ceil_mode", 0)),
+    }
+    attrs["pads"] = imp.pads(a, label, op, x_shape[2:], kernel, attrs["strides"], attrs["dilations"])
+    if op == "AveragePool":
+        attrs["count_include_pad"] = int(a.get("count_include_pad", 0))
+    imp.emit(node, label, "maxpool" if op == "MaxPool" else "avgpool", list(node.input[:1]), attrs)
+
+
+@converts("BatchNormalization")
+def _batchnorm(imp: _Importer, node, label, a) -> None:
+    imp.unused_extra_outputs(node, label, 1)
+    if a.get("training_mode", 0):
+        raise FsscError(f"{imp.src}: node {label} (BatchNormalization): training_mode is not supported")
+    for i, what in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var")):
+        imp.need_const(node, i, label, what)
+    imp.emit(node, label, "batchnorm", list(node.input[:5]), {"epsilon": float(a.get("epsilon", 1e-5))})
+
+
+@converts("Flatten")
+def _flatten(imp: _Importer, node, label, a) -> None:
+    imp.emit(node, label, "flatten", list(node.input), {"axis": int(a.get("axis", 1))})
+
+
+@converts("Reshape")
+def _reshape(imp: _Importer, node, label, a) -> None:
+    shp = imp.need_const(node, 1, label, "shape (input 1)").astype(np.int64).tolist()
+    x_shape = imp.x_shape(node)
+    out = []
+    for i, d in enumerate(shp):
+        out.append(x_shape[i] if d == 0 and not a.get("allowzero", 0) else d)
+    if out.count(-1) == 1:
+        known = int(np.prod([d for d in out if d != -1], dtype=np.int64))
+        out[out.index(-1)] = int(np.prod(x_shape, dtype=np.int64)) // max(known, 1)
+    imp.emit(node, label, "reshape", list(node.input[:1]), {"shape": [int(d) for d in out]})
+
+
+@converts("Concat")
+def _concat(imp: _Importer, node, label, a) -> None:
+    imp.emit(node, label, "concat", list(node.input), {"axis": int(a["axis"])})
+
+
+@converts("Pad")
+def _pad(imp: _Importer, node, label, a) -> None:
+    ins = list(node.input)
+    mode = a.get("mode", "constant")
+    if mode != "constant":
+        raise FsscError(f"{imp.src}: node {label} (Pad): mode {mode!r} is not supported (only constant 0)")
+    r = len(imp.x_shape(node))
+    if imp.opset < 11:
+        pads, value = list(a["pads"]), float(a.get("value", 0.0))
+    else:
+        pads = imp.need_const(node, 1, label, "pads (input 1)").astype(np.int64).tolist()
+        value = (
+            float(imp.need_const(node, 2, label, "constant_value (input 2)").reshape(()))
+            if len(ins) > 2 and ins[2]
+            else 0.0
+        )
+        if len(ins) > 3 and ins[3]:
+            axes = [int(x) % r for x in imp.need_const(node, 3, label, "axes (input 3)").tolist()]
+            full = [0] * (2 * r)
+            for j, ax in enumerate(axes):
+                full[ax], full[ax + r] = pads[j], pads[j + len(axes)]
+            pads = full
+    if value != 0.0:
+        raise FsscError(f"{imp.src}: node {label} (Pad): constant value {value} is not supported (only 0)")
+    imp.emit(node, label, "pad", ins[:1], {"pads": [int(p) for p in pads]})
+
+
+@converts("ArgMax")
+def _argmax(imp: _Importer, node, label, a) -> None:
+    attrs = {
+        "axis": int(a.get("axis", 0)),
+        "keepdims": int(a.get("keepdims", 1)),
+        "select_last_index": int(a.get("select_last_index", 0)),
+    }
+    imp.emit(node, label, "argmax", list(node.input), attrs)
+
+
+for _type, _conv_fn in default_converters(OPS).items():
+    CONVERTERS.setdefault(_type, _conv_fn)  # an entry above (attributes to translate, checks) wins
+
+SUPPORTED: tuple[str, ...] = tuple(sorted(CONVERTERS))

@@ -13,6 +13,16 @@ diff use it. A comparison op's bitwidth ``bits`` (set by range analysis) is
 the op's, not its input value's: one value may feed several comparisons that
 need different widths.
 
+The graph keeps use lists: :meth:`Graph.uses` (which ops read a value, and at
+which input, in program order), :meth:`Graph.users_of`, :meth:`Graph.producer_of`.
+The edit helpers keep them up to date as they go
+(:meth:`Graph.replace_all_uses_with`, :meth:`Graph.remove_op`,
+:meth:`Graph.insert_op_before` / :meth:`Graph.insert_op_after`,
+:meth:`Graph.set_inputs`, :meth:`Graph.set_outputs`, :meth:`Graph.swap_ops`);
+any other edit, such as a direct assignment to ``op.inputs``, ``op.outputs``
+or ``graph.ops`` or a change inside those lists (they report their edits),
+makes the next query rebuild the index from the ops. So it is never stale.
+
 The text form (:func:`Graph.text`) is deterministic: constants are elided to
 shape and a short content hash.
 """
@@ -74,10 +84,45 @@ class Value:
         return h.hexdigest()[:8]
 
 
+_EDITS = [0]  # bumped by every edit of an op's inputs/outputs or a graph's op list: use indexes compare it
+
+
+class _Tracked(list):
+    """A list that counts its edits (an op's inputs and outputs, a graph's ops), so use lists are rebuilt."""
+
+
+def _counting(name: str):
+    base = getattr(list, name)
+
+    def method(self, *args, **kwargs):
+        _EDITS[0] += 1
+        return base(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in (
+    "__setitem__",
+    "__delitem__",
+    "__iadd__",
+    "__imul__",
+    "append",
+    "extend",
+    "insert",
+    "pop",
+    "remove",
+    "clear",
+    "sort",
+    "reverse",
+):
+    setattr(_Tracked, _name, _counting(_name))
+
+
 @dataclass
 class Op:
     kind: str
-    inputs: list[str]
+    inputs: list[str]  # a tracked list (see _Tracked); assigning any list is fine
     outputs: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)
     origin: tuple[str, ...] = ()  # ONNX node names
@@ -89,6 +134,23 @@ class Op:
     @property
     def name(self) -> str:
         return self.outputs[0] if self.outputs else f"op{self.uid}"
+
+
+def _tracked_field(attr: str) -> property:
+    def get(self):
+        return self.__dict__[attr]
+
+    def put(self, value):
+        if attr in self.__dict__:  # a new op is in no graph yet: no use index to invalidate
+            _EDITS[0] += 1
+        self.__dict__[attr] = _Tracked(value)
+
+    return property(get, put)
+
+
+# after @dataclass: the generated __init__, __eq__ and __repr__ go through these properties
+Op.inputs = _tracked_field("_inputs")  # type: ignore[assignment]
+Op.outputs = _tracked_field("_outputs")  # type: ignore[assignment]
 
 
 def _fmt_attr(v: Any) -> str:
@@ -117,11 +179,26 @@ class Graph:
     def __init__(self, name: str = "graph"):
         self.name = name
         self.values: dict[str, Value] = {}
-        self.ops: list[Op] = []
+        self._ops: list[Op] = _Tracked()  # see the ops property
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.meta: dict[str, Any] = {}
+        self.properties: set[str] = set()  # what the passes run so far ensured (passes.base); not in the text
         self._next_uid = 0
+        self._index_at = -1  # _EDITS when the use index below was built
+        self._uses: dict[str, list[tuple[Op, int]]] = {}
+        self._producers: dict[str, Op] = {}
+        self._pos: dict[int, int] | None = None  # id(op) -> position, built when uses() needs an order
+
+    @property
+    def ops(self) -> list[Op]:
+        """The ops in program order (a tracked list: edit it freely, the use lists follow)."""
+        return self._ops
+
+    @ops.setter
+    def ops(self, ops: Iterable[Op]) -> None:
+        _EDITS[0] += 1
+        self._ops = _Tracked(ops)
 
     # --- construction -------------------------------------------------
     def add_value(self, v: Value) -> Value:
@@ -167,23 +244,160 @@ class Graph:
         g.inputs = list(self.inputs)
         g.outputs = list(self.outputs)
         g.meta = copy.deepcopy(self.meta)
+        g.properties = set(self.properties)
         g._next_uid = self._next_uid
         return g
 
-    # --- queries ------------------------------------------------------
-    def producer(self) -> dict[str, Op]:
-        return {o: op for op in self.ops for o in op.outputs}
+    # --- use lists ----------------------------------------------------
+    def _index(self) -> None:
+        """Rebuild the use index if anything was edited since it was built (or kept up to date)."""
+        if self._index_at == _EDITS[0]:
+            return
+        self._uses, self._producers, self._pos = {}, {}, None
+        for op in self._ops:
+            self._add_op(op)
+        self._index_at = _EDITS[0]
 
-    def users(self) -> dict[str, list[Op]]:
-        u: dict[str, list[Op]] = {}
-        for op in self.ops:
-            for i in op.inputs:
-                u.setdefault(i, []).append(op)
-        return u
+    def _add_op(self, op: Op) -> None:
+        for k, i in enumerate(op.inputs):
+            self._uses.setdefault(i, []).append((op, k))
+        for o in op.outputs:
+            self._producers.setdefault(o, op)
+
+    def _drop_reads(self, op: Op) -> None:
+        for i in set(op.inputs):
+            rest = [(o, k) for o, k in self._uses.get(i, ()) if o is not op]
+            if rest:
+                self._uses[i] = rest
+            else:
+                self._uses.pop(i, None)
+
+    def _member(self, op: Op) -> bool:
+        """``op`` is one of this graph's ops (checked through the index: the index must be fresh)."""
+        return bool(op.outputs) and self._producers.get(op.outputs[0]) is op
+
+    def uses(self, name: str) -> list[tuple[Op, int]]:
+        """(op, input position) for every read of value ``name``, in program order."""
+        self._index()
+        found = self._uses.get(name, [])
+        if len(found) > 1:
+            if self._pos is None:
+                self._pos = {id(op): k for k, op in enumerate(self._ops)}
+            pos = self._pos
+            found = sorted(found, key=lambda u: (pos[id(u[0])], u[1]))
+        return list(found)
+
+    def users_of(self, name: str) -> list[Op]:
+        """The ops that read value ``name``, each once, in program order."""
+        seen: list[Op] = []
+        for op, _ in self.uses(name):
+            if not any(op is s for s in seen):
+                seen.append(op)
+        return seen
 
     def n_users(self, name: str) -> int:
-        n = sum(1 for op in self.ops for i in op.inputs if i == name)
-        return n + (1 if name in self.outputs else 0)
+        """Reads of value ``name``, a graph output counting as one."""
+        self._index()
+        return len(self._uses.get(name, ())) + (1 if name in self.outputs else 0)
+
+    def producer_of(self, name: str) -> Op | None:
+        """The op that defines value ``name`` (None for inputs and constants)."""
+        self._index()
+        return self._producers.get(name)
+
+    def producer(self) -> dict[str, Op]:
+        """Value name -> the op defining it."""
+        self._index()
+        return dict(self._producers)
+
+    # --- edits (they keep the use index up to date instead of rebuilding it) --------------
+    def set_inputs(self, op: Op, names: Iterable[str]) -> None:
+        """``op`` reads ``names`` from now on."""
+        self._index()
+        member = self._member(op)
+        if member:
+            self._drop_reads(op)
+        op.inputs = list(names)
+        if member:
+            for k, i in enumerate(op.inputs):
+                self._uses.setdefault(i, []).append((op, k))
+            self._index_at = _EDITS[0]
+
+    def set_outputs(self, op: Op, names: Iterable[str]) -> None:
+        """``op`` defines ``names`` from now on (the values must exist)."""
+        self._index()
+        member = self._member(op)
+        if member:
+            for o in op.outputs:
+                if self._producers.get(o) is op:
+                    del self._producers[o]
+        op.outputs = list(names)
+        if member:
+            for o in op.outputs:
+                self._producers.setdefault(o, op)
+            self._index_at = _EDITS[0]
+
+    def replace_all_uses_with(self, old: str, new: str) -> None:
+        """Every read of value ``old`` (and a graph output named ``old``) reads ``new`` instead."""
+        found = self.uses(old)
+        for op, k in found:
+            op.inputs[k] = new
+        if found:
+            self._uses.setdefault(new, []).extend(found)
+            del self._uses[old]
+            self._index_at = _EDITS[0]
+        self.outputs = [new if o == old else o for o in self.outputs]
+
+    replace_uses = replace_all_uses_with
+
+    def index_of(self, op: Op) -> int:
+        """Position of ``op`` (this very object) in program order."""
+        self._index()
+        if self._pos is not None and self._member(op):
+            return self._pos[id(op)]
+        for k, o in enumerate(self._ops):
+            if o is op:
+                return k
+        raise FsscError(f"IR: {op.kind} %{op.name} is not in graph {self.name}")
+
+    def remove_op(self, op: Op) -> None:
+        """Take ``op`` out of the graph. An output of it that is still read must be defined by another op
+        (replace its uses first, or move the output to the op that takes over); the others' values go."""
+        k = self.index_of(op)
+        own = [o for o in op.outputs if self._producers.get(o) is op]
+        for o in own:
+            if self.n_users(o):
+                raise FsscError(f"IR: cannot remove {op.kind} %{op.name}: %{o} is still read")
+        del self._ops[k]
+        self._drop_reads(op)
+        for o in own:
+            del self._producers[o]
+            self.values.pop(o, None)
+        self._pos = None
+        self._index_at = _EDITS[0]
+
+    def insert_op_before(self, anchor: Op, *ops: Op) -> None:
+        """Put ``ops`` (in this order) just before ``anchor``."""
+        self._insert(self.index_of(anchor), ops)
+
+    def insert_op_after(self, anchor: Op, *ops: Op) -> None:
+        """Put ``ops`` (in this order) just after ``anchor``."""
+        self._insert(self.index_of(anchor) + 1, ops)
+
+    def swap_ops(self, a: Op, b: Op) -> None:
+        """Exchange the positions of ops ``a`` and ``b`` (the caller keeps the order topological)."""
+        i, j = self.index_of(a), self.index_of(b)
+        self._ops[i], self._ops[j] = b, a
+        if self._pos is not None:
+            self._pos[id(a)], self._pos[id(b)] = j, i
+        self._index_at = _EDITS[0]
+
+    def _insert(self, k: int, ops: tuple[Op, ...]) -> None:
+        self._ops[k:k] = list(ops)
+        for op in ops:
+            self._add_op(op)
+        self._pos = None
+        self._index_at = _EDITS[0]
 
     def remove_unused(self) -> None:
         """Drop values nobody reads or defines (constants left over by rewrites)."""
@@ -193,11 +407,6 @@ class Graph:
             used.update(op.outputs)
         for k in [k for k in self.values if k not in used]:
             del self.values[k]
-
-    def replace_uses(self, old: str, new: str) -> None:
-        for op in self.ops:
-            op.inputs = [new if i == old else i for i in op.inputs]
-        self.outputs = [new if o == old else o for o in self.outputs]
 
     # --- text form ----------------------------------------------------
     def text(self) -> str:

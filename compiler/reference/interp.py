@@ -66,7 +66,7 @@ def _ensure_planned(graph: Graph, frac_bits: int | None) -> Graph:
     from fssc.passes import plan_fixed_point
     from fssc.passes.base import PassContext
 
-    return plan_fixed_point.run(graph.clone(), PassContext(frac_bits=12 if frac_bits is None else frac_bits))
+    return plan_fixed_point.run(graph.clone(), PassContext(frac_bits=12 if frac_bits is None else frac_bits)).graph
 
 
 def run_fixed(

@@ -282,7 +282,7 @@ def build_document(passes: Iterable, prog_dir: str | None = None, source: str = 
             {
                 "index": p.index,
                 "name": p.name,
-                "changed": bool(p.changed),
+                "changed": bool(p.modified),
                 "file": f"{p.index:02d}-{p.name}.txt",
                 "ops": refs,
                 "xy": xy,
