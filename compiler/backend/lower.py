@@ -147,16 +147,10 @@ def _bilinear(op: Op, graph: Graph, x_name: str) -> tuple[str, dict, int, str, s
     raise FsscError(f"{op.kind} %{op.name} is not a linear layer with weights")
 
 
-def encode_linear(op: Op, graph: Graph) -> tuple[np.ndarray, np.ndarray | None]:
-    """P1's ring encodings of a weighted op: W at ``wscale`` and the bias at the output scale."""
-    secret = [i for i in op.inputs if not graph.values[i].is_const]
-    _, _, _, w_name, b_name = _bilinear(op, graph, secret[0])
-    return _encode_linear(op, graph, secret[0], w_name, b_name)
-
-
 def _encode_linear(
     op: Op, graph: Graph, x_name: str, w_name: str, b_name: str | None
 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """P1's ring encodings of a weighted op: W at ``wscale`` and the bias at the output scale."""
     s_in = graph.values[x_name].fixed_scale
     out_shape = graph.values[op.outputs[0]].shape
     ws = op.attrs["wscale"]
