@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck-view install bench clean
+.PHONY: demo test test-slow lint typecheck-view install bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,13 @@ lint: $(STAMP) typecheck-view
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
+# The fast suite (under 5 minutes on a 2-core machine); `make test-slow` runs the tests marked slow
+# (224x224 models, long matrices, full-size runs). CI runs both.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(PY) -m pip install -e '.[test,bench]'

@@ -230,12 +230,3 @@ def export_model(
     kinds = [n.op_type for n in proto.graph.node]
     nc = num_classes if num_classes is not None else int(proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value)
     return ExportInfo(out, name, nc, image_size, batch, opset, len(kinds), kinds.count("BatchNormalization"), wdesc)
-
-
-def torch_reference(
-    name: str, num_classes: int | None, weights: str | None, image_size: int, x: torch.Tensor, seed: int = DEFAULT_SEED
-) -> torch.Tensor:
-    """The same model as :func:`export_model` builds, run in torch (for tests)."""
-    model = prepare_model(name, num_classes, weights, image_size, seed)
-    with torch.no_grad():
-        return model(x)

@@ -236,8 +236,6 @@ class DcfKeys:
             raise ValueError(f"buffer of {size} bytes is not a whole number of {params.nbytes_per_key}-byte keys")
         return cls(params, party, np.frombuffer(buf, dtype="<u8"))
 
-    from_bytes = from_buffer
-
     def to_bytes(self) -> bytes:
         return self.data.tobytes()
 

@@ -15,16 +15,16 @@ from typing import Any
 
 from fssc.runtime.channel import queue_pair
 from fssc.runtime.keys import KeyReader, KeyWriter
-from fssc.runtime.prg import Rng
 from fssc.runtime.protocol import Dealer, Party
 
 
-def deal_in_memory(fn: Callable[[Dealer], Any], header: dict | None = None, rng: Rng | None = None):
-    """Run ``fn(dealer)``; returns (its result, P0's key bytes, P1's key bytes)."""
+def deal_in_memory(fn: Callable[[Dealer], Any], header: dict | None = None):
+    """Run ``fn(dealer)`` with a dealer whose randomness is fresh from os.urandom; returns (its result,
+    P0's key bytes, P1's key bytes)."""
     header = header or {"program": "sim", "batch": 0}
     w0 = KeyWriter(None, {**header, "party": 0})
     w1 = KeyWriter(None, {**header, "party": 1})
-    res = fn(Dealer(w0, w1, rng))
+    res = fn(Dealer(w0, w1))
     return res, w0.close(), w1.close()
 
 

@@ -117,5 +117,5 @@ def ort_session():
 
 @pytest.fixture(scope="session")
 def r18(export_resnet18) -> Path:
-    """ResNet-18, 2 classes, 224x224, batch 2: the issues' model (shared by the pipeline and overflow tests)."""
+    """ResNet-18, 2 classes, 224x224, batch 2: the demo's model (shared by the pipeline and overflow tests)."""
     return export_resnet18(image_size=224, batch=2, num_classes=2)

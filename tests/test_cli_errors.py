@@ -189,6 +189,7 @@ def test_listen_port_in_use_is_one_line(tmp_path, run_fssc, resnet18_onnx):
     assert "Traceback" not in proc.stderr and "in use" in proc.stderr.lower()
 
 
+@pytest.mark.slow
 def test_model_torch_cannot_export_is_one_line(tmp_path, run_fssc):
     """VGG's adaptive pool to 7x7 cannot be exported from 64x64 inputs: torch's own multi-page dump stays hidden."""
     proc = run_fssc("export", "vgg11", "-o", tmp_path / "v.onnx", "--image-size", 64, "--batch", 1)

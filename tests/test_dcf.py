@@ -156,7 +156,7 @@ def test_serialisation_roundtrip(k, tmp_path):
     k0, _k1 = keygen(alpha, n, beta, rng)
     assert len(k0.to_bytes()) == count * nbytes_per_key(n, k)
     # bytes round trip, zero-copy
-    r0 = DcfKeys.from_bytes(k0.to_bytes(), n, k, party=0)
+    r0 = DcfKeys.from_buffer(k0.to_bytes(), n, k, party=0)
     np.testing.assert_array_equal(dcf.evaluate(0, r0, x), dcf.evaluate(0, k0, x))
     # keygen straight into a memory-mapped file, then map it read-only
     path = tmp_path / "p1.keys"
@@ -208,7 +208,7 @@ def test_wrong_party_and_bad_inputs():
     with pytest.raises(ValueError):
         DcfParams(8, 0, nu=8)
     with pytest.raises(ValueError):
-        DcfKeys.from_bytes(b"\0" * 17, 8)
+        DcfKeys.from_buffer(b"\0" * 17, 8)
 
 
 # --------------------------------------------------------------------------- randomness

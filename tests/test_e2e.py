@@ -10,8 +10,6 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,53 +17,9 @@ import numpy as np
 import pytest
 from fssc.runtime import ring
 from fssc.runtime.keys import KeyReader
+from parties import run_p0, start_p1, stop, uniform_bits
 
 SIZE = 64
-
-
-def _party(prog: Path, role: str, *args) -> list[str]:
-    return [sys.executable, str(prog / role / "program.py"), *map(str, args)]
-
-
-def _start_p1(prog: Path, keys: Path, certs: Path, tmp: Path, timeout: int = 300):
-    ready = tmp / f"p1-{time.monotonic_ns()}.port"
-    proc = subprocess.Popen(
-        _party(
-            prog,
-            "party1",
-            "--keys",
-            keys / "p1",
-            "--listen",
-            "127.0.0.1:0",
-            "--certs",
-            certs,
-            "--ready-file",
-            ready,
-            "--timeout",
-            timeout,
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 60
-    while not ready.exists():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"party1 exited early ({proc.returncode}):\n{out}\n{err}")
-        assert time.time() < deadline, "party1 did not start listening"
-        time.sleep(0.05)
-    return proc, int(ready.read_text())
-
-
-def _run_p0(prog: Path, keys: Path, certs: Path, port: int, *args, timeout: int = 300):
-    return subprocess.run(
-        _party(prog, "party0", "--keys", keys / "p0", "--peer", f"127.0.0.1:{port}", "--certs", certs, *args),
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _images(folder: Path, n: int = 2) -> Path:
@@ -165,12 +119,12 @@ def test_two_processes_label_images_like_onnxruntime(setup, ort_session, tmp_pat
     from fssc.runtime.images import Preprocess, load_inputs
 
     images = _images(tmp_path / "images")
-    p1, port = _start_p1(setup["prog"], setup["keys"], setup["certs"], tmp_path)
+    p1, port = start_p1(setup["prog"], setup["keys"], setup["certs"], tmp_path)
     out_json = tmp_path / "out.json"
-    r0 = _run_p0(
+    r0 = run_p0(
         setup["prog"], setup["keys"], setup["certs"], port, "--images", images, "--out", out_json, "--output", "logits"
     )
-    out1, err1 = p1.communicate(timeout=120)
+    out1, err1 = stop(p1, 120)
     assert r0.returncode == 0, r0.stderr
     assert p1.returncode == 0, err1
     x = load_inputs(str(images), Preprocess(size=SIZE), (3, SIZE, SIZE))
@@ -194,13 +148,6 @@ def test_two_processes_label_images_like_onnxruntime(setup, ort_session, tmp_pat
         assert f"label {ref[i].argmax()}" in line
     # the model owner prints nothing about results
     assert "label" not in out1 and "logits" not in out1
-
-
-def _uniform_bits(words: np.ndarray, z: float = 5.0) -> np.ndarray:
-    """Per bit position, |ones - n/2| within z standard deviations (uint64 words)."""
-    n = words.size
-    ones = np.array([int(((words >> np.uint64(k)) & np.uint64(1)).sum()) for k in range(64)])
-    return np.abs(ones - n / 2) <= z * np.sqrt(n / 4)
 
 
 def _record_session(setup, x: np.ndarray):
@@ -231,6 +178,7 @@ def _record_session(setup, x: np.ndarray):
     return out0, [decode_array(b) for b in c0.received], [decode_array(b) for b in c1.received], W
 
 
+@pytest.mark.slow
 def test_model_owner_receives_uniform_bytes_and_data_owner_no_weights(setup):
     from fssc.models.export import synthetic_images
 
@@ -243,7 +191,7 @@ def test_model_owner_receives_uniform_bytes_and_data_owner_no_weights(setup):
         )
         bits = np.concatenate([a.reshape(-1) for a in to_p1 if a.dtype == np.uint8])
         assert words.size > 100_000
-        assert _uniform_bits(words).all(), "P1's inbound words are not uniform"
+        assert uniform_bits(words).all(), "P1's inbound words are not uniform"
         ones = int(np.unpackbits(bits).sum())
         assert abs(ones - bits.size * 4) <= 5 * np.sqrt(bits.size * 2), "P1's inbound bits are not uniform"
         # P0 receives W^ = W + A, never W: no received array equals a weight tensor, and the
@@ -254,35 +202,35 @@ def test_model_owner_receives_uniform_bytes_and_data_owner_no_weights(setup):
                 if arr.shape == w.shape:
                     assert np.mean(arr == w) < 1e-3
         setup_words = np.concatenate([a.reshape(-1) for a in to_p0[: len(weights)]])
-        assert _uniform_bits(setup_words).all()
+        assert uniform_bits(setup_words).all()
 
 
+@pytest.mark.slow
 def test_handshake_refuses_another_program(setup, run_fssc, export_resnet18, tmp_path):
     other = tmp_path / "other"
     r = run_fssc("compile", export_resnet18(SIZE, 2, num_classes=3), "-o", other, "--output-mode", "logits")
     assert r.returncode == 0, r.stderr
-    p1, port = _start_p1(setup["prog"], setup["keys"], setup["certs"], tmp_path)
-    r0 = _run_p0(other, setup["keys"], setup["certs"], port, "--images", _images(tmp_path / "im"))
-    p1.kill()
-    p1.communicate()
+    p1, port = start_p1(setup["prog"], setup["keys"], setup["certs"], tmp_path)
+    r0 = run_p0(other, setup["keys"], setup["certs"], port, "--images", _images(tmp_path / "im"))
+    stop(p1, 0)
     assert r0.returncode == 2
     assert "Traceback" not in r0.stderr
     # P0's keys were made for the first program: refused before connecting, naming the program
     assert "keys made for program" in r0.stderr
 
 
+@pytest.mark.slow
 def test_handshake_refuses_peer_of_another_model(setup, run_fssc, export_resnet18, tmp_path):
     other = tmp_path / "other"
     r = run_fssc("compile", export_resnet18(SIZE, 2, num_classes=3), "-o", other, "--output-mode", "logits")
     assert r.returncode == 0, r.stderr
     okeys = tmp_path / "okeys"
     assert run_fssc("deal", other, "--batches", 1, "-o", okeys).returncode == 0
-    p1, port = _start_p1(setup["prog"], setup["keys"], setup["certs"], tmp_path)
-    r0 = _run_p0(other, okeys, setup["certs"], port, "--images", _images(tmp_path / "im"))
+    p1, port = start_p1(setup["prog"], setup["keys"], setup["certs"], tmp_path)
+    r0 = run_p0(other, okeys, setup["certs"], port, "--images", _images(tmp_path / "im"))
     time.sleep(0.5)
     alive = p1.poll() is None  # a refused data owner does not end the model owner: it keeps listening
-    p1.kill()
-    out1, err1 = p1.communicate(timeout=60)
+    out1, err1 = stop(p1, 0)
     assert r0.returncode == 2 and alive
     assert "handshake refused" in r0.stderr and "program" in r0.stderr
     assert "handshake refused" in out1
@@ -301,10 +249,9 @@ def test_keys_of_another_batch_are_refused(setup, tmp_path):
     b[0].rename(tmp_path / "tmp.key")
     b[1].rename(b[0])
     (tmp_path / "tmp.key").rename(b[1])
-    p1, port = _start_p1(setup["prog"], keys, setup["certs"], tmp_path)
-    r0 = _run_p0(setup["prog"], keys, setup["certs"], port, "--images", _images(tmp_path / "im"))
-    p1.kill()
-    p1.communicate()
+    p1, port = start_p1(setup["prog"], keys, setup["certs"], tmp_path)
+    r0 = run_p0(setup["prog"], keys, setup["certs"], port, "--images", _images(tmp_path / "im"))
+    stop(p1, 0)
     assert r0.returncode == 2
     assert "keys of batch" in r0.stderr
 
@@ -312,9 +259,9 @@ def test_keys_of_another_batch_are_refused(setup, tmp_path):
 def test_client_without_the_right_certificate_cannot_connect(setup, run_fssc, tmp_path):
     rogue = tmp_path / "rogue"
     assert run_fssc("certs", "-o", rogue).returncode == 0
-    p1, port = _start_p1(setup["prog"], setup["keys"], setup["certs"], tmp_path, timeout=20)
+    p1, port = start_p1(setup["prog"], setup["keys"], setup["certs"], tmp_path, timeout=20)
     try:
-        r0 = _run_p0(setup["prog"], setup["keys"], rogue, port, "--images", _images(tmp_path / "im"), timeout=60)
+        r0 = run_p0(setup["prog"], setup["keys"], rogue, port, "--images", _images(tmp_path / "im"), timeout=60)
         assert r0.returncode == 2
         assert "TLS" in r0.stderr or "connection" in r0.stderr
         assert "Traceback" not in r0.stderr
@@ -326,11 +273,10 @@ def test_client_without_the_right_certificate_cannot_connect(setup, run_fssc, tm
         shutil.copy(setup["certs"] / "ca.pem", wrong / "ca.pem")
         shutil.copy(setup["certs"] / "party1.pem", wrong / "party0.pem")
         shutil.copy(setup["certs"] / "party1.key", wrong / "party0.key")
-        r0 = _run_p0(setup["prog"], setup["keys"], wrong, port, "--images", _images(tmp_path / "im"), timeout=60)
+        r0 = run_p0(setup["prog"], setup["keys"], wrong, port, "--images", _images(tmp_path / "im"), timeout=60)
         assert r0.returncode == 2
     finally:
-        p1.kill()
-        out1, _ = p1.communicate()
+        out1, _ = stop(p1, 0)
     assert "refused a connection" in out1
 
 

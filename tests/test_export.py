@@ -13,14 +13,22 @@ import onnx
 import pytest
 import torch
 from fssc.compiler.frontend.onnx_import import import_onnx
-from fssc.models.export import export_model, prepare_model, synthetic_images, torch_reference
+from fssc.models.export import export_model, prepare_model, synthetic_images
 from onnx import numpy_helper
+
+
+def torch_reference(name: str, num_classes: int | None, weights: str | None, image_size: int, x) -> torch.Tensor:
+    """The model ``export_model`` exports (same arguments, default seed), run in torch."""
+    model = prepare_model(name, num_classes, weights, image_size)
+    with torch.no_grad():
+        return model(x)
 
 
 def _dims(value_info) -> list:
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value_info.type.tensor_type.shape.dim]
 
 
+@pytest.mark.slow
 def test_cli_export_writes_valid_resnet18_with_batchnorms(resnet18_224_cli):
     proc, path = resnet18_224_cli
     assert proc.returncode == 0, proc.stderr
@@ -45,6 +53,7 @@ def test_cli_export_writes_valid_resnet18_with_batchnorms(resnet18_224_cli):
             assert all(a.name != "training_mode" or a.i == 0 for a in n.attribute)
 
 
+@pytest.mark.slow
 def test_onnxruntime_matches_torch(resnet18_224_onnx, ort_session):
     x = synthetic_images(2, 224, seed=11)
     ref = torch_reference("resnet18", 2, None, 224, x).numpy()

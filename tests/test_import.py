@@ -42,6 +42,7 @@ FRAC_BITS = 12
 
 
 # ------------------------------------------------------------------ point 3: text form
+@pytest.mark.slow
 def test_fssc_ir_is_byte_identical_across_runs(resnet18_224_onnx, run_fssc):
     runs = [
         run_fssc("ir", resnet18_224_onnx.name, cwd=resnet18_224_onnx.parent, env={"PYTHONHASHSEED": seed})
@@ -168,9 +169,9 @@ def _batches(g, n_batches, first_seed):
         yield synthetic_images(shape[0], shape[2], seed=s).numpy().astype(np.float32)
 
 
-@pytest.mark.parametrize("size", [64, 224])
-def test_float_interpreter_matches_onnxruntime(size, resnet18_onnx, resnet18_224_onnx, ort_session):
-    path = resnet18_onnx if size == 64 else resnet18_224_onnx
+@pytest.mark.parametrize("size", [64, pytest.param(224, marks=pytest.mark.slow)])
+def test_float_interpreter_matches_onnxruntime(size, request, ort_session):
+    path = request.getfixturevalue("resnet18_onnx" if size == 64 else "resnet18_224_onnx")  # 224 only when run
     g = import_onnx(str(path))
     sess = ort_session(path)
     for x in _batches(g, 4 if size == 64 else 2, first_seed=100):
@@ -180,6 +181,7 @@ def test_float_interpreter_matches_onnxruntime(size, resnet18_onnx, resnet18_224
         np.testing.assert_allclose(got, ref, rtol=0, atol=FLOAT_TOL)
 
 
+@pytest.mark.slow
 def test_fixed_point_interpreter_keeps_argmax_on_resnet18_224(resnet18_224_onnx, ort_session):
     """f = 12, 16 images (8 batches of 2, seeds 100..107): argmax kept, |fixed - ort| <= 0.02."""
     g = import_onnx(str(resnet18_224_onnx))

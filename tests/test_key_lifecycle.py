@@ -33,7 +33,7 @@ import pytest
 from fssc.runtime import session
 from fssc.runtime.keys import peek_header
 from onnx import numpy_helper
-from test_e2e import _start_p1, _uniform_bits
+from parties import p0_cmd, party_cmd, start_p1, stop, uniform_bits
 from tiny_models import tiny_cnn
 
 from fssc.errors import FsscError
@@ -81,20 +81,6 @@ def _deal(prog: Path, keys: Path, n: int = 1) -> list[int]:
     return [b for b, *_ in session.deal_batches(str(prog), str(keys), n)]
 
 
-def _p0_cmd(prog: Path, keys: Path, certs: Path, port: int, *args) -> list[str]:
-    return [
-        sys.executable,
-        str(prog / "party0" / "program.py"),
-        "--keys",
-        str(keys / "p0"),
-        "--peer",
-        f"127.0.0.1:{port}",
-        "--certs",
-        str(certs),
-        *map(str, args),
-    ]
-
-
 def _linear_weights(prog: Path, program_hash: str) -> dict[str, np.ndarray]:
     mod = session.load_program(str(prog), "party1")
     W = session.load_weights(str(prog / "party1" / "weights.bin"), program_hash)
@@ -115,7 +101,7 @@ def _collect_masked_weights(tiny, prog: Path, keys: Path, batch: int) -> dict[st
     from fssc.runtime.transport import client_handshake, connect
 
     man = tiny["man"]
-    p1, port = _start_p1(prog, keys, tiny["certs"], tiny["tmp"], timeout=60)
+    p1, port = start_p1(prog, keys, tiny["certs"], tiny["tmp"], timeout=60)
     try:
         chan = connect(f"127.0.0.1:{port}", str(tiny["certs"]), timeout=60)
         hello = {
@@ -133,9 +119,7 @@ def _collect_masked_weights(tiny, prog: Path, keys: Path, batch: int) -> dict[st
         # it opens the batch, finds the peer gone, logs the failed session and keeps listening
         _wait_for((keys / "p1" / f"batch{batch:04d}.used").exists, p1)
     finally:
-        if p1.poll() is None:
-            p1.kill()
-            p1.communicate()
+        stop(p1, 0)
     return w_hat
 
 
@@ -157,7 +141,7 @@ def test_a_second_deal_does_not_reveal_the_weight_difference(tiny, tmp_path):
     leak = np.concatenate([(W[t] - W2[t]).reshape(-1) for t in sorted(W)])
     assert diff.size > 400
     assert np.mean(diff == leak) < 0.01, "W^ - W'^ = W - W': the two deals share the weight mask"
-    assert _uniform_bits(diff).all(), "W^ - W'^ is not uniform"
+    assert uniform_bits(diff).all(), "W^ - W'^ is not uniform"
 
 
 def test_other_weights_are_refused_on_a_seed_that_masked_weights(tiny, tmp_path):
@@ -167,19 +151,8 @@ def test_other_weights_are_refused_on_a_seed_that_masked_weights(tiny, tmp_path)
     b1, b2 = _deal(tiny["a"], keys, 2)
     _collect_masked_weights(tiny, tiny["a"], keys, b1)  # commits the deal's seed to W
     ready = tmp_path / "port"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(tiny["b"] / "party1" / "program.py"),
-            "--keys",
-            str(keys / "p1"),
-            "--listen",
-            "127.0.0.1:0",
-            "--certs",
-            str(tiny["certs"]),
-            "--ready-file",
-            str(ready),
-        ],
+    proc = subprocess.Popen(  # not start_p1: this model owner must refuse before it listens
+        party_cmd(tiny["b"], "party1", keys, tiny["certs"], "--listen", "127.0.0.1:0", "--ready-file", ready),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -187,9 +160,7 @@ def test_other_weights_are_refused_on_a_seed_that_masked_weights(tiny, tmp_path)
     deadline = time.time() + 60
     while proc.poll() is None and not ready.exists() and time.time() < deadline:
         time.sleep(0.05)
-    if proc.poll() is None:
-        proc.kill()
-    _, err = proc.communicate()
+    _, err = stop(proc, 0)
     assert not ready.exists(), "the model owner listens with other weights on a used weight mask"
     assert proc.returncode == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -308,10 +279,11 @@ def _run_session(
     """Both party programs as processes; ``kill`` ("p0" or "p1") is SIGKILLed ``delay`` s after its batch's
     used marker appears (it is made before the batch's first protocol message). With ``p1_listens`` the model
     owner is expected to keep listening after the data owner's session ends (a refused or failed session): it is
-    stopped once the data owner has exited. Returns (rc0, err0, rc1, err1)."""
-    p1, port = _start_p1(prog, keys, tiny["certs"], tiny["tmp"], timeout=60)
+    stopped once the data owner has exited; so it is after a killed data owner, whether or not it still listens.
+    Returns (rc0, err0, rc1, err1)."""
+    p1, port = start_p1(prog, keys, tiny["certs"], tiny["tmp"], timeout=60)
     p0 = subprocess.Popen(
-        _p0_cmd(prog, keys, tiny["certs"], port, "--input", tiny["x"], *p0_args),
+        p0_cmd(prog, keys, tiny["certs"], port, "--input", tiny["x"], *p0_args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -331,15 +303,19 @@ def _run_session(
             time.sleep(1.0)  # its one-line log of the refused session
             assert p1.poll() is None, "the model owner stopped listening after one refused data owner"
             p1.terminate()
+        elif kill == "p0":  # a failed session: the model owner logs it and would listen until its --timeout
+            time.sleep(1.0)
+            if p1.poll() is None:
+                p1.terminate()
         out1, err1 = p1.communicate(timeout=120)
     finally:
         for p in (p0, p1):
             if p.poll() is None:
-                p.kill()
-                p.communicate()
+                stop(p, 0)
     return p0.returncode, out0 + err0, p1.returncode, out1 + err1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["p0", "p1"])
 def test_a_party_killed_after_the_first_message_refuses_the_batch(tiny, tmp_path, victim):
     h = _hash(tiny)
@@ -406,7 +382,7 @@ def test_batches_of_two_deals_are_refused_at_the_handshake(tiny, tmp_path):
 # ----------------------------------------------------------------- point 3: secrets on disk
 
 
-@pytest.mark.parametrize("umask", [0o000, 0o022])
+@pytest.mark.parametrize("umask", [0o000, pytest.param(0o022, marks=pytest.mark.slow)])
 def test_secret_files_are_0600_in_0700_folders(tiny, tmp_path, umask):
     from fssc.compiler.compile import compile_model
     from rich.console import Console

@@ -39,6 +39,7 @@ def batch(seed: int) -> np.ndarray:
     return synthetic_images(2, 224, seed=seed).numpy()
 
 
+@pytest.mark.slow
 def test_fixed_point_keeps_every_argmax_and_the_logits_no_overflow(final_ir, session):
     worst = 0.0
     labels = []
@@ -56,11 +57,13 @@ def test_fixed_point_keeps_every_argmax_and_the_logits_no_overflow(final_ir, ses
     assert len(labels) == 32
 
 
+@pytest.mark.slow
 def test_inputs_within_the_safety_margin_do_not_overflow(final_ir):
     # the default margin covers a 2x larger input than anything calibrated (docs/accuracy.md)
     assert find_overflows(final_ir, batch(SEEDS[0]) * 2) == []
 
 
+@pytest.mark.slow
 def test_input_far_outside_the_calibrated_range_reports_overflow_naming_the_op(final_ir):
     found = find_overflows(final_ir, batch(SEEDS[0]) * 1000)
     assert found

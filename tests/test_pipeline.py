@@ -47,7 +47,8 @@ from onnx import numpy_helper as nh
 
 from fssc.errors import FsscError, VerifyError
 
-# figures from the issue (per image)
+# ResNet-18 at 224x224, per image: gate counts of this pipeline (docs/cost-model.md, docs/protocol.md) and the
+# comparisons of PySyft's FSS demo, the baseline
 RELU_GATES = 1_705_984
 RELU_GATES_WITHOUT_REORDER = 2_308_096
 STEM_MAXPOOL_MAX_GATES = 1_210_000
@@ -70,6 +71,7 @@ def fssc_cmd(*args) -> list[str]:
 
 
 # --------------------------------------------------------------------------- ResNet-18 figures
+@pytest.mark.slow
 def test_no_batchnorm_remains(r18, compiled):
     imported = import_onnx(str(r18))
     assert sum(op.kind == "batchnorm" for op in imported.ops) == 20
@@ -78,11 +80,13 @@ def test_no_batchnorm_remains(r18, compiled):
     assert "affine" not in kinds  # every ResNet-18 BN follows a conv with one user: all fold
 
 
+@pytest.mark.slow
 def test_relu_gates_per_image(compiled):
     assert compiled.report.batch == 2
     assert per_image(compiled.report, "relu") == RELU_GATES
 
 
+@pytest.mark.slow
 def test_relu_gates_per_image_without_the_reorder_pass(r18):
     ctx = PassContext(calibration=synthetic_inputs((2, 3, 224, 224), 1, seed=1))  # counts need no calibration
     passes = [p for p in PIPELINE if p is not reorder_maxpool_relu]
@@ -94,6 +98,7 @@ def test_relu_gates_per_image_without_the_reorder_pass(r18):
     assert [op.gate["per_image"] for op in stem] == [64 * 112 * 112]
 
 
+@pytest.mark.slow
 def test_stem_maxpool_and_reordered_relu(compiled):
     g = compiled.graph
     stem = [op for op in g.ops if "/maxpool/MaxPool" in op.origin]
@@ -108,6 +113,7 @@ def test_stem_maxpool_and_reordered_relu(compiled):
     assert g.ops.index(relu) > max(g.ops.index(p) for p in pools)
 
 
+@pytest.mark.slow
 def test_all_comparison_gates_per_image(compiled):
     rep = compiled.report
     total = rep.total("gates") / rep.batch
@@ -117,6 +123,7 @@ def test_all_comparison_gates_per_image(compiled):
     assert per_image(rep, "max") <= STEM_MAXPOOL_MAX_GATES  # the stem pool is the only max
 
 
+@pytest.mark.slow
 def test_every_pass_ran_verified_timed_and_changed_the_resnet(compiled):
     recs = compiled.records
     assert [r.name for r in recs] == ["import"] + pass_names()
@@ -129,6 +136,7 @@ def test_every_pass_ran_verified_timed_and_changed_the_resnet(compiled):
 
 
 # --------------------------------------------------------------------------- fssc compile CLI
+@pytest.mark.slow
 def test_dump_ir_is_byte_identical_across_runs_and_print_ir_after(r18, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     procs = [
@@ -370,6 +378,7 @@ def test_a_broken_pass_is_named_by_the_verifier(tmp_path, breaker, problem):
     run_pipeline(g, PassContext(), passes=[canonicalize, fold_batchnorm], echo=lambda s: None)
 
 
+@pytest.mark.slow
 def test_a_broken_pass_on_the_resnet_is_named(compiled):
     def drop_an_op(g, ctx):
         del g.ops[3]  # something later reads its output: dangling

@@ -98,7 +98,7 @@ def records(key_bytes: bytes, party: int) -> dict[str, np.ndarray]:
 def dcf_words(data: np.ndarray, n: int, party: int) -> np.ndarray:
     """One party's DCF keys as a (words, keys) matrix."""
     keys = dcf.DcfKeys(dcf.DcfParams(n, 0), party, np.ascontiguousarray(data))
-    return keys.columns() if hasattr(keys, "columns") else keys.words_matrix()
+    return keys.columns()
 
 
 def dcf_fixed_bits(n: int, party: int) -> dict[int, int]:

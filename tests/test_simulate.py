@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from fssc.compiler.backend.lower import encode_linear, is_weighted
+from fssc.compiler.backend.lower import is_weighted
 from fssc.compiler.compile import compile_graph
 from fssc.compiler.frontend.onnx_import import import_onnx
 from fssc.compiler.reference.interp import run_fixed
@@ -122,11 +122,12 @@ def test_p0_graph_holds_no_weight_bytes(resnet):
         raw = np.ascontiguousarray(g.values[n].data).tobytes()
         for off in range(0, len(raw) - 32, max(32, len(raw) // 8)):
             assert raw[off : off + 32] not in blob, f"bytes of {n} in P0's graph"
-    # nor do P0's keys (seeds, masks, DCF keys) hold P1's encoded weights
-    for op in (op for op in g.ops if is_weighted(op, g)):
-        w_enc = encode_linear(op, g)[0]
-        if w_enc is not None and w_enc.size >= 4:
-            assert w_enc[:4].tobytes() not in resnet["k0"], f"weights of {op.name} in P0's keys"
+    # nor do P0's keys (seeds, masks, DCF keys) hold P1's encoded weights (what its weights file holds)
+    encoded = {t: w for t, w in resnet["sim"].program.weights.items() if t.endswith(".w")}
+    assert len(encoded) == sum(is_weighted(op, g) for op in g.ops)
+    for tag, w_enc in encoded.items():
+        if w_enc.size >= 4:
+            assert w_enc[:4].tobytes() not in resnet["k0"], f"weights {tag} in P0's keys"
 
 
 def test_tiny_cnn_labels_and_logits():

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fssc.runtime.transport import TcpChannel
-from test_e2e import _run_p0, _start_p1
+from parties import run_p0, start_p1, stop
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +48,10 @@ def keys(tiny, tmp_path) -> Path:
     return k
 
 
-def _finish_p1(p1, timeout: float = 120) -> tuple[str, str]:
-    try:
-        return p1.communicate(timeout=timeout)
-    finally:
-        if p1.poll() is None:
-            p1.kill()
-            p1.communicate()
-
-
 def _serve_right_peer(tiny, keys, p1, port):
     """The real data owner completes its session; P1 then exits 0. Returns P1's (stdout, stderr)."""
-    r0 = _run_p0(tiny["prog"], keys, tiny["certs"], port, "--input", tiny["x"], timeout=120)
-    out1, err1 = _finish_p1(p1)
+    r0 = run_p0(tiny["prog"], keys, tiny["certs"], port, "--input", tiny["x"], timeout=120)
+    out1, err1 = stop(p1)
     assert r0.returncode == 0, f"data owner failed:\n{r0.stderr}\nP1:\n{out1}\n{err1}"
     assert "label" in r0.stdout
     assert p1.returncode == 0, f"model owner failed:\n{out1}\n{err1}"
@@ -118,7 +109,7 @@ FORGED = [  # (forge, what P1's one line must say it received)
 def test_forged_input_is_refused_and_p1_keeps_serving(tiny, keys, tmp_path, monkeypatch, capsys):
     """Three authenticated data owners send a forged masked input (oversize, wrong shape, wrong dtype); each
     session is refused with one line naming the step, and the fourth, honest data owner is served."""
-    p1, port = _start_p1(tiny["prog"], keys, tiny["certs"], tmp_path, timeout=120)
+    p1, port = start_p1(tiny["prog"], keys, tiny["certs"], tmp_path, timeout=120)
     try:
         for forge, _ in FORGED:
             with monkeypatch.context() as m:
@@ -126,7 +117,7 @@ def test_forged_input_is_refused_and_p1_keeps_serving(tiny, keys, tmp_path, monk
             assert rc == 2, capsys.readouterr()
             assert p1.poll() is None, f"the model owner died on a forged message ({forge.__name__})"
     except BaseException:
-        _finish_p1(p1, 5)
+        stop(p1, 5)
         raise
     out1, err1 = _serve_right_peer(tiny, keys, p1, port)
     failed = [ln for ln in (out1 + err1).splitlines() if "failed" in ln]
@@ -178,8 +169,9 @@ def test_data_owner_refuses_masked_weights_of_the_wrong_shape(tiny):
         session.recv_weights(p0, shapes)
 
 
+@pytest.mark.slow
 def test_idle_connections_do_not_stop_the_data_owner(tiny, keys, tmp_path):
-    p1, port = _start_p1(tiny["prog"], keys, tiny["certs"], tmp_path, timeout=120)
+    p1, port = start_p1(tiny["prog"], keys, tiny["certs"], tmp_path, timeout=120)
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
     try:
         time.sleep(0.2)  # both are accepted before the data owner connects
@@ -187,13 +179,13 @@ def test_idle_connections_do_not_stop_the_data_owner(tiny, keys, tmp_path):
     finally:
         for s in idle:
             s.close()
-        _finish_p1(p1, 5)
+        stop(p1, 5)
 
 
 def test_pending_handshakes_are_bounded(tiny, keys, tmp_path):
     from fssc.runtime.transport import MAX_PENDING
 
-    p1, port = _start_p1(tiny["prog"], keys, tiny["certs"], tmp_path, timeout=120)
+    p1, port = start_p1(tiny["prog"], keys, tiny["certs"], tmp_path, timeout=120)
     idle = []
     try:
         idle += [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_PENDING)]
@@ -211,19 +203,20 @@ def test_pending_handshakes_are_bounded(tiny, keys, tmp_path):
     finally:
         for s in idle:
             s.close()
-        _finish_p1(p1, 5)
+        stop(p1, 5)
 
 
+@pytest.mark.slow
 def test_bad_certificate_is_refused_and_p1_keeps_listening(tiny, keys, tmp_path, run_fssc):
     rogue = tmp_path / "rogue"
     assert run_fssc("certs", "-o", rogue).returncode == 0
-    p1, port = _start_p1(tiny["prog"], keys, tiny["certs"], tmp_path, timeout=120)
+    p1, port = start_p1(tiny["prog"], keys, tiny["certs"], tmp_path, timeout=120)
     try:
-        r0 = _run_p0(tiny["prog"], keys, rogue, port, "--input", tiny["x"], timeout=60)
+        r0 = run_p0(tiny["prog"], keys, rogue, port, "--input", tiny["x"], timeout=60)
         assert r0.returncode == 2 and "Traceback" not in r0.stderr, r0.stderr
         assert p1.poll() is None
     except BaseException:
-        _finish_p1(p1, 5)
+        stop(p1, 5)
         raise
     out1, _ = _serve_right_peer(tiny, keys, p1, port)
     assert "refused a connection" in out1
@@ -232,14 +225,14 @@ def test_bad_certificate_is_refused_and_p1_keeps_listening(tiny, keys, tmp_path,
 def test_refused_handshake_does_not_end_the_model_owner(tiny, keys, tmp_path):
     """A data owner asking for a batch the model owner has used is refused; the next one is served."""
     (keys / "p1" / "batch0000.used").touch()
-    p1, port = _start_p1(tiny["prog"], keys, tiny["certs"], tmp_path, timeout=120)
+    p1, port = start_p1(tiny["prog"], keys, tiny["certs"], tmp_path, timeout=120)
     try:
-        r0 = _run_p0(tiny["prog"], keys, tiny["certs"], port, "--input", tiny["x"], timeout=60)
+        r0 = run_p0(tiny["prog"], keys, tiny["certs"], port, "--input", tiny["x"], timeout=60)
         assert r0.returncode == 2 and "not available" in r0.stderr, r0.stderr
         time.sleep(0.5)
         assert p1.poll() is None, "the model owner exited after one refused handshake"
     except BaseException:
-        _finish_p1(p1, 5)
+        stop(p1, 5)
         raise
     (keys / "p0" / "batch0000.used").touch()  # the data owner moves on to batch 1
     out1, _ = _serve_right_peer(tiny, keys, p1, port)

@@ -523,6 +523,7 @@ def big_prog(tmp_path_factory) -> Path:
     return prog
 
 
+@pytest.mark.slow
 def test_2000_op_graph_loads_and_renders_within_budget(page, big_prog):
     doc = page_doc(big_prog)
     n_ops = len(doc["passes"][-1]["ops"])

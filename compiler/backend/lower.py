@@ -112,13 +112,8 @@ def _bilinear(op: Op, graph: Graph, x_name: str) -> Bilinear:
     return d.bilinear(op, graph, x_name)
 
 
-def encode_linear(op: Op, graph: Graph) -> tuple[np.ndarray, np.ndarray | None]:
-    """P1's ring encodings of a weighted op: W at ``wscale`` and the bias at the output scale."""
-    secret = [i for i in op.inputs if not graph.values[i].is_const]
-    return _encode_linear(op, graph, secret[0], _bilinear(op, graph, secret[0]))
-
-
 def _encode_linear(op: Op, graph: Graph, x_name: str, bl: Bilinear) -> tuple[np.ndarray, np.ndarray | None]:
+    """P1's ring encodings of a weighted op: W at ``wscale`` and the bias at the output scale."""
     s_in = graph.values[x_name].fixed_scale
     out_shape = graph.values[op.outputs[0]].shape
     ws = op.attrs["wscale"]
