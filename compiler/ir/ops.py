@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from fssc.runtime.geometry import window_geometry, windows
+from fssc.runtime.geometry import pad_or_crop, window_geometry, windows
 
 from fssc.errors import FsscError
 
@@ -388,11 +388,7 @@ class Pad:
 
     @staticmethod
     def run(attrs, x):
-        p = attrs["pads"]
-        r = x.ndim
-        y = np.pad(x, [(max(p[i], 0), max(p[i + r], 0)) for i in range(r)])
-        sl = tuple(slice(-min(p[i], 0), y.shape[i] + min(p[i + r], 0)) for i in range(r))
-        return [y[sl]]
+        return [pad_or_crop(x, attrs["pads"])]
 
 
 @register("argmax", comparison="argmax")
