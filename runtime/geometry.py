@@ -1,4 +1,4 @@
-"""Window geometry shared by the compiler and the runtime: output sizes and sliding windows.
+"""Window geometry shared by the compiler and the runtime: output sizes, sliding windows, padding.
 
 Pools and convolutions use the same rules (ONNX's pads, strides, dilations and
 ceil_mode). The runtime owns them because every party evaluates pooled windows;
@@ -84,3 +84,10 @@ def windows(x: np.ndarray, attrs: dict, fill: float):
         return w[tuple(sl)]
 
     return view(xp, 2), view(valid, 0), view(inpad, 0), nd
+
+
+def pad_or_crop(x: np.ndarray, pads) -> np.ndarray:
+    """Zero padding by ``pads`` = [begin_0, ..., end_0, ...] over every axis; a negative entry crops."""
+    r = x.ndim
+    y = np.pad(x, [(max(pads[i], 0), max(pads[i + r], 0)) for i in range(r)])
+    return y[tuple(slice(-min(pads[i], 0), y.shape[i] + min(pads[i + r], 0)) for i in range(r))]

@@ -12,11 +12,11 @@ masked values.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
-from fssc.compiler.ir.ops import OPS, conv_float
 from fssc.runtime import gates, ring
-from fssc.runtime.geometry import pool_attrs, windows
+from fssc.runtime.geometry import pad_or_crop, pool_attrs, windows
 from fssc.runtime.prg import expand
 from fssc.runtime.protocol import Dealer, Party
 
@@ -24,9 +24,57 @@ U64 = np.uint64
 
 
 # ------------------------------------------------------------ bilinear maps
-def conv(strides, pads, dilations, group):
-    attrs = {"strides": list(strides), "pads": list(pads), "dilations": list(dilations), "group": int(group)}
-    return lambda x, w: conv_float(attrs, x, w)[0]
+class Conv(ring.Bilinear):
+    """ONNX Conv without bias over float64 arrays: x [N, C, *S], w [O, C/g, *k] -> [N, O, *out].
+
+    ``prepare`` lays out x's windows as columns (im2col: [N, g, C/g * prod(k), prod(out)]); ``apply``
+    stacks the w it is given along the output channels and runs one float64 GEMM per batch row and group
+    on numpy's BLAS. Every output is the sum of the K = C/g * prod(k) products its column holds, nothing
+    else, so it is exact whenever ring_bilinear's digit plan bounds K products below 2^53. A conv that
+    reads one input channel per group (depthwise) skips the columns: it sums the kernel taps' strided
+    views, each times its weight.
+    """
+
+    def __init__(self, strides, pads, dilations, group):
+        self.strides, self.pads, self.dilations = list(strides), list(pads), list(dilations)
+        self.group = int(group)
+
+    def prepare(self, x: np.ndarray, w_shape: tuple[int, ...]):
+        attrs = {
+            "kernel_shape": list(w_shape[2:]),
+            "strides": self.strides,
+            "pads": self.pads,
+            "dilations": self.dilations,
+            "ceil_mode": 0,
+        }
+        win, _, _, nd = windows(x, attrs, 0.0)  # a view [N, C, *out, *k]
+        out = win.shape[2 : 2 + nd]
+        if w_shape[1] == 1:  # one input channel per group: the taps' strided views serve as they are
+            return win, out
+        taps_first = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))  # [N, C, *k, *out]
+        cols = np.ascontiguousarray(win.transpose(taps_first))
+        return cols.reshape(x.shape[0], self.group, -1, math.prod(out)), out
+
+    def apply(self, px, ws: list[np.ndarray]) -> list[np.ndarray]:
+        cols, out = px
+        g, o, n = self.group, ws[0].shape[0], cols.shape[0]
+        if ws[0].shape[1] == 1:  # depthwise: windows [N, C = g, *out, *k], each w [C * m, 1, *k]
+            return [self._taps(cols, out, w) for w in ws]
+        stacked = np.concatenate([w.reshape(g, o // g, -1) for w in ws], axis=1)  # [g, len(ws) * O/g, K]
+        y = np.matmul(stacked, cols).reshape(n, g, len(ws), o // g, -1)  # x [N, g, K, P]: one GEMM per row, group
+        return [y[:, :, j].reshape(n, o, *out) for j in range(len(ws))]
+
+    def _taps(self, win: np.ndarray, out, w: np.ndarray) -> np.ndarray:
+        g, o, n, nd = self.group, w.shape[0], win.shape[0], len(out)
+        taps = w.reshape(g, o // g, -1)  # [C, m, prod(k)]
+        y = np.zeros((n, g, o // g, *out))
+        for t, tap in enumerate(np.ndindex(*w.shape[2:])):
+            y += win[(..., *tap)][:, :, None] * taps[:, :, t].reshape((g, o // g) + (1,) * nd)
+        return y.reshape(n, o, *out)
+
+
+def conv(strides, pads, dilations, group) -> Conv:
+    return Conv(strides, pads, dilations, group)
 
 
 def matmul():
@@ -168,7 +216,7 @@ def reshape(x, shape):
 
 
 def pad(x, pads):
-    return OPS["pad"].run({"pads": list(pads)}, x)[0]
+    return pad_or_crop(x, pads)
 
 
 def concat(xs: list[np.ndarray], axis: int):

@@ -16,7 +16,9 @@ Digit pairs whose shift reaches 64 vanish mod 2^64 and are skipped.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -119,8 +121,24 @@ def plan_limbs(bits_x: int, bits_w: int, k: int) -> tuple[int, int, int, int]:
     return lx, nx, lw, nw
 
 
+class Bilinear(ABC):
+    """A bilinear map over float64 arrays in two steps: ``prepare(x, w_shape)`` rearranges x (a convolution's
+    im2col), ``apply(prepared, ws)`` multiplies it by several w at once (one larger GEMM instead of several).
+    :func:`ring_bilinear` prepares each digit of x once and applies it to the digits of w it pairs with.
+    Calling the map does both for one w."""
+
+    @abstractmethod
+    def prepare(self, x: np.ndarray, w_shape: tuple[int, ...]) -> Any: ...
+
+    @abstractmethod
+    def apply(self, px: Any, ws: list[np.ndarray]) -> list[np.ndarray]: ...
+
+    def __call__(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return self.apply(self.prepare(x, tuple(w.shape)), [w])[0]
+
+
 def ring_bilinear(
-    fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | Bilinear,
     x: np.ndarray,
     w: np.ndarray,
     k: int,
@@ -131,7 +149,7 @@ def ring_bilinear(
 
     ``k`` is the reduction length (terms summed per output). ``bits_*`` bound
     the operands' signed bit widths (measured when not given; pass 64 for a
-    full-ring operand such as a masked value).
+    full-ring operand such as a masked value). A :class:`Bilinear` fn prepares each digit of x once.
     """
     bx = signed_bits(x) if bits_x is None else bits_x
     bw = signed_bits(w) if bits_w is None else bits_w
@@ -140,11 +158,14 @@ def ring_bilinear(
     dw = digits(w, lw, nw)
     acc = None
     for i, xi in enumerate(dx):
-        for j, wj in enumerate(dw):
+        js = [j for j in range(nw) if lx * i + lw * j < RING_BITS]  # pairs whose shift reaches 64 vanish
+        if isinstance(fn, Bilinear):
+            parts = fn.apply(fn.prepare(xi, tuple(w.shape)), [dw[j] for j in js])
+        else:
+            parts = [fn(xi, dw[j]) for j in js]
+        for j, product in zip(js, parts, strict=True):
             shift = lx * i + lw * j
-            if shift >= RING_BITS:
-                continue
-            part = np.asarray(fn(xi, wj))
+            part = np.asarray(product)
             shape = part.shape  # flat while summing: a 0-d result stays an array (numpy scalars warn on wrap)
             part = np.rint(part.reshape(-1)).astype(np.int64).view(np.uint64) << np.uint64(shift)
             acc = part if acc is None else acc + part

@@ -3,7 +3,7 @@
 Dealer.linear + Party.linear_offline (P0) + Party.linear (P1) with a weight
 mask A and W^ = W + A, bit-exact against integer references mod 2^64 (numpy
 uint64 arithmetic wraps mod 2^64; a pure-Python-int reference cross-checks it)
-for Conv (stride 2, padding, groups, dilation, 1-D) and Gemm, the add-of-a-
+for Conv (stride 2, padding, groups, depthwise, dilation, 1-D, 3-D) and Gemm, the add-of-a-
 constant identity map, and worst-case magnitudes at the float64 limb boundary.
 ring_bilinear alone is property-tested with hypothesis.
 """
@@ -15,7 +15,7 @@ import itertools
 import numpy as np
 import pytest
 from fssc.compiler.ir.ops import conv_float
-from fssc.runtime import ring
+from fssc.runtime import lib, ring
 from fssc.runtime.keys import KeyReader
 from fssc.runtime.prg import Rng, expand
 from fssc.runtime.simulate import deal_in_memory, run_parties
@@ -67,7 +67,8 @@ def from_pyint(a: np.ndarray) -> np.ndarray:
 
 
 def conv_fn(attrs):
-    return lambda a, b: conv_float(attrs, a, b)[0]
+    """The runtime's conv (im2col and numpy's BLAS), as the generated programs build it."""
+    return lib.conv(attrs["strides"], attrs["pads"], attrs["dilations"], attrs["group"])
 
 
 # ----------------------------------------------------------------- the protocol
@@ -115,8 +116,12 @@ CONVS = [
     ((1, 4, 8, 7), (6, 2, 3, 3), [1, 1], [1, 0, 2, 1], [1, 1], 2),  # groups, asymmetric pads
     ((1, 3, 10, 10), (5, 3, 3, 3), [1, 1], [2, 2, 2, 2], [2, 2], 1),  # dilation
     ((2, 8, 8, 8), (8, 1, 3, 3), [2, 2], [1, 1, 1, 1], [1, 1], 8),  # depthwise, stride 2
+    ((2, 4, 7, 8), (8, 1, 3, 2), [1, 2], [1, 0, 2, 1], [2, 1], 4),  # depthwise, two filters per channel
+    ((1, 1, 6, 6), (3, 1, 2, 2), [1, 1], [0, 0, 0, 0], [1, 1], 1),  # one input channel, group 1
     ((1, 6, 11, 9), (9, 2, 2, 3), [2, 1], [0, 1, 1, 2], [2, 1], 3),  # everything at once
     ((2, 4, 13), (4, 2, 3), [2], [1, 2], [2], 2),  # 1-D
+    ((2, 4, 13), (4, 1, 3), [1], [2, 0], [3], 4),  # 1-D depthwise
+    ((1, 4, 4, 5, 6), (4, 2, 2, 3, 2), [1, 2, 1], [1, 0, 1, 0, 1, 1], [1, 1, 2], 2),  # 3-D
 ]
 
 
@@ -319,14 +324,16 @@ def test_ring_bilinear_gemm_property(data, m, k, n, bx, bw, declare):
     dil=st.integers(1, 2),
     pad=st.integers(0, 2),
     group=st.sampled_from([1, 2]),
+    cg=st.integers(1, 2),
     kh=st.integers(1, 3),
     bw=st.integers(2, 64),
 )
-def test_ring_bilinear_conv_property(data, stride, dil, pad, group, kh, bw):
-    x, _ = data.draw(_signed_arrays(st.just((1, 2 * group, 7, 6)), st.just(64)))
-    w, _ = data.draw(_signed_arrays(st.just((2 * group, 2, kh, 2)), st.just(bw)))
+def test_ring_bilinear_conv_property(data, stride, dil, pad, group, cg, kh, bw):
+    """cg input channels per group (cg = 1: the depthwise path) against the integer reference."""
+    x, _ = data.draw(_signed_arrays(st.just((1, cg * group, 7, 6)), st.just(64)))
+    w, _ = data.draw(_signed_arrays(st.just((2 * group, cg, kh, 2)), st.just(bw)))
     attrs = {"strides": [stride, 1], "pads": [pad, 0, pad, 1], "dilations": [dil, 1], "group": group}
-    k = 2 * kh * 2
+    k = cg * kh * 2
     y = ring.ring_bilinear(conv_fn(attrs), x, w, k, 64, bw)
     assert (y == conv_ref(x, w, [stride, 1], [pad, 0, pad, 1], [dil, 1], group)).all()
 

@@ -230,9 +230,14 @@ def test_print_ir_after_unknown_pass_is_a_clean_error(tmp_path):
 
 def test_compile_options_are_unique():
     """Each option string names one parameter (click warns on every run otherwise)."""
+    import click
+
     from fssc.cli import cli
 
-    for name, cmd in cli.commands.items():
+    ctx = click.Context(cli)
+    for name in cli.list_commands(ctx):
+        cmd = cli.get_command(ctx, name)
+        assert cmd is not None, name
         flags = [f for prm in cmd.params for f in getattr(prm, "opts", []) + getattr(prm, "secondary_opts", [])]
         dup = sorted({f for f in flags if flags.count(f) > 1})
         assert not dup, f"fssc {name}: option(s) {dup} defined twice"

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from fssc.runtime import gates as rgates
 from fssc.runtime import ring
-from fssc.runtime.geometry import pool_params, window_geometry, windows
+from fssc.runtime.geometry import pad_or_crop, pool_params, window_geometry, windows
 
 from fssc.errors import FsscError
 
@@ -799,11 +799,7 @@ class Pad:
 
     @staticmethod
     def run(attrs, x):
-        p = attrs["pads"]
-        r = x.ndim
-        y = np.pad(x, [(max(p[i], 0), max(p[i + r], 0)) for i in range(r)])
-        sl = tuple(slice(-min(p[i], 0), y.shape[i] + min(p[i + r], 0)) for i in range(r))
-        return [y[sl]]
+        return [pad_or_crop(x, attrs["pads"])]
 
     @staticmethod
     def lower(op, graph):

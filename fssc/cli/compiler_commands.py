@@ -1,8 +1,8 @@
-"""The ``fssc`` command line.
+"""The compiler's commands: export, ir, compile, view, demo, bench.
 
-Every user error is an :class:`FsscError`: one line on stderr naming the
-problem, exit code 2, no traceback, and no partial output that looks
-complete (files are written to a temporary name and renamed when done).
+The ``fssc`` group (fssc/cli/__init__.py) imports this module only when one of
+these commands is asked for. Each command imports what it runs (torch, onnx,
+the passes) inside its body, so listing them costs no more than click.
 """
 
 from __future__ import annotations
@@ -11,18 +11,11 @@ import sys
 
 import click
 
-from fssc import __version__
-from fssc.errors import FsscError, os_error_message
+from fssc.errors import FsscError
 from fssc.passes.base import DEFAULT_MARGIN_BITS
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="fssc")
-def cli():
-    """fssc: compile ONNX graphs into secure two-party inference programs (FSS)."""
-
-
-@cli.command()
+@click.command()
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--num-classes", type=int, default=None, help="Replace the final layer with this many classes.")
@@ -47,7 +40,7 @@ def export(model, out, num_classes, weights, image_size, batch, opset):
     )
 
 
-@cli.command()
+@click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 def ir(model):
     """Import an ONNX MODEL and print fssc's IR (deterministic text form)."""
@@ -56,7 +49,7 @@ def ir(model):
     click.echo(import_onnx(model).text(), nl=False)
 
 
-@cli.command("compile")
+@click.command("compile")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Program directory.")
 @click.option("--frac-bits", type=int, default=12, show_default=True, help="Fixed-point fractional bits f.")
@@ -151,7 +144,7 @@ def compile_cmd(
     )
 
 
-@cli.command()
+@click.command()
 @click.argument("prog", type=click.Path(exists=True))
 @click.option("--port", type=int, default=0, show_default=True, help="Port on 127.0.0.1 (0: any free port).")
 @click.option("--open", "open_browser", is_flag=True, help="Also open the page in a browser, if there is one.")
@@ -166,51 +159,7 @@ def view(prog, port, open_browser):
     serve_viewer(prog, port, open_browser, echo=echo)
 
 
-@cli.command()
-@click.argument("prog", type=click.Path(file_okay=False, exists=True))
-@click.option("--batches", type=int, default=1, show_default=True, help="Key batches to make (one per inference).")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Key directory: writes OUT/p0 (for the data owner) and OUT/p1 (for the model owner).",
-)
-def deal(prog, batches, out):
-    """The dealer: make one-time FSS key batches for a compiled program.
-
-    Each run is a new deal (a random deal id and a fresh setup seed for the weight masks). PROG needs only
-    manifest.json and dealer/: the dealer never opens the model owner's weights (party1/)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from fssc.runtime.session import deal_batches
-
-    if batches < 1:
-        raise FsscError("--batches must be at least 1")
-    with Progress(
-        TextColumn("dealing"), BarColumn(), TextColumn("{task.completed}/{task.total} batches"), TimeElapsedColumn()
-    ) as bar:
-        task = bar.add_task("deal", total=batches)
-        done = deal_batches(prog, out, batches, lambda i, n, dt: bar.update(task, completed=i))
-    for b, n0, n1, dt in done:
-        click.echo(f"batch {b}: {n0 / 1e6:,.1f} MB for party 0, {n1 / 1e6:,.1f} MB for party 1 ({dt:.1f} s)")
-    click.echo(f"wrote {out}/p0 and {out}/p1 (give each party its own folder, nothing else; the dealer keeps no state)")
-
-
-@cli.command()
-@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False))
-@click.option("--days", type=int, default=365, show_default=True)
-def certs(out, days):
-    """Make a CA and TLS certificates for party 0 and party 1 (mutual TLS)."""
-    from fssc.runtime.certs import make_certs
-
-    for p in make_certs(out, days):
-        click.echo(f"wrote {p}")
-    click.echo("give party 0: ca.pem, party0.pem, party0.key; party 1: ca.pem, party1.pem, party1.key")
-
-
-@cli.command()
+@click.command()
 @click.option("--workdir", type=click.Path(file_okay=False), default="demo-out", show_default=True)
 @click.option("--image-size", type=int, default=224, show_default=True)
 @click.option("--batch", type=int, default=2, show_default=True)
@@ -228,7 +177,7 @@ def demo(workdir, image_size, batch, num_classes, weights, frac_bits):
     sys.exit(0 if ok else 1)
 
 
-@cli.group()
+@click.group()
 def bench():
     """Benchmarks that print figures."""
 
@@ -285,32 +234,5 @@ def bench_resnet(image_size, batch, workdir, json_path):
             json.dump(fig, fh, indent=1)
 
 
-def main(argv=None):
-    try:
-        cli.main(args=argv, prog_name="fssc", standalone_mode=False)
-    except FsscError as e:
-        click.echo(f"fssc: error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except OSError as e:  # a path that cannot be written, a port in use, ...
-        click.echo(f"fssc: error: {os_error_message(e)}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("fssc: aborted", err=True)
-        sys.exit(130)
-    except click.exceptions.NoArgsIsHelpError as e:  # bare `fssc`: the help text
-        click.echo(e.format_message(), err=True)
-        sys.exit(2)
-    except click.UsageError as e:  # bad arguments: one line too, with where to look
-        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-        click.echo(f"fssc: error: {e.format_message()}{hint}", err=True)
-        sys.exit(2)
-    except click.ClickException as e:
-        click.echo(f"fssc: error: {e.format_message()}", err=True)
-        sys.exit(2)
-    except SystemExit:
-        raise
-    sys.exit(0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
+# name -> command, for the group's lazy loading (fssc/cli/__init__.py lists the same names)
+COMMANDS: dict[str, click.Command] = {c.name: c for c in (export, ir, compile_cmd, view, demo, bench) if c.name}

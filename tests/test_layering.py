@@ -1,0 +1,290 @@
+"""The runtime stands alone: layering that a test enforces.
+
+The dealer's and the parties' side (runtime/, the package root's shared
+modules, and the runtime's half of the CLI) imports nothing of the compiler
+(fssc.compiler, fssc.passes, fssc.models) and no module of the ``compiler``
+extra (torch, onnx, onnxruntime...), at any level, function-level imports
+included; its third-party imports are the default dependencies in
+pyproject.toml. Read statically from the source (AST), then checked for real:
+``fssc certs``, ``fssc deal`` and both party programs run in processes where
+importing the compiler or its dependencies fails, and label like the
+unblocked run.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+COMPILER_PACKAGES = ("fssc.compiler", "fssc.passes", "fssc.models", "fssc.benchmarks", "fssc.cli.compiler_commands")
+FORBIDDEN_NAMED = ("torch", "onnx", "onnxruntime")  # named by the layering rule; the extra's others follow
+DIST_MODULES = {"pillow": "PIL"}  # distribution name -> import name, where they differ
+
+
+def _dist_name(requirement: str) -> str:
+    m = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
+    assert m, requirement
+    return m.group(0).lower()
+
+
+def _module_of(requirement: str) -> str:
+    name = _dist_name(requirement)
+    return DIST_MODULES.get(name, name.replace("-", "_"))
+
+
+COMPILER_EXTRA = {_module_of(r) for r in PYPROJECT["project"]["optional-dependencies"]["compiler"]}
+DEFAULT_DEPENDENCIES = {_module_of(r) for r in PYPROJECT["project"]["dependencies"]}
+
+# The runtime side: every module of runtime/, the shared modules at the package root, the runtime's commands.
+RUNTIME_SIDE = {
+    **{f"fssc.runtime.{p.stem}": p for p in sorted((REPO / "runtime").glob("*.py"))},
+    "fssc": REPO / "fssc" / "__init__.py",
+    "fssc.errors": REPO / "fssc" / "errors.py",
+    "fssc.files": REPO / "fssc" / "files.py",
+    "fssc.cli": REPO / "fssc" / "cli" / "__init__.py",
+    "fssc.cli.__main__": REPO / "fssc" / "cli" / "__main__.py",
+    "fssc.cli.runtime_commands": REPO / "fssc" / "cli" / "runtime_commands.py",
+}
+
+
+def imported_modules(source: str, module: str, is_package: bool = False) -> set[str]:
+    """Every module an import statement anywhere in ``source`` names (module-level, in functions, under if/try).
+
+    ``from a.b import c`` names a.b and a.b.c (c may be a submodule); relative imports are resolved
+    against ``module``."""
+    out: set[str] = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                anchor = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{anchor}.{base}" if base else anchor
+            out.add(base)
+            out.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return out
+
+
+def _within(name: str, packages) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def forbidden_imports(source: str, module: str, is_package: bool = False) -> list[str]:
+    bad = (*COMPILER_PACKAGES, *FORBIDDEN_NAMED, *sorted(COMPILER_EXTRA))
+    return sorted(n for n in imported_modules(source, module, is_package) if _within(n, bad))
+
+
+def test_checker_sees_every_kind_of_import():
+    """The checker can fail: it finds function-level, conditional, aliased and relative imports."""
+    src = textwrap.dedent(
+        """
+        import numpy as np
+        from fssc.runtime import ring
+        def f():
+            import torch.nn.functional as F
+            try:
+                from onnx import helper
+            except ImportError:
+                pass
+            if F:
+                from ..compiler.ir import ops
+                from fssc import passes
+        class C:
+            def m(self):
+                import onnxruntime
+        """
+    )
+    assert forbidden_imports(src, "fssc.runtime.lib") == [
+        "fssc.compiler.ir",
+        "fssc.compiler.ir.ops",
+        "fssc.passes",
+        "onnx",
+        "onnx.helper",
+        "onnxruntime",
+        "torch.nn.functional",
+    ]
+    assert forbidden_imports("import numpy\nfrom fssc.runtime import lib\n", "fssc.runtime.x") == []
+
+
+def test_the_sides_are_the_pyproject_extras():
+    """The compiler extra holds torch, onnx and onnxruntime, the default install none of the extra's
+    modules, and the CLI's hint for a missing compiler module names the same set."""
+    from fssc.cli import COMPILER_DEPENDENCIES
+
+    assert set(FORBIDDEN_NAMED) <= COMPILER_EXTRA
+    assert not COMPILER_EXTRA & DEFAULT_DEPENDENCIES
+    assert COMPILER_DEPENDENCIES == COMPILER_EXTRA
+    assert "fssc[compiler]" in PYPROJECT["project"]["optional-dependencies"]["test"]  # make test installs it
+
+
+@pytest.mark.parametrize("module", sorted(RUNTIME_SIDE))
+def test_runtime_side_imports_nothing_of_the_compiler(module):
+    path = RUNTIME_SIDE[module]
+    bad = forbidden_imports(path.read_text(), module, path.name == "__init__.py")
+    assert not bad, f"{path.relative_to(REPO)} imports {bad}: the runtime must run without the compiler"
+
+
+@pytest.mark.parametrize("module", sorted(RUNTIME_SIDE))
+def test_runtime_side_needs_only_the_default_dependencies(module):
+    """Its third-party imports are pyproject's [project] dependencies (the rest is the standard library and
+    fssc itself), so `pip install fssc` runs it."""
+    path = RUNTIME_SIDE[module]
+    names = imported_modules(path.read_text(), module, path.name == "__init__.py")
+    third = {n.partition(".")[0] for n in names} - set(sys.stdlib_module_names) - {"fssc", "__future__"}
+    assert third <= DEFAULT_DEPENDENCIES, f"{path.relative_to(REPO)} imports {sorted(third - DEFAULT_DEPENDENCIES)}"
+
+
+def test_compiler_commands_are_the_lazy_names():
+    """fssc/cli/__init__.py lists the compiler's commands without importing them; the list is the module's."""
+    from fssc.cli import COMPILER_COMMANDS
+    from fssc.cli.compiler_commands import COMMANDS
+
+    assert set(COMPILER_COMMANDS) == set(COMMANDS)
+
+
+# ----------------------------------------------------------------- run with the compiler unimportable
+BLOCKER = '''\
+"""Test harness (tests/test_layering.py): importing a blocked module fails, and the attempt is logged."""
+import importlib.abc
+import os
+import sys
+
+_BLOCKED = tuple(os.environ["FSSC_TEST_BLOCK"].split(","))
+_LOG = os.environ["FSSC_TEST_BLOCK_LOG"]
+
+
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in _BLOCKED):
+            with open(_LOG, "a") as fh:
+                fh.write(f"{os.getpid()} {name} {' '.join(sys.argv[:2])}\\n")
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Block())
+'''
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def blocked(tmp_path_factory):
+    """(environment in which the compiler and its dependencies cannot be imported, the attempts' log)."""
+    d = tmp_path_factory.mktemp("block")
+    (d / "sitecustomize.py").write_text(BLOCKER)
+    log = d / "attempts.log"
+    log.write_text("")
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(d), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        FSSC_TEST_BLOCK=",".join((*COMPILER_PACKAGES, *sorted(COMPILER_EXTRA))),
+        FSSC_TEST_BLOCK_LOG=str(log),
+    )
+    return env, log
+
+
+def test_block_works(blocked, tmp_path):
+    env, log = blocked
+    for mod in ("torch", "onnx", "onnxruntime", "fssc.compiler.ir.ops", "fssc.passes.base"):
+        p = subprocess.run(
+            [sys.executable, "-c", f"import {mod}"], check=False, env=env, capture_output=True, text=True, cwd=tmp_path
+        )
+        assert p.returncode == 1 and "blocked by the test" in p.stderr, (mod, p.stderr)
+    assert len(log.read_text().splitlines()) == 5
+    log.write_text("")
+    free = subprocess.run(
+        [sys.executable, "-c", "import torch, onnx"], check=False, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert free.returncode == 0, free.stderr
+
+
+def test_compiler_command_without_the_compiler_is_one_line(blocked, run_fssc, tmp_path):
+    """On a runtime-only install (the compiler extra's modules missing), a compiler command says what to
+    install, in one line."""
+    env, log = blocked
+    env = dict(env, FSSC_TEST_BLOCK=",".join(sorted(COMPILER_EXTRA)))
+    (tmp_path / "m.onnx").write_bytes(b"")
+    p = run_fssc("compile", tmp_path / "m.onnx", "-o", tmp_path / "prog", env=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("fssc: error: this command needs the compiler (no module ") and p.stderr.count("\n") == 1
+    assert "pip install 'fssc[compiler]'" in p.stderr
+    assert log.read_text()  # the blocker was asked
+    log.write_text("")
+
+
+def _start_p1(prog: Path, keys: Path, certs: Path, tmp: Path, env: dict):
+    ready = tmp / f"p1-{time.monotonic_ns()}.port"
+    args = ["--keys", keys / "p1", "--listen", "127.0.0.1:0", "--certs", certs, "--ready-file", ready]
+    proc = subprocess.Popen(
+        [sys.executable, str(prog / "party1" / "program.py"), *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not ready.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"party1 exited early ({proc.returncode}):\n{out}\n{err}")
+        assert time.time() < deadline, "party1 did not start listening"
+        time.sleep(0.05)
+    return proc, int(ready.read_text())
+
+
+def _two_parties(prog: Path, keys: Path, certs: Path, x: Path, out: Path, env: dict) -> dict:
+    p1, port = _start_p1(prog, keys, certs, out.parent, env)
+    args = ["--keys", keys / "p0", "--peer", f"127.0.0.1:{port}", "--certs", certs, "--input", x, "--out", out]
+    p0 = subprocess.run(
+        [sys.executable, str(prog / "party0" / "program.py"), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    _, err1 = p1.communicate(timeout=120)
+    assert p0.returncode == 0, p0.stderr
+    assert p1.returncode == 0, err1
+    return json.loads(out.read_text())
+
+
+def test_parties_and_dealer_run_without_the_compiler(blocked, export_resnet18, run_fssc, tmp_path):
+    """Compile with the full install; then certs, deal and both parties where the compiler, torch, onnx and
+    onnxruntime cannot be imported (and nothing even tries); the labels and logits equal the unblocked run's."""
+    env, log = blocked
+    prog, keys, certs = tmp_path / "prog", tmp_path / "keys", tmp_path / "certs"
+    r = run_fssc("compile", export_resnet18(SIZE, 2), "-o", prog, "--output-mode", "logits")
+    assert r.returncode == 0, r.stderr
+    log.write_text("")
+    for args in (["deal", "--help"], ["certs", "-o", certs], ["deal", prog, "--batches", 2, "-o", keys]):
+        r = run_fssc(*args, env=env, cwd=tmp_path)
+        assert r.returncode == 0, (args, r.stderr)
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32))
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "free").mkdir()
+    res_blocked = _two_parties(prog, keys, certs, x, tmp_path / "blocked" / "out.json", env)
+    assert log.read_text() == "", "a runtime process tried to import the compiler or its dependencies"
+    res_free = _two_parties(prog, keys, certs, x, tmp_path / "free" / "out.json", dict(os.environ))
+    assert [r["batch"] for r in res_blocked["results"]] == [0, 0]
+    assert [r["batch"] for r in res_free["results"]] == [1, 1]  # a fresh key batch: the same answers
+    assert len(res_blocked["results"]) == 2
+    for a, b in zip(res_blocked["results"], res_free["results"], strict=True):
+        assert a["label"] == b["label"] and a["logits"] == b["logits"]
