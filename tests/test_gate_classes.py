@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import pytest
 from fssc.runtime import gates
-from fssc.runtime.keys import KeyReader
+from fssc.runtime.keys import KeyReader, KeyWriter
 from fssc.runtime.prg import Rng
-from fssc.runtime.simulate import deal_in_memory
+from fssc.runtime.protocol import Dealer
 
 N, M = 40, 20
 
 
+def deal_in_memory(fn, seed: bytes = b"k" * 16):
+    """(fn's result, P0's key bytes, P1's key bytes) of a dealer on a fixed AES stream (equal streams, equal keys)."""
+    w0 = KeyWriter(None, {"program": "sim", "batch": 0, "party": 0})
+    w1 = KeyWriter(None, {"program": "sim", "batch": 0, "party": 1})
+    res = fn(Dealer(w0, w1, Rng(seed)))
+    return res, w0.close(), w1.close()
+
+
 def _deal(fn):
-    _, k0, k1 = deal_in_memory(fn, rng=Rng(b"k" * 16))
+    _, k0, k1 = deal_in_memory(fn)
     return [list(KeyReader(k, party=p).records()) for p, k in ((0, k0), (1, k1))]
 
 
@@ -52,6 +60,6 @@ def test_public_constants_vanish_on_masks():
     """Clip moves masked values by its public bounds; on the dealer's masks they are 0, so its dealing is
     exactly a ReLU's on the same masks (same random stream)."""
     r = Rng(b"c" * 16).u64(8)
-    clip, k0, k1 = deal_in_memory(lambda D: gates.Clip.run(D, "c", r, lo=5, hi=None, m=M), rng=Rng(b"k" * 16))
-    relu, j0, j1 = deal_in_memory(lambda D: gates.Relu.deal(D, "c", r, M, 0), rng=Rng(b"k" * 16))
+    clip, k0, k1 = deal_in_memory(lambda D: gates.Clip.run(D, "c", r, lo=5, hi=None, m=M))
+    relu, j0, j1 = deal_in_memory(lambda D: gates.Relu.deal(D, "c", r, M, 0))
     assert (clip == relu).all() and (k0, k1) == (j0, j1)
