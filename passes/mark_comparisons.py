@@ -31,7 +31,7 @@ def plan_gate(op: Op, graph: Graph, bits: int) -> dict | None:
     batch = graph.values[graph.inputs[0]].shape[0] if graph.inputs else 1
     n = gate_count(op, graph)
     gate = {"kind": kind, "count": n, "per_image": n // batch, "bits": bits, "depth": gate_depth(op, graph)}
-    for key in ("trunc", "cmp_trunc", "shift"):
+    for key in ("trunc", "shift"):
         if op.attrs.get(key):
             gate[key] = op.attrs[key]
     return gate

@@ -113,9 +113,6 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
                 out_scale = s
         elif rule is Scale.PRESERVING:
             out_scale = scale[secret[0]]
-            # max gates compare the full difference (no cmp_trunc): a truncated comparison could pick
-            # either of two values closer than 2^s, at random (docs/protocol.md, "Max and selection")
-            op.attrs.pop("cmp_trunc", None)
         elif rule is Scale.INTEGER:
             out_scale = 0
         elif rule is Scale.SHIFT_DOWN:

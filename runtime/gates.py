@@ -300,14 +300,12 @@ class MaxPool(Max):
 
     @classmethod
     def run(cls, ctx, tag: str, x, **params):
-        m, cmp_trunc = params.pop("m"), params.pop("cmp_trunc", 0)
-        return max_tree(
-            x, pool_attrs(**params), lambda level, a, b: ctx.gate(Max, level_tag(tag, level), a, b, m, cmp_trunc)
-        )
+        m = params.pop("m")
+        return max_tree(x, pool_attrs(**params), lambda level, a, b: ctx.gate(Max, level_tag(tag, level), a, b, m))
 
     @staticmethod
     def out_shape(shape: tuple, **params) -> tuple:
-        p = {k: v for k, v in params.items() if k not in ("m", "cmp_trunc")}
+        p = {k: v for k, v in params.items() if k != "m"}
         return max_tree(np.zeros(shape), pool_attrs(**p), lambda level, a, b: a).shape
 
     @staticmethod

@@ -162,7 +162,7 @@ def trunc(ctx, tag: str, x, m: int, shift: int):
     return gates.Trunc.run(ctx, tag, x, m=m, shift=shift)
 
 
-def maxpool(ctx, tag: str, x, kernel_shape, strides, pads, dilations, ceil_mode, m: int, cmp_trunc: int = 0):
+def maxpool(ctx, tag: str, x, kernel_shape, strides, pads, dilations, ceil_mode, m: int):
     return gates.MaxPool.run(
         ctx,
         tag,
@@ -173,7 +173,6 @@ def maxpool(ctx, tag: str, x, kernel_shape, strides, pads, dilations, ceil_mode,
         dilations=dilations,
         ceil_mode=ceil_mode,
         m=m,
-        cmp_trunc=cmp_trunc,
     )
 
 

@@ -186,7 +186,7 @@ def test_bits_full_and_margins_price_and_plan_every_comparison(model):
     ranges = res[2].ctx.ranges.comparisons
     for op in full.graph.ops:
         if op.gate:
-            shift = op.attrs.get("trunc") or op.attrs.get("shift") or op.attrs.get("cmp_trunc") or 0
+            shift = op.attrs.get("trunc") or op.attrs.get("shift") or 0
             assert op.gate["bits"] == widest_bits(op) == 64 - shift
     for op, op4 in zip(res[2].graph.ops, res[4].graph.ops, strict=True):
         if op.gate:

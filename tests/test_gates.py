@@ -339,7 +339,7 @@ POOLS = [
 ]
 
 
-def _pool_graph(shape, attrs, m, s, lower: bool) -> Graph:
+def _pool_graph(shape, attrs, m, lower: bool) -> Graph:
     attrs = {
         "strides": [1] * (len(shape) - 2),
         "dilations": [1] * (len(shape) - 2),
@@ -347,15 +347,11 @@ def _pool_graph(shape, attrs, m, s, lower: bool) -> Graph:
         "ceil_mode": 0,
         **attrs,
     }
-    if s:
-        attrs["cmp_trunc"] = s
-    g = one_op_graph("maxpool", shape, attrs, {"kind": "max", "bits": m, "cmp_trunc": s})
+    g = one_op_graph("maxpool", shape, attrs, {"kind": "max", "bits": m})
     if lower:
         g = lower_maxpool.run(g, PassContext(frac_bits=12)).graph
         for op in g.ops:
-            op.gate = {"kind": "max", "bits": m, "cmp_trunc": s}
-            if s:
-                op.attrs["cmp_trunc"] = s
+            op.gate = {"kind": "max", "bits": m}
         for n in g.values:
             g.values[n].scale = 12
     return g
@@ -364,13 +360,13 @@ def _pool_graph(shape, attrs, m, s, lower: bool) -> Graph:
 @pytest.mark.parametrize("lower", [False, True])
 @pytest.mark.parametrize("shape,attrs", POOLS)
 def test_maxpool_exact(shape, attrs, lower):
-    """cmp_trunc = 0: the secure pool equals numpy's window max, ties included."""
+    """The secure pool equals numpy's window max, ties included."""
     if lower and (len(attrs["kernel_shape"]) != 2 or min(attrs["kernel_shape"]) == 1):
         pytest.skip("lowering splits 2-D pools with both sides > 1")
     gen = np.random.default_rng(abs(hash((shape, lower))) % 2**32)
     x = gen.integers(-6, 6, size=shape) * 4096  # few levels: many ties, incl. whole windows
     x[..., :2] = -7 * 4096  # equal border values next to the padding
-    g = _pool_graph(shape, attrs, m=18, s=0, lower=lower)
+    g = _pool_graph(shape, attrs, m=18, lower=lower)
     if lower:
         assert len(g.ops) == 2 and all(min(op.attrs["kernel_shape"]) == 1 for op in g.ops)
     (y,) = run_programs(g, x).outputs

@@ -62,7 +62,7 @@ def comparison_magnitude(op: Op, graph: Graph, inputs: list[np.ndarray]) -> int:
 
 
 def compare_shift(op: Op) -> int:
-    """Bits a comparison drops before it compares (fused truncation, standalone shift, max gates' cmp_trunc)."""
+    """Bits a comparison drops before it compares (fused truncation, standalone shift)."""
     spec = gate_spec(op)
     return spec.shift(op) if spec else 0
 

@@ -556,7 +556,7 @@ def _maxpool_magnitude(op, graph, inputs):
     wmin, _, _, _ = windows(x, op.attrs, lo.max)
     axes = tuple(range(-nd, 0))
     spread = wmax.max(axis=axes).astype(np.float64) - wmin.min(axis=axes).astype(np.float64)
-    return int(spread.max()) >> op.attrs.get("cmp_trunc", 0)
+    return int(spread.max())
 
 
 @register(
@@ -569,13 +569,12 @@ def _maxpool_magnitude(op, graph, inputs):
         depth=_maxpool_depth,
         magnitude=_maxpool_magnitude,
         runtime=lambda op, graph: rgates.MaxPool,
-        shift=lambda op: op.attrs.get("cmp_trunc", 0),
     ),
 )
 class MaxPool:
     """A tree of max gates over each window, padding skipped: a window with v real taps costs v - 1 gates.
-    With ``cmp_trunc`` = s the gates would compare (a - b) >> s, a choice that depends on the masks
-    (plan-fixed-point removes it: max gates compare the full difference)."""
+    Every gate compares the full difference a - b: a truncated comparison could pick either of two values
+    closer than its step, at random (docs/protocol.md, "Max and selection")."""
 
     shape = staticmethod(_pool_shape)
 
@@ -591,7 +590,7 @@ class MaxPool:
 
     @staticmethod
     def lower(op, graph, bits):
-        return {**pool_params(op.attrs), "m": bits, "cmp_trunc": op.attrs.get("cmp_trunc", 0)}
+        return {**pool_params(op.attrs), "m": bits}
 
 
 @register("avgpool", Role.LOCAL, Scale.PUBLIC_WEIGHTED)

@@ -606,7 +606,7 @@ const app = {
         ["gate count", `<span class="gate-count">${fmtInt(g.count)}</span> (batch) \u00b7 ${fmtInt(g.per_image)} per image`],
         ["bits", g.estimated && !g.ranged ? `${g.bits} (no range analysis yet)` : String(g.bits)],
         ["depth", String(g.depth)],
-        ...["trunc", "cmp_trunc"].filter((k) => g[k]).map((k) => [k, String(g[k])]),
+        ...["trunc", "shift"].filter((k) => g[k]).map((k) => [k, String(g[k])]),
       ]);
     }
     const c = r.cost;
