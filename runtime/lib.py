@@ -163,17 +163,8 @@ def trunc(ctx, tag: str, x, m: int, shift: int):
 
 
 def maxpool(ctx, tag: str, x, kernel_shape, strides, pads, dilations, ceil_mode, m: int):
-    return gates.MaxPool.run(
-        ctx,
-        tag,
-        x,
-        kernel_shape=kernel_shape,
-        strides=strides,
-        pads=pads,
-        dilations=dilations,
-        ceil_mode=ceil_mode,
-        m=m,
-    )
+    window = pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode)
+    return gates.MaxPool.run(ctx, tag, x, m=m, **window)
 
 
 def clip(ctx, tag: str, x, lo: int | None, hi: int | None, m: int):

@@ -64,26 +64,27 @@ def _wait(proc: subprocess.Popen, timeout: float, also: dict | None = None) -> t
         time.sleep(0.02)
 
 
+def party_command(prog: str, party: int, keys: str, certs: str, *args) -> list[str]:
+    """``python prog/party<b>/program.py --keys keys/p<b> --certs certs ARGS``: one party's program as a process."""
+    return [
+        sys.executable,
+        os.path.join(prog, f"party{party}", "program.py"),
+        "--keys",
+        os.path.join(keys, f"p{party}"),
+        "--certs",
+        certs,
+        *map(str, args),
+    ]
+
+
 def run_loopback(prog: str, keys: str, certs: str, p0_args: list[str], timeout: float = 1800) -> LoopbackRun:
-    py = sys.executable
     with tempfile.TemporaryDirectory(prefix="fssc-loopback-") as tmp, contextlib.ExitStack() as files:
         ready = os.path.join(tmp, "port")
         logs = {n: files.enter_context(open(os.path.join(tmp, n), "w+")) for n in ("p1", "p0out", "p0err")}
         p1 = subprocess.Popen(
-            [
-                py,
-                os.path.join(prog, "party1", "program.py"),
-                "--keys",
-                os.path.join(keys, "p1"),
-                "--listen",
-                "127.0.0.1:0",
-                "--certs",
-                certs,
-                "--ready-file",
-                ready,
-                "--timeout",
-                str(int(timeout)),
-            ],
+            party_command(
+                prog, 1, keys, certs, "--listen", "127.0.0.1:0", "--ready-file", ready, "--timeout", int(timeout)
+            ),
             stdout=logs["p1"],
             stderr=subprocess.STDOUT,
         )
@@ -98,17 +99,7 @@ def run_loopback(prog: str, keys: str, certs: str, p0_args: list[str], timeout: 
                 port = int(fh.read())
             t = time.perf_counter()
             p0 = subprocess.Popen(
-                [
-                    py,
-                    os.path.join(prog, "party0", "program.py"),
-                    "--keys",
-                    os.path.join(keys, "p0"),
-                    "--peer",
-                    f"127.0.0.1:{port}",
-                    "--certs",
-                    certs,
-                    *p0_args,
-                ],
+                party_command(prog, 0, keys, certs, "--peer", f"127.0.0.1:{port}", *p0_args),
                 stdout=logs["p0out"],
                 stderr=logs["p0err"],
             )

@@ -158,22 +158,6 @@ class Dealer:
         """A public constant as the dealer sees it: masks of public values are 0."""
         return U64(0)
 
-    # the gates by name (the tests' entry points; the programs reach them through lib)
-    def relu(self, tag: str, r: np.ndarray, m: int, trunc: int = 0) -> np.ndarray:
-        return self.gate(_gates().Relu, tag, r, m, trunc)
-
-    def trunc(self, tag: str, r: np.ndarray, m: int, shift: int) -> np.ndarray:
-        return self.gate(_gates().Trunc, tag, r, m, shift)
-
-    def select(self, tag: str, r_z: list[np.ndarray], m: int, s: int = 0) -> list[np.ndarray]:
-        return self.gate(_gates().Select, tag, r_z, m, s)
-
-    def max(self, tag: str, ra: np.ndarray, rb: np.ndarray, m: int, s: int = 0) -> np.ndarray:
-        return self.gate(_gates().Max, tag, ra, rb, m, s)
-
-    def drelu_to_p0(self, tag: str, r_z: np.ndarray, m: int) -> None:
-        return self.gate(_gates().ArgMax2, tag, r_z, m)
-
     # -- linear layer with the model owner's weights ------------------------
     def linear_seeds(self, tag: str) -> bytes:
         """P0's two seeds for a linear layer, written ahead of everything else so
@@ -290,22 +274,6 @@ class Party:
         """A public constant as the parties see it: on masked values it moves the value."""
         return U64(v)
 
-    # the gates by name (the tests' entry points; the programs reach them through lib)
-    def relu(self, tag: str, xhat: np.ndarray, m: int, trunc: int = 0) -> np.ndarray:
-        return self.gate(_gates().Relu, tag, xhat, m, trunc)
-
-    def trunc(self, tag: str, xhat: np.ndarray, m: int, shift: int) -> np.ndarray:
-        return self.gate(_gates().Trunc, tag, xhat, m, shift)
-
-    def select(self, tag: str, zhat: list[np.ndarray], m: int, s: int = 0) -> list[np.ndarray]:
-        return self.gate(_gates().Select, tag, zhat, m, s)
-
-    def max(self, tag: str, ahat: np.ndarray, bhat: np.ndarray, m: int, s: int = 0) -> np.ndarray:
-        return self.gate(_gates().Max, tag, ahat, bhat, m, s)
-
-    def drelu_to_p0(self, tag: str, zhat: np.ndarray, m: int) -> np.ndarray | None:
-        return self.gate(_gates().ArgMax2, tag, zhat, m)
-
     # -- linear layer -------------------------------------------------------
     def linear_offline(self, tag: str, fn, k: int, x_shape, w_hat: np.ndarray, y_shape) -> np.ndarray:
         """P0's half z_0 = c_0 - W^ * [r_x]_0, computable before the input exists."""
@@ -342,10 +310,3 @@ class Party:
         if bias is not None:
             z1 = z1 + bias
         return self.open(z1)
-
-
-def _gates():
-    """The gate classes (:mod:`fssc.runtime.gates` builds on this module's plumbing, so it is imported late)."""
-    from fssc.runtime import gates
-
-    return gates

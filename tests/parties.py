@@ -14,35 +14,30 @@ of 127.0.0.1 and writes it to a ready file; the data owner (P0) connects to it.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fssc.runtime.loopback import party_command
 
 
 def party_cmd(prog: Path, role: str, keys: Path, certs: Path, *args) -> list[str]:
-    """``python prog/<role>/program.py --keys keys/p<b> --certs certs ARGS``."""
-    return [
-        sys.executable,
-        str(Path(prog) / role / "program.py"),
-        "--keys",
-        str(Path(keys) / f"p{role[-1]}"),
-        "--certs",
-        str(certs),
-        *map(str, args),
-    ]
+    """``python prog/<role>/program.py --keys keys/p<b> --certs certs ARGS`` (the runtime's own command line)."""
+    return party_command(str(prog), int(role[-1]), str(keys), str(certs), *args)
 
 
-def start_p1(prog: Path, keys: Path, certs: Path, tmp: Path, timeout: int = 300) -> tuple[subprocess.Popen, int]:
+def start_p1(
+    prog: Path, keys: Path, certs: Path, tmp: Path, timeout: int = 300, env: dict | None = None
+) -> tuple[subprocess.Popen, int]:
     """Start the model owner listening on a free port; returns (process, port) once it listens.
 
     ``timeout``: the program's own ``--timeout`` (seconds a session may stall). Fails the test if P1 exits
-    before it listens or takes more than 60 s to."""
+    before it listens or takes more than 60 s to. ``env``: the process environment (default: the test's)."""
     ready = Path(tmp) / f"p1-{time.monotonic_ns()}.port"
     proc = subprocess.Popen(
         party_cmd(prog, "party1", keys, certs, "--listen", "127.0.0.1:0", "--ready-file", ready, "--timeout", timeout),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -64,10 +59,13 @@ def p0_cmd(prog: Path, keys: Path, certs: Path, port: int, *args) -> list[str]:
     return party_cmd(prog, "party0", keys, certs, "--peer", f"127.0.0.1:{port}", *args)
 
 
-def run_p0(prog: Path, keys: Path, certs: Path, port: int, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_p0(
+    prog: Path, keys: Path, certs: Path, port: int, *args, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the data owner to its end (text output captured)."""
     return subprocess.run(
         p0_cmd(prog, keys, certs, port, *args),
+        env=env,
         check=False,
         capture_output=True,
         text=True,

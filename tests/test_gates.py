@@ -26,7 +26,7 @@ from fssc.compiler.reference import simulation
 from fssc.compiler.reference.interp import run_fixed
 from fssc.passes import lower_maxpool
 from fssc.passes.base import PassContext
-from fssc.runtime import ring
+from fssc.runtime import gates, ring
 from fssc.runtime.protocol import compare_input
 from fssc.runtime.simulate import deal_in_memory, run_parties
 
@@ -115,7 +115,9 @@ def simulate(deal_fn, party_fn, record: bool = False):
 def _check_relu(xhat: np.ndarray, r: np.ndarray, m: int, s: int) -> None:
     """Gate output against the exact truncation: ReLU(floor(x / 2^s)) wherever floor(x / 2^s) is in
     the m-bit range, and the gate's formula everywhere (pins the behaviour at the range's edges)."""
-    r_out, y0, y1, _, _ = simulate(lambda D: D.relu("g", r, m, s), lambda P: P.relu("g", xhat, m, s))
+    r_out, y0, y1, _, _ = simulate(
+        lambda D: D.gate(gates.Relu, "g", r, m, s), lambda P: P.gate(gates.Relu, "g", xhat, m, s)
+    )
     assert (y0 == y1).all(), "both parties must open the same masked output"
     y = ring.signed(y0 - r_out)
     t = exact_trunc(xhat, r, m, s)
@@ -157,7 +159,9 @@ def test_relu_is_deterministic():
     outs = []
     for _ in range(2):
         r = _rand_u64(gen, n)
-        r_out, y0, _, _, _ = simulate(lambda D, r=r: D.relu("g", r, m, s), lambda P, r=r: P.relu("g", x + r, m, s))
+        r_out, y0, _, _, _ = simulate(
+            lambda D, r=r: D.gate(gates.Relu, "g", r, m, s), lambda P, r=r: P.gate(gates.Relu, "g", x + r, m, s)
+        )
         outs.append(ring.signed(y0 - r_out))
     assert (outs[0] == outs[1]).all()
     assert (outs[0] == np.maximum(ring.signed(x) >> s, 0)).all()
@@ -165,7 +169,9 @@ def test_relu_is_deterministic():
 
 # ----------------------------------------------------------------- standalone truncation (exact)
 def _check_trunc(xhat: np.ndarray, r: np.ndarray, m: int, s: int) -> None:
-    r_out, y0, y1, _, _ = simulate(lambda D: D.trunc("g", r, m, s), lambda P: P.trunc("g", xhat, m, s))
+    r_out, y0, y1, _, _ = simulate(
+        lambda D: D.gate(gates.Trunc, "g", r, m, s), lambda P: P.gate(gates.Trunc, "g", xhat, m, s)
+    )
     assert (y0 == y1).all()
     y = ring.signed(y0 - r_out)
     t = exact_trunc(xhat, r, m, s)
@@ -203,7 +209,9 @@ def _check_max(u, rho, m, s, gen):
     zhat = place(u, m, s, gen)
     rb, bhat = _rand_u64(gen, n), _rand_u64(gen, n)
     ra, ahat = rb + r_z, bhat + zhat  # a - b has mask r_z and masked value zhat
-    r_out, y0, y1, _, _ = simulate(lambda D: D.max("g", ra, rb, m, s), lambda P: P.max("g", ahat, bhat, m, s))
+    r_out, y0, y1, _, _ = simulate(
+        lambda D: D.gate(gates.Max, "g", ra, rb, m, s), lambda P: P.gate(gates.Max, "g", ahat, bhat, m, s)
+    )
     assert (y0 == y1).all()
     a, b = ahat - ra, bhat - rb
     d = (signed_mod(u - rho, m) >= 0).astype(U64)
@@ -236,7 +244,9 @@ def test_max_against_numpy_with_ties():
     b.reshape(-1)[:8] = a.reshape(-1)[:8] + [1, -1, 1, -1, 4095, -4095, 4096, -4096]  # 1 LSB apart
     ra, rb = _rand_u64(gen, a.size).reshape(shape), _rand_u64(gen, a.size).reshape(shape)
     ahat, bhat = ring.unsigned(a) + ra, ring.unsigned(b) + rb
-    r_out, y0, _, _, _ = simulate(lambda D: D.max("g", ra, rb, 32, 0), lambda P: P.max("g", ahat, bhat, 32, 0))
+    r_out, y0, _, _, _ = simulate(
+        lambda D: D.gate(gates.Max, "g", ra, rb, 32, 0), lambda P: P.gate(gates.Max, "g", ahat, bhat, 32, 0)
+    )
     assert (ring.signed(y0 - r_out) == np.maximum(a, b)).all()
 
 
@@ -249,7 +259,7 @@ def test_select_two_values(m, s):
     r0, z0hat = place(rho, m, s, gen), place(u, m, s, gen)
     r1, z1hat = _rand_u64(gen, n), _rand_u64(gen, n)
     outs, y0, y1, _, _ = simulate(
-        lambda D: D.select("g", [r0, r1], m, s), lambda P: P.select("g", [z0hat, z1hat], m, s)
+        lambda D: D.gate(gates.Select, "g", [r0, r1], m, s), lambda P: P.gate(gates.Select, "g", [z0hat, z1hat], m, s)
     )
     assert all((a == b).all() for a, b in zip(y0, y1, strict=True))
     d = (signed_mod(u - rho, m) >= 0).astype(U64)
@@ -261,7 +271,9 @@ def test_select_two_values(m, s):
 def _check_drelu(u, rho, m, gen):
     r = place(rho, m, 0, gen)
     zhat = place(u, m, 0, gen)
-    _, d0, d1, c0, c1 = simulate(lambda D: D.drelu_to_p0("g", r, m), lambda P: P.drelu_to_p0("g", zhat, m))
+    _, d0, d1, c0, c1 = simulate(
+        lambda D: D.gate(gates.ArgMax2, "g", r, m), lambda P: P.gate(gates.ArgMax2, "g", zhat, m)
+    )
     assert d1 is None, "P1 must not get the label"
     assert c1.bytes_received == 0 and c0.messages_sent == 0, "only P1 -> P0 traffic"
     want = (signed_mod(u - rho, m) >= 0).astype(np.int64)

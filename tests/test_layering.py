@@ -20,12 +20,12 @@ import re
 import subprocess
 import sys
 import textwrap
-import time
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from parties import run_p0, start_p1
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -228,37 +228,9 @@ def test_compiler_command_without_the_compiler_is_one_line(blocked, run_fssc, tm
     log.write_text("")
 
 
-def _start_p1(prog: Path, keys: Path, certs: Path, tmp: Path, env: dict):
-    ready = tmp / f"p1-{time.monotonic_ns()}.port"
-    args = ["--keys", keys / "p1", "--listen", "127.0.0.1:0", "--certs", certs, "--ready-file", ready]
-    proc = subprocess.Popen(
-        [sys.executable, str(prog / "party1" / "program.py"), *map(str, args)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while not ready.exists():
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"party1 exited early ({proc.returncode}):\n{out}\n{err}")
-        assert time.time() < deadline, "party1 did not start listening"
-        time.sleep(0.05)
-    return proc, int(ready.read_text())
-
-
 def _two_parties(prog: Path, keys: Path, certs: Path, x: Path, out: Path, env: dict) -> dict:
-    p1, port = _start_p1(prog, keys, certs, out.parent, env)
-    args = ["--keys", keys / "p0", "--peer", f"127.0.0.1:{port}", "--certs", certs, "--input", x, "--out", out]
-    p0 = subprocess.run(
-        [sys.executable, str(prog / "party0" / "program.py"), *map(str, args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    p1, port = start_p1(prog, keys, certs, out.parent, env=env)
+    p0 = run_p0(prog, keys, certs, port, "--input", x, "--out", out, timeout=600, env=env)
     _, err1 = p1.communicate(timeout=120)
     assert p0.returncode == 0, p0.stderr
     assert p1.returncode == 0, err1

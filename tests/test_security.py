@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from fssc.compiler.reference import simulation
 from fssc.compiler.reference.simulation import simulate
-from fssc.runtime import dcf, ring
+from fssc.runtime import dcf, gates, ring
 from fssc.runtime.channel import decode_array
 from fssc.runtime.keys import KeyReader
 from fssc.runtime.prg import Rng
@@ -122,12 +122,12 @@ def packed_bits(b: np.ndarray, count: int, positions: int = 1) -> np.ndarray:
 def deal_gate(kind: str, r: np.ndarray, m: int, s: int):
     def fn(D):
         if kind == "relu":
-            D.relu("g", r, m, s)
+            D.gate(gates.Relu, "g", r, m, s)
         elif kind == "max":
             rb = Rng().u64(r.shape)
-            D.max("g", r + rb, rb, m, s)  # the comparison's mask r_a - r_b is the secret r
+            D.gate(gates.Max, "g", r + rb, rb, m, s)  # the comparison's mask r_a - r_b is the secret r
         else:
-            D.drelu_to_p0("g", r, m)
+            D.gate(gates.ArgMax2, "g", r, m)
 
     _, k0, k1 = deal_in_memory(fn)
     return records(k0, 0), records(k1, 1)
@@ -181,7 +181,7 @@ def test_p0_seeds_uniform():
     def many(r_fill):
         def fn(D):
             for i in range(512):
-                D.relu(f"g{i}", r_fill(4), 12, 3)
+                D.gate(gates.Relu, f"g{i}", r_fill(4), 12, 3)
                 D.linear_seeds(f"l{i}")
 
         _, k0, _ = deal_in_memory(fn)
@@ -198,10 +198,14 @@ def test_p0_seeds_uniform():
 def relu_views(x: np.ndarray, m: int, s: int):
     """Run one ReLU gate on secret x (uniform masks); returns what each party received."""
     r = Rng().u64(x.shape)
-    _, k0, k1 = deal_in_memory(lambda D: D.relu("g", r, m, s))
+    _, k0, k1 = deal_in_memory(lambda D: D.gate(gates.Relu, "g", r, m, s))
     xhat = x + r
     _, _, c0, c1 = run_parties(
-        lambda P: P.relu("g", xhat, m, s), lambda P: P.relu("g", xhat, m, s), k0, k1, record=True
+        lambda P: P.gate(gates.Relu, "g", xhat, m, s),
+        lambda P: P.gate(gates.Relu, "g", xhat, m, s),
+        k0,
+        k1,
+        record=True,
     )
     return c0.received, c1.received
 
@@ -421,18 +425,18 @@ def test_gates_without_numpy_or_python_random(forbid_random):
     def dealer(D):
         seeds = D.linear_seeds("d")
         return (
-            D.relu("a", r, 24, 12),
-            D.max("b", r, rb, 30, 3),
-            D.drelu_to_p0("c", r, 40),
+            D.gate(gates.Relu, "a", r, 24, 12),
+            D.gate(gates.Max, "b", r, rb, 30, 3),
+            D.gate(gates.ArgMax2, "c", r, 40),
             D.linear("d", _gemm, 500, r[None], a_mask, (1, 3), seeds),
         )
 
     def party(P):
         z0 = P.linear_offline("d", _gemm, 500, (1, 500), w + a_mask, (1, 3)) if P.b == 0 else None
         return (
-            P.relu("a", xhat, 24, 12),
-            P.max("b", xhat, bhat, 30, 3),
-            P.drelu_to_p0("c", xhat, 40),
+            P.gate(gates.Relu, "a", xhat, 24, 12),
+            P.gate(gates.Max, "b", xhat, bhat, 30, 3),
+            P.gate(gates.ArgMax2, "c", xhat, 40),
             P.linear("d", xhat[None], _gemm, 500, w, None, 64, z0=z0),
         )
 

@@ -380,22 +380,21 @@ def _bcast_shape(attrs, shapes):
         raise FsscError(f"shapes {list(map(tuple, shapes))} do not broadcast") from None
 
 
+def _binary_float(fn: Callable) -> staticmethod:
+    """Float semantics of an elementwise binary op (numpy broadcasting, float64)."""
+    return staticmethod(lambda attrs, a, b: [fn(a.astype(np.float64), b)])
+
+
 @register("add", Role.LOCAL, Scale.ALIGNING)
 class Add:
     shape = staticmethod(_bcast_shape)
-
-    @staticmethod
-    def run(attrs, a, b):
-        return [np.add(a.astype(np.float64), b)]
+    run = _binary_float(np.add)
 
 
 @register("sub", Role.LOCAL, Scale.ALIGNING)
 class Sub:
     shape = staticmethod(_bcast_shape)
-
-    @staticmethod
-    def run(attrs, a, b):
-        return [np.subtract(a.astype(np.float64), b)]
+    run = _binary_float(np.subtract)
 
 
 @register("mul", Role.LINEAR, Scale.WEIGHTED)
@@ -403,10 +402,7 @@ class Mul:
     """x * c with the model owner's constant c (elementwise, broadcast)."""
 
     shape = staticmethod(_bcast_shape)
-
-    @staticmethod
-    def run(attrs, a, b):
-        return [np.multiply(a.astype(np.float64), b)]
+    run = _binary_float(np.multiply)
 
     @staticmethod
     def fixed(op, graph, env):
