@@ -10,9 +10,6 @@ the fixed-point interpreter.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ from fssc.passes.base import DEFAULT_MARGIN_BITS
 from fssc.passes.range_analysis import default_calibration
 from fssc.runtime import lib, ring
 from fssc.runtime.guard import out_of_range
+from parties import run_p0, start_p1, stop
 
 from fssc import cli
 
@@ -43,58 +41,44 @@ def inputs(scale: float, batches: int = 2) -> np.ndarray:
     return np.concatenate(xs) * np.float32(scale)
 
 
-def _party(prog: Path, role: str, *args) -> list[str]:
-    return [sys.executable, str(prog / role / "program.py"), *map(str, args)]
+def _program(out: dict, name: str, model: Path, run_fssc, *options) -> None:
+    """Compile ``model`` with ``options`` into out[name] = (program folder, keys folder with two batches)."""
+    prog, keys = out["tmp"] / f"prog-{name}", out["tmp"] / f"keys-{name}"
+    r = run_fssc("compile", model, "-o", prog, *options)
+    assert r.returncode == 0, r.stderr
+    r = run_fssc("deal", prog, "--batches", 2, "-o", keys)
+    assert r.returncode == 0, r.stderr
+    out[name] = (prog, keys)
 
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory, model, run_fssc):
-    """Two programs (the default; --bits full revealing logits), certificates, key batches, the x4 inputs."""
+    """The default program, certificates, key batches, the x4 inputs (``full``: the --bits full program)."""
     tmp = tmp_path_factory.mktemp("accuracy")
     out = {"tmp": tmp, "certs": tmp / "certs"}
     assert run_fssc("certs", "-o", out["certs"]).returncode == 0
-    for name, extra in (("default", ()), ("full", ("--bits", "full", "--output-mode", "logits"))):
-        prog, keys = tmp / f"prog-{name}", tmp / f"keys-{name}"
-        r = run_fssc("compile", model, "-o", prog, *extra)
-        assert r.returncode == 0, r.stderr
-        r = run_fssc("deal", prog, "--batches", 2, "-o", keys)
-        assert r.returncode == 0, r.stderr
-        out[name] = (prog, keys)
+    _program(out, "default", model, run_fssc)
     x4 = inputs(4)
     np.save(tmp / "x4.npy", x4)
     out["x4"] = x4
     return out
 
 
+@pytest.fixture(scope="module")
+def full(flow, model, run_fssc):
+    """``flow`` with the --bits full program revealing logits."""
+    _program(flow, "full", model, run_fssc, "--bits", "full", "--output-mode", "logits")
+    return flow
+
+
 def _run_two_parties(flow, name: str, *p0_args, timeout: int = 300):
+    """Both party programs as processes on one batch; returns the data owner's CompletedProcess."""
     prog, keys = flow[name]
-    ready = flow["tmp"] / f"p1-{time.monotonic_ns()}.port"
-    p1 = subprocess.Popen(
-        _party(prog, "party1", "--keys", keys / "p1", "--listen", "127.0.0.1:0", "--certs", flow["certs"])
-        + ["--ready-file", str(ready), "--timeout", str(timeout)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    p1, port = start_p1(prog, keys, flow["certs"], flow["tmp"], timeout=timeout)
     try:
-        deadline = time.time() + 60
-        while not ready.exists():
-            assert p1.poll() is None, p1.communicate()
-            assert time.time() < deadline, "party1 did not start listening"
-            time.sleep(0.05)
-        p0 = subprocess.run(
-            _party(prog, "party0", "--keys", keys / "p0", "--peer", f"127.0.0.1:{int(ready.read_text())}")
-            + ["--certs", str(flow["certs"]), *map(str, p0_args)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        p1.wait(timeout=120)
+        return run_p0(prog, keys, flow["certs"], port, *p0_args, timeout=timeout)
     finally:
-        if p1.poll() is None:
-            p1.kill()
-    return p0
+        stop(p1, 120)
 
 
 def test_guard_refuses_inputs_four_times_the_calibrated_scale(flow):
@@ -104,14 +88,7 @@ def test_guard_refuses_inputs_four_times_the_calibrated_scale(flow):
     spec = man["input_guard"]["inputs"][0]
     s = spec["scale"]
     # nothing listens on the peer address: the guard must speak before any connection is tried
-    r = subprocess.run(
-        _party(prog, "party0", "--keys", keys / "p0", "--peer", "127.0.0.1:9", "--certs", flow["certs"])
-        + ["--input", str(flow["tmp"] / "x4.npy")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    r = run_p0(prog, keys, flow["certs"], 9, "--input", flow["tmp"] / "x4.npy")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
@@ -132,9 +109,10 @@ def test_guard_refuses_inputs_four_times_the_calibrated_scale(flow):
 
 
 @pytest.mark.slow
-def test_allow_out_of_range_with_bits_full_matches_onnxruntime(flow, model):
+def test_allow_out_of_range_with_bits_full_matches_onnxruntime(full, model):
     """--bits full holds x4 inputs: the secure labels equal onnxruntime's and the logits stay within
     fixed-point error (at margin 2 the same inputs move them by tens: docs/accuracy.md)."""
+    flow = full
     out = flow["tmp"] / "full.json"
     r = _run_two_parties(flow, "full", "--input", flow["tmp"] / "x4.npy", "--allow-out-of-range", "--out", out)
     assert r.returncode == 0, r.stderr
