@@ -8,11 +8,15 @@ A pass is a module in this package with a docstring stating its rewrite rule and
 * ``INVALIDATES``: the properties it may destroy (a rewrite leaves new values
   without a fixed-point scale, so it invalidates the plan and what rests on it);
 * ``run(graph, ctx) -> PassResult``: the graph (rewritten in place and returned)
-  and whether the pass modified it.
+  and whether the pass modified it;
+* ``check(graph) -> str | None``: the predicate behind ``ENSURES`` (what is wrong,
+  or None), which the manager checks after the pass. Every pass has one but
+  fold-public-scaling, whose rewrite depends on the next layer (its property is
+  recorded on the pass's word).
 
 The pass manager (:mod:`fssc.passes.manager`) refuses a pipeline whose order
-breaks a ``REQUIRES``, hands each pass a clone, verifies the result and
-records the properties it ensured on the graph (:attr:`Graph.properties`).
+breaks a ``REQUIRES``, hands each pass a clone, verifies the result, checks
+its ``ENSURES`` and records the properties it ensured on the graph (:attr:`Graph.properties`).
 
 Analyses leave typed results on the context (:class:`Ranges`), never loose
 dictionaries.

@@ -131,3 +131,11 @@ def _fold_bias(graph: Graph, op) -> bool:
     graph.remove_op(op)
     del v[y]
     return True
+
+
+def check(graph: Graph) -> str | None:
+    """What ENSURES promises: no flatten is left, every gemm is gemm(a, W[K, N], b)."""
+    for op in graph.ops:
+        if op.kind == "flatten" or (op.kind == "gemm" and {"alpha", "beta", "transB"} & op.attrs.keys()):
+            return f"{op.kind} %{op.name} is not canonical"
+    return None

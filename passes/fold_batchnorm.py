@@ -62,3 +62,9 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
         op.created_by = NAME
     graph.remove_unused()
     return PassResult(graph, bool(bns))
+
+
+def check(graph: Graph) -> str | None:
+    """What ENSURES promises: no batchnorm is left."""
+    bn = next((op for op in graph.ops if op.kind == "batchnorm"), None)
+    return f"batchnorm %{bn.name} is left" if bn else None

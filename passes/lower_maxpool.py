@@ -47,9 +47,13 @@ def _split(graph: Graph, op, first: int):
     return a1, a2, mid_shape
 
 
+def _splittable(op) -> bool:
+    """A 2-D maxpool whose window is wider than one along both axes."""
+    return op.kind == "maxpool" and len(op.attrs["kernel_shape"]) == 2 and min(op.attrs["kernel_shape"]) > 1
+
+
 def run(graph: Graph, ctx: PassContext) -> PassResult:
-    pools = [op for op in graph.ops if op.kind == "maxpool"]
-    pools = [op for op in pools if len(op.attrs["kernel_shape"]) == 2 and min(op.attrs["kernel_shape"]) > 1]
+    pools = [op for op in graph.ops if _splittable(op)]
     for op in pools:
         best: tuple[int, dict, dict, tuple[int, ...]] | None = None
         for first in (1, 0):  # W first, then H first
@@ -72,3 +76,9 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
         op.attrs = a2
         op.created_by = NAME
     return PassResult(graph, bool(pools))
+
+
+def check(graph: Graph) -> str | None:
+    """What ENSURES promises: every 2-D maxpool window is 1 x k or k x 1."""
+    pool = next((op for op in graph.ops if _splittable(op)), None)
+    return f"maxpool %{pool.name} has a {pool.attrs['kernel_shape']} window" if pool else None

@@ -138,6 +138,10 @@ def run_pipeline(
         new_text = new.text()
         if not res.modified and new_text != text:
             raise FsscError(f"pass '{p.NAME}' reported no modification but changed the IR")
+        check = getattr(p, "check", None)  # the predicate behind the pass's ENSURES, where one can be stated
+        problem = check(new) if check else None
+        if problem:
+            raise FsscError(f"pass '{p.NAME}' ensures {', '.join(sorted(contract(p)[1]))}, but {problem}")
         new.properties = after(graph.properties, p)
         rec = PassRecord(
             i, p.NAME, dt, res.modified, new_text, new.clone() if keep_graphs else None, frozenset(new.properties)

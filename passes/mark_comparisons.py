@@ -48,3 +48,9 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
             raise FsscError(f"{NAME}: no bitwidth for {op.kind} %{op.name}; run range-analysis first")
         op.gate = plan_gate(op, graph, bits)
     return PassResult(graph, [op.gate for op in graph.ops] != before)
+
+
+def check(graph: Graph) -> str | None:
+    """What ENSURES promises: every comparison op carries its gate plan."""
+    op = next((op for op in graph.ops if gate_kind(op) and not op.gate), None)
+    return f"{op.kind} %{op.name} has no gate plan" if op else None

@@ -140,3 +140,13 @@ def _planned_state(graph: Graph) -> tuple:
         {n: v.scale for n, v in graph.values.items()},
         (graph.meta.get("frac_bits"), graph.meta.get("weight_bound_bits")),
     )
+
+
+def check(graph: Graph) -> str | None:
+    """What ENSURES promises: every value an op reads or writes (constants aside) has a scale."""
+    for op in graph.ops:
+        for name in [*op.inputs, *op.outputs]:
+            v = graph.values[name]
+            if not v.is_const and v.scale is None:
+                return f"%{name} ({op.kind} %{op.name}) has no scale"
+    return None

@@ -90,3 +90,9 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
             op.bits = m
     ctx.ranges = Ranges(ranges, in_max, len(data))
     return PassResult(graph, modified)
+
+
+def check(graph: Graph) -> str | None:
+    """What ENSURES promises: every comparison op has its bitwidth."""
+    op = next((op for op in graph.ops if gate_kind(op) and op.bits is None), None)
+    return f"{op.kind} %{op.name} has no bitwidth" if op else None

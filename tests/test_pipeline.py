@@ -34,6 +34,7 @@ from fssc.passes.base import (
     CANONICAL,
     COMPARISONS_MARKED,
     FIXED_POINT,
+    NO_BATCHNORM,
     PROPERTIES,
     RANGES,
     PassContext,
@@ -324,6 +325,23 @@ def test_a_pass_that_hides_a_modification_is_refused(tmp_path):
         run_pipeline(g, PassContext(), passes=[types.SimpleNamespace(NAME="odd", run=lambda g, c: 1)])
     with pytest.raises(FsscError, match=r"^pass 'typo': unknown property canonicl$"):
         run_pipeline(g, PassContext(), passes=[types.SimpleNamespace(NAME="typo", REQUIRES={"canonicl"})])
+
+
+def test_a_pass_that_breaks_its_promise_is_refused():
+    """ENSURES is checked, not taken on trust: a fold-batchnorm that folds nothing is refused by name."""
+    from tiny_models import tiny_cnn
+
+    g = import_onnx(tiny_cnn()[1], "tiny")
+    assert any(op.kind == "batchnorm" for op in g.ops)
+    idle = types.SimpleNamespace(
+        NAME="fold-nothing", ENSURES={NO_BATCHNORM}, run=lambda g, c: PassResult(g, False), check=fold_batchnorm.check
+    )
+    with pytest.raises(FsscError, match=r"^pass 'fold-nothing' ensures no-batchnorm, but batchnorm %\S+ is left$"):
+        run_pipeline(g, PassContext(), passes=[idle], echo=lambda s: None)
+    # every real pass's predicate holds on what the pipeline makes
+    out, _ = run_pipeline(g, PassContext(), echo=lambda s: None)
+    for p in PIPELINE:
+        assert getattr(p, "check", lambda g: None)(out) is None, p.NAME
 
 
 # --------------------------------------------------------------------------- the verifier names the pass

@@ -328,22 +328,14 @@ def test_detector_catches_a_leak():
 RUNTIME = Path(dcf.__file__).parent
 
 
-# every runtime module on the dealer's and the parties' paths; images.py (public synthetic
-# calibration images, not key material) is the only runtime module left out. The in-process
-# simulation (fssc.compiler.reference.simulation) drives the dealer too and is checked with them.
-PROTOCOL_MODULES = [
-    "ring",
-    "prg",
-    "dcf",
-    "keys",
-    "channel",
-    "protocol",
-    "pooling",
-    "lib",
-    "simulate",
-    "session",
-    "transport",
-]
+# every runtime module (the dealer's and the parties' paths) but images.py, which makes public synthetic
+# calibration images, not key material. The in-process simulation (fssc.compiler.reference.simulation)
+# drives the dealer too and is checked with them.
+PROTOCOL_MODULES = sorted(p.stem for p in RUNTIME.glob("*.py") if p.stem not in ("__init__", "images"))
+
+
+def test_protocol_modules_include_the_gates():
+    assert {"gates", "protocol", "dcf", "prg", "lib", "session", "transport"} <= set(PROTOCOL_MODULES)
 
 
 def test_runtime_sources_do_not_import_random():
@@ -411,7 +403,28 @@ def forbid_random(monkeypatch):
     return activate, calls
 
 
+def _other_gates(ctx, v):
+    """The gate classes the assertions below do not check by value, run for their randomness only."""
+    window = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [1, 1], "ceil_mode": 0}
+    return (
+        ctx.gate(gates.Trunc, "e", v, 24, 5),
+        gates.Clip.run(ctx, "f", v, lo=5, hi=100, m=24),
+        gates.ArgMax.run(ctx, "g", v.reshape(100, 5), axis=1, keepdims=0, select_last=0, m=30),
+        gates.MaxPool.run(ctx, "h", v.reshape(1, 5, 10, 10), m=30, **window),
+    )
+
+
 def test_gates_without_numpy_or_python_random(forbid_random):
+    """Every gate class (and DCFs and a linear layer) dealt and run with numpy.random and random raising."""
+    assert {g.__name__ for g in gates.STATEMENTS.values()} <= {
+        "Relu",
+        "Max",
+        "ArgMax2",
+        "Trunc",
+        "Clip",
+        "ArgMax",
+        "MaxPool",
+    }
     activate, calls = forbid_random
     activate()
     # DCF keygen and evaluation
@@ -429,6 +442,7 @@ def test_gates_without_numpy_or_python_random(forbid_random):
             D.gate(gates.Max, "b", r, rb, 30, 3),
             D.gate(gates.ArgMax2, "c", r, 40),
             D.linear("d", _gemm, 500, r[None], a_mask, (1, 3), seeds),
+            *_other_gates(D, r),
         )
 
     def party(P):
@@ -438,9 +452,10 @@ def test_gates_without_numpy_or_python_random(forbid_random):
             P.gate(gates.Max, "b", xhat, bhat, 30, 3),
             P.gate(gates.ArgMax2, "c", xhat, 40),
             P.linear("d", xhat[None], _gemm, 500, w, None, 64, z0=z0),
+            *_other_gates(P, xhat),
         )
 
-    (ro_a, _, _, ro_d), k0, k1 = deal_in_memory(dealer)
+    (ro_a, _, _, ro_d, *_), k0, k1 = deal_in_memory(dealer)
     out0, out1, _, _ = run_parties(party, party, k0, k1)
     t = (((xhat - r) >> U64(12)) << U64(40)).view(np.int64) >> np.int64(40)  # floor(x / 2^12), 24-bit signed
     ok = (t > -(1 << 23)) & (t < (1 << 23) - 1)  # the gate's range (all but ~2^-22 of uniform x)

@@ -323,18 +323,27 @@ class Graph:
                 self._uses.setdefault(i, []).append((op, k))
             self._index_at = _EDITS[0]
 
+    def _one_definer(self, op: Op, names: Iterable[str]) -> None:
+        """Refuse a second definition: every value has one producer (the index keeps one per name)."""
+        for o in names:
+            other = self._producers.get(o)
+            if other is not None and other is not op:
+                raise FsscError(f"IR: %{o} is defined by {other.kind} %{other.name}; {op.kind} %{op.name} cannot too")
+
     def set_outputs(self, op: Op, names: Iterable[str]) -> None:
-        """``op`` defines ``names`` from now on (the values must exist)."""
+        """``op`` defines ``names`` from now on (the values must exist; no other op may define them)."""
         self._index()
+        names = list(names)
         member = self._member(op)
         if member:
+            self._one_definer(op, names)
             for o in op.outputs:
                 if self._producers.get(o) is op:
                     del self._producers[o]
-        op.outputs = list(names)
+        op.outputs = names
         if member:
             for o in op.outputs:
-                self._producers.setdefault(o, op)
+                self._producers[o] = op
             self._index_at = _EDITS[0]
 
     def replace_all_uses_with(self, old: str, new: str) -> None:
@@ -393,6 +402,11 @@ class Graph:
         self._index_at = _EDITS[0]
 
     def _insert(self, k: int, ops: tuple[Op, ...]) -> None:
+        new = [o for op in ops for o in op.outputs]
+        if len(set(new)) != len(new):
+            raise FsscError(f"IR: the inserted ops define {sorted(o for o in set(new) if new.count(o) > 1)} twice")
+        for op in ops:
+            self._one_definer(op, op.outputs)
         self._ops[k:k] = list(ops)
         for op in ops:
             self._add_op(op)
