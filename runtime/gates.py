@@ -113,7 +113,7 @@ class Gate:
     @classmethod
     def records(cls, tag: str, party: int, shift: int = 0) -> list[str]:
         """Key records one gate call writes for ``party``, in order (a tree writes these per level tag)."""
-        carry = [tag + CARRY_DCF] if shift else []
+        carry = [tag + CARRY_DCF] if shift and getattr(cls, "carry_words", 0) else []  # exact truncation only
         return [tag + DCF, *carry, tag + SEED] if party == 0 else [tag + DCF, *carry, tag + CORR, tag + BITS]
 
     @classmethod

@@ -32,6 +32,7 @@ def _deal(fn):
         (gates.Relu, 5, lambda D, r: gates.Relu.deal(D, "g", r, M, 5)),
         (gates.Trunc, 7, lambda D, r: gates.Trunc.deal(D, "g", r, M, 7)),
         (gates.Max, 0, lambda D, r: gates.Max.deal(D, "g", r, r[::-1].copy(), M, 0)),
+        (gates.Max, 3, lambda D, r: gates.Max.deal(D, "g", r, r[::-1].copy(), M, 3)),  # a shift without a carry
         (gates.ArgMax2, 0, lambda D, r: gates.ArgMax2.deal(D, "g", r, M)),
     ],
 )

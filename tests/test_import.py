@@ -379,3 +379,15 @@ def test_constant_nodes_become_the_model_owners_constants():
     bad = [oh.make_node("Constant", [], ["k"], value_string="no"), oh.make_node("Mul", ["x", "k"], ["y"])]
     with pytest.raises(FsscError, match=r"node Constant_0 \(Constant\): unsupported constant form \['value_string'\]"):
         import_onnx(_model(bad, (2, 3)))
+
+
+def test_a_one_to_one_op_with_attributes_is_refused():
+    """A 1:1 converter translates no attributes, so a node carrying one is refused, never imported as if it had
+    none (ONNX's checker refuses unknown attributes first; this guards a registry entry that names an ONNX op
+    which has attributes)."""
+    node = oh.make_node("Relu", ["x"], ["y"])
+    imp = types.SimpleNamespace(src="m.onnx", emit=lambda *a: pytest.fail("emitted"))
+    with pytest.raises(
+        FsscError, match=r"^m.onnx: node Relu_0 \(Relu\): attribute\(s\) \['alpha'\] are not supported$"
+    ):
+        simple("relu")(imp, node, "Relu_0", {"alpha": 0.1})

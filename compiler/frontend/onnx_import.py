@@ -9,11 +9,10 @@ inputs are all constants are folded at import.
 
 The importer is a table of converters, :data:`CONVERTERS`: ONNX op type ->
 a function ``(importer, node, label, attrs)`` that emits the node's IR op (or
-aliases or adds a constant). A 1:1 op with no attributes to translate is a
-one-line entry, :func:`simple` (``CONVERTERS["Relu"] = simple("relu")``), and
-an IR kind whose :class:`~fssc.compiler.ir.ops.OpDef` names an ONNX op type
-(``onnx``) gets that default converter without an entry here. The supported
-op set, :data:`SUPPORTED`, is the table's keys.
+aliases or adds a constant). A 1:1 op with no attributes is not listed here:
+its :class:`~fssc.compiler.ir.ops.OpDef` names the ONNX op type (``onnx="Relu"``)
+and gets the default converter, :func:`simple`, which refuses a node that
+carries attributes. The supported op set, :data:`SUPPORTED`, is the table's keys.
 
 Anything outside the supported op set is reported in one error listing every
 offending node and the set fssc accepts.
@@ -239,6 +238,8 @@ def simple(kind: str) -> Converter:
     """The converter of a 1:1 op: IR ``kind`` over the node's inputs, no attributes."""
 
     def convert(imp: _Importer, node: onnx.NodeProto, label: str, a: dict[str, Any]) -> None:
+        if a:  # a 1:1 op takes no attributes: one it does not know would change what the node computes
+            raise FsscError(f"{imp.src}: node {label} ({node.op_type}): attribute(s) {sorted(a)} are not supported")
         imp.emit(node, label, kind, list(node.input), {})
 
     convert.__name__ = f"simple_{kind}"
@@ -315,12 +316,6 @@ def _product(imp: _Importer, node, label, a) -> None:
         whose = " (the model owner's weights)" if node.op_type == "MatMul" else ""
         raise FsscError(f"{imp.src}: node {label} ({node.op_type}): one operand must be a constant{whose}")
     imp.emit(node, label, node.op_type.lower(), ins, {})
-
-
-CONVERTERS["Add"] = simple("add")
-CONVERTERS["Sub"] = simple("sub")
-CONVERTERS["Relu"] = simple("relu")
-CONVERTERS["GlobalAveragePool"] = simple("globalavgpool")
 
 
 @converts("Clip")

@@ -385,13 +385,13 @@ def _binary_float(fn: Callable) -> staticmethod:
     return staticmethod(lambda attrs, a, b: [fn(a.astype(np.float64), b)])
 
 
-@register("add", Role.LOCAL, Scale.ALIGNING)
+@register("add", Role.LOCAL, Scale.ALIGNING, onnx="Add")
 class Add:
     shape = staticmethod(_bcast_shape)
     run = _binary_float(np.add)
 
 
-@register("sub", Role.LOCAL, Scale.ALIGNING)
+@register("sub", Role.LOCAL, Scale.ALIGNING, onnx="Sub")
 class Sub:
     shape = staticmethod(_bcast_shape)
     run = _binary_float(np.subtract)
@@ -430,6 +430,7 @@ def _same_shape(attrs, shapes):
         runtime=lambda op, graph: rgates.Relu,
         shift=lambda op: op.attrs.get("trunc", 0),
     ),
+    onnx="Relu",
 )
 class Relu:
     """One comparison per element on x >> trunc (fused exact truncation when trunc > 0)."""
@@ -611,7 +612,7 @@ class AvgPool:
         }
 
 
-@register("globalavgpool", Role.LOCAL, Scale.PUBLIC_WEIGHTED)
+@register("globalavgpool", Role.LOCAL, Scale.PUBLIC_WEIGHTED, onnx="GlobalAveragePool")
 class GlobalAvgPool:
     @staticmethod
     def shape(attrs, shapes):
