@@ -25,12 +25,12 @@ import numpy as np
 
 def _timed_child(cmd: list[str]) -> tuple[int, float, float, str]:
     """Run a command; exit code, seconds, peak RSS (MB, polled from /proc) and its output."""
-    from fssc.runtime.loopback import _wait
+    from fssc.runtime.loopback import wait_for
 
     t = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        rc, rss = _wait(proc, 3600)
+        rc, rss = wait_for(proc, 3600)
         log.seek(0)
         return rc, time.perf_counter() - t, rss, log.read()
 

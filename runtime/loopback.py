@@ -42,7 +42,7 @@ def _hwm_mb(pid: int) -> float | None:
     return None
 
 
-def _wait(proc: subprocess.Popen, timeout: float, also: dict | None = None) -> tuple[int, float]:
+def wait_for(proc: subprocess.Popen, timeout: float, also: dict | None = None) -> tuple[int, float]:
     """Exit code and peak RSS (MB) of a child, polling /proc while it runs.
 
     ``also`` maps other live processes to their peak so far; they are polled too.
@@ -104,9 +104,9 @@ def run_loopback(prog: str, keys: str, certs: str, p0_args: list[str], timeout: 
                 stderr=logs["p0err"],
             )
             peaks = {p1: 0.0}
-            rc0, rss0 = _wait(p0, timeout, peaks)
+            rc0, rss0 = wait_for(p0, timeout, peaks)
             seconds = time.perf_counter() - t
-            rc1, rss1 = _wait(p1, 120)
+            rc1, rss1 = wait_for(p1, 120)
             rss1 = max(rss1, peaks[p1])
         finally:
             if p1.returncode is None and p1.poll() is None:

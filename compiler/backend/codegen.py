@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import jinja2
 from fssc.compiler.backend.contract import Call, Lit, bind_operands
-from fssc.compiler.backend.lower import PROTOCOL_VERSION, SecureProgram, Stmt, _label
+from fssc.compiler.backend.lower import PROTOCOL_VERSION, SecureProgram, Stmt
 from fssc.runtime.gates import STATEMENTS
 from fssc.runtime.keys import KeyWriter
 from fssc.runtime.session import PROGRAM_CONSTANTS, PROGRAM_FUNCTIONS
@@ -142,7 +142,7 @@ def _checked(where: str, make):
 
 
 def _where(st: Stmt, role: str) -> str:
-    return f"{role}'s {st.kind} statement {st.tag} ({_label(st)})"
+    return f"{role}'s {st.kind} statement {st.tag} ({st.label})"
 
 
 def render_stmt(st: Stmt, role: str) -> list[str]:

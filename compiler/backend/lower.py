@@ -52,6 +52,11 @@ class Stmt:
     comment: str
     p1: dict = field(default_factory=dict)  # P1-only parameters (derived from the weights)
 
+    @property
+    def label(self) -> str:
+        """The op a statement came from, as its comment names it ("concat %h")."""
+        return self.comment.split(" [")[0]
+
     def public(self) -> dict:
         d = asdict(self)
         d.pop("p1")
@@ -263,11 +268,6 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
 
 
 # ------------------------------------------------------------ the lowering verifier
-def _label(st: Stmt) -> str:
-    """The op a statement came from, as its comment names it ("concat %h")."""
-    return st.comment.split(" [")[0]
-
-
 def _shape_of(st: Stmt, ins: list[np.ndarray]) -> tuple:
     """The statement's output shape by the runtime's own rules: the functions the generated programs call,
     run on zeros (the bilinear maps on zero floats; no protocol)."""
@@ -301,30 +301,30 @@ def check_program(prog: SecureProgram) -> None:
     for st in prog.stmts:
         for a in st.args:
             if a not in shapes:
-                raise FsscError(f"lowering: {_label(st)} reads {a} before any statement defines it")
+                raise FsscError(f"lowering: {st.label} reads {a} before any statement defines it")
         if st.kind in STATEMENTS or st.kind == "linear":
             if len(st.args) != 1:
-                raise FsscError(f"lowering: {_label(st)} ({st.kind}) takes one secret operand, got {len(st.args)}")
+                raise FsscError(f"lowering: {st.label} ({st.kind}) takes one secret operand, got {len(st.args)}")
             if st.args[0] in consts:
                 raise FsscError(
-                    f"lowering: {_label(st)} ({st.kind}) cannot take the model owner's constant as its operand"
+                    f"lowering: {st.label} ({st.kind}) cannot take the model owner's constant as its operand"
                 )
         if st.kind == "output":
             continue
         try:
             shape = _shape_of(st, [shapes[a] for a in st.args])
         except FsscError as e:
-            raise FsscError(f"lowering: {_label(st)} ({st.kind}): {e}") from None
+            raise FsscError(f"lowering: {st.label} ({st.kind}): {e}") from None
         except (ValueError, TypeError, IndexError, KeyError) as e:
             raise FsscError(
-                f"lowering: {_label(st)} ({st.kind}): the runtime cannot take its operands "
+                f"lowering: {st.label} ({st.kind}): the runtime cannot take its operands "
                 f"{[tuple(shapes[a].shape) for a in st.args]}: {type(e).__name__}: {e}"
             ) from None
         if st.out is None:
             continue  # an output statement: it defines nothing
         want = prog.ir_shapes.get(st.out) if st.kind != "const" else tuple(st.params["shape"])
         if want is None or tuple(shape) != tuple(want):
-            raise FsscError(f"lowering: {_label(st)} ({st.kind}) gives shape {tuple(shape)}, the IR says {want}")
+            raise FsscError(f"lowering: {st.label} ({st.kind}) gives shape {tuple(shape)}, the IR says {want}")
         shapes[st.out] = np.broadcast_to(np.zeros((), dtype=np.uint64), shape)
         if st.kind == "const":
             consts.add(st.out)
