@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -312,15 +313,18 @@ def compile_model(
     bits: str = "range",
     verify: int = 0,
     weight_bound_bits: int = 4,
+    batch: int | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> CompileResult:
     """``fssc compile``: compile, print the report, check with ``verify`` inputs (before anything is
-    written: a program the check rejects is never written), write prog/."""
+    written: a program the check rejects is never written), write prog/. ``batch`` and ``input_shapes``
+    pin the model's dynamic input dimensions (``--batch``, ``--input-shape``)."""
     from fssc.compiler.backend.codegen import write_program
     from fssc.compiler.backend.lower import lower
     from fssc.runtime.images import Preprocess
 
     con = console or Console(width=max(160, Console().width))
-    graph = import_onnx(model)
+    graph = import_onnx(model, batch=batch, input_shapes=input_shapes)
     os.makedirs(out_dir, exist_ok=True)
     echo = lambda s: con.print(s, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     res = compile_graph(

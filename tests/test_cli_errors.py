@@ -41,8 +41,8 @@ def test_missing_file(tmp_path, run_fssc):
     assert_one_line_error(run_fssc("ir", tmp_path / "nope.onnx"), "nope.onnx", "no such file")
 
 
-def test_unsupported_ops_are_all_listed(tmp_path, run_fssc):
-    """An LSTM (and a Softmax): one error naming every offending node, its op type, and the supported set."""
+def test_unsupported_ops_are_grouped_by_type(tmp_path, run_fssc):
+    """An LSTM (and a Softmax): one error naming each offending op type, its node, and the supported set."""
     t, b, i, h = 4, 2, 3, 5
     rng = np.random.default_rng(0)
     nodes = [
@@ -69,11 +69,35 @@ def test_unsupported_ops_are_all_listed(tmp_path, run_fssc):
     path = tmp_path / "lstm.onnx"
     onnx.save(model, path)
     line = assert_one_line_error(
-        run_fssc("ir", path), "lstm.onnx", "encoder_lstm (LSTM)", "head_softmax (Softmax)", "supports:"
+        run_fssc("ir", path),
+        f"{path}: 2 unsupported ONNX op types: LSTM (1 node: encoder_lstm), Softmax (1 node: head_softmax); "
+        "fssc supports: ",
     )
     assert "pre_relu" not in line
     for op in ("Conv", "Gemm", "MaxPool", "BatchNormalization", "ArgMax"):
         assert op in line.split("supports:")[1]
+
+
+def test_many_unsupported_nodes_give_counts_and_first_nodes(tmp_path, run_fssc):
+    """Several nodes of two unsupported types: one line with each type's count and first node, in graph order."""
+    chain = ["Sigmoid", "Relu", "HardSwish", "Sigmoid", "HardSwish", "Sigmoid", "Sigmoid"]
+    names = [f"{op.lower()}_{k}" for k, op in enumerate(chain)]
+    values = ["x"] + [f"v{k}" for k in range(len(chain) - 1)] + ["y"]
+    nodes = [helper.make_node(op, [values[k]], [values[k + 1]], name=names[k]) for k, op in enumerate(chain)]
+    graph = helper.make_graph(
+        nodes,
+        "act",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+    )
+    path = tmp_path / "act.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    line = assert_one_line_error(
+        run_fssc("ir", path),
+        f"{path}: 2 unsupported ONNX op types: Sigmoid (4 nodes, first: sigmoid_0), "
+        "HardSwish (2 nodes, first: hardswish_2); fssc supports: Add, ArgMax, ",
+    )
+    assert "relu_1" not in line and "sigmoid_3" not in line and "hardswish_4" not in line
 
 
 def test_dynamic_batch_dimension(tmp_path, run_fssc, resnet18_onnx):
@@ -84,7 +108,11 @@ def test_dynamic_batch_dimension(tmp_path, run_fssc, resnet18_onnx):
     path = tmp_path / "dynamic.onnx"
     onnx.save(model, path)
     assert_one_line_error(
-        run_fssc("ir", path), "dynamic.onnx", "'input'", "dynamic dimension 'batch_size'", "axis 0", "--batch"
+        run_fssc("ir", path),
+        "dynamic.onnx",
+        "'input'",
+        "dynamic dimension 'batch_size' (axis 0)",
+        "pin it with --batch N",
     )
 
 
@@ -97,7 +125,9 @@ def test_dynamic_dimension_elsewhere(tmp_path, run_fssc):
     )
     path = tmp_path / "h.onnx"
     onnx.save(model, path)
-    assert_one_line_error(run_fssc("ir", path), "'pixels'", "dynamic dimension 'height'", "axis 2")
+    assert_one_line_error(
+        run_fssc("ir", path), "'pixels'", "dynamic dimension 'height' (axis 2)", "--input-shape pixels:2,3,D2,8"
+    )
 
 
 @pytest.fixture(scope="module")

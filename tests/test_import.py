@@ -345,7 +345,10 @@ def test_a_one_line_entry_adds_an_op(monkeypatch):
     with pytest.raises(FsscError) as e:
         import_onnx(model)
     msg = str(e.value)
-    assert "unsupported ONNX op(s): Relu_0 (Relu); fssc supports: Add, ArgMax," in msg and ", Relu," not in msg
+    assert (
+        "<model>: 1 unsupported ONNX op type: Relu (1 node: Relu_0); fssc supports: Add, ArgMax," in msg
+        and ", Relu," not in msg
+    )
     monkeypatch.setitem(CONVERTERS, "Relu", simple("relu"))
     g = import_onnx(model)
     assert [op.kind for op in g.ops] == ["relu"]

@@ -14,14 +14,24 @@ its :class:`~fssc.compiler.ir.ops.OpDef` names the ONNX op type (``onnx="Relu"``
 and gets the default converter, :func:`simple`, which refuses a node that
 carries attributes. The supported op set, :data:`SUPPORTED`, is the table's keys.
 
-Anything outside the supported op set is reported in one error listing every
-offending node and the set fssc accepts.
+Anything outside the supported op set is reported in one error that groups the
+offending nodes by op type (a count and the first node of each) and lists the
+set fssc accepts.
+
+Input shapes must be static. A dynamic (symbolic or unknown) dimension, as
+``torch.onnx.export(..., dynamic_axes=...)`` writes, is pinned by the caller:
+``batch`` pins dimension 0 of every graph input, ``input_shapes`` pins whole
+shapes by input name (``fssc compile --batch N --input-shape NAME:D0,D1,...``).
+The pinned shapes are written into the model's inputs before ONNX shape
+inference runs.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -48,15 +58,122 @@ def load_onnx(path: str) -> onnx.ModelProto:
     return model
 
 
-def import_onnx(path_or_model, name: str | None = None) -> Graph:
+def parse_input_shapes(specs: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """``--input-shape NAME:D0,D1,...`` (repeatable) -> {name: shape}; an FsscError names a malformed one."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, colon, dims = spec.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            shape = ()
+        if not colon or not name or not shape or min(shape) < 1:
+            raise FsscError(
+                f"--input-shape {spec!r}: give NAME:D0,D1,... with positive dimensions, e.g. input:2,3,224,224"
+            )
+        if name in shapes:
+            raise FsscError(f"--input-shape: input {name!r} is given twice")
+        shapes[name] = shape
+    return shapes
+
+
+def pin_input_shapes(
+    model: onnx.ModelProto,
+    src: str,
+    batch: int | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph inputs have the requested dimensions: ``batch`` for dimension 0 of
+    every input, ``input_shapes`` for the named inputs' whole shapes. A dynamic dimension takes the
+    requested value; a static one must already equal it. Intermediate shapes recorded by the exporter
+    (value_info) are dropped, for shape inference to recompute them from the pinned inputs."""
+    input_shapes = dict(input_shapes or {})
+    if batch is None and not input_shapes:
+        return model
+    if batch is not None and batch < 1:
+        raise FsscError(f"--batch {batch}: must be at least 1")
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    unknown = sorted(set(input_shapes) - set(names))
+    if unknown:
+        raise FsscError(
+            f"{src}: --input-shape names {', '.join(map(repr, unknown))}, not an input of the model; "
+            f"its inputs: {', '.join(map(repr, names))}"
+        )
+    model = copy.deepcopy(model)
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        want = input_shapes.get(inp.name)
+        if want is not None and batch is not None and want[0] != batch:
+            raise FsscError(
+                f"{src}: input {inp.name!r}: --batch {batch} and --input-shape {inp.name}:"
+                f"{','.join(map(str, want))} disagree on dimension 0"
+            )
+        if want is None:
+            if batch is None:
+                continue
+            if tt.HasField("shape") and not tt.shape.dim:
+                raise FsscError(f"{src}: input {inp.name!r} is a scalar; --batch pins dimension 0 of every input")
+            if not tt.HasField("shape"):
+                raise FsscError(
+                    f"{src}: input {inp.name!r} has no shape; give it with --input-shape {inp.name}:D0,D1,..."
+                )
+            want = (batch,) + tuple(-1 for _ in tt.shape.dim[1:])  # -1: keep the model's dimension
+            flag = f"--batch {batch}"
+        else:
+            flag = f"--input-shape {inp.name}:{','.join(map(str, want))}"
+        if tt.HasField("shape") and len(tt.shape.dim) != len(want):
+            raise FsscError(f"{src}: input {inp.name!r} has {len(tt.shape.dim)} dimensions; {flag} gives {len(want)}")
+        if not tt.HasField("shape"):
+            tt.shape.SetInParent()
+            for _ in want:
+                tt.shape.dim.add()
+        for axis, (d, w) in enumerate(zip(tt.shape.dim, want, strict=True)):
+            if w == -1:
+                continue
+            if d.HasField("dim_value") and d.dim_value >= 0:
+                if d.dim_value != w:
+                    raise FsscError(
+                        f"{src}: input {inp.name!r} dimension {axis} is fixed at {d.dim_value} in the model; "
+                        f"{flag} asks for {w}"
+                    )
+                continue
+            d.Clear()
+            d.dim_value = w
+    del model.graph.value_info[:]
+    return model
+
+
+def import_onnx(
+    path_or_model,
+    name: str | None = None,
+    batch: int | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> Graph:
+    """Import an ONNX file or ModelProto; ``batch`` and ``input_shapes`` pin dynamic input dimensions
+    (see :func:`pin_input_shapes`)."""
     if isinstance(path_or_model, onnx.ModelProto):
         model, src = path_or_model, name or "<model>"
     else:
         src = str(path_or_model)
         model = load_onnx(src)
+    model = pin_input_shapes(model, src, batch, input_shapes)
     return _Importer(model, src).run(
         name or (os.path.splitext(os.path.basename(src))[0] if src != "<model>" else "model")
     )
+
+
+def _dynamic_dim_message(name: str, shape: onnx.TensorShapeProto, axis: int) -> str:
+    """The refusal of an unpinned dynamic input dimension, naming the flag that pins it."""
+    d = shape.dim[axis]
+    what = f"dynamic dimension {d.dim_param!r}" if d.dim_param else "dynamic (unknown) dimension"
+    dims = ",".join(
+        str(x.dim_value) if x.HasField("dim_value") and x.dim_value > 0 else f"D{i}" for i, x in enumerate(shape.dim)
+    )
+    pin = f"--batch N (or --input-shape {name}:{dims})" if axis == 0 else f"--input-shape {name}:{dims}"
+    return f"input {name!r} has a {what} (axis {axis}); fssc needs static shapes: pin it with {pin}"
 
 
 def _node_label(node: onnx.NodeProto, idx: int) -> str:
@@ -111,15 +228,21 @@ class _Importer:
     def run(self, gname: str) -> Graph:
         gp = self.model.graph
         bad = [
-            (_node_label(n, i), n.op_type)
+            (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}", _node_label(n, i))
             for i, n in enumerate(gp.node)
             if n.op_type not in CONVERTERS or n.domain not in ("", "ai.onnx")
         ]
         if bad:
-            listed = ", ".join(f"{nm} ({op})" for nm, op in bad)
-            raise FsscError(
-                f"{self.src}: unsupported ONNX op(s): {listed}; fssc supports: {', '.join(sorted(CONVERTERS))}"
+            count = Counter(op for op, _ in bad)
+            first: dict[str, str] = {}
+            for op, label in bad:
+                first.setdefault(op, label)  # in graph order
+            listed = ", ".join(
+                f"{op} ({count[op]} nodes, first: {label})" if count[op] > 1 else f"{op} (1 node: {label})"
+                for op, label in first.items()
             )
+            kinds = "1 unsupported ONNX op type" if len(first) == 1 else f"{len(first)} unsupported ONNX op types"
+            raise FsscError(f"{self.src}: {kinds}: {listed}; fssc supports: {', '.join(sorted(CONVERTERS))}")
         g = self.g = Graph(gname)
         inits = {t.name for t in gp.initializer}
         for t in gp.initializer:
@@ -141,14 +264,13 @@ class _Importer:
                         f"fssc needs non-empty tensors"
                     )
                 if not d.HasField("dim_value") or d.dim_value < 0:
-                    sym = d.dim_param or "?"
-                    raise FsscError(
-                        f"{self.src}: input {inp.name!r} has a dynamic dimension {sym!r} (axis {i}); "
-                        f"fssc needs static shapes (export with a fixed batch, e.g. fssc export --batch 2)"
-                    )
+                    raise FsscError(f"{self.src}: {_dynamic_dim_message(inp.name, tt.shape, i)}")
                 dims.append(d.dim_value)
             if not tt.HasField("shape"):
-                raise FsscError(f"{self.src}: input {inp.name!r} has no shape; fssc needs static shapes")
+                raise FsscError(
+                    f"{self.src}: input {inp.name!r} has no shape; fssc needs static shapes: "
+                    f"give it with --input-shape {inp.name}:D0,D1,..."
+                )
             g.add_value(Value(inp.name, tuple(dims), "float32"))
             g.inputs.append(inp.name)
         for idx, node in enumerate(gp.node):

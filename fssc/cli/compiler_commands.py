@@ -40,19 +40,33 @@ def export(model, out, num_classes, weights, image_size, batch, opset):
     )
 
 
+BATCH_HELP = (
+    "Pin a dynamic batch: dimension 0 of every graph input becomes N (as exported with "
+    "torch.onnx.export(..., dynamic_axes={'input': {0: 'N'}})). A static dimension must already be N."
+)
+INPUT_SHAPE_HELP = (
+    "Pin the whole shape of input NAME, e.g. input:2,3,224,224 (repeatable; for dynamic dimensions other than "
+    "the batch). A static dimension must already have the value given."
+)
+
+
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-def ir(model):
+@click.option("--batch", type=int, default=None, metavar="N", help=BATCH_HELP)
+@click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...", help=INPUT_SHAPE_HELP)
+def ir(model, batch, input_shape):
     """Import an ONNX MODEL and print fssc's IR (deterministic text form)."""
-    from fssc.compiler.frontend.onnx_import import import_onnx
+    from fssc.compiler.frontend.onnx_import import import_onnx, parse_input_shapes
 
-    click.echo(import_onnx(model).text(), nl=False)
+    click.echo(import_onnx(model, batch=batch, input_shapes=parse_input_shapes(input_shape)).text(), nl=False)
 
 
 @click.command("compile")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Program directory.")
 @click.option("--frac-bits", type=int, default=12, show_default=True, help="Fixed-point fractional bits f.")
+@click.option("--batch", type=int, default=None, metavar="N", help=BATCH_HELP)
+@click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...", help=INPUT_SHAPE_HELP)
 @click.option(
     "--calibrate",
     type=click.Path(exists=True),
@@ -113,6 +127,8 @@ def compile_cmd(
     model,
     out,
     frac_bits,
+    batch,
+    input_shape,
     calibrate,
     dump_ir,
     print_ir_after_all,
@@ -126,7 +142,9 @@ def compile_cmd(
 ):
     """Compile an ONNX MODEL into prog/: the passes, the cost report, and one program per party."""
     from fssc.compiler.compile import compile_model
+    from fssc.compiler.frontend.onnx_import import parse_input_shapes
 
+    shapes = parse_input_shapes(input_shape)
     compile_model(
         model,
         out,
@@ -141,6 +159,8 @@ def compile_cmd(
         bits=bits,
         verify=verify,
         weight_bound_bits=weight_bound_bits,
+        batch=batch,
+        input_shapes=shapes,
     )
 
 
