@@ -11,6 +11,7 @@ masked values.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import math
 
@@ -211,6 +212,22 @@ def pad(x, pads):
 
 def concat(xs: list[np.ndarray], axis: int):
     return np.concatenate(xs, axis=axis)
+
+
+def transpose(x, perm: list[int]):
+    return np.ascontiguousarray(np.transpose(x, perm))
+
+
+def slice(x, starts: list[int], ends: list[int], steps: list[int]):  # noqa: A001 (the statement's name)
+    """x[starts[i]:ends[i]:steps[i]] on every axis i, indices already clamped into the axis (an end of -1
+    with a negative step reaches past the front, so it is written as None)."""
+    ix = tuple(builtins.slice(s, None if e < 0 else e, k) for s, e, k in zip(starts, ends, steps, strict=True))
+    return np.ascontiguousarray(x[ix])
+
+
+def take(x, indices, axis: int):
+    """Gather along ``axis`` with public non-negative indices (an int or nested lists of ints)."""
+    return np.take(x, np.asarray(indices, dtype=np.int64), axis=axis)
 
 
 def sumpool(x, kernel_shape, strides, pads, dilations, ceil_mode):

@@ -14,8 +14,9 @@ compute something else).
 Weights as constants: the backend cases feed every operand as a graph input.
 fssc treats weights and structural operands as constants owned by the model
 owner (its importer requires Conv/Gemm weights, MatMul's and Mul's second
-operand, BatchNormalization's parameters, Reshape's shape, Pad's pads and
-Clip's bounds to be initializers), so before import the operands listed in
+operand, BatchNormalization's parameters, Reshape's shape, Pad's pads,
+Clip's bounds, Squeeze's/Unsqueeze's axes, Slice's indices, Split's sizes and
+Gather's indices to be initializers), so before import the operands listed in
 ``CONSTANT_OPERANDS`` are turned into initializers holding the case's own
 input data. The remaining inputs (the data owner's tensors) stay graph inputs.
 """
@@ -52,6 +53,11 @@ CONSTANT_OPERANDS = {
     "Reshape": {1},
     "Pad": {1, 2, 3},
     "Dropout": {1, 2},
+    "Squeeze": {1},
+    "Unsqueeze": {1},
+    "Slice": {1, 2, 3, 4},
+    "Split": {1},
+    "Gather": {1},
 }
 
 _INT = "integer tensors ({}); fssc's inputs are float32 reals (encoded in fixed point)"
@@ -115,6 +121,9 @@ LEFT_OUT = {
     "test_relu_expanded_ver18": _EXPANDED.format("CastLike/Max", "Relu"),
     # Reshape
     "test_reshape_allowzero_reordered": "a zero-size input tensor (shape [0,3,4]); fssc needs non-empty tensors",
+    # Split
+    "test_split_zero_size_splits_opset13": "a zero-size input tensor (shape [0]); fssc needs non-empty tensors",
+    "test_split_zero_size_splits_opset18": "a zero-size input tensor (shape [0]); fssc needs non-empty tensors",
 }
 
 

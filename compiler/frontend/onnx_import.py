@@ -2,9 +2,11 @@
 
 The importer checks the model (``onnx.checker``), runs shape inference,
 requires static shapes, and turns every node into one IR op (or none, for
-Identity and Dropout, which alias their input). Initializers and Constant
+Identity and Dropout, which alias their input; Split gives one slice per
+output; Squeeze and Unsqueeze become reshapes). Initializers and Constant
 nodes become constant values: the model owner's. Structural constant inputs
-(Reshape's shape, Pad's pads, Clip's bounds) become attributes. Nodes whose
+(Reshape's shape, Pad's pads, Clip's bounds, Slice's indices, Gather's
+indices...) become attributes. Nodes whose
 inputs are all constants are folded at import.
 
 The importer is a table of converters, :data:`CONVERTERS`: ONNX op type ->
@@ -504,6 +506,118 @@ def _reshape(imp: _Importer, node, label, a) -> None:
 @converts("Concat")
 def _concat(imp: _Importer, node, label, a) -> None:
     imp.emit(node, label, "concat", list(node.input), {"axis": int(a["axis"])})
+
+
+@converts("Transpose")
+def _transpose(imp: _Importer, node, label, a) -> None:
+    r = len(imp.x_shape(node))
+    perm = [int(p) for p in a.get("perm", range(r - 1, -1, -1))]
+    imp.emit(node, label, "transpose", list(node.input[:1]), {"perm": perm})
+
+
+def _axes(imp: _Importer, node, label, a) -> list[int] | None:
+    """Squeeze's / Unsqueeze's axes: an attribute before opset 13, a constant input from 13; None if absent."""
+    if imp.opset < 13:
+        return [int(v) for v in a["axes"]] if "axes" in a else None
+    if len(node.input) > 1 and node.input[1]:
+        return [int(v) for v in imp.need_const(node, 1, label, "axes (input 1)").reshape(-1).tolist()]
+    return None
+
+
+def _normal_axes(imp: _Importer, node, label, axes: list[int], rank: int) -> list[int]:
+    out = sorted(v % rank for v in axes if -rank <= v < rank)
+    if len(out) != len(axes) or len(set(out)) != len(out):
+        raise FsscError(f"{imp.src}: node {label} ({node.op_type}): axes {axes} out of range or repeated")
+    return out
+
+
+@converts("Squeeze", "Unsqueeze")
+def _squeeze(imp: _Importer, node, label, a) -> None:
+    """Both only change the shape: a reshape to the output shape."""
+    x = list(imp.x_shape(node))
+    axes = _axes(imp, node, label, a)
+    if node.op_type == "Squeeze":
+        axes = [i for i, d in enumerate(x) if d == 1] if axes is None else _normal_axes(imp, node, label, axes, len(x))
+        if any(x[i] != 1 for i in axes):
+            raise FsscError(f"{imp.src}: node {label} (Squeeze): axes {axes} of {tuple(x)} are not all 1")
+        out = [d for i, d in enumerate(x) if i not in axes]
+    else:
+        if axes is None:
+            raise FsscError(f"{imp.src}: node {label} (Unsqueeze): axes are required")
+        out = x
+        for i in _normal_axes(imp, node, label, axes, len(x) + len(axes)):
+            out.insert(i, 1)
+    imp.emit(node, label, "reshape", list(node.input[:1]), {"shape": out})
+
+
+def _clamped(start: int, end: int, step: int, dim: int) -> tuple[int, int]:
+    """ONNX Slice's index rules: negative counts from the end; a positive step clamps start and end into
+    [0, dim], a negative one start into [0, dim - 1] and end into [-1, dim - 1] (-1: past the front)."""
+    start, end = start + dim if start < 0 else start, end + dim if end < 0 else end
+    if step > 0:
+        return min(max(start, 0), dim), min(max(end, 0), dim)
+    return min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+
+
+@converts("Slice")
+def _slice(imp: _Importer, node, label, a) -> None:
+    x = imp.x_shape(node)
+    if imp.opset < 10:
+        starts, ends = list(a["starts"]), list(a["ends"])
+        axes, steps = a.get("axes"), None
+    else:
+        starts = imp.need_const(node, 1, label, "starts (input 1)").tolist()
+        ends = imp.need_const(node, 2, label, "ends (input 2)").tolist()
+        given = [len(node.input) > i and node.input[i] for i in (3, 4)]
+        axes = imp.need_const(node, 3, label, "axes (input 3)").tolist() if given[0] else None
+        steps = imp.need_const(node, 4, label, "steps (input 4)").tolist() if given[1] else None
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    st, en, sp = [0] * len(x), list(x), [1] * len(x)
+    for axis, s, e, k in zip(axes, starts, ends, steps, strict=True):
+        if not -len(x) <= axis < len(x) or k == 0:
+            raise FsscError(f"{imp.src}: node {label} (Slice): axis {axis} or step {k} does not fit {tuple(x)}")
+        ax = int(axis) % len(x)
+        st[ax], en[ax] = _clamped(int(s), int(e), int(k), x[ax])
+        sp[ax] = int(k)
+    imp.emit(node, label, "slice", list(node.input[:1]), {"starts": st, "ends": en, "steps": sp})
+
+
+@converts("Split")
+def _split(imp: _Importer, node, label, a) -> None:
+    """One slice op per output (each part is a Slice along ``axis``)."""
+    x = imp.x_shape(node)
+    ax = int(a.get("axis", 0)) % len(x)
+    n = len(node.output)
+    if "split" in a:
+        sizes = [int(v) for v in a["split"]]
+    elif len(node.input) > 1 and node.input[1]:
+        sizes = [int(v) for v in imp.need_const(node, 1, label, "split (input 1)").tolist()]
+    else:
+        n = int(a.get("num_outputs", n))
+        sizes = [-(-x[ax] // n)] * (n - 1) + [x[ax] - -(-x[ax] // n) * (n - 1)]
+    if len(sizes) != len(node.output) or sum(sizes) != x[ax] or min(sizes) < 0:
+        raise FsscError(f"{imp.src}: node {label} (Split): parts {sizes} do not split axis {ax} of {tuple(x)}")
+    begin = 0
+    for size, out in zip(sizes, node.output, strict=True):
+        st, en = [0] * len(x), list(x)
+        st[ax], en[ax] = begin, begin + size
+        begin += size
+        imp.emit(node, label, "slice", list(node.input[:1]), {"starts": st, "ends": en, "steps": [1] * len(x)}, [out])
+
+
+@converts("Gather")
+def _gather(imp: _Importer, node, label, a) -> None:
+    x = imp.x_shape(node)
+    ax = int(a.get("axis", 0))
+    if not -len(x) <= ax < len(x):
+        raise FsscError(f"{imp.src}: node {label} (Gather): axis {ax} does not fit {tuple(x)}")
+    ax %= len(x)
+    idx = imp.need_const(node, 1, label, "indices (input 1)").astype(np.int64)
+    if idx.size and not (-x[ax] <= idx.min() and idx.max() < x[ax]):
+        raise FsscError(f"{imp.src}: node {label} (Gather): indices outside axis {ax} of {tuple(x)}")
+    idx = np.where(idx < 0, idx + x[ax], idx)
+    imp.emit(node, label, "gather", list(node.input[:1]), {"indices": idx.tolist(), "axis": ax})
 
 
 @converts("Pad")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from fssc.runtime import gates as rgates
-from fssc.runtime import ring
+from fssc.runtime import lib, ring
 from fssc.runtime.geometry import pad_or_crop, pool_params, window_geometry, windows
 
 from fssc.errors import FsscError
@@ -777,6 +777,68 @@ class Concat:
     @staticmethod
     def lower(op, graph):
         return {"fn": "concat", "axis": op.attrs["axis"]}
+
+
+@register("transpose", Role.LOCAL, Scale.PRESERVING)
+class Transpose:
+    """ONNX Transpose: axis i of the output is axis perm[i] of the input (lib.transpose)."""
+
+    @staticmethod
+    def shape(attrs, shapes):
+        x, perm = shapes[0], list(attrs["perm"])
+        if sorted(perm) != list(range(len(x))):
+            raise FsscError(f"transpose perm {perm} is not a permutation of the {len(x)} axes of {tuple(x)}")
+        return [tuple(x[p] for p in perm)]
+
+    @staticmethod
+    def run(attrs, x):
+        return [lib.transpose(x, attrs["perm"])]
+
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "transpose", "perm": list(op.attrs["perm"])}
+
+
+@register("slice", Role.LOCAL, Scale.PRESERVING)
+class Slice:
+    """x[starts[i]:ends[i]:steps[i]] on every axis i (lib.slice): the importer writes ONNX Slice's clamped
+    indices (and Split's parts) per axis, an end of -1 with a negative step meaning past the front."""
+
+    @staticmethod
+    def shape(attrs, shapes):
+        x = shapes[0]
+        st, en, sp = attrs["starts"], attrs["ends"], attrs["steps"]
+        if not len(st) == len(en) == len(sp) == len(x) or 0 in sp:
+            raise FsscError(f"slice starts {st} ends {en} steps {sp} do not fit {tuple(x)}")
+        return [tuple(len(range(s, e, k)) for s, e, k in zip(st, en, sp, strict=True))]
+
+    @staticmethod
+    def run(attrs, x):
+        return [lib.slice(x, attrs["starts"], attrs["ends"], attrs["steps"])]
+
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "slice", **{k: list(op.attrs[k]) for k in ("starts", "ends", "steps")}}
+
+
+@register("gather", Role.LOCAL, Scale.PRESERVING)
+class Gather:
+    """ONNX Gather with public constant indices (non-negative after import) along ``axis`` (lib.take)."""
+
+    @staticmethod
+    def shape(attrs, shapes):
+        x, ax, idx = shapes[0], attrs["axis"], np.asarray(attrs["indices"], dtype=np.int64)
+        if not 0 <= ax < len(x) or (idx.size and not (idx.min() >= 0 and idx.max() < x[ax])):
+            raise FsscError(f"gather indices outside axis {ax} of {tuple(x)}")
+        return [tuple(x[:ax]) + idx.shape + tuple(x[ax + 1 :])]
+
+    @staticmethod
+    def run(attrs, x):
+        return [lib.take(x, attrs["indices"], attrs["axis"])]
+
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "take", "indices": op.attrs["indices"], "axis": op.attrs["axis"]}
 
 
 @register("pad", Role.LOCAL, Scale.PRESERVING)
