@@ -14,10 +14,10 @@ compute something else).
 Weights as constants: the backend cases feed every operand as a graph input.
 fssc treats weights and structural operands as constants owned by the model
 owner (its importer requires Conv/Gemm weights, MatMul's and Mul's second
-operand, BatchNormalization's parameters, Reshape's shape, Pad's pads and
-Clip's bounds to be initializers), so before import the operands listed in
-``CONSTANT_OPERANDS`` are turned into initializers holding the case's own
-input data. The remaining inputs (the data owner's tensors) stay graph inputs.
+operand, BatchNormalization's parameters, Reshape's shape, Pad's pads,
+Clip's bounds and ReduceSum's and ReduceMean's axes to be initializers), so
+before import the operands listed in ``CONSTANT_OPERANDS`` are turned into
+initializers holding the case's own input data. The remaining inputs (the data owner's tensors) stay graph inputs.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ CONSTANT_OPERANDS = {
     "Reshape": {1},
     "Pad": {1, 2, 3},
     "Dropout": {1, 2},
+    "ReduceSum": {1},
+    "ReduceMean": {1},
 }
 
 _INT = "integer tensors ({}); fssc's inputs are float32 reals (encoded in fixed point)"
@@ -115,6 +117,10 @@ LEFT_OUT = {
     "test_relu_expanded_ver18": _EXPANDED.format("CastLike/Max", "Relu"),
     # Reshape
     "test_reshape_allowzero_reordered": "a zero-size input tensor (shape [0,3,4]); fssc needs non-empty tensors",
+    # ReduceSum
+    "test_reduce_sum_empty_set": "a zero-size input tensor (shape [2,0,4]); fssc needs non-empty tensors",
+    "test_reduce_sum_empty_set_non_reduced_axis_zero": "a zero-size input tensor (shape [2,0,4]); "
+    "fssc needs non-empty tensors",
 }
 
 
