@@ -171,3 +171,18 @@ def test_reduce_bad_axes_refused_in_one_line(axes):
     with pytest.raises(FsscError, match="ax") as e:  # onnx (axis) or fssc (axes) names it
         import_onnx(_reduce_model("ReduceSum", 13, axes, {}, out_shape=[2, 1, 4]), "r")
     assert "\n" not in str(e.value)
+
+
+def test_mean_over_one_element_becomes_a_sum_and_a_mean_before_a_relu_stays():
+    one = _reduce_model("ReduceMean", 18, [0], {}, shape=(1, 3, 4))  # n = 1: the sum is the same map
+    g = compile_graph(import_onnx(one, "one"), echo=lambda s: None, output_mode="logits").graph
+    assert "reducesum" in [op.kind for op in g.ops] and "reducemean" not in [op.kind for op in g.ops]
+    x = np.random.default_rng(6).normal(size=(1, 3, 4)).astype(np.float32)
+    sim = simulate(g, x)
+    assert sim.mismatches() == []
+    np.testing.assert_allclose(ring.decode(sim.outputs[0], g.values[g.outputs[0]].fixed_scale), x, atol=1e-3)
+    before_relu = _reduce_model("ReduceMean", 18, [2], {}, out_shape=[2, 3, 1])
+    before_relu.graph.node[0].output[0] = "m"
+    before_relu.graph.node.append(helper.make_node("Relu", ["m"], ["y"]))
+    g = compile_graph(import_onnx(before_relu, "relu"), echo=lambda s: None, output_mode="logits").graph
+    assert "reducemean" in [op.kind for op in g.ops]  # no linear layer to take the 1/4
