@@ -251,3 +251,14 @@ def avgpool(x, kernel_shape, strides, pads, dilations, ceil_mode, count_include_
 def globalavgpool(x, wscale):
     n = int(np.prod(x.shape[2:]))
     return globalsumpool(x) * ring.encode(1.0 / n, wscale)
+
+
+def reducesum(x, axes, keepdims: int):
+    """Sum over the public ``axes`` (ReduceSum): linear, exact mod 2^64."""
+    return np.asarray(x.sum(axis=tuple(axes), keepdims=bool(keepdims), dtype=U64))  # an array even for ()
+
+
+def reducemean(x, axes, keepdims: int, wscale: int):
+    """Sum over ``axes`` times the public 1/n at scale ``wscale`` (output scale + wscale), n the elements summed."""
+    n = math.prod(x.shape[a] for a in axes)
+    return reducesum(x, axes, keepdims) * ring.encode(1.0 / n, wscale)

@@ -15,10 +15,11 @@ Weights as constants: the backend cases feed every operand as a graph input.
 fssc treats weights and structural operands as constants owned by the model
 owner (its importer requires Conv/Gemm weights, MatMul's and Mul's second
 operand, BatchNormalization's parameters, Reshape's shape, Pad's pads,
-Clip's bounds, Squeeze's/Unsqueeze's axes, Slice's indices, Split's sizes and
-Gather's indices to be initializers), so before import the operands listed in
-``CONSTANT_OPERANDS`` are turned into initializers holding the case's own
-input data. The remaining inputs (the data owner's tensors) stay graph inputs.
+Clip's bounds, Squeeze's/Unsqueeze's axes, Slice's indices, Split's sizes,
+Gather's indices and ReduceSum's and ReduceMean's axes to be initializers), so
+before import the operands listed in ``CONSTANT_OPERANDS`` are turned into
+initializers holding the case's own input data. The remaining inputs (the data
+owner's tensors) stay graph inputs.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ CONSTANT_OPERANDS = {
     "Slice": {1, 2, 3, 4},
     "Split": {1},
     "Gather": {1},
+    "ReduceSum": {1},
+    "ReduceMean": {1},
 }
 
 _INT = "integer tensors ({}); fssc's inputs are float32 reals (encoded in fixed point)"
@@ -124,6 +127,10 @@ LEFT_OUT = {
     # Split
     "test_split_zero_size_splits_opset13": "a zero-size input tensor (shape [0]); fssc needs non-empty tensors",
     "test_split_zero_size_splits_opset18": "a zero-size input tensor (shape [0]); fssc needs non-empty tensors",
+    # ReduceSum
+    "test_reduce_sum_empty_set": "a zero-size input tensor (shape [2,0,4]); fssc needs non-empty tensors",
+    "test_reduce_sum_empty_set_non_reduced_axis_zero": "a zero-size input tensor (shape [2,0,4]); "
+    "fssc needs non-empty tensors",
 }
 
 

@@ -475,6 +475,24 @@ def _pool(imp: _Importer, node, label, a) -> None:
     imp.emit(node, label, "maxpool" if op == "MaxPool" else "avgpool", list(node.input[:1]), attrs)
 
 
+@converts("ReduceSum", "ReduceMean")
+def _reduce(imp: _Importer, node, label, a) -> None:
+    op, ins = node.op_type, list(node.input)
+    r = len(imp.x_shape(node))
+    if imp.opset < (13 if op == "ReduceSum" else 18):  # axes an attribute, then a constant input
+        axes = [int(x) for x in a.get("axes", [])]
+    elif len(ins) > 1 and ins[1]:
+        axes = imp.need_const(node, 1, label, "axes (input 1)").astype(np.int64).reshape(-1).tolist()
+    else:
+        axes = []
+    if any(not -r <= x < r for x in axes) or len({x % r for x in axes}) != len(axes):
+        raise FsscError(f"{imp.src}: node {label} ({op}): axes {axes} are not distinct axes of a rank-{r} input")
+    if not axes and not a.get("noop_with_empty_axes", 0):  # empty axes: all of them, unless a no-op
+        axes = list(range(r))
+    attrs = {"axes": sorted(x % r for x in axes), "keepdims": int(a.get("keepdims", 1))}
+    imp.emit(node, label, op.lower(), ins[:1], attrs)
+
+
 @converts("BatchNormalization")
 def _batchnorm(imp: _Importer, node, label, a) -> None:
     imp.unused_extra_outputs(node, label, 1)

@@ -653,6 +653,63 @@ class GlobalSumPool:
         return [x.astype(np.float64).sum(axis=tuple(range(2, x.ndim)), keepdims=True)]
 
 
+def _reduce_shape(attrs, shapes):
+    """ReduceSum / ReduceMean: ``axes`` (non-negative, distinct; the importer resolves negative and empty
+    ones) dropped, or kept as 1 with ``keepdims``."""
+    x, axes = tuple(shapes[0]), list(attrs["axes"])
+    if any(not 0 <= a < len(x) for a in axes) or len(set(axes)) != len(axes):
+        raise FsscError(f"reduce axes {axes} are not distinct axes of a rank-{len(x)} input")
+    if attrs["keepdims"]:
+        return [tuple(1 if i in axes else d for i, d in enumerate(x))]
+    return [tuple(d for i, d in enumerate(x) if i not in axes)]
+
+
+def reduce_count(graph: Graph, op: Op) -> int:
+    """Elements each output of a reduce op sums (1 for no axes)."""
+    x = graph.values[op.inputs[0]].shape
+    return int(np.prod([x[a] for a in op.attrs["axes"]], dtype=np.int64))
+
+
+@register("reducesum", Role.LOCAL, Scale.PRESERVING)
+class ReduceSum:
+    """Sum over public axes (ONNX ReduceSum; ReduceMean whose 1/n fold-public-scaling moved into the next
+    linear layer): linear, so lib.reducesum runs on masks and masked values alike; exact on the ring."""
+
+    shape = staticmethod(_reduce_shape)
+
+    @staticmethod
+    def run(attrs, x):
+        return [x.astype(np.float64).sum(axis=tuple(attrs["axes"]), keepdims=bool(attrs["keepdims"]))]
+
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "reducesum", "axes": list(op.attrs["axes"]), "keepdims": int(op.attrs["keepdims"])}
+
+
+@register("reducemean", Role.LOCAL, Scale.PUBLIC_WEIGHTED)
+class ReduceMean:
+    """Mean over public axes (ONNX ReduceMean; GlobalAveragePool is the one over the spatial axes): the exact
+    ring sum of n elements times the public 1/n encoded at ``wscale`` fractional bits, like the pools.
+
+    Error bound: with S the real sum of the encoded inputs, the output (scale s + wscale, no bits lost)
+    is S * round(2^wscale / n) / 2^wscale, off the exact mean S / n by at most |S| * 2^-(wscale + 1)
+    (the rounding of 1/n; at most n * 2^-(wscale + 1) of the largest |input|; zero when n is a power of
+    two not above 2^wscale). The truncation plan-fixed-point places after it adds its own (under one
+    unit of the scale it truncates to). fold-public-scaling turns a mean that feeds a conv or gemm into a
+    ``reducesum`` and moves the 1/n into that layer's weights instead."""
+
+    shape = staticmethod(_reduce_shape)
+
+    @staticmethod
+    def run(attrs, x):
+        return [x.astype(np.float64).mean(axis=tuple(attrs["axes"]), keepdims=bool(attrs["keepdims"]))]
+
+    @staticmethod
+    def lower(op, graph):
+        a = op.attrs
+        return {"fn": "reducemean", "axes": list(a["axes"]), "keepdims": int(a["keepdims"]), "wscale": a["wscale"]}
+
+
 def batchnorm_affine(attrs, scale, bias, mean, var) -> tuple[np.ndarray, np.ndarray]:
     """BatchNormalization as y = x * a + b per channel: a = scale / sqrt(var + eps), b = bias - mean * a
     (eps from the node's attribute)."""
