@@ -15,10 +15,10 @@ from fssc.compiler.backend.lower import lower
 from fssc.compiler.compile import compile_graph
 from fssc.compiler.frontend.onnx_import import SUPPORTED, import_onnx
 from fssc.compiler.ir.ops import OPS, Role, Scale
-from fssc.compiler.reference.interp import run_fixed, run_float
-from fssc.compiler.reference.simulation import simulate
+from fssc.compiler.reference.interp import run_float
 from fssc.runtime import ring
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
+from tiny_models import assert_secure_run_matches, image_model
 
 
 def neg_model(batch: int = 2) -> onnx.ModelProto:
@@ -35,16 +35,7 @@ def neg_model(batch: int = 2) -> onnx.ModelProto:
         helper.make_node("Flatten", ["s"], ["f"]),
         helper.make_node("Gemm", ["f", "G"], ["logits"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "neg",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 6, 6])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 5])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(g, "G")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    return model
+    return image_model("neg", nodes, [numpy_helper.from_array(w, "W"), numpy_helper.from_array(g, "G")], batch)
 
 
 def test_neg_is_a_local_op_the_importer_takes_from_the_registry():
@@ -92,10 +83,4 @@ def test_neg_float_semantics_match_onnxruntime(compiled):
 
 def test_neg_secure_run_matches_interpreter_and_onnxruntime(compiled):
     g, x, ref = compiled
-    sim = simulate(g, x)
-    assert sim.mismatches() == []
-    want = run_fixed(g, x, raw=True)
-    assert (sim.outputs[0] == want[0]).all(), "raw ring values must be equal"
-    logits = ring.decode(sim.outputs[0], g.values[g.outputs[0]].fixed_scale)
-    assert np.abs(ref).max() > 0.5, "the oracle's logits are not trivially small"
-    np.testing.assert_allclose(logits, ref, atol=0.02)
+    assert_secure_run_matches(g, x, ref)

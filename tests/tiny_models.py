@@ -73,3 +73,34 @@ def tiny_cnn(batch: int = 2, size: int = 12, seed: int = 0):
     proto = with_argmax(onnx.load_from_string(buf.getvalue()), batch)
     graph = compile_graph(import_onnx(proto, "tiny"), echo=lambda s: None).graph
     return graph, proto, x.numpy().astype(np.float32)
+
+
+def image_model(name: str, nodes, inits, batch: int, opset: int = 17, classes: int = 5) -> onnx.ModelProto:
+    """A checked ONNX model over ``nodes`` from input x [batch,3,6,6] to logits [batch,classes]."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def assert_secure_run_matches(g, x: np.ndarray, ref: np.ndarray, atol: float = 0.02) -> None:
+    """The generated programs, simulated, equal the fixed-point interpreter bit for bit, and their logits are
+    within ``atol`` of the float oracle ``ref`` (onnxruntime's), which is not trivially small."""
+    from fssc.compiler.reference.interp import run_fixed
+    from fssc.compiler.reference.simulation import simulate
+    from fssc.runtime import ring
+
+    sim = simulate(g, x)
+    assert sim.mismatches() == []
+    want = run_fixed(g, x, raw=True)
+    assert (sim.outputs[0] == want[0]).all(), "raw ring values must be equal"
+    logits = ring.decode(sim.outputs[0], g.values[g.outputs[0]].fixed_scale)
+    assert np.abs(ref).max() > 0.5, "the oracle's logits are not trivially small"
+    np.testing.assert_allclose(logits, ref, atol=atol)
