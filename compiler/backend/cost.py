@@ -1,45 +1,13 @@
 """Cost model: key bytes, rounds and bytes sent per op, before anything runs.
 
-The formulas are docs/protocol.md section 8 (docs/cost-model.md states each
-one with the report's fields, for a benchmark); a gate's are its runtime gate
-class's ``cost`` (:mod:`fssc.runtime.gates`, next to the code that writes the
-keys), which this module reads. The key streams the dealer writes match them
-up to record headers (tests/test_passes.py checks this).
-For a comparison of bitwidth m the DCF takes the low m-1 bits with a Z_2 payload:
-``dcf_bytes(m) = fssc.runtime.dcf.nbytes_per_key(m - 1, 0)``. For n gates in
-one gate call:
-
-* ReLU: P0 n*dcf + 16 (a seed for its arithmetic shares);
-  P1 n*(dcf + 6*8) + n/8 (corrections of r_d, rho, r_d*rho, rho_hi,
-  r_d*rho_hi, r_out, and of the bit rho_hi ^ r_d). 2 rounds; each party sends
-  n/8 + 8n bytes.
-* exact truncation by s bits (a ReLU with fused truncation, a standalone
-  truncation) adds per element the carry's DCF over s bits,
-  ``carry_bytes(s) = fssc.runtime.dcf.nbytes_per_key(s, 0)``, to both keys,
-  and to P1's the correction of the carry's mask bit r_c (1/8) and of
-  the gate class's ``carry_words`` share words (ReLU: r_c, r_d*r_c;
-  truncation: r_c); each
-  party sends one more bit (c^) in the first round.
-* standalone truncation: as ReLU with 5 words (r_d, rho, rho_hi, r_d*rho_hi,
-  r_out), plus the carry.
-* max (one tree level of a MaxPool): as ReLU with 4 words (r_d, r_z, r_d*r_z,
-  r_out) instead of 6; a pool of depth D costs 2D rounds.
-* ArgMax over 2 classes: P0 n*dcf + 16, P1 n*dcf + n/8; 1 round; P1 sends
-  n/8, P0 nothing. Over C > 2 classes: a tournament of n = rows*(C-1)
-  selections in D levels, each opening value and index: P0 n*dcf + 16D, P1
-  n*(dcf + 7*8) + n/8, 2D rounds, n/8 + 16n sent by each party.
-* Clip: a ReLU call over 2n elements (n when one-sided).
-* Linear layers with the model owner's weights: P0 two 16-byte seeds per
-  op; P1 8 bytes per input and per output element ([r_x]_1, c_1). 1 round;
-  each party sends 8 bytes per output element (P0's z_0 can go early).
-* A constant of the model owner's in a local op (add, sub, concat): P1's key
-  holds a 16-byte seed of its mask r_c and P1 sends c + r_c (8 bytes per
-  element of the constant, one message: 1 round) per constant operand.
-* Input: P0's key holds r_in (8 bytes per element) and P0 sends x^ (8 bytes per
-  element). Outputs: P0's key holds r_out (8 bytes per element).
-
-The per-model setup (P1 sends W + A once per session, 8 bytes per weight) is
-reported separately. Local ops cost nothing else.
+The formulas are docs/protocol.md section 8; docs/cost-model.md states each one
+with the report's fields. A gate's costs are its runtime gate class's ``cost``
+(:mod:`fssc.runtime.gates`, next to the code that writes the keys), which this
+module reads; linear layers, the model owner's constants, inputs and outputs
+are priced here. The key streams the dealer writes match the estimates up to
+record headers (tests/test_passes.py checks this). The per-model setup (P1
+sends W + A once per session, 8 bytes per weight) is reported separately; local
+ops cost nothing.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import onnx
 from fssc.compiler.ir.graph import Graph, Value
-from fssc.compiler.ir.ops import OPS, infer_shapes
+from fssc.compiler.ir.ops import OPS, Scale, infer_shapes
 from fssc.compiler.ir.verify import verify
 from onnx import helper, numpy_helper
 
@@ -303,7 +303,7 @@ class _Importer:
             return
         outs = [self.ir_name(o) for o in outs]
         for o, s in zip(outs, out_shapes, strict=True):
-            g.add_value(Value(o, s, "int64" if kind == "argmax" else "float32"))
+            g.add_value(Value(o, s, "int64" if OPS[kind].scale is Scale.INTEGER else "float32"))
         g.ops.append(g.make_op(kind, ins, outs, attrs, origin=(label,)))
 
     # ---------------------------------------------------------------- per op
