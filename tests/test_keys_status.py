@@ -106,3 +106,38 @@ def test_a_folder_that_holds_no_keys_is_one_line_and_exit_2(tmp_path, run_fssc):
     assert out.returncode == 2
     assert out.stdout == ""
     assert out.stderr.count("\n") == 1 and str(tmp_path) in out.stderr and "not an fssc key folder" in out.stderr
+
+
+def _key_folder(root: Path) -> Path:
+    keys = root / "keys"
+    (keys / "p0").mkdir(parents=True)
+    (keys / "p0" / "batch0000.key").write_bytes(b"x" * 10)
+    return keys
+
+
+def test_the_demo_removes_its_keys_unless_kept(tmp_path):
+    from fssc.compiler.demo import dispose_keys
+
+    keys = _key_folder(tmp_path / "a")
+    assert dispose_keys(str(keys), keep=True) == f"keys: kept in {keys} (see `fssc keys status {keys}`)"
+    assert (keys / "p0" / "batch0000.key").exists()
+    assert dispose_keys(str(keys), keep=False) == f"keys: removed {keys} (--keep-keys keeps them)"
+    assert not keys.exists()
+    assert dispose_keys(str(keys), keep=False) == "keys: none were dealt"
+
+
+def test_a_demo_that_fails_midway_leaves_no_keys(tmp_path, monkeypatch, capsys):
+    from fssc.compiler import demo
+
+    def fail(con, fssc_dir, *args):
+        _key_folder(Path(fssc_dir))  # dealt, then the run breaks
+        raise RuntimeError("the two-party run broke")
+
+    monkeypatch.setattr(demo, "_run", fail)
+    with pytest.raises(RuntimeError):
+        demo.run_demo(str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "keys").exists()
+    assert "keys: removed" in capsys.readouterr().out
+    with pytest.raises(RuntimeError):
+        demo.run_demo(str(tmp_path / "v"), keep_keys=True)
+    assert (tmp_path / "v" / "keys" / "p0" / "batch0000.key").exists()
