@@ -48,6 +48,32 @@ def run_demo(
     num_classes: int = 2,
     weights: str | None = None,
     frac_bits: int = 12,
+    keep_keys: bool = False,
+) -> bool:
+    """Run the demo in ``workdir``; True if the secure labels equal onnxruntime's. Its key folder
+    (workdir/keys, GBs at 224x224) is removed at the end, whether the demo passed, failed or raised,
+    unless ``keep_keys``; the last line says which."""
+    con = Console(width=max(120, Console().width))
+    fssc_dir = os.path.abspath(workdir)
+    try:
+        return _run(con, fssc_dir, image_size, batch, num_classes, weights, frac_bits)
+    finally:
+        con.print(dispose_keys(os.path.join(fssc_dir, "keys"), keep_keys), markup=False, highlight=False)
+
+
+def dispose_keys(keys: str, keep: bool) -> str:
+    """Remove the demo's key folder ``keys`` unless ``keep``; returns the line saying where the keys are
+    or that they were removed."""
+    if not os.path.exists(keys):
+        return "keys: none were dealt"
+    if keep:
+        return f"keys: kept in {keys} (see `fssc keys status {keys}`)"
+    shutil.rmtree(keys)
+    return f"keys: removed {keys} (--keep-keys keeps them)"
+
+
+def _run(
+    con: Console, fssc_dir: str, image_size: int, batch: int, num_classes: int, weights: str | None, frac_bits: int
 ) -> bool:
     import onnxruntime as ort
     from fssc.compiler.compile import compile_model
@@ -57,8 +83,6 @@ def run_demo(
     from fssc.runtime.loopback import run_loopback
     from fssc.runtime.session import deal_batches
 
-    con = Console(width=max(120, Console().width))
-    fssc_dir = os.path.abspath(workdir)
     for sub in ("prog", "keys", "images", "certs"):
         shutil.rmtree(os.path.join(fssc_dir, sub), ignore_errors=True)
     os.makedirs(fssc_dir, exist_ok=True)

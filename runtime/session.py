@@ -251,6 +251,101 @@ def batch_deal(party_dir: str, batch: int) -> str:
     return deal
 
 
+def used_batches(party_dir: str) -> list[int]:
+    """Batch ids with a used marker in one party's key folder (their key files are normally deleted)."""
+    return _ids(party_dir, ".used")
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+def folder_status(party_dir: str) -> dict | None:
+    """What one party's key folder holds, from file names, key headers and used markers only (no key body
+    is read): None if it has no batch or setup file. Per deal: its program, unused and used batch ids, the
+    used ones whose key file is still there (a session died mid-batch), bytes on disk, setup files."""
+    unused, used = unused_batches(party_dir), used_batches(party_dir)
+    setups = sorted(
+        os.path.basename(p) for ext in (".key", ".commit") for p in glob.glob(os.path.join(party_dir, f"setup-*{ext}"))
+    )
+    if not (unused or used or setups):
+        return None
+    deals: dict[str, dict] = {}
+    parties: set[int] = set()
+
+    def entry(deal: str) -> dict:
+        return deals.setdefault(
+            deal,
+            {
+                "deal": deal,
+                "program": None,
+                "unused": [],
+                "used": [],
+                "used_with_key_file": [],
+                "bytes": 0,
+                "setup": [],
+            },
+        )
+
+    def note(d: dict, header: dict) -> None:
+        d["program"] = d["program"] or header.get("program")
+        if isinstance(header.get("party"), int):
+            parties.add(header["party"])
+
+    for b in unused:
+        path = _batch_path(party_dir, b)
+        h = peek_header(path)
+        d = entry(str(h.get("deal")))
+        note(d, h)
+        d["unused"].append(b)
+        d["bytes"] += _size(path)
+    for b in used:
+        path = _batch_path(party_dir, b)
+        marker = _marker(path)
+        with open(marker) as fh:  # open_batch writes the batch's deal id into its marker
+            deal = fh.read().strip() or "unknown"
+        d = entry(deal)
+        d["used"].append(b)
+        d["bytes"] += _size(marker)
+        if os.path.exists(path):
+            d["used_with_key_file"].append(b)
+            d["bytes"] += _size(path)
+    for name in setups:
+        m = re.fullmatch(r"setup-(.+)\.(key|commit)", name)
+        if not m:
+            continue
+        d = entry(m.group(1))
+        path = os.path.join(party_dir, name)
+        if m.group(2) == "key":
+            note(d, peek_header(path))
+        d["setup"].append(name)
+        d["bytes"] += _size(path)
+    programs = sorted({d["program"] for d in deals.values() if d["program"]})
+    return {
+        "path": party_dir,
+        "party": sorted(parties),
+        "programs": programs,
+        "deals": list(deals.values()),
+        "bytes": sum(d["bytes"] for d in deals.values()),
+    }
+
+
+def keys_status(keys_dir: str) -> list[dict]:
+    """``folder_status`` of each party folder in ``keys_dir`` (its p0/ and p1/, or ``keys_dir`` itself if it
+    is one party's folder); FsscError if there is none."""
+    subs = [os.path.join(keys_dir, d) for d in sorted(set(ROLE_DIRS.values()))]
+    found = [s for s in (folder_status(d) for d in subs if os.path.isdir(d)) if s is not None]
+    if not found and os.path.isdir(keys_dir):
+        own = folder_status(keys_dir)
+        found = [own] if own is not None else []
+    if not found:
+        raise FsscError(f"{keys_dir}: not an fssc key folder (no p0/ or p1/ with batch or setup files)")
+    return found
+
+
 def choose_batches(party_dir: str, party: int, n: int, program_hash: str) -> tuple[str, list[int]]:
     """P0: ``n`` unused batches of one deal (the oldest deal that has enough), checked; returns (deal, ids)."""
     by_deal: dict[str, list[int]] = {}

@@ -2,7 +2,7 @@
 
 Two halves, so a reader finds each beside what it runs:
 
-* fssc/cli/runtime_commands.py: ``deal`` and ``certs``, the dealer's and the
+* fssc/cli/runtime_commands.py: ``deal``, ``certs`` and ``keys status``, the dealer's and the
   parties' commands. They import nothing of the compiler and run on a runtime-only
   install (``pip install fssc``).
 * fssc/cli/compiler_commands.py: ``export``, ``ir``, ``compile``, ``view``,
@@ -23,7 +23,7 @@ import sys
 import click
 
 from fssc import __version__
-from fssc.cli.runtime_commands import certs, deal
+from fssc.cli.runtime_commands import certs, deal, keys
 from fssc.errors import FsscError, os_error_message
 
 COMPILER_MODULE = "fssc.cli.compiler_commands"
@@ -51,6 +51,7 @@ def cli():
 
 cli.add_command(deal)
 cli.add_command(certs)
+cli.add_command(keys)
 
 
 def main(argv=None):

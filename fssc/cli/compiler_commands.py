@@ -186,13 +186,20 @@ def view(prog, port, open_browser):
 @click.option("--num-classes", type=int, default=2, show_default=True)
 @click.option("--weights", type=click.Path(dir_okay=False), default=None)
 @click.option("--frac-bits", type=int, default=12, show_default=True)
-def demo(workdir, image_size, batch, num_classes, weights, frac_bits):
+@click.option("--keep-keys", is_flag=True, help="Keep WORKDIR/keys (removed at the end by default).")
+def demo(workdir, image_size, batch, num_classes, weights, frac_bits, keep_keys):
     """The whole job on loopback: export ResNet-18, compile, certificates, deal, run both parties as two
     processes over mutual TLS, and compare the labels with onnxruntime (exit 0 only if they agree)."""
     from fssc.compiler.demo import run_demo
 
     ok = run_demo(
-        workdir, image_size=image_size, batch=batch, num_classes=num_classes, weights=weights, frac_bits=frac_bits
+        workdir,
+        image_size=image_size,
+        batch=batch,
+        num_classes=num_classes,
+        weights=weights,
+        frac_bits=frac_bits,
+        keep_keys=keep_keys,
     )
     sys.exit(0 if ok else 1)
 

@@ -1,4 +1,5 @@
-"""The runtime's commands: ``fssc deal`` (the dealer) and ``fssc certs`` (the parties' TLS certificates).
+"""The runtime's commands: ``fssc deal`` (the dealer), ``fssc certs`` (the parties' TLS certificates) and
+``fssc keys status`` (what a key folder holds).
 
 They run on the dealer's and the parties' machines, where only the runtime is
 installed (``pip install fssc``, no ``[compiler]`` extra): this module imports
@@ -55,3 +56,40 @@ def certs(out, days):
     for p in make_certs(out, days):
         click.echo(f"wrote {p}")
     click.echo("give party 0: ca.pem, party0.pem, party0.key; party 1: ca.pem, party1.pem, party1.key")
+
+
+@click.group()
+def keys():
+    """Key folders as a resource: what `fssc deal` made and what sessions used."""
+
+
+@keys.command("status")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout, for scripts.")
+def keys_status_command(directory, as_json):
+    """Per party folder of DIRECTORY (as `fssc deal -o` writes it): programs, and per deal the unused and
+    used batches, bytes on disk and setup files. Reads file names and key headers only."""
+    import json
+
+    from fssc.runtime.session import keys_status
+
+    folders = keys_status(directory)
+    if as_json:
+        click.echo(json.dumps({"folders": folders}, indent=2))
+        return
+    for f in folders:
+        party = ", ".join(str(p) for p in f["party"]) or "?"
+        click.echo(f"{f['path']}: party {party}, {f['bytes'] / 1e6:,.1f} MB, program {', '.join(f['programs']) or '?'}")
+        for d in f["deals"]:
+            left = [b for b in d["used"] if b in d["used_with_key_file"]]
+            click.echo(f"  deal {d['deal']}: {d['bytes'] / 1e6:,.1f} MB")
+            click.echo(f"    unused batches: {_ids(d['unused'])}")
+            used = _ids(d["used"])
+            if left:
+                used += f" (key file still on disk, a session died mid-batch: {_ids(left)})"
+            click.echo(f"    used batches:   {used}")
+            click.echo(f"    setup files:    {', '.join(d['setup']) or 'none'}")
+
+
+def _ids(ids: list[int]) -> str:
+    return ", ".join(str(b) for b in ids) or "none"
