@@ -543,6 +543,12 @@ def _maxpool_depth(op, graph):
     return max(1, int(np.ceil(np.log2(k))))
 
 
+def _spread(hi: np.ndarray, lo: np.ndarray) -> int:
+    """The largest hi - lo (ring values, in float64: the difference of two int64 can overflow int64), the
+    largest |a - b| a max or selection gate compares."""
+    return int((hi.astype(np.float64) - lo.astype(np.float64)).max())
+
+
 def _maxpool_magnitude(op, graph, inputs):
     """Every comparison input a - b lies within [min, max] - [min, max] of its window."""
     x = ring.signed(inputs[0])
@@ -552,8 +558,7 @@ def _maxpool_magnitude(op, graph, inputs):
     wmax, _, _, nd = windows(x, op.attrs, lo.min)
     wmin, _, _, _ = windows(x, op.attrs, lo.max)
     axes = tuple(range(-nd, 0))
-    spread = wmax.max(axis=axes).astype(np.float64) - wmin.min(axis=axes).astype(np.float64)
-    return int(spread.max())
+    return _spread(wmax.max(axis=axes), wmin.min(axis=axes))
 
 
 @register(
@@ -723,17 +728,24 @@ def _channel_affine(op, graph, x, a, b):
     return x * ring.encode(a, ws).reshape(sh) + ring.encode(b, fixed_scale(graph, op.inputs[0]) + ws).reshape(sh)
 
 
-@register("batchnorm", Role.FOLDED, Scale.WEIGHTED)
-class BatchNorm:
-    """Folded into the conv before it, or rewritten as ``affine`` (fold-batchnorm)."""
+def _per_channel_shape(kind: str) -> Callable:
+    """Shape rule of x[N, C, ...] with per-channel parameters of shape (C,): the output is x's shape."""
 
-    @staticmethod
     def shape(attrs, shapes):
         x = shapes[0]
         for s in shapes[1:]:
             if tuple(s) != (x[1],):
-                raise FsscError(f"batchnorm parameter shape {tuple(s)} != ({x[1]},)")
+                raise FsscError(f"{kind} parameter shape {tuple(s)} != ({x[1]},)")
         return [tuple(x)]
+
+    return shape
+
+
+@register("batchnorm", Role.FOLDED, Scale.WEIGHTED)
+class BatchNorm:
+    """Folded into the conv before it, or rewritten as ``affine`` (fold-batchnorm)."""
+
+    shape = staticmethod(_per_channel_shape("batchnorm"))
 
     @staticmethod
     def run(attrs, x, scale, bias, mean, var):
@@ -751,13 +763,7 @@ class BatchNorm:
 class Affine:
     """y = x * a[c] + b[c], per channel (axis 1): a BatchNorm with no conv to fold into."""
 
-    @staticmethod
-    def shape(attrs, shapes):
-        x = shapes[0]
-        for s in shapes[1:]:
-            if tuple(s) != (x[1],):
-                raise FsscError(f"affine parameter shape {tuple(s)} != ({x[1]},)")
-        return [tuple(x)]
+    shape = staticmethod(_per_channel_shape("affine"))
 
     @staticmethod
     def run(attrs, x, a, b):
@@ -939,8 +945,7 @@ def _argmax_magnitude(op, graph, inputs):
     if x.size == 0:
         return 0
     ax = op.attrs.get("axis", 0)
-    spread = x.max(axis=ax).astype(np.float64) - x.min(axis=ax).astype(np.float64)
-    return int(spread.max())
+    return _spread(x.max(axis=ax), x.min(axis=ax))
 
 
 @register(
