@@ -44,9 +44,9 @@ def _settings(margins, full: bool = True) -> list[tuple[str, dict]]:
 
 def _online(prog: str, workdir: str, x: np.ndarray) -> float:
     """One two-process run of batch x; the data owner's online seconds."""
+    from fssc.compiler.backend.trust import deal
     from fssc.runtime.certs import make_certs
     from fssc.runtime.loopback import run_loopback
-    from fssc.runtime.session import deal_batches
 
     certs, keys = os.path.join(workdir, "certs"), os.path.join(workdir, "keys")
     if not os.path.exists(os.path.join(certs, "ca.pem")):
@@ -55,7 +55,7 @@ def _online(prog: str, workdir: str, x: np.ndarray) -> float:
     npy, out = os.path.join(workdir, "x1.npy"), os.path.join(workdir, "online.json")
     np.save(npy, x)
     try:
-        deal_batches(prog, keys, 1)
+        deal(prog, keys, 1)
         run = run_loopback(prog, keys, certs, ["--input", npy, "--out", out])
         if run.p0_rc or run.p1_rc:
             raise SystemExit(f"two-party run failed:\n{run.p0_out}{run.p0_err}{run.p1_out}")

@@ -350,6 +350,7 @@ def compile_model(
         "cost": res.report.to_dict()["totals"],
         "input_guard": input_guard(res),
     }
+    prog.info = extra  # public: part of the manifest and of the program hash
     res.program = prog
     passes = Table(title="passes", title_justify="left")
     for col in ("#", "pass", "ms", "changed"):
@@ -368,7 +369,7 @@ def compile_model(
     con.print(f"setup: P1 sends its masked weights once per session, {_mb(res.report.setup_bytes)} MB")
     if verify:
         res.verification = run_verify(res, model, verify, out_dir, echo)
-    write_program(prog, out_dir, os.path.basename(model), extra)
+    write_program(prog, out_dir)
     if dump_ir:
         from fssc.compiler.viewer.document import write_viewer
 

@@ -76,12 +76,12 @@ def _run(
     con: Console, fssc_dir: str, image_size: int, batch: int, num_classes: int, weights: str | None, frac_bits: int
 ) -> bool:
     import onnxruntime as ort
+    from fssc.compiler.backend.trust import deal
     from fssc.compiler.compile import compile_model
     from fssc.models.export import export_model
     from fssc.runtime.certs import make_certs
     from fssc.runtime.images import Preprocess, load_inputs
     from fssc.runtime.loopback import run_loopback
-    from fssc.runtime.session import deal_batches
 
     for sub in ("prog", "keys", "images", "certs"):
         shutil.rmtree(os.path.join(fssc_dir, sub), ignore_errors=True)
@@ -116,12 +116,13 @@ def _run(
 
     make_certs(certs)
     t = time.perf_counter()
-    dealt = deal_batches(prog, keys, 1)
+    dealt = deal(prog, keys, 1)
     times["deal"] = time.perf_counter() - t
     _, k0, k1, _ = dealt[0]
     con.print(
         f"3. deal     keys for one batch: party 0 {k0 / 1e6:,.0f} MB, party 1 {k1 / 1e6:,.0f} MB "
-        f"({k0 / batch / 1e6:,.0f} / {k1 / batch / 1e6:,.0f} MB per image)"
+        f"({k0 / batch / 1e6:,.0f} / {k1 / batch / 1e6:,.0f} MB per image); the dealer ran its own copy of "
+        f"dealer/program.py, regenerated from manifest.json and compared with the received file"
     )
 
     images = os.path.join(fssc_dir, "images")
@@ -134,7 +135,7 @@ def _run(
         con.print(run.p0_out + run.p0_err + run.p1_out, markup=False, highlight=False)
         return False
     r0, p1_out = run.p0_out, run.p1_out
-    con.print("4. run      data owner's output:")
+    con.print("4. run      fssc run --party 0 (its program checked against manifest.json, fssc's copy runs):")
     for line in r0.strip().splitlines():
         con.print(f"           {line}", markup=False, highlight=False)
     con.print(f"           model owner's output: {p1_out.strip().splitlines()[-1]}", markup=False, highlight=False)

@@ -262,3 +262,30 @@ def reducemean(x, axes, keepdims: int, wscale: int):
     """Sum over ``axes`` times the public 1/n at scale ``wscale`` (output scale + wscale), n the elements summed."""
     n = math.prod(x.shape[a] for a in axes)
     return reducesum(x, axes, keepdims) * ring.encode(1.0 / n, wscale)
+
+
+# ------------------------------------------------------------ what a statement may call
+# A statement's ``fn``: the bilinear map of a linear statement, the function of a local one. Code generation
+# writes only these, and a program read back from its manifest (fssc check, fssc run) may name no other
+# (tests/test_trust.py checks that every function here is classified).
+BILINEAR_MAPS = frozenset({"conv", "matmul", "matmul_transposed", "matmul_left", "elementwise", "channelwise"})
+LOCAL_FUNCTIONS = frozenset(
+    {
+        "add",
+        "sub",
+        "upscale",
+        "scale",
+        "reshape",
+        "pad",
+        "concat",
+        "transpose",
+        "slice",
+        "take",
+        "sumpool",
+        "globalsumpool",
+        "avgpool",
+        "globalavgpool",
+        "reducesum",
+        "reducemean",
+    }
+)

@@ -1,6 +1,6 @@
 """Both parties as two processes on 127.0.0.1 (the demo and the benchmark).
 
-Starts the model owner's generated program listening on a free port, waits
+Starts the model owner's program (`fssc run --party 1`) listening on a free port, waits
 until it listens, runs the data owner's program against it, and returns both
 outputs, exit codes, the wall time and each process's peak resident memory.
 """
@@ -59,16 +59,22 @@ def wait_for(proc: subprocess.Popen, timeout: float, also: dict | None = None) -
             return rc, peak
         if time.time() > deadline:
             proc.kill()
-            name = proc.args[1] if isinstance(proc.args, list) else proc.args
+            name = " ".join(map(str, proc.args[3:7])) if isinstance(proc.args, list) else proc.args
             raise FsscError(f"party process {name!s} did not finish within {timeout:.0f} s")
         time.sleep(0.02)
 
 
 def party_command(prog: str, party: int, keys: str, certs: str, *args) -> list[str]:
-    """``python prog/party<b>/program.py --keys keys/p<b> --certs certs ARGS``: one party's program as a process."""
+    """``fssc run prog --party <b> --keys keys/p<b> --certs certs ARGS``: one party's program as a process
+    (the data owner's regenerated from the manifest and checked against the received file first)."""
     return [
         sys.executable,
-        os.path.join(prog, f"party{party}", "program.py"),
+        "-m",
+        "fssc.cli",
+        "run",
+        prog,
+        "--party",
+        str(party),
         "--keys",
         os.path.join(keys, f"p{party}"),
         "--certs",

@@ -1,7 +1,12 @@
-"""Command line of the generated party programs.
+"""Command line of the party programs (``fssc run`` calls :func:`main` with the program to run).
 
-    python prog/party1/program.py --keys keys/p1 --listen 0.0.0.0:7601 --certs certs/
-    python prog/party0/program.py --keys keys/p0 --peer HOST:7601 --certs certs/ --images DIR
+    fssc run prog/ --party 1 --keys keys/p1 --listen 0.0.0.0:7601 --certs certs/
+    fssc run prog/ --party 0 --keys keys/p0 --peer HOST:7601 --certs certs/ --images DIR
+
+``fssc run --party 0`` runs the data owner's program as fssc regenerates it from
+``prog/manifest.json`` (after comparing it with the received file); running a
+program file directly (``python prog/party0/program.py ...``) still works, for
+the model owner's own program and for development.
 
 The model owner (party1) listens, serves one data owner's session and exits;
 it prints nothing about results (it has none). A client it refuses (a bad

@@ -34,12 +34,12 @@ import contextlib
 import glob
 import hashlib
 import hmac
-import importlib.util
 import inspect
 import json
 import os
 import re
 import time
+import types
 from collections.abc import Callable
 
 import numpy as np
@@ -55,12 +55,34 @@ ROLE_DIRS = {"party0": "p0", "party1": "p1"}
 
 
 # ------------------------------------------------------------ programs
+def manifest_hash(public: dict) -> str:
+    """The program hash: SHA-256 (first 128 bits, hex) of ``manifest.json``'s content without its
+    ``program_hash``, as canonical JSON. That content is everything P0's and the dealer's programs are
+    generated from (the public IR) and the fssc version that generates them, so the hash names exactly what
+    ``fssc check`` regenerates."""
+    canonical = json.loads(json.dumps(public))  # as a reader of the file sees it (tuples as lists, str keys)
+    blob = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
 def load_manifest(prog_dir: str) -> dict:
+    """``prog_dir/manifest.json``, refused (one line) unless its content hashes to its ``program_hash``."""
     path = os.path.join(prog_dir, "manifest.json")
     if not os.path.exists(path):
         raise FsscError(f"{prog_dir}: no manifest.json (not a compiled fssc program directory)")
-    with open(path) as fh:
-        return json.load(fh)
+    try:
+        with open(path) as fh:
+            m = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FsscError(f"{path}: not JSON ({e})") from None
+    if not isinstance(m, dict) or "program_hash" not in m:
+        raise FsscError(f"{path}: not an fssc manifest (no program_hash)")
+    if manifest_hash({k: v for k, v in m.items() if k != "program_hash"}) != m["program_hash"]:
+        raise FsscError(
+            f"{path}: its content does not hash to its program_hash {m['program_hash']} "
+            f"(edited after fssc compile, or compiled by an older fssc: recompile)"
+        )
+    return m
 
 
 # What each role's generated program defines (code generation writes them from this table): its constants,
@@ -101,21 +123,33 @@ def check_interface(mod, role: str, where: str) -> None:
         raise FsscError(f"{where}: the {mod.ROLE!r} program, not the {role} one")
 
 
+def program_from_source(source: str, role: str, where: str):
+    """A role's program as a module, from its text (the copy ``fssc run`` regenerated, or a file's content),
+    its interface checked; ``where`` names it in messages and is its ``__file__``."""
+    mod = types.ModuleType(f"fssc_program_{role}")
+    mod.__file__ = where
+    try:
+        code = compile(source, where, "exec")
+    except SyntaxError as e:
+        raise FsscError(f"{where}: not a Python program (line {e.lineno}: {e.msg})") from None
+    exec(code, mod.__dict__)
+    check_interface(mod, role, where)
+    return mod
+
+
 def load_program(prog_dir: str, role: str):
-    """Import ``prog_dir/role/program.py`` and check that it defines the role's interface."""
+    """Import ``prog_dir/role/program.py`` as it is, its interface checked. This runs the file's code: for
+    a program of one's own (the model owner's), or for development (``--skip-check``); the data owner and the
+    dealer run the copy they regenerate from the manifest instead (``fssc run``, ``fssc deal``)."""
     path = os.path.join(prog_dir, role, "program.py")
     if not os.path.exists(path):
         raise FsscError(f"{prog_dir}: no {role}/program.py")
-    spec = importlib.util.spec_from_file_location(f"fssc_prog_{role}", path)
-    if spec is None or spec.loader is None:
-        raise FsscError(f"{path}: cannot be loaded as a Python module")
-    mod = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(mod)
-    except SyntaxError as e:
-        raise FsscError(f"{path}: not a Python program (line {e.lineno}: {e.msg})") from None
-    check_interface(mod, role, path)
-    return mod
+        with open(path, encoding="utf-8") as fh:
+            source = fh.read()
+    except UnicodeDecodeError:
+        raise FsscError(f"{path}: not a Python program (not UTF-8 text)") from None
+    return program_from_source(source, role, path)
 
 
 def load_weights(path: str, program_hash: str) -> dict[str, np.ndarray]:
@@ -156,14 +190,21 @@ def existing_batches(party_dir: str) -> list[int]:
     return _ids(party_dir, ".key")
 
 
-def deal_batches(prog_dir: str, keys_dir: str, batches: int, progress: Callable[[int, int, float], None] | None = None):
-    """One deal: a fresh deal id and setup seed, then the dealer program ``batches`` times.
+def deal_batches(
+    prog_dir: str,
+    keys_dir: str,
+    batches: int,
+    mod,
+    progress: Callable[[int, int, float], None] | None = None,
+):
+    """One deal: a fresh deal id and setup seed, then the dealer program ``mod`` ``batches`` times.
 
-    Reads only ``manifest.json`` and ``dealer/`` of ``prog_dir`` (never P1's weights). Returns
-    [(batch id, bytes p0, bytes p1, seconds)]."""
+    ``mod`` is the dealer's program as a module: the copy ``fssc deal`` regenerated from the manifest and
+    compared with ``prog_dir/dealer/program.py`` (or :func:`load_program`'s, for a program of one's own).
+    Reads only ``manifest.json`` of ``prog_dir`` (never P1's weights). Returns [(batch id, bytes p0, bytes p1,
+    seconds)]."""
     manifest = load_manifest(prog_dir)
     h = manifest["program_hash"]
-    mod = load_program(prog_dir, "dealer")
     if getattr(mod, "PROGRAM_HASH", None) != h:
         raise FsscError(f"{prog_dir}: dealer program and manifest disagree on the program hash")
     dirs = [os.path.join(keys_dir, f"p{p}") for p in (0, 1)]

@@ -23,7 +23,8 @@ from fssc.runtime.loopback import party_command
 
 
 def party_cmd(prog: Path, role: str, keys: Path, certs: Path, *args) -> list[str]:
-    """``python prog/<role>/program.py --keys keys/p<b> --certs certs ARGS`` (the runtime's own command line)."""
+    """``fssc run prog --party <b> --keys keys/p<b> --certs certs ARGS`` (the data owner's program checked
+    against the manifest and regenerated)."""
     return party_command(str(prog), int(role[-1]), str(keys), str(certs), *args)
 
 

@@ -21,7 +21,6 @@ from fssc.compiler.backend.codegen import render, write_program
 from fssc.compiler.backend.lower import lower
 from fssc.compiler.compile import compile_graph, compile_model
 from fssc.compiler.frontend.onnx_import import import_onnx
-from fssc.compiler.reference import simulation
 from fssc.compiler.reference.simulation import simulate, strip_weights
 from fssc.compiler.viewer.document import program_lines
 from fssc.runtime import lib, session
@@ -114,7 +113,8 @@ def kinds():
 @pytest.fixture(scope="module")
 def kinds_prog(kinds, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("kinds") / "prog"
-    write_program(kinds[1], str(out), "kinds.onnx", {})
+    kinds[1].info = {"source": "kinds.onnx"}
+    write_program(kinds[1], str(out))
     return out
 
 
@@ -187,14 +187,14 @@ def test_a_call_the_runtime_cannot_take_is_refused_and_nothing_is_written(kinds,
     bad, st = _misspell(kinds[1], kind, fn, edit)
     out = tmp_path / "prog"
     with pytest.raises(FsscError) as e:
-        write_program(bad, str(out), "kinds.onnx", {})
+        write_program(bad, str(out))
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("code generation: party")
     assert f"{kind} statement {st.tag} (" in msg and why in msg, msg
     assert not out.exists(), "nothing is written"
     # the in-process simulator renders through the same check
     with pytest.raises(FsscError, match="code generation"):
-        render(bad, "dealer", "kinds.onnx")
+        render(bad, "dealer")
 
 
 # --------------------------------------------------------------------------- the programs' interface
@@ -218,9 +218,9 @@ def test_a_program_without_its_interface_is_refused_on_load(kinds_prog, tmp_path
         session.load_program(str(prog), role)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"{path}: not a {role} program: it lacks {missing}"), msg
-    # the in-process simulator's loader checks the same interface
+    # a regenerated copy (fssc run, the in-process simulator) is loaded from its text with the same check
     with pytest.raises(FsscError, match=f"lacks {re.escape(missing)}"):
-        simulation._module(path.read_text(), role)
+        session.program_from_source(path.read_text(), role, "<copy>")
     # the unedited program loads
     assert role == session.load_program(str(kinds_prog), role).ROLE
 

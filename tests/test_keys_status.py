@@ -1,6 +1,6 @@
 """``fssc keys status``: a key folder's batches, deals and bytes, read from file names and headers only.
 
-Oracles: the batch ids ``deal_batches`` returns, the markers ``open_batch`` writes, the files' sizes on disk.
+Oracles: the batch ids ``deal`` returns, the markers ``open_batch`` writes, the files' sizes on disk.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fssc.compiler.backend import trust
 from fssc.runtime import session
 from tiny_models import tiny_cnn
 
@@ -41,7 +42,7 @@ def _deal_of(status: dict) -> dict:
 
 def test_status_lists_batches_and_tracks_their_use(dealt, tmp_path, run_fssc):
     keys = tmp_path / "keys"
-    ids = [b for b, *_ in session.deal_batches(str(dealt["prog"]), str(keys), 3)]
+    ids = [b for b, *_ in trust.deal(str(dealt["prog"]), str(keys), 3)]
     assert ids == [0, 1, 2]
     p0, p1 = session.keys_status(str(keys))
     assert (p0["party"], p1["party"]) == ([0], [1])
@@ -92,7 +93,7 @@ def test_status_lists_batches_and_tracks_their_use(dealt, tmp_path, run_fssc):
 
 def test_status_never_reads_a_key_body(dealt, tmp_path, monkeypatch):
     keys = tmp_path / "keys"
-    session.deal_batches(str(dealt["prog"]), str(keys), 1)
+    trust.deal(str(dealt["prog"]), str(keys), 1)
     monkeypatch.setattr(session, "KeyReader", None)  # any full read of a key file would fail
     (keys / "p0" / "batch0000.key").open("r+b").truncate(200)  # body gone, header intact
     d = _deal_of(session.keys_status(str(keys))[0])

@@ -422,7 +422,7 @@ def test_limb_counts_and_program_do_not_depend_on_the_weights():
     ]
     assert limbs[0] and limbs[0] == limbs[1] == limbs[2]
     assert len({p.hash for p in progs}) == 1
-    assert len({render(p, "party1", graph.name) for p in progs}) == 1
+    assert len({render(p, "party1") for p in progs}) == 1
     # the width is the public one: wscale + bound + sign
     for stmt in progs[0].linears:
         if "w_bits" in stmt.p1:

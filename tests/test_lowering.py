@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fssc.compiler.backend.lower import check_program, lower
+from fssc.compiler.backend.lower import lower
+from fssc.compiler.backend.program import check_program
 from fssc.compiler.compile import compile_graph
 from fssc.compiler.frontend.onnx_import import import_onnx
 from fssc.compiler.reference.simulation import simulate

@@ -518,7 +518,9 @@ def big_prog(tmp_path_factory) -> Path:
         torch.set_num_threads(threads)
     assert len(final.ops) >= 2000
     prog = d / "prog"
-    write_program(lower(final), str(prog), "synthetic.onnx", {})
+    synth = lower(final)
+    synth.info = {"source": "synthetic.onnx"}
+    write_program(synth, str(prog))
     write_viewer(records, str(prog), "synthetic.onnx")
     return prog
 

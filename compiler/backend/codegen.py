@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import jinja2
 from fssc.compiler.backend.contract import Call, Lit, bind_operands
-from fssc.compiler.backend.lower import PROTOCOL_VERSION, SecureProgram, Stmt
+from fssc.compiler.backend.program import SecureProgram, Stmt, from_manifest
 from fssc.runtime.gates import STATEMENTS
 from fssc.runtime.keys import KeyWriter
 from fssc.runtime.session import PROGRAM_CONSTANTS, PROGRAM_FUNCTIONS
@@ -246,8 +246,9 @@ def _check_interface(src: str, role: str) -> None:
         raise FsscError(f"code generation: the {role} program would lack {', '.join(missing)}")
 
 
-def render_program(prog: SecureProgram, role: str, source: str) -> Rendered:
-    """One role's program, every runtime call checked against :mod:`fssc.runtime.lib`, with its source map."""
+def render_program(prog: SecureProgram, role: str) -> Rendered:
+    """One role's program, every runtime call checked against :mod:`fssc.runtime.lib`, with its source map.
+    P0's and the dealer's programs depend on the program's public form only (``prog.public()``)."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("fssc.compiler.backend", "templates"),
         keep_trailing_newline=True,
@@ -269,7 +270,7 @@ def render_program(prog: SecureProgram, role: str, source: str) -> Rendered:
         role_title=title,
         role_doc=doc,
         version=__version__,
-        source=_doc_text(source),
+        source=_doc_text(prog.source),
         hash=prog.hash,
         header=header,
         functions=functions,
@@ -291,23 +292,9 @@ def render_program(prog: SecureProgram, role: str, source: str) -> Rendered:
     return Rendered(text, smap)
 
 
-def render(prog: SecureProgram, role: str, source: str) -> str:
+def render(prog: SecureProgram, role: str) -> str:
     """One role's program (see :func:`render_program`)."""
-    return render_program(prog, role, source).text
-
-
-def manifest(prog: SecureProgram, extra: dict) -> dict:
-    return {
-        "fssc_version": __version__,
-        "protocol": PROTOCOL_VERSION,
-        "program_hash": prog.hash,
-        "name": prog.name,
-        "ring_bits": 64,
-        "frac_bits": prog.frac_bits,
-        "inputs": prog.inputs,
-        "outputs": prog.outputs,
-        **extra,
-    }
+    return render_program(prog, role).text
 
 
 def sourcemap(prog: SecureProgram, role: str, r: Rendered) -> dict:
@@ -329,12 +316,19 @@ class Written:
     sourcemaps: dict[str, dict]
 
 
-def write_program(prog: SecureProgram, out_dir: str, source: str, extra_manifest: dict) -> Written:
-    """Write the three programs with their source maps, P1's weights and the manifest.
+def write_program(prog: SecureProgram, out_dir: str) -> Written:
+    """Write the three programs with their source maps, P1's weights and the manifest (the program's public
+    form, :meth:`SecureProgram.manifest`: what ``fssc check`` regenerates P0's and the dealer's programs from).
 
     Every program is rendered, its runtime calls checked, parsed and its interface checked before any file
     is written: a program that would call the runtime wrongly is never written."""
-    rendered = {role: render_program(prog, role, source) for role in ROLES}
+    rendered = {role: render_program(prog, role) for role in ROLES}
+    # P0's and the dealer's programs must be what fssc check and fssc run regenerate from the manifest as
+    # written: read it back and generate them again from that alone
+    public = from_manifest(json.loads(json.dumps(prog.manifest())), f"{prog.name}'s manifest")
+    for role in ("party0", "dealer"):
+        if render_program(public, role).text != rendered[role].text:
+            raise FsscError(f"code generation: the {role} program differs when generated from the manifest")
     for role, r in rendered.items():  # a program that does not parse is a compiler bug: never write it
         try:
             compile(r.text, f"{role}/program.py", "exec")
@@ -355,6 +349,6 @@ def write_program(prog: SecureProgram, out_dir: str, source: str, extra_manifest
     w.close()
     write_atomic(
         os.path.join(out_dir, "manifest.json"),
-        json.dumps(manifest(prog, extra_manifest), indent=1, sort_keys=True) + "\n",
+        json.dumps(prog.manifest(), indent=1, sort_keys=True) + "\n",
     )
     return Written(paths, maps)

@@ -105,7 +105,11 @@ class Call:
     ctx: str | None = None  # "P" or "D": the role context, passed first
 
     def render(self) -> str:
-        args = ([self.ctx] if self.ctx else []) + [f"{k}={_render_value(v)}" for k, v in self.kwargs.items()]
+        """The call's text, its keyword arguments in the order of the runtime function's parameters (so the
+        text does not depend on the order a statement's parameters were stored in)."""
+        order = {name: i for i, name in enumerate(signature(self.fn).parameters)}
+        items = sorted(self.kwargs.items(), key=lambda kv: order.get(kv[0], len(order)))
+        args = ([self.ctx] if self.ctx else []) + [f"{k}={_render_value(v)}" for k, v in items]
         return f"lib.{self.fn}({', '.join(args)})"
 
     def check(self) -> None:

@@ -9,10 +9,11 @@ the linear-layer protocol), a comparison gate (``relu``, ``trunc``,
 owner's: a ``const`` statement before the op makes it a masked wire (P1
 sends c + r_c, r_c from the dealer), which the op then takes like any other.
 The statements are role-independent; code generation renders them for P0,
-P1 and the dealer, and the program hash is computed over them (public
-parameters only), so the three programs agree on it by construction.
-:func:`check_program` re-infers every statement's shape with the runtime's
-own functions before anything is written.
+P1 and the dealer, and the program hash is computed over their public form
+(:mod:`fssc.compiler.backend.program`), so the three programs agree on it by
+construction. :func:`~fssc.compiler.backend.program.check_program` re-infers
+every statement's shape with the runtime's own functions before anything is
+written.
 
 The model owner's constants are encoded here into ring elements (weights at
 ``wscale``, biases at the output scale, constant operands at the scale of the
@@ -21,79 +22,19 @@ values they join) and go to P1's weights file only.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from fssc.compiler.backend.contract import bind_operands
 from fssc.compiler.backend.gates import gate_tag
+from fssc.compiler.backend.program import SecureProgram, Stmt, check_program
 from fssc.compiler.ir.graph import Graph, Op
 from fssc.compiler.ir.ops import OPS, Bilinear, Role
 from fssc.passes.base import PassContext
 from fssc.passes.plan_fixed_point import weight_bits
-from fssc.runtime import lib, ring
+from fssc.runtime import ring
 from fssc.runtime.gates import STATEMENTS
 
-from fssc import __version__
 from fssc.errors import FsscError
-
-PROTOCOL_VERSION = 1
-
-
-@dataclass
-class Stmt:
-    kind: str
-    out: str | None
-    args: list[str]
-    params: dict
-    tag: str
-    comment: str
-    p1: dict = field(default_factory=dict)  # P1-only parameters (derived from the weights)
-
-    @property
-    def label(self) -> str:
-        """The op a statement came from, as its comment names it ("concat %h")."""
-        return self.comment.split(" [")[0]
-
-    def public(self) -> dict:
-        d = asdict(self)
-        d.pop("p1")
-        d.pop("comment")
-        return d
-
-
-@dataclass
-class SecureProgram:
-    name: str
-    stmts: list[Stmt]
-    inputs: list[dict]
-    outputs: list[dict]
-    frac_bits: int
-    weights: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
-    ir_shapes: dict[str, tuple] = field(repr=False, default_factory=dict)  # var -> its IR value's shape
-
-    @property
-    def linears(self) -> list[Stmt]:
-        return [s for s in self.stmts if s.kind == "linear"]
-
-    def public(self) -> dict:
-        return {
-            "name": self.name,
-            "protocol": PROTOCOL_VERSION,
-            "fssc": __version__,
-            "ring": 64,
-            "frac_bits": self.frac_bits,
-            "inputs": self.inputs,
-            "outputs": self.outputs,
-            "stmts": [s.public() for s in self.stmts],
-        }
-
-    @property
-    def hash(self) -> str:
-        blob = json.dumps(self.public(), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:32]
 
 
 def is_weighted(op: Op, graph: Graph) -> bool:
@@ -265,66 +206,3 @@ def lower(graph: Graph, with_weights: bool = True) -> SecureProgram:
     prog = SecureProgram(graph.name, stmts, inputs, outputs, graph.meta.get("frac_bits", 12), weights, ir_shapes)
     check_program(prog)
     return prog
-
-
-# ------------------------------------------------------------ the lowering verifier
-def _shape_of(st: Stmt, ins: list[np.ndarray]) -> tuple:
-    """The statement's output shape by the runtime's own rules: the functions the generated programs call,
-    run on zeros (the bilinear maps on zero floats; no protocol)."""
-    p = st.params
-    if st.kind in ("input", "const"):
-        return tuple(p["shape"])
-    if st.kind == "linear":
-        fn = getattr(lib, p["fn"])(**p["fn_args"])
-        if tuple(ins[0].shape) != tuple(p["x_shape"]):
-            raise FsscError(f"its operand has shape {ins[0].shape}, the statement expects {tuple(p['x_shape'])}")
-        x, w = np.zeros(p["x_shape"]), np.zeros(p["w_shape"])
-        per_row = p["fn"] in ("conv", "channelwise")  # maps each batch row alike: one row, then N of them
-        y = (x.shape[0], *fn(x[:1], w).shape[1:]) if per_row else fn(x, w).shape
-        if tuple(y) != tuple(p["y_shape"]):
-            raise FsscError(f"lib.{p['fn']} gives {tuple(y)}, the statement claims {tuple(p['y_shape'])}")
-        return tuple(y)
-    if st.kind in STATEMENTS:
-        return STATEMENTS[st.kind].out_shape(ins[0].shape, **p)
-    if st.kind == "local":
-        kw = {k: v for k, v in p.items() if k != "fn"}
-        return getattr(lib, p["fn"])(**bind_operands(p["fn"], kw, ins), **kw).shape
-    raise FsscError(f"unknown statement kind {st.kind!r}")
-
-
-def check_program(prog: SecureProgram) -> None:
-    """Refuse a program that disagrees with the IR: every operand defined before use, secret wires only into
-    gates and linear layers (a constant of the model owner's is a wire of its own, for local ops only), and
-    every statement's output shape, re-inferred with the runtime's functions, equal to its IR value's."""
-    shapes: dict[str, np.ndarray] = {}  # var -> zeros of its shape (broadcast views: no memory)
-    consts: set[str] = set()
-    for st in prog.stmts:
-        for a in st.args:
-            if a not in shapes:
-                raise FsscError(f"lowering: {st.label} reads {a} before any statement defines it")
-        if st.kind in STATEMENTS or st.kind == "linear":
-            if len(st.args) != 1:
-                raise FsscError(f"lowering: {st.label} ({st.kind}) takes one secret operand, got {len(st.args)}")
-            if st.args[0] in consts:
-                raise FsscError(
-                    f"lowering: {st.label} ({st.kind}) cannot take the model owner's constant as its operand"
-                )
-        if st.kind == "output":
-            continue
-        try:
-            shape = _shape_of(st, [shapes[a] for a in st.args])
-        except FsscError as e:
-            raise FsscError(f"lowering: {st.label} ({st.kind}): {e}") from None
-        except (ValueError, TypeError, IndexError, KeyError) as e:
-            raise FsscError(
-                f"lowering: {st.label} ({st.kind}): the runtime cannot take its operands "
-                f"{[tuple(shapes[a].shape) for a in st.args]}: {type(e).__name__}: {e}"
-            ) from None
-        if st.out is None:
-            continue  # an output statement: it defines nothing
-        want = prog.ir_shapes.get(st.out) if st.kind != "const" else tuple(st.params["shape"])
-        if want is None or tuple(shape) != tuple(want):
-            raise FsscError(f"lowering: {st.label} ({st.kind}) gives shape {tuple(shape)}, the IR says {want}")
-        shapes[st.out] = np.broadcast_to(np.zeros((), dtype=np.uint64), shape)
-        if st.kind == "const":
-            consts.add(st.out)

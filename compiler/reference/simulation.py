@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import os
 import time
-import types
 from dataclasses import dataclass
 
 import numpy as np
 from fssc.compiler.backend.codegen import render
-from fssc.compiler.backend.lower import SecureProgram, lower
+from fssc.compiler.backend.lower import lower
+from fssc.compiler.backend.program import SecureProgram, from_manifest
 from fssc.compiler.ir.graph import Graph
 from fssc.compiler.reference.interp import bind_inputs, run_fixed
 from fssc.runtime import ring, session
@@ -83,15 +83,6 @@ def strip_weights(graph: Graph) -> Graph:
     return g
 
 
-def _module(source: str, role: str) -> types.ModuleType:
-    """A role's generated program as a module, its interface checked as :func:`session.load_program` does."""
-    mod = types.ModuleType(f"fssc_program_{role}")
-    mod.__file__ = f"<fssc {role} program>"
-    exec(compile(source, mod.__file__, "exec"), mod.__dict__)
-    session.check_interface(mod, role, mod.__file__)
-    return mod
-
-
 def simulate(
     graph: Graph,
     inputs,
@@ -115,8 +106,11 @@ def simulate(
     public = lower(strip_weights(graph), with_weights=False)
     if public.hash != prog.hash:  # the programs of P0 and D must not depend on the weights' values
         raise FsscError(f"{graph.name}: the lowering without weights differs from the one with them")
+    public = from_manifest(prog.manifest(), graph.name)  # as fssc run regenerates them: from the public form
     mods = {
-        role: _module(render(prog if role == "party1" else public, role, graph.name), role)
+        role: session.program_from_source(
+            render(prog if role == "party1" else public, role), role, f"<fssc {role} program>"
+        )
         for role in ("party0", "party1", "dealer")
     }
     X = {name: ring.encode(x, graph.values[name].fixed_scale) for name, x in feeds.items()}

@@ -2,9 +2,10 @@
 
 Two halves, so a reader finds each beside what it runs:
 
-* fssc/cli/runtime_commands.py: ``deal``, ``certs`` and ``keys status``, the dealer's and the
-  parties' commands. They import nothing of the compiler and run on a runtime-only
-  install (``pip install fssc``).
+* fssc/cli/runtime_commands.py: ``run``, ``check``, ``deal``, ``certs`` and ``keys status``, the
+  parties' and the dealer's commands. They run on a runtime-only install (``pip install fssc``):
+  nothing of the IR, the passes, torch or onnx, only the code generator that regenerates the
+  data owner's and the dealer's programs from the manifest.
 * fssc/cli/compiler_commands.py: ``export``, ``ir``, ``compile``, ``view``,
   ``demo``, ``bench``, which need ``pip install 'fssc[compiler]'``. The group
   imports that module only when one of them is asked for (or for ``fssc --help``),
@@ -23,12 +24,12 @@ import sys
 import click
 
 from fssc import __version__
-from fssc.cli.runtime_commands import certs, deal, keys
+from fssc.cli.runtime_commands import certs, check, deal, keys, run
 from fssc.errors import FsscError, os_error_message
 
 COMPILER_MODULE = "fssc.cli.compiler_commands"
 COMPILER_COMMANDS = ("bench", "compile", "demo", "export", "ir", "view")  # the names COMPILER_MODULE.COMMANDS holds
-COMPILER_DEPENDENCIES = {"onnx", "onnxruntime", "torch", "torchvision", "networkx", "jinja2"}  # pyproject's [compiler]
+COMPILER_DEPENDENCIES = {"onnx", "onnxruntime", "torch", "torchvision", "networkx"}  # pyproject's [compiler]
 
 
 class FsscGroup(click.Group):
@@ -49,6 +50,8 @@ def cli():
     """fssc: compile ONNX graphs into secure two-party inference programs (FSS)."""
 
 
+cli.add_command(run)
+cli.add_command(check)
 cli.add_command(deal)
 cli.add_command(certs)
 cli.add_command(keys)

@@ -1,10 +1,12 @@
-"""The runtime's commands: ``fssc deal`` (the dealer), ``fssc certs`` (the parties' TLS certificates) and
-``fssc keys status`` (what a key folder holds).
+"""The commands of the data owner, the model owner and the dealer: ``fssc run`` (a party's program),
+``fssc check`` (is a received program the one the manifest describes?), ``fssc deal`` (the dealer),
+``fssc certs`` (the parties' TLS certificates) and ``fssc keys status`` (what a key folder holds).
 
-They run on the dealer's and the parties' machines, where only the runtime is
-installed (``pip install fssc``, no ``[compiler]`` extra): this module imports
-nothing of the compiler, the passes, torch or onnx (tests/test_layering.py
-checks). The party programs themselves start from fssc/runtime/party_main.py.
+They run where only the runtime is installed (``pip install fssc``, no ``[compiler]`` extra): this module
+imports nothing of the IR, the passes, torch or onnx; ``run``, ``check`` and ``deal`` use the code generator
+(:mod:`fssc.compiler.backend.trust`, which needs jinja2 and the runtime only) to regenerate the data owner's
+and the dealer's programs from the manifest, so neither ever runs code the model owner wrote
+(tests/test_layering.py checks the imports).
 """
 
 from __future__ import annotations
@@ -13,9 +15,68 @@ import click
 
 from fssc.errors import FsscError
 
+PROG = click.argument("prog", type=click.Path(file_okay=False, exists=True))
+SKIP_CHECK = click.option(
+    "--skip-check",
+    is_flag=True,
+    help="Development only: run the received program file as it is, unchecked (it may do anything).",
+)
+
+
+def _program(prog: str, role: str, skip_check: bool):
+    """The program to run for ``role``: the data owner's and the dealer's regenerated from the manifest and
+    compared with the received file (which is never imported), unless --skip-check."""
+    from fssc.compiler.backend.trust import CHECKED_ROLES, checked_program
+
+    if skip_check and role in CHECKED_ROLES:
+        click.echo(f"fssc: warning: --skip-check: running {prog}/{role}/program.py as received, unchecked", err=True)
+    return checked_program(prog, role, skip_check)
+
 
 @click.command()
-@click.argument("prog", type=click.Path(file_okay=False, exists=True))
+@PROG
+@click.option("--party", required=True, help="0 (the data owner) or dealer.")
+def check(prog, party):
+    """Is PROG's program for a party the one fssc generates from PROG/manifest.json?
+
+    Regenerates the data owner's (--party 0) or the dealer's (--party dealer) program from the manifest's
+    public IR with this installation's fssc and compares it byte for byte with the received one; a difference
+    is refused with one line naming the first differing statement (exit code 2). Nothing is run. `fssc run`
+    and `fssc deal` make the same check and then run their own regenerated copy."""
+    from fssc.compiler.backend.trust import check as check_program
+    from fssc.compiler.backend.trust import role_name
+
+    c = check_program(prog, role_name(party))
+    click.echo(
+        f"ok: {c.path} is the program fssc generates from {prog}/manifest.json "
+        f"(program {c.program_hash}, {c.statements} statements)"
+    )
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@PROG
+@click.option("--party", required=True, type=click.Choice(["0", "1"]), help="0: the data owner; 1: the model owner.")
+@SKIP_CHECK
+@click.argument("party_args", nargs=-1, type=click.UNPROCESSED)
+def run(prog, party, skip_check, party_args):
+    """Run a party's program of PROG: the data owner's (--party 0) or the model owner's (--party 1).
+
+    The data owner's program is regenerated from PROG/manifest.json and compared with the received
+    PROG/party0/program.py first (as `fssc check` does); the regenerated copy runs, the received file is never
+    imported. The model owner runs its own program as it is. The party's options follow (`--keys`, `--peer`
+    or `--listen`, `--certs`, `--images`, ...; list them with `fssc run PROG --party 0 -- --help`)."""
+    import sys
+
+    from fssc.compiler.backend.trust import role_name
+    from fssc.runtime.party_main import main as party_main
+
+    role = role_name(party)
+    mod = _program(prog, role, skip_check)
+    sys.exit(party_main(role, mod, list(party_args)))
+
+
+@click.command()
+@PROG
 @click.option("--batches", type=int, default=1, show_default=True, help="Key batches to make (one per inference).")
 @click.option(
     "-o",
@@ -25,22 +86,26 @@ from fssc.errors import FsscError
     type=click.Path(file_okay=False),
     help="Key directory: writes OUT/p0 (for the data owner) and OUT/p1 (for the model owner).",
 )
-def deal(prog, batches, out):
+@SKIP_CHECK
+def deal(prog, batches, out, skip_check):
     """The dealer: make one-time FSS key batches for a compiled program.
 
     Each run is a new deal (a random deal id and a fresh setup seed for the weight masks). PROG needs only
-    manifest.json and dealer/: the dealer never opens the model owner's weights (party1/)."""
+    manifest.json and dealer/: the dealer never opens the model owner's weights (party1/). The dealer's
+    program is regenerated from the manifest and compared with PROG/dealer/program.py (as `fssc check --party
+    dealer` does); the regenerated copy runs, never the received file."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fssc.runtime.session import deal_batches
 
     if batches < 1:
         raise FsscError("--batches must be at least 1")
+    mod = _program(prog, "dealer", skip_check)
     with Progress(
         TextColumn("dealing"), BarColumn(), TextColumn("{task.completed}/{task.total} batches"), TimeElapsedColumn()
     ) as bar:
         task = bar.add_task("deal", total=batches)
-        done = deal_batches(prog, out, batches, lambda i, n, dt: bar.update(task, completed=i))
+        done = deal_batches(prog, out, batches, mod, lambda i, n, dt: bar.update(task, completed=i))
     for b, n0, n1, dt in done:
         click.echo(f"batch {b}: {n0 / 1e6:,.1f} MB for party 0, {n1 / 1e6:,.1f} MB for party 1 ({dt:.1f} s)")
     click.echo(f"wrote {out}/p0 and {out}/p1 (give each party its own folder, nothing else; the dealer keeps no state)")

@@ -1,0 +1,271 @@
+"""The secure program: its statements, its public form (``manifest.json``), its hash, and its structural check.
+
+Lowering (:mod:`fssc.compiler.backend.lower`) makes a :class:`SecureProgram`
+from the compiled IR; code generation (:mod:`fssc.compiler.backend.codegen`)
+renders it once per role. Everything the data owner's and the dealer's programs
+are generated from is public: the statements (kind, variables, public
+parameters, tag, and the comment naming the IR op, ONNX node and pass), the
+inputs and outputs, and what the compiler records about the program (its
+source file name, output mode, preprocessing, input guard and cost totals).
+That public content is ``manifest.json`` (:meth:`SecureProgram.public`), and
+the program hash is the hash of exactly that content (with the fssc version
+that generated it), so ``fssc check`` and ``fssc run`` can regenerate a party's
+program from the manifest alone and compare it byte for byte with the one the
+model owner sent (:mod:`fssc.compiler.backend.trust`). The model owner's
+weights, and what is derived from them (P1's operand widths), are never part of it.
+
+This module, the code generator and the contract import nothing of the IR, the
+passes, torch or onnx: the data owner's installation runs them
+(tests/test_layering.py checks).
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from fssc.compiler.backend.contract import bind_operands
+from fssc.runtime import lib
+from fssc.runtime.gates import STATEMENTS
+from fssc.runtime.session import manifest_hash
+
+from fssc import __version__
+from fssc.errors import FsscError
+
+PROTOCOL_VERSION = 1
+RING_BITS = 64
+
+# the statement kinds: the comparison gates' (STATEMENTS) and these
+PLAIN_KINDS = ("input", "const", "linear", "local", "output")
+# the keys of the public form that the program's own fields fill; the rest (source, preprocess, ...) is ``info``
+CORE_KEYS = ("fssc_version", "protocol", "name", "ring_bits", "frac_bits", "inputs", "outputs", "stmts")
+
+
+@dataclass
+class Stmt:
+    kind: str
+    out: str | None
+    args: list[str]
+    params: dict
+    tag: str
+    comment: str
+    p1: dict = field(default_factory=dict)  # P1-only parameters (derived from the weights): never public
+
+    @property
+    def label(self) -> str:
+        """The op a statement came from, as its comment names it ("concat %h")."""
+        return self.comment.split(" [")[0]
+
+    def public(self) -> dict:
+        d = asdict(self)
+        d.pop("p1")
+        return d
+
+
+@dataclass
+class SecureProgram:
+    name: str
+    stmts: list[Stmt]
+    inputs: list[dict]
+    outputs: list[dict]
+    frac_bits: int
+    weights: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    ir_shapes: dict[str, tuple] | None = field(repr=False, default_factory=dict)  # var -> its IR value's shape
+    info: dict = field(default_factory=dict)  # public facts the compiler records (source, preprocess, ...)
+
+    @property
+    def linears(self) -> list[Stmt]:
+        return [s for s in self.stmts if s.kind == "linear"]
+
+    @property
+    def source(self) -> str:
+        """The model file the program was compiled from (its base name), as the programs' docstrings name it."""
+        return str(self.info.get("source", self.name))
+
+    def public(self) -> dict:
+        """``manifest.json`` without its ``program_hash``: everything P0's and the dealer's programs are
+        generated from, and nothing of the weights."""
+        clash = sorted(set(self.info) & {*CORE_KEYS, "program_hash"})
+        if clash:
+            raise FsscError(f"program info may not redefine {', '.join(clash)}")
+        return {
+            "fssc_version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "name": self.name,
+            "ring_bits": RING_BITS,
+            "frac_bits": self.frac_bits,
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            **self.info,
+            "stmts": [s.public() for s in self.stmts],
+        }
+
+    @property
+    def hash(self) -> str:
+        return manifest_hash(self.public())
+
+    def manifest(self) -> dict:
+        return {**self.public(), "program_hash": self.hash}
+
+
+# ------------------------------------------------------------ the public form, read back
+_VAR = re.compile(r"v[0-9]+")
+
+
+def _name(v) -> bool:
+    return isinstance(v, str) and v.isidentifier() and not keyword.iskeyword(v) and not v.startswith("_")
+
+
+def _json_data(v) -> bool:
+    """Plain JSON data (what a public parameter may be): no code can hide in it, code generation writes it
+    with ``repr``."""
+    if v is None or isinstance(v, bool | int | float | str):
+        return True
+    if isinstance(v, list):
+        return all(_json_data(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _json_data(x) for k, x in v.items())
+    return False
+
+
+def _stmt_from(d, i: int, where: str) -> Stmt:
+    def bad(why: str) -> FsscError:
+        return FsscError(f"{where}: statement {i}: {why}")
+
+    if not isinstance(d, dict) or set(d) != {"kind", "out", "args", "params", "tag", "comment"}:
+        raise bad("expected the keys kind, out, args, params, tag, comment")
+    kind, out, args, params = d["kind"], d["out"], d["args"], d["params"]
+    if kind not in PLAIN_KINDS and kind not in STATEMENTS:
+        raise bad(f"unknown statement kind {kind!r}")
+    if (out is None) != (kind == "output") or (out is not None and not (isinstance(out, str) and _VAR.fullmatch(out))):
+        raise bad(f"{kind} defines {out!r}: expected a variable v<N>" + (" (none for an output)" if out else ""))
+    if not isinstance(args, list) or not all(isinstance(a, str) and _VAR.fullmatch(a) for a in args):
+        raise bad(f"operands {args!r}: expected a list of variables v<N>")
+    if not isinstance(params, dict) or not all(_name(k) for k in params) or not _json_data(params):
+        raise bad("public parameters must be plain data under identifier names")
+    if not isinstance(d["tag"], str) or not isinstance(d["comment"], str):
+        raise bad("tag and comment must be strings")
+    fns = {"linear": lib.BILINEAR_MAPS, "local": lib.LOCAL_FUNCTIONS}.get(kind)
+    if fns is not None and params.get("fn") not in fns:
+        raise bad(f"{kind} statement names {params.get('fn')!r}, not one of the runtime's {kind} functions")
+    return Stmt(kind, out, list(args), dict(params), d["tag"], d["comment"])
+
+
+def from_manifest(m: dict, where: str = "manifest.json") -> SecureProgram:
+    """The program ``manifest.json`` describes, with no weights: what P0's and the dealer's programs are
+    generated from. Refuses (one line naming ``where``) a manifest of another fssc version (its programs may be
+    generated differently), one whose content does not hash to its ``program_hash``, and any statement that is
+    not well formed: variables ``v<N>`` defined once and before use, unique tags, known statement kinds and
+    runtime functions, public parameters as plain data, and every statement's shape re-inferred with the
+    runtime's own functions (:func:`check_program`)."""
+    if not isinstance(m, dict):
+        raise FsscError(f"{where}: not an fssc manifest")
+    if m.get("fssc_version") != __version__:
+        raise FsscError(
+            f"{where}: compiled by fssc {m.get('fssc_version')}, this installation is fssc {__version__}: "
+            f"check it with the same fssc version"
+        )
+    missing = [k for k in (*CORE_KEYS, "program_hash") if k not in m]
+    if missing:
+        raise FsscError(f"{where}: lacks {', '.join(missing)} (not an fssc manifest, or from an older fssc)")
+    public = {k: v for k, v in m.items() if k != "program_hash"}
+    if manifest_hash(public) != m["program_hash"]:
+        raise FsscError(f"{where}: its content does not hash to its program_hash {m['program_hash']} (edited?)")
+    if m["protocol"] != PROTOCOL_VERSION or m["ring_bits"] != RING_BITS:
+        raise FsscError(f"{where}: protocol {m['protocol']}, ring {m['ring_bits']} bits: not this fssc's")
+    if not isinstance(m["stmts"], list) or not isinstance(m["name"], str) or type(m["frac_bits"]) is not int:
+        raise FsscError(f"{where}: name, frac_bits or stmts of the wrong type")
+    stmts = [_stmt_from(d, i, where) for i, d in enumerate(m["stmts"])]
+    defined: set[str] = set()
+    tags: set[str] = set()
+    for i, st in enumerate(stmts):
+        if st.out in defined:
+            raise FsscError(f"{where}: statement {i} ({st.label}) defines {st.out} a second time")
+        if st.tag in tags:
+            raise FsscError(f"{where}: statement {i} ({st.label}) reuses the tag {st.tag!r}")
+        tags.add(st.tag)
+        if st.out is not None:
+            defined.add(st.out)
+    for key in ("inputs", "outputs"):
+        if not isinstance(m[key], list) or not all(isinstance(o, dict) and _json_data(o) for o in m[key]):
+            raise FsscError(f"{where}: {key} must be a list of records")
+    info = {k: v for k, v in public.items() if k not in CORE_KEYS}
+    prog = SecureProgram(m["name"], stmts, m["inputs"], m["outputs"], m["frac_bits"], ir_shapes=None, info=info)
+    ins = {st.out for st in stmts if st.kind == "input"}
+    if {i.get("var") for i in prog.inputs} != ins or not all(o.get("var") in defined for o in prog.outputs):
+        raise FsscError(f"{where}: its inputs and outputs are not the program's input and output variables")
+    try:
+        check_program(prog)
+    except FsscError as e:
+        raise FsscError(f"{where}: {e}") from None
+    if prog.hash != m["program_hash"]:  # read back, it must be the program the manifest describes
+        raise FsscError(f"{where}: does not read back as the program it describes (a compiler bug)")
+    return prog
+
+
+# ------------------------------------------------------------ the structural check
+def _shape_of(st: Stmt, ins: list[np.ndarray]) -> tuple:
+    """The statement's output shape by the runtime's own rules: the functions the generated programs call,
+    run on zeros (the bilinear maps on zero floats; no protocol)."""
+    p = st.params
+    if st.kind in ("input", "const"):
+        return tuple(p["shape"])
+    if st.kind == "linear":
+        fn = getattr(lib, p["fn"])(**p["fn_args"])
+        if tuple(ins[0].shape) != tuple(p["x_shape"]):
+            raise FsscError(f"its operand has shape {ins[0].shape}, the statement expects {tuple(p['x_shape'])}")
+        x, w = np.zeros(p["x_shape"]), np.zeros(p["w_shape"])
+        per_row = p["fn"] in ("conv", "channelwise")  # maps each batch row alike: one row, then N of them
+        y = (x.shape[0], *fn(x[:1], w).shape[1:]) if per_row else fn(x, w).shape
+        if tuple(y) != tuple(p["y_shape"]):
+            raise FsscError(f"lib.{p['fn']} gives {tuple(y)}, the statement claims {tuple(p['y_shape'])}")
+        return tuple(y)
+    if st.kind in STATEMENTS:
+        return STATEMENTS[st.kind].out_shape(ins[0].shape, **p)
+    if st.kind == "local":
+        kw = {k: v for k, v in p.items() if k != "fn"}
+        return getattr(lib, p["fn"])(**bind_operands(p["fn"], kw, ins), **kw).shape
+    raise FsscError(f"unknown statement kind {st.kind!r}")
+
+
+def check_program(prog: SecureProgram) -> None:
+    """Refuse a program that disagrees with the IR: every operand defined before use, secret wires only into
+    gates and linear layers (a constant of the model owner's is a wire of its own, for local ops only), and
+    every statement's output shape, re-inferred with the runtime's functions, equal to its IR value's (when the
+    program comes from the IR; read back from a manifest, ``ir_shapes`` is None and the shapes need only be
+    consistent with the runtime's functions)."""
+    shapes: dict[str, np.ndarray] = {}  # var -> zeros of its shape (broadcast views: no memory)
+    consts: set[str] = set()
+    for st in prog.stmts:
+        for a in st.args:
+            if a not in shapes:
+                raise FsscError(f"lowering: {st.label} reads {a} before any statement defines it")
+        if st.kind in STATEMENTS or st.kind == "linear":
+            if len(st.args) != 1:
+                raise FsscError(f"lowering: {st.label} ({st.kind}) takes one secret operand, got {len(st.args)}")
+            if st.args[0] in consts:
+                raise FsscError(
+                    f"lowering: {st.label} ({st.kind}) cannot take the model owner's constant as its operand"
+                )
+        if st.kind == "output":
+            continue
+        try:
+            shape = _shape_of(st, [shapes[a] for a in st.args])
+        except FsscError as e:
+            raise FsscError(f"lowering: {st.label} ({st.kind}): {e}") from None
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+            raise FsscError(
+                f"lowering: {st.label} ({st.kind}): the runtime cannot take its operands "
+                f"{[tuple(shapes[a].shape) for a in st.args]}: {type(e).__name__}: {e}"
+            ) from None
+        if st.out is None:
+            continue  # an output statement: it defines nothing
+        if prog.ir_shapes is not None:
+            want = prog.ir_shapes.get(st.out) if st.kind != "const" else tuple(st.params["shape"])
+            if want is None or tuple(shape) != tuple(want):
+                raise FsscError(f"lowering: {st.label} ({st.kind}) gives shape {tuple(shape)}, the IR says {want}")
+        shapes[st.out] = np.broadcast_to(np.zeros((), dtype=np.uint64), shape)
+        if st.kind == "const":
+            consts.add(st.out)
