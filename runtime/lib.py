@@ -262,3 +262,9 @@ def reducemean(x, axes, keepdims: int, wscale: int):
     """Sum over ``axes`` times the public 1/n at scale ``wscale`` (output scale + wscale), n the elements summed."""
     n = math.prod(x.shape[a] for a in axes)
     return reducesum(x, axes, keepdims) * ring.encode(1.0 / n, wscale)
+
+
+# ------------------------------------------------------------ secret x secret product
+def hmul(ctx, tag: str, x, y):
+    """x * y of two secret wires (numpy broadcasting), exact in the ring, one round (gates.HMul)."""
+    return gates.HMul.run(ctx, tag, x, y)

@@ -58,7 +58,11 @@ def op_cost(op: Op, graph: Graph, bits: int | None = None) -> OpCost:
     g = op.gate
     if g:  # the runtime gate class prices its keys and messages
         c.gate, c.gates, c.bits = g["kind"], g["count"], bits or g["bits"]
-        gc = gate_class(op, graph).cost(g["count"], c.bits, compare_shift(op), g["depth"])
+        cls = gate_class(op, graph)
+        sized = {}  # a gate priced by its operands' sizes too (hmul: its masks' shares)
+        if getattr(cls, "sized", False):
+            sized["sizes"] = tuple(graph.values[i].size for i in op.inputs if not graph.values[i].is_const)
+        gc = cls.cost(g["count"], c.bits, compare_shift(op), g["depth"], **sized)
         c.key_p0, c.key_p1, c.rounds, c.sent_p0, c.sent_p1 = gc.key_p0, gc.key_p1, gc.rounds, gc.sent_p0, gc.sent_p1
         return c
     if is_weighted(op, graph):
