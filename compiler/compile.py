@@ -106,6 +106,7 @@ def _drop_final_softmax(graph: Graph) -> Graph:
     if not (op.attrs.get("coerce") or op.attrs["axis"] % 2 == 1):
         raise FsscError(f"--output-mode labels: softmax %{op.name} normalizes over the batch axis, not the classes")
     graph.outputs = [op.inputs[0]]
+    graph.ops = [o for o in graph.ops if o is not op]
     graph.remove_unused()
     return graph
 
