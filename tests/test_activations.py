@@ -66,7 +66,21 @@ def test_registry_and_importer():
     assert OPS["softmax"].role is Role.FOLDED
     kinds = [op.kind for op in import_onnx(act_model(), "act").ops]
     # LeakyRelu: pmul, relu, pmul, add; PRelu: mul, relu, mul, add; Div: mul
-    assert kinds == ["conv", "pmul", "relu", "pmul", "add", "conv", "mul", "relu", "mul", "add", "mul", "flatten", "gemm"]
+    assert kinds == [
+        "conv",
+        "pmul",
+        "relu",
+        "pmul",
+        "add",
+        "conv",
+        "mul",
+        "relu",
+        "mul",
+        "add",
+        "mul",
+        "flatten",
+        "gemm",
+    ]
 
 
 def test_float_semantics_match_onnxruntime():
@@ -184,7 +198,9 @@ def test_softmax_that_is_not_last_or_over_the_batch_is_refused():
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
     inner = model([helper.make_node("Softmax", ["x"], ["s"]), helper.make_node("Gemm", ["s", "W"], ["y"])], [2, 3])
-    batch_axis = model([helper.make_node("Gemm", ["x", "W"], ["g"]), helper.make_node("Softmax", ["g"], ["y"], axis=0)], [2, 3])
+    batch_axis = model(
+        [helper.make_node("Gemm", ["x", "W"], ["g"]), helper.make_node("Softmax", ["g"], ["y"], axis=0)], [2, 3]
+    )
     for m, why in ((inner, "cannot evaluate softmax"), (batch_axis, "batch axis")):
         with pytest.raises(FsscError, match=why) as e:
             compile_graph(import_onnx(m, "s"), echo=lambda s: None, output_mode="labels")

@@ -70,8 +70,7 @@ def test_unsupported_ops_are_grouped_by_type(tmp_path, run_fssc):
     onnx.save(model, path)
     line = assert_one_line_error(
         run_fssc("ir", path),
-        f"{path}: 2 unsupported ONNX op types: LSTM (1 node: encoder_lstm), Cos (1 node: head_cos); "
-        "fssc supports: ",
+        f"{path}: 2 unsupported ONNX op types: LSTM (1 node: encoder_lstm), Cos (1 node: head_cos); fssc supports: ",
     )
     assert "pre_relu" not in line
     for op in ("Conv", "Gemm", "MaxPool", "BatchNormalization", "ArgMax"):

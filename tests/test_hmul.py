@@ -98,7 +98,9 @@ def test_a_wire_times_itself():
     r = Rng().u64(x.shape)
     xh = x.view(U64) + r
     rz, k0, k1 = deal_in_memory(lambda D: D.gate(gates.HMul, "g", r, r))
-    z0, _, _, _ = run_parties(lambda P: P.gate(gates.HMul, "g", xh, xh), lambda P: P.gate(gates.HMul, "g", xh, xh), k0, k1)
+    z0, _, _, _ = run_parties(
+        lambda P: P.gate(gates.HMul, "g", xh, xh), lambda P: P.gate(gates.HMul, "g", xh, xh), k0, k1
+    )
     assert ((z0 - rz).view(np.int64) == x * x).all()
 
 

@@ -78,7 +78,9 @@ LEFT_OUT = {
     **{f"test_div_{t}": _INT.format(t) for t in ("int8", "int16", "uint8", "uint16", "uint32", "uint64")},
     "test_div_int32_trunc": _INT.format("int32"),
     # LeakyRelu / PRelu
-    **{f"test_leakyrelu{s}_expanded": _EXPANDED.format("Less/Where", "LeakyRelu") for s in ("", "_default", "_example")},
+    **{
+        f"test_leakyrelu{s}_expanded": _EXPANDED.format("Less/Where", "LeakyRelu") for s in ("", "_default", "_example")
+    },
     **{f"test_prelu_{s}_expanded": _EXPANDED.format("Less/Where", "PRelu") for s in ("example", "broadcast")},
     # Softmax
     **{
