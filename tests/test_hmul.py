@@ -28,14 +28,18 @@ from fssc.compiler.ir.graph import Graph, Value
 from fssc.compiler.ir.ops import OPS, Role, Scale
 from fssc.compiler.reference.simulation import simulate
 from fssc.passes import plan_fixed_point
-from fssc.passes.base import PassContext
+from fssc.passes.base import ComparisonRange, PassContext, Ranges
 from fssc.runtime import gates
+from fssc.runtime.channel import decode_array
 from fssc.runtime.keys import KeyReader
 from fssc.runtime.prg import Rng
+from fssc.runtime.protocol import CORR
 from fssc.runtime.simulate import deal_in_memory, run_parties
+from test_security import bit_matrix, check_indistinguishable, records
 from tiny_models import assert_secure_run_matches
 
 U64 = np.uint64
+N_SEC = 4096  # samples per input pair in the statistical check
 
 
 def run_gate(x: np.ndarray, y: np.ndarray, record: bool = False):
@@ -113,6 +117,23 @@ def test_opened_values_are_masked_by_fresh_masks():
     zb, rzb, *_ = run_gate(x, y)
     assert (za - rza == zb - rzb).all() and (za != zb).all()
     assert len(np.unique(za)) == 64  # equal products, different masked values
+
+
+def test_each_partys_view_is_independent_of_the_inputs():
+    """Statistically, as tests/test_security.py checks the other gates: for inputs (0, 0) and for
+    (large, -3) alike, P1's key words, the share each party receives and the opened z^ look uniform and
+    the same, bit position by bit position."""
+    n = N_SEC
+    views = []
+    for xv, yv in ((0, 0), (1 << 40, -3)):
+        x = np.full(n, xv, dtype=np.int64).view(U64)
+        y = np.full(n, yv, dtype=np.int64).view(U64)
+        z, _, _, k1, (c0, c1) = run_gate(x, y, record=True)
+        corr = records(k1, 1)["g" + CORR].reshape(4, n)  # [r_x], [r_y], [r_x r_y], [r_z]: n words each
+        views.append((corr, decode_array(c0.received[0]), decode_array(c1.received[0]), z))
+    for i, what in ((0, "P1's key words"), (1, "P0 receives P1's share"), (2, "P1 receives P0's share"), (3, "z^")):
+        a, b = views[0][i], views[1][i]
+        check_indistinguishable(bit_matrix(a.reshape(-1, n)), bit_matrix(b.reshape(-1, n)), what)
 
 
 # ----------------------------------------------------------------- the registry entry and scale planning
@@ -213,3 +234,12 @@ def test_se_block_rounds_and_bytes_match_the_cost_model(se):
     n = 2 * 8 * 8 * 8
     assert c.rounds == 1 and c.key_p0 == 16 and c.key_p1 == 8 * (n + 2 * 8 + 2 * n)
     assert c.sent_p0 == c.sent_p1 == 8 * n
+
+
+def test_se_block_report_reads_the_product_at_its_scale(se):
+    g, _, _ = se
+    (op,) = [op for op in g.ops if op.kind == "hmul"]
+    assert g.values[op.outputs[0]].scale == 24
+    rep = cost_report(g, Ranges({op.uid: ComparisonRange(1 << 30, 34)}, {}, 1))
+    (c,) = [c for c in rep.ops if c.kind == "hmul"]
+    assert c.calibrated == 1 << 30 and c.calibrated_scale == 24  # the product, read at the product's scale

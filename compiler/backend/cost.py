@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from fssc.compiler.backend.gates import compare_shift, gate_class, headroom_bits, widest_bits
 from fssc.compiler.backend.lower import is_weighted
 from fssc.compiler.ir.graph import Graph, Op
+from fssc.compiler.ir.ops import OPS, Scale
 from fssc.runtime import dcf
 from fssc.runtime.gates import SEED_BYTES, WORD, carry_bytes, dcf_bytes
 
@@ -147,6 +148,8 @@ def cost_report(graph: Graph, ranges: Ranges | None = None, full_bits: bool = Fa
         if op.gate and r is not None:
             c.calibrated = r.magnitude
             c.calibrated_scale = (graph.values[op.inputs[0]].scale or 0) - compare_shift(op)
+            if OPS[op.kind].scale is Scale.PRODUCT:  # a product's magnitude is at the product's scale
+                c.calibrated_scale = graph.values[op.outputs[0]].scale
             c.headroom = headroom_bits(r.magnitude, c.bits)
     weights = sum(_weight_size(op, graph) for op in graph.ops)
     inp = sum(graph.values[i].size for i in graph.inputs) * WORD
