@@ -205,3 +205,17 @@ def test_softmax_that_is_not_last_or_over_the_batch_is_refused():
         with pytest.raises(FsscError, match=why) as e:
             compile_graph(import_onnx(m, "s"), echo=lambda s: None, output_mode="labels")
         assert "\n" not in str(e.value)
+
+
+def test_verify_compares_the_logits_before_a_dropped_softmax():
+    """``fssc compile --verify`` in labels mode on a model ending in Softmax: onnxruntime's logits are the
+    softmax's input, so the logit differences are fixed-point error, not probabilities against logits."""
+    from fssc.compiler.reference.crosscheck import cross_check, pair_stats
+
+    model, x = act_model(softmax=True), _input()
+    res = compile_graph(import_onnx(model, "act"), echo=lambda s: None, output_mode="labels")
+    result = cross_check(res.graph, model.SerializeToString(), [x])
+    assert result.exact
+    ort_fixed = pair_stats(result.records)[0]
+    assert ort_fixed.max_logit_diff is not None and ort_fixed.max_logit_diff < 0.02
+    assert ort_fixed.agree == ort_fixed.total == 2
