@@ -243,3 +243,11 @@ def test_se_block_report_reads_the_product_at_its_scale(se):
     rep = cost_report(g, Ranges({op.uid: ComparisonRange(1 << 30, 34)}, {}, 1))
     (c,) = [c for c in rep.ops if c.kind == "hmul"]
     assert c.calibrated == 1 << 30 and c.calibrated_scale == 24  # the product, read at the product's scale
+
+
+def test_viewer_counts_products_as_gates_not_comparisons(se):
+    from fssc.compiler.viewer.document import estimated_cost, pass_totals
+
+    g, _, _ = se
+    t = pass_totals(g, [estimated_cost(op, g)[0] for op in g.ops])
+    assert t["gates_by_kind"]["hmul"] == 1024 and t["comparisons"] == t["gates"] - 1024
