@@ -472,6 +472,7 @@ class HMul(Gate):
     kind = "hmul"
     operands: ClassVar[tuple[str, ...]] = ("x", "y")  # the statement's secret operands, in order
     sized: ClassVar[bool] = True  # ``cost`` takes the operands' element counts
+    ring_wide: ClassVar[bool] = True  # compares nothing: range analysis gives it the ring's width (64)
 
     @staticmethod
     def deal(D, tag: str, rx: np.ndarray, ry: np.ndarray) -> np.ndarray:

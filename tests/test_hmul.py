@@ -218,6 +218,15 @@ def test_se_block_imports_as_one_product_gate(se):
     a, b = (g.values[i].shape for i in op.inputs)
     assert a == (2, 8, 8, 8) and b == (2, 8, 1, 1)
     assert op.gate["kind"] == "hmul" and op.gate["count"] == 2 * 8 * 8 * 8
+    assert op.gate["bits"] == 64  # compares nothing: the ring's width, so its headroom is the ring's
+
+
+def test_se_block_verify_reports_no_overflow(se):
+    """The product's width only matters against the ring: a calibrated product gives no overflow report."""
+    from fssc.compiler.reference.interp import find_overflows
+
+    g, x, _ = se
+    assert all(o.kind != "hmul" for o in find_overflows(g, x * 4))
 
 
 def test_se_block_secure_run_matches_interpreter_and_onnxruntime(se):
