@@ -21,6 +21,7 @@ from fssc.compiler.backend.cost import CostReport, cost_report
 from fssc.compiler.backend.gates import headroom_bits
 from fssc.compiler.frontend.onnx_import import import_onnx
 from fssc.compiler.ir.graph import Graph, Value
+from fssc.compiler.ir.ops import softmax_refusal
 from fssc.passes.base import DEFAULT_MARGIN_BITS, PassContext
 from fssc.passes.manager import PassRecord, run_pipeline
 from rich.console import Console, JustifyMethod
@@ -76,6 +77,8 @@ def add_label_output(graph: Graph) -> Graph:
     if len(v.shape) != 2:
         raise FsscError(f"--output-mode labels: output %{o} has shape {v.shape}, expected [batch, classes]")
     graph = graph.clone()
+    graph = _drop_final_softmax(graph)
+    o = graph.outputs[0]
     lab = graph.fresh_name("labels")
     graph.add_value(Value(lab, (v.shape[0],), "int64"))
     graph.ops.append(
@@ -90,6 +93,29 @@ def add_label_output(graph: Graph) -> Graph:
     )
     graph.outputs = [lab]
     return graph
+
+
+def _drop_final_softmax(graph: Graph) -> Graph:
+    """Labels mode: a softmax producing the logits output is dropped when it normalizes each row (its axis is
+    the class axis, or with opset < 13's flattening any axis): it is increasing in each logit and divides a
+    row by one positive sum, so the argmax is unchanged. The graph is modified in place (a clone)."""
+    o = graph.outputs[0]
+    op = graph.producer().get(o)
+    if op is None or op.kind != "softmax":
+        return graph
+    if not (op.attrs.get("coerce") or op.attrs["axis"] % 2 == 1):
+        raise FsscError(f"--output-mode labels: softmax %{op.name} normalizes over the batch axis, not the classes")
+    graph.outputs = [op.inputs[0]]
+    graph.ops = [o for o in graph.ops if o is not op]
+    graph.remove_unused()
+    return graph
+
+
+def refuse_softmax(graph: Graph) -> None:
+    """One line for a softmax the secure runtime would have to evaluate (logits mode, or not the last op)."""
+    op = next((op for op in graph.ops if op.kind == "softmax"), None)
+    if op is not None:
+        raise FsscError(softmax_refusal(op))
 
 
 def compile_graph(
@@ -126,6 +152,7 @@ def compile_graph(
         graph = add_label_output(graph)
     elif output_mode != "logits":
         raise FsscError(f"--output-mode {output_mode!r}: choose labels or logits")
+    refuse_softmax(graph)
     if not 0 <= weight_bound_bits <= 24:
         raise FsscError(f"--weight-bound-bits {weight_bound_bits}: must be between 0 and 24")
     ctx = PassContext(

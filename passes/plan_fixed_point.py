@@ -19,6 +19,10 @@ constants at the scale of the value they join. Then, in program order:
 * relu on a value above scale f absorbs the truncation: its ``trunc``
   attribute says how many bits the comparison gate drops (docs/protocol.md, section 6,
   fused truncation), and its output is at scale f;
+* a product of two secret values (``hmul``) is at s_x + s_y; if that would pass
+  ``max_scale``, the operands above f are first truncated to f (so it is at most 2f
+  unless an operand sits below f), and later truncations bring it down like a
+  linear layer's output;
 * maxpool, clip, pad, flatten, reshape and the sum pools keep their input's scale; argmax
   outputs integers (scale 0);
 * graph outputs keep whatever scale they have; the decoder reads it.
@@ -119,6 +123,11 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
             out_scale = scale[secret[0]] - op.attrs["shift"]
         elif rule is Scale.SHIFT_UP:
             out_scale = scale[secret[0]] + op.attrs["shift"]
+        elif rule is Scale.PRODUCT:  # x * y of two secrets: s_x + s_y, operands above f first brought to f
+            if sum(scale[i] for i in secret) > smax:
+                down = {i: rescale(i, f, op) for i in dict.fromkeys(secret) if scale[i] > f}  # x * x: one trunc
+                op.inputs = [down.get(i, i) for i in op.inputs]
+            out_scale = sum(scale[i] for i in op.inputs if not graph.values[i].is_const)
         else:
             src = ", ".join(op.origin) or "a pass"
             raise FsscError(f"{NAME}: no fixed-point rule for op kind {op.kind!r} (%{op.name}, from {src})")

@@ -11,6 +11,8 @@ m = bits(magnitude) + sign + ``margin_bits`` (a 2^margin safety factor),
 capped at what the ring holds after the gate's shift (64 - shift). With
 ``ctx.full_bits`` (``fssc compile --bits full``) every comparison gets
 m = 64 - shift whatever it measured: no bitwidth depends on the calibration.
+A gate that compares nothing (the secret x secret product) gets the ring's width, 64: its magnitude
+is the product's, and its headroom how far the product is from wrapping.
 It is written on the op (``op.bits``: a value feeding several comparisons gets
 no single width) and kept in ``ctx.ranges`` (:class:`fssc.passes.base.Ranges`:
 magnitude and bits per comparison op, for the cost report's headroom column and
@@ -22,7 +24,7 @@ Semantics are unchanged.
 from __future__ import annotations
 
 import numpy as np
-from fssc.compiler.backend.gates import bits_for, comparison_magnitude, gate_kind, widest_bits
+from fssc.compiler.backend.gates import bits_for, comparison_magnitude, gate_class, gate_kind, widest_bits
 from fssc.compiler.ir.graph import Graph
 from fssc.compiler.reference.interp import run_fixed
 from fssc.passes.base import (
@@ -85,6 +87,8 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
         if op.uid in mags:
             widest = widest_bits(op)  # the gate reads m bits above its shift
             m = widest if ctx.full_bits else min(widest, bits_for(mags[op.uid]) + ctx.margin_bits)
+            if getattr(gate_class(op, graph), "ring_wide", False):  # compares nothing: its width is the ring's
+                m = widest
             ranges[op.uid] = ComparisonRange(mags[op.uid], m)
             modified |= op.bits != m
             op.bits = m

@@ -451,3 +451,67 @@ class ArgMax2(Gate):
 
 # the statements' gates, by statement kind (lowering, code generation and lib read this)
 STATEMENTS: dict[str, type[Gate]] = {g.stmt: g for g in (Relu, Trunc, MaxPool, Clip, ArgMax, ArgMax2)}
+
+
+# ----------------------------------------------------------------------------- secret x secret product
+def _bcast(*shapes: tuple) -> tuple:
+    return tuple(np.broadcast_shapes(*[tuple(s) for s in shapes]))
+
+
+class HMul(Gate):
+    """z = x * y of two secret wires (numpy broadcasting), exact in Z_2^64: one round, no comparison.
+
+    With x^ = x + r_x and y^ = y + r_y public, x * y = x^ y^ - x^ r_y - r_x y^ + r_x r_y, which is linear in
+    D's shares of r_x, r_y and r_x r_y once x^ and y^ are known; each party adds its share of a fresh output
+    mask r_z and they open z^ = z + r_z (docs/protocol.md, "Secret x secret product"). D deals one
+    row of words per call: [r_x] (|x| words), [r_y] (|y|), [r_x r_y] (|z|), [r_z] (|z|); P0 gets them as a
+    seed, P1 as corrections. The product is at scale s_x + s_y; plan-fixed-point truncates it later
+    where a gate can (as a linear layer's output)."""
+
+    stmt = "hmul"
+    kind = "hmul"
+    operands: ClassVar[tuple[str, ...]] = ("x", "y")  # the statement's secret operands, in order
+    sized: ClassVar[bool] = True  # ``cost`` takes the operands' element counts
+    ring_wide: ClassVar[bool] = True  # compares nothing: range analysis gives it the ring's width (64)
+
+    @staticmethod
+    def deal(D, tag: str, rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
+        shape = _bcast(rx.shape, ry.shape)
+        rz = D.fresh(shape)
+        rxy = np.broadcast_to(rx * ry, shape)
+        row = np.concatenate([rx.reshape(-1), ry.reshape(-1), rxy.reshape(-1), rz.reshape(-1)])
+        D.shares(tag, row.reshape(1, -1), None)
+        return rz
+
+    @staticmethod
+    def evaluate(P, tag: str, xhat: np.ndarray, yhat: np.ndarray) -> np.ndarray:
+        shape = _bcast(xhat.shape, yhat.shape)
+        nx, ny, nz = xhat.size, yhat.size, int(np.prod(shape, dtype=np.int64))
+        P.chan.step = tag  # names the step in a receive error
+        (row,), _ = P.shares(tag, 1, nx + ny + 2 * nz, 0)
+        rx = row[:nx].reshape(xhat.shape)
+        ry = row[nx : nx + ny].reshape(yhat.shape)
+        rxy = row[nx + ny : nx + ny + nz].reshape(shape)
+        rz = row[nx + ny + nz :].reshape(shape)
+        z = rxy + rz - xhat * ry - rx * yhat
+        if P.b == 0:  # P0 holds the public term
+            z = z + xhat * yhat
+        return P.open(np.ascontiguousarray(np.broadcast_to(z, shape)))
+
+    @staticmethod
+    def out_shape(*args: Any, **params: Any) -> tuple:
+        return _bcast(*args)
+
+    @classmethod
+    def records(cls, tag: str, party: int, shift: int = 0) -> list[str]:
+        return [tag + SEED] if party == 0 else [tag + CORR]
+
+    @classmethod
+    def cost(cls, n: int, m: int, shift: int = 0, depth: int = 1, sizes: tuple[int, ...] = ()) -> GateCost:
+        """n = |z| products from operands of ``sizes`` = (|x|, |y|) elements (both |z| if not given):
+        P0 one seed, P1 8 (|x| + |y| + 2 |z|) bytes; one round; each party sends 8 |z| bytes."""
+        nx, ny = sizes or (n, n)
+        return GateCost(SEED_BYTES, WORD * (nx + ny + 2 * n), 1, WORD * n, WORD * n)
+
+
+STATEMENTS[HMul.stmt] = HMul

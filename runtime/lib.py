@@ -264,6 +264,12 @@ def reducemean(x, axes, keepdims: int, wscale: int):
     return reducesum(x, axes, keepdims) * ring.encode(1.0 / n, wscale)
 
 
+# ------------------------------------------------------------ secret x secret product
+def hmul(ctx, tag: str, x, y):
+    """x * y of two secret wires (numpy broadcasting), exact in the ring, one round (gates.HMul)."""
+    return gates.HMul.run(ctx, tag, x, y)
+
+
 # ------------------------------------------------------------ what a statement may call
 # A statement's ``fn``: the bilinear map of a linear statement, the function of a local one. Code generation
 # writes only these, and a program read back from its manifest (fssc check, fssc run) may name no other

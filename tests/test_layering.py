@@ -286,7 +286,8 @@ def _two_parties(prog: Path, keys: Path, certs: Path, x: Path, out: Path, env: d
 
 def test_parties_and_dealer_run_without_the_compiler(blocked, export_resnet18, run_fssc, tmp_path):
     """Compile with the full install; then check, certs, deal and both parties where the compiler (but its
-    code generator), torch, onnx and onnxruntime cannot be imported (and nothing even tries); the labels and logits equal the unblocked run's."""
+    code generator), torch, onnx and onnxruntime cannot be imported (and nothing even tries); the labels and
+    logits equal the unblocked run's."""
     env, log = blocked
     prog, keys, certs = tmp_path / "prog", tmp_path / "keys", tmp_path / "certs"
     r = run_fssc("compile", export_resnet18(SIZE, 2), "-o", prog, "--output-mode", "logits")

@@ -61,6 +61,8 @@ CONSTANT_OPERANDS = {
     "Gather": {1},
     "ReduceSum": {1},
     "ReduceMean": {1},
+    "PRelu": {1},
+    "Div": {1},
 }
 
 _INT = "integer tensors ({}); fssc's inputs are float32 reals (encoded in fixed point)"
@@ -71,6 +73,20 @@ LEFT_OUT = {
         f"test_{op}_{t}": _INT.format(t)
         for op in ("add", "sub", "mul")
         for t in ("int8", "int16", "uint8", "uint16", "uint32", "uint64")
+    },
+    # Div on integer dtypes
+    **{f"test_div_{t}": _INT.format(t) for t in ("int8", "int16", "uint8", "uint16", "uint32", "uint64")},
+    "test_div_int32_trunc": _INT.format("int32"),
+    # LeakyRelu / PRelu
+    **{
+        f"test_leakyrelu{s}_expanded": _EXPANDED.format("Less/Where", "LeakyRelu") for s in ("", "_default", "_example")
+    },
+    **{f"test_prelu_{s}_expanded": _EXPANDED.format("Less/Where", "PRelu") for s in ("example", "broadcast")},
+    # Softmax
+    **{
+        f"test_softmax_{s}_expanded{v}": _EXPANDED.format("Exp/ReduceMax", "Softmax")
+        for s in ("example", "large_number", "axis_0", "axis_1", "axis_2", "negative_axis", "default_axis")
+        for v in ("", "_ver18")
     },
     # BatchNormalization
     "test_batchnorm_example_training_mode": "training_mode=1 (batch statistics, running-stat outputs); "
@@ -247,7 +263,10 @@ def compile_case(model, name: str, feeds: dict[str, np.ndarray]):
 
 
 # cases the float interpreter passes that the secure runtime refuses, with the reason (docs/conformance.md)
-SECURE_LEFT_OUT: dict[str, str] = {}
+SECURE_LEFT_OUT: dict[str, str] = {
+    f"test_softmax_{s}": "softmax needs exp; fssc drops a final softmax in labels mode and refuses it elsewhere"
+    for s in ("example", "large_number", "axis_0", "axis_1", "axis_2", "negative_axis", "default_axis")
+}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in CASES if n not in LEFT_OUT))
@@ -266,6 +285,24 @@ def test_backend_node_case_secure(name):
     sim = simulate(g, {k: feeds[k] for k in g.inputs})
     assert sim.mismatches() == []
     assert [y.shape for y in sim.outputs] == [np.asarray(w).shape for w in expected]
+
+
+# Mul's cases again with both operands secret: the secret x secret product gate (hmul)
+TWO_SECRET_MUL = ("test_mul", "test_mul_bcast", "test_mul_example")
+
+
+@pytest.mark.parametrize("name", TWO_SECRET_MUL)
+def test_backend_mul_case_with_two_secret_operands(name):
+    _, case = CASES[name]
+    inputs, expected = case.data_sets[0]
+    feeds = {vi.name: v for vi, v in zip(case.model.graph.input, inputs, strict=True)}
+    g = import_onnx(case.model, name)
+    assert [op.kind for op in g.ops] == ["hmul"]
+    (got,) = run_float(g, feeds)
+    np.testing.assert_allclose(got, expected[0], rtol=case.rtol, atol=case.atol)
+    sim = simulate(compile_case(case.model, name, feeds), feeds)
+    assert sim.mismatches() == [] and sim.outputs[0].shape == np.asarray(expected[0]).shape
+    np.testing.assert_allclose(sim.decoded()[0], expected[0], atol=2e-3)
 
 
 # ----------------------------------------------------------------- docs/conformance.md

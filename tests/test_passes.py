@@ -956,7 +956,8 @@ def test_mark_comparisons_needs_range_analysis():
 # --------------------------------------------------------------------------- cost model
 def cost_model_graph():
     """One op of every cost family: mul, standalone truncation (between two muls), relu (fused
-    trunc), conv, max tree, add of a constant, clip, sum pool folded into a gemm, and (labels mode)
+    trunc), conv, max tree, add of a constant, a secret x secret product (a square: one wire twice), clip,
+    sum pool folded into a gemm (whose input the product's scale makes truncate), and (labels mode)
     a 2-class argmax."""
     rng = np.random.default_rng(0)
     nodes = [
@@ -967,7 +968,8 @@ def cost_model_graph():
         oh.make_node("MaxPool", ["c"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
         oh.make_node("Relu", ["p"], ["r1"]),
         oh.make_node("Add", ["r1", "B"], ["s"]),
-        oh.make_node("Clip", ["s", "lo", "hi"], ["cl"]),
+        oh.make_node("Mul", ["s", "s"], ["sq"]),
+        oh.make_node("Clip", ["sq", "lo", "hi"], ["cl"]),
         oh.make_node("GlobalAveragePool", ["cl"], ["g"]),
         oh.make_node("Flatten", ["g"], ["f"]),
         oh.make_node("Gemm", ["f", "V", "vb"], ["y"], transB=1),
@@ -1013,6 +1015,9 @@ def test_cost_model_follows_the_documented_formulas():
             elif op.kind == "maxpool":
                 assert (c.key_p0, c.key_p1) == (n * kb + 16 * depth, n * (kb + 32 + 1 / 8))
                 assert c.rounds == 2 * depth == 4 and c.sent_p0 == c.sent_p1 == n * (1 / 8 + 8)
+            elif op.kind == "hmul":  # shares of r_x, r_y, r_x r_y, r_z (x and y: one wire of n elements)
+                assert (c.key_p0, c.key_p1) == (16, 8 * 4 * n) and n == 2 * 4 * 4 * 4
+                assert c.rounds == 1 and c.sent_p0 == c.sent_p1 == 8 * n
             else:  # two classes: one DReLU per row, its bit opened to P0 only
                 assert op.kind == "argmax" and n == 2
                 assert (c.key_p0, c.key_p1) == (n * kb + 16, n * (kb + 1 / 8))
@@ -1036,6 +1041,7 @@ def test_cost_model_follows_the_documented_formulas():
         "conv",
         "maxpool",
         "add",
+        "hmul",
         "clip",
         "globalsumpool",
         "reshape",
@@ -1046,8 +1052,9 @@ def test_cost_model_follows_the_documented_formulas():
     assert rep.input_bytes == 8 * n_in and rep.masks_p0 == 8 * n_in  # label output: no output mask
     assert rep.setup_bytes == 8 * (2 + 4 * 3 * 3 * 3 + 4 * 2)  # two muls, conv, gemm weights
     # rounds by the docs' table: the input 1, mul 1, mul 1, trunc 2, relu 2, conv 1, the 3x3 pool lowered to two
-    # 1-D pools of depth 2 (2 x 2 x 2), relu 2, the constant B sent 1, clip 2, gemm 1, the 2-class argmax 1
-    assert rep.rounds == 1 + 1 + 1 + 2 + 2 + 1 + 8 + 2 + 1 + 2 + 1 + 1
+    # 1-D pools of depth 2 (2 x 2 x 2), relu 2, the constant B sent 1, hmul 1, clip 2, trunc 2, gemm 1, the
+    # 2-class argmax 1
+    assert rep.rounds == 1 + 1 + 1 + 2 + 2 + 1 + 8 + 2 + 1 + 1 + 2 + 2 + 1 + 1
 
 
 @pytest.mark.parametrize("mode", ["logits", "labels"])

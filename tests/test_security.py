@@ -411,6 +411,7 @@ def _other_gates(ctx, v):
         gates.Clip.run(ctx, "f", v, lo=5, hi=100, m=24),
         gates.ArgMax.run(ctx, "g", v.reshape(100, 5), axis=1, keepdims=0, select_last=0, m=30),
         gates.MaxPool.run(ctx, "h", v.reshape(1, 5, 10, 10), m=30, **window),
+        ctx.gate(gates.HMul, "i", v.reshape(100, 5), v[:5].copy()),
     )
 
 
@@ -424,6 +425,7 @@ def test_gates_without_numpy_or_python_random(forbid_random):
         "Clip",
         "ArgMax",
         "MaxPool",
+        "HMul",
     }
     activate, calls = forbid_random
     activate()

@@ -118,9 +118,11 @@ def _stmt_call(st: Stmt, role: str) -> tuple[str, Call]:
         }
         return out, Call("linear_dealer", kw, ctx)
     if st.kind in STATEMENTS:  # relu, trunc, maxpool, clip, argmax (a tournament), argmax2 (the label for P0 only)
-        if {"tag", "x"} & p.keys():
-            raise FsscError(f"a public parameter may not be named tag or x: {sorted(p)}")
-        return out, Call(st.kind, {"tag": T, "x": a[0], **{k: Lit(v) for k, v in p.items()}}, ctx)
+        names = getattr(STATEMENTS[st.kind], "operands", ("x",))  # the gate's secret operands (hmul: x, y)
+        if {"tag", *names} & p.keys():
+            raise FsscError(f"a public parameter may not be named tag or {' or '.join(names)}: {sorted(p)}")
+        ops = dict(zip(names, a, strict=True))
+        return out, Call(st.kind, {"tag": T, **ops, **{k: Lit(v) for k, v in p.items()}}, ctx)
     if st.kind == "local":
         params = {k: v for k, v in p.items() if k != "fn"}
         kw = {**bind_operands(p["fn"], params, list(a)), **{k: Lit(v) for k, v in params.items()}}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from fssc.compiler.backend.gates import compare_shift, gate_class, headroom_bits, widest_bits
 from fssc.compiler.backend.lower import is_weighted
 from fssc.compiler.ir.graph import Graph, Op
+from fssc.compiler.ir.ops import OPS, Scale
 from fssc.runtime import dcf
 from fssc.runtime.gates import SEED_BYTES, WORD, carry_bytes, dcf_bytes
 
@@ -58,7 +59,11 @@ def op_cost(op: Op, graph: Graph, bits: int | None = None) -> OpCost:
     g = op.gate
     if g:  # the runtime gate class prices its keys and messages
         c.gate, c.gates, c.bits = g["kind"], g["count"], bits or g["bits"]
-        gc = gate_class(op, graph).cost(g["count"], c.bits, compare_shift(op), g["depth"])
+        cls = gate_class(op, graph)
+        sized = {}  # a gate priced by its operands' sizes too (hmul: its masks' shares)
+        if getattr(cls, "sized", False):
+            sized["sizes"] = tuple(graph.values[i].size for i in op.inputs if not graph.values[i].is_const)
+        gc = cls.cost(g["count"], c.bits, compare_shift(op), g["depth"], **sized)
         c.key_p0, c.key_p1, c.rounds, c.sent_p0, c.sent_p1 = gc.key_p0, gc.key_p1, gc.rounds, gc.sent_p0, gc.sent_p1
         return c
     if is_weighted(op, graph):
@@ -143,6 +148,8 @@ def cost_report(graph: Graph, ranges: Ranges | None = None, full_bits: bool = Fa
         if op.gate and r is not None:
             c.calibrated = r.magnitude
             c.calibrated_scale = (graph.values[op.inputs[0]].scale or 0) - compare_shift(op)
+            if OPS[op.kind].scale is Scale.PRODUCT:  # a product's magnitude is at the product's scale
+                c.calibrated_scale = graph.values[op.outputs[0]].scale
             c.headroom = headroom_bits(r.magnitude, c.bits)
     weights = sum(_weight_size(op, graph) for op in graph.ops)
     inp = sum(graph.values[i].size for i in graph.inputs) * WORD

@@ -223,7 +223,7 @@ def _shape_of(st: Stmt, ins: list[np.ndarray]) -> tuple:
             raise FsscError(f"lib.{p['fn']} gives {tuple(y)}, the statement claims {tuple(p['y_shape'])}")
         return tuple(y)
     if st.kind in STATEMENTS:
-        return STATEMENTS[st.kind].out_shape(ins[0].shape, **p)
+        return STATEMENTS[st.kind].out_shape(*[i.shape for i in ins], **p)
     if st.kind == "local":
         kw = {k: v for k, v in p.items() if k != "fn"}
         return getattr(lib, p["fn"])(**bind_operands(p["fn"], kw, ins), **kw).shape
@@ -243,9 +243,12 @@ def check_program(prog: SecureProgram) -> None:
             if a not in shapes:
                 raise FsscError(f"lowering: {st.label} reads {a} before any statement defines it")
         if st.kind in STATEMENTS or st.kind == "linear":
-            if len(st.args) != 1:
-                raise FsscError(f"lowering: {st.label} ({st.kind}) takes one secret operand, got {len(st.args)}")
-            if st.args[0] in consts:
+            want_args = len(getattr(STATEMENTS.get(st.kind), "operands", ("x",)))
+            if len(st.args) != want_args:
+                raise FsscError(
+                    f"lowering: {st.label} ({st.kind}) takes {want_args} secret operand(s), got {len(st.args)}"
+                )
+            if any(a in consts for a in st.args):
                 raise FsscError(
                     f"lowering: {st.label} ({st.kind}) cannot take the model owner's constant as its operand"
                 )

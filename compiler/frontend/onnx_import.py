@@ -437,8 +437,12 @@ def _gemm(imp: _Importer, node, label, a) -> None:
 def _product(imp: _Importer, node, label, a) -> None:
     ins = list(node.input)
     if imp.const(ins[0]) is None and imp.const(ins[1]) is None:
-        whose = " (the model owner's weights)" if node.op_type == "MatMul" else ""
-        raise FsscError(f"{imp.src}: node {label} ({node.op_type}): one operand must be a constant{whose}")
+        if node.op_type == "Mul":  # two secret operands: the secret x secret product gate
+            imp.emit(node, label, "hmul", ins, {})
+            return
+        raise FsscError(
+            f"{imp.src}: node {label} ({node.op_type}): one operand must be a constant (the model owner's weights)"
+        )
     imp.emit(node, label, node.op_type.lower(), ins, {})
 
 
@@ -673,6 +677,64 @@ def _argmax(imp: _Importer, node, label, a) -> None:
         "select_last_index": int(a.get("select_last_index", 0)),
     }
     imp.emit(node, label, "argmax", list(node.input), attrs)
+
+
+def _step(node, what: str) -> str:
+    """The ONNX-style name of an intermediate value of a node that becomes several IR ops."""
+    return f"{node.output[0]}/{what}"
+
+
+def _add_const(imp: _Importer, node, what: str, data: np.ndarray) -> str:
+    name = imp.g.fresh_name(_step(node, what))
+    imp.g.add_const(name, np.asarray(data, dtype=np.float32))
+    return name
+
+
+@converts("LeakyRelu")
+def _leakyrelu(imp: _Importer, node, label, a) -> None:
+    """alpha x + (1 - alpha) relu(x): one ReLU gate; the public scalings (``pmul``) and the add are local."""
+    alpha = float(a.get("alpha", 0.01))
+    x = node.input[0]
+    imp.emit(node, label, "pmul", [x], {"factor": alpha}, [_step(node, "alpha_x")])
+    imp.emit(node, label, "relu", [x], {}, [_step(node, "relu")])
+    imp.emit(node, label, "pmul", [_step(node, "relu")], {"factor": 1.0 - alpha}, [_step(node, "relu_scaled")])
+    imp.emit(node, label, "add", [_step(node, "alpha_x"), _step(node, "relu_scaled")], {})
+
+
+@converts("PRelu")
+def _prelu(imp: _Importer, node, label, a) -> None:
+    """slope x + (1 - slope) relu(x): one ReLU gate and two products with the model owner's slopes
+    (``mul``, the linear-layer protocol: the slopes never reach the data owner)."""
+    slope = imp.need_const(node, 1, label, "slope (input 1, the model owner's weights)").astype(np.float64)
+    x = node.input[0]
+    imp.emit(node, label, "mul", [x, node.input[1]], {}, [_step(node, "slope_x")])
+    imp.emit(node, label, "relu", [x], {}, [_step(node, "relu")])
+    rest = _add_const(imp, node, "one_minus_slope", 1.0 - slope)
+    imp.emit(node, label, "mul", [_step(node, "relu"), rest], {}, [_step(node, "relu_scaled")])
+    imp.emit(node, label, "add", [_step(node, "slope_x"), _step(node, "relu_scaled")], {})
+
+
+@converts("Div")
+def _div(imp: _Importer, node, label, a) -> None:
+    """x / c with the model owner's constant c: a ``mul`` by 1/c (float64, then encoded at the layer's weight
+    scale: off by at most |x| 2^-(wscale + 1) before the later truncation). A secret divisor is refused."""
+    ins = list(node.input)
+    c = imp.const(ins[1])
+    if c is None:
+        raise FsscError(f"{imp.src}: node {label} (Div): the divisor (input 1) must be a constant initializer")
+    c = np.asarray(c, dtype=np.float64)
+    if not np.all(np.isfinite(c)) or np.any(c == 0):
+        raise FsscError(f"{imp.src}: node {label} (Div): the divisor must be finite and non-zero")
+    if imp.const(ins[0]) is not None:  # both constant: fold with ONNX's own semantics
+        imp.g.add_const(imp.ir_name(node.output[0]), (imp.const(ins[0]) / c).astype(np.float32))
+        return
+    imp.emit(node, label, "mul", [ins[0], _add_const(imp, node, "reciprocal", 1.0 / c)], {})
+
+
+@converts("Softmax")
+def _softmax(imp: _Importer, node, label, a) -> None:
+    attrs = {"axis": int(a.get("axis", 1 if imp.opset < 13 else -1)), "coerce": int(imp.opset < 13)}
+    imp.emit(node, label, "softmax", list(node.input), attrs)
 
 
 for _type, _conv_fn in default_converters(OPS).items():

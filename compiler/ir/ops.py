@@ -63,6 +63,7 @@ class Scale(enum.Enum):
     SHIFT_DOWN = "shift-down"  # - shift (standalone truncation)
     SHIFT_UP = "shift-up"  # + shift (upscale)
     INTEGER = "integer"  # integers (scale 0)
+    PRODUCT = "product"  # s_x + s_y: a product of two secret values (operands above f truncated first if needed)
 
 
 @dataclass(frozen=True)
@@ -1065,6 +1066,101 @@ class Neg:
     @staticmethod
     def lower(op, graph):
         return {"fn": "scale", "factor": -1}
+
+
+# ------------------------------------------------------------------ secret x secret product, public scaling, softmax
+def _out_elements(op: Op, graph: Graph) -> int:
+    return graph.values[op.outputs[0]].size
+
+
+def _product_magnitude(op: Op, graph: Graph, inputs: list[np.ndarray]) -> int:
+    """Largest |x * y| (ring units at the product's scale): what the product wire holds, reported as the
+    gate's width (the gate itself compares nothing)."""
+    a, b = (ring.signed(v).astype(np.float64) for v in inputs[:2])
+    p = np.abs(a * b)
+    return int(min(p.max(), 2.0**63)) if p.size else 0
+
+
+@register(
+    "hmul",
+    Role.GATE,
+    Scale.PRODUCT,
+    GateSpec(
+        rgates.HMul.kind,
+        count=_out_elements,
+        depth=_one,
+        magnitude=_product_magnitude,
+        runtime=lambda op, graph: rgates.HMul,
+    ),
+)
+class HMul:
+    """x * y of two secret values (ONNX Mul with no constant operand, numpy broadcasting, e.g. a
+    squeeze-excitation gate x[N,C,H,W] * s[N,C,1,1]): one round on masked wires (runtime/gates.py HMul),
+    exact in the ring; the output is at scale s_x + s_y and later truncations bring it down."""
+
+    shape = staticmethod(_bcast_shape)
+    run = _binary_float(np.multiply)
+
+    @staticmethod
+    def fixed(op, graph, env):
+        return env[op.inputs[0]] * env[op.inputs[1]]  # mod 2^64, broadcast: what the opened z^ - r_z is
+
+    @staticmethod
+    def lower(op, graph, bits):
+        return {}
+
+
+def public_factor(op: Op) -> int:
+    """The public multiplier of a ``pmul`` on the ring: round(factor * 2^wscale) as a signed integer."""
+    return int(np.rint(float(op.attrs["factor"]) * 2.0 ** op.attrs["wscale"]))
+
+
+@register("pmul", Role.LOCAL, Scale.PUBLIC_WEIGHTED)
+class PMul:
+    """y = x * factor with a public real factor (LeakyRelu's alpha and 1 - alpha): the integer
+    round(factor * 2^wscale) times x (lib.scale), output at scale s + wscale. Error: the factor's encoding,
+    at most |x| * 2^-(wscale + 1); the truncation plan-fixed-point places later adds its own."""
+
+    shape = staticmethod(_same_shape)
+
+    @staticmethod
+    def run(attrs, x):
+        return [x.astype(np.float64) * float(attrs["factor"])]
+
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "scale", "factor": public_factor(op)}
+
+
+def softmax_float(attrs, x):
+    """ONNX Softmax: over ``axis`` (opset >= 13), or with ``coerce`` (opset < 13) over the axes from ``axis``
+    on, the input read as 2-D [prod(before), prod(after)]."""
+    x = np.asarray(x, dtype=np.float64)
+    ax = attrs["axis"] % max(x.ndim, 1)
+    axes = tuple(range(ax, x.ndim)) if attrs.get("coerce") else (ax,)
+    e = np.exp(x - x.max(axis=axes, keepdims=True))
+    return [e / e.sum(axis=axes, keepdims=True)]
+
+
+@register("softmax", Role.FOLDED, Scale.PRESERVING)
+class Softmax:
+    """ONNX Softmax. The secure runtime has no exp: a softmax that is the graph's last op is dropped in
+    labels mode (it does not change the argmax; compile.add_label_output); anywhere else the compile
+    stops with one line."""
+
+    shape = staticmethod(_same_shape)
+    run = staticmethod(softmax_float)
+
+    @staticmethod
+    def fixed(op, graph, env):
+        raise FsscError(softmax_refusal(op))
+
+
+def softmax_refusal(op: Op) -> str:
+    return (
+        f"softmax %{op.name}: the secure runtime cannot evaluate softmax (no exp); a final softmax is "
+        f"dropped with --output-mode labels (it does not change the argmax)"
+    )
 
 
 def infer_shapes(kind: str, attrs: dict, in_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:

@@ -179,11 +179,31 @@ def comparison_slack(graph: Graph, x: np.ndarray) -> dict[str, tuple[int, int, O
     return out
 
 
+def logits_before_a_final_softmax(onnx_model) -> tuple[bytes | str, str | None]:
+    """(the model, the name of the tensor onnxruntime should give as the logits). A final Softmax is dropped
+    in labels mode (compile.add_label_output), so the compiled logits are its input: the model is returned
+    with that input as an extra graph output, and its name; else the model as it was and None."""
+    import onnx
+
+    model = onnx.load(onnx_model) if isinstance(onnx_model, str) else onnx.load_from_string(onnx_model)
+    if not model.graph.output:
+        return onnx_model, None
+    first = model.graph.output[0].name
+    node = next((n for n in model.graph.node if first in n.output), None)
+    if node is None or node.op_type != "Softmax":
+        return onnx_model, None
+    name = node.input[0]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString(), name
+
+
 def cross_check(graph: Graph, onnx_model, batches: list[np.ndarray]) -> VerifyResult:
     """Run every batch through onnxruntime, the interpreter (floor truncation, as the secure gates) and the
-    secure simulation; ``onnx_model`` is a path or a serialized model."""
+    secure simulation; ``onnx_model`` is a path or a serialized model. If the model ends in a Softmax (dropped
+    in labels mode), onnxruntime's logits are the softmax's input."""
     import onnxruntime as ort
 
+    onnx_model, pre_softmax = logits_before_a_final_softmax(onnx_model)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(onnx_model, opts, providers=["CPUExecutionProvider"])
@@ -192,6 +212,7 @@ def cross_check(graph: Graph, onnx_model, batches: list[np.ndarray]) -> VerifyRe
     g = with_logits(graph)
     logit_name = next((o for o in g.outputs if g.values[o].dtype != "int64"), None)
     pick = logit_name if logit_name in float_outs else (float_outs[0] if float_outs else None)
+    pick = pre_softmax or pick
     if pick is None:
         raise FsscError("--verify: the ONNX model has no float output to compare")
     records: list[BatchRecord] = []

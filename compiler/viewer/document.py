@@ -42,6 +42,7 @@ from fssc.compiler.backend.cost import CostReport, OpCost, cost_report, op_cost
 from fssc.compiler.backend.gates import gate_kind
 from fssc.compiler.ir.graph import Graph, Op, Value, _fmt_attr, _fmt_type
 from fssc.passes.mark_comparisons import plan_gate
+from fssc.runtime.gates import HMul
 
 from fssc import __version__
 from fssc.errors import FsscError
@@ -149,7 +150,7 @@ def pass_totals(graph: Graph, costs: list[OpCost]) -> dict:
     base = cost_report(graph)  # input, setup and mask bytes; its per-op costs are replaced
     rep = CostReport(base.batch, costs, base.input_bytes, base.setup_bytes, base.masks_p0, base.n_inputs)
     t = rep.to_dict()["totals"]
-    t["comparisons"] = t["gates"]
+    t["comparisons"] = t["gates"] - t["gates_by_kind"].get(HMul.kind, 0)  # products compare nothing
     t["marked"] = all(op.gate for op in graph.ops if gate_kind(op))
     return t
 
