@@ -21,6 +21,8 @@ constants at the scale of the value they join. Then, in program order:
   fused truncation), and its output is at scale f;
 * maxpool, clip, pad, flatten, reshape and the sum pools keep their input's scale; argmax
   outputs integers (scale 0);
+* a spline gate (sigmoid, tanh, SiLU, GELU...) takes its input at scale f (a ``trunc`` first if it is
+  above) and outputs scale f;
 * graph outputs keep whatever scale they have; the decoder reads it.
 
 Semantics: the float meaning of every value is unchanged; truncation is
@@ -86,6 +88,7 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
         scale[out] = target
         return out
 
+    spline_inputs: dict[str, str] = {}  # value above scale f -> its truncation to f, for spline gates
     for op in graph.ops:
         secret = [i for i in op.inputs if not graph.values[i].is_const]
         d = OPS.get(op.kind)
@@ -119,6 +122,12 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
             out_scale = scale[secret[0]] - op.attrs["shift"]
         elif rule is Scale.SHIFT_UP:
             out_scale = scale[secret[0]] + op.attrs["shift"]
+        elif rule is Scale.SPLINE:  # a spline's polynomial needs its input at scale f at most
+            if scale[secret[0]] > f:  # one truncation per value, whatever number of splines read it
+                if secret[0] not in spline_inputs:
+                    spline_inputs[secret[0]] = rescale(secret[0], f, op)
+                op.inputs = [spline_inputs[secret[0]]]
+            out_scale = f
         else:
             src = ", ".join(op.origin) or "a pass"
             raise FsscError(f"{NAME}: no fixed-point rule for op kind {op.kind!r} (%{op.name}, from {src})")

@@ -262,3 +262,13 @@ def reducemean(x, axes, keepdims: int, wscale: int):
     """Sum over ``axes`` times the public 1/n at scale ``wscale`` (output scale + wscale), n the elements summed."""
     n = math.prod(x.shape[a] for a in axes)
     return reducesum(x, axes, keepdims) * ring.encode(1.0 / n, wscale)
+
+
+# ------------------------------------------------------------ spline gates
+def spline(ctx, tag: str, x, m: int, knots, centers, coeffs, lin, shift: int, out_bits: int):
+    """A public piecewise polynomial of a masked wire (sigmoid, tanh, SiLU, GELU, erf, HardSigmoid,
+    HardSwish): DCFs over the m-bit input select each piece's coefficients in x^, one round opens the
+    polynomial at its high scale, an exact truncation by ``shift`` bits (on ``out_bits`` bits) brings it to
+    the output scale (gates.Spline)."""
+    params = {"knots": knots, "centers": centers, "coeffs": coeffs, "lin": lin, "shift": shift, "out_bits": out_bits}
+    return gates.Spline.run(ctx, tag, x, m=m, **params)
