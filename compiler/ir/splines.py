@@ -80,7 +80,7 @@ def reference(name: str, attrs: dict | None = None):
 
 
 # the limits: (value as x -> -inf, value as x -> +inf); "x" is the identity
-_TAILS = {
+_TAILS: dict[str, tuple[float, float | str]] = {
     "sigmoid": (0.0, 1.0),
     "tanh": (-1.0, 1.0),
     "erf": (-1.0, 1.0),
@@ -186,7 +186,11 @@ def _fit(name: str, attr_items: tuple, s_in: int, s_out: int) -> SplineFit:
         a, b = todo.pop()
         ia, ib = math.ceil(a * 2**s_in), math.ceil(b * 2**s_in)
         mid, half = (a + b) / 2, (b - a) / 2
-        cf = cheb.chebinterpolate(lambda u, mid=mid, half=half: f(mid + half * u), DEGREE)
+
+        def on_unit(u, mid=mid, half=half):
+            return f(mid + half * u)
+
+        cf = cheb.chebinterpolate(on_unit, DEGREE)
         p = Polynomial(cheb.cheb2poly(cf))(Polynomial([-mid / half, 1 / half]))  # in v
         coeffs, center, err, _ = _piece_error(f, p, ia, ib, DEGREE, s_in, s_out, c, t)
         if err > TOLERANCE and (b - a) / 2 >= MIN_WIDTH and (ib - ia) >= 8:
@@ -198,9 +202,9 @@ def _fit(name: str, attr_items: tuple, s_in: int, s_out: int) -> SplineFit:
     lin_right = 1 << (s_out - s_in) if right == "x" else 0
     if right == "x" and s_out < s_in:
         raise FsscError(f"spline {name}: output scale {s_out} below input scale {s_in}")
-    pieces = [(None, 0, _const_piece(left, s_out, t)), *inner]
+    pieces = [(None, 0, _const_piece(float(left), s_out, t)), *inner]
     # Y = 0 (+ the rounding offset) on an identity tail, whose output is lin x
-    right_piece = (1 << (t - 1),) if right == "x" else _const_piece(right, s_out, t)
+    right_piece = (1 << (t - 1),) if right == "x" else _const_piece(float(right), s_out, t)
     pieces.append((math.ceil(hi * 2**s_in), 0, right_piece))
     lin = [0] * (len(pieces) - 1) + [lin_right]
     spec = _assemble(pieces, lin, t, out_bits, DEGREE)
@@ -230,6 +234,7 @@ def _fit_hard(name: str, attrs: dict, f, s_in: int, s_out: int) -> SplineFit:
     ia, ib = math.ceil(e0 * 2**s_in), math.ceil(e1 * 2**s_in)
     coeffs, center, err, _ = _piece_error(f, poly, ia, max(ib, ia + 1), d, s_in, s_out, c, t)
     lin = [0, 0, 0]
+    right: tuple[int, ...]
     if name == "hardswish":
         right = (1 << (t - 1),)
         lin[2] = 1 << (s_out - s_in)
