@@ -411,7 +411,12 @@ def _other_gates(ctx, v):
         gates.Clip.run(ctx, "f", v, lo=5, hi=100, m=24),
         gates.ArgMax.run(ctx, "g", v.reshape(100, 5), axis=1, keepdims=0, select_last=0, m=30),
         gates.MaxPool.run(ctx, "h", v.reshape(1, 5, 10, 10), m=30, **window),
+        ctx.gate(gates.Spline, "i", v, 24, _SPLINE),
     )
+
+
+# a spline with a linear tail: three pieces, two DCF payload words beyond the cubic's four
+_SPLINE = gates.SplineSpec((-100, 100), (0, 0, 0), ((0,) * 4, (1, 2, 3, 4), (0,) * 4), (0, 0, 1), 8, 40)
 
 
 def test_gates_without_numpy_or_python_random(forbid_random):
@@ -424,6 +429,7 @@ def test_gates_without_numpy_or_python_random(forbid_random):
         "Clip",
         "ArgMax",
         "MaxPool",
+        "Spline",
     }
     activate, calls = forbid_random
     activate()
