@@ -21,8 +21,8 @@ constants at the scale of the value they join. Then, in program order:
   fused truncation), and its output is at scale f;
 * maxpool, clip, pad, flatten, reshape and the sum pools keep their input's scale; argmax
   outputs integers (scale 0);
-* a spline gate (sigmoid, tanh, SiLU, GELU...) takes its input at scale f (a ``trunc`` first if it is
-  above) and outputs scale f;
+* a spline gate (sigmoid, tanh, SiLU, GELU...) takes its input at scale min(f, 14) (a ``trunc`` first
+  if it is above) and outputs scale f;
 * graph outputs keep whatever scale they have; the decoder reads it.
 
 Semantics: the float meaning of every value is unchanged; truncation is
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from fssc.compiler.ir.graph import Graph, Value
 from fssc.compiler.ir.ops import OPS, Scale
+from fssc.compiler.ir.splines import input_scale as spline_input_scale
 from fssc.passes.base import COMPARISONS_MARKED, FIXED_POINT, RANGES, PassContext, PassResult
 
 from fssc.errors import FsscError
@@ -122,10 +123,11 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
             out_scale = scale[secret[0]] - op.attrs["shift"]
         elif rule is Scale.SHIFT_UP:
             out_scale = scale[secret[0]] + op.attrs["shift"]
-        elif rule is Scale.SPLINE:  # a spline's polynomial needs its input at scale f at most
-            if scale[secret[0]] > f:  # one truncation per value, whatever number of splines read it
+        elif rule is Scale.SPLINE:  # a spline's polynomial needs its input at scale min(f, 14) at most
+            target = spline_input_scale(f)
+            if scale[secret[0]] > target:  # one truncation per value, whatever number of splines read it
                 if secret[0] not in spline_inputs:
-                    spline_inputs[secret[0]] = rescale(secret[0], f, op)
+                    spline_inputs[secret[0]] = rescale(secret[0], target, op)
                 op.inputs = [spline_inputs[secret[0]]]
             out_scale = f
         else:

@@ -63,7 +63,7 @@ class Scale(enum.Enum):
     SHIFT_DOWN = "shift-down"  # - shift (standalone truncation)
     SHIFT_UP = "shift-up"  # + shift (upscale)
     INTEGER = "integer"  # integers (scale 0)
-    SPLINE = "spline"  # input truncated to f if above it, output at f (spline gates)
+    SPLINE = "spline"  # input truncated to min(f, 14) if above it, output at f (spline gates)
 
 
 @dataclass(frozen=True)
@@ -1111,8 +1111,8 @@ SPLINE_KINDS = {
 
 
 class _SplineOp:
-    """An activation evaluated as a spline gate (runtime/gates.py ``Spline``): the input at scale f (a
-    truncation first if it is above), DCFs over its m bits select a piece, whose polynomial each party
+    """An activation evaluated as a spline gate (runtime/gates.py ``Spline``): the input at scale min(f, 14)
+    (a truncation first if it is above), DCFs over its m bits select a piece, whose polynomial each party
     evaluates on x^ locally; one round opens it, an exact truncation brings it to scale f (3 rounds).
     The error against the float function at the same input is the fit's ``bound`` (docs/protocol.md,
     "Spline gates")."""

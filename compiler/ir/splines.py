@@ -40,7 +40,9 @@ from fssc.errors import FsscError
 DEGREE = 3  # smooth functions: cubic pieces
 TOLERANCE = 1.0  # units of 2^-s_out: each piece's worst output error, rounding included
 TAIL_TOLERANCE = 0.5  # units of 2^-s_out: the limit's distance from the function beyond the fitted range
-MAX_COEFF_BITS = 20  # c: fractional bits of the coefficients beyond the input's (more buys nothing)
+FINEST = 13  # the fits stop refining at 2^-FINEST (reals): beyond f = 13 the tolerances are 2^(f - 13) units
+MAX_INPUT_SCALE = 14  # a spline reads its input at scale min(f, 14): cubics above it would leave c < 10
+MAX_COEFF_BITS = 24  # c: fractional bits of the coefficients beyond the input's (more buys nothing)
 MIN_WIDTH = 2.0**-6  # narrowest piece bisection makes (reals)
 OUT_MARGIN_BITS = 2  # out_bits = bits of the largest |output| + sign + this margin
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -53,6 +55,16 @@ def _sigmoid(v):
 def _gelu_tanh(v):
     v = np.asarray(v, np.float64)
     return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
+
+
+def input_scale(f: int) -> int:
+    """The scale a spline reads its input at, for output scale f (plan-fixed-point truncates to it)."""
+    return min(f, MAX_INPUT_SCALE)
+
+
+def _units(s_out: int) -> float:
+    """The tolerances' unit scaled to the finest fit: 1 up to s_out = FINEST, 2^(s_out - FINEST) above."""
+    return max(1.0, 2.0 ** (s_out - FINEST))
 
 
 def reference(name: str, attrs: dict | None = None):
@@ -125,7 +137,7 @@ def _quantize(p: Polynomial, center: int, d: int, s_in: int, c: int, t: int) -> 
 
 def _tail_edge(f, limit, s_out: int, side: int) -> float:
     """The multiple of 1/2 nearest 0 beyond which |f - limit| <= TAIL_TOLERANCE units (checked 64 further)."""
-    tol = TAIL_TOLERANCE * 2.0**-s_out
+    tol = TAIL_TOLERANCE * _units(s_out) * 2.0**-s_out
     edge = 0.5
     while edge < 64:
         v = side * np.linspace(edge, edge + 64, 1 << 14)
@@ -193,7 +205,7 @@ def _fit(name: str, attr_items: tuple, s_in: int, s_out: int) -> SplineFit:
         cf = cheb.chebinterpolate(on_unit, DEGREE)
         p = Polynomial(cheb.cheb2poly(cf))(Polynomial([-mid / half, 1 / half]))  # in v
         coeffs, center, err, _ = _piece_error(f, p, ia, ib, DEGREE, s_in, s_out, c, t)
-        if err > TOLERANCE and (b - a) / 2 >= MIN_WIDTH and (ib - ia) >= 8:
+        if err > TOLERANCE * _units(s_out) and (b - a) / 2 >= MIN_WIDTH and (ib - ia) >= 8:
             todo += [((a + b) / 2, b), (a, (a + b) / 2)]
             continue
         inner.append((ia, center, coeffs))
