@@ -17,6 +17,10 @@ Each function (sigmoid, tanh, SiLU, GELU in its erf and tanh forms, erf, HardSig
   with t = c + d s_in - s_out. c is as large as the ring allows: the truncation compares out_bits bits of
   Y / 2^t above t, so t + out_bits <= 64; out_bits covers the largest |output| with two bits to spare.
 
+Above f = 13 the input is read at scale min(f, 14) (``input_scale``: a cubic at a higher input scale
+would leave too few coefficient bits) and the fits stop refining at 2^-13: the tolerances become
+2^(f - 13) units.
+
 The error of the gate's output against the float function at the same (fixed-point) input is then at most
 the fit's error + the coefficients' rounding (sum_j 2^-(c + (d-j) s_in + 1) |x - M|^j, under 2^-20 at
 f = 12) + half a unit (the final rounding). :func:`fit` measures it over every representable input of the
