@@ -359,3 +359,27 @@ def test_torch_activations_end_to_end(acts_model, opset):
         assert est <= chan.bytes_sent <= est + 32 * chan.messages_sent
     splines_ops = [o for o in rep.ops if o.gate == "spline"]
     assert len(splines_ops) == 5 and all(o.rounds == 3 for o in splines_ops)
+
+
+def test_cost_report_follows_the_documented_formula():
+    """docs/cost-model.md's spline row, op by op: (K + 1) DCFs over m bits with w payload words, the
+    truncation's two DCFs, P1's (w + 1 + 6) words and two bits, two seeds for P0; 3 rounds."""
+    from fssc.runtime.gates import carry_bytes, dcf_bytes
+
+    nodes = [helper.make_node(op, ["x"], [f"y{k}"]) for k, op in enumerate(("Sigmoid", "HardSwish", "Erf"))]
+    nodes += [helper.make_node("Add", ["y0", "y1"], ["s"]), helper.make_node("Add", ["s", "y2"], ["y"])]
+    res = compile_graph(import_onnx(_model(nodes), "m"), echo=lambda s: None, output_mode="logits")
+    for op in res.graph.ops:
+        if not op.gate:
+            continue
+        c = next(o for o in res.report.ops if o.op == op.name)
+        spec = splines.fit(op.kind, op.attrs, 12, 12).spec
+        n, m, w = op.gate["count"], op.gate["bits"], spec.words
+        first, last = spec.active(m)
+        k = last - first
+        keys = (k + 1) * dcf.nbytes_per_key(m, w) if k else 0
+        trunc = dcf_bytes(spec.out_bits) + carry_bytes(spec.shift)
+        assert c.key_p0 == n * (keys + trunc) + 2 * 16
+        assert c.key_p1 == pytest.approx(n * (keys + trunc + (w + 1 + 6) * 8 + 2 / 8))
+        assert (c.rounds, c.sent_p0, c.sent_p1) == (3, n * (8 + 2 / 8 + 8), n * (8 + 2 / 8 + 8))
+    assert res.report.rounds == 1 + 3 * 3  # the input, then the three splines (ops run in sequence)
