@@ -8,8 +8,8 @@ compiler/ir/splines.py, the registry's spline entries, the importer's SiLU and G
 * The stated error bounds (docs/protocol.md, "Spline gates"): every representable input of [-16, 16) and
   samples of the tails, at f = 12 and f = 8.
 * Key records and key bytes of a deal against the gate class's cost.
-* The importer: SiLU and GELU patterns fused into one op, ONNX Gelu (opset 20, both forms), HardSigmoid's
-  attributes, Erf alone.
+* The importer: SiLU and GELU patterns (erf and tanh forms) fused into one op, ONNX Gelu (opset 20, both
+  forms), HardSigmoid's attributes, Erf alone.
 * End to end: a torch model with nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Tanh and nn.GELU, exported at
   opsets 17 and 18: the generated programs equal the fixed-point interpreter bit for bit, the logits are
   within 0.02 of onnxruntime, and the compile report's rounds and key bytes are what the run used.
@@ -231,6 +231,41 @@ def test_gelu_erf_pattern_fused(form):
     else:
         nodes += [helper.make_node("Mul", ["x", "a"], ["p"]), helper.make_node("Mul", ["p", "half"], ["y"])]
     _check_float(_model(nodes, inits), ["gelu"])
+
+
+def test_gelu_tanh_pattern_with_pow_fused():
+    inits = [_c("three", 3.0), _c("k", 0.044715), _c("r", math.sqrt(2 / math.pi)), _c("one", 1.0), _c("half", 0.5)]
+    nodes = [
+        helper.make_node("Pow", ["x", "three"], ["p3"]),
+        helper.make_node("Mul", ["p3", "k"], ["q"]),
+        helper.make_node("Add", ["q", "x"], ["a"]),
+        helper.make_node("Mul", ["a", "r"], ["b"]),
+        helper.make_node("Tanh", ["b"], ["t"]),
+        helper.make_node("Add", ["t", "one"], ["a1"]),
+        helper.make_node("Mul", ["x", "half"], ["h"]),
+        helper.make_node("Mul", ["h", "a1"], ["y"]),
+    ]
+    g, _ = _check_float(_model(nodes, inits), ["gelu"])
+    assert g.ops[0].attrs == {"approximate": "tanh"}
+
+
+def test_torch_gelu_tanh_end_to_end():
+    """nn.GELU(approximate='tanh') as torch exports it at opset 17 (Mul/Add/Tanh): one gelu op, run securely."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(approximate="tanh")).eval()
+    x = torch.randn(2, 8) * 2
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
+    proto = onnx.load_from_string(buf.getvalue())
+    g = import_onnx(proto, "g")
+    assert [op.kind for op in g.ops] == ["gemm", "gelu"] and g.ops[1].attrs == {"approximate": "tanh"}
+    res = compile_graph(g, echo=lambda s: None, output_mode="logits")
+    sim = simulate(res.graph, x.numpy())
+    assert sim.mismatches() == []
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(sim.decoded()[0], ref, atol=0.005)
 
 
 def test_erf_alone_and_a_pattern_that_is_not_gelu():

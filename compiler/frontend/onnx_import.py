@@ -717,7 +717,9 @@ def fusions(gp: onnx.GraphProto) -> tuple[dict[int, tuple[str, str, dict, list[s
 
     * SiLU: Mul(x, Sigmoid(x)) (either operand order); the Sigmoid stays if something else reads it;
     * GELU (erf form): Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5), with Mul(x, 1/sqrt 2) for the Div, the
-      0.5 on either Mul (Mul(Mul(x, 0.5), Add(...))) and any operand order; every value inside it read once.
+      0.5 on either Mul (Mul(Mul(x, 0.5), Add(...))) and any operand order; every value inside it read once;
+    * GELU (tanh form, torch's approximate='tanh'): the same with Tanh(Mul(sqrt(2/pi), Add(x, Mul(0.044715,
+      x^3)))) in place of the Erf, x^3 as Mul(x, Mul(x, x)) or Pow(x, 3).
 
     Returns ({index of the pattern's last node: (kind, x, attrs, the pattern's node labels)}, indices of the
     other nodes it absorbs)."""
@@ -771,11 +773,51 @@ def fusions(gp: onnx.GraphProto) -> tuple[dict[int, tuple[str, str, dict, list[s
                 if read_once(s):
                     absorbed.add(producer[s])
                 break
+
+    def cubic_input(v: str) -> tuple[str, list[int]] | None:
+        """(x, the nodes) for v = Mul(sqrt(2/pi), Add(x, Mul(0.044715, x^3))), x^3 as Mul(x, Mul(x, x)) or
+        Pow(x, 3), in any operand order, every value inside read once."""
+        b = node_of(v, "Mul")
+        if b is None or len(b.input) != 2:
+            return None
+        a_v = b.input[1] if near(b.input[0], math.sqrt(2 / math.pi)) else b.input[0]
+        if not near(other(b, a_v) or "", math.sqrt(2 / math.pi)):
+            return None
+        a = node_of(a_v, "Add")
+        if a is None or not read_once(a_v):
+            return None
+        for x, q_v in ((a.input[0], a.input[1]), (a.input[1], a.input[0])):
+            q = node_of(q_v, "Mul")
+            if q is None or not read_once(q_v) or len(q.input) != 2:
+                continue
+            p3_v = q.input[1] if near(q.input[0], 0.044715) else q.input[0]
+            if not near(other(q, p3_v) or "", 0.044715) or not read_once(p3_v):
+                continue
+            p3 = node_of(p3_v, "Mul") or node_of(p3_v, "Pow")
+            if p3 is None:
+                continue
+            if p3.op_type == "Pow":
+                if p3.input[0] == x and near(p3.input[1], 3.0):
+                    return x, [producer[v], producer[a_v], producer[q_v], producer[p3_v]]
+                continue
+            p2_v = other(p3, x)
+            p2 = node_of(p2_v, "Mul") if p2_v else None
+            if p2_v and p2 is not None and read_once(p2_v) and list(p2.input) == [x, x]:
+                return x, [producer[v], producer[a_v], producer[q_v], producer[p3_v], producer[p2_v]]
+        return None
+
     for i, n in enumerate(nodes):
-        if n.op_type != "Erf" or i in absorbed or not read_once(n.output[0]):
+        if n.op_type not in ("Erf", "Tanh") or i in absorbed or not read_once(n.output[0]):
             continue
-        x = scaled_input(n.input[0])
-        if x is None or not read_once(n.input[0]):
+        if not read_once(n.input[0]):
+            continue
+        if n.op_type == "Erf":
+            x = scaled_input(n.input[0])
+            inner = [producer[n.input[0]]] if x is not None else []
+        else:
+            found = cubic_input(n.input[0])
+            x, inner = found if found is not None else (None, [])
+        if x is None:
             continue
         add_i = readers[n.output[0]][0]
         add = nodes[add_i]
@@ -787,7 +829,7 @@ def fusions(gp: onnx.GraphProto) -> tuple[dict[int, tuple[str, str, dict, list[s
         h = other(m1, add.output[0]) if m1.op_type == "Mul" else None
         if h is None:
             continue
-        chain = [producer[n.input[0]], i, add_i]
+        chain = [*inner, i, add_i]
         if h == x and read_once(m1.output[0]):  # (x (1 + erf)) * 0.5
             m2_i = readers[m1.output[0]][0]
             m2 = nodes[m2_i]
@@ -802,7 +844,8 @@ def fusions(gp: onnx.GraphProto) -> tuple[dict[int, tuple[str, str, dict, list[s
             chain, root = chain + [producer[h]], m1_i
         if root in fused or any(j in fused or j in absorbed for j in chain):
             continue
-        fused[root] = ("gelu", x, {"approximate": "none"}, [label[j] for j in sorted(chain + [root])])
+        approx = "none" if n.op_type == "Erf" else "tanh"
+        fused[root] = ("gelu", x, {"approximate": approx}, [label[j] for j in sorted(chain + [root])])
         absorbed.update(chain)
     return fused, absorbed
 
