@@ -25,6 +25,8 @@ constants at the scale of the value they join. Then, in program order:
   linear layer's output;
 * maxpool, clip, pad, flatten, reshape and the sum pools keep their input's scale; argmax
   outputs integers (scale 0);
+* a spline gate (sigmoid, tanh, SiLU, GELU...) takes its input at scale min(f, 14) (a ``trunc`` first
+  if it is above) and outputs scale f;
 * graph outputs keep whatever scale they have; the decoder reads it.
 
 Semantics: the float meaning of every value is unchanged; truncation is
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 from fssc.compiler.ir.graph import Graph, Value
 from fssc.compiler.ir.ops import OPS, Scale
+from fssc.compiler.ir.splines import input_scale as spline_input_scale
 from fssc.passes.base import COMPARISONS_MARKED, FIXED_POINT, RANGES, PassContext, PassResult
 
 from fssc.errors import FsscError
@@ -90,6 +93,7 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
         scale[out] = target
         return out
 
+    spline_inputs: dict[str, str] = {}  # value above scale f -> its truncation to f, for spline gates
     for op in graph.ops:
         secret = [i for i in op.inputs if not graph.values[i].is_const]
         d = OPS.get(op.kind)
@@ -128,6 +132,13 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
                 down = {i: rescale(i, f, op) for i in dict.fromkeys(secret) if scale[i] > f}  # x * x: one trunc
                 op.inputs = [down.get(i, i) for i in op.inputs]
             out_scale = sum(scale[i] for i in op.inputs if not graph.values[i].is_const)
+        elif rule is Scale.SPLINE:  # a spline's polynomial needs its input at scale min(f, 14) at most
+            target = spline_input_scale(f)
+            if scale[secret[0]] > target:  # one truncation per value, whatever number of splines read it
+                if secret[0] not in spline_inputs:
+                    spline_inputs[secret[0]] = rescale(secret[0], target, op)
+                op.inputs = [spline_inputs[secret[0]]]
+            out_scale = f
         else:
             src = ", ".join(op.origin) or "a pass"
             raise FsscError(f"{NAME}: no fixed-point rule for op kind {op.kind!r} (%{op.name}, from {src})")

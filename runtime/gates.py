@@ -24,11 +24,14 @@ MaxPool    ``maxpool``  a tree of max gates per window, one call a level
 Clip       ``clip``     two ReLUs (against min and max) in one call
 ArgMax     ``argmax``   a tournament of selections carrying the index
 ArgMax2    ``argmax2``  one DReLU per row whose bit only P0 opens
+Spline     ``spline``   a public piecewise polynomial (sigmoid, tanh, SiLU, GELU...)
 ========== ============ ===============================================
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,6 +48,7 @@ from fssc.runtime.protocol import (
     SEED,
     U64,
     compare_input,
+    mask_bits,
     pow2,
     split_u,
 )
@@ -213,14 +217,19 @@ class Trunc(_Lift):
 
     @staticmethod
     def evaluate(P, tag: str, xhat: np.ndarray, m: int, shift: int) -> np.ndarray:
-        """x'' = (u - rho) mod 2^m = u - rho + 2^m lt with lt = 1{u < rho}; reading it
+        return P.open(Trunc.shares(P, tag, xhat, m, shift)).reshape(xhat.shape)
+
+    @staticmethod
+    def shares(P, tag: str, xhat: np.ndarray, m: int, shift: int) -> np.ndarray:
+        """This party's additive share of floor(x / 2^shift) + r_out (flat), after round 1 (d^, c^).
+
+        x'' = (u - rho) mod 2^m = u - rho + 2^m lt with lt = 1{u < rho}; reading it
         as signed subtracts 2^m (1 - d). With d = DReLU(x''):
         lt - 1 + d = (u_hi xor rho_hi) d - u_hi (1 - rho_hi), which is linear in
         D's shares of d, rho_hi d and rho_hi once d^ = d xor r_d is open. x'' is
         floor(x / 2^shift) + c; subtracting c = c^ + (1 - 2c^) r_c (c^ opened with d^)
         makes the result exact.
         """
-        shape = xhat.shape
         flat = xhat.reshape(-1)
         u = compare_input(flat, shift, m)
         D, vals, u_hi, C = P.compare(tag, u, m, 6 if shift else 5, flat, shift)
@@ -233,7 +242,7 @@ class Trunc(_Lift):
         y = u * one - rho + pow2(m) * k + r_out
         if shift:
             y -= C * one + (ONE - (C << ONE)) * vals[5]
-        return P.open(y).reshape(shape)
+        return y
 
 
 class Select(_Lift):
@@ -515,3 +524,217 @@ class HMul(Gate):
 
 
 STATEMENTS[HMul.stmt] = HMul
+
+
+# ------------------------------------------------------------------ spline gates
+@dataclass(frozen=True)
+class SplineSpec:
+    """A public piecewise polynomial on an integer input x (the wire's ring value at scale s_in).
+
+    Piece i covers [knots[i-1], knots[i]) (the first and last are unbounded) and computes
+
+        y = floor(Y_i(x) / 2^shift) + lin[i] x,   Y_i(x) = sum_j coeffs[i][j] (x - centers[i])^j
+
+    exactly in Z_2^64 (``coeffs`` hold integers at a high scale; their polynomial is truncated by ``shift``
+    bits to the output scale, the exact truncation running on ``out_bits`` bits; ``lin`` carries the linear
+    tails, already at the output scale). The compiler fits it (fssc.compiler.ir.splines); the runtime
+    only evaluates it."""
+
+    knots: tuple[int, ...]
+    centers: tuple[int, ...]
+    coeffs: tuple[tuple[int, ...], ...]
+    lin: tuple[int, ...]
+    shift: int
+    out_bits: int
+
+    @property
+    def degree(self) -> int:
+        return len(self.coeffs[0]) - 1
+
+    @property
+    def words(self) -> int:
+        """Ring words of each DCF payload: the d + 1 coefficients of Y in x^, and (const, slope) of the linear
+        part when a piece has one."""
+        return self.degree + 1 + (2 if any(self.lin) else 0)
+
+    def active(self, m: int) -> tuple[int, int]:
+        """(first, last) piece meeting the m-bit signed range [-2^(m-1), 2^(m-1)): the knots between them
+        are the comparisons the gate makes; pieces outside the range are never selected."""
+        lo, hi = -(1 << (m - 1)), 1 << (m - 1)
+        first = sum(1 for q in self.knots if q <= lo)
+        last = sum(1 for q in self.knots if q < hi)
+        return first, last
+
+    @staticmethod
+    def of(params: dict) -> SplineSpec:
+        return SplineSpec(
+            tuple(params["knots"]),
+            tuple(params["centers"]),
+            tuple(tuple(c) for c in params["coeffs"]),
+            tuple(params["lin"]),
+            params["shift"],
+            params["out_bits"],
+        )
+
+
+def _u64(v: int) -> np.ndarray:
+    """A (signed or big) Python integer as a 0-d uint64 array (array arithmetic wraps silently)."""
+    return np.array(v % (1 << 64), dtype=U64)
+
+
+def _piece_in_xhat(spec: SplineSpec, i: int, r: np.ndarray) -> np.ndarray:
+    """Piece i's coefficients as a polynomial in the public x^ = x + r, per element: (words, n) uint64.
+
+    Y_i(x) = sum_j B_j (x^ - S)^j with S = r + center: the coefficient of x^^k is
+    sum_{j >= k} B_j C(j, k) (-S)^(j - k) mod 2^64, and lin[i] x = lin[i] x^ - lin[i] r."""
+    d = spec.degree
+    neg_s = np.zeros_like(r) - (r + _u64(spec.centers[i]))
+    powers = [np.ones_like(r)]
+    for _ in range(d):
+        powers.append(powers[-1] * neg_s)
+    out = np.zeros((spec.words, r.size), dtype=U64)
+    for k in range(d + 1):
+        for j in range(k, d + 1):
+            out[k] += _u64(spec.coeffs[i][j] * math.comb(j, k)) * powers[j - k]
+    if spec.words > d + 1:
+        out[d + 1] = np.zeros_like(r) - _u64(spec.lin[i]) * r
+        out[d + 2] = _u64(spec.lin[i])
+    return out
+
+
+class Spline(Gate):
+    """A piecewise polynomial (:class:`SplineSpec`) of a masked wire: sigmoid, tanh, SiLU, GELU, erf,
+    HardSigmoid and HardSwish are each one.
+
+    The parties never multiply: each piece's polynomial, re-expanded in the public x^ by the dealer (its
+    coefficients depend on r and the piece), reaches them as additive shares selected by DCFs with vector
+    payloads over the m-bit input, so each party evaluates its share of Y on x^ locally and the parties open
+    Y^ = Y + r_Y (round 1); an exact truncation (:class:`Trunc`, rounds 2 and 3) brings Y to the output
+    scale, and the linear part is added to its output shares before they are opened. docs/protocol.md,
+    "Spline gates", derives it.
+
+    Selection with K knots inside the m-bit range (the pieces meeting it): with x' = x + 2^(m-1) in
+    [0, 2^m), u' = x^ + 2^(m-1) mod 2^m = x' + rho mod 2^m (rho = r mod 2^m) is public and
+
+        1{x' < q} = 1{u' < (rho + q) mod 2^m} - 1{u' < rho} + 1{rho + q >= 2^m},
+
+    so the piece's coefficient vector c(x) = c_K + sum_j 1{x' < q_j} (c_{j-1} - c_j) is K DCFs at
+    alpha_j = rho + q_j (payload c_{j-1} - c_j), one at alpha = rho (payload c_K - c_0) and a constant of the
+    dealer's (c_K + sum_j 1{rho + q_j >= 2^m} (c_{j-1} - c_j)), shared like every other word.
+
+    ``cost`` needs the spec: ``Spline.bind(spec)`` is the class of one spline (the registry's gate spec
+    returns it); the statement's parameters carry the same spec to the programs."""
+
+    stmt = "spline"
+    kind = "spline"
+    spec: ClassVar[SplineSpec | None] = None
+
+    @classmethod
+    def bind(cls, spec: SplineSpec) -> type[Spline]:
+        return _bound_spline(spec)
+
+    @classmethod
+    def run(cls, ctx, tag: str, x, **params):
+        return ctx.gate(Spline, tag, x, params.pop("m"), SplineSpec.of(params))
+
+    @staticmethod
+    def trunc_tag(tag: str) -> str:
+        """The gate call of the output's exact truncation."""
+        return tag + ".trunc"
+
+    @staticmethod
+    def out_shape(shape: tuple, **params) -> tuple:
+        return tuple(shape)
+
+    @staticmethod
+    def deal(D, tag: str, r: np.ndarray, m: int, spec: SplineSpec) -> np.ndarray:
+        shape = r.shape
+        r = r.reshape(-1)
+        first, last = spec.active(m)
+        vecs = [_piece_in_xhat(spec, i, r) for i in range(first, last + 1)]
+        const = vecs[-1].copy()
+        if last > first:
+            size = U64(1 << m) if m < 64 else None
+            rho = r & mask_bits(m)
+            half = 1 << (m - 1)
+            alphas, betas = [], []
+            for j, q in enumerate(spec.knots[first:last]):
+                qq = U64(q + half)  # in (0, 2^m)
+                delta = vecs[j] - vecs[j + 1]
+                t = (rho + qq) & mask_bits(m)
+                wrapped = t < rho if size is None else (rho + qq) >= size  # rho + q >= 2^m
+                const += delta * wrapped.astype(U64)
+                alphas.append(t)
+                betas.append(delta)
+            alphas.append(rho)
+            betas.append(vecs[-1] - vecs[0])
+            k0, k1 = dcf.keygen(np.concatenate(alphas), m, np.concatenate(betas, axis=1).T, D.rng)
+            D.w[0].put(tag + DCF, k0.data)
+            D.w[1].put(tag + DCF, k1.data)
+        r_y = D.fresh(r.size)
+        D.shares(tag, np.concatenate([const, r_y[None]]), None)
+        r_out = Trunc.deal(D, Spline.trunc_tag(tag), r_y, spec.out_bits, spec.shift)
+        return r_out.reshape(shape)
+
+    @staticmethod
+    def evaluate(P, tag: str, xhat: np.ndarray, m: int, spec: SplineSpec) -> np.ndarray:
+        shape = xhat.shape
+        flat = xhat.reshape(-1)
+        n, k, d = flat.size, spec.words, spec.degree
+        first, last = spec.active(m)
+        P.chan.step = tag
+        got = None
+        if last > first:
+            u = (flat + U64(1 << (m - 1))) & mask_bits(m)
+            keys = dcf.DcfKeys(dcf.DcfParams(m, k), P.b, P.keys.get(tag + DCF))
+            calls = last - first + 1
+            if len(keys) != calls * n:
+                raise ValueError(f"{tag}: {len(keys)} DCF keys for {calls} x {n} comparisons")
+            got = dcf.evaluate(P.b, keys, np.tile(u, calls)).reshape(calls, n, k).sum(axis=0, dtype=U64)
+        coef, _ = P.shares(tag, k + 1, n, 0)
+        coef = coef.copy()
+        if got is not None:
+            coef[:k] += got.T
+        y = coef[k].copy()  # this party's share of r_Y
+        xp = np.ones_like(flat)
+        for j in range(d + 1):
+            y += coef[j] * xp
+            xp = xp * flat
+        yhat = P.open(y)  # round 1: Y^ = Y + r_Y
+        out = Trunc.shares(P, Spline.trunc_tag(tag), yhat, spec.out_bits, spec.shift)  # round 2: d^, c^
+        if k > d + 1:
+            out += coef[d + 1] + coef[d + 2] * flat
+        return P.open(out).reshape(shape)  # round 3
+
+    @classmethod
+    def records(cls, tag: str, party: int, shift: int = 0, m: int = 64) -> list[str]:
+        assert cls.spec is not None, "Spline.bind(spec) first"
+        first, last = cls.spec.active(m)
+        own = ([tag + DCF] if last > first else []) + [tag + SEED if party == 0 else tag + CORR]
+        return own + Trunc.records(Spline.trunc_tag(tag), party, cls.spec.shift)
+
+    @classmethod
+    def cost(cls, n: int, m: int, shift: int = 0, depth: int = 1) -> GateCost:
+        """Per element: (K + 1) DCF keys over m bits with a ``words``-word payload (none for a single piece)
+        to each party; P1 also the words' constant and r_Y (words + 1 words); P0 one seed. One round opens
+        Y^ (8 bytes each way); the exact truncation of Y adds its own keys and its two rounds."""
+        spec = cls.spec
+        assert spec is not None, "Spline.bind(spec) first"
+        first, last = spec.active(m)
+        keys = n * (last - first + 1) * dcf.nbytes_per_key(m, spec.words) if last > first else 0
+        t = Trunc.cost(n, spec.out_bits, spec.shift)
+        return GateCost(
+            key_p0=keys + SEED_BYTES + t.key_p0,
+            key_p1=keys + n * (spec.words + 1) * WORD + t.key_p1,
+            rounds=1 + t.rounds,
+            sent_p0=n * WORD + t.sent_p0,
+            sent_p1=n * WORD + t.sent_p1,
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _bound_spline(spec: SplineSpec) -> type[Spline]:
+    return type("Spline", (Spline,), {"spec": spec, "__doc__": Spline.__doc__})
+
+
+STATEMENTS[Spline.stmt] = Spline

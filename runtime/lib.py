@@ -270,6 +270,16 @@ def hmul(ctx, tag: str, x, y):
     return gates.HMul.run(ctx, tag, x, y)
 
 
+# ------------------------------------------------------------ spline gates
+def spline(ctx, tag: str, x, m: int, knots, centers, coeffs, lin, shift: int, out_bits: int):
+    """A public piecewise polynomial of a masked wire (sigmoid, tanh, SiLU, GELU, erf, HardSigmoid,
+    HardSwish): DCFs over the m-bit input select each piece's coefficients in x^, one round opens the
+    polynomial at its high scale, an exact truncation by ``shift`` bits (on ``out_bits`` bits) brings it to
+    the output scale (gates.Spline)."""
+    params = {"knots": knots, "centers": centers, "coeffs": coeffs, "lin": lin, "shift": shift, "out_bits": out_bits}
+    return gates.Spline.run(ctx, tag, x, m=m, **params)
+
+
 # ------------------------------------------------------------ what a statement may call
 # A statement's ``fn``: the bilinear map of a linear statement, the function of a local one. Code generation
 # writes only these, and a program read back from its manifest (fssc check, fssc run) may name no other

@@ -412,7 +412,12 @@ def _other_gates(ctx, v):
         gates.ArgMax.run(ctx, "g", v.reshape(100, 5), axis=1, keepdims=0, select_last=0, m=30),
         gates.MaxPool.run(ctx, "h", v.reshape(1, 5, 10, 10), m=30, **window),
         ctx.gate(gates.HMul, "i", v.reshape(100, 5), v[:5].copy()),
+        ctx.gate(gates.Spline, "j", v, 24, _SPLINE),
     )
+
+
+# a spline with a linear tail: three pieces, two DCF payload words beyond the cubic's four
+_SPLINE = gates.SplineSpec((-100, 100), (0, 0, 0), ((0,) * 4, (1, 2, 3, 4), (0,) * 4), (0, 0, 1), 8, 40)
 
 
 def test_gates_without_numpy_or_python_random(forbid_random):
@@ -426,6 +431,7 @@ def test_gates_without_numpy_or_python_random(forbid_random):
         "ArgMax",
         "MaxPool",
         "HMul",
+        "Spline",
     }
     activate, calls = forbid_random
     activate()

@@ -9,7 +9,8 @@ Gate kinds (docs/protocol.md, section 6; the runtime's classes in
 :mod:`fssc.runtime.gates`): ``relu`` (one comparison per element, optionally
 with fused exact truncation), ``max`` (MaxPool trees), ``argmax`` (a
 tournament, or one DReLU for two classes), ``clip`` (two comparisons per
-element) and ``trunc`` (a standalone truncation).
+element), ``trunc`` (a standalone truncation) and ``spline`` (a public piecewise polynomial: sigmoid,
+tanh, SiLU, GELU...; DCFs over its input select the piece).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ inference runs.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -229,10 +230,11 @@ class _Importer:
     # ---------------------------------------------------------------- main
     def run(self, gname: str) -> Graph:
         gp = self.model.graph
+        fused, absorbed = fusions(gp)  # SiLU and GELU written out in elementary ops: one spline each
         bad = [
             (n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}", _node_label(n, i))
             for i, n in enumerate(gp.node)
-            if n.op_type not in CONVERTERS or n.domain not in ("", "ai.onnx")
+            if i not in absorbed and (n.op_type not in CONVERTERS or n.domain not in ("", "ai.onnx"))
         ]
         if bad:
             count = Counter(op for op, _ in bad)
@@ -276,7 +278,11 @@ class _Importer:
             g.add_value(Value(inp.name, tuple(dims), "float32"))
             g.inputs.append(inp.name)
         for idx, node in enumerate(gp.node):
-            self.convert(node, _node_label(node, idx))
+            if idx in fused:  # the pattern's last node: its output is the fused activation's
+                kind, x, attrs, labels = fused[idx]
+                self.emit(node, ", ".join(labels), kind, [x], attrs)
+            elif idx not in absorbed:
+                self.convert(node, _node_label(node, idx))
         g.outputs = [self.resolve(o.name) for o in gp.output]
         for o in g.outputs:
             if o not in g.values or g.values[o].is_const:
@@ -735,6 +741,175 @@ def _div(imp: _Importer, node, label, a) -> None:
 def _softmax(imp: _Importer, node, label, a) -> None:
     attrs = {"axis": int(a.get("axis", 1 if imp.opset < 13 else -1)), "coerce": int(imp.opset < 13)}
     imp.emit(node, label, "softmax", list(node.input), attrs)
+
+
+@converts("HardSigmoid")
+def _hardsigmoid(imp: _Importer, node, label, a) -> None:
+    attrs = {"alpha": float(a.get("alpha", 0.2)), "beta": float(a.get("beta", 0.5))}
+    imp.emit(node, label, "hardsigmoid", list(node.input[:1]), attrs)
+
+
+@converts("Gelu")
+def _gelu(imp: _Importer, node, label, a) -> None:
+    approx = a.get("approximate", "none")
+    if approx not in ("none", "tanh"):
+        raise FsscError(f"{imp.src}: node {label} (Gelu): approximate={approx!r} is not supported (none, tanh)")
+    imp.emit(node, label, "gelu", list(node.input[:1]), {"approximate": approx})
+
+
+def _scalar_consts(gp: onnx.GraphProto) -> dict[str, float]:
+    """Single-element constants (initializers and Constant nodes) by value name."""
+    out: dict[str, float] = {}
+    arrays = [(t.name, numpy_helper.to_array(t)) for t in gp.initializer]
+    for n in gp.node:
+        if n.op_type == "Constant" and n.output:
+            for at in n.attribute:
+                if at.name == "value":
+                    arrays.append((n.output[0], numpy_helper.to_array(at.t)))
+                elif at.name == "value_float":
+                    arrays.append((n.output[0], np.asarray(at.f)))
+    for name, arr in arrays:
+        if arr.size == 1 and arr.dtype.kind == "f":
+            out[name] = float(arr.reshape(()))
+    return out
+
+
+def fusions(gp: onnx.GraphProto) -> tuple[dict[int, tuple[str, str, dict, list[str]]], set[int]]:
+    """Activations exported as elementary ops, found by their patterns, each to become one spline op:
+
+    * SiLU: Mul(x, Sigmoid(x)) (either operand order); the Sigmoid stays if something else reads it;
+    * GELU (erf form): Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5), with Mul(x, 1/sqrt 2) for the Div, the
+      0.5 on either Mul (Mul(Mul(x, 0.5), Add(...))) and any operand order; every value inside it read once;
+    * GELU (tanh form, torch's approximate='tanh'): the same with Tanh(Mul(sqrt(2/pi), Add(x, Mul(0.044715,
+      x^3)))) in place of the Erf, x^3 as Mul(x, Mul(x, x)) or Pow(x, 3).
+
+    Returns ({index of the pattern's last node: (kind, x, attrs, the pattern's node labels)}, indices of the
+    other nodes it absorbs)."""
+    nodes = list(gp.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for v in n.input:
+            readers.setdefault(v, []).append(i)
+    outputs = {o.name for o in gp.output}
+    consts = _scalar_consts(gp)
+
+    def node_of(v: str, op_type: str) -> onnx.NodeProto | None:
+        i = producer.get(v)
+        return (
+            nodes[i] if i is not None and nodes[i].op_type == op_type and nodes[i].domain in ("", "ai.onnx") else None
+        )
+
+    def read_once(v: str) -> bool:
+        return len(readers.get(v, [])) == 1 and v not in outputs
+
+    def near(v: str, want: float) -> bool:
+        return v in consts and abs(consts[v] - want) <= 1e-6 * max(1.0, abs(want))
+
+    def other(n: onnx.NodeProto, v: str) -> str | None:
+        """The other operand of a binary node that reads v."""
+        ins = list(n.input)
+        return ins[1] if len(ins) == 2 and ins[0] == v else ins[0] if len(ins) == 2 and ins[1] == v else None
+
+    def scaled_input(v: str) -> str | None:
+        """x for v = Div(x, sqrt 2) or Mul(x, 1/sqrt 2), v read once."""
+        for op_type, c in (("Div", math.sqrt(2.0)), ("Mul", 1.0 / math.sqrt(2.0))):
+            n = node_of(v, op_type)
+            if n is not None and len(n.input) == 2:
+                if near(n.input[1], c):
+                    return n.input[0]
+                if op_type == "Mul" and near(n.input[0], c):
+                    return n.input[1]
+        return None
+
+    fused: dict[int, tuple[str, str, dict, list[str]]] = {}
+    absorbed: set[int] = set()
+    label = {i: _node_label(n, i) for i, n in enumerate(nodes)}
+    for i, n in enumerate(nodes):
+        if n.op_type != "Mul" or n.domain not in ("", "ai.onnx") or len(n.input) != 2 or i in absorbed:
+            continue
+        for x, s in ((n.input[0], n.input[1]), (n.input[1], n.input[0])):
+            sig = node_of(s, "Sigmoid")
+            if sig is not None and sig.input[0] == x and x != s:
+                fused[i] = ("silu", x, {}, [label[producer[s]], label[i]])
+                if read_once(s):
+                    absorbed.add(producer[s])
+                break
+
+    def cubic_input(v: str) -> tuple[str, list[int]] | None:
+        """(x, the nodes) for v = Mul(sqrt(2/pi), Add(x, Mul(0.044715, x^3))), x^3 as Mul(x, Mul(x, x)) or
+        Pow(x, 3), in any operand order, every value inside read once."""
+        b = node_of(v, "Mul")
+        if b is None or len(b.input) != 2:
+            return None
+        a_v = b.input[1] if near(b.input[0], math.sqrt(2 / math.pi)) else b.input[0]
+        if not near(other(b, a_v) or "", math.sqrt(2 / math.pi)):
+            return None
+        a = node_of(a_v, "Add")
+        if a is None or not read_once(a_v):
+            return None
+        for x, q_v in ((a.input[0], a.input[1]), (a.input[1], a.input[0])):
+            q = node_of(q_v, "Mul")
+            if q is None or not read_once(q_v) or len(q.input) != 2:
+                continue
+            p3_v = q.input[1] if near(q.input[0], 0.044715) else q.input[0]
+            if not near(other(q, p3_v) or "", 0.044715) or not read_once(p3_v):
+                continue
+            p3 = node_of(p3_v, "Mul") or node_of(p3_v, "Pow")
+            if p3 is None:
+                continue
+            if p3.op_type == "Pow":
+                if p3.input[0] == x and near(p3.input[1], 3.0):
+                    return x, [producer[v], producer[a_v], producer[q_v], producer[p3_v]]
+                continue
+            p2_v = other(p3, x)
+            p2 = node_of(p2_v, "Mul") if p2_v else None
+            if p2_v and p2 is not None and read_once(p2_v) and list(p2.input) == [x, x]:
+                return x, [producer[v], producer[a_v], producer[q_v], producer[p3_v], producer[p2_v]]
+        return None
+
+    for i, n in enumerate(nodes):
+        if n.op_type not in ("Erf", "Tanh") or i in absorbed or not read_once(n.output[0]):
+            continue
+        if not read_once(n.input[0]):
+            continue
+        if n.op_type == "Erf":
+            x = scaled_input(n.input[0])
+            inner = [producer[n.input[0]]] if x is not None else []
+        else:
+            found = cubic_input(n.input[0])
+            x, inner = found if found is not None else (None, [])
+        if x is None:
+            continue
+        add_i = readers[n.output[0]][0]
+        add = nodes[add_i]
+        one = other(add, n.output[0]) if add.op_type == "Add" else None
+        if one is None or not near(one, 1.0) or not read_once(add.output[0]):
+            continue
+        m1_i = readers[add.output[0]][0]
+        m1 = nodes[m1_i]
+        h = other(m1, add.output[0]) if m1.op_type == "Mul" else None
+        if h is None:
+            continue
+        chain = [*inner, i, add_i]
+        if h == x and read_once(m1.output[0]):  # (x (1 + erf)) * 0.5
+            m2_i = readers[m1.output[0]][0]
+            m2 = nodes[m2_i]
+            half = other(m2, m1.output[0]) if m2.op_type == "Mul" else None
+            if half is None or not near(half, 0.5):
+                continue
+            chain, root = chain + [m1_i], m2_i
+        else:  # (x * 0.5) (1 + erf)
+            hn = node_of(h, "Mul")
+            if hn is None or not read_once(h) or not any(near(o, 0.5) for o in hn.input) or x not in hn.input:
+                continue
+            chain, root = chain + [producer[h]], m1_i
+        if root in fused or any(j in fused or j in absorbed for j in chain):
+            continue
+        approx = "none" if n.op_type == "Erf" else "tanh"
+        fused[root] = ("gelu", x, {"approximate": approx}, [label[j] for j in sorted(chain + [root])])
+        absorbed.update(chain)
+    return fused, absorbed
 
 
 for _type, _conv_fn in default_converters(OPS).items():

@@ -64,6 +64,7 @@ class Scale(enum.Enum):
     SHIFT_UP = "shift-up"  # + shift (upscale)
     INTEGER = "integer"  # integers (scale 0)
     PRODUCT = "product"  # s_x + s_y: a product of two secret values (operands above f truncated first if needed)
+    SPLINE = "spline"  # input truncated to min(f, 14) if above it, output at f (spline gates)
 
 
 @dataclass(frozen=True)
@@ -1167,3 +1168,89 @@ def infer_shapes(kind: str, attrs: dict, in_shapes: list[tuple[int, ...]]) -> li
     if kind not in OPS:
         raise FsscError(f"unknown IR op kind {kind!r}")
     return [tuple(int(d) for d in s) for s in OPS[kind].shape(attrs, [tuple(s) for s in in_shapes])]
+
+
+# ------------------------------------------------------------------ spline gates
+def _spline_fit(op: Op, graph: Graph):
+    """The op's fitted spline (compiler/ir/splines.py) at its planned input and output scales."""
+    from fssc.compiler.ir import splines  # here: it imports the runtime's spec, and fits on first use
+
+    f = graph.meta.get("frac_bits", 12)
+    s_in = graph.values[op.inputs[0]].scale
+    s_out = graph.values[op.outputs[0]].scale
+    return splines.fit(SPLINE_KINDS[op.kind], op.attrs, f if s_in is None else s_in, f if s_out is None else s_out)
+
+
+def _spline_magnitude(op: Op, graph: Graph, inputs: list[np.ndarray]) -> int:
+    x = ring.signed(inputs[0])
+    return int(max(abs(int(x.max())), abs(int(x.min())))) if x.size else 0
+
+
+SPLINE_GATE = GateSpec(
+    "spline",
+    count=_elements,
+    depth=_one,
+    magnitude=_spline_magnitude,
+    runtime=lambda op, graph: rgates.Spline.bind(_spline_fit(op, graph).spec),
+)
+
+# IR kind -> the activation splines.fit knows (one entry each below)
+SPLINE_KINDS = {
+    "sigmoid": "sigmoid",
+    "tanh": "tanh",
+    "erf": "erf",
+    "silu": "silu",
+    "gelu": "gelu",
+    "hardsigmoid": "hardsigmoid",
+    "hardswish": "hardswish",
+}
+
+
+class _SplineOp:
+    """An activation evaluated as a spline gate (runtime/gates.py ``Spline``): the input at scale min(f, 14)
+    (a truncation first if it is above), DCFs over its m bits select a piece, whose polynomial each party
+    evaluates on x^ locally; one round opens it, an exact truncation brings it to scale f (3 rounds).
+    The error against the float function at the same input is the fit's ``bound`` (docs/protocol.md,
+    "Spline gates")."""
+
+    shape = staticmethod(_same_shape)
+
+    @staticmethod
+    def fixed(op, graph, env):
+        from fssc.compiler.ir import splines
+
+        return splines.evaluate(_spline_fit(op, graph).spec, env[op.inputs[0]])
+
+    @staticmethod
+    def lower(op, graph, bits):
+        from fssc.compiler.ir import splines
+
+        return {"m": bits, **splines.spline_params(_spline_fit(op, graph).spec)}
+
+
+def _spline_entry(kind: str, onnx: str | None, doc: str) -> None:
+    def run(attrs, x):
+        from fssc.compiler.ir import splines
+
+        return [splines.reference(SPLINE_KINDS[kind], attrs)(x)]
+
+    cls = type(kind.capitalize(), (_SplineOp,), {"run": staticmethod(run), "__doc__": doc})
+    register(kind, Role.GATE, Scale.SPLINE, SPLINE_GATE, onnx=onnx)(cls)
+
+
+_spline_entry(
+    "sigmoid", "Sigmoid", "1 / (1 + e^-x) (ONNX Sigmoid): cubic pieces on [-9.5, 9.5) at f = 12, 0 and 1 beyond."
+)
+_spline_entry("tanh", "Tanh", "tanh x (ONNX Tanh): cubic pieces on [-5, 5) at f = 12, -1 and 1 beyond.")
+_spline_entry("erf", "Erf", "erf x (ONNX Erf): cubic pieces on [-3, 3) at f = 12, -1 and 1 beyond.")
+_spline_entry("silu", None, "x sigmoid(x) (the importer fuses Mul(x, Sigmoid(x))): cubic pieces, 0 and x beyond.")
+_spline_entry(
+    "gelu",
+    None,
+    "x (1 + erf(x / sqrt 2)) / 2 (ONNX Gelu, and the importer's fusion of its erf form), or its tanh "
+    "approximation (approximate='tanh'): cubic pieces, 0 and x beyond.",
+)
+_spline_entry(
+    "hardsigmoid", None, "max(0, min(1, alpha x + beta)) (ONNX HardSigmoid): its linear piece exactly, 0 and 1 beyond."
+)
+_spline_entry("hardswish", "HardSwish", "x HardSigmoid(x) with 1/6, 1/2 (ONNX HardSwish): x(x + 3)/6, 0 and x beyond.")
