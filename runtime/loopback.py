@@ -69,6 +69,7 @@ def party_command(prog: str, party: int, keys: str, certs: str, *args) -> list[s
     (the data owner's regenerated from the manifest and checked against the received file first)."""
     return [
         sys.executable,
+        "-P",  # not the current folder first on the import path: it may hold files the model owner sent
         "-m",
         "fssc.cli",
         "run",

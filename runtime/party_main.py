@@ -48,7 +48,7 @@ from fssc.runtime.session import (
 )
 from fssc.runtime.transport import Listener, client_handshake, connect, server_handshake
 
-from fssc.errors import FsscError, os_error_message
+from fssc.errors import FsscError, os_error_message, printable
 from fssc.files import write_atomic
 
 
@@ -87,7 +87,7 @@ def main(role: str, mod, argv: list[str]) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"fssc {role}: error: {e}", file=sys.stderr, flush=True)
+        print(f"fssc {role}: error: {printable(str(e))}", file=sys.stderr, flush=True)
         return 2
     except OSError as e:  # e.g. the listen port is in use, a certificate file is unreadable
         print(f"fssc {role}: error: {os_error_message(e)}", file=sys.stderr, flush=True)

@@ -56,13 +56,13 @@ ROLE_DIRS = {"party0": "p0", "party1": "p1"}
 
 # ------------------------------------------------------------ programs
 def manifest_hash(public: dict) -> str:
-    """The program hash: SHA-256 (first 128 bits, hex) of ``manifest.json``'s content without its
+    """The program hash: SHA-256 (hex) of ``manifest.json``'s content without its
     ``program_hash``, as canonical JSON. That content is everything P0's and the dealer's programs are
     generated from (the public IR) and the fssc version that generates them, so the hash names exactly what
     ``fssc check`` regenerates."""
     canonical = json.loads(json.dumps(public))  # as a reader of the file sees it (tuples as lists, str keys)
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:32]
+    return hashlib.sha256(blob).hexdigest()
 
 
 def load_manifest(prog_dir: str) -> dict:
@@ -73,9 +73,9 @@ def load_manifest(prog_dir: str) -> dict:
     try:
         with open(path) as fh:
             m = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FsscError(f"{path}: not JSON ({e})") from None
-    if not isinstance(m, dict) or "program_hash" not in m:
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, an integer too long, nesting too deep
+        raise FsscError(f"{path}: not a readable JSON manifest ({type(e).__name__})") from None
+    if not isinstance(m, dict) or not isinstance(m.get("program_hash"), str):
         raise FsscError(f"{path}: not an fssc manifest (no program_hash)")
     if manifest_hash({k: v for k, v in m.items() if k != "program_hash"}) != m["program_hash"]:
         raise FsscError(

@@ -79,19 +79,27 @@ def test_an_untouched_program_passes(progs, run_fssc, party):
     assert c.text == (progs[0] / role / "program.py").read_text()
 
 
-def test_programs_compiled_twice_are_identical_and_pass_in_either_folder(progs):
-    """A compile on another machine (another folder) gives the same manifest and programs, so the check of
-    one folder's programs against the other's manifest passes too."""
+def test_programs_compiled_twice_are_identical_and_pass_in_either_folder(progs, tmp_path):
+    """A compile on another machine (another folder) gives the same manifest and programs, so one folder's
+    programs pass the check against the other's manifest."""
     a, b = progs
     for f in ("manifest.json", "party0/program.py", "dealer/program.py"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    mixed = tmp_path / "mixed"
+    shutil.copytree(a, mixed)
     for role in trust.CHECKED_ROLES:
-        assert trust.check(str(b), role).program_hash == trust.check(str(a), role).program_hash
+        shutil.copy(b / role / "program.py", mixed / role / "program.py")
+        assert trust.check(str(mixed), role).program_hash == trust.check(str(b), role).program_hash
 
 
-def test_the_regenerated_program_is_what_runs(progs):
+def test_the_regenerated_program_is_what_runs(progs, monkeypatch):
     """The module fssc run executes is built from the regenerated text (its file name is the received one's,
-    for messages); the received file itself is never imported."""
+    for messages); the received file itself is never read as a program."""
+
+    def never(*a, **k):
+        raise AssertionError("the received program was loaded")
+
+    monkeypatch.setattr(session, "load_program", never)
     mod = trust.checked_program(str(progs[0]), "party0")
     assert mod.__file__ == f"{progs[0]}/party0/program.py" and mod.ROLE == "party0"
     m = json.loads((progs[0] / "manifest.json").read_text())
@@ -258,6 +266,71 @@ def test_a_malformed_public_ir_is_refused_even_with_a_valid_hash(progs, kind, ed
     with pytest.raises(FsscError) as e:
         render(from_manifest(bad, "m.json"), "party0")
     assert "\n" not in str(e.value) and why in str(e.value), str(e.value)
+
+
+def _with(m: dict, **changes) -> dict:
+    m = copy.deepcopy(m)
+    for path, value in changes.items():
+        *head, last = path.split("__")
+        target = m
+        for k in head:
+            target = target[int(k)] if k.isdigit() else target[k]
+        if value is KeyError:
+            del target[int(last) if last.isdigit() else last]
+        else:
+            target[int(last) if last.isdigit() else last] = value
+    return _rehash(m)
+
+
+@pytest.mark.parametrize(
+    "change,why",
+    [
+        ({"inputs__0__scale": 62}, "is not at scale frac_bits"),  # a refusal oracle on the data owner's values
+        ({"inputs__0__shape": [2, 3, 12, 13]}, "disagrees with its statement"),
+        ({"outputs__0__masked": KeyError}, "outputs must be records of"),
+        ({"outputs__0__kind": "images"}, "is not a labels or logits output"),
+        ({"outputs__0__var": "v0"}, "disagrees with the program's output statements"),
+    ],
+)
+def test_inputs_and_outputs_must_be_the_programs(progs, change, why):
+    m = json.loads((progs[0] / "manifest.json").read_text())
+    with pytest.raises(FsscError) as e:
+        from_manifest(_with(m, **change), "m.json")
+    assert why in str(e.value), str(e.value)
+
+
+def test_parameters_are_finite_data_under_identifier_names(progs):
+    m = json.loads((progs[0] / "manifest.json").read_text())
+    nan = _stmt_edit(m, "relu", lambda s: s["params"].update(m=float("nan")))
+    nested = _stmt_edit(m, "linear", lambda s: s["params"]["fn_args"].update({"x=1)#": 1}))
+    huge = _stmt_edit(m, "linear", lambda s: s["params"].update(x_shape=[1 << 20, 1 << 20, 4]))
+    for bad in (nan, nested, huge):
+        with pytest.raises(FsscError, match=r"plain data under identifier names|a shape that is not"):
+            from_manifest(bad, "m.json")
+
+
+def test_messages_from_a_hostile_manifest_stay_one_line(prog, run_fssc):
+    """Names from the manifest cannot print lines of their own (or terminal escapes) in an error."""
+    path = prog / "manifest.json"
+    m = json.loads(path.read_text())
+    m["program_hash"] = "x\nok: all good\x1b[2K"
+    path.write_text(json.dumps(m))
+    r = run_fssc("check", prog, "--party", "0")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "\x1b" not in r.stderr, r.stderr
+    assert r.stdout == ""
+
+
+def test_line_endings_are_named(prog, run_fssc):
+    path = prog / "party0" / "program.py"
+    path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+    r = run_fssc("check", prog, "--party", "0")
+    assert r.returncode == 2 and "differs only in its line endings (CRLF)" in r.stderr, r.stderr
+
+
+def test_check_shows_what_acts_on_the_images_before_anything_is_sent(progs, run_fssc):
+    r = run_fssc("check", progs[0], "--party", "0")
+    lines = r.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[1:]] == ["inputs", "preprocessing", "input guard"], r.stdout
 
 
 def test_another_fssc_version_is_refused(progs):

@@ -260,7 +260,7 @@ def render_program(prog: SecureProgram, role: str) -> Rendered:
     header = []
     if role in ("party0", "party1"):
         header.append("# weighted layers: tag -> weight shape (W^ = W + A is sent to P0 once per session)")
-        header.append("LINEAR_WEIGHTS = " + json.dumps({st.tag: st.params["w_shape"] for st in prog.linears}))
+        header.append("LINEAR_WEIGHTS = " + repr({st.tag: st.params["w_shape"] for st in prog.linears}))
     title, doc = ROLES[role]
     bodies = _functions(prog, role)
     functions = [

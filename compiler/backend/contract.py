@@ -107,6 +107,9 @@ class Call:
     def render(self) -> str:
         """The call's text, its keyword arguments in the order of the runtime function's parameters (so the
         text does not depend on the order a statement's parameters were stored in)."""
+        bad = [k for k in self.kwargs if not (isinstance(k, str) and k.isidentifier())]
+        if bad:
+            raise FsscError(f"lib.{self.fn}: argument names {bad!r} are not identifiers")
         order = {name: i for i, name in enumerate(signature(self.fn).parameters)}
         items = sorted(self.kwargs.items(), key=lambda kv: order.get(kv[0], len(order)))
         args = ([self.ctx] if self.ctx else []) + [f"{k}={_render_value(v)}" for k, v in items]

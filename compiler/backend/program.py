@@ -22,6 +22,7 @@ passes, torch or onnx: the data owner's installation runs them
 from __future__ import annotations
 
 import keyword
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -112,6 +113,7 @@ class SecureProgram:
 
 # ------------------------------------------------------------ the public form, read back
 _VAR = re.compile(r"v[0-9]+")
+MAX_ELEMENTS = 1 << 31  # the largest tensor a statement may name (the check builds the linear layers' operands)
 
 
 def _name(v) -> bool:
@@ -119,15 +121,26 @@ def _name(v) -> bool:
 
 
 def _json_data(v) -> bool:
-    """Plain JSON data (what a public parameter may be): no code can hide in it, code generation writes it
-    with ``repr``."""
-    if v is None or isinstance(v, bool | int | float | str):
+    """Plain JSON data (what a public parameter may be): ``repr`` writes it as a Python literal, so no code can
+    hide in it (finite floats only: ``repr`` of NaN is a name; dict keys are identifiers, as keyword names)."""
+    if v is None or isinstance(v, bool | int | str):
         return True
+    if isinstance(v, float):
+        return math.isfinite(v)
     if isinstance(v, list):
         return all(_json_data(x) for x in v)
     if isinstance(v, dict):
-        return all(isinstance(k, str) and _json_data(x) for k, x in v.items())
+        return all(_name(k) and _json_data(x) for k, x in v.items())
     return False
+
+
+def _shape(v) -> bool:
+    return (
+        isinstance(v, list)
+        and all(type(d) is int and d >= 0 for d in v)
+        and math.prod(v) <= MAX_ELEMENTS
+        and len(v) <= 16
+    )
 
 
 def _stmt_from(d, i: int, where: str) -> Stmt:
@@ -145,8 +158,11 @@ def _stmt_from(d, i: int, where: str) -> Stmt:
         raise bad(f"operands {args!r}: expected a list of variables v<N>")
     if not isinstance(params, dict) or not all(_name(k) for k in params) or not _json_data(params):
         raise bad("public parameters must be plain data under identifier names")
-    if not isinstance(d["tag"], str) or not isinstance(d["comment"], str):
-        raise bad("tag and comment must be strings")
+    if not isinstance(d["tag"], str) or not isinstance(d["comment"], str):  # both written as data (repr, comment)
+        raise bad("its tag and its comment must be strings")
+    shapes = [params[k] for k in ("shape", "x_shape", "y_shape", "w_shape") if k in params]
+    if not all(_shape(s) for s in shapes):
+        raise bad(f"a shape that is not a list of at most 16 sizes of at most {MAX_ELEMENTS} elements in all")
     fns = {"linear": lib.BILINEAR_MAPS, "local": lib.LOCAL_FUNCTIONS}.get(kind)
     if fns is not None and params.get("fn") not in fns:
         raise bad(f"{kind} statement names {params.get('fn')!r}, not one of the runtime's {kind} functions")
@@ -188,14 +204,9 @@ def from_manifest(m: dict, where: str = "manifest.json") -> SecureProgram:
         tags.add(st.tag)
         if st.out is not None:
             defined.add(st.out)
-    for key in ("inputs", "outputs"):
-        if not isinstance(m[key], list) or not all(isinstance(o, dict) and _json_data(o) for o in m[key]):
-            raise FsscError(f"{where}: {key} must be a list of records")
+    _check_records(m, stmts, defined, where)
     info = {k: v for k, v in public.items() if k not in CORE_KEYS}
     prog = SecureProgram(m["name"], stmts, m["inputs"], m["outputs"], m["frac_bits"], ir_shapes=None, info=info)
-    ins = {st.out for st in stmts if st.kind == "input"}
-    if {i.get("var") for i in prog.inputs} != ins or not all(o.get("var") in defined for o in prog.outputs):
-        raise FsscError(f"{where}: its inputs and outputs are not the program's input and output variables")
     try:
         check_program(prog)
     except FsscError as e:
@@ -203,6 +214,38 @@ def from_manifest(m: dict, where: str = "manifest.json") -> SecureProgram:
     if prog.hash != m["program_hash"]:  # read back, it must be the program the manifest describes
         raise FsscError(f"{where}: does not read back as the program it describes (a compiler bug)")
     return prog
+
+
+def _check_records(m: dict, stmts: list[Stmt], defined: set[str], where: str) -> None:
+    """The manifest's inputs and outputs, which the data owner's command line reads: each input is an input
+    statement's (its name, variable and shape) at the program's scale f, and each output a variable the
+    program defines, with its kind, scale and whether P0 unmasks it."""
+    fields = {
+        "inputs": {"name": str, "var": str, "shape": list, "scale": int},
+        "outputs": {"name": str, "var": str, "shape": list, "scale": int, "kind": str, "masked": bool},
+    }
+    for key, spec in fields.items():
+        recs = m[key]
+        if not isinstance(recs, list) or not all(
+            isinstance(r, dict) and set(r) == set(spec) and all(type(r[k]) is t for k, t in spec.items()) for r in recs
+        ):
+            raise FsscError(f"{where}: {key} must be records of {', '.join(spec)}")
+    by_var = {st.out: st for st in stmts if st.kind == "input"}
+    if [i["var"] for i in m["inputs"]] != list(by_var):
+        raise FsscError(f"{where}: its inputs are not the program's input statements")
+    for i in m["inputs"]:
+        st = by_var[i["var"]]
+        if i["name"] != st.params.get("name") or i["shape"] != st.params.get("shape") or i["scale"] != m["frac_bits"]:
+            raise FsscError(
+                f"{where}: input {i['name']!r} disagrees with its statement (name, shape) or is not at scale "
+                f"frac_bits = {m['frac_bits']}"
+            )
+    outs = {st.params.get("name"): st.args for st in stmts if st.kind == "output"}
+    for o in m["outputs"]:
+        if o["var"] not in defined or o["kind"] not in ("labels", "logits") or not _shape(o["shape"]):
+            raise FsscError(f"{where}: output {o['name']!r} is not a labels or logits output of the program")
+        if o["masked"] != (o["name"] in outs) or (o["masked"] and outs[o["name"]] != [o["var"]]):
+            raise FsscError(f"{where}: output {o['name']!r} disagrees with the program's output statements")
 
 
 # ------------------------------------------------------------ the structural check
@@ -258,7 +301,7 @@ def check_program(prog: SecureProgram) -> None:
             shape = _shape_of(st, [shapes[a] for a in st.args])
         except FsscError as e:
             raise FsscError(f"lowering: {st.label} ({st.kind}): {e}") from None
-        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError) as e:
             raise FsscError(
                 f"lowering: {st.label} ({st.kind}): the runtime cannot take its operands "
                 f"{[tuple(shapes[a].shape) for a in st.args]}: {type(e).__name__}: {e}"

@@ -36,9 +36,11 @@ class Checked:
     """A received program that matched: the path, its (regenerated, identical) text, and what it is."""
 
     path: str
+    role: str
     text: str
     program_hash: str
     statements: int
+    manifest: dict
 
 
 def role_name(party: str) -> str:
@@ -51,6 +53,10 @@ def role_name(party: str) -> str:
 
 def _first_difference(want: str, got: str, path: str) -> str:
     """One line: the first line where ``got`` differs from ``want``, and the statement it belongs to."""
+    if got.replace("\r\n", "\n") == want:
+        return f"{path} differs only in its line endings (CRLF)"
+    if got.rstrip("\n") == want.rstrip("\n"):
+        return f"{path} differs only in the newlines at its end"
     w, g = want.splitlines(), got.splitlines()
     i = next((i for i, (a, b) in enumerate(zip(w, g, strict=False)) if a != b), min(len(w), len(g)))
     stmt = next((w[j].strip()[2:] for j in range(min(i, len(w) - 1), -1, -1) if w[j].strip().startswith("# ")), None)
@@ -85,7 +91,7 @@ def check(prog_dir: str, role: str) -> Checked:
             f"refused: {_first_difference(want, text, path)} (it is not the program fssc generates from "
             f"{os.path.join(prog_dir, 'manifest.json')}; nothing was run)"
         )
-    return Checked(path, want, prog.hash, len(prog.stmts))
+    return Checked(path, role, want, prog.hash, len(prog.stmts), manifest)
 
 
 def checked_program(prog_dir: str, role: str, skip_check: bool = False):

@@ -25,7 +25,7 @@ import click
 
 from fssc import __version__
 from fssc.cli.runtime_commands import certs, check, deal, keys, run
-from fssc.errors import FsscError, os_error_message
+from fssc.errors import FsscError, os_error_message, printable
 
 COMPILER_MODULE = "fssc.cli.compiler_commands"
 COMPILER_COMMANDS = ("bench", "compile", "demo", "export", "ir", "view")  # the names COMPILER_MODULE.COMMANDS holds
@@ -61,7 +61,7 @@ def main(argv=None):
     try:
         cli.main(args=argv, prog_name="fssc", standalone_mode=False)
     except FsscError as e:
-        click.echo(f"fssc: error: {e}", err=True)
+        click.echo(f"fssc: error: {printable(str(e))}", err=True)
         sys.exit(e.exit_code)
     except OSError as e:  # a path that cannot be written, a port in use, ...
         click.echo(f"fssc: error: {os_error_message(e)}", err=True)

@@ -11,9 +11,11 @@ and the dealer's programs from the manifest, so neither ever runs code the model
 
 from __future__ import annotations
 
+import json
+
 import click
 
-from fssc.errors import FsscError
+from fssc.errors import FsscError, printable
 
 PROG = click.argument("prog", type=click.Path(file_okay=False, exists=True))
 SKIP_CHECK = click.option(
@@ -51,6 +53,10 @@ def check(prog, party):
         f"ok: {c.path} is the program fssc generates from {prog}/manifest.json "
         f"(program {c.program_hash}, {c.statements} statements)"
     )
+    if c.role == "party0":  # what acts on the images before anything is sent, chosen by the model owner too
+        click.echo(f"inputs: {printable(json.dumps(c.manifest['inputs']))}")
+        click.echo(f"preprocessing: {printable(json.dumps(c.manifest.get('preprocess', {})))}")
+        click.echo(f"input guard: {printable(json.dumps(c.manifest.get('input_guard', {})))}")
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
