@@ -62,6 +62,8 @@ def start_p1(
     while not ready.exists():
         if proc.poll() is not None:
             out, err = proc.communicate()
+            if log is not None:
+                out, err = Path(log).read_text(), ""
             pytest.fail(f"party1 exited early ({proc.returncode}):\n{out}\n{err}")
         if time.time() > deadline:
             stop(proc, 0)

@@ -98,7 +98,7 @@ def _wait_for(done, proc, seconds: float = 60.0) -> None:
 
 
 def _collect_masked_weights(tiny, prog: Path, keys: Path, batch: int) -> dict[str, np.ndarray]:
-    """A data owner that keeps what the model owner sends first (W^) and then hangs up."""
+    """A data owner that keeps what the model owner sends first (W^), starts the batch and hangs up."""
     from fssc.runtime.transport import client_handshake, connect
 
     man = tiny["man"]
@@ -116,6 +116,7 @@ def _collect_masked_weights(tiny, prog: Path, keys: Path, batch: int) -> dict[st
         client_handshake(chan, hello)
         shapes = session.load_program(str(prog), "party0").LINEAR_WEIGHTS
         w_hat = {t: np.array(a) for t, a in session.recv_weights(chan, shapes).items()}
+        session.p0_start_batch(chan, batch)
         chan.close()
         # it opens the batch, finds the peer gone, logs the failed session and keeps listening
         _wait_for((keys / "p1" / f"batch{batch:04d}.used").exists, p1)
