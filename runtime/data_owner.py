@@ -119,11 +119,11 @@ def input_set(a: argparse.Namespace, manifest: dict) -> InputSet:
     )
     chw = tuple(manifest["inputs"][0]["shape"][1:])
     if a.input:
-        x = load_inputs(a.input, pre, chw)  # type: ignore[arg-type]
+        x = load_inputs(a.input, pre, chw)
         return InputSet([f"{a.input}[{i}]" for i in range(len(x))], lambda idx: x[idx])
     files = list_images(a.images)
     if not files:
-        load_inputs(a.images, pre, chw)  # type: ignore[arg-type]  # the one-line "no images found"
+        load_inputs(a.images, pre, chw)  # the one-line "no images found"
 
     def load(idx: list[int]) -> np.ndarray:
         out = []

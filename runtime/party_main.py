@@ -1,16 +1,21 @@
 """Command line of the generated party programs.
 
     python prog/party1/program.py --keys keys/p1 --listen 0.0.0.0:7601 --certs certs/
-    python prog/party0/program.py --keys keys/p0 --peer HOST:7601 --certs certs/ --images DIR
+    python prog/party0/program.py --keys keys/p0 --peer HOST:7601 --certs certs/ --images DIR --out labels.jsonl
 
 The model owner (party1) listens, serves one data owner's session and exits;
 it prints nothing about results (it has none). A client it refuses (a bad
 certificate, an idle connection, a refused handshake) or whose session fails
-(a message that is not what the program expects at that step) is logged in one
-line and the model owner keeps listening for the next. The data owner (party0) reads
-its images (or ``--input x.npy``), runs one key batch per image batch, prints
-the labels (and logits with ``--output logits`` when the program outputs
-them) and writes ``--out FILE`` (JSON) only after a batch completes.
+(a message that is not what the program expects at that step, a peer that
+closed or fell silent) is logged in one line and the model owner keeps
+listening for the next, for up to ``--connect-timeout`` seconds each time.
+The data owner (party0, :mod:`fssc.runtime.data_owner`) reads its images (or
+``--input x.npy``), runs one key batch per image batch, prints the labels
+(and logits with ``--output logits`` when the program outputs them) and
+appends them to ``--out FILE`` (JSON lines) after each completed batch;
+``--resume`` finishes a set an interrupted run left. Both take
+``--connect-timeout`` (waiting for the peer to connect or listen) and
+``--peer-timeout`` (a peer silent mid-session).
 """
 
 from __future__ import annotations

@@ -395,7 +395,7 @@ def connect(
     ctx = _context(certs, 0)
     token = os.urandom(16).hex()
     deadline = time.monotonic() + connect_timeout
-    socks = {}
+    socks: dict[str, ssl.SSLSocket] = {}
     for direction in ("up", "down"):
         raw = _connect_retrying(addr, host, port, deadline, connect_timeout, log)
         try:
