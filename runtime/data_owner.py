@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -208,7 +209,13 @@ def label(mod, manifest: dict, a: argparse.Namespace, hello: Callable[[dict], di
     connect_s, peer_s = timeouts(a)
     inputs = input_set(a, manifest)
     results = ResultsFile(a.out, mod.PROGRAM_HASH, a.resume) if a.out else None
-    todo = [i for i, n in enumerate(inputs.names) if results is None or n not in results.done]
+    done = {os.path.normpath(n) for n in results.done} if results is not None else set()
+    todo = [i for i, n in enumerate(inputs.names) if os.path.normpath(n) not in done]
+    if done and len(todo) == len(inputs.names):
+        raise FsscError(
+            f"{a.out}: labels {len(done)} input(s), none of them among these {len(inputs.names)} (it names inputs "
+            f"by their path as given, e.g. {sorted(done)[0]}): resume with the first run's --images or --input path"
+        )
     if not todo:
         print(f"fssc party0: all {len(inputs.names)} input(s) are already labelled in {a.out}", flush=True)
         return 0

@@ -1,7 +1,8 @@
 """The data owner's results file (``--out FILE``): JSON lines, one record per input.
 
 A record is ``{"input": NAME, "label": L, "logits": [...], "batch": B, "program": HASH}``: NAME is the
-image's path (or ``x.npy[i]`` for ``--input x.npy``), ``logits`` only when the program outputs them and
+image's path as found under ``--images DIR`` as given (or ``x.npy[i]`` for ``--input x.npy``; ``--resume``
+matches inputs by it), ``logits`` only when the program outputs them and
 they were asked for (``--output logits``, the default for such programs), B the key batch that labelled
 it. A batch's records are appended in one write, flushed and fsync'd once the batch has completed,
 never before: an interrupted run leaves whole records of whole batches. A crash inside that write can

@@ -260,6 +260,7 @@ def test_a_delaying_network_completes_with_the_reference_labels(tiny, keys, tmp_
         if p1.poll() is None:
             stop(p1, 0)
     assert r0.returncode == 0, r0.stderr
+    assert r0.stderr == "", "no progress bar when stderr is not a terminal"
     assert p1.returncode == 0, out1 + err1
     recs = read_results(str(out))
     assert [r["batch"] for r in recs] == [0, 0, 1, 1, 2]  # 5 images: the last batch padded, its padding dropped
@@ -342,6 +343,12 @@ def test_an_existing_results_file_needs_resume(tiny, keys, tmp_path):
     r = run_p0(tiny["prog"], keys, tiny["certs"], unused, "--images", images, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
     assert f"all 5 input(s) are already labelled in {out}" in r.stdout
+    r = run_p0(tiny["prog"], keys, tiny["certs"], unused, "--images", f"{images}/./", "--out", out, "--resume")
+    assert r.returncode == 0 and "already labelled" in r.stdout, "another spelling of the same folder"
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(images, elsewhere)
+    r = run_p0(tiny["prog"], keys, tiny["certs"], unused, "--images", elsewhere, "--out", out, "--resume")
+    assert r.returncode == 2 and "none of them among these 5" in r.stderr, r.stderr
     assert not list((keys / "p0").glob("*.used"))
 
 
