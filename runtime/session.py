@@ -445,7 +445,10 @@ def p0_start_batch(chan, batch: int) -> None:
 
 def p1_await_batch(chan, batch: int) -> None:
     """P1: wait for the data owner to start ``batch`` (it has marked the batch used) before opening it."""
-    msg = chan.recv_json()
+    try:
+        msg = chan.recv_json()
+    except FsscError as e:
+        raise FsscError(f"start of batch {batch}: {e}") from None
     if msg.get("start") != batch:
         raise FsscError(f"start of batch {batch}: the data owner sent {json.dumps(msg)[:80]}, expected batch {batch}")
 

@@ -370,3 +370,41 @@ def test_results_file_keeps_whole_records(tmp_path):
     out.write_text('{"input": "a.png", "label": 1}\nnot json\n{"input": "b.png", "label": 0}\n')
     with pytest.raises(FsscError, match="line 2 is not a result record"):
         read_results(str(out))
+
+
+def test_model_owner_opens_a_batch_only_once_the_data_owner_starts_it(tiny, keys, tmp_path):
+    """A data owner that takes the masked weights and then names another batch (or hangs up) leaves the
+    model owner's batch unused: it logs the failed session in one line and keeps listening."""
+    from fssc.runtime import session
+    from fssc.runtime.keys import peek_header
+    from fssc.runtime.transport import client_handshake, connect
+
+    man = json.loads((tiny["prog"] / "manifest.json").read_text())
+    log1 = tmp_path / "p1.log"
+    p1, port = start_p1(tiny["prog"], keys, tiny["certs"], tmp_path, timeout=60, peer_timeout=SHORT, log=log1)
+    try:
+        hello = {
+            "protocol": man["protocol"],
+            "program": man["program_hash"],
+            "role": "party0",
+            "fssc": man["fssc_version"],
+            "batches": [0],
+            "deal": peek_header(str(keys / "p0" / "batch0000.key"))["deal"],
+        }
+        for start in ({"start": 1}, None):
+            chan = connect(f"127.0.0.1:{port}", str(tiny["certs"]), timeout=SHORT)
+            client_handshake(chan, hello)
+            session.recv_weights(chan, session.load_program(str(tiny["prog"]), "party0").LINEAR_WEIGHTS)
+            if start is not None:
+                chan.send_json(start)
+            chan.close()
+        deadline = time.time() + 30
+        while len([ln for ln in log1.read_text().splitlines() if "failed" in ln]) < 2:
+            assert p1.poll() is None and time.time() < deadline, log1.read_text()
+            time.sleep(0.05)
+    finally:
+        stop(p1, 0)
+    failed = [ln for ln in log1.read_text().splitlines() if "failed" in ln]
+    assert 'start of batch 0: the data owner sent {"start": 1}, expected batch 0' in failed[0], failed
+    assert "start of batch 0: peer closed the connection" in failed[1], failed
+    assert session.unused_batches(str(keys / "p1"))[:1] == [0], "the model owner used a batch nobody started"
