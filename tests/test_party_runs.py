@@ -408,3 +408,30 @@ def test_model_owner_opens_a_batch_only_once_the_data_owner_starts_it(tiny, keys
     assert 'start of batch 0: the data owner sent {"start": 1}, expected batch 0' in failed[0], failed
     assert "start of batch 0: peer closed the connection" in failed[1], failed
     assert session.unused_batches(str(keys / "p1"))[:1] == [0], "the model owner used a batch nobody started"
+
+
+def test_a_data_owner_computing_longer_than_the_silence_timeout_is_not_silent(tiny, keys, tmp_path, monkeypatch):
+    """The data owner (in this process, default timeouts) spends twice the model owner's silence timeout
+    on each batch before its first message: its heartbeats keep the session alive, and the results are right."""
+    from fssc.runtime import data_owner, party_main, session
+
+    slow = data_owner.run_p0_batch
+
+    def run_p0_batch(*args, **kwargs):
+        time.sleep(2 * SHORT)  # a long offline phase: nothing to send
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(data_owner, "run_p0_batch", run_p0_batch)
+    out = tmp_path / "out.jsonl"
+    p1, port = start_p1(tiny["prog"], keys, tiny["certs"], tmp_path, timeout=60, peer_timeout=SHORT)
+    try:
+        mod = session.load_program(str(tiny["prog"]), "party0")
+        argv = ["--keys", keys / "p0", "--peer", f"127.0.0.1:{port}", "--certs", tiny["certs"]]
+        rc = party_main.main("party0", mod, [str(a) for a in [*argv, "--input", tiny["tmp"] / "x.npy", "--out", out]])
+        out1, err1 = stop(p1)
+    finally:
+        if p1.poll() is None:
+            stop(p1, 0)
+    assert rc == 0 and p1.returncode == 0, out1 + err1
+    assert "failed" not in out1
+    _check_records(tiny, read_results(str(out)))
