@@ -138,20 +138,27 @@ def input_set(a: argparse.Namespace, manifest: dict) -> InputSet:
     return InputSet(files, load)
 
 
-def check_inputs(manifest: dict, inputs: InputSet, todo: list[int], batch: int, allow_out_of_range: bool) -> None:
-    """Read and check every input to label, a batch at a time, before anything is sent."""
+def check_batch(manifest: dict, x: np.ndarray, names: list[str], allow_out_of_range: bool) -> str | None:
+    """Raise if a batch of inputs cannot be encoded, or is out of the compiled range (unless allowed);
+    returns the out-of-range sentence when it is allowed."""
     inp = manifest["inputs"][0]
+    broken = unencodable(x, inp["scale"], names)
+    if broken:
+        raise FsscError(f"input %{inp['name']}: {broken}")
+    problem = out_of_range(manifest, inp["name"], ring.encode(x, inp["scale"]), names)
+    if problem and not allow_out_of_range:
+        raise FsscError(f"{problem}; {FIXES}")
+    return problem
+
+
+def check_inputs(manifest: dict, inputs: InputSet, todo: list[int], batch: int, allow_out_of_range: bool) -> None:
+    """Read and check every input to label, a batch at a time, before anything is sent (each batch is
+    checked again as it is read for its session)."""
     problem = None
     for k in range(0, len(todo), batch):
         idx = todo[k : k + batch]
-        names = [inputs.names[i] for i in idx]
-        x = inputs.load(idx)
-        broken = unencodable(x, inp["scale"], names)
-        if broken:
-            raise FsscError(f"input %{inp['name']}: {broken}")
-        problem = problem or out_of_range(manifest, inp["name"], ring.encode(x, inp["scale"]), names)
-        if problem and not allow_out_of_range:
-            raise FsscError(f"{problem}; {FIXES}")
+        found = check_batch(manifest, inputs.load(idx), [inputs.names[i] for i in idx], allow_out_of_range)
+        problem = problem or found  # the first one is reported
     if problem:
         print(f"fssc party0: warning: {problem}; running anyway (--allow-out-of-range)", file=sys.stderr, flush=True)
 
@@ -241,6 +248,7 @@ def label(mod, manifest: dict, a: argparse.Namespace, hello: Callable[[dict], di
         with bar:
             for b, idx in zip(use, groups, strict=True):
                 x = inputs.load(idx)
+                check_batch(manifest, x, [inputs.names[i] for i in idx], a.allow_out_of_range)  # changed since?
                 if len(x) < bs:  # the last batch: pad with its last input, whose extra results are dropped
                     x = np.concatenate([x, np.repeat(x[-1:], bs - len(x), axis=0)])
                 with use_batch(a.keys, 0, b, mod.PROGRAM_HASH, deal) as keys:
