@@ -101,7 +101,7 @@ def party0_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run inputs outside the range the program was compiled for (results may be wrong; a warning)",
     )
-    add_timeout_args(ap, "the model owner to listen (a data owner started first retries)")
+    add_timeout_args(ap, "the model owner to listen, retrying")
     return ap
 
 

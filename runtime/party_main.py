@@ -130,12 +130,13 @@ def _log(role: str):
 def main_party1(mod, argv) -> int:
     ap = argparse.ArgumentParser(
         prog="party1/program.py",
-        description="fssc model owner (party 1): serve one data owner's session over mutual TLS.",
+        description="fssc model owner (party 1): serve one data owner's session over mutual TLS. A refused "
+        "client or a failed session (one line each) does not end it: it listens for the next.",
     )
     ap.add_argument("--keys", required=True, help="this party's key directory (keys/p1)")
     ap.add_argument("--listen", required=True, metavar="HOST:PORT")
     ap.add_argument("--certs", default="certs", help="directory with ca.pem, party1.pem, party1.key")
-    add_timeout_args(ap, "a data owner to connect (each time it listens)")
+    add_timeout_args(ap, "a data owner to connect, each time it listens")
     ap.add_argument("--ready-file", help=argparse.SUPPRESS)  # for tests/demo: written once listening
     a = ap.parse_args(argv)
     connect_s, peer_s = timeouts(a)
