@@ -52,15 +52,15 @@ def _online(prog: str, workdir: str, x: np.ndarray) -> float:
     if not os.path.exists(os.path.join(certs, "ca.pem")):
         make_certs(certs)
     shutil.rmtree(keys, ignore_errors=True)
-    npy, out = os.path.join(workdir, "x1.npy"), os.path.join(workdir, "online.json")
+    npy, out = os.path.join(workdir, "x1.npy"), os.path.join(workdir, "stats.json")
     np.save(npy, x)
     try:
         deal(prog, keys, 1)
-        run = run_loopback(prog, keys, certs, ["--input", npy, "--out", out])
+        run = run_loopback(prog, keys, certs, ["--input", npy, "--stats", out])
         if run.p0_rc or run.p1_rc:
             raise SystemExit(f"two-party run failed:\n{run.p0_out}{run.p0_err}{run.p1_out}")
         with open(out) as fh:
-            return float(json.load(fh)["stats"]["timings"]["online"])
+            return float(json.load(fh)["timings"]["online"])
     finally:
         shutil.rmtree(keys, ignore_errors=True)  # 224x224 keys are gigabytes
 

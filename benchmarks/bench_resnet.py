@@ -43,6 +43,7 @@ def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> di
     from fssc.runtime.certs import make_certs
     from fssc.runtime.images import Preprocess, load_inputs
     from fssc.runtime.loopback import run_loopback
+    from fssc.runtime.results import read_results
     from rich.console import Console
 
     os.makedirs(workdir, exist_ok=True)
@@ -63,13 +64,14 @@ def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> di
     k1 = os.path.getsize(os.path.join(keys, "p1", "batch0000.key"))
     images = os.path.join(workdir, "images")
     _write_images(images, batch, image_size)
-    out_json = os.path.join(workdir, "results.json")
-    lb = run_loopback(prog, keys, certs, ["--images", images, "--out", out_json])
+    out_json, stats_json = os.path.join(workdir, "results.jsonl"), os.path.join(workdir, "stats.json")
+    if os.path.exists(out_json):
+        os.remove(out_json)  # an earlier run's results: the data owner appends to its --out file
+    lb = run_loopback(prog, keys, certs, ["--images", images, "--out", out_json, "--stats", stats_json])
     if lb.p0_rc or lb.p1_rc:
         raise SystemExit(f"two-party run failed:\n{lb.p0_out}{lb.p0_err}{lb.p1_out}")
-    with open(out_json) as fh:
-        result = json.load(fh)
-    st = result["stats"]
+    with open(stats_json) as fh:
+        st = json.load(fh)
     x = load_inputs(images, Preprocess(size=image_size), (3, image_size, image_size))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
@@ -80,7 +82,7 @@ def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> di
         t = time.perf_counter()
         ref = sess.run(None, {"input": x})[0]
         ts.append(time.perf_counter() - t)
-    secure = np.array([r["logits"] for r in result["results"]])
+    secure = np.array([r["logits"] for r in read_results(out_json)])
     tot = res.report.to_dict()["totals"]
     fig = {
         "image_size": image_size,

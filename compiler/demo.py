@@ -82,6 +82,7 @@ def _run(
     from fssc.runtime.certs import make_certs
     from fssc.runtime.images import Preprocess, load_inputs
     from fssc.runtime.loopback import run_loopback
+    from fssc.runtime.results import read_results
 
     for sub in ("prog", "keys", "images", "certs"):
         shutil.rmtree(os.path.join(fssc_dir, sub), ignore_errors=True)
@@ -127,8 +128,10 @@ def _run(
 
     images = os.path.join(fssc_dir, "images")
     _write_images(images, batch, image_size)
-    out_json = os.path.join(fssc_dir, "results.json")
-    run = run_loopback(prog, keys, certs, ["--images", images, "--out", out_json])
+    out_json, stats_json = os.path.join(fssc_dir, "results.jsonl"), os.path.join(fssc_dir, "stats.json")
+    if os.path.exists(out_json):
+        os.remove(out_json)  # the previous demo's results: the data owner appends to its --out file
+    run = run_loopback(prog, keys, certs, ["--images", images, "--out", out_json, "--stats", stats_json])
     times["two-party run"] = run.seconds
     if run.p0_rc != 0 or run.p1_rc != 0:
         con.print(f"[bold red]the two-party run failed[/] (data owner exit {run.p0_rc}, model owner exit {run.p1_rc}):")
@@ -140,19 +143,20 @@ def _run(
         con.print(f"           {line}", markup=False, highlight=False)
     con.print(f"           model owner's output: {p1_out.strip().splitlines()[-1]}", markup=False, highlight=False)
 
-    with open(out_json) as fh:
-        result = json.load(fh)
+    results = read_results(out_json)
+    with open(stats_json) as fh:
+        st = json.load(fh)
     x = load_inputs(images, Preprocess(size=image_size), (3, image_size, image_size))
     sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     t = time.perf_counter()
     ref = sess.run(None, {res.graph.inputs[0]: x})[0]
     times["onnxruntime (plaintext)"] = time.perf_counter() - t
-    secure = np.array([r["logits"] for r in result["results"]])
-    labels = np.array([r["label"] for r in result["results"]])
+    secure = np.array([r["logits"] for r in results])
+    labels = np.array([r["label"] for r in results])
     tab = Table(title="secure result vs onnxruntime (plaintext)", title_justify="left")
     for col in ("image", "secure logits", "onnxruntime logits", "max |diff|", "secure label", "onnxruntime label"):
         tab.add_column(col)
-    for i, r in enumerate(result["results"]):
+    for i, r in enumerate(results):
         tab.add_row(
             os.path.basename(r["input"]),
             " ".join(f"{v:+.4f}" for v in secure[i]),
@@ -162,7 +166,6 @@ def _run(
             str(int(ref[i].argmax())),
         )
     con.print(tab)
-    st = result["stats"]
     tm = st["timings"]
     con.print(
         f"times: export {times['export']:.1f} s, compile {times['compile']:.1f} s, deal {times['deal']:.1f} s, "

@@ -119,6 +119,8 @@ class Channel:
             b = self.recv_bytes(size, at_most=True)
         except FrameLengthError as e:
             raise FsscError(f"{where}: peer sent a frame of {e.got} bytes, expected {want} ({size} bytes)") from None
+        except FsscError as e:  # a closed, dropped or silent peer: say at which step
+            raise FsscError(f"{where}: {e}") from None
         if len(b) != size or bytes(b[: len(head)]) != head:
             raise FsscError(f"{where}: peer sent {_describe_frame(b)}, expected {want}")
         self.bytes_received += len(b)

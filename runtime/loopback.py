@@ -90,7 +90,16 @@ def run_loopback(prog: str, keys: str, certs: str, p0_args: list[str], timeout: 
         logs = {n: files.enter_context(open(os.path.join(tmp, n), "w+")) for n in ("p1", "p0out", "p0err")}
         p1 = subprocess.Popen(
             party_command(
-                prog, 1, keys, certs, "--listen", "127.0.0.1:0", "--ready-file", ready, "--timeout", int(timeout)
+                prog,
+                1,
+                keys,
+                certs,
+                "--listen",
+                "127.0.0.1:0",
+                "--ready-file",
+                ready,
+                "--connect-timeout",
+                int(timeout),
             ),
             stdout=logs["p1"],
             stderr=subprocess.STDOUT,

@@ -1,7 +1,7 @@
 """Command line of the party programs (``fssc run`` calls :func:`main` with the program to run).
 
     fssc run prog/ --party 1 --keys keys/p1 --listen 0.0.0.0:7601 --certs certs/
-    fssc run prog/ --party 0 --keys keys/p0 --peer HOST:7601 --certs certs/ --images DIR
+    fssc run prog/ --party 0 --keys keys/p0 --peer HOST:7601 --certs certs/ --images DIR --out labels.jsonl
 
 ``fssc run --party 0`` runs the data owner's program as fssc regenerates it from
 ``prog/manifest.json`` (after comparing it with the received file); running a
@@ -11,42 +11,41 @@ the model owner's own program and for development.
 The model owner (party1) listens, serves one data owner's session and exits;
 it prints nothing about results (it has none). A client it refuses (a bad
 certificate, an idle connection, a refused handshake) or whose session fails
-(a message that is not what the program expects at that step) is logged in one
-line and the model owner keeps listening for the next. The data owner (party0) reads
-its images (or ``--input x.npy``), runs one key batch per image batch, prints
-the labels (and logits with ``--output logits`` when the program outputs
-them) and writes ``--out FILE`` (JSON) only after a batch completes.
+(a message that is not what the program expects at that step, a peer that
+closed or fell silent) is logged in one line and the model owner keeps
+listening for the next, for up to ``--connect-timeout`` seconds each time.
+The data owner (party0, :mod:`fssc.runtime.data_owner`) reads its images (or
+``--input x.npy``), runs one key batch per image batch, prints the labels
+(and logits with ``--output logits`` when the program outputs them) and
+appends them to ``--out FILE`` (JSON lines) after each completed batch;
+``--resume`` finishes a set an interrupted run left. Both take
+``--connect-timeout`` (waiting for the peer to connect or listen) and
+``--peer-timeout`` (a peer silent mid-session).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
 import time
-from typing import Any
 
-import numpy as np
-from fssc.runtime import ring
-from fssc.runtime.guard import FIXES, out_of_range, unencodable
+from fssc.runtime.data_owner import add_timeout_args, timeouts
 from fssc.runtime.session import (
     batch_deal,
     check_batches,
     check_interface,
-    choose_batches,
     load_manifest,
     load_weights,
+    p1_await_batch,
     p1_masked_weights,
-    recv_weights,
-    run_p0_batch,
     run_p1_batch,
     send_weights,
     unused_batches,
     use_batch,
 )
-from fssc.runtime.transport import Listener, client_handshake, connect, server_handshake
+from fssc.runtime.transport import Listener, server_handshake
 
 from fssc.errors import FsscError, os_error_message, printable
 from fssc.files import write_atomic
@@ -136,14 +135,16 @@ def _log(role: str):
 def main_party1(mod, argv) -> int:
     ap = argparse.ArgumentParser(
         prog="party1/program.py",
-        description="fssc model owner (party 1): serve one data owner's session over mutual TLS.",
+        description="fssc model owner (party 1): serve one data owner's session over mutual TLS. A refused "
+        "client or a failed session (one line each) does not end it: it listens for the next.",
     )
     ap.add_argument("--keys", required=True, help="this party's key directory (keys/p1)")
     ap.add_argument("--listen", required=True, metavar="HOST:PORT")
     ap.add_argument("--certs", default="certs", help="directory with ca.pem, party1.pem, party1.key")
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the peer")
+    add_timeout_args(ap, "a data owner to connect, each time it listens")
     ap.add_argument("--ready-file", help=argparse.SUPPRESS)  # for tests/demo: written once listening
     a = ap.parse_args(argv)
+    connect_s, peer_s = timeouts(a)
     prog_dir = _prog_dir(mod)
     manifest = load_manifest(prog_dir)
     _check_manifest(mod, manifest)
@@ -161,14 +162,14 @@ def main_party1(mod, argv) -> int:
         w_hat_for(batch_deal(a.keys, unused[0]))
 
     log = _log("party1")
-    with Listener(a.listen, a.certs, timeout=a.timeout, log=log) as listener:
+    with Listener(a.listen, a.certs, timeout=peer_s, log=log) as listener:
         log(f"listening on {a.listen.rpartition(':')[0]}:{listener.port}")
         if a.ready_file:
             write_atomic(a.ready_file, str(listener.port))
         while True:  # until one data owner's session completes
             if not unused_batches(a.keys):
                 raise FsscError(f"{a.keys}: no unused key batches left (deal more with `fssc deal --batches N`)")
-            chan = listener.accept(a.timeout)
+            chan = listener.accept(connect_s)
             try:
                 n, seconds = _serve_p1(mod, manifest, a.keys, chan, W, w_hat_for)
             except Exception as e:  # a failed session ends that client, not the model owner
@@ -210,41 +211,17 @@ def _serve_p1(mod, manifest: dict, keys_dir: str, chan, W: dict, w_hat_for) -> t
     t = time.perf_counter()
     send_weights(chan, w_hat_for(peer["deal"]))
     for b in peer["batches"]:
+        p1_await_batch(chan, b)  # the data owner has used the batch: ours may be opened
         with use_batch(keys_dir, 1, b, mod.PROGRAM_HASH, peer["deal"]) as keys:
             run_p1_batch(mod, chan, keys, W)
     return len(peer["batches"]), time.perf_counter() - t
 
 
 def main_party0(mod, argv) -> int:
-    from fssc.runtime.images import Preprocess, batches, list_images, load_inputs
+    from fssc.runtime.data_owner import label, party0_parser
 
-    ap = argparse.ArgumentParser(
-        prog="party0/program.py",
-        description="fssc data owner (party 0): label images "
-        "with the model owner's network; only this party learns the results.",
-    )
-    ap.add_argument("--keys", required=True, help="this party's key directory (keys/p0)")
-    ap.add_argument("--peer", required=True, metavar="HOST:PORT", help="the model owner's address")
-    ap.add_argument("--certs", default="certs", help="directory with ca.pem, party0.pem, party0.key")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="a folder of images (or an ImageFolder tree)")
-    src.add_argument("--input", help="a .npy array [N,C,H,W] of preprocessed inputs")
-    ap.add_argument(
-        "--output",
-        choices=("labels", "logits"),
-        default=None,
-        help="what to print (logits only if the program outputs them)",
-    )
-    ap.add_argument("--out", help="write results as JSON here (after each completed batch)")
-    ap.add_argument(
-        "--allow-out-of-range",
-        action="store_true",
-        help="run inputs outside the range the program was compiled for (results may be wrong; a warning)",
-    )
-    ap.add_argument("--timeout", type=float, default=600.0)
-    a = ap.parse_args(argv)
-    prog_dir = _prog_dir(mod)
-    manifest = load_manifest(prog_dir)
+    a = party0_parser().parse_args(argv)
+    manifest = load_manifest(_prog_dir(mod))
     _check_manifest(mod, manifest)
     if len(manifest["inputs"]) != 1:
         listed = ", ".join(i["name"] for i in manifest["inputs"])
@@ -252,78 +229,4 @@ def main_party0(mod, argv) -> int:
             f"this program has {len(manifest['inputs'])} inputs ({listed}); the data owner's command line feeds "
             f"one (--images or --input): run programs with several inputs through their online(P, X, Z0) function"
         )
-    inp = manifest["inputs"][0]
-    shape = inp["shape"]
-    kinds = {o["kind"] for o in manifest["outputs"]}
-    want = a.output or ("logits" if "logits" in kinds else "labels")
-    if want == "logits" and "logits" not in kinds:
-        raise FsscError(
-            "--output logits: this program was compiled to output labels only "
-            "(recompile with `fssc compile --output-mode logits`)"
-        )
-    pre = Preprocess(
-        **{k: v for k, v in manifest.get("preprocess", {}).items() if k in ("size", "resize", "mean", "std")}
-    )
-    path = a.images or a.input
-    x = load_inputs(path, pre, tuple(shape[1:]))
-    names = list_images(a.images) if a.images else [f"{a.input}[{i}]" for i in range(len(x))]
-    broken = unencodable(x, inp["scale"], names)
-    if broken:
-        raise FsscError(f"input %{inp['name']}: {broken}")
-    problem = out_of_range(manifest, inp["name"], ring.encode(x, inp["scale"]), names)  # before anything is sent
-    if problem and not a.allow_out_of_range:
-        raise FsscError(f"{problem}; {FIXES}")
-    if problem:
-        print(f"fssc party0: warning: {problem}; running anyway (--allow-out-of-range)", file=sys.stderr, flush=True)
-    xb = batches(x, shape[0])
-    deal, use = choose_batches(a.keys, 0, len(xb), mod.PROGRAM_HASH)
-    chan = connect(a.peer, a.certs, timeout=a.timeout)
-    peer = client_handshake(chan, _hello(mod, manifest, {"batches": use, "deal": deal}))
-    if peer.get("deal") != deal:
-        chan.close()
-        raise FsscError(f"handshake refused: the model owner confirmed deal {peer.get('deal')}, our keys are of {deal}")
-    timings: dict = {}
-    t0 = time.perf_counter()
-    w_hat = recv_weights(chan, mod.LINEAR_WEIGHTS)
-    timings["setup"] = time.perf_counter() - t0
-    results = []
-    for bi, (b, xin) in enumerate(zip(use, xb, strict=True)):
-        with use_batch(a.keys, 0, b, mod.PROGRAM_HASH, deal) as keys:
-            out = run_p0_batch(mod, chan, keys, w_hat, {inp["name"]: ring.encode(xin, inp["scale"])}, timings)
-        n_real = min(shape[0], len(x) - bi * shape[0])
-        for i in range(n_real):
-            rec: dict[str, Any] = {"input": names[bi * shape[0] + i], "batch": b}
-            for o in manifest["outputs"]:
-                v = out[o["name"]]
-                if o["kind"] == "labels":
-                    rec["label"] = int(np.asarray(v).reshape(shape[0], -1)[i, 0])
-                else:
-                    logits = ring.decode(np.asarray(v), o["scale"]).reshape(shape[0], -1)[i]
-                    rec["logits"] = [float(z) for z in logits]
-                    rec.setdefault("label", int(np.argmax(logits)))
-            results.append(rec)
-            line = f"{rec['input']}: label {rec['label']}"
-            if want == "logits" and "logits" in rec:
-                line += "  logits " + " ".join(f"{z:+.4f}" for z in rec["logits"])
-            print(line, flush=True)
-        if a.out:
-            stats = {
-                "timings": timings,
-                "bytes_sent": chan.bytes_sent,
-                "bytes_received": chan.bytes_received,
-                "rounds": chan.rounds,
-                "batches_done": bi + 1,
-                "batches": len(use),
-            }
-            results_json = json.dumps({"results": results, "program": mod.PROGRAM_HASH, "stats": stats}, indent=1)
-            write_atomic(a.out, results_json, private=True)  # the data owner's results are its secret
-    total = time.perf_counter() - t0
-    print(
-        f"fssc party0: {len(results)} input(s), {len(use)} batch(es): setup {timings['setup']:.2f} s, "
-        f"offline {timings.get('offline', 0):.2f} s, online {timings.get('online', 0):.2f} s, total {total:.2f} s; "
-        f"sent {chan.bytes_sent / 1e6:.1f} MB, received {chan.bytes_received / 1e6:.1f} MB, "
-        f"{chan.rounds} rounds",
-        flush=True,
-    )
-    chan.close()
-    return 0
+    return label(mod, manifest, a, lambda extra: _hello(mod, manifest, extra))

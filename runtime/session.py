@@ -24,8 +24,11 @@ A batch is used once: opening it makes ``batchNNNN.used`` beside it, durably
 file is deleted when the batch ends, and a used batch is refused.
 
 After the handshake P1 sends W^ = W + A for every weighted layer (once per
-session); then, per batch, P0 computes its linear halves offline and both run
-the online program.
+session); then, per batch, P0 opens its batch and says so (``p0_start_batch``),
+P1 opens its own only once that message arrives (``p1_await_batch``), P0
+computes its linear halves offline and both run the online program. So a batch
+P1 has used is always used at P0 too, whenever either side dies: the batches
+P0 picks for its next session are unused at P1 as well.
 """
 
 from __future__ import annotations
@@ -474,6 +477,21 @@ def send_weights(chan: Channel, w_hat: dict[str, np.ndarray]) -> None:
 def recv_weights(chan: Channel, shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
     """P0: W^ for each weighted layer (tag -> weight shape, the program's ``LINEAR_WEIGHTS``)."""
     return {tag: chan.recv(shapes[tag], np.uint64, step=f"masked weights {tag}") for tag in sorted(shapes)}
+
+
+def p0_start_batch(chan, batch: int) -> None:
+    """P0, once its batch is open (marked used, durably): tells P1 to open its half of ``batch``."""
+    chan.send_json({"start": batch})
+
+
+def p1_await_batch(chan, batch: int) -> None:
+    """P1: wait for the data owner to start ``batch`` (it has marked the batch used) before opening it."""
+    try:
+        msg = chan.recv_json()
+    except FsscError as e:
+        raise FsscError(f"start of batch {batch}: {e}") from None
+    if msg.get("start") != batch:
+        raise FsscError(f"start of batch {batch}: the data owner sent {json.dumps(msg)[:80]}, expected batch {batch}")
 
 
 def run_p1_batch(mod, chan: Channel, keys: KeyReader, W: dict[str, np.ndarray]) -> None:

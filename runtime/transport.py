@@ -12,8 +12,15 @@
   onto the outgoing connection while the caller reads the incoming one, so
   both directions flow at once and ``exchange`` costs one network round trip.
   P0 opens both and tags them with a random session token; P1 pairs them.
-* Every receive has a timeout; a closed or silent peer is a clear error, not a
-  hang. Every frame's length is checked against what the program expects at
+* Every receive has a timeout (the silence timeout, ``--peer-timeout``); a
+  closed or silent peer is a clear error, not a hang. A party that has nothing
+  to send (it is computing, e.g. the data owner's offline phase) sends a
+  heartbeat (an 8-byte frame header of all ones, no payload, skipped by the
+  receiver) every ``heartbeat_interval(timeout)`` seconds from its sender thread,
+  so only a peer whose process stopped, died or lost the network falls silent.
+* The data owner connects within a connect timeout (``--connect-timeout``):
+  a model owner that is not listening yet is retried until then.
+* Every frame's length is checked against what the program expects at
   that step before its payload is read (``Channel.recv``; JSON messages: at
   most ``MAX_JSON`` bytes), so a peer cannot make a party allocate more.
 * P1's ``Listener`` handshakes concurrently: a thread per accepted connection,
@@ -47,6 +54,18 @@ MAX_JSON = 1 << 20  # a handshake message (the batch list of a session)
 MAX_HELLO = 4096  # a connection's hello (direction and session token)
 MAX_PENDING = 32  # connections between accept and their session
 HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to a paired, authenticated session
+HEARTBEAT = (1 << 64) - 1  # a frame length that is no frame: "still here", skipped by the receiver
+CONNECT_TIMEOUT = 600.0  # default seconds to wait for the peer to connect (P1) or to listen (P0)
+PEER_TIMEOUT = 30.0  # default seconds a peer may stay silent mid-session
+
+
+HEARTBEAT_EVERY = 1.0  # seconds: the peer's silence timeout is its own, so keep well inside any sensible one
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """How long a sender with nothing to send waits before a heartbeat: every second (sooner if its own
+    silence timeout is under 4 s), so a peer with a silence timeout of a few seconds never mistakes it."""
+    return max(0.05, min(HEARTBEAT_EVERY, timeout / 4))
 
 
 def _context(certs: str, party: int) -> ssl.SSLContext:
@@ -82,12 +101,21 @@ class TcpChannel(Channel):
         self._sender.start()
 
     def _send_loop(self):
+        beat = heartbeat_interval(self.timeout)
         while True:
-            b = self._out.get()
-            if b is None:
-                return
             try:
-                _send_frame(self.tx, b)
+                b = self._out.get(timeout=beat)
+            except queue.Empty:
+                b = b""  # nothing to send for a while: a heartbeat tells the peer we are alive
+                head = struct.pack("<Q", HEARTBEAT)
+            else:
+                if b is None:
+                    return
+                head = struct.pack("<Q", len(b))
+            try:
+                self.tx.sendall(head)
+                if b:
+                    self.tx.sendall(b)
             except BaseException as e:
                 self._err = e
                 return
@@ -158,14 +186,17 @@ def _recv_exact(sock, n: int, timeout: float) -> bytearray:
         except (OSError, ssl.SSLError) as e:
             raise FsscError(f"connection to peer lost: {e}") from None
         if k == 0:
-            raise FsscError("peer closed the connection")
+            raise FsscError("peer closed the connection (its program ended or was killed)")
         got += k
     return buf
 
 
 def _recv_frame(sock, timeout: float, size: int, at_most: bool = False) -> bytearray:
-    """One frame whose length must be ``size`` (at most ``size`` with ``at_most``), checked before allocating."""
+    """One frame whose length must be ``size`` (at most ``size`` with ``at_most``), checked before allocating;
+    heartbeats before it are skipped (each restarts the silence timeout)."""
     (n,) = struct.unpack("<Q", _recv_exact(sock, 8, timeout))
+    while n == HEARTBEAT:
+        (n,) = struct.unpack("<Q", _recv_exact(sock, 8, timeout))
     check_frame_length(n, size, at_most)
     return _recv_exact(sock, n, timeout)
 
@@ -193,7 +224,7 @@ class Listener:
         self,
         addr: str,
         certs: str,
-        timeout: float = 600.0,
+        timeout: float = PEER_TIMEOUT,
         record: bool = False,
         log=print,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
@@ -315,7 +346,9 @@ class Listener:
         try:
             peer, socks = self._ready.get(timeout=timeout)
         except queue.Empty:
-            raise FsscError(f"no data owner connected to {self.addr} within {timeout:.0f} s") from None
+            raise FsscError(
+                f"no data owner connected to {self.addr} within {timeout:g} s (--connect-timeout)"
+            ) from None
         with self._lock:
             self._pending -= 2
         chan = TcpChannel(socks["down"], socks["up"], self.timeout, self.record)
@@ -349,25 +382,56 @@ def _reason(e: BaseException) -> str:
     return text if isinstance(e, (FsscError, OSError)) and text else f"{type(e).__name__}: {text}"
 
 
-def connect(addr: str, certs: str, timeout: float = 600.0, record: bool = False) -> TcpChannel:
-    """P0: open both connections to P1, authenticating both ways."""
+def connect(
+    addr: str,
+    certs: str,
+    timeout: float = PEER_TIMEOUT,
+    record: bool = False,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    log=None,
+) -> TcpChannel:
+    """P0: open both connections to P1, authenticating both ways.
+
+    A model owner that does not accept connections yet (refused, unreachable) is retried, with a growing
+    pause, until ``connect_timeout`` s have passed; ``log(msg)`` hears of the first failed attempt. A TLS
+    failure (a certificate) is not retried. ``timeout``: the session's silence timeout."""
     host, port = _split(addr)
     ctx = _context(certs, 0)
     token = os.urandom(16).hex()
-    socks = {}
+    deadline = time.monotonic() + connect_timeout
+    socks: dict[str, ssl.SSLSocket] = {}
     for direction in ("up", "down"):
-        try:
-            raw = socket.create_connection((host, port), timeout=30)
-        except OSError as e:
-            raise FsscError(f"cannot connect to the model owner at {addr}: {e}") from None
+        raw = _connect_retrying(addr, host, port, deadline, connect_timeout, log)
         try:
             tls = ctx.wrap_socket(raw, server_hostname=PARTY_NAMES[1])
             _send_frame(tls, json.dumps({"conn": direction, "token": token}).encode())
         except (ssl.SSLError, OSError) as e:
             raw.close()
+            for s in socks.values():
+                s.close()
             raise FsscError(f"TLS with the model owner at {addr} failed: {e}") from None
         socks[direction] = tls
     return TcpChannel(socks["up"], socks["down"], timeout, record)
+
+
+def _connect_retrying(addr: str, host: str, port: int, deadline: float, connect_timeout: float, log) -> socket.socket:
+    pause = 0.1
+    told = False
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return socket.create_connection((host, port), timeout=max(0.1, min(30.0, left)))
+        except OSError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FsscError(
+                    f"cannot connect to the model owner at {addr} within {connect_timeout:g} s (--connect-timeout): {e}"
+                ) from None
+            if log and not told:
+                log(f"the model owner at {addr} is not reachable yet ({e}); retrying for up to {connect_timeout:g} s")
+                told = True
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 2.0)
 
 
 def _common_name(cert: dict) -> str | None:

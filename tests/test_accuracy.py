@@ -23,6 +23,7 @@ from fssc.passes.base import DEFAULT_MARGIN_BITS
 from fssc.passes.range_analysis import default_calibration
 from fssc.runtime import lib, ring
 from fssc.runtime.guard import out_of_range
+from fssc.runtime.results import read_results
 from parties import run_p0, start_p1, stop
 
 from fssc import cli
@@ -113,10 +114,10 @@ def test_allow_out_of_range_with_bits_full_matches_onnxruntime(full, model):
     """--bits full holds x4 inputs: the secure labels equal onnxruntime's and the logits stay within
     fixed-point error (at margin 2 the same inputs move them by tens: docs/accuracy.md)."""
     flow = full
-    out = flow["tmp"] / "full.json"
+    out = flow["tmp"] / "full.jsonl"
     r = _run_two_parties(flow, "full", "--input", flow["tmp"] / "x4.npy", "--allow-out-of-range", "--out", out)
     assert r.returncode == 0, r.stderr
-    recs = json.loads(out.read_text())["results"]
+    recs = read_results(str(out))
     x4 = flow["x4"]
     ref = np.concatenate([ort.InferenceSession(str(model)).run(None, {"input": x})[0] for x in np.split(x4, 2)])
     assert [rec["label"] for rec in recs] == ref.argmax(axis=1).tolist()
@@ -126,12 +127,12 @@ def test_allow_out_of_range_with_bits_full_matches_onnxruntime(full, model):
 
 def test_allow_out_of_range_runs_with_a_warning(flow):
     """The default program with --allow-out-of-range: it runs (exit 0) and says on stderr that it should not."""
-    out = flow["tmp"] / "default.json"
+    out = flow["tmp"] / "default.jsonl"
     r = _run_two_parties(flow, "default", "--input", flow["tmp"] / "x4.npy", "--allow-out-of-range", "--out", out)
     assert r.returncode == 0, r.stderr
     warn = [ln for ln in r.stderr.splitlines() if "warning" in ln]
     assert len(warn) == 1 and "input %input" in warn[0] and "--allow-out-of-range" in warn[0]
-    assert len(json.loads(out.read_text())["results"]) == len(flow["x4"])
+    assert len(read_results(str(out))) == len(flow["x4"])
 
 
 def test_guard_accepts_the_calibration_distribution(model):

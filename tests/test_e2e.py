@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from fssc.runtime import ring
 from fssc.runtime.keys import KeyReader
+from fssc.runtime.results import read_results
 from parties import run_p0, start_p1, stop, uniform_bits
 
 SIZE = 64
@@ -120,7 +121,7 @@ def test_two_processes_label_images_like_onnxruntime(setup, ort_session, tmp_pat
 
     images = _images(tmp_path / "images")
     p1, port = start_p1(setup["prog"], setup["keys"], setup["certs"], tmp_path)
-    out_json = tmp_path / "out.json"
+    out_json = tmp_path / "out.jsonl"
     r0 = run_p0(
         setup["prog"], setup["keys"], setup["certs"], port, "--images", images, "--out", out_json, "--output", "logits"
     )
@@ -129,7 +130,7 @@ def test_two_processes_label_images_like_onnxruntime(setup, ort_session, tmp_pat
     assert p1.returncode == 0, err1
     x = load_inputs(str(images), Preprocess(size=SIZE), (3, SIZE, SIZE))
     ref = ort_session(setup["onnx"]).run(None, {"input": x})[0]
-    res = json.loads(out_json.read_text())["results"]
+    res = read_results(str(out_json))
     assert [r["label"] for r in res] == list(ref.argmax(1))
     secure = np.array([r["logits"] for r in res])
     # the secure run computes the fixed-point semantics exactly (exact truncation)...

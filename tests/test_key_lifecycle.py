@@ -33,6 +33,7 @@ import pytest
 from fssc.compiler.backend import trust
 from fssc.runtime import session
 from fssc.runtime.keys import peek_header
+from fssc.runtime.results import read_results
 from onnx import numpy_helper
 from parties import p0_cmd, party_cmd, start_p1, stop, uniform_bits
 from tiny_models import tiny_cnn
@@ -98,7 +99,7 @@ def _wait_for(done, proc, seconds: float = 60.0) -> None:
 
 
 def _collect_masked_weights(tiny, prog: Path, keys: Path, batch: int) -> dict[str, np.ndarray]:
-    """A data owner that keeps what the model owner sends first (W^) and then hangs up."""
+    """A data owner that keeps what the model owner sends first (W^), starts the batch and hangs up."""
     from fssc.runtime.transport import client_handshake, connect
 
     man = tiny["man"]
@@ -116,6 +117,7 @@ def _collect_masked_weights(tiny, prog: Path, keys: Path, batch: int) -> dict[st
         client_handshake(chan, hello)
         shapes = session.load_program(str(prog), "party0").LINEAR_WEIGHTS
         w_hat = {t: np.array(a) for t, a in session.recv_weights(chan, shapes).items()}
+        session.p0_start_batch(chan, batch)
         chan.close()
         # it opens the batch, finds the peer gone, logs the failed session and keeps listening
         _wait_for((keys / "p1" / f"batch{batch:04d}.used").exists, p1)
@@ -343,7 +345,7 @@ def test_a_completed_batch_leaves_no_key_file_and_matches_the_interpreter(tiny, 
 
     keys = tmp_path / "keys"
     _deal(tiny["a"], keys, 2)
-    out = tmp_path / "out.json"
+    out = tmp_path / "out.jsonl"
     rc0, log0, rc1, log1 = _run_session(tiny, tiny["a"], keys, "--out", out, "--output", "logits")
     assert rc0 == 0 and rc1 == 0, log0 + log1
     for p in ("p0", "p1"):
@@ -353,7 +355,7 @@ def test_a_completed_batch_leaves_no_key_file_and_matches_the_interpreter(tiny, 
     x = np.load(tiny["x"])
     graph = compile_graph(import_onnx(str(tiny["tmp"] / "a" / "tiny.onnx")), echo=lambda s: None).graph
     want = run_fixed(graph, x)[0]
-    got = np.array([r["logits"] for r in json.loads(out.read_text())["results"]])
+    got = np.array([r["logits"] for r in read_results(str(out))])
     assert np.abs(got - want).max() < 0.01
     # a new deal into the same folder does not reuse the used batch's id (its marker stays)
     assert _deal(tiny["a"], keys, 1) == [2]
@@ -394,7 +396,7 @@ def test_secret_files_are_0600_in_0700_folders(tiny, tmp_path, umask):
         quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
         compile_model(str(tiny["tmp"] / "a" / "tiny.onnx"), str(prog), output_mode="logits", console=quiet)
         _deal(prog, keys, 2)
-        out = tmp_path / "out.json"
+        out = tmp_path / "out.jsonl"
         rc0, log0, rc1, log1 = _run_session(tiny, prog, keys, "--out", out)  # children inherit the umask
         assert rc0 == 0 and rc1 == 0, log0 + log1
     finally:
@@ -404,7 +406,7 @@ def test_secret_files_are_0600_in_0700_folders(tiny, tmp_path, umask):
     for d in (keys / "p0", keys / "p1"):
         secret_files += list(d.iterdir())
     names = {f.name for f in secret_files}
-    assert {"weights.bin", "batch0001.key", "batch0000.used", "out.json"} <= names
+    assert {"weights.bin", "batch0001.key", "batch0000.used", "out.jsonl"} <= names
     assert any(n.startswith("setup-") and n.endswith(".key") for n in names)
     assert any(n.endswith(".commit") for n in names)
     for d in secret_dirs:

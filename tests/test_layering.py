@@ -18,7 +18,6 @@ unblocked run.
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fssc.runtime.results import read_results
 from parties import run_p0, start_p1
 
 REPO = Path(__file__).resolve().parent.parent
@@ -275,13 +275,13 @@ def test_compiler_command_without_the_compiler_is_one_line(blocked, run_fssc, tm
     log.write_text("")
 
 
-def _two_parties(prog: Path, keys: Path, certs: Path, x: Path, out: Path, env: dict) -> dict:
+def _two_parties(prog: Path, keys: Path, certs: Path, x: Path, out: Path, env: dict) -> list[dict]:
     p1, port = start_p1(prog, keys, certs, out.parent, env=env)
     p0 = run_p0(prog, keys, certs, port, "--input", x, "--out", out, timeout=600, env=env)
     _, err1 = p1.communicate(timeout=120)
     assert p0.returncode == 0, p0.stderr
     assert p1.returncode == 0, err1
-    return json.loads(out.read_text())
+    return read_results(str(out))
 
 
 def test_parties_and_dealer_run_without_the_compiler(blocked, export_resnet18, run_fssc, tmp_path):
@@ -301,11 +301,11 @@ def test_parties_and_dealer_run_without_the_compiler(blocked, export_resnet18, r
     np.save(x, np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32))
     (tmp_path / "blocked").mkdir()
     (tmp_path / "free").mkdir()
-    res_blocked = _two_parties(prog, keys, certs, x, tmp_path / "blocked" / "out.json", env)
+    res_blocked = _two_parties(prog, keys, certs, x, tmp_path / "blocked" / "out.jsonl", env)
     assert log.read_text() == "", "a runtime process tried to import the compiler or its dependencies"
-    res_free = _two_parties(prog, keys, certs, x, tmp_path / "free" / "out.json", dict(os.environ))
-    assert [r["batch"] for r in res_blocked["results"]] == [0, 0]
-    assert [r["batch"] for r in res_free["results"]] == [1, 1]  # a fresh key batch: the same answers
-    assert len(res_blocked["results"]) == 2
-    for a, b in zip(res_blocked["results"], res_free["results"], strict=True):
+    res_free = _two_parties(prog, keys, certs, x, tmp_path / "free" / "out.jsonl", dict(os.environ))
+    assert [r["batch"] for r in res_blocked] == [0, 0]
+    assert [r["batch"] for r in res_free] == [1, 1]  # a fresh key batch: the same answers
+    assert len(res_blocked) == 2
+    for a, b in zip(res_blocked, res_free, strict=True):
         assert a["label"] == b["label"] and a["logits"] == b["logits"]

@@ -241,12 +241,12 @@ def test_refused_handshake_does_not_end_the_model_owner(tiny, keys, tmp_path):
 
 def test_any_exception_is_one_line(tiny, keys, monkeypatch, capsys):
     """An exception that is not an FsscError (here: memory runs out) is one line, not a traceback."""
-    from fssc.runtime import party_main, session
+    from fssc.runtime import data_owner, party_main, session
 
     def connect(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr(party_main, "connect", connect)
+    monkeypatch.setattr(data_owner, "connect", connect)
     mod = session.load_program(str(tiny["prog"]), "party0")
     argv = ["--keys", str(keys / "p0"), "--peer", "127.0.0.1:9", "--certs", str(tiny["certs"]), "--input", tiny["x"]]
     assert party_main.main("party0", mod, [str(a) for a in argv]) == 1
