@@ -18,6 +18,13 @@ from fssc.errors import FsscError
 @click.argument("prog", type=click.Path(file_okay=False, exists=True))
 @click.option("--batches", type=int, default=1, show_default=True, help="Key batches to make (one per inference).")
 @click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Processes dealing batches in parallel, one batch each at a time (each needs the memory of one).",
+)
+@click.option(
     "-o",
     "--output",
     "out",
@@ -25,7 +32,7 @@ from fssc.errors import FsscError
     type=click.Path(file_okay=False),
     help="Key directory: writes OUT/p0 (for the data owner) and OUT/p1 (for the model owner).",
 )
-def deal(prog, batches, out):
+def deal(prog, batches, workers, out):
     """The dealer: make one-time FSS key batches for a compiled program.
 
     Each run is a new deal (a random deal id and a fresh setup seed for the weight masks). PROG needs only
@@ -36,11 +43,13 @@ def deal(prog, batches, out):
 
     if batches < 1:
         raise FsscError("--batches must be at least 1")
+    if workers < 1:
+        raise FsscError("--workers must be at least 1")
     with Progress(
         TextColumn("dealing"), BarColumn(), TextColumn("{task.completed}/{task.total} batches"), TimeElapsedColumn()
     ) as bar:
         task = bar.add_task("deal", total=batches)
-        done = deal_batches(prog, out, batches, lambda i, n, dt: bar.update(task, completed=i))
+        done = deal_batches(prog, out, batches, lambda i, n, dt: bar.update(task, completed=i), workers)
     for b, n0, n1, dt in done:
         click.echo(f"batch {b}: {n0 / 1e6:,.1f} MB for party 0, {n1 / 1e6:,.1f} MB for party 1 ({dt:.1f} s)")
     click.echo(f"wrote {out}/p0 and {out}/p1 (give each party its own folder, nothing else; the dealer keeps no state)")
