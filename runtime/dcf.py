@@ -101,6 +101,7 @@ __all__ = [
     "DcfKeys",
     "DcfParams",
     "default_nu",
+    "eval_aes_blocks",
     "evaluate",
     "keygen",
     "keygen_blocks",
@@ -199,6 +200,13 @@ class DcfParams:
 def nbytes_per_key(n: int, k: int = 0, nu: int = -1) -> int:
     """Bytes of one party's key for an n-bit DCF with payload k (0 = Z_2)."""
     return DcfParams(n, k, nu).nbytes_per_key
+
+
+def eval_aes_blocks(n: int, k: int = 0, nu: int = -1) -> int:
+    """AES blocks (MMO) one party spends evaluating one key of an n-bit DCF with payload k: per tree
+    level the side block (and, ring payloads, ceil(k/2) v-blocks), then the leaf blocks (``evaluate``)."""
+    p = DcfParams(n, k, nu)
+    return p.levels * (1 + (k + 1) // 2) + p.leaf_blocks
 
 
 # --------------------------------------------------------------------------- keys
