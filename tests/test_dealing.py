@@ -209,3 +209,9 @@ def test_a_failed_worker_leaves_no_key_file_of_an_unfinished_batch(tiny, tmp_pat
     for name in kept0:  # whatever is kept is whole
         for p in ("p0", "p1"):
             KeyReader(str(keys / p / name)).close()
+
+
+def test_workers_below_one_is_a_one_line_error(tiny, tmp_path, run_fssc):
+    proc = run_fssc("deal", tiny["prog"], "--workers", 0, "-o", tmp_path / "keys")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--workers" in proc.stderr
+    assert not (tmp_path / "keys").exists()
