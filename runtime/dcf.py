@@ -427,8 +427,8 @@ def keygen_blocks(
     Checks the arguments and returns (params, blocks). ``blocks`` yields, per storage
     block of ``BLOCK`` keys in order, party 0's and party 1's (W, m) word matrices,
     C-contiguous: their bytes in order are the bytes of ``keygen``'s ``DcfKeys.data``
-    for the same randomness. They are views into scratch memory that the next block
-    overwrites: write or copy them before asking for the next one.
+    for the same randomness. Each block's arrays are new: the caller may keep them (e.g. a
+    key writer that writes them to disk while the next block is made).
     """
     alpha = np.ascontiguousarray(alpha, dtype=U64).reshape(-1)
     count = len(alpha)
@@ -441,10 +441,9 @@ def keygen_blocks(
 
 def _gen_blocks(p: DcfParams, alpha: np.ndarray, beta: np.ndarray, rng: Rng):
     W = p.words
-    scratch = np.empty((2, W * min(len(alpha), BLOCK)), dtype=U64)
     gen = _keygen_bits_block if p.k == 0 else _keygen_ring_block
     for lo, hi in _block_spans(len(alpha)):
-        m0, m1 = (s[: W * (hi - lo)].reshape(W, hi - lo) for s in scratch)
+        m0, m1 = np.empty((2, W, hi - lo), dtype=U64)  # fresh per block: the caller may keep them
         gen(p, alpha[lo:hi], beta[..., lo:hi], rng, m0, m1)
         yield m0, m1
 

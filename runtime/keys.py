@@ -59,7 +59,9 @@ class _BackgroundFile:
     the disk takes the last ones. ``write`` copies the bytes into one of a few staging buffers (memory
     speed; the caller may reuse its memory at once) and hands full buffers to the thread, which feeds
     each to ``digest`` (a hashlib object) and then to the file, in order; ``write`` waits only when
-    every buffer is still on its way. A write error surfaces at the next ``write`` or at ``finish``."""
+    every buffer is still on its way. ``hand_over`` passes a large array itself, without the copy:
+    the caller gives it up (never writes to it again). A write error surfaces at the next ``write``
+    or ``hand_over``, or at ``finish``."""
 
     BUFFERS = 3
     SIZE = 8 << 20
@@ -70,7 +72,8 @@ class _BackgroundFile:
         self._free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(self.BUFFERS):
             self._free.put(bytearray(self.SIZE))
-        self._full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._full: queue.Queue[tuple[bytearray | memoryview, int, bool] | None] = queue.Queue()
+        self._slots = threading.Semaphore(self.BUFFERS)  # arrays handed over and not yet written
         self._cur: bytearray | None = None
         self._fill = 0
         self._error: BaseException | None = None
@@ -79,14 +82,17 @@ class _BackgroundFile:
 
     def _run(self) -> None:
         while (item := self._full.get()) is not None:
-            buf, n = item
+            buf, n, staged = item
             if self._error is None:
                 try:
                     self._hash.update(memoryview(buf)[:n])
                     self._fh.write(memoryview(buf)[:n])
                 except BaseException as e:  # reported to the dealer's thread
                     self._error = e
-            self._free.put(buf)
+            if staged:
+                self._free.put(buf)  # type: ignore[arg-type]
+            else:
+                self._slots.release()
 
     def _check(self) -> None:
         if self._error is not None:
@@ -103,8 +109,25 @@ class _BackgroundFile:
             self._fill += n
             mv = mv[n:]
             if self._fill == self.SIZE:
-                self._full.put((self._cur, self._fill))
-                self._cur = None
+                self._push()
+
+    def _push(self) -> None:
+        """Hand the staging buffer being filled to the thread (if it holds anything)."""
+        if self._cur is not None and self._fill:
+            self._full.put((self._cur, self._fill, True))
+            self._cur = None
+
+    def hand_over(self, b) -> None:
+        """Write ``b`` (a large C-contiguous buffer) without copying it: the thread holds it until it is
+        written, and the caller must not change it after this call."""
+        mv = memoryview(b).cast("B")
+        if len(mv) < self.SIZE // 8:  # small: the copy costs less than a write of its own
+            self.write(mv)
+            return
+        self._push()  # what was written before goes first
+        self._slots.acquire()
+        self._check()
+        self._full.put((mv, len(mv), False))
 
     def _stop(self) -> None:
         if self._thread.is_alive():
@@ -115,9 +138,7 @@ class _BackgroundFile:
         """Hash and write what is left, wait for the thread, then write ``trailer(digest)`` and close
         the file; raises the thread's write error."""
         try:
-            if self._cur is not None and self._fill:
-                self._full.put((self._cur, self._fill))
-                self._cur = None
+            self._push()
             self._stop()
             self._check()
             self._fh.write(trailer(self._hash.digest()))
@@ -153,9 +174,12 @@ class KeyWriter:
         self._write(MAGIC + struct.pack("<I", len(hdr)) + hdr + b"\0" * _pad8(len(hdr) + 12))
         self.records = 0
 
-    def _write(self, b: bytes | memoryview) -> None:
-        if self._file is not None:
-            self._file.write(b)  # hashed by the writer thread
+    def _write(self, b: bytes | memoryview, owned: bool = False) -> None:
+        if self._file is not None:  # hashed by the writer thread
+            if owned:
+                self._file.hand_over(b)
+            else:
+                self._file.write(b)
         else:
             assert self._mem is not None
             self._hash.update(b)
@@ -221,13 +245,16 @@ class _Record:
     def __init__(self, writer: KeyWriter, tag: str, nbytes: int):
         self.writer, self.tag, self.nbytes, self.left = writer, tag, nbytes, nbytes
 
-    def write(self, arr: np.ndarray) -> None:
+    def write(self, arr: np.ndarray, owned: bool = False) -> None:
+        """The next piece of the array. ``owned``: the caller gives ``arr`` up (never changes it again),
+        so a file writer may keep it until it is on disk instead of copying it."""
+        owned = owned and arr.flags.c_contiguous
         arr = np.ascontiguousarray(arr)
         if arr.nbytes > self.left:
             raise ValueError(f"key record {self.tag}: more bytes than its shape holds")
         self.left -= arr.nbytes
         if arr.nbytes:
-            self.writer._write(arr.data.cast("B"))
+            self.writer._write(arr.data.cast("B"), owned)
 
     def close(self) -> None:
         if self.left:

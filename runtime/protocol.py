@@ -106,7 +106,7 @@ class Dealer:
         recs = [w.record(tag, np.uint64, (alpha.size * params.words,)) for w in self.w]
         for pair in blocks:
             for rec, block in zip(recs, pair, strict=True):
-                rec.write(block)
+                rec.write(block, owned=True)  # each block is new: the writer keeps it instead of copying
         for rec in recs:
             rec.close()
 
