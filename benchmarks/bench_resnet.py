@@ -4,17 +4,26 @@
 
 Exports ResNet-18 (2 classes), compiles it, deals one key batch (a separate
 process, timed, with its peak memory), runs the model owner and the data owner
-as two processes over TCP loopback with mutual TLS, and prints: online and
-offline time, dealer time, key bytes per party per image (measured and the
-cost model's estimate), bytes sent, rounds, peak RSS per process, and
+as two processes over TCP loopback with mutual TLS, deals two more batches with
+``fssc deal --workers 2`` (timed, then deleted), and prints: online and offline
+time, dealer time with 1 and 2 workers, key bytes per party per image (measured
+and the cost model's estimate), bytes sent, rounds, peak RSS per process, and
 onnxruntime's plaintext time on the same machine in the same run.
+
+Beside the online time, its AES floor: the AES blocks each party's online phase
+needs (the cost model's ``aes_blocks_p0/p1``) over this machine's one-core
+AES-ECB rate, measured in the run. Beside the dealer, its I/O floor: the key
+bytes of a batch over the rates at which this machine writes a file of that
+size and hashes it (SHA-256, the key files' checksum), also measured in the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +44,43 @@ def _timed_child(cmd: list[str]) -> tuple[int, float, float, str]:
         return rc, time.perf_counter() - t, rss, log.read()
 
 
+def aes_rate(seconds: float = 0.5) -> float:
+    """One core's fixed-key AES-ECB rate (blocks/s) through the runtime's own MMO call, 1 MB per call."""
+    from fssc.runtime.prg import mmo, mmo_buffer
+
+    blocks = np.arange(1 << 17, dtype=np.uint64).reshape(-1, 2)  # 65536 blocks, 1 MB
+    scratch = mmo_buffer(len(blocks))
+    done, t = 0, time.perf_counter()
+    while (dt := time.perf_counter() - t) < seconds:
+        mmo(blocks, scratch)
+        done += len(blocks)
+    return done / dt
+
+
+def hash_rate(nbytes: int = 1 << 29) -> float:
+    """SHA-256 bytes/s over an in-memory buffer, 8 MB per update (as the key writer hashes)."""
+    buf = memoryview(os.urandom(8 << 20))
+    h = hashlib.sha256()
+    t = time.perf_counter()
+    for _ in range(nbytes // len(buf)):
+        h.update(buf)
+    return (nbytes // len(buf)) * len(buf) / (time.perf_counter() - t)
+
+
+def write_rate(folder: str, nbytes: int) -> float:
+    """Bytes/s writing a new file of ``nbytes`` in ``folder`` in 8 MB writes, not fsync'd (as the dealer
+    writes its key files), then deleting it."""
+    buf = memoryview(os.urandom(8 << 20))
+    path = os.path.join(folder, "write-rate.tmp")
+    t = time.perf_counter()
+    with open(path, "wb", buffering=0) as fh:
+        for _ in range(max(1, nbytes // len(buf))):
+            fh.write(buf)
+    dt = time.perf_counter() - t
+    os.remove(path)
+    return max(1, nbytes // len(buf)) * len(buf) / dt
+
+
 def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> dict:
     import onnxruntime as ort
     from fssc.compiler.compile import compile_model
@@ -48,8 +94,6 @@ def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> di
 
     os.makedirs(workdir, exist_ok=True)
     onnx_path, prog, keys, certs = (os.path.join(workdir, n) for n in ("resnet18.onnx", "prog", "keys", "certs"))
-    import shutil
-
     shutil.rmtree(keys, ignore_errors=True)
     export_model("resnet18", onnx_path, 2, None, image_size, batch)
     t = time.perf_counter()
@@ -62,6 +106,8 @@ def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> di
         raise SystemExit(f"fssc deal failed:\n{out}")
     k0 = os.path.getsize(os.path.join(keys, "p0", "batch0000.key"))
     k1 = os.path.getsize(os.path.join(keys, "p1", "batch0000.key"))
+    w_rate = write_rate(workdir, k0 + k1)
+    h_rate = hash_rate()
     images = os.path.join(workdir, "images")
     _write_images(images, batch, image_size)
     out_json, stats_json = os.path.join(workdir, "results.jsonl"), os.path.join(workdir, "stats.json")
@@ -72,6 +118,13 @@ def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> di
         raise SystemExit(f"two-party run failed:\n{lb.p0_out}{lb.p0_err}{lb.p1_out}")
     with open(stats_json) as fh:
         st = json.load(fh)
+    keys2 = os.path.join(workdir, "keys-2-workers")
+    shutil.rmtree(keys2, ignore_errors=True)
+    rc, deal2_s, _, out = _timed_child([fssc, "deal", prog, "--batches", "2", "--workers", "2", "-o", keys2])
+    shutil.rmtree(keys2, ignore_errors=True)  # two batches: GBs
+    if rc:
+        raise SystemExit(f"fssc deal --workers 2 failed:\n{out}")
+    a_rate = aes_rate()
     x = load_inputs(images, Preprocess(size=image_size), (3, image_size, image_size))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
@@ -88,10 +141,23 @@ def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> di
         "image_size": image_size,
         "batch": batch,
         "online_s": st["timings"]["online"],
+        "aes_blocks_p0": tot["aes_blocks_p0"],
+        "aes_blocks_p1": tot["aes_blocks_p1"],
+        "aes_blocks_per_s": a_rate,
+        "online_aes_floor_p0_s": tot["aes_blocks_p0"] / a_rate,
+        "online_aes_floor_p1_s": tot["aes_blocks_p1"] / a_rate,
         "offline_p0_s": st["timings"]["offline"],
         "weights_setup_s": st["timings"]["setup"],
         "two_party_wall_s": lb.seconds,
         "deal_s": deal_s,
+        "deal_2_workers_2_batches_s": deal2_s,
+        "deal_2_workers_per_batch_s": deal2_s / 2,
+        "deal_key_bytes": k0 + k1,
+        "write_bytes_per_s": w_rate,
+        "sha256_bytes_per_s": h_rate,
+        "deal_write_floor_s": (k0 + k1) / w_rate,
+        "deal_hash_floor_s": (k0 + k1) / h_rate,
+        "deal_io_floor_s": (k0 + k1) / w_rate + (k0 + k1) / h_rate,
         "compile_s": compile_s,
         "key_bytes_p0_per_image": k0 / batch,
         "key_bytes_p1_per_image": k1 / batch,
@@ -114,13 +180,29 @@ def run(image_size: int = 224, batch: int = 2, workdir: str = "bench-out") -> di
     print(f"ResNet-18, {image_size}x{image_size}, batch {batch}, two processes over TCP loopback (mutual TLS)")
     rows = [
         ("online (data owner's wall time, input to labels)", f"{fig['online_s']:.2f} s"),
+        (
+            "  its AES floor, P0 / P1 (cost model's AES blocks / one core's AES-ECB rate)",
+            f"{fig['online_aes_floor_p0_s']:.2f} / {fig['online_aes_floor_p1_s']:.2f} s "
+            f"({fig['aes_blocks_p0'] / 1e6:,.0f}M / {fig['aes_blocks_p1'] / 1e6:,.0f}M blocks "
+            f"at {fig['aes_blocks_per_s'] / 1e6:,.0f}M blocks/s)",
+        ),
         ("offline, data owner (its halves of the linear layers)", f"{fig['offline_p0_s']:.2f} s"),
         (
             "model owner's masked weights to data owner (once per session)",
             f"{fig['weights_setup_s']:.2f} s, {mb(fig['weights_setup_bytes'])}",
         ),
         ("two-party session, wall", f"{fig['two_party_wall_s']:.2f} s"),
-        ("dealer, one batch", f"{fig['deal_s']:.2f} s"),
+        ("dealer, one batch (1 worker)", f"{fig['deal_s']:.2f} s"),
+        (
+            "dealer, 2 workers, 2 batches (per batch)",
+            f"{fig['deal_2_workers_2_batches_s']:.2f} s ({fig['deal_2_workers_per_batch_s']:.2f} s)",
+        ),
+        (
+            "  its I/O floor per batch: write + SHA-256 of both key files",
+            f"{fig['deal_io_floor_s']:.2f} s = {fig['deal_write_floor_s']:.2f} + {fig['deal_hash_floor_s']:.2f} s "
+            f"({mb(fig['deal_key_bytes'])} at {fig['write_bytes_per_s'] / 1e9:.2f} GB/s written, "
+            f"{fig['sha256_bytes_per_s'] / 1e9:.2f} GB/s hashed)",
+        ),
         ("compile", f"{fig['compile_s']:.2f} s"),
         ("comparison gates per image", f"{fig['gates_per_image']:,.0f}"),
         (

@@ -87,6 +87,7 @@ These minimise key size for each payload. nu = 0 is the plain Fig. 1 tree.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -100,8 +101,10 @@ __all__ = [
     "DcfKeys",
     "DcfParams",
     "default_nu",
+    "eval_aes_blocks",
     "evaluate",
     "keygen",
+    "keygen_blocks",
     "nbytes_per_key",
 ]
 
@@ -197,6 +200,13 @@ class DcfParams:
 def nbytes_per_key(n: int, k: int = 0, nu: int = -1) -> int:
     """Bytes of one party's key for an n-bit DCF with payload k (0 = Z_2)."""
     return DcfParams(n, k, nu).nbytes_per_key
+
+
+def eval_aes_blocks(n: int, k: int = 0, nu: int = -1) -> int:
+    """AES blocks (MMO) one party spends evaluating one key of an n-bit DCF with payload k: per tree
+    level the side block (and, ring payloads, ceil(k/2) v-blocks), then the leaf blocks (``evaluate``)."""
+    p = DcfParams(n, k, nu)
+    return p.levels * (1 + (k + 1) // 2) + p.leaf_blocks
 
 
 # --------------------------------------------------------------------------- keys
@@ -388,15 +398,11 @@ def keygen(
     out:   optional pair of writable uint64 arrays of N*W words each (e.g.
            memory-mapped key files) to write party 0's and party 1's keys into.
 
-    Returns (keys of party 0, keys of party 1).
+    Returns (keys of party 0, keys of party 1). ``keygen_blocks`` makes the
+    same keys block by block, for a caller that streams them to a file.
     """
-    alpha = np.ascontiguousarray(alpha, dtype=U64).reshape(-1)
-    count = len(alpha)
-    k, beta = _as_beta(beta, count)
-    params = DcfParams(n, k, nu)
-    if n < 64 and count and int(alpha.max()) >> n:
-        raise ValueError(f"alpha must be below 2**{n}")
-    rng = rng or Rng()
+    params, blocks = keygen_blocks(alpha, n, beta, rng, nu)
+    count = np.asarray(alpha).size
     if out is None:
         keys = DcfKeys.empty(params, 0, count), DcfKeys.empty(params, 1, count)
     else:
@@ -404,13 +410,42 @@ def keygen(
         keys = DcfKeys(params, 0, o0), DcfKeys(params, 1, o1)
         if any(len(kk) != count for kk in keys):
             raise ValueError("keygen out buffers have the wrong size")
-    gen = _keygen_bits_block if k == 0 else _keygen_ring_block
-    scratch = np.empty((2, params.words, min(count, BLOCK)), dtype=U64)
-    for (lo, hi, m0), (_, _, m1) in zip(keys[0].blocks(), keys[1].blocks(), strict=True):
-        s0, s1 = scratch[:, :, : hi - lo]
-        gen(params, alpha[lo:hi], beta[..., lo:hi], rng, s0, s1)
+    for (_, _, m0), (_, _, m1), (s0, s1) in zip(keys[0].blocks(), keys[1].blocks(), blocks, strict=True):
         m0[:], m1[:] = s0, s1  # one sequential write per block and party
     return keys
+
+
+def keygen_blocks(
+    alpha: np.ndarray,
+    n: int,
+    beta: np.ndarray | None = None,
+    rng: Rng | None = None,
+    nu: int = -1,
+) -> tuple[DcfParams, Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """``keygen``'s keys one storage block at a time, for a caller that streams them to a file.
+
+    Checks the arguments and returns (params, blocks). ``blocks`` yields, per storage
+    block of ``BLOCK`` keys in order, party 0's and party 1's (W, m) word matrices,
+    C-contiguous: their bytes in order are the bytes of ``keygen``'s ``DcfKeys.data``
+    for the same randomness. Each block's arrays are new: the caller may keep them (e.g. a
+    key writer that writes them to disk while the next block is made).
+    """
+    alpha = np.ascontiguousarray(alpha, dtype=U64).reshape(-1)
+    count = len(alpha)
+    k, beta = _as_beta(beta, count)
+    params = DcfParams(n, k, nu)
+    if n < 64 and count and int(alpha.max()) >> n:
+        raise ValueError(f"alpha must be below 2**{n}")
+    return params, _gen_blocks(params, alpha, beta, rng or Rng())
+
+
+def _gen_blocks(p: DcfParams, alpha: np.ndarray, beta: np.ndarray, rng: Rng):
+    W = p.words
+    gen = _keygen_bits_block if p.k == 0 else _keygen_ring_block
+    for lo, hi in _block_spans(len(alpha)):
+        m0, m1 = np.empty((2, W, hi - lo), dtype=U64)  # fresh per block: the caller may keep them
+        gen(p, alpha[lo:hi], beta[..., lo:hi], rng, m0, m1)
+        yield m0, m1
 
 
 def _root_state(rng: Rng, count: int, m0, m1):

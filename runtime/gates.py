@@ -67,6 +67,17 @@ def carry_bytes(s: int) -> int:
     return dcf.nbytes_per_key(s, 0) if s else 0
 
 
+def dcf_eval_blocks(m: int, s: int = 0) -> int:
+    """AES blocks one party's online evaluation of one m-bit comparison costs: its DCF's, and with exact
+    truncation by s bits the carry DCF's."""
+    return dcf.eval_aes_blocks(max(1, m - 1), 0) + (dcf.eval_aes_blocks(s, 0) if s else 0)
+
+
+def share_blocks(n: int, words: int, bits: int) -> float:
+    """AES (CTR) blocks P0 spends expanding its shares of ``words`` words per comparison and ``bits`` bits."""
+    return n * words / 2 + bits / 128
+
+
 @dataclass
 class GateCost:
     """Bytes of each party's key, rounds, and bytes each party sends, for n comparisons of one statement."""
@@ -76,6 +87,8 @@ class GateCost:
     rounds: int = 0
     sent_p0: float = 0.0
     sent_p1: float = 0.0
+    aes_p0: float = 0.0  # AES blocks of the party's online evaluation: DCFs (MMO) and, P0, its shares (CTR)
+    aes_p1: float = 0.0
 
 
 def level_tag(tag: str, level: int) -> str:
@@ -146,11 +159,15 @@ class _Lift(Gate):
             sent_p0=n * (1 / 8 + WORD),
             sent_p1=n * (1 / 8 + WORD),
         )
-        if shift and cls.carry_words:  # exact truncation: the carry's DCF, its mask bit, its words, c^ in round 1
+        carry = shift if cls.carry_words else 0
+        if carry:  # exact truncation: the carry's DCF, its mask bit, its words, c^ in round 1
             c.key_p0 += n * carry_bytes(shift)
             c.key_p1 += n * (carry_bytes(shift) + cls.carry_words * WORD) + n / 8
             c.sent_p0 += n / 8
             c.sent_p1 += n / 8
+        c.aes_p1 = n * dcf_eval_blocks(m, carry)
+        words = cls.share_words + (cls.carry_words if carry else 0)
+        c.aes_p0 = c.aes_p1 + share_blocks(n, words, 2 * n if carry else n)
         return c
 
     @staticmethod
@@ -401,7 +418,16 @@ class ArgMax(Gate):
     def cost(cls, n: int, m: int, shift: int = 0, depth: int = 1) -> GateCost:
         kb = dcf_bytes(m)
         sent = n * (1 / 8 + 2 * WORD)
-        return GateCost(n * kb + SEED_BYTES * depth, n * (kb + cls.share_words * WORD) + n / 8, 2 * depth, sent, sent)
+        aes = n * dcf_eval_blocks(m)
+        return GateCost(
+            n * kb + SEED_BYTES * depth,
+            n * (kb + cls.share_words * WORD) + n / 8,
+            2 * depth,
+            sent,
+            sent,
+            aes + share_blocks(n, cls.share_words, n),
+            aes,
+        )
 
 
 class ArgMax2(Gate):
@@ -455,7 +481,15 @@ class ArgMax2(Gate):
     @classmethod
     def cost(cls, n: int, m: int, shift: int = 0, depth: int = 1) -> GateCost:
         kb = dcf_bytes(m)
-        return GateCost(key_p0=n * kb + SEED_BYTES, key_p1=n * kb + n / 8, rounds=1, sent_p1=n / 8)
+        aes = n * dcf_eval_blocks(m)
+        return GateCost(
+            key_p0=n * kb + SEED_BYTES,
+            key_p1=n * kb + n / 8,
+            rounds=1,
+            sent_p1=n / 8,
+            aes_p0=aes + share_blocks(n, 0, n),
+            aes_p1=aes,
+        )
 
 
 # the statements' gates, by statement kind (lowering, code generation and lib read this)

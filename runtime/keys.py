@@ -28,13 +28,15 @@ import io
 import json
 import mmap
 import os
+import queue
 import struct
+import threading
 
 import numpy as np
 from fssc.runtime.dcf import LAYOUT_VERSION as DCF_LAYOUT  # key headers record the DCF layout they hold
 
 from fssc.errors import FsscError
-from fssc.files import fsync_dir, open_new, private_dir
+from fssc.files import open_new, private_dir
 
 MAGIC = b"FSSCKEY\0"
 TRAILER = b"FSSCEND\0"
@@ -52,61 +54,214 @@ def _pad8(n: int) -> int:
     return (-n) % 8
 
 
+class _BackgroundFile:
+    """A file hashed and written by a thread of its own, so the dealer computes the next keys while
+    the disk takes the last ones. ``write`` copies the bytes into one of a few staging buffers (memory
+    speed; the caller may reuse its memory at once) and hands full buffers to the thread, which feeds
+    each to ``digest`` (a hashlib object) and then to the file, in order; ``write`` waits only when
+    every buffer is still on its way. ``hand_over`` passes a large array itself, without the copy:
+    the caller gives it up (never writes to it again). A write error surfaces at the next ``write``
+    or ``hand_over``, or at ``finish``."""
+
+    BUFFERS = 3
+    SIZE = 8 << 20
+
+    def __init__(self, fh, digest):
+        self._fh = fh
+        self._hash = digest
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(self.BUFFERS):
+            self._free.put(bytearray(self.SIZE))
+        self._full: queue.Queue[tuple[bytearray | memoryview, int, bool] | None] = queue.Queue()
+        self._slots = threading.Semaphore(self.BUFFERS)  # arrays handed over and not yet written
+        self._cur: bytearray | None = None
+        self._fill = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="key-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._full.get()) is not None:
+            buf, n, staged = item
+            if self._error is None:
+                try:
+                    self._hash.update(memoryview(buf)[:n])
+                    self._fh.write(memoryview(buf)[:n])
+                except BaseException as e:  # reported to the dealer's thread
+                    self._error = e
+            if staged:
+                self._free.put(buf)  # type: ignore[arg-type]
+            else:
+                self._slots.release()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, b) -> None:
+        mv = memoryview(b).cast("B")
+        while len(mv):
+            if self._cur is None:
+                self._cur, self._fill = self._free.get(), 0
+                self._check()
+            n = min(len(mv), self.SIZE - self._fill)
+            self._cur[self._fill : self._fill + n] = mv[:n]
+            self._fill += n
+            mv = mv[n:]
+            if self._fill == self.SIZE:
+                self._push()
+
+    def _push(self) -> None:
+        """Hand the staging buffer being filled to the thread (if it holds anything)."""
+        if self._cur is not None and self._fill:
+            self._full.put((self._cur, self._fill, True))
+            self._cur = None
+
+    def hand_over(self, b) -> None:
+        """Write ``b`` (a large C-contiguous buffer) without copying it: the thread holds it until it is
+        written, and the caller must not change it after this call."""
+        mv = memoryview(b).cast("B")
+        if len(mv) < self.SIZE // 8:  # small: the copy costs less than a write of its own
+            self.write(mv)
+            return
+        self._push()  # what was written before goes first
+        self._slots.acquire()
+        self._check()
+        self._full.put((mv, len(mv), False))
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._full.put(None)
+            self._thread.join()
+
+    def finish(self, trailer) -> None:
+        """Hash and write what is left, wait for the thread, then write ``trailer(digest)`` and close
+        the file; raises the thread's write error."""
+        try:
+            self._push()
+            self._stop()
+            self._check()
+            self._fh.write(trailer(self._hash.digest()))
+        finally:
+            self._fh.close()
+
+    def abort(self) -> None:
+        self._stop()
+        self._fh.close()
+
+
 class KeyWriter:
     """Sequential writer; ``path=None`` keeps the stream in memory (the simulator).
 
     Everything written in this format is a secret of its party (key batches, setup keys, P1's
-    weights): the file is 0600 and its folder 0700 from the start, and ``close`` makes it durable."""
+    weights): the file is 0600 and its folder 0700 from the start. It is written as ``path.part``,
+    by a background thread (``_BackgroundFile``), and renamed to ``path`` by ``close`` once complete,
+    so a file under its final name is whole as far as this process goes. It is not fsync'd: a crash
+    of the machine can leave it cut short or zeroed, which the trailer and checksum catch when a
+    party opens it (the one-time-use ``.used`` markers are the files that must be durable, see
+    ``session.open_batch``)."""
 
     def __init__(self, path: str | None, header: dict):
         self.path = path
         if path and os.path.dirname(path):
             private_dir(os.path.dirname(path))
-        self._fh = open_new(path + ".part", private=True) if path else io.BytesIO()
         self._hash = hashlib.sha256()
+        self._mem = None if path else io.BytesIO()
+        self._file = _BackgroundFile(open_new(path + ".part", private=True), self._hash) if path else None
+        self._open_record: _Record | None = None
         self.bytes_written = 0
         hdr = json.dumps({"format": FORMAT_VERSION, "dcf_layout": DCF_LAYOUT, **header}, sort_keys=True).encode()
         self._write(MAGIC + struct.pack("<I", len(hdr)) + hdr + b"\0" * _pad8(len(hdr) + 12))
         self.records = 0
 
-    def _write(self, b: bytes | memoryview) -> None:
-        self._fh.write(b)
-        self._hash.update(b)
+    def _write(self, b: bytes | memoryview, owned: bool = False) -> None:
+        if self._file is not None:  # hashed by the writer thread
+            if owned:
+                self._file.hand_over(b)
+            else:
+                self._file.write(b)
+        else:
+            assert self._mem is not None
+            self._hash.update(b)
+            self._mem.write(b)
         self.bytes_written += len(b)
+
+    def _head(self, tag: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        if self._open_record is not None:
+            raise RuntimeError(f"key record {tag}: record {self._open_record.tag} is still being written")
+        if dtype not in DTYPE_CODES:
+            raise TypeError(f"key record {tag}: unsupported dtype {dtype}")
+        t = tag.encode()
+        head = struct.pack("<H", len(t)) + t + struct.pack("<BB", DTYPE_CODES[dtype], len(shape))
+        head += struct.pack(f"<{len(shape)}Q", *shape)
+        head += b"\0" * _pad8(len(head))
+        self._write(head)
 
     def put(self, tag: str, arr: np.ndarray) -> None:
         arr = np.require(arr, requirements="C")  # C order; a 0-d array stays 0-d (ascontiguousarray makes it 1-d)
         if arr.dtype not in DTYPE_CODES:
             arr = arr.astype(np.uint64) if arr.dtype.kind in "iu" and arr.dtype.itemsize == 8 else arr
-        if arr.dtype not in DTYPE_CODES:
-            raise TypeError(f"key record {tag}: unsupported dtype {arr.dtype}")
-        t = tag.encode()
-        head = struct.pack("<H", len(t)) + t + struct.pack("<BB", DTYPE_CODES[arr.dtype], arr.ndim)
-        head += struct.pack(f"<{arr.ndim}Q", *arr.shape)
-        head += b"\0" * _pad8(len(head))
-        self._write(head)
+        self._head(tag, arr.dtype, arr.shape)
         self._write(np.ascontiguousarray(arr).data.cast("B") if arr.size else b"")
         self._write(b"\0" * _pad8(arr.nbytes))
         self.records += 1
 
+    def record(self, tag: str, dtype, shape) -> _Record:
+        """One record whose array arrives in pieces, in C order (``write`` each, then ``close``): the same
+        bytes ``put(tag, arr)`` writes for the whole array, without holding it in memory."""
+        dtype = np.dtype(dtype)
+        shape = tuple(int(d) for d in shape)
+        self._head(tag, dtype, shape)
+        self._open_record = _Record(self, tag, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        return self._open_record
+
     def abort(self) -> None:
         """Drop a stream that will not be completed: no partial file is left behind."""
-        self._fh.close()
+        if self._file is not None:
+            self._file.abort()
         if self.path and os.path.exists(self.path + ".part"):
             os.remove(self.path + ".part")
 
     def close(self) -> bytes | None:
-        digest = self._hash.digest()
-        self._fh.write(TRAILER + digest)
-        self.bytes_written += len(TRAILER) + len(digest)
-        if self.path:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
+        if self._open_record is not None:
+            raise RuntimeError(f"key record {self._open_record.tag} was not completed")
+        self.bytes_written += len(TRAILER) + self._hash.digest_size
+        if self._file is not None and self.path:
+            try:
+                self._file.finish(lambda digest: TRAILER + digest)
+            except BaseException:
+                self.abort()
+                raise
             os.replace(self.path + ".part", self.path)
-            fsync_dir(os.path.dirname(self.path))
             return None
-        return self._fh.getvalue()
+        assert self._mem is not None
+        self._mem.write(TRAILER + self._hash.digest())
+        return self._mem.getvalue()
+
+
+class _Record:
+    """A record being written in pieces (``KeyWriter.record``)."""
+
+    def __init__(self, writer: KeyWriter, tag: str, nbytes: int):
+        self.writer, self.tag, self.nbytes, self.left = writer, tag, nbytes, nbytes
+
+    def write(self, arr: np.ndarray, owned: bool = False) -> None:
+        """The next piece of the array. ``owned``: the caller gives ``arr`` up (never changes it again),
+        so a file writer may keep it until it is on disk instead of copying it."""
+        owned = owned and arr.flags.c_contiguous
+        arr = np.ascontiguousarray(arr)
+        if arr.nbytes > self.left:
+            raise ValueError(f"key record {self.tag}: more bytes than its shape holds")
+        self.left -= arr.nbytes
+        if arr.nbytes:
+            self.writer._write(arr.data.cast("B"), owned)
+
+    def close(self) -> None:
+        if self.left:
+            raise ValueError(f"key record {self.tag}: {self.left} bytes short of its shape")
+        self.writer._write(b"\0" * _pad8(self.nbytes))
+        self.writer._open_record = None
+        self.writer.records += 1
 
 
 def peek_header(path: str) -> dict:

@@ -99,19 +99,26 @@ class Dealer:
             b0 = np.unpackbits(b0, count=bits.size, bitorder="little")
             self.w[1].put(tag + BITS, np.packbits(bits.astype(np.uint8) ^ b0, bitorder="little"))
 
+    def _put_dcf(self, tag: str, alpha: np.ndarray, n: int) -> None:
+        """Both parties' Z_2 DCF keys for 1{x < alpha} over n bits, as record ``tag``: the bytes of
+        ``dcf.keygen(alpha, n).data``, streamed block by block (never the whole batch in memory)."""
+        params, blocks = dcf.keygen_blocks(alpha, n, None, self.rng)
+        recs = [w.record(tag, np.uint64, (alpha.size * params.words,)) for w in self.w]
+        for pair in blocks:
+            for rec, block in zip(recs, pair, strict=True):
+                rec.write(block, owned=True)  # each block is new: the writer keeps it instead of copying
+        for rec in recs:
+            rec.close()
+
     def dcf(self, tag: str, rho: np.ndarray, m: int) -> np.ndarray:
         """DCF keys for borrow = 1{u_lo < rho_lo}; returns rho_hi."""
         hi, lo = split_u(rho, m)
-        k0, k1 = dcf.keygen(lo, m - 1, None, self.rng)
-        self.w[0].put(tag + DCF, k0.data)
-        self.w[1].put(tag + DCF, k1.data)
+        self._put_dcf(tag + DCF, lo, m - 1)
         return hi
 
     def _carry_dcf(self, tag: str, r: np.ndarray, s: int) -> np.ndarray:
         """DCF keys over s bits for the carry c = 1{z^ mod 2^s < r mod 2^s}; returns the bit mask r_c of c^."""
-        k0, k1 = dcf.keygen(r & mask_bits(s), s, None, self.rng)
-        self.w[0].put(tag + CARRY_DCF, k0.data)
-        self.w[1].put(tag + CARRY_DCF, k1.data)
+        self._put_dcf(tag + CARRY_DCF, r & mask_bits(s), s)
         return self.rng.bits(r.size).astype(U64)
 
     def fresh(self, shape) -> np.ndarray:

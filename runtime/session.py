@@ -39,11 +39,13 @@ import hashlib
 import hmac
 import inspect
 import json
+import multiprocessing
 import os
 import re
 import time
 import types
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 from fssc.runtime.channel import Channel
@@ -197,19 +199,29 @@ def deal_batches(
     prog_dir: str,
     keys_dir: str,
     batches: int,
-    mod,
+    program: str,
     progress: Callable[[int, int, float], None] | None = None,
+    workers: int = 1,
 ):
-    """One deal: a fresh deal id and setup seed, then the dealer program ``mod`` ``batches`` times.
+    """One deal: a fresh deal id and setup seed, then the dealer program once per batch.
 
-    ``mod`` is the dealer's program as a module: the copy ``fssc deal`` regenerated from the manifest and
-    compared with ``prog_dir/dealer/program.py`` (or :func:`load_program`'s, for a program of one's own).
+    ``program`` is the dealer program's text: the copy ``fssc deal`` regenerated from the manifest and compared
+    with ``prog_dir/dealer/program.py`` (fssc.compiler.backend.trust), or a program file's own text for a
+    program of one's own (``--skip-check``). ``workers`` > 1 deals the batches in that many processes, each
+    batch whole in one process (each process runs the same text); the deal id and setup seed are the deal's,
+    the same in every batch, and the files are the same as a serial deal's. ``progress(done, batches, seconds
+    of the batch just done)`` as batches complete. If a batch fails, no batch is started after it, the ones
+    being dealt finish, and only the batches reported done keep their files (as in a serial deal): no key file
+    of another batch, complete or partial, is left. The error is raised.
+
     Reads only ``manifest.json`` of ``prog_dir`` (never P1's weights). Returns [(batch id, bytes p0, bytes p1,
-    seconds)]."""
+    seconds)] in batch order."""
+    if workers < 1:
+        raise FsscError("--workers must be at least 1")
     manifest = load_manifest(prog_dir)
     h = manifest["program_hash"]
-    if getattr(mod, "PROGRAM_HASH", None) != h:
-        raise FsscError(f"{prog_dir}: dealer program and manifest disagree on the program hash")
+    where = os.path.join(prog_dir, "dealer", "program.py")
+    _dealer_program(program, where, h)  # refuse a bad program before anything is written
     dirs = [os.path.join(keys_dir, f"p{p}") for p in (0, 1)]
     # ids continue after every batch dealt into these folders, used ones (a marker, no key file) included
     start = max((b for d in dirs for b in existing_batches(d) + _ids(d, ".used")), default=-1) + 1
@@ -218,25 +230,64 @@ def deal_batches(
     w = KeyWriter(setup_path(dirs[1], deal), {"kind": "setup", "program": h, "party": 1, "deal": deal})
     w.put("setup.seed", np.frombuffer(seed, dtype=np.uint8))
     w.close()
+    ids = list(range(start, start + batches))
+    jobs = [(program, where, h, dirs, deal, seed, i) for i in ids]
     done = []
-    for i in range(start, start + batches):
-        t = time.perf_counter()
-        hdr = {"program": h, "batch": i, "kind": "batch", "deal": deal}
-        w0 = KeyWriter(_batch_path(dirs[0], i), {**hdr, "party": 0})
-        w1 = KeyWriter(_batch_path(dirs[1], i), {**hdr, "party": 1})
-        try:
-            mod.deal(Dealer(w0, w1), seed)
-        except BaseException:
-            for w in (w0, w1):  # no partial key file that looks complete
-                w.abort()
-            raise
-        w0.close()
-        w1.close()
-        dt = time.perf_counter() - t
-        done.append((i, w0.bytes_written, w1.bytes_written, dt))
-        if progress:
-            progress(i - start + 1, batches, dt)
-    return done
+    if workers == 1 or batches == 1:
+        for job in jobs:
+            done.append(_deal_batch(*job))
+            if progress:
+                progress(len(done), batches, done[-1][3])
+        return done
+    # spawn: each worker a fresh interpreter (no state of this process but the job it is sent)
+    pool = ProcessPoolExecutor(min(workers, batches), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [pool.submit(_deal_batch, *job) for job in jobs]
+        for f in as_completed(futures):
+            done.append(f.result())
+            if progress:
+                progress(len(done), batches, done[-1][3])
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        reported = {b for b, *_ in done}
+        for d in dirs:  # a worker that died leaves its .part files; a batch not reported is not kept
+            for i in ids:
+                for path in (_batch_path(d, i), _batch_path(d, i) + ".part"):
+                    if i not in reported:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(path)
+        raise
+    pool.shutdown()
+    return sorted(done)
+
+
+def _dealer_program(program: str, where: str, program_hash: str):
+    """The dealer program from its text, checked against the manifest's hash (built per batch: milliseconds)."""
+    mod = program_from_source(program, "dealer", where)
+    if getattr(mod, "PROGRAM_HASH", None) != program_hash:
+        raise FsscError(f"{where}: dealer program and manifest disagree on the program hash")
+    return mod
+
+
+def _deal_batch(program: str, where: str, program_hash: str, dirs: list[str], deal: str, seed: bytes, batch: int):
+    """One batch of one deal: both parties' key files, complete, or none (-> (batch, bytes p0, bytes p1, s))."""
+    mod = _dealer_program(program, where, program_hash)
+    t = time.perf_counter()
+    hdr = {"program": program_hash, "batch": batch, "kind": "batch", "deal": deal}
+    writers: list[KeyWriter] = []
+    try:
+        writers.append(KeyWriter(_batch_path(dirs[0], batch), {**hdr, "party": 0}))  # one at a time: if P1's
+        writers.append(KeyWriter(_batch_path(dirs[1], batch), {**hdr, "party": 1}))  # fails, P0's is aborted
+        mod.deal(Dealer(writers[0], writers[1]), seed)
+        for w in writers:
+            w.close()
+    except BaseException:
+        for w in writers:  # no partial key file that looks complete
+            w.abort()
+        with contextlib.suppress(FileNotFoundError):  # P0's file was complete when P1's failed
+            os.remove(_batch_path(dirs[0], batch))
+        raise
+    return batch, writers[0].bytes_written, writers[1].bytes_written, time.perf_counter() - t
 
 
 # ------------------------------------------------------------ key batches

@@ -4,6 +4,7 @@ layout and serialisation, randomness sources, and key pseudorandomness.
 Oracle: numpy's ``x < alpha`` on the same uint64 values (``beta * 1{x < alpha}``).
 """
 
+import hashlib
 import math
 import mmap
 import random
@@ -290,3 +291,40 @@ def test_threaded_eval_matches():
     beta = rng.u64((len(alpha), 3))
     _k0, k1 = keygen(alpha, 18, beta, rng)
     np.testing.assert_array_equal(dcf.evaluate(1, k1, x, threads=2), dcf.evaluate(1, k1, x))
+
+
+# --------------------------------------------------------------------------- pinned bytes
+
+_PINNED = "374fdb1ad1320672e731a33a72af5db3656acf9daaaa3623a8c6d268ed82e4e9"
+"""SHA-256 of the keys below, recorded with the block-at-a-time keygen that preceded the streaming one:
+a speed change of keygen must leave it as it is (a new value means new key semantics or layout)."""
+
+
+def test_keygen_bytes_are_pinned_for_a_fixed_prg_stream():
+    r = Rng(b"\x05" * 16)
+    h = hashlib.sha256()
+    configs = [
+        (1, 0, -1, 5),
+        (8, 0, 0, 300),
+        (20, 0, -1, 40000),
+        (36, 0, -1, 16384),
+        (64, 0, -1, 1000),
+        (9, 0, 7, 33000),
+        (17, 1, -1, 20000),
+        (40, 2, -1, 17000),
+        (64, 3, -1, 100),
+        (12, 6, 1, 5000),
+        (30, 1, 0, 16385),
+        (5, 5, 0, 77),
+    ]
+    for n, k, nu, count in configs:
+        alpha = r.u64(count, n)
+        beta = None if k == 0 else r.u64((count, k))
+        k0, k1 = keygen(alpha, n, beta, r, nu)
+        h.update(k0.data.tobytes())
+        h.update(k1.data.tobytes())
+    beta = (r.u64(3000, 1) & U64(1)).astype(np.uint8)
+    k0, k1 = keygen(r.u64(3000, 25), 25, beta, r)
+    h.update(k0.data.tobytes())
+    h.update(k1.data.tobytes())
+    assert h.hexdigest() == _PINNED

@@ -1081,6 +1081,58 @@ def test_cost_estimates_match_an_in_memory_deal_and_run(mode):
     assert rep.rounds == c0.rounds == c1.rounds
 
 
+@pytest.mark.parametrize("mode", ["logits", "labels"])
+def test_aes_estimates_match_the_parties_online_aes_blocks(mode, monkeypatch):
+    """Per party, the AES blocks its online evaluation spends: the MMO blocks inside ``dcf.evaluate`` and, for
+    P0, the CTR blocks expanding its shares (``Party.shares``), counted in an in-memory run; the estimate
+    (``aes_blocks_p0/p1``) equals them up to rounding of one block per share expansion."""
+    import threading
+
+    from fssc.compiler.compile import compile_graph
+    from fssc.compiler.reference.simulation import simulate
+    from fssc.runtime import dcf, protocol
+
+    local = threading.local()
+    counts = {0: 0.0, 1: 0.0}
+    real_mmo, real_eval, real_expand, real_shares = dcf.mmo, dcf.evaluate, protocol.expand, protocol.Party.shares
+
+    def mmo(blocks, scratch=None):
+        if getattr(local, "party", None) is not None:
+            counts[local.party] += blocks.size // 2
+        return real_mmo(blocks, scratch)
+
+    def evaluate(party, keys, x, threads=1):
+        local.party = party
+        try:
+            return real_eval(party, keys, x, threads)
+        finally:
+            local.party = None
+
+    def expand(seed, shape, nbits=64, nonce=0):
+        out = real_expand(seed, shape, nbits, nonce)
+        if getattr(local, "shares", False):
+            counts[0] += out.nbytes / 16
+        return out
+
+    def shares(self, *args):
+        local.shares = self.b == 0
+        try:
+            return real_shares(self, *args)
+        finally:
+            local.shares = False
+
+    monkeypatch.setattr(dcf, "mmo", mmo)
+    monkeypatch.setattr(dcf, "evaluate", evaluate)
+    monkeypatch.setattr(protocol, "expand", expand)
+    monkeypatch.setattr(protocol.Party, "shares", shares)
+    res = compile_graph(import_onnx(cost_model_graph()), echo=lambda s: None, output_mode=mode)
+    simulate(res.graph, rand((2, 3, 8, 8), seed=1), reference=False)
+    tot = res.report.to_dict()["totals"]
+    calls = sum(op.gate["depth"] if op.kind == "maxpool" else 1 for op in res.graph.ops if op.gate)
+    assert counts[1] == tot["aes_blocks_p1"] > 0
+    assert abs(counts[0] - tot["aes_blocks_p0"]) <= calls, (counts[0], tot["aes_blocks_p0"])
+
+
 def test_cost_model_argmax_over_more_than_two_classes():
     from fssc.compiler.compile import compile_graph
 

@@ -42,6 +42,8 @@ class OpCost:
     rounds: int = 0
     sent_p0: float = 0.0  # bytes P0 sends
     sent_p1: float = 0.0
+    aes_p0: float = 0.0  # AES blocks of P0's online evaluation (runtime/gates.py GateCost)
+    aes_p1: float = 0.0
     calibrated: int | None = None  # largest |value| the comparison saw on the calibration data (ring units)
     calibrated_scale: int | None = None  # the fixed-point scale of that value (after the gate's shift)
     headroom: int | None = None  # bits: inputs 2^headroom times the calibrated ones still fit
@@ -65,6 +67,7 @@ def op_cost(op: Op, graph: Graph, bits: int | None = None) -> OpCost:
             sized["sizes"] = tuple(graph.values[i].size for i in op.inputs if not graph.values[i].is_const)
         gc = cls.cost(g["count"], c.bits, compare_shift(op), g["depth"], **sized)
         c.key_p0, c.key_p1, c.rounds, c.sent_p0, c.sent_p1 = gc.key_p0, gc.key_p1, gc.rounds, gc.sent_p0, gc.sent_p1
+        c.aes_p0, c.aes_p1 = gc.aes_p0, gc.aes_p1
         return c
     if is_weighted(op, graph):
         x = graph.values[next(i for i in op.inputs if not graph.values[i].is_const)]
@@ -121,6 +124,8 @@ class CostReport:
                 "key_bytes_p0_per_image": self.per_image("key_p0"),
                 "key_bytes_p1_per_image": self.per_image("key_p1"),
                 "rounds": self.rounds,
+                "aes_blocks_p0": self.total("aes_p0"),
+                "aes_blocks_p1": self.total("aes_p1"),
                 "sent_p0": self.total("sent_p0") + self.input_bytes,
                 "sent_p1": self.total("sent_p1"),
                 "setup_bytes": self.setup_bytes,

@@ -105,7 +105,20 @@ def checked_program(prog_dir: str, role: str, skip_check: bool = False):
     return session.load_program(prog_dir, role)
 
 
-def deal(prog_dir: str, keys_dir: str, batches: int, progress=None):
-    """``fssc deal`` without the command line: the dealer's program checked and regenerated, then
-    :func:`fssc.runtime.session.deal_batches`."""
-    return session.deal_batches(prog_dir, keys_dir, batches, checked_program(prog_dir, "dealer"), progress)
+def dealer_source(prog_dir: str, skip_check: bool = False) -> str:
+    """The dealer program's text to run: regenerated and checked (:func:`check`), or with ``skip_check`` the
+    received file's (development only)."""
+    if not skip_check:
+        return check(prog_dir, "dealer").text
+    path = os.path.join(prog_dir, "dealer", "program.py")
+    if not os.path.exists(path):
+        raise FsscError(f"{prog_dir}: no dealer/program.py")
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return fh.read()
+
+
+def deal(prog_dir: str, keys_dir: str, batches: int, progress=None, workers: int = 1, skip_check: bool = False):
+    """``fssc deal`` without the command line: the dealer's program checked and regenerated
+    (:func:`dealer_source`), then :func:`fssc.runtime.session.deal_batches`."""
+    source = dealer_source(prog_dir, skip_check)
+    return session.deal_batches(prog_dir, keys_dir, batches, source, progress, workers)

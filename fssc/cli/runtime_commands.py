@@ -85,6 +85,13 @@ def run(prog, party, skip_check, party_args):
 @PROG
 @click.option("--batches", type=int, default=1, show_default=True, help="Key batches to make (one per inference).")
 @click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Processes dealing batches in parallel, one batch each at a time (each needs the memory of one).",
+)
+@click.option(
     "-o",
     "--output",
     "out",
@@ -93,7 +100,7 @@ def run(prog, party, skip_check, party_args):
     help="Key directory: writes OUT/p0 (for the data owner) and OUT/p1 (for the model owner).",
 )
 @SKIP_CHECK
-def deal(prog, batches, out, skip_check):
+def deal(prog, batches, workers, out, skip_check):
     """The dealer: make one-time FSS key batches for a compiled program.
 
     Each run is a new deal (a random deal id and a fresh setup seed for the weight masks). PROG needs only
@@ -106,12 +113,18 @@ def deal(prog, batches, out, skip_check):
 
     if batches < 1:
         raise FsscError("--batches must be at least 1")
-    mod = _program(prog, "dealer", skip_check)
+    if workers < 1:
+        raise FsscError("--workers must be at least 1")
+    from fssc.compiler.backend.trust import dealer_source
+
+    if skip_check:
+        click.echo(f"fssc: warning: --skip-check: running {prog}/dealer/program.py as received, unchecked", err=True)
+    source = dealer_source(prog, skip_check)
     with Progress(
         TextColumn("dealing"), BarColumn(), TextColumn("{task.completed}/{task.total} batches"), TimeElapsedColumn()
     ) as bar:
         task = bar.add_task("deal", total=batches)
-        done = deal_batches(prog, out, batches, mod, lambda i, n, dt: bar.update(task, completed=i))
+        done = deal_batches(prog, out, batches, source, lambda i, n, dt: bar.update(task, completed=i), workers)
     for b, n0, n1, dt in done:
         click.echo(f"batch {b}: {n0 / 1e6:,.1f} MB for party 0, {n1 / 1e6:,.1f} MB for party 1 ({dt:.1f} s)")
     click.echo(f"wrote {out}/p0 and {out}/p1 (give each party its own folder, nothing else; the dealer keeps no state)")
