@@ -554,7 +554,9 @@ class HMul(Gate):
         """n = |z| products from operands of ``sizes`` = (|x|, |y|) elements (both |z| if not given):
         P0 one seed, P1 8 (|x| + |y| + 2 |z|) bytes; one round; each party sends 8 |z| bytes."""
         nx, ny = sizes or (n, n)
-        return GateCost(SEED_BYTES, WORD * (nx + ny + 2 * n), 1, WORD * n, WORD * n)
+        cost = GateCost(SEED_BYTES, WORD * (nx + ny + 2 * n), 1, WORD * n, WORD * n)
+        cost.aes_p0 = share_blocks(nx + ny + 2 * n, 1, 0)  # P0 expands its one row of shares; no DCF
+        return cost
 
 
 STATEMENTS[HMul.stmt] = HMul
@@ -755,7 +757,9 @@ class Spline(Gate):
         spec = cls.spec
         assert spec is not None, "Spline.bind(spec) first"
         first, last = spec.active(m)
-        keys = n * (last - first + 1) * dcf.nbytes_per_key(m, spec.words) if last > first else 0
+        calls = last - first + 1 if last > first else 0
+        keys = n * calls * dcf.nbytes_per_key(m, spec.words)
+        aes = n * calls * dcf.eval_aes_blocks(m, spec.words)
         t = Trunc.cost(n, spec.out_bits, spec.shift)
         return GateCost(
             key_p0=keys + SEED_BYTES + t.key_p0,
@@ -763,6 +767,8 @@ class Spline(Gate):
             rounds=1 + t.rounds,
             sent_p0=n * WORD + t.sent_p0,
             sent_p1=n * WORD + t.sent_p1,
+            aes_p0=aes + share_blocks(n, spec.words + 1, 0) + t.aes_p0,
+            aes_p1=aes + t.aes_p1,
         )
 
 

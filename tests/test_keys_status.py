@@ -95,9 +95,9 @@ def test_status_never_reads_a_key_body(dealt, tmp_path, monkeypatch):
     keys = tmp_path / "keys"
     trust.deal(str(dealt["prog"]), str(keys), 1)
     monkeypatch.setattr(session, "KeyReader", None)  # any full read of a key file would fail
-    (keys / "p0" / "batch0000.key").open("r+b").truncate(200)  # body gone, header intact
+    (keys / "p0" / "batch0000.key").open("r+b").truncate(1024)  # body gone, header intact
     d = _deal_of(session.keys_status(str(keys))[0])
-    assert d["unused"] == [0] and d["bytes"] == 200
+    assert d["unused"] == [0] and d["bytes"] == 1024
 
 
 def test_a_folder_that_holds_no_keys_is_one_line_and_exit_2(tmp_path, run_fssc):

@@ -152,8 +152,6 @@ LEFT_OUT = {
         f"test_hardsigmoid{v}_expanded_ver18": _EXPANDED.format("CastLike/Min/Max", "HardSigmoid")
         for v in ("", "_default", "_example")
     },
-    "test_hardswish_expanded": "function-expanded form multiplies x by HardSigmoid(x), a product of two "
-    "secret values (the HardSwish node itself is tested)",
     # ReduceSum
     "test_reduce_sum_empty_set": "a zero-size input tensor (shape [2,0,4]); fssc needs non-empty tensors",
     "test_reduce_sum_empty_set_non_reduced_axis_zero": "a zero-size input tensor (shape [2,0,4]); "

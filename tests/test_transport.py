@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import struct
 import time
 from pathlib import Path
 
@@ -84,9 +83,17 @@ def _forging_p0(tiny, keys, monkeypatch, forge):
     )
 
 
+class _Claims2To36(bytes):
+    """No bytes that say they are 2^36: the channel's sender frames them with that length, in its order."""
+
+    def __len__(self) -> int:
+        return 1 << 36
+
+
 def _oversize(chan, arr, orig):
-    """A frame length of 2^36 bytes (the old MAX_FRAME) and no payload."""
-    chan.tx.sendall(struct.pack("<Q", 1 << 36))
+    """A frame length of 2^36 bytes (the old MAX_FRAME) and no payload, queued behind what the data owner sent
+    before (its sender thread writes the frames in order)."""
+    chan.send_bytes(_Claims2To36())
 
 
 def _wrong_shape(chan, arr, orig):
