@@ -191,7 +191,11 @@ def _wait_online(keys: Path, proxy: DelayProxy, procs, seconds: float = 60) -> N
         time.sleep(0.002)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+@pytest.mark.parametrize(
+    "sig",
+    [signal.SIGKILL, pytest.param(signal.SIGSTOP, marks=pytest.mark.slow)],  # a stopped peer: its timeout runs out
+    ids=["killed", "stopped"],
+)
 @pytest.mark.parametrize("victim", ["p0", "p1"])
 def test_a_party_lost_mid_inference(tiny, keys, tmp_path, victim, sig):
     """Kill (or stop: a silent peer) one party in the online phase of batch 0; the other says so in one line
@@ -410,6 +414,7 @@ def test_model_owner_opens_a_batch_only_once_the_data_owner_starts_it(tiny, keys
     assert session.unused_batches(str(keys / "p1"))[:1] == [0], "the model owner used a batch nobody started"
 
 
+@pytest.mark.slow  # waits out more than a silence timeout
 def test_a_data_owner_computing_longer_than_the_silence_timeout_is_not_silent(tiny, keys, tmp_path, monkeypatch):
     """The data owner (in this process, default timeouts) spends twice the model owner's silence timeout
     on each batch before its first message: its heartbeats keep the session alive, and the results are right."""
