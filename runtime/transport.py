@@ -18,6 +18,9 @@
   heartbeat (an 8-byte frame header of all ones, no payload, skipped by the
   receiver) every ``heartbeat_interval(timeout)`` seconds from its sender thread,
   so only a peer whose process stopped, died or lost the network falls silent.
+  Heartbeats prove a live process, not progress: one receive waits at most
+  ``STALL_TIMEOUTS`` silence timeouts in all, so a peer stuck while alive (or
+  a malicious one that only beats) ends the session too.
 * The data owner connects within a connect timeout (``--connect-timeout``):
   a model owner that is not listening yet is retried until then.
 * Every frame's length is checked against what the program expects at
@@ -55,6 +58,9 @@ MAX_HELLO = 4096  # a connection's hello (direction and session token)
 MAX_PENDING = 32  # connections between accept and their session
 HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to a paired, authenticated session
 HEARTBEAT = (1 << 64) - 1  # a frame length that is no frame: "still here", skipped by the receiver
+# Heartbeats show a peer's process is alive, not that its protocol progresses: one receive waits at most this
+# many silence timeouts in all, heartbeats or not (20 minutes at the default 30 s), then the peer is stuck.
+STALL_TIMEOUTS = 40
 CONNECT_TIMEOUT = 600.0  # default seconds to wait for the peer to connect (P1) or to listen (P0)
 PEER_TIMEOUT = 30.0  # default seconds a peer may stay silent mid-session
 
@@ -194,8 +200,14 @@ def _recv_exact(sock, n: int, timeout: float) -> bytearray:
 def _recv_frame(sock, timeout: float, size: int, at_most: bool = False) -> bytearray:
     """One frame whose length must be ``size`` (at most ``size`` with ``at_most``), checked before allocating;
     heartbeats before it are skipped (each restarts the silence timeout)."""
+    deadline = time.monotonic() + STALL_TIMEOUTS * timeout
     (n,) = struct.unpack("<Q", _recv_exact(sock, 8, timeout))
     while n == HEARTBEAT:
+        if time.monotonic() > deadline:
+            raise FsscError(
+                f"peer sent only heartbeats for {STALL_TIMEOUTS * timeout:.0f} s: alive but making no progress "
+                f"(stuck); {STALL_TIMEOUTS} x --peer-timeout bounds a wait"
+            )
         (n,) = struct.unpack("<Q", _recv_exact(sock, 8, timeout))
     check_frame_length(n, size, at_most)
     return _recv_exact(sock, n, timeout)

@@ -259,3 +259,25 @@ def test_any_exception_is_one_line(tiny, keys, monkeypatch, capsys):
     assert party_main.main("party0", mod, [str(a) for a in argv]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "fssc party0: error: internal error: out of memory (FSSC_DEBUG=1 shows where)", err
+
+
+def test_a_peer_that_only_sends_heartbeats_is_stuck_not_alive(monkeypatch):
+    """Heartbeats prove a live process, not progress: a receive gives up after STALL_TIMEOUTS silence timeouts
+    in all (here 3 x 0.4 s), in one line, although the peer never fell silent."""
+    import socket as socketlib
+
+    from fssc.runtime import transport
+
+    from fssc.errors import FsscError
+
+    monkeypatch.setattr(transport, "STALL_TIMEOUTS", 3)
+    a_tx, b_rx = socketlib.socketpair()
+    b_tx, a_rx = socketlib.socketpair()
+    a = transport.TcpChannel(a_tx, a_rx, timeout=0.4)  # sends nothing but its heartbeats
+    b = transport.TcpChannel(b_tx, b_rx, timeout=0.4)
+    t = time.monotonic()
+    with pytest.raises(FsscError, match=r"^peer sent only heartbeats for 1 s: alive but making no progress"):
+        b.recv_json()
+    assert 1.2 <= time.monotonic() - t < 10
+    for c in (a, b):
+        c.close()
