@@ -11,9 +11,11 @@ variance are set to the batch statistics that each BN layer sees on synthetic
 inputs (cumulative average over a few batches), and the BN affine parameters
 are drawn around (1, 0). Only the BN layers run in train mode for that; the
 rest of the model stays in eval mode, so calibration runs the graph that is
-exported (no Inception auxiliary head, no dropout, no stochastic depth). Without this, a random-init network
-with default statistics (mean 0, var 1) blows activations up layer by layer
-and its logits are degenerate. Then the final linear layer's bias is shifted
+exported (no Inception auxiliary head, no dropout, no stochastic depth).
+Without this, a random-init network with default statistics (mean 0, var 1)
+blows activations up layer by layer and its logits are degenerate. (Deep
+networks at small sizes get more batches and a variance floor: see
+:func:`randomize_and_calibrate`.) Then the final linear layer's bias is shifted
 so that the mean logits over the same inputs are zero: without that, the
 random head predicts one class for (nearly) every input, and "the argmax is
 kept" would say little.
@@ -127,7 +129,7 @@ def synthetic_images(n: int, image_size: int, seed: int = DEFAULT_SEED) -> torch
     return img + 0.3 * torch.randn(n, 3, image_size, image_size, generator=g)
 
 
-MAX_LOGIT = 10.0  # a calibrated random classifier's centred logits are O(1) on images it was not calibrated on
+MAX_LOGIT = 100.0  # calibrated random classifiers give centred logits of 0.1..10; blown-up ones 1e3..1e6
 
 
 @torch.no_grad()
@@ -136,11 +138,13 @@ def randomize_and_calibrate(
 ) -> None:
     """Deterministic random weights with BN statistics measured on synthetic inputs.
 
-    ``batches`` batches first. The statistics must generalise: on held-out synthetic images the
-    centred logits must stay within :data:`MAX_LOGIT` (BN keeps features near unit scale and the head's
-    init keeps logits O(1)). Deep networks at small sizes (last feature maps 1x1, so 32 images are 32
-    samples per channel) can miss that by orders of magnitude, and then float32 rounding alone makes
-    onnxruntime and torch disagree; they are calibrated again with 4x as many batches, up to 64.
+    ``batches`` batches first. The statistics must generalise: on held-out synthetic images (4
+    batches) the centred logits must stay within :data:`MAX_LOGIT` (BN keeps features near unit scale
+    and the head's init keeps logits O(1)). Deep networks at small sizes can miss that by orders of
+    magnitude (last maps 1x1: few samples per channel, and a channel nearly constant on the calibration
+    images gets a gain near 1/sqrt(eps) on others), and then float32 rounding alone makes onnxruntime
+    and torch disagree. They are calibrated again with 4x as many batches, up to 64, and with every
+    channel's variance raised to at least its layer's median.
     """
     torch.manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -150,9 +154,14 @@ def randomize_and_calibrate(
         m.momentum = None  # cumulative average
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     head = linear[-1].bias.clone() if linear and linear[-1].bias is not None else None
-    held_out = synthetic_images(batch_size, image_size, seed - 1)
+    held_out = [synthetic_images(batch_size, image_size, seed - 1 - i) for i in range(4)]
+    floor = False
     while True:
         _calibrate(model, bns, image_size, seed, batches, batch_size)
+        if floor:
+            for m in bns:
+                if m.running_var is not None:
+                    m.running_var.clamp_(min=float(m.running_var.median()))
         if head is not None:
             linear[-1].bias.copy_(head)
         seen = torch.cat(
@@ -162,9 +171,9 @@ def randomize_and_calibrate(
         # Centre the logits: a random head otherwise gives one class for every input.
         if head is not None and mean.shape == head.shape:
             linear[-1].bias.copy_(head - mean)
-        if batches >= 64 or not bns or float((model(held_out) - mean).abs().max()) <= MAX_LOGIT:
+        if batches >= 64 or not bns or max(float((model(x) - mean).abs().max()) for x in held_out) <= MAX_LOGIT:
             return
-        batches *= 4
+        batches, floor = batches * 4, True
 
 
 def _calibrate(model: torch.nn.Module, bns: list, image_size: int, seed: int, batches: int, batch_size: int) -> None:
