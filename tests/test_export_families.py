@@ -218,6 +218,52 @@ def test_shape_arithmetic_folds_at_import():
     np.testing.assert_allclose(run_float(g, x)[0], want, rtol=0, atol=1e-5)
 
 
+def test_integer_shape_division_truncates_at_import():
+    """torch's traced chunk: Slice bounds from Shape, Gather, Div, Mul. On 5 channels, int64 5 / 2 is 2
+    (so the slice keeps 4 channels); a float division would keep 5."""
+    nodes = [
+        oh.make_node("Shape", ["x"], ["s"]),
+        oh.make_node("Gather", ["s", "one"], ["c"], axis=0),
+        oh.make_node("Div", ["c", "two"], ["half"]),
+        oh.make_node("Mul", ["half", "two"], ["even"]),
+        oh.make_node("Unsqueeze", ["even", "zero1"], ["end"]),
+        oh.make_node("Slice", ["x", "zero1", "end", "one1"], ["y0"]),
+        oh.make_node("Relu", ["y0"], ["y"]),
+    ]
+    inits = [
+        nh.from_array(np.array(1, np.int64), "one"),
+        nh.from_array(np.array(2, np.int64), "two"),
+        nh.from_array(np.array([0], np.int64), "zero1"),
+        nh.from_array(np.array([1], np.int64), "one1"),
+    ]
+    graph = oh.make_graph(
+        nodes,
+        "chunk",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 3])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3])],
+        inits,
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)])
+    g = import_onnx(proto, "chunk")
+    x = np.random.default_rng(1).standard_normal((2, 5, 3)).astype(np.float32)
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert want.shape == (2, 4, 3)
+    np.testing.assert_array_equal(run_float(g, x)[0], want)
+
+
+def test_division_of_a_computed_value_is_refused_in_one_line():
+    graph = oh.make_graph(
+        [oh.make_node("Div", ["x", "two"], ["y"])],
+        "div",
+        [oh.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [oh.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [nh.from_array(np.array(2.0, np.float32), "two")],
+    )
+    with pytest.raises(FsscError, match=r"^<model>: node Div_0 \(Div\): dividing a computed value") as e:
+        import_onnx(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]))
+    assert "\n" not in str(e.value)
+
+
 def test_expand_of_a_computed_value_is_refused_in_one_line():
     graph = oh.make_graph(
         [oh.make_node("Expand", ["x", "shape"], ["y"])],

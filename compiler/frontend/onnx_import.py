@@ -8,8 +8,8 @@ nodes become constant values: the model owner's. Structural constant inputs
 (Reshape's shape, Pad's pads, Clip's bounds, Slice's indices, Gather's
 indices...) become attributes. Nodes whose
 inputs are all constants are folded at import, and so is shape arithmetic
-(Shape, Size, ConstantOfShape, Expand, Cast, CastLike: the forms torch's
-dynamo exporter writes), shapes being static.
+(Shape, Size, ConstantOfShape, Expand, Cast, CastLike, and Div of
+constants: the forms torch's exporters write), shapes being static.
 
 The importer is a table of converters, :data:`CONVERTERS`: ONNX op type ->
 a function ``(importer, node, label, attrs)`` that emits the node's IR op (or
@@ -43,7 +43,7 @@ import onnx
 from fssc.compiler.ir.graph import Graph, Value
 from fssc.compiler.ir.ops import OPS, Scale, infer_shapes
 from fssc.compiler.ir.verify import verify
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from fssc.errors import FsscError
 
@@ -730,6 +730,21 @@ def _cast(imp: _Importer, node, label, a) -> None:
         imp.alias[node.output[0]] = imp.resolve(node.input[0])
     else:
         raise _fold_only(imp, node, label, f"casting a computed value to {to} is not supported")
+
+
+@converts("Div")
+def _div(imp: _Importer, node, label, a) -> None:
+    """Shape arithmetic only (torch's traced ``chunk``: Shape, Gather, Add, Div, Mul into Slice's bounds).
+    Integer Div truncates: the output's element type comes from ONNX shape inference, since a folded
+    Gather or Add is stored as float32."""
+    x, y = imp.const(node.input[0]), imp.const(node.input[1])
+    if x is None or y is None:
+        raise _fold_only(imp, node, label, "dividing a computed value is not supported")
+    gp = imp.model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(gp.value_info) + list(gp.output)}
+    integer = np.issubdtype(_np_dtype(types.get(node.output[0], TensorProto.FLOAT)), np.integer)
+    q = x.astype(np.float64) / y.astype(np.float64)
+    imp.g.add_const(node.output[0], np.trunc(q).astype(np.int64) if integer else q.astype(np.float32))
 
 
 @converts("ArgMax")
