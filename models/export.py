@@ -8,13 +8,26 @@ stay in the graph for the compiler's own folding pass.
 
 Random weights get *calibrated* BatchNorm statistics: running mean and
 variance are set to the batch statistics that each BN layer sees on synthetic
-inputs (cumulative average over a few batches in train mode), and the BN
-affine parameters are drawn around (1, 0). Without this, a random-init network
-with default statistics (mean 0, var 1) blows activations up layer by layer
-and its logits are degenerate. Then the final linear layer's bias is shifted
+inputs (cumulative average over a few batches), and the BN affine parameters
+are drawn around (1, 0). Only the BN layers run in train mode for that; the
+rest of the model stays in eval mode, so calibration runs the graph that is
+exported (no Inception auxiliary head, no dropout, no stochastic depth).
+Without this, a random-init network with default statistics (mean 0, var 1)
+blows activations up layer by layer and its logits are degenerate. (Deep
+networks at small sizes get more batches and a variance floor: see
+:func:`randomize_and_calibrate`.) Then the final linear layer's bias is shifted
 so that the mean logits over the same inputs are zero: without that, the
 random head predicts one class for (nearly) every input, and "the argmax is
 kept" would say little.
+
+Two exporters: torch's TorchScript exporter first (the graph fssc was built
+on), then, if it refuses the model (adaptive pooling to a size that does not
+divide the feature map, as vgg and alexnet at 64x64 need) or its graph does
+not reproduce torch's output in onnxruntime, torch's dynamo exporter (opset 18
+at least, needs ``onnxscript``). The dynamo graph gets constant folding only
+(its shape-arithmetic chains become initializers), not onnxscript's rewrites,
+which would fold BatchNorm into the convolutions. Every written file has been
+run in onnxruntime and matches torch's eval output on the export batch.
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ class ExportInfo:
     nodes: int
     batchnorms: int
     weights: str
+    exporter: str = "torchscript"  # or "dynamo" (see EXPORTERS)
 
 
 def available_models() -> list[str]:
@@ -70,7 +84,9 @@ def build_model(name: str, num_classes: int | None = None) -> torch.nn.Module:
         raise FsscError(f"unknown model {name!r}; torchvision classifiers: {', '.join(available_models())}")
     kwargs = {} if num_classes is None else {"num_classes": int(num_classes)}
     try:
-        return torchvision.models.get_model(name, weights=None, **kwargs)
+        with warnings.catch_warnings():  # googlenet/inception_v3 warn that their default init will change
+            warnings.simplefilter("ignore", FutureWarning)
+            return torchvision.models.get_model(name, weights=None, **kwargs)
     except Exception as e:  # some constructors reject arguments
         raise FsscError(f"cannot build {name}: {e}") from None
 
@@ -113,30 +129,123 @@ def synthetic_images(n: int, image_size: int, seed: int = DEFAULT_SEED) -> torch
     return img + 0.3 * torch.randn(n, 3, image_size, image_size, generator=g)
 
 
+MAX_LOGIT = 100.0  # calibrated random classifiers give centred logits of 0.1..10; blown-up ones 1e3..1e6
+
+
 @torch.no_grad()
 def randomize_and_calibrate(
     model: torch.nn.Module, image_size: int, seed: int = DEFAULT_SEED, batches: int = 4, batch_size: int = 8
 ) -> None:
-    """Deterministic random weights with BN statistics measured on synthetic inputs."""
+    """Deterministic random weights with BN statistics measured on synthetic inputs.
+
+    ``batches`` batches first. The statistics must generalise: on held-out synthetic images (4
+    batches) the centred logits must stay within :data:`MAX_LOGIT` (BN keeps features near unit scale
+    and the head's init keeps logits O(1)). Deep networks at small sizes can miss that by orders of
+    magnitude (last maps 1x1: few samples per channel, and a channel nearly constant on the calibration
+    images gets a gain near 1/sqrt(eps) on others), and then float32 rounding alone makes onnxruntime
+    and torch disagree. They are calibrated again with 4x as many batches, up to 64, and with every
+    channel's variance raised to at least its layer's median.
+    """
     torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.uniform_(-0.2, 0.2)
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-    model.train()
-    for i in range(batches):
-        model(synthetic_images(batch_size, image_size, seed + 1 + i))
-    model.eval()
-    # Centre the logits: a random head otherwise gives one class for every input.
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.2, 0.2)
+        m.momentum = None  # cumulative average
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if linear and linear[-1].bias is not None:
-        mean = torch.cat(
+    head = linear[-1].bias.clone() if linear and linear[-1].bias is not None else None
+    held_out = [synthetic_images(batch_size, image_size, seed - 1 - i) for i in range(4)]
+    floor = False
+    while True:
+        _calibrate(model, bns, image_size, seed, batches, batch_size)
+        if floor:
+            for m in bns:
+                if m.running_var is not None:
+                    m.running_var.clamp_(min=float(m.running_var.median()))
+        if head is not None:
+            linear[-1].bias.copy_(head)
+        seen = torch.cat(
             [model(synthetic_images(batch_size, image_size, seed + 1 + i)) for i in range(min(batches, 2))]
-        ).mean(0)
-        if mean.shape == linear[-1].bias.shape:
-            linear[-1].bias.sub_(mean)
+        )
+        mean = seen.mean(0)
+        # Centre the logits: a random head otherwise gives one class for every input.
+        if head is not None and mean.shape == head.shape:
+            linear[-1].bias.copy_(head - mean)
+        if batches >= 64 or not bns or max(float((model(x) - mean).abs().max()) for x in held_out) <= MAX_LOGIT:
+            return
+        batches, floor = batches * 4, True
+
+
+def _calibrate(model: torch.nn.Module, bns: list, image_size: int, seed: int, batches: int, batch_size: int) -> None:
+    """BN running statistics := the cumulative average of the batch statistics over ``batches`` batches."""
+    for m in bns:
+        m.reset_running_stats()
+    # The BN layers measure their batch statistics (train mode); every other module stays in eval mode, so
+    # the forward is the exported graph (Inception's auxiliary head, which needs larger inputs, does not run).
+    model.eval()
+    for m in bns:
+        m.train()
+    try:
+        for i in range(batches):
+            model(synthetic_images(batch_size, image_size, seed + 1 + i))
+    finally:
+        model.eval()
+
+
+MIN_IMAGE_SIZE = 8  # fssc export's floor, whatever the architecture could take
+MAX_PROBE_SIZE = 1024
+
+
+@torch.no_grad()
+def _runs_at(model: torch.nn.Module, image_size: int) -> bool:
+    """Does the eval-mode model take a [1, 3, s, s] input? (Shapes only: zeros, batch 1.)"""
+    try:
+        model(torch.zeros(1, 3, image_size, image_size))
+    except RuntimeError:  # torch reports an input too small for a kernel or pool as a RuntimeError
+        return False
+    return True
+
+
+def smallest_image_size(model: torch.nn.Module, start: int = MIN_IMAGE_SIZE) -> int | None:
+    """The smallest square size >= ``start`` the eval-mode model runs at (None if none up to 1024).
+
+    Assumes that a model that runs at size s runs at every larger size (true of the torchvision
+    classifiers: only kernels and pools larger than the map refuse); bisects between powers of two.
+    """
+    training = model.training
+    model.eval()
+    try:
+        if _runs_at(model, start):
+            return start
+        lo, hi = start, start * 2
+        while not _runs_at(model, hi):
+            if hi >= MAX_PROBE_SIZE:
+                return None
+            lo, hi = hi, min(hi * 2, MAX_PROBE_SIZE)
+        while hi - lo > 1:  # lo fails, hi runs
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if _runs_at(model, mid) else (mid, hi)
+        return hi
+    finally:
+        model.train(training)
+
+
+def check_image_size(model: torch.nn.Module, name: str, image_size: int) -> None:
+    """One-line refusal of a size the architecture cannot take (too small for its kernels and pools)."""
+    training = model.training
+    model.eval()
+    try:
+        if _runs_at(model, image_size):
+            return
+    finally:
+        model.train(training)
+    least = smallest_image_size(model, image_size + 1)
+    if least is None:
+        raise FsscError(f"{name} does not run at --image-size {image_size} (nor at any size up to {MAX_PROBE_SIZE})")
+    raise FsscError(
+        f"--image-size {image_size} is too small for {name} (its kernels and pools need larger feature maps); "
+        f"the smallest size it takes is {least}"
+    )
 
 
 def prepare_model(
@@ -146,12 +255,16 @@ def prepare_model(
     image_size: int = 224,
     seed: int = DEFAULT_SEED,
 ) -> torch.nn.Module:
-    """The eval-mode torch model :func:`export_model` exports: the user's weights, or random calibrated ones."""
+    """The eval-mode torch model :func:`export_model` exports: the user's weights, or random calibrated ones.
+
+    A size the architecture cannot take is one FsscError naming the smallest size it takes.
+    """
     torch.manual_seed(seed)
     model = build_model(name, num_classes)
     if weights:
         load_weights(model, weights)
-    else:
+    check_image_size(model, name, image_size)
+    if not weights:
         randomize_and_calibrate(model, image_size, seed)
     return model.eval()
 
@@ -174,6 +287,77 @@ def _quiet_output():
             os.close(fd)
 
 
+EXPORTERS = ("torchscript", "dynamo")
+DYNAMO_MIN_OPSET = 18  # the lowest opset torch's dynamo exporter writes without a version conversion
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first.split(" Please feel free")[0].split(" [Caused by")[0]
+
+
+def _export_torchscript(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int) -> None:
+    torch.onnx.export(
+        model,
+        (x,),
+        path,
+        dynamo=False,
+        opset_version=opset,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.EVAL,
+        input_names=["input"],
+        output_names=["logits"],
+    )
+
+
+def _export_dynamo(model: torch.nn.Module, x: torch.Tensor, path: str, opset: int) -> None:
+    """torch's dynamo exporter, constant folding only (onnxscript's rewrites would fold BN into the convs)."""
+    import onnx
+
+    try:
+        from onnxscript import optimizer
+    except ImportError:
+        raise FsscError("the dynamo exporter needs onnxscript: pip install 'fssc[compiler]'") from None
+    raw = path + ".raw.onnx"
+    torch.onnx.export(
+        model,
+        (x,),
+        raw,
+        dynamo=True,
+        opset_version=opset,
+        optimize=False,
+        external_data=False,
+        input_names=["input"],
+        output_names=["logits"],
+    )
+    proto = onnx.load(raw)
+    optimizer.fold_constants(proto)  # in place: Shape/Expand/CastLike chains of constants -> initializers
+    optimizer.remove_unused_nodes(proto)
+    onnx.save(proto, path)
+
+
+def _ort_outputs(proto, x: torch.Tensor):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _matches(got, ref: torch.Tensor) -> str | None:
+    """None if onnxruntime's logits equal torch's (float32 rounding: 1e-3 of their scale), else why not."""
+    import numpy as np
+
+    want = ref.numpy()
+    if got.shape != want.shape:
+        return f"onnxruntime gives shape {got.shape}, torch {want.shape}"
+    err = float(np.max(np.abs(got - want))) if got.size else 0.0
+    tol = 1e-3 * max(1.0, float(np.max(np.abs(want))) if want.size else 1.0)
+    return None if err <= tol else f"onnxruntime differs from torch by {err:.3g} (tolerance {tol:.3g})"
+
+
 def export_model(
     name: str,
     out: str,
@@ -183,43 +367,58 @@ def export_model(
     batch: int = 2,
     opset: int = 17,
     seed: int = DEFAULT_SEED,
+    exporters: tuple[str, ...] = EXPORTERS,
 ) -> ExportInfo:
+    """Export ``name`` to ``out`` with the first of ``exporters`` whose graph runs in onnxruntime equal to torch.
+
+    The dynamo exporter writes opset ``max(opset, 18)``; :attr:`ExportInfo.opset` is the opset written.
+    """
     import onnx
 
-    if batch < 1 or image_size < 8:
-        raise FsscError(f"--batch must be >= 1 and --image-size >= 8 (got {batch}, {image_size})")
+    if batch < 1 or image_size < MIN_IMAGE_SIZE:
+        raise FsscError(f"--batch must be >= 1 and --image-size >= {MIN_IMAGE_SIZE} (got {batch}, {image_size})")
     if num_classes is not None and num_classes < 1:
         raise FsscError(f"--num-classes must be >= 1 (got {num_classes})")
+    unknown = [e for e in exporters if e not in EXPORTERS]
+    if not exporters or unknown:
+        raise FsscError(f"exporters {list(exporters)}: choose from {', '.join(EXPORTERS)}")
     lo, hi = supported_opsets()
     if not lo <= opset <= hi:
         raise FsscError(f"--opset {opset} is not supported: torch's ONNX exporter writes opsets {lo}..{hi}")
     model = prepare_model(name, num_classes, weights, image_size, seed)
     wdesc = os.path.basename(weights) if weights else f"random (seed {seed}), BN calibrated"
     x = synthetic_images(batch, image_size, seed)
+    with torch.no_grad():
+        ref = model(x)
+    failures = []
+    proto, exporter = None, ""
     with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="fssc-export-") as scratch:
-        exported = os.path.join(scratch, "model.onnx")
         warnings.simplefilter("ignore")
-        try:
-            with _quiet_output():  # torch's exporter logs its whole graph (from C++) on failure
-                torch.onnx.export(
-                    model,
-                    (x,),
-                    exported,
-                    dynamo=False,
-                    opset_version=opset,
-                    do_constant_folding=False,
-                    training=torch.onnx.TrainingMode.EVAL,
-                    input_names=["input"],
-                    output_names=["logits"],
-                )
-        except Exception as e:  # torch's exporter reports unsupported shapes with pages of graph dump
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            first = first.split(" Please feel free")[0].split(" [Caused by")[0]
-            raise FsscError(
-                f"torch cannot export {name} at {image_size}x{image_size}, batch {batch}: {first} "
-                f"(try another --image-size)"
-            ) from None
-        proto = onnx.load(exported)
+        for kind in exporters:
+            exported = os.path.join(scratch, f"{kind}.onnx")
+            used = opset if kind == "torchscript" else max(opset, DYNAMO_MIN_OPSET)
+            try:
+                with _quiet_output():  # torch's exporters log whole graphs (some from C++) on failure
+                    if kind == "torchscript":
+                        _export_torchscript(model, x, exported, used)
+                    else:
+                        _export_dynamo(model, x, exported, used)
+                candidate = onnx.load(exported)
+                why = _matches(_ort_outputs(candidate, x), ref)
+            except FsscError:
+                raise
+            except Exception as e:  # the exporters report unsupported shapes with pages of graph dump
+                why = _first_line(e)
+            if why is None:
+                proto, opset, exporter = candidate, used, kind
+                break
+            failures.append(f"{kind}: {why}")
+    if proto is None:
+        raise FsscError(
+            f"torch cannot export {name} at {image_size}x{image_size}, batch {batch}: "
+            + "; ".join(failures)
+            + " (try another --image-size)"
+        )
     proto.producer_name = "fssc export"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -229,4 +428,6 @@ def export_model(
         raise FsscError(f"{out}: cannot write ({e.strerror or type(e).__name__})") from None
     kinds = [n.op_type for n in proto.graph.node]
     nc = num_classes if num_classes is not None else int(proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value)
-    return ExportInfo(out, name, nc, image_size, batch, opset, len(kinds), kinds.count("BatchNormalization"), wdesc)
+    return ExportInfo(
+        out, name, nc, image_size, batch, opset, len(kinds), kinds.count("BatchNormalization"), wdesc, exporter
+    )

@@ -7,7 +7,9 @@ output; Squeeze and Unsqueeze become reshapes). Initializers and Constant
 nodes become constant values: the model owner's. Structural constant inputs
 (Reshape's shape, Pad's pads, Clip's bounds, Slice's indices, Gather's
 indices...) become attributes. Nodes whose
-inputs are all constants are folded at import.
+inputs are all constants are folded at import, and so is shape arithmetic
+(Shape, Size, ConstantOfShape, Expand, Cast, CastLike, and Div of
+constants: the forms torch's exporters write), shapes being static.
 
 The importer is a table of converters, :data:`CONVERTERS`: ONNX op type ->
 a function ``(importer, node, label, attrs)`` that emits the node's IR op (or
@@ -42,7 +44,7 @@ import onnx
 from fssc.compiler.ir.graph import Graph, Value
 from fssc.compiler.ir.ops import OPS, Scale, infer_shapes
 from fssc.compiler.ir.verify import verify
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from fssc.errors import FsscError
 
@@ -675,6 +677,71 @@ def _pad(imp: _Importer, node, label, a) -> None:
     imp.emit(node, label, "pad", ins[:1], {"pads": [int(p) for p in pads]})
 
 
+# Shape arithmetic, as torch's dynamo exporter writes it (a conv's zero bias as CastLike + Expand of a
+# scalar to Shape(weight)[0:1], a reshape target from Shape + Gather + Concat): input shapes are static, so
+# these fold to constants at import. A Cast or Expand of a secret value that changes nothing is an alias;
+# any other use of them is refused.
+def _np_dtype(onnx_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(onnx_type))
+
+
+def _value_dtype(imp: _Importer, name: str) -> np.dtype:
+    v = imp.g.values[imp.resolve(name)]
+    return np.dtype(v.data.dtype if v.data is not None else v.dtype)
+
+
+def _fold_only(imp: _Importer, node, label, what: str) -> FsscError:
+    return FsscError(f"{imp.src}: node {label} ({node.op_type}): {what} (fssc folds it only on constants)")
+
+
+@converts("Shape", "Size")
+def _shape(imp: _Importer, node, label, a) -> None:
+    x = imp.x_shape(node)
+    if node.op_type == "Size":
+        imp.g.add_const(node.output[0], np.asarray(int(np.prod(x, dtype=np.int64)), dtype=np.int64))
+        return
+    r = len(x)
+    start, end = int(a.get("start", 0)), int(a.get("end", r))
+    start, end = min(max(start + r if start < 0 else start, 0), r), min(max(end + r if end < 0 else end, 0), r)
+    imp.g.add_const(node.output[0], np.asarray(x[start:end], dtype=np.int64))
+
+
+@converts("ConstantOfShape")
+def _constant_of_shape(imp: _Importer, node, label, a) -> None:
+    shape = imp.need_const(node, 0, label, "shape (input 0)").astype(np.int64).reshape(-1)
+    fill = numpy_helper.to_array(a["value"]).reshape(-1) if "value" in a else np.zeros(1, np.float32)
+    imp.g.add_const(node.output[0], np.full(tuple(int(d) for d in shape), fill[0], dtype=fill.dtype))
+
+
+@converts("Expand")
+def _expand(imp: _Importer, node, label, a) -> None:
+    shape = tuple(int(d) for d in imp.need_const(node, 1, label, "shape (input 1)").astype(np.int64).reshape(-1))
+    x = imp.const(node.input[0])
+    x_shape = imp.x_shape(node)
+    try:
+        out = np.broadcast_shapes(x_shape, shape)
+    except ValueError:
+        raise FsscError(f"{imp.src}: node {label} (Expand): {tuple(x_shape)} does not broadcast to {shape}") from None
+    if x is not None:
+        imp.g.add_const(node.output[0], np.broadcast_to(x, out).copy())
+    elif out == tuple(x_shape):
+        imp.alias[node.output[0]] = imp.resolve(node.input[0])
+    else:
+        raise _fold_only(imp, node, label, f"broadcasting a computed {tuple(x_shape)} to {out} is not supported")
+
+
+@converts("Cast", "CastLike")
+def _cast(imp: _Importer, node, label, a) -> None:
+    to = _np_dtype(int(a["to"])) if node.op_type == "Cast" else _value_dtype(imp, node.input[1])
+    x = imp.const(node.input[0])
+    if x is not None:
+        imp.g.add_const(node.output[0], x.astype(to))
+    elif _value_dtype(imp, node.input[0]) == to:
+        imp.alias[node.output[0]] = imp.resolve(node.input[0])
+    else:
+        raise _fold_only(imp, node, label, f"casting a computed value to {to} is not supported")
+
+
 @converts("ArgMax")
 def _argmax(imp: _Importer, node, label, a) -> None:
     attrs = {
@@ -731,8 +798,15 @@ def _div(imp: _Importer, node, label, a) -> None:
     c = np.asarray(c, dtype=np.float64)
     if not np.all(np.isfinite(c)) or np.any(c == 0):
         raise FsscError(f"{imp.src}: node {label} (Div): the divisor must be finite and non-zero")
-    if imp.const(ins[0]) is not None:  # both constant: fold with ONNX's own semantics
-        imp.g.add_const(imp.ir_name(node.output[0]), (imp.const(ins[0]) / c).astype(np.float32))
+    x = imp.const(ins[0])
+    if x is not None:  # both constant (shape arithmetic, e.g. torch's traced chunk): fold, ONNX's semantics;
+        # an integer Div truncates (the output's element type from ONNX shape inference: a folded Gather or
+        # Add is stored as float32)
+        gp = imp.model.graph
+        types = {v.name: v.type.tensor_type.elem_type for v in list(gp.value_info) + list(gp.output)}
+        integer = np.issubdtype(_np_dtype(types.get(node.output[0], TensorProto.FLOAT)), np.integer)
+        q = x.astype(np.float64) / c
+        imp.g.add_const(imp.ir_name(node.output[0]), np.trunc(q).astype(np.int64) if integer else q.astype(np.float32))
         return
     imp.emit(node, label, "mul", [ins[0], _add_const(imp, node, "reciprocal", 1.0 / c)], {})
 

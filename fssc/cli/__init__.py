@@ -29,7 +29,14 @@ from fssc.errors import FsscError, os_error_message, printable
 
 COMPILER_MODULE = "fssc.cli.compiler_commands"
 COMPILER_COMMANDS = ("bench", "compile", "demo", "export", "ir", "view")  # the names COMPILER_MODULE.COMMANDS holds
-COMPILER_DEPENDENCIES = {"onnx", "onnxruntime", "torch", "torchvision", "networkx"}  # pyproject's [compiler]
+COMPILER_DEPENDENCIES = {
+    "onnx",
+    "onnxruntime",
+    "torch",
+    "torchvision",
+    "networkx",
+    "onnxscript",
+}  # pyproject's [compiler]
 
 
 class FsscGroup(click.Group):

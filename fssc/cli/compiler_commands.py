@@ -27,15 +27,24 @@ from fssc.passes.base import DEFAULT_MARGIN_BITS
 )
 @click.option("--image-size", type=int, default=224, show_default=True)
 @click.option("--batch", type=int, default=2, show_default=True, help="Static batch dimension.")
-@click.option("--opset", type=int, default=17, show_default=True)
-def export(model, out, num_classes, weights, image_size, batch, opset):
+@click.option("--opset", type=int, default=17, show_default=True, help="The dynamo exporter writes 18 at least.")
+@click.option(
+    "--exporter",
+    type=click.Choice(["auto", "torchscript", "dynamo"]),
+    default="auto",
+    show_default=True,
+    help="auto: torch's TorchScript exporter, else its dynamo exporter if the first fails or its graph "
+    "does not reproduce torch's output in onnxruntime.",
+)
+def export(model, out, num_classes, weights, image_size, batch, opset, exporter):
     """Export a torchvision classifier MODEL (e.g. resnet18) to ONNX, keeping BatchNorm nodes."""
-    from fssc.models.export import export_model
+    from fssc.models.export import EXPORTERS, export_model
 
-    info = export_model(model, out, num_classes, weights, image_size, batch, opset)
+    exporters = EXPORTERS if exporter == "auto" else (exporter,)
+    info = export_model(model, out, num_classes, weights, image_size, batch, opset, exporters=exporters)
     click.echo(
         f"wrote {info.path}: {info.model}, {info.num_classes} classes, input [{info.batch},3,"
-        f"{info.image_size},{info.image_size}], opset {info.opset}, {info.nodes} nodes "
+        f"{info.image_size},{info.image_size}], opset {info.opset} ({info.exporter} exporter), {info.nodes} nodes "
         f"({info.batchnorms} BatchNormalization), weights: {info.weights}"
     )
 
