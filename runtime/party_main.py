@@ -211,8 +211,10 @@ def _serve_p1(mod, manifest: dict, keys_dir: str, chan, W: dict, w_hat_for) -> t
     t = time.perf_counter()
     send_weights(chan, w_hat_for(peer["deal"]))
     for b in peer["batches"]:
-        p1_await_batch(chan, b)  # the data owner has used the batch: ours may be opened
-        with use_batch(keys_dir, 1, b, mod.PROGRAM_HASH, peer["deal"]) as keys:
+        # our key file is read and verified while the data owner opens its own; ours is marked used only once
+        # the data owner has started the batch (marked it used)
+        start = lambda b=b: p1_await_batch(chan, b)  # noqa: E731
+        with use_batch(keys_dir, 1, b, mod.PROGRAM_HASH, peer["deal"], before_marking=start) as keys:
             run_p1_batch(mod, chan, keys, W)
     return len(peer["batches"]), time.perf_counter() - t
 

@@ -297,16 +297,32 @@ def _refuse_used(path: str, batch: int):
     raise FsscError(f"{path}: batch {batch} was already used (keys are one-time; {gone})")
 
 
-def open_batch(party_dir: str, party: int, batch: int, program_hash: str, deal: str | None = None) -> KeyReader:
+def open_batch(
+    party_dir: str,
+    party: int,
+    batch: int,
+    program_hash: str,
+    deal: str | None = None,
+    before_marking: Callable[[], None] | None = None,
+) -> KeyReader:
     """Open one batch's keys (in keys/pN) for use, refusing a used one; marks it used.
 
     The marker is created (O_EXCL) and it and its folder are fsync'd before this returns, i.e. before
-    the batch's first protocol message: after a crash or power loss the batch is still refused."""
+    the batch's first protocol message: after a crash or power loss the batch is still refused.
+    ``before_marking`` runs once the key file is read and verified and before the marker exists (P1 waits
+    there for the data owner's start of the batch, so its reading overlaps the data owner's); if it raises,
+    the batch stays unused."""
     path = _batch_path(party_dir, batch)
     used = _marker(path)
     if os.path.exists(used):
         _refuse_used(path, batch)
     r = KeyReader(path, program=program_hash, party=party, batch=batch, deal=deal)
+    if before_marking is not None:
+        try:
+            before_marking()
+        except BaseException:
+            r.close()
+            raise
     if not create_durable(used, str(r.header.get("deal")).encode()):
         r.close()
         _refuse_used(path, batch)
@@ -314,9 +330,16 @@ def open_batch(party_dir: str, party: int, batch: int, program_hash: str, deal: 
 
 
 @contextlib.contextmanager
-def use_batch(party_dir: str, party: int, batch: int, program_hash: str, deal: str):
+def use_batch(
+    party_dir: str,
+    party: int,
+    batch: int,
+    program_hash: str,
+    deal: str,
+    before_marking: Callable[[], None] | None = None,
+):
     """``open_batch`` for the batch's one use; its key file is deleted when the batch ends, whatever happens."""
-    keys = open_batch(party_dir, party, batch, program_hash, deal)
+    keys = open_batch(party_dir, party, batch, program_hash, deal, before_marking)
     try:
         yield keys
     finally:
