@@ -116,7 +116,7 @@ def test_recalibration_is_deterministic_and_tames_a_deep_net_at_8px():
 
 @pytest.mark.parametrize(
     "name",
-    ["alexnet", pytest.param("vgg11", marks=pytest.mark.slow)],  # vgg11's 100M-weight head: tens of seconds
+    [pytest.param("alexnet", marks=pytest.mark.slow), pytest.param("vgg11", marks=pytest.mark.slow)],  # 13 s, tens
 )
 def test_adaptive_pool_from_a_smaller_map_falls_back_to_dynamo(name, tmp_path):
     path = str(tmp_path / f"{name}.onnx")
@@ -280,9 +280,13 @@ def test_expand_of_a_computed_value_is_refused_in_one_line():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["nosuchnet"], "unknown model 'nosuchnet'"),
+        pytest.param(["nosuchnet"], "unknown model 'nosuchnet'", marks=pytest.mark.slow),
         (["inception_v3", "--image-size", "74"], "--image-size 74 is too small for inception_v3"),
-        (["alexnet", "--image-size", "64", "--exporter", "torchscript"], "torch cannot export alexnet at 64x64"),
+        pytest.param(
+            ["alexnet", "--image-size", "64", "--exporter", "torchscript"],
+            "torch cannot export alexnet at 64x64",
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["unknown", "too-small", "export-fails"],
 )
