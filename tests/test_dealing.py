@@ -30,7 +30,7 @@ from fssc.runtime.prg import Rng
 from fssc.runtime.protocol import CARRY_DCF, DCF, Dealer
 from fssc.runtime.results import read_results
 from parties import run_p0, start_p1, stop
-from tiny_models import tiny_cnn
+from tiny_models import compile_tiny
 
 SEED = b"\x07" * 16
 SETUP = b"\x09" * 16
@@ -38,18 +38,8 @@ SETUP = b"\x09" * 16
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from fssc.compiler.compile import compile_model
-    from fssc.runtime.certs import make_certs
-    from rich.console import Console
-
     tmp = tmp_path_factory.mktemp("dealing")
-    _, proto, x = tiny_cnn(batch=2, size=12)
-    import onnx
-
-    onnx.save(proto, tmp / "tiny.onnx")
-    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
-    compile_model(str(tmp / "tiny.onnx"), str(tmp / "prog"), output_mode="logits", console=quiet)
-    make_certs(str(tmp / "certs"))
+    _, x = compile_tiny(tmp, certs=True)
     man = json.loads((tmp / "prog" / "manifest.json").read_text())
     return {"tmp": tmp, "prog": tmp / "prog", "certs": tmp / "certs", "hash": man["program_hash"], "x": x}
 

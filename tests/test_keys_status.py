@@ -6,27 +6,19 @@ Oracles: the batch ids ``deal`` returns, the markers ``open_batch`` writes, the 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from fssc.compiler.backend import trust
 from fssc.runtime import session
-from tiny_models import tiny_cnn
+from tiny_models import compile_tiny
 
 
 @pytest.fixture(scope="module")
 def dealt(tmp_path_factory):
-    """A tiny program and a key folder with three batches of one deal."""
-    import onnx
-    from fssc.compiler.compile import compile_model
-    from rich.console import Console
-
+    """A tiny compiled program."""
     tmp = tmp_path_factory.mktemp("keys_status")
-    _, proto, _ = tiny_cnn(batch=2, size=12)
-    onnx.save(proto, tmp / "tiny.onnx")
-    quiet = Console(file=open(os.devnull, "w"))  # noqa: SIM115
-    compile_model(str(tmp / "tiny.onnx"), str(tmp / "prog"), output_mode="logits", console=quiet)
+    compile_tiny(tmp)
     program_hash = json.loads((tmp / "prog" / "manifest.json").read_text())["program_hash"]
     return {"prog": tmp / "prog", "hash": program_hash}
 

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from fssc.runtime.results import ResultsFile, read_results
 from parties import DelayProxy, p0_cmd, party_cmd, run_p0, start_p1, stop
+from tiny_models import compile_tiny
 
 from fssc.errors import FsscError
 
@@ -39,24 +40,15 @@ SHORT = 3  # seconds: the silence timeout the fault tests give both parties
 def tiny(tmp_path_factory, run_fssc):
     """The tiny CNN compiled with logits (batch 2, 12x12), certificates, six key batches, a batch of inputs
     (x.npy) and five images, with each one's interpreter logits and onnxruntime logits."""
-    import onnx
     import onnxruntime as ort
     from fssc.compiler.compile import compile_graph
     from fssc.compiler.demo import _write_images
     from fssc.compiler.frontend.onnx_import import import_onnx
     from fssc.compiler.reference.interp import run_fixed
     from fssc.runtime.images import Preprocess, list_images, load_inputs
-    from tiny_models import tiny_cnn
 
     tmp = tmp_path_factory.mktemp("runs")
-    _, proto, x = tiny_cnn(batch=BATCH, size=SIZE)
-    onnx.save(proto, str(tmp / "tiny.onnx"))
-    np.save(tmp / "x.npy", x)
-    r = run_fssc("compile", tmp / "tiny.onnx", "-o", tmp / "prog", "--output-mode", "logits")
-    assert r.returncode == 0, r.stderr
-    assert run_fssc("certs", "-o", tmp / "certs").returncode == 0
-    r = run_fssc("deal", tmp / "prog", "--batches", 6, "-o", tmp / "keys")
-    assert r.returncode == 0, r.stderr
+    _, x = compile_tiny(tmp, run_fssc, batch=BATCH, size=SIZE, certs=True, batches=6)
     _write_images(str(tmp / "images"), 5, SIZE)  # 5 images: batches of 2, 2 and 1 (padded)
     man = json.loads((tmp / "prog" / "manifest.json").read_text())
     pre = Preprocess(**{k: man["preprocess"][k] for k in ("size", "resize", "mean", "std")})

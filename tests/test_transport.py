@@ -19,23 +19,14 @@ import numpy as np
 import pytest
 from fssc.runtime.transport import TcpChannel
 from parties import run_p0, start_p1, stop
+from tiny_models import compile_tiny
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, run_fssc):
     """A compiled tiny CNN (logits), certificates, keys for six batches and one input batch."""
-    import onnx
-    from tiny_models import tiny_cnn
-
     tmp = tmp_path_factory.mktemp("transport")
-    _, proto, x = tiny_cnn(batch=2, size=12)
-    onnx.save(proto, str(tmp / "tiny.onnx"))
-    np.save(tmp / "x.npy", x)
-    r = run_fssc("compile", tmp / "tiny.onnx", "-o", tmp / "prog", "--output-mode", "logits")
-    assert r.returncode == 0, r.stderr
-    assert run_fssc("certs", "-o", tmp / "certs").returncode == 0
-    r = run_fssc("deal", tmp / "prog", "--batches", 6, "-o", tmp / "keys")
-    assert r.returncode == 0, r.stderr
+    compile_tiny(tmp, run_fssc, certs=True, batches=6)
     return {"prog": tmp / "prog", "certs": tmp / "certs", "keys": tmp / "keys", "x": tmp / "x.npy"}
 
 

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 from fssc.compiler.backend import trust
 from fssc.compiler.backend.codegen import render
@@ -30,18 +29,14 @@ from fssc.compiler.backend.program import from_manifest
 from fssc.runtime import lib, session
 from fssc.runtime.gates import STATEMENTS
 from parties import party_cmd
-from tiny_models import tiny_cnn
+from tiny_models import compile_tiny
 
 from fssc.errors import FsscError
 
 
 def _compile(folder: Path, run_fssc) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    _, proto, _ = tiny_cnn(batch=2, size=12)
-    onnx.save(proto, folder / "tiny.onnx")
-    r = run_fssc("compile", folder / "tiny.onnx", "-o", folder / "prog", "--output-mode", "logits")
-    assert r.returncode == 0, r.stderr
-    return folder / "prog"
+    return compile_tiny(folder, run_fssc)[0]
 
 
 @pytest.fixture(scope="module")

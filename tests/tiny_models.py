@@ -104,3 +104,37 @@ def assert_secure_run_matches(g, x: np.ndarray, ref: np.ndarray, atol: float = 0
     logits = ring.decode(sim.outputs[0], g.values[g.outputs[0]].fixed_scale)
     assert np.abs(ref).max() > 0.5, "the oracle's logits are not trivially small"
     np.testing.assert_allclose(logits, ref, atol=atol)
+
+
+def compile_tiny(folder, run_fssc=None, batch: int = 2, size: int = 12, certs: bool = False, batches: int = 0):
+    """The tiny CNN (``tiny_cnn(batch, size)``) saved as ``folder/tiny.onnx`` with its input ``folder/x.npy``
+    and compiled (logits) to ``folder/prog``; with ``run_fssc`` through the real CLI, else in process. With
+    ``certs``, ``folder/certs``; with ``batches``, that many key batches in ``folder/keys`` (CLI only).
+    Returns (prog folder, x)."""
+    import os
+
+    from fssc.compiler.compile import compile_model
+    from rich.console import Console
+
+    _, proto, x = tiny_cnn(batch=batch, size=size)
+    onnx.save(proto, str(folder / "tiny.onnx"))
+    np.save(folder / "x.npy", x)
+    if run_fssc is None:
+        with open(os.devnull, "w") as null:
+            compile_model(
+                str(folder / "tiny.onnx"), str(folder / "prog"), output_mode="logits", console=Console(file=null)
+            )
+        if certs:
+            from fssc.runtime.certs import make_certs
+
+            make_certs(str(folder / "certs"))
+        assert not batches, "key batches are dealt through the CLI"
+        return folder / "prog", x
+    r = run_fssc("compile", folder / "tiny.onnx", "-o", folder / "prog", "--output-mode", "logits")
+    assert r.returncode == 0, r.stderr
+    if certs:
+        assert run_fssc("certs", "-o", folder / "certs").returncode == 0
+    if batches:
+        r = run_fssc("deal", folder / "prog", "--batches", batches, "-o", folder / "keys")
+        assert r.returncode == 0, r.stderr
+    return folder / "prog", x
