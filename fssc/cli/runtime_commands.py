@@ -28,11 +28,17 @@ SKIP_CHECK = click.option(
 def _program(prog: str, role: str, skip_check: bool):
     """The program to run for ``role``: the data owner's and the dealer's regenerated from the manifest and
     compared with the received file (which is never imported), unless --skip-check."""
-    from fssc.compiler.backend.trust import CHECKED_ROLES, checked_program
+    from fssc.compiler.backend.trust import checked_program
+
+    _warn_unchecked(prog, role, skip_check)
+    return checked_program(prog, role, skip_check)
+
+
+def _warn_unchecked(prog: str, role: str, skip_check: bool) -> None:
+    from fssc.compiler.backend.trust import CHECKED_ROLES
 
     if skip_check and role in CHECKED_ROLES:
         click.echo(f"fssc: warning: --skip-check: running {prog}/{role}/program.py as received, unchecked", err=True)
-    return checked_program(prog, role, skip_check)
 
 
 @click.command()
@@ -109,22 +115,17 @@ def deal(prog, batches, workers, out, skip_check):
     dealer` does); the regenerated copy runs, never the received file."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fssc.runtime.session import deal_batches
+    from fssc.compiler.backend import trust
 
     if batches < 1:
         raise FsscError("--batches must be at least 1")
-    if workers < 1:
-        raise FsscError("--workers must be at least 1")
-    from fssc.compiler.backend.trust import dealer_source
-
-    if skip_check:
-        click.echo(f"fssc: warning: --skip-check: running {prog}/dealer/program.py as received, unchecked", err=True)
-    source = dealer_source(prog, skip_check)
+    _warn_unchecked(prog, "dealer", skip_check)
     with Progress(
         TextColumn("dealing"), BarColumn(), TextColumn("{task.completed}/{task.total} batches"), TimeElapsedColumn()
     ) as bar:
         task = bar.add_task("deal", total=batches)
-        done = deal_batches(prog, out, batches, source, lambda i, n, dt: bar.update(task, completed=i), workers)
+        progress = lambda i, n, dt: bar.update(task, completed=i)  # noqa: E731
+        done = trust.deal(prog, out, batches, progress, workers, skip_check)
     for b, n0, n1, dt in done:
         click.echo(f"batch {b}: {n0 / 1e6:,.1f} MB for party 0, {n1 / 1e6:,.1f} MB for party 1 ({dt:.1f} s)")
     click.echo(f"wrote {out}/p0 and {out}/p1 (give each party its own folder, nothing else; the dealer keeps no state)")
