@@ -26,10 +26,10 @@ import textwrap
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fssc.runtime.results import read_results
 from parties import run_p0, start_p1
+from tiny_models import compile_tiny
 
 REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -227,7 +227,6 @@ class _Block(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, _Block())
 '''
-SIZE = 64
 
 
 @pytest.fixture(scope="module")
@@ -284,21 +283,18 @@ def _two_parties(prog: Path, keys: Path, certs: Path, x: Path, out: Path, env: d
     return read_results(str(out))
 
 
-def test_parties_and_dealer_run_without_the_compiler(blocked, export_resnet18, run_fssc, tmp_path):
-    """Compile with the full install; then check, certs, deal and both parties where the compiler (but its
-    code generator), torch, onnx and onnxruntime cannot be imported (and nothing even tries); the labels and
-    logits equal the unblocked run's."""
+def test_parties_and_dealer_run_without_the_compiler(blocked, run_fssc, tmp_path):
+    """Compile (the tiny CNN: conv, BN, ReLU, MaxPool, Gemm) with the full install; then check, certs, deal
+    and both parties where the compiler (but its code generator), torch, onnx and onnxruntime cannot be
+    imported (and nothing even tries); the labels and logits equal the unblocked run's."""
     env, log = blocked
-    prog, keys, certs = tmp_path / "prog", tmp_path / "keys", tmp_path / "certs"
-    r = run_fssc("compile", export_resnet18(SIZE, 2), "-o", prog, "--output-mode", "logits")
-    assert r.returncode == 0, r.stderr
+    prog, _ = compile_tiny(tmp_path, run_fssc)
+    keys, certs, x = tmp_path / "keys", tmp_path / "certs", tmp_path / "x.npy"
     log.write_text("")
     checks = (["check", prog, "--party", "0"], ["check", prog, "--party", "dealer"])
     for args in (["deal", "--help"], *checks, ["certs", "-o", certs], ["deal", prog, "--batches", 2, "-o", keys]):
         r = run_fssc(*args, env=env, cwd=tmp_path)
         assert r.returncode == 0, (args, r.stderr)
-    x = tmp_path / "x.npy"
-    np.save(x, np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32))
     (tmp_path / "blocked").mkdir()
     (tmp_path / "free").mkdir()
     res_blocked = _two_parties(prog, keys, certs, x, tmp_path / "blocked" / "out.jsonl", env)
