@@ -39,7 +39,7 @@ import numpy as np
 from fssc.runtime import dcf
 from fssc.runtime.geometry import pool_attrs
 from fssc.runtime.pooling import max_tree
-from fssc.runtime.prg import Rng
+from fssc.runtime.prg import expand
 from fssc.runtime.protocol import (
     BITS,
     CARRY_DCF,
@@ -637,7 +637,13 @@ def _unshift(c: list, X: list[np.ndarray]) -> list[np.ndarray]:
     w_i = (-1)^i sum_{l >= i} C(l, i) c_l X[l - i]. ``c`` holds p + 1 coefficients (arrays or scalars that
     broadcast against X's)."""
     p = len(c) - 1
-    return [sum(_u64((-1) ** i * math.comb(j, i)) * c[j] * X[j - i] for j in range(i, p + 1)) for i in range(p + 1)]
+    return [sum(X[j - i] * c[j] * _u64((-1) ** i * math.comb(j, i)) for j in range(i, p + 1)) for i in range(p + 1)]
+
+
+def _share_row(seed: bytes, i: int, n: int) -> np.ndarray:
+    """P0's share of row i of a spline's words: its own AES-CTR stream (nonce i) of the gate's seed, so the
+    dealer and P0 make any row alone, a row at a time."""
+    return expand(seed, (n,), nonce=i)
 
 
 class Spline(Gate):
@@ -706,15 +712,15 @@ class Spline(Gate):
         r_y = D.fresh(n)
         seed = D.rng.seed_bytes()
         D.w[0].put(tag + SEED, np.frombuffer(seed, dtype=np.uint8))
-        pad = Rng(seed)  # P0's shares: expand(seed, (rows, n)), one row after the other
         rec = D.w[1].record(tag + CORR, U64, (spec.rows(m), n))
-        for row in (*powers, r_y):
-            rec.write(row - pad.u64(n), owned=True)
+        row = iter(range(spec.rows(m)))  # P0's share of row i: _share_row(seed, i, n)
+        for v in (*powers, r_y):
+            rec.write(v - _share_row(seed, next(row), n), owned=True)
         for _ in range(last - first):
             r_j = D.rng.bits(n).astype(U64)
-            rec.write(r_j - pad.u64(n), owned=True)
+            rec.write(r_j - _share_row(seed, next(row), n), owned=True)
             for pw in powers:
-                rec.write(r_j * pw - pad.u64(n), owned=True)
+                rec.write(r_j * pw - _share_row(seed, next(row), n), owned=True)
         rec.close()
         r_out = Trunc.deal(D, Spline.trunc_tag(tag), r_y, spec.out_bits, spec.shift)
         return r_out.reshape(shape)
@@ -736,11 +742,14 @@ class Spline(Gate):
             u = (flat + U64(half)) & mask_bits(m)
             q = np.array([v + half for v in spec.knots[first:last]], dtype=U64)[:, None]
             F = dcf.evaluate_points(P.b, keys, np.concatenate([u[None], (u[None] - q) & mask_bits(m)]))
-        vals, _ = P.shares(tag, spec.rows(m), n, 0)
+        row = Spline.rows(P, tag, spec.rows(m), n)
         one = ONE if P.b == 0 else U64(0)  # P0 holds the constants
-        R = [np.full(n, one, dtype=U64), *vals[:p]]  # shares of r^0 .. r^p
-        r_y = vals[p]
-        S = vals[p + 1 :].reshape(k, p + 1, n)  # shares of r_j r^i
+        R = [np.full(n, one, dtype=U64), *(row(i) for i in range(p))]  # shares of r^0 .. r^p
+        r_y = row(p)
+
+        def rjr(j: int, i: int) -> np.ndarray:  # shares of r_j r^i (a row, made or mapped when needed)
+            return row(p + 1 + j * (p + 1) + i)
+
         pieces = [spec.in_x(i) for i in range(first, last + 1)]
         A = np.array([a for a, _ in pieces], dtype=U64)  # (k + 1, p + 1)
         lin = np.array([s for _, s in pieces], dtype=U64)
@@ -750,25 +759,39 @@ class Spline(Gate):
             e = F[1:] ^ F[0]  # shares of b_j xor 1{u' < q'_j}
             if P.b == 0:
                 e ^= (u[None] < q).astype(np.uint8)
-            e ^= (S[:, 0] & ONE).astype(np.uint8)  # + r_j: the low bit of a word share is a xor-share
+            for j in range(k):  # + r_j: the low bit of a word share is a xor-share
+                e[j] ^= (rjr(j, 0) & ONE).astype(np.uint8)
             peer = P.chan.exchange(np.packbits(e, bitorder="little"))  # round 1: b^_j
-            bh = (e ^ np.unpackbits(peer, count=e.size, bitorder="little").reshape(e.shape)).astype(U64)
+            bh = e ^ np.unpackbits(peer, count=e.size, bitorder="little").reshape(e.shape)
             for j in range(k):  # the public part: sum_j b^_j (step_j)
-                G = [g + dA[j, i] * bh[j] for i, g in enumerate(G)]
-                Gl = Gl + dlin[j] * bh[j]
-            t = ONE - (bh << ONE)  # 1 - 2 b^_j
+                b_j = bh[j].astype(U64)
+                G = [g + b_j * dA[j, i] for i, g in enumerate(G)]
+                Gl = Gl + b_j * dlin[j]
         X = [np.ones_like(flat)]
         for _ in range(p):
             X.append(X[-1] * flat)
         y = r_y + sum(w * s for w, s in zip(_unshift(G, X), R, strict=True))
         out_lin = Gl * (X[1] * R[0] - R[1])  # shares of (selected slope at b^) x
-        if F is not None:  # + sum_j (1 - 2 b^_j) r_j (step_j)(x), in the shares of r_j r^i
-            cols = [dA[:, i][:, None] for i in range(p + 1)]
-            y += sum((t * w * S[:, i]).sum(axis=0, dtype=U64) for i, w in enumerate(_unshift(cols, X)))
-            out_lin += (t * dlin[:, None] * (X[1] * S[:, 0] - S[:, 1])).sum(axis=0, dtype=U64)
+        for j in range(k):  # + (1 - 2 b^_j) r_j (step_j)(x), in the shares of r_j r^i; one knot at a time
+            t = ONE - (bh[j].astype(U64) << ONE)
+            s_j = [rjr(j, i) for i in range(p + 1)]
+            y += t * sum(w * s for w, s in zip(_unshift(list(dA[j]), X), s_j, strict=True))
+            out_lin += t * dlin[j] * (X[1] * s_j[0] - s_j[1])
         yhat = P.open(y)  # round 2 (round 1 without knots in range): Y^ = Y + r_Y
         out = Trunc.shares(P, Spline.trunc_tag(tag), yhat, spec.out_bits, spec.shift)  # d^, c^
         return P.open(out + out_lin).reshape(shape)
+
+    @staticmethod
+    def rows(P, tag: str, rows: int, n: int):
+        """This party's share rows, ``row(i)`` -> n words: P0 expands row i from its seed when asked
+        (``_share_row``), P1 reads row i of its corrections record (memory-mapped)."""
+        if P.b == 0:
+            seed = P.keys.get(tag + SEED).tobytes()
+            return lambda i: _share_row(seed, i, n)
+        vals = P.keys.get(tag + CORR)
+        if vals.shape != (rows, n):
+            raise ValueError(f"{tag}: key shares have shape {vals.shape}, expected {(rows, n)}")
+        return lambda i: vals[i]
 
     @classmethod
     def records(cls, tag: str, party: int, shift: int = 0, m: int = 64) -> list[str]:
@@ -798,7 +821,7 @@ class Spline(Gate):
             rounds=(1 if k else 0) + 1 + t.rounds,
             sent_p0=bits + n * WORD + t.sent_p0,
             sent_p1=bits + n * WORD + t.sent_p1,
-            aes_p0=aes + share_blocks(n, rows, 0) + t.aes_p0,
+            aes_p0=aes + share_blocks(n, rows + k, 0) + t.aes_p0,  # P0 expands each r_j row twice
             aes_p1=aes + t.aes_p1,
         )
 
