@@ -742,7 +742,7 @@ class Spline(Gate):
             u = (flat + U64(half)) & mask_bits(m)
             q = np.array([v + half for v in spec.knots[first:last]], dtype=U64)[:, None]
             F = dcf.evaluate_points(P.b, keys, np.concatenate([u[None], (u[None] - q) & mask_bits(m)]))
-        row = Spline.rows(P, tag, spec.rows(m), n)
+        row = Spline.share_rows(P, tag, spec.rows(m), n)
         one = ONE if P.b == 0 else U64(0)  # P0 holds the constants
         R = [np.full(n, one, dtype=U64), *(row(i) for i in range(p))]  # shares of r^0 .. r^p
         r_y = row(p)
@@ -782,7 +782,7 @@ class Spline(Gate):
         return P.open(out + out_lin).reshape(shape)
 
     @staticmethod
-    def rows(P, tag: str, rows: int, n: int):
+    def share_rows(P, tag: str, rows: int, n: int):
         """This party's share rows, ``row(i)`` -> n words: P0 expands row i from its seed when asked
         (``_share_row``), P1 reads row i of its corrections record (memory-mapped)."""
         if P.b == 0:
