@@ -563,3 +563,47 @@ def test_cost_report_follows_the_documented_formula():
         sent = math.ceil(n * k / 8) + n * (8 + 2 / 8 + 8)
         assert (c.rounds, c.sent_p0, c.sent_p1) == (4, sent, sent)
     assert res.report.rounds == 1 + 3 * 4  # the input, then the three splines (ops run in sequence)
+
+
+def test_aes_estimate_matches_the_parties_online_aes_blocks(monkeypatch):
+    """The cost's AES blocks against a run: MMO blocks of every DCF evaluation (the selection key at K + 1
+    points, the truncation's two), and P0's CTR blocks expanding its share rows (each r_j row twice) and the
+    truncation's shares, up to a block per expansion."""
+    import threading
+
+    from fssc.runtime import protocol
+
+    local = threading.local()
+    counts = {0: 0.0, 1: 0.0}
+    expansions = [0]
+    real_mmo, real_expand = dcf.mmo, gates.expand
+
+    def mmo(blocks, scratch=None):
+        if getattr(local, "party", None) is not None:  # not the dealer's
+            counts[local.party] += blocks.size // 2
+        return real_mmo(blocks, scratch)
+
+    def expand(seed, shape, nbits=64, nonce=0):
+        out = real_expand(seed, shape, nbits, nonce)
+        if getattr(local, "party", None) == 0:
+            counts[0] += out.nbytes / 16
+            expansions[0] += 1
+        return out
+
+    monkeypatch.setattr(dcf, "mmo", mmo)
+    monkeypatch.setattr(gates, "expand", expand)
+    monkeypatch.setattr(protocol, "expand", expand)
+    spec = splines.fit("silu", {}, 8, 8).spec
+    m, n = 14, 500
+    cls = gates.Spline.bind(spec)
+    r = Rng().u64(n)
+    _, k0, k1 = deal_in_memory(lambda D: gates.Spline.deal(D, "g", r, m, spec))
+
+    def party(P):
+        local.party = P.b
+        return gates.Spline.evaluate(P, "g", r + U64(5), m, spec)
+
+    run_parties(party, party, k0, k1)
+    c = cls.cost(n, m)
+    assert counts[1] == c.aes_p1 > 0
+    assert abs(counts[0] - c.aes_p0) <= expansions[0]
