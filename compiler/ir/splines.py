@@ -11,23 +11,27 @@ Each function (sigmoid, tanh, SiLU, GELU in its erf and tanh forms, erf, HardSig
   deterministic numpy), each centred on an integer M near its middle; the pieces are grown left to right,
   each as long as its fixed-point output stays within ``TOLERANCE`` units of 2^-s_out of the float
   function at every representable input (checked exhaustively; its end found by bisection, at least
-  MIN_WIDTH long), which takes a third fewer knots than halving pieces (each knot costs the gate words
+  MIN_WIDTH long), which takes fewer knots than halving pieces (each knot costs the gate words
   and a DCF evaluation, runtime/gates.py ``Spline``); HardSigmoid and HardSwish are exact polynomials
   (linear, quadratic) on their middle piece;
 * **scales**: a piece computes Y = sum_j B_j (x - M)^j with integer B_j = round(beta_j 2^(c + (d - j) s_in)),
   Y at scale c + d s_in, and the gate outputs floor((Y + 2^(t-1)) / 2^t) (the rounding offset is in B_0)
-  with t = c + d s_in - s_out. c is as large as the ring allows: the truncation compares out_bits bits of
-  Y / 2^t above t, so t + out_bits <= 64; out_bits covers the largest |output| with two bits to spare.
+  with t = c + d s_in - s_out. The truncation compares out_bits bits of Y / 2^t above t, so
+  t + out_bits <= 64; out_bits covers the largest |output| with two bits to spare. c is as large as the
+  ring allows up to MAX_COEFF_BITS for the exact polynomials of HardSigmoid and HardSwish (their only error
+  is the coefficients' rounding), and SMOOTH_COEFF_BITS = 12 for the cubic fits: every bit of t costs the
+  gate's exact truncation 16 key bytes per element and party (its carry DCF is over t bits), and below 12
+  the rounding would eat into the tolerance enough to need more pieces.
 
 Above f = 13 the input is read at scale min(f, 14) (``input_scale``: a cubic at a higher input scale
 would leave too few coefficient bits) and the fits stop refining at 2^-13: the tolerances become
 2^(f - 13) units.
 
 The error of the gate's output against the float function at the same (fixed-point) input is then at most
-the fit's error + the coefficients' rounding (sum_j 2^-(c + (d-j) s_in + 1) |x - M|^j, under 2^-20 at
-f = 12) + half a unit (the final rounding). :func:`fit` measures it over every representable input of the
-fitted range and over the tails up to 64 beyond them (``SplineFit.bound``, in units of 2^-s_out), and the
-tests check it; docs/protocol.md states it per function.
+the fit's error + the coefficients' rounding (sum_j 2^-(c + (d-j) s_in + 1) |x - M|^j) + half a unit (the
+final rounding), all three inside the tolerance each piece is checked against. :func:`fit` measures it over
+every representable input of the fitted range and over the tails up to 64 beyond them (``SplineFit.bound``,
+in units of 2^-s_out), and the tests check it; docs/protocol.md states it per function.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ TAIL_TOLERANCE = 0.5  # units of 2^-s_out: the limit's distance from the functio
 FINEST = 13  # the fits stop refining at 2^-FINEST (reals): beyond f = 13 the tolerances are 2^(f - 13) units
 MAX_INPUT_SCALE = 14  # a spline reads its input at scale min(f, 14): cubics above it would leave c < 10
 MAX_COEFF_BITS = 24  # c: fractional bits of the coefficients beyond the input's (more buys nothing)
+SMOOTH_COEFF_BITS = 12  # c of the cubic fits: fewer bits of t to truncate (see the module doc)
 MIN_WIDTH = 2.0**-6  # narrowest piece the fit makes (reals)
 OUT_MARGIN_BITS = 2  # out_bits = bits of the largest |output| + sign + this margin
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -175,10 +180,10 @@ def _chebyshev_piece(f, ia: int, ib: int, s_in: int) -> Polynomial:
     return Polynomial(cheb.cheb2poly(cf))(Polynomial([-mid / half, 1 / half]))
 
 
-def _layout(s_in: int, s_out: int, d: int, biggest: float) -> tuple[int, int, int]:
+def _layout(s_in: int, s_out: int, d: int, biggest: float, most: int = MAX_COEFF_BITS) -> tuple[int, int, int]:
     """(c, t, out_bits) for pieces of degree d whose |output| stays below ``biggest`` (reals)."""
     out_bits = int(biggest * 2.0**s_out + 2).bit_length() + 1 + OUT_MARGIN_BITS
-    c = min(MAX_COEFF_BITS, 64 - out_bits - (d * s_in - s_out))
+    c = min(most, 64 - out_bits - (d * s_in - s_out))
     t = c + d * s_in - s_out
     if c < 0 or t < 1:
         raise FsscError(f"a degree-{d} spline does not fit the ring at input scale {s_in}, output scale {s_out}")
@@ -206,7 +211,7 @@ def _fit(name: str, attr_items: tuple, s_in: int, s_out: int) -> SplineFit:
     left, right = _TAILS["gelu" if name == "gelu" else name]
     lo, hi = _tail_edge(f, left, s_out, -1), _tail_edge(f, right, s_out, 1)
     grid = np.linspace(lo, hi, 1 << 14)
-    c, t, out_bits = _layout(s_in, s_out, DEGREE, float(np.abs(f(grid)).max()) + 1)
+    c, t, out_bits = _layout(s_in, s_out, DEGREE, float(np.abs(f(grid)).max()) + 1, SMOOTH_COEFF_BITS)
     ia_all, ib_all = math.ceil(lo * 2**s_in), math.ceil(hi * 2**s_in)
     want = f(np.arange(ia_all, ib_all, dtype=np.int64) / 2.0**s_in)  # f at every integer of the range, once
     tol = TOLERANCE * _units(s_out)
