@@ -103,6 +103,7 @@ __all__ = [
     "default_nu",
     "eval_aes_blocks",
     "evaluate",
+    "evaluate_points",
     "keygen",
     "keygen_blocks",
     "nbytes_per_key",
@@ -585,6 +586,34 @@ def evaluate(party: int, keys: DcfKeys, x: np.ndarray, threads: int = 1) -> np.n
     else:
         for block in blocks:
             run(block)
+    return out
+
+
+def evaluate_points(party: int, keys: DcfKeys, xs: np.ndarray) -> np.ndarray:
+    """Evaluate each of party ``party``'s keys at several public points: ``xs`` is (P, N), row j holding one
+    point per key. Returns this party's shares of beta * 1{xs[j, i] < alpha_i}: Z_2 payload -> (P, N) uint8
+    xor-shares; ring payload -> (P, N, k) uint64 additive shares.
+
+    The same as ``evaluate(party, keys, xs[j])`` for each row j, block by block (a block's key words are read
+    once for its P points). A key evaluated at many points reveals no more than at one: the evaluation is
+    local to the party and its key alone hides alpha and beta (the spline gate's selection, docs/protocol.md).
+    """
+    if party != keys.party:
+        raise ValueError(f"keys belong to party {keys.party}, not {party}")
+    p = keys.params
+    xs = np.asarray(xs, dtype=U64)
+    if xs.ndim != 2 or xs.shape[1] != len(keys):
+        raise ValueError(f"points of shape {xs.shape} for {len(keys)} keys: need (P, {len(keys)})")
+    if p.n < 64:
+        xs = xs & U64((1 << p.n) - 1)
+    rows = xs.shape[0]
+    out = np.empty((rows, len(keys)), np.uint8) if p.k == 0 else np.empty((rows, len(keys), p.k), U64)
+    block_eval = _eval_bits_block if p.k == 0 else _eval_ring_block
+    for lo, hi, m in keys.blocks():
+        if np.any((m[0] & _ONE) != U64(party)):
+            raise ValueError(f"key words are not party {party}'s")
+        for j in range(rows):
+            out[j, lo:hi] = block_eval(p, party, m, np.ascontiguousarray(xs[j, lo:hi]))
     return out
 
 

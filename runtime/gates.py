@@ -39,6 +39,7 @@ import numpy as np
 from fssc.runtime import dcf
 from fssc.runtime.geometry import pool_attrs
 from fssc.runtime.pooling import max_tree
+from fssc.runtime.prg import expand
 from fssc.runtime.protocol import (
     BITS,
     CARRY_DCF,
@@ -588,10 +589,10 @@ class SplineSpec:
         return len(self.coeffs[0]) - 1
 
     @property
-    def words(self) -> int:
-        """Ring words of each DCF payload: the d + 1 coefficients of Y in x^, and (const, slope) of the linear
-        part when a piece has one."""
-        return self.degree + 1 + (2 if any(self.lin) else 0)
+    def powers(self) -> int:
+        """p: the powers r, r^2 .. r^p of the input's mask the parties hold shares of (the degree; at least 1,
+        for the linear part)."""
+        return max(self.degree, 1)
 
     def active(self, m: int) -> tuple[int, int]:
         """(first, last) piece meeting the m-bit signed range [-2^(m-1), 2^(m-1)): the knots between them
@@ -600,6 +601,19 @@ class SplineSpec:
         first = sum(1 for q in self.knots if q <= lo)
         last = sum(1 for q in self.knots if q < hi)
         return first, last
+
+    def rows(self, m: int) -> int:
+        """Share words per element the dealer deals for an m-bit input: r^1 .. r^p, r_Y, and per knot in range
+        r_j r^0 .. r_j r^p (``Spline``)."""
+        first, last = self.active(m)
+        return self.powers + 1 + (last - first) * (self.powers + 1)
+
+    def in_x(self, i: int) -> tuple[tuple[int, ...], int]:
+        """Piece i as public integers mod 2^64: (A_0 .. A_p) with Y_i(x) = sum_l A_l x^l (the centred
+        polynomial expanded; exact mod 2^64), and its slope lin[i]."""
+        d, p, mc = self.degree, self.powers, -self.centers[i]
+        a = [sum(self.coeffs[i][j] * math.comb(j, k) * mc ** (j - k) for j in range(k, d + 1)) for k in range(d + 1)]
+        return tuple(v % (1 << 64) for v in a + [0] * (p - d)), self.lin[i] % (1 << 64)
 
     @staticmethod
     def of(params: dict) -> SplineSpec:
@@ -613,50 +627,50 @@ class SplineSpec:
         )
 
 
-def _u64(v: int) -> np.ndarray:
-    """A (signed or big) Python integer as a 0-d uint64 array (array arithmetic wraps silently)."""
-    return np.array(v % (1 << 64), dtype=U64)
+def _u64(v: int) -> U64:
+    """A (signed or big) Python integer as a uint64 scalar (array arithmetic wraps silently)."""
+    return U64(v % (1 << 64))
 
 
-def _piece_in_xhat(spec: SplineSpec, i: int, r: np.ndarray) -> np.ndarray:
-    """Piece i's coefficients as a polynomial in the public x^ = x + r, per element: (words, n) uint64.
+def _unshift(c: list, X: list[np.ndarray]) -> list[np.ndarray]:
+    """Weights w_0 .. w_p with sum_l c_l (x^ - r)^l = sum_i w_i r^i, for X[k] = x^^k (public):
+    w_i = (-1)^i sum_{l >= i} C(l, i) c_l X[l - i]. ``c`` holds p + 1 coefficients (arrays or scalars that
+    broadcast against X's)."""
+    p = len(c) - 1
+    return [sum(X[j - i] * c[j] * _u64((-1) ** i * math.comb(j, i)) for j in range(i, p + 1)) for i in range(p + 1)]
 
-    Y_i(x) = sum_j B_j (x^ - S)^j with S = r + center: the coefficient of x^^k is
-    sum_{j >= k} B_j C(j, k) (-S)^(j - k) mod 2^64, and lin[i] x = lin[i] x^ - lin[i] r."""
-    d = spec.degree
-    neg_s = np.zeros_like(r) - (r + _u64(spec.centers[i]))
-    powers = [np.ones_like(r)]
-    for _ in range(d):
-        powers.append(powers[-1] * neg_s)
-    out = np.zeros((spec.words, r.size), dtype=U64)
-    for k in range(d + 1):
-        for j in range(k, d + 1):
-            out[k] += _u64(spec.coeffs[i][j] * math.comb(j, k)) * powers[j - k]
-    if spec.words > d + 1:
-        out[d + 1] = np.zeros_like(r) - _u64(spec.lin[i]) * r
-        out[d + 2] = _u64(spec.lin[i])
-    return out
+
+def _share_row(seed: bytes, i: int, n: int) -> np.ndarray:
+    """P0's share of row i of a spline's words: its own AES-CTR stream (nonce i) of the gate's seed, so the
+    dealer and P0 make any row alone, a row at a time."""
+    return expand(seed, (n,), nonce=i)
 
 
 class Spline(Gate):
     """A piecewise polynomial (:class:`SplineSpec`) of a masked wire: sigmoid, tanh, SiLU, GELU, erf,
-    HardSigmoid and HardSwish are each one.
+    HardSigmoid and HardSwish are each one. docs/protocol.md, "Spline gates", derives it.
 
-    The parties never multiply: each piece's polynomial, re-expanded in the public x^ by the dealer (its
-    coefficients depend on r and the piece), reaches them as additive shares selected by DCFs with vector
-    payloads over the m-bit input, so each party evaluates its share of Y on x^ locally and the parties open
-    Y^ = Y + r_Y (round 1); an exact truncation (:class:`Trunc`, rounds 2 and 3) brings Y to the output
-    scale, and the linear part is added to its output shares before they are opened. docs/protocol.md,
-    "Spline gates", derives it.
+    With K knots q_1 < .. < q_K inside the m-bit range and b_j = 1{x < q_j}, the selected piece is
+    Y(x) = Y_K(x) + sum_j b_j (Y_(j-1) - Y_j)(x) (pieces numbered within the range), likewise its slope.
 
-    Selection with K knots inside the m-bit range (the pieces meeting it): with x' = x + 2^(m-1) in
-    [0, 2^m), u' = x^ + 2^(m-1) mod 2^m = x' + rho mod 2^m (rho = r mod 2^m) is public and
+    **Selection bits** (round 1). x' = x + 2^(m-1) in [0, 2^m), u' = x^ + 2^(m-1) mod 2^m = x' + rho mod 2^m
+    (rho = r mod 2^m) is public; with F(v) = 1{v < rho} and q' = q + 2^(m-1) in (0, 2^m),
 
-        1{x' < q} = 1{u' < (rho + q) mod 2^m} - 1{u' < rho} + 1{rho + q >= 2^m},
+        1{x' < q'} = 1{u' < q'} xor F((u' - q') mod 2^m) xor F(u'),
 
-    so the piece's coefficient vector c(x) = c_K + sum_j 1{x' < q_j} (c_{j-1} - c_j) is K DCFs at
-    alpha_j = rho + q_j (payload c_{j-1} - c_j), one at alpha = rho (payload c_K - c_0) and a constant of the
-    dealer's (c_K + sum_j 1{rho + q_j >= 2^m} (c_{j-1} - c_j)), shared like every other word.
+    so ONE DCF key per element (alpha = rho, Z_2 payload, m bits), evaluated at u' and at u' - q'_j, gives
+    xor-shares of every b_j. The parties open b^_j = b_j xor r_j (one message of K bits per element each way;
+    r_j fresh uniform bits of the dealer's, whose xor-shares are the low bits of their word shares).
+
+    **The polynomial** (round 2), x = x^ - r: each party holds shares of r^i (i = 1..p) and, per knot, of
+    r_j r^i (i = 0..p); then x^l = (x^ - r)^l and b_j x^l = b^_j x^l + (1 - 2 b^_j) r_j x^l are linear in
+    them once x^ and b^ are public, so each party has its share of Y and opens Y^ = Y + r_Y. An exact
+    truncation (:class:`Trunc`, rounds 3 and 4) brings Y to the output scale; the linear part, selected the
+    same way, is added to its output shares before they are opened.
+
+    The dealer's words depend on r and the r_j only, never on the coefficients or on x; they stream to P1
+    a row (one word per element) at a time, and the DCF keys block by block (``Dealer._put_dcf``), so a
+    large layer never has its keys in memory at once.
 
     ``cost`` needs the spec: ``Spline.bind(spec)`` is the class of one spline (the registry's gate spec
     returns it); the statement's parameters carry the same spec to the programs."""
@@ -684,31 +698,30 @@ class Spline(Gate):
 
     @staticmethod
     def deal(D, tag: str, r: np.ndarray, m: int, spec: SplineSpec) -> np.ndarray:
+        """Both parties' DCF keys for 1{v < r mod 2^m} (if a knot is in range), P0 a seed and P1, row by row,
+        r^1 .. r^p, r_Y and per knot r_j, r_j r .. r_j r^p minus P0's shares; then the truncation's keys."""
         shape = r.shape
         r = r.reshape(-1)
+        n = r.size
         first, last = spec.active(m)
-        vecs = [_piece_in_xhat(spec, i, r) for i in range(first, last + 1)]
-        const = vecs[-1].copy()
         if last > first:
-            size = U64(1 << m) if m < 64 else None
-            rho = r & mask_bits(m)
-            half = 1 << (m - 1)
-            alphas, betas = [], []
-            for j, q in enumerate(spec.knots[first:last]):
-                qq = U64(q + half)  # in (0, 2^m)
-                delta = vecs[j] - vecs[j + 1]
-                t = (rho + qq) & mask_bits(m)
-                wrapped = t < rho if size is None else (rho + qq) >= size  # rho + q >= 2^m
-                const += delta * wrapped.astype(U64)
-                alphas.append(t)
-                betas.append(delta)
-            alphas.append(rho)
-            betas.append(vecs[-1] - vecs[0])
-            k0, k1 = dcf.keygen(np.concatenate(alphas), m, np.concatenate(betas, axis=1).T, D.rng)
-            D.w[0].put(tag + DCF, k0.data)
-            D.w[1].put(tag + DCF, k1.data)
-        r_y = D.fresh(r.size)
-        D.shares(tag, np.concatenate([const, r_y[None]]), None)
+            D._put_dcf(tag + DCF, r & mask_bits(m), m)
+        powers = [r]
+        for _ in range(spec.powers - 1):
+            powers.append(powers[-1] * r)
+        r_y = D.fresh(n)
+        seed = D.rng.seed_bytes()
+        D.w[0].put(tag + SEED, np.frombuffer(seed, dtype=np.uint8))
+        rec = D.w[1].record(tag + CORR, U64, (spec.rows(m), n))
+        row = iter(range(spec.rows(m)))  # P0's share of row i: _share_row(seed, i, n)
+        for v in (*powers, r_y):
+            rec.write(v - _share_row(seed, next(row), n), owned=True)
+        for _ in range(last - first):
+            r_j = D.rng.bits(n).astype(U64)
+            rec.write(r_j - _share_row(seed, next(row), n), owned=True)
+            for pw in powers:
+                rec.write(r_j * pw - _share_row(seed, next(row), n), owned=True)
+        rec.close()
         r_out = Trunc.deal(D, Spline.trunc_tag(tag), r_y, spec.out_bits, spec.shift)
         return r_out.reshape(shape)
 
@@ -716,31 +729,69 @@ class Spline(Gate):
     def evaluate(P, tag: str, xhat: np.ndarray, m: int, spec: SplineSpec) -> np.ndarray:
         shape = xhat.shape
         flat = xhat.reshape(-1)
-        n, k, d = flat.size, spec.words, spec.degree
+        n, p = flat.size, spec.powers
         first, last = spec.active(m)
+        k = last - first
         P.chan.step = tag
-        got = None
-        if last > first:
-            u = (flat + U64(1 << (m - 1))) & mask_bits(m)
-            keys = dcf.DcfKeys(dcf.DcfParams(m, k), P.b, P.keys.get(tag + DCF))
-            calls = last - first + 1
-            if len(keys) != calls * n:
-                raise ValueError(f"{tag}: {len(keys)} DCF keys for {calls} x {n} comparisons")
-            got = dcf.evaluate(P.b, keys, np.tile(u, calls)).reshape(calls, n, k).sum(axis=0, dtype=U64)
-        coef, _ = P.shares(tag, k + 1, n, 0)
-        coef = coef.copy()
-        if got is not None:
-            coef[:k] += got.T
-        y = coef[k].copy()  # this party's share of r_Y
-        xp = np.ones_like(flat)
-        for j in range(d + 1):
-            y += coef[j] * xp
-            xp = xp * flat
-        yhat = P.open(y)  # round 1: Y^ = Y + r_Y
-        out = Trunc.shares(P, Spline.trunc_tag(tag), yhat, spec.out_bits, spec.shift)  # round 2: d^, c^
-        if k > d + 1:
-            out += coef[d + 1] + coef[d + 2] * flat
-        return P.open(out).reshape(shape)  # round 3
+        F = None
+        if k:
+            keys = dcf.DcfKeys(dcf.DcfParams(m, 0), P.b, P.keys.get(tag + DCF))
+            if len(keys) != n:
+                raise ValueError(f"{tag}: {len(keys)} DCF keys for {n} elements")
+            half = 1 << (m - 1)
+            u = (flat + U64(half)) & mask_bits(m)
+            q = np.array([v + half for v in spec.knots[first:last]], dtype=U64)[:, None]
+            F = dcf.evaluate_points(P.b, keys, np.concatenate([u[None], (u[None] - q) & mask_bits(m)]))
+        row = Spline.share_rows(P, tag, spec.rows(m), n)
+        one = ONE if P.b == 0 else U64(0)  # P0 holds the constants
+        R = [np.full(n, one, dtype=U64), *(row(i) for i in range(p))]  # shares of r^0 .. r^p
+        r_y = row(p)
+
+        def rjr(j: int, i: int) -> np.ndarray:  # shares of r_j r^i (a row, made or mapped when needed)
+            return row(p + 1 + j * (p + 1) + i)
+
+        pieces = [spec.in_x(i) for i in range(first, last + 1)]
+        A = np.array([a for a, _ in pieces], dtype=U64)  # (k + 1, p + 1)
+        lin = np.array([s for _, s in pieces], dtype=U64)
+        dA, dlin = A[:-1] - A[1:], lin[:-1] - lin[1:]  # per knot: the step from piece j to piece j - 1
+        G, Gl = [np.full(n, a, dtype=U64) for a in A[-1]], np.full(n, lin[-1], dtype=U64)
+        if F is not None:
+            e = F[1:] ^ F[0]  # shares of b_j xor 1{u' < q'_j}
+            if P.b == 0:
+                e ^= (u[None] < q).astype(np.uint8)
+            for j in range(k):  # + r_j: the low bit of a word share is a xor-share
+                e[j] ^= (rjr(j, 0) & ONE).astype(np.uint8)
+            peer = P.chan.exchange(np.packbits(e, bitorder="little"))  # round 1: b^_j
+            bh = e ^ np.unpackbits(peer, count=e.size, bitorder="little").reshape(e.shape)
+            for j in range(k):  # the public part: sum_j b^_j (step_j)
+                b_j = bh[j].astype(U64)
+                G = [g + b_j * dA[j, i] for i, g in enumerate(G)]
+                Gl = Gl + b_j * dlin[j]
+        X = [np.ones_like(flat)]
+        for _ in range(p):
+            X.append(X[-1] * flat)
+        y = r_y + sum(w * s for w, s in zip(_unshift(G, X), R, strict=True))
+        out_lin = Gl * (X[1] * R[0] - R[1])  # shares of (selected slope at b^) x
+        for j in range(k):  # + (1 - 2 b^_j) r_j (step_j)(x), in the shares of r_j r^i; one knot at a time
+            t = ONE - (bh[j].astype(U64) << ONE)
+            s_j = [rjr(j, i) for i in range(p + 1)]
+            y += t * sum(w * s for w, s in zip(_unshift(list(dA[j]), X), s_j, strict=True))
+            out_lin += t * dlin[j] * (X[1] * s_j[0] - s_j[1])
+        yhat = P.open(y)  # round 2 (round 1 without knots in range): Y^ = Y + r_Y
+        out = Trunc.shares(P, Spline.trunc_tag(tag), yhat, spec.out_bits, spec.shift)  # d^, c^
+        return P.open(out + out_lin).reshape(shape)
+
+    @staticmethod
+    def share_rows(P, tag: str, rows: int, n: int):
+        """This party's share rows, ``row(i)`` -> n words: P0 expands row i from its seed when asked
+        (``_share_row``), P1 reads row i of its corrections record (memory-mapped)."""
+        if P.b == 0:
+            seed = P.keys.get(tag + SEED).tobytes()
+            return lambda i: _share_row(seed, i, n)
+        vals = P.keys.get(tag + CORR)
+        if vals.shape != (rows, n):
+            raise ValueError(f"{tag}: key shares have shape {vals.shape}, expected {(rows, n)}")
+        return lambda i: vals[i]
 
     @classmethod
     def records(cls, tag: str, party: int, shift: int = 0, m: int = 64) -> list[str]:
@@ -751,23 +802,26 @@ class Spline(Gate):
 
     @classmethod
     def cost(cls, n: int, m: int, shift: int = 0, depth: int = 1) -> GateCost:
-        """Per element: (K + 1) DCF keys over m bits with a ``words``-word payload (none for a single piece)
-        to each party; P1 also the words' constant and r_Y (words + 1 words); P0 one seed. One round opens
-        Y^ (8 bytes each way); the exact truncation of Y adds its own keys and its two rounds."""
+        """Per element, with K knots in the m-bit range: one m-bit DCF key (Z_2 payload) to each party if
+        K > 0, evaluated at K + 1 points; P1 also rows(m) = p + 1 + K (p + 1) words; P0 one seed. One round
+        opens the K masked bits (K/8 bytes each way; none if K = 0), one opens Y^ (8 bytes each way); the
+        exact truncation of Y adds its own keys and its two rounds."""
         spec = cls.spec
         assert spec is not None, "Spline.bind(spec) first"
         first, last = spec.active(m)
-        calls = last - first + 1 if last > first else 0
-        keys = n * calls * dcf.nbytes_per_key(m, spec.words)
-        aes = n * calls * dcf.eval_aes_blocks(m, spec.words)
+        k = last - first
+        keys = n * dcf.nbytes_per_key(m, 0) if k else 0
+        aes = n * (k + 1) * dcf.eval_aes_blocks(m, 0) if k else 0
+        rows = spec.rows(m)
         t = Trunc.cost(n, spec.out_bits, spec.shift)
+        bits = math.ceil(n * k / 8)
         return GateCost(
             key_p0=keys + SEED_BYTES + t.key_p0,
-            key_p1=keys + n * (spec.words + 1) * WORD + t.key_p1,
-            rounds=1 + t.rounds,
-            sent_p0=n * WORD + t.sent_p0,
-            sent_p1=n * WORD + t.sent_p1,
-            aes_p0=aes + share_blocks(n, spec.words + 1, 0) + t.aes_p0,
+            key_p1=keys + n * rows * WORD + t.key_p1,
+            rounds=(1 if k else 0) + 1 + t.rounds,
+            sent_p0=bits + n * WORD + t.sent_p0,
+            sent_p1=bits + n * WORD + t.sent_p1,
+            aes_p0=aes + share_blocks(n, rows + k, 0) + t.aes_p0,  # P0 expands each r_j row twice
             aes_p1=aes + t.aes_p1,
         )
 

@@ -273,9 +273,9 @@ def hmul(ctx, tag: str, x, y):
 # ------------------------------------------------------------ spline gates
 def spline(ctx, tag: str, x, m: int, knots, centers, coeffs, lin, shift: int, out_bits: int):
     """A public piecewise polynomial of a masked wire (sigmoid, tanh, SiLU, GELU, erf, HardSigmoid,
-    HardSwish): DCFs over the m-bit input select each piece's coefficients in x^, one round opens the
-    polynomial at its high scale, an exact truncation by ``shift`` bits (on ``out_bits`` bits) brings it to
-    the output scale (gates.Spline)."""
+    HardSwish): one DCF key over the m-bit input, evaluated at every knot, gives masked selection bits (one
+    round), one round opens the selected polynomial at its high scale, an exact truncation by ``shift`` bits
+    (on ``out_bits`` bits) brings it to the output scale (gates.Spline)."""
     params = {"knots": knots, "centers": centers, "coeffs": coeffs, "lin": lin, "shift": shift, "out_bits": out_bits}
     return gates.Spline.run(ctx, tag, x, m=m, **params)
 

@@ -5,9 +5,13 @@ compiler/ir/splines.py, the registry's spline entries, the importer's SiLU and G
   every masked value and every mask mod 2^m at small m for a spec with knots everywhere (at the range's
   edges, outside it, adjacent), and every input of the m-bit range under many masks for every fitted
   activation at small scales.
+* The selection: one DCF key per element evaluated at K + 1 points gives every knot's bit, for every input,
+  mask and knot at small m (both parties' shares combined); ``dcf.evaluate_points`` against ``dcf.evaluate``.
 * The stated error bounds (docs/protocol.md, "Spline gates"): every representable input of [-16, 16) and
   samples of the tails, at f = 12 and f = 8.
-* Key records and key bytes of a deal against the gate class's cost.
+* Key records and key bytes of a deal against the gate class's cost; the keys stream (DCF keys a storage
+  block, P1's words a row at a time); keys and messages look the same for two secrets (masks; inputs in the
+  first piece or the last).
 * The importer: SiLU and GELU patterns (erf and tanh forms) fused into one op, ONNX Gelu (opset 20, both
   forms), HardSigmoid's attributes, Erf alone.
 * End to end: a torch model with nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Tanh and nn.GELU, exported at
@@ -34,6 +38,7 @@ from fssc.compiler.reference.interp import run_fixed, run_float
 from fssc.compiler.reference.simulation import simulate
 from fssc.runtime import dcf, gates, ring
 from fssc.runtime.keys import KeyReader
+from fssc.runtime.prg import Rng
 from fssc.runtime.simulate import deal_in_memory, run_parties
 from onnx import TensorProto, helper, numpy_helper
 
@@ -108,7 +113,7 @@ def test_gate_every_input_at_small_scale(name, attrs):
     r = np.random.default_rng(len(name)).integers(0, 1 << 64, size=x.size, dtype=np.uint64)
     y, chan, _, _ = run_gate(fit.spec, x, r, m)
     assert (y == ring.signed(splines.evaluate(fit.spec, ring.unsigned(x)))).all()
-    assert chan.rounds == 3 == gates.Spline.bind(fit.spec).cost(x.size, m).rounds
+    assert chan.rounds == 4 == gates.Spline.bind(fit.spec).cost(x.size, m).rounds
     err = np.abs(y / 32.0 - splines.reference(name, attrs)(x / 32.0)) * 32
     assert err.max() <= fit.bound + 1e-9
 
@@ -124,6 +129,144 @@ def test_gate_with_wide_comparisons():
     for m in (40, 64):
         y, _, _, _ = run_gate(fit.spec, x, r, m)
         assert (y == ring.signed(splines.evaluate(fit.spec, ring.unsigned(x)))).all()
+
+
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_selection_bits_every_input_mask_and_knot(m):
+    """The selection's identity, both parties' DCF shares combined: for every x' and rho in [0, 2^m) (random
+    bits above) and every knot q' in (0, 2^m), 1{u' < q'} xor F(u' - q') xor F(u') = 1{x' < q'}, with one DCF
+    key (alpha = rho, m bits) per element evaluated at all the points (``dcf.evaluate_points``)."""
+    size = 1 << m
+    xp, rho = (a.reshape(-1) for a in np.meshgrid(np.arange(size, dtype=U64), np.arange(size, dtype=U64)))
+    u = (xp + rho) & U64(size - 1)
+    k0, k1 = dcf.keygen(rho, m)
+    q = np.arange(1, size, dtype=U64)[:, None]
+    high = np.random.default_rng(m).integers(0, 1 << 64, size=(size, u.size), dtype=np.uint64) & ~U64(size - 1)
+    pts = np.concatenate([u[None], (u[None] - q) & U64(size - 1)]) | high  # only the low m bits count
+    f0, f1 = dcf.evaluate_points(0, k0, pts), dcf.evaluate_points(1, k1, pts)
+    b = (u[None] < q).astype(np.uint8) ^ f0[1:] ^ f0[0] ^ f1[1:] ^ f1[0]
+    assert (b == (xp[None] < q)).all()
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_evaluate_points_is_evaluate_row_by_row(k):
+    """Several points per key, across storage blocks: row j equals ``dcf.evaluate`` at row j."""
+    n = dcf.BLOCK + 37 if k == 0 else 300
+    gen = np.random.default_rng(k)
+    alpha = gen.integers(0, 1 << 14, size=n, dtype=np.uint64)
+    beta = gen.integers(0, 1 << 64, size=(n, k), dtype=np.uint64) if k else None
+    keys = dcf.keygen(alpha, 14, beta)
+    pts = gen.integers(0, 1 << 64, size=(3, n), dtype=np.uint64)
+    for b in (0, 1):
+        got = dcf.evaluate_points(b, keys[b], pts)
+        for j in range(3):
+            assert (got[j] == dcf.evaluate(b, keys[b], pts[j])).all()
+    with pytest.raises(ValueError, match="points of shape"):
+        dcf.evaluate_points(0, keys[0], pts[:, :-1])
+
+
+def test_no_knot_in_range_needs_no_comparison():
+    """Every knot outside the m-bit range: no DCF, no round of selection bits (3 rounds), still exact."""
+    spec = gates.SplineSpec((-100, 100), (0, 5, 0), ((1, 2, 3, 4), (7, -3, 2, 1), (0, 0, 0, 0)), (0, 1, 0), 2, 40)
+    m = 6
+    x = np.repeat(np.arange(-32, 32, dtype=np.int64), 4)
+    r = np.random.default_rng(9).integers(0, 1 << 64, size=x.size, dtype=np.uint64)
+    y, chan, k0, _ = run_gate(spec, x, r, m)
+    assert (y == ring.signed(splines.evaluate(spec, ring.unsigned(x)))).all()
+    cls = gates.Spline.bind(spec)
+    assert chan.rounds == 3 == cls.cost(x.size, m).rounds
+    assert [t for t, _ in KeyReader(k0, party=0).records()] == cls.records("g", 0, 0, m)
+    assert "g.dcf" not in cls.records("g", 0, 0, m)
+
+
+def test_keys_stream_in_pieces():
+    """A layer larger than a DCF storage block: the dealer writes its DCF keys block by block and P1's
+    words a row (one word per element) at a time, never the whole record at once."""
+    from fssc.runtime.keys import KeyWriter
+    from fssc.runtime.protocol import Dealer
+
+    spec = splines.fit("silu", {}, 12, 12).spec
+    n, m = dcf.BLOCK + 1000, 16
+    writers = [KeyWriter(None, {"program": "sim", "batch": 0, "party": b}) for b in (0, 1)]
+    pieces: dict[tuple[int, str], list[int]] = {}
+    for b, w in enumerate(writers):
+
+        def record(tag, dtype, shape, b=b, make=w.record):
+            rec = make(tag, dtype, shape)
+            write = rec.write
+
+            def spy(arr, owned=False):
+                pieces.setdefault((b, tag), []).append(np.asarray(arr).nbytes)
+                write(arr, owned)
+
+            rec.write = spy  # type: ignore[method-assign]
+            return rec
+
+        w.record = record  # type: ignore[method-assign]
+    r = np.random.default_rng(4).integers(0, 1 << 64, size=n, dtype=np.uint64)
+    gates.Spline.deal(Dealer(*writers), "g", r, m, spec)
+    k0, k1 = (w.close() for w in writers)
+    recs = dict(KeyReader(k1, party=1).records())
+    for b in (0, 1):
+        words = dcf.DcfParams(m, 0).words
+        assert pieces[b, "g.dcf"] == [8 * words * dcf.BLOCK, 8 * words * 1000]
+    assert (0, "g.corr") not in pieces and pieces[1, "g.corr"] == [8 * n] * spec.rows(m)
+    assert recs["g.corr"].shape == (spec.rows(m), n)
+    assert len(k0) < len(k1)
+
+
+def test_views_indistinguishable():
+    """What each party holds and receives looks the same for two secrets. Keys: masks all zero vs all ones
+    (every DCF key word and every correction word). Messages: inputs in the first piece vs the last (every
+    selection bit b_j flips), each under fresh uniform masks: the K bits of round 1 (b^_j = b_j xor r_j),
+    Y^, the truncation's bits and the output, sent and opened."""
+    from fssc.runtime.channel import decode_array
+    from test_security import N, bit_matrix, check_indistinguishable, dcf_fixed_bits, dcf_words, packed_bits, records
+
+    spec = splines.fit("gelu", {}, 8, 8).spec
+    m = 12
+    first, last = spec.active(m)
+    k = last - first
+    cls = gates.Spline.bind(spec)
+    keys = []
+    for mask in (np.zeros(N, U64), np.full(N, ~U64(0))):
+        _, k0, k1 = deal_in_memory(lambda D, mask=mask: gates.Spline.deal(D, "g", mask, m, spec))
+        keys.append((records(k0, 0), records(k1, 1)))
+    for party in (0, 1):
+        (ra, rb) = keys[0][party], keys[1][party]
+        assert list(ra) == list(rb) == cls.records("g", party, 0, m)
+        check = {"g.dcf": m, "g.trunc.dcf": spec.out_bits - 1, "g.trunc.cdcf": spec.shift}
+        for tag, bits in check.items():
+            wa, wb = dcf_words(ra[tag], bits, party), dcf_words(rb[tag], bits, party)
+            check_indistinguishable(bit_matrix(wa), bit_matrix(wb), f"P{party} {tag}", dcf_fixed_bits(bits, party))
+        if party == 1:
+            assert ra["g.corr"].shape == (spec.rows(m), N)
+            check_indistinguishable(bit_matrix(ra["g.corr"]), bit_matrix(rb["g.corr"]), "P1 g.corr")
+    views = []
+    for v in (-(1 << (m - 1)), (1 << (m - 1)) - 1):
+        x = ring.unsigned(np.full(N, v, dtype=np.int64))
+        r = Rng().u64(N)
+        _, k0, k1 = deal_in_memory(lambda D, r=r: gates.Spline.deal(D, "g", r, m, spec))
+
+        def party(P, xh=x + r):
+            return gates.Spline.evaluate(P, "g", xh, m, spec)
+
+        _, _, c0, c1 = run_parties(party, party, k0, k1, record=True)
+        views.append((c0.received, c1.received))
+    for party in (0, 1):
+        a, b = views[0][party], views[1][party]
+        oa, ob = views[0][1 - party], views[1][1 - party]
+        assert len(a) == len(b) == 4
+        for step, (ma, mb, na, nb) in enumerate(zip(a, b, oa, ob, strict=True)):
+            assert ma[:10] == mb[:10]
+            da, db = decode_array(ma), decode_array(mb)
+            if da.dtype == np.uint8:  # round 1: K bits per element; round 3: the truncation's d and c
+                pos = k if step == 0 else 2
+                got = [packed_bits(d, pos * N, pos) for d in (da, db, da ^ decode_array(na), db ^ decode_array(nb))]
+            else:
+                got = [bit_matrix(d) for d in (da, db, da + decode_array(na), db + decode_array(nb))]
+            check_indistinguishable(got[0], got[1], f"P{party} message {step}")
+            check_indistinguishable(got[2], got[3], f"opened value {step}")
 
 
 @pytest.mark.parametrize("f", [12, 8, 16])
@@ -148,7 +291,7 @@ def test_fits_are_deterministic_and_fit_the_ring():
     for name, attrs in FITTED + HARD:
         a = splines._fit.__wrapped__(name, tuple(sorted(attrs.items())), 12, 12).spec
         assert a == splines.fit(name, attrs, 12, 12).spec
-        assert a.shift + a.out_bits <= 64 and a.words <= dcf.MAX_K
+        assert a.shift + a.out_bits <= 64
         assert list(a.knots) == sorted(set(a.knots))
 
 
@@ -393,12 +536,13 @@ def test_torch_activations_end_to_end(acts_model, opset):
     ):
         assert est <= chan.bytes_sent <= est + 32 * chan.messages_sent
     splines_ops = [o for o in rep.ops if o.gate == "spline"]
-    assert len(splines_ops) == 5 and all(o.rounds == 3 for o in splines_ops)
+    assert len(splines_ops) == 5 and all(o.rounds == 4 for o in splines_ops)
 
 
 def test_cost_report_follows_the_documented_formula():
-    """docs/cost-model.md's spline row, op by op: (K + 1) DCFs over m bits with w payload words, the
-    truncation's two DCFs, P1's (w + 1 + 6) words and two bits, two seeds for P0; 3 rounds."""
+    """docs/cost-model.md's spline row, op by op: one DCF over m bits (Z_2 payload) if K knots are in range,
+    the truncation's two DCFs, P1's (rows + 6) words (rows = p + 1 + K (p + 1)) and two bits, two seeds for
+    P0; K/8 + 8 + 2/8 + 8 bytes sent per element; 4 rounds (3 without a knot in range)."""
     from fssc.runtime.gates import carry_bytes, dcf_bytes
 
     nodes = [helper.make_node(op, ["x"], [f"y{k}"]) for k, op in enumerate(("Sigmoid", "HardSwish", "Erf"))]
@@ -409,12 +553,57 @@ def test_cost_report_follows_the_documented_formula():
             continue
         c = next(o for o in res.report.ops if o.op == op.name)
         spec = splines.fit(op.kind, op.attrs, 12, 12).spec
-        n, m, w = op.gate["count"], op.gate["bits"], spec.words
+        n, m, p = op.gate["count"], op.gate["bits"], spec.powers
         first, last = spec.active(m)
         k = last - first
-        keys = (k + 1) * dcf.nbytes_per_key(m, w) if k else 0
+        assert k > 0 and spec.rows(m) == p + 1 + k * (p + 1)
         trunc = dcf_bytes(spec.out_bits) + carry_bytes(spec.shift)
-        assert c.key_p0 == n * (keys + trunc) + 2 * 16
-        assert c.key_p1 == pytest.approx(n * (keys + trunc + (w + 1 + 6) * 8 + 2 / 8))
-        assert (c.rounds, c.sent_p0, c.sent_p1) == (3, n * (8 + 2 / 8 + 8), n * (8 + 2 / 8 + 8))
-    assert res.report.rounds == 1 + 3 * 3  # the input, then the three splines (ops run in sequence)
+        assert c.key_p0 == n * (dcf.nbytes_per_key(m, 0) + trunc) + 2 * 16
+        assert c.key_p1 == pytest.approx(n * (dcf.nbytes_per_key(m, 0) + trunc + (spec.rows(m) + 6) * 8 + 2 / 8))
+        sent = math.ceil(n * k / 8) + n * (8 + 2 / 8 + 8)
+        assert (c.rounds, c.sent_p0, c.sent_p1) == (4, sent, sent)
+    assert res.report.rounds == 1 + 3 * 4  # the input, then the three splines (ops run in sequence)
+
+
+def test_aes_estimate_matches_the_parties_online_aes_blocks(monkeypatch):
+    """The cost's AES blocks against a run: MMO blocks of every DCF evaluation (the selection key at K + 1
+    points, the truncation's two), and P0's CTR blocks expanding its share rows (each r_j row twice) and the
+    truncation's shares, up to a block per expansion."""
+    import threading
+
+    from fssc.runtime import protocol
+
+    local = threading.local()
+    counts = {0: 0.0, 1: 0.0}
+    expansions = [0]
+    real_mmo, real_expand = dcf.mmo, gates.expand
+
+    def mmo(blocks, scratch=None):
+        if getattr(local, "party", None) is not None:  # not the dealer's
+            counts[local.party] += blocks.size // 2
+        return real_mmo(blocks, scratch)
+
+    def expand(seed, shape, nbits=64, nonce=0):
+        out = real_expand(seed, shape, nbits, nonce)
+        if getattr(local, "party", None) == 0:
+            counts[0] += out.nbytes / 16
+            expansions[0] += 1
+        return out
+
+    monkeypatch.setattr(dcf, "mmo", mmo)
+    monkeypatch.setattr(gates, "expand", expand)
+    monkeypatch.setattr(protocol, "expand", expand)
+    spec = splines.fit("silu", {}, 8, 8).spec
+    m, n = 14, 500
+    cls = gates.Spline.bind(spec)
+    r = Rng().u64(n)
+    _, k0, k1 = deal_in_memory(lambda D: gates.Spline.deal(D, "g", r, m, spec))
+
+    def party(P):
+        local.party = P.b
+        return gates.Spline.evaluate(P, "g", r + U64(5), m, spec)
+
+    run_parties(party, party, k0, k1)
+    c = cls.cost(n, m)
+    assert counts[1] == c.aes_p1 > 0
+    assert abs(counts[0] - c.aes_p0) <= expansions[0]

@@ -1208,8 +1208,9 @@ SPLINE_KINDS = {
 
 class _SplineOp:
     """An activation evaluated as a spline gate (runtime/gates.py ``Spline``): the input at scale min(f, 14)
-    (a truncation first if it is above), DCFs over its m bits select a piece, whose polynomial each party
-    evaluates on x^ locally; one round opens it, an exact truncation brings it to scale f (3 rounds).
+    (a truncation first if it is above), one DCF key over its m bits evaluated at every knot gives masked
+    selection bits (one round), each party evaluates its share of the piece's polynomial locally, one round
+    opens it, an exact truncation brings it to scale f (4 rounds).
     The error against the float function at the same input is the fit's ``bound`` (docs/protocol.md,
     "Spline gates")."""
 

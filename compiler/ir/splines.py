@@ -8,24 +8,30 @@ Each function (sigmoid, tanh, SiLU, GELU in its erf and tanh forms, erf, HardSig
   for x -> +inf; 0 for x -> -inf). lo and hi are the multiples of 1/2 nearest 0 beyond which the function
   stays within half a unit (2^-(s_out+1)) of its limit;
 * **inside** the range, cubic pieces interpolating the function at Chebyshev points (near-minimax,
-  deterministic numpy), each centred on an integer M near its middle; a piece is split in two until its
-  fixed-point output is within ``TOLERANCE`` units of 2^-s_out of the float function at every
-  representable input (checked exhaustively); HardSigmoid and HardSwish are exact polynomials (linear,
-  quadratic) on their middle piece;
+  deterministic numpy), each centred on an integer M near its middle; the pieces are grown left to right,
+  each as long as its fixed-point output stays within ``TOLERANCE`` units of 2^-s_out of the float
+  function at every representable input (checked exhaustively; its end found by bisection, at least
+  MIN_WIDTH long), which takes fewer knots than halving pieces (each knot costs the gate words
+  and a DCF evaluation, runtime/gates.py ``Spline``); HardSigmoid and HardSwish are exact polynomials
+  (linear, quadratic) on their middle piece;
 * **scales**: a piece computes Y = sum_j B_j (x - M)^j with integer B_j = round(beta_j 2^(c + (d - j) s_in)),
   Y at scale c + d s_in, and the gate outputs floor((Y + 2^(t-1)) / 2^t) (the rounding offset is in B_0)
-  with t = c + d s_in - s_out. c is as large as the ring allows: the truncation compares out_bits bits of
-  Y / 2^t above t, so t + out_bits <= 64; out_bits covers the largest |output| with two bits to spare.
+  with t = c + d s_in - s_out. The truncation compares out_bits bits of Y / 2^t above t, so
+  t + out_bits <= 64; out_bits covers the largest |output| with two bits to spare. c is as large as the
+  ring allows up to MAX_COEFF_BITS for the exact polynomials of HardSigmoid and HardSwish (their only error
+  is the coefficients' rounding), and SMOOTH_COEFF_BITS = 12 for the cubic fits: every bit of t costs the
+  gate's exact truncation 16 key bytes per element and party (its carry DCF is over t bits), and below 12
+  the rounding would eat into the tolerance enough to need more pieces.
 
 Above f = 13 the input is read at scale min(f, 14) (``input_scale``: a cubic at a higher input scale
 would leave too few coefficient bits) and the fits stop refining at 2^-13: the tolerances become
 2^(f - 13) units.
 
 The error of the gate's output against the float function at the same (fixed-point) input is then at most
-the fit's error + the coefficients' rounding (sum_j 2^-(c + (d-j) s_in + 1) |x - M|^j, under 2^-20 at
-f = 12) + half a unit (the final rounding). :func:`fit` measures it over every representable input of the
-fitted range and over the tails up to 64 beyond them (``SplineFit.bound``, in units of 2^-s_out), and the
-tests check it; docs/protocol.md states it per function.
+the fit's error + the coefficients' rounding (sum_j 2^-(c + (d-j) s_in + 1) |x - M|^j) + half a unit (the
+final rounding), all three inside the tolerance each piece is checked against. :func:`fit` measures it over
+every representable input of the fitted range and over the tails up to 64 beyond them (``SplineFit.bound``,
+in units of 2^-s_out), and the tests check it; docs/protocol.md states it per function.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ TAIL_TOLERANCE = 0.5  # units of 2^-s_out: the limit's distance from the functio
 FINEST = 13  # the fits stop refining at 2^-FINEST (reals): beyond f = 13 the tolerances are 2^(f - 13) units
 MAX_INPUT_SCALE = 14  # a spline reads its input at scale min(f, 14): cubics above it would leave c < 10
 MAX_COEFF_BITS = 24  # c: fractional bits of the coefficients beyond the input's (more buys nothing)
-MIN_WIDTH = 2.0**-6  # narrowest piece bisection makes (reals)
+SMOOTH_COEFF_BITS = 12  # c of the cubic fits: fewer bits of t to truncate (see the module doc)
+MIN_WIDTH = 2.0**-6  # narrowest piece the fit makes (reals)
 OUT_MARGIN_BITS = 2  # out_bits = bits of the largest |output| + sign + this margin
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -152,21 +159,31 @@ def _tail_edge(f, limit, s_out: int, side: int) -> float:
     raise FsscError(f"no tail within {TAIL_TOLERANCE} units at scale {s_out}")
 
 
-def _piece_error(f, p: Polynomial, a: int, b: int, d: int, s_in: int, s_out: int, c: int, t: int):
-    """(coefficients, center, worst |error| in units, worst |output| in units) of p on integers [a, b)."""
+def _piece_error(f, p: Polynomial, a: int, b: int, d: int, s_in: int, s_out: int, c: int, t: int, want=None):
+    """(coefficients, center, worst |error| in units, worst |output| in units) of p on integers [a, b);
+    ``want``: f at those integers (x / 2^s_in) if already computed."""
     center = (a + b) // 2
     coeffs = _quantize(p, center, d, s_in, c, t)
     xs = np.arange(a, b, dtype=np.int64)
     spec = SplineSpec((), (center,), (coeffs,), (0,), t, 64)
     got = ring.signed(evaluate(spec, ring.unsigned(xs))).astype(np.float64)
-    err = np.abs(got / 2.0**s_out - f(xs / 2.0**s_in)).max() * 2.0**s_out
+    want = f(xs / 2.0**s_in) if want is None else want
+    err = np.abs(got / 2.0**s_out - want).max() * 2.0**s_out
     return coeffs, center, float(err), float(np.abs(got).max())
 
 
-def _layout(s_in: int, s_out: int, d: int, biggest: float) -> tuple[int, int, int]:
+def _chebyshev_piece(f, ia: int, ib: int, s_in: int) -> Polynomial:
+    """The degree-DEGREE polynomial (in the real v) interpolating f at the Chebyshev points of [ia, ib) / 2^s_in."""
+    a, b = ia / 2.0**s_in, ib / 2.0**s_in
+    mid, half = (a + b) / 2, (b - a) / 2
+    cf = cheb.chebinterpolate(lambda u: f(mid + half * u), DEGREE)
+    return Polynomial(cheb.cheb2poly(cf))(Polynomial([-mid / half, 1 / half]))
+
+
+def _layout(s_in: int, s_out: int, d: int, biggest: float, most: int = MAX_COEFF_BITS) -> tuple[int, int, int]:
     """(c, t, out_bits) for pieces of degree d whose |output| stays below ``biggest`` (reals)."""
     out_bits = int(biggest * 2.0**s_out + 2).bit_length() + 1 + OUT_MARGIN_BITS
-    c = min(MAX_COEFF_BITS, 64 - out_bits - (d * s_in - s_out))
+    c = min(most, 64 - out_bits - (d * s_in - s_out))
     t = c + d * s_in - s_out
     if c < 0 or t < 1:
         raise FsscError(f"a degree-{d} spline does not fit the ring at input scale {s_in}, output scale {s_out}")
@@ -194,26 +211,30 @@ def _fit(name: str, attr_items: tuple, s_in: int, s_out: int) -> SplineFit:
     left, right = _TAILS["gelu" if name == "gelu" else name]
     lo, hi = _tail_edge(f, left, s_out, -1), _tail_edge(f, right, s_out, 1)
     grid = np.linspace(lo, hi, 1 << 14)
-    c, t, out_bits = _layout(s_in, s_out, DEGREE, float(np.abs(f(grid)).max()) + 1)
-    todo = [(lo, hi)]
+    c, t, out_bits = _layout(s_in, s_out, DEGREE, float(np.abs(f(grid)).max()) + 1, SMOOTH_COEFF_BITS)
+    ia_all, ib_all = math.ceil(lo * 2**s_in), math.ceil(hi * 2**s_in)
+    want = f(np.arange(ia_all, ib_all, dtype=np.int64) / 2.0**s_in)  # f at every integer of the range, once
+    tol = TOLERANCE * _units(s_out)
+    shortest = max(8, math.ceil(MIN_WIDTH * 2**s_in))
+
+    def piece(ia: int, ib: int):
+        p = _chebyshev_piece(f, ia, ib, s_in)
+        return _piece_error(f, p, ia, ib, DEGREE, s_in, s_out, c, t, want[ia - ia_all : ib - ia_all])
+
     inner = []
     worst = 0.0
-    while todo:
-        a, b = todo.pop()
-        ia, ib = math.ceil(a * 2**s_in), math.ceil(b * 2**s_in)
-        mid, half = (a + b) / 2, (b - a) / 2
-
-        def on_unit(u, mid=mid, half=half):
-            return f(mid + half * u)
-
-        cf = cheb.chebinterpolate(on_unit, DEGREE)
-        p = Polynomial(cheb.cheb2poly(cf))(Polynomial([-mid / half, 1 / half]))  # in v
-        coeffs, center, err, _ = _piece_error(f, p, ia, ib, DEGREE, s_in, s_out, c, t)
-        if err > TOLERANCE * _units(s_out) and (b - a) / 2 >= MIN_WIDTH and (ib - ia) >= 8:
-            todo += [((a + b) / 2, b), (a, (a + b) / 2)]
-            continue
+    ia = ia_all
+    while ia < ib_all:  # each piece as long as the tolerance allows: bisection on its end
+        ok, bad = min(ia + shortest, ib_all), ib_all + 1
+        if piece(ia, ib_all)[2] <= tol:
+            ok = ib_all
+        while bad - ok > 1 and ok < ib_all:
+            mid = (ok + bad) // 2
+            ok, bad = (mid, bad) if piece(ia, mid)[2] <= tol else (ok, mid)
+        coeffs, center, err, _ = piece(ia, ok)
         inner.append((ia, center, coeffs))
         worst = max(worst, err)
+        ia = ok
     inner.sort()
     lin_right = 1 << (s_out - s_in) if right == "x" else 0
     if right == "x" and s_out < s_in:
