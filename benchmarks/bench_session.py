@@ -7,9 +7,10 @@ Exports ResNet-18 (2 classes) at the image size, compiles it, deals ``--batches`
 over TCP loopback with mutual TLS, one session labelling all images (one key batch per image batch). Each
 party's process records its peak resident memory (VmHWM, /proc/self/status) and its current one after
 every batch: the figures printed are the peak after the first batch and after the last, and their ratio
-(the target: within 10 %). Also: the session's wall time, seconds per batch and images per second (what one
-model-owner machine serves with one session at a time; on this machine both parties share its cores), and
-the dealer's seconds per batch. Key batches are deleted as they are used; any left (a failed run) are
+(the target: within 10 %). Also: the session's wall time, seconds per batch and images per second (one
+session at a time; on this machine both parties share its cores), each party's CPU seconds per batch (what
+a model-owner core can serve, with sessions from several data owners at once), and the dealer's seconds per
+batch. Key batches are deleted as they are used; any left (a failed run) are
 deleted at the end.
 """
 
@@ -38,7 +39,8 @@ def _memory_mb() -> tuple[float, float]:
 
 def _child(role: str, prog: str, rss_log: str, argv: list[str]) -> int:
     """One party's program as ``fssc run`` runs it (the data owner's regenerated and checked), with its batch
-    function wrapped to append {"batch", "hwm_mb", "rss_mb", "t"} to ``rss_log`` after each batch."""
+    function wrapped to append {"batch", "hwm_mb", "rss_mb", "t", "cpu_s"} to ``rss_log`` after each batch
+    (``cpu_s``: the process's CPU time so far, all threads)."""
     from fssc.compiler.backend.trust import checked_program
     from fssc.runtime import data_owner, party_main
     from fssc.runtime import serve as service
@@ -52,7 +54,8 @@ def _child(role: str, prog: str, rss_log: str, argv: list[str]) -> int:
         count[0] += 1
         hwm, rss = _memory_mb()
         with open(rss_log, "a") as fh:
-            fh.write(json.dumps({"batch": count[0], "hwm_mb": hwm, "rss_mb": rss, "t": time.time()}) + "\n")
+            rec = {"batch": count[0], "hwm_mb": hwm, "rss_mb": rss, "t": time.time(), "cpu_s": time.process_time()}
+            fh.write(json.dumps(rec) + "\n")
         return out
 
     setattr(owner, name, recorded)
@@ -175,6 +178,8 @@ def run(
         fig[f"{p}_hwm_ratio"] = last["hwm_mb"] / first["hwm_mb"]
         fig[f"{p}_rss_first_mb"] = first["rss_mb"]
         fig[f"{p}_rss_last_mb"] = last["rss_mb"]
+        if batches > 1:  # CPU seconds per batch after the first (the weights and the start-up are not in it)
+            fig[f"{p}_cpu_s_per_batch"] = (last["cpu_s"] - first["cpu_s"]) / (batches - 1)
     print(
         f"ResNet-18, {image_size}x{image_size}, batch {batch}: {batches} batches back to back in one session, "
         f"two processes over TCP loopback (mutual TLS)"
@@ -200,6 +205,16 @@ def run(
             f"online {fig['online_s']:.1f} s",
         ),
         ("seconds per batch / images per second", f"{fig['s_per_batch']:.2f} s / {fig['images_per_s']:.2f}"),
+    ]
+    if batches > 1:
+        rows.append(
+            (
+                "CPU seconds per batch (all threads), data owner / model owner",
+                f"{fig['p0_cpu_s_per_batch']:.2f} / {fig['p1_cpu_s_per_batch']:.2f} s "
+                f"({batch / fig['p1_cpu_s_per_batch']:.2f} images per model-owner CPU second)",
+            )
+        )
+    rows += [
         (
             f"dealer, {batches} batches with {workers} worker(s) (per batch)",
             f"{fig['deal_s']:.1f} s ({fig['deal_s_per_batch']:.2f} s), {fig['key_bytes_per_batch'] / 1e6:,.0f} MB "

@@ -158,7 +158,8 @@ class Service:
         self._running: dict[threading.Thread, TcpChannel] = {}
         self._refusing = 0
         self._stop = threading.Event()
-        self._signals = 0
+        self._signals: list[str] = []  # names of the signals received, appended by the handler
+        self._handled = 0  # of them, acted on by the accept loop
 
     def prepare(self) -> None:
         """Bind (or refuse) the weights of the deal a data owner will use first, before listening."""
@@ -268,8 +269,7 @@ class Service:
     def _serve_many(self, listener: Listener, idle_timeout: float | None) -> None:
         idle_since = time.monotonic()
         while not self._stop.is_set():
-            self._reap()
-            if self._running:
+            if self._reap():
                 idle_since = time.monotonic()
             elif idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
                 self.log(f"no data owner for {idle_timeout:g} s (--connect-timeout): stopping")
@@ -279,6 +279,8 @@ class Service:
                 continue
             idle_since = time.monotonic()
             with self._lock:
+                for worker in [w for w in self._running if not w.is_alive()]:
+                    del self._running[worker]
                 busy = len(self._running) >= self.max_sessions
                 answer = busy and self._refusing < MAX_REFUSING
                 if answer:
@@ -296,10 +298,12 @@ class Service:
                     self._running[worker] = chan
                 worker.start()
         listener.close()  # no new connections from here on
+        self._on_signals()
         running = self._reap()
         if running:
             self.log(f"stopping: waiting for {running} running session(s) to finish")
         while self._reap():
+            self._on_signals()
             time.sleep(TICK)
 
     def _reap(self) -> int:
@@ -310,16 +314,25 @@ class Service:
             return len(self._running)
 
     def _on_signal(self, signum, frame) -> None:
-        self._signals += 1
-        if self._signals == 1:
-            self._stop.set()
-            self.log(f"{signal.Signals(signum).name}: no new sessions; running ones finish (again: abort them)")
-            return
-        with self._lock:
-            chans = list(self._running.values())
-        self.log(f"{signal.Signals(signum).name} again: aborting {len(chans)} running session(s)")
-        for chan in chans:
-            chan.abort()
+        """The signal handler: note the signal and stop accepting (logging and aborting are the loop's, so
+        the handler never waits for a lock the interrupted code holds)."""
+        self._signals.append(signal.Signals(signum).name)
+        self._stop.set()
+
+    def _on_signals(self) -> None:
+        """Act on the signals received since last time: the first stops the service, any further one aborts
+        the running sessions."""
+        while self._handled < len(self._signals):
+            name = self._signals[self._handled]
+            self._handled += 1
+            if self._handled == 1:
+                self.log(f"{name}: no new sessions; running ones finish (again: abort them)")
+                continue
+            with self._lock:
+                chans = list(self._running.values())
+            self.log(f"{name} again: aborting {len(chans)} running session(s)")
+            for chan in chans:
+                chan.abort()
 
 
 def _size(n: int) -> str:
