@@ -126,11 +126,20 @@ def _owner(tiny, keys, owner: str, port: int, out: Path, *args) -> subprocess.Po
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _wait_marker(store: Path, b: int, proc: subprocess.Popen, log: Path) -> None:
+    """Until the model owner has opened batch ``b`` (its session is running)."""
+    deadline = time.time() + 60
+    while not _marker(store, b).exists():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()
+        time.sleep(0.002)
+
+
 def test_sessions_in_a_row_and_two_at_once(tiny, keys, tmp_path):
-    """Three sessions one after another, then two data owners at once (each its own deal, two batches, both
-    sessions seen running together at the model owner): every label the reference's; one ok line each."""
+    """Three sessions one after another, then two data owners at once, each on its own deal: the first is
+    paused (SIGSTOP) once its session runs, the second's session starts meanwhile, then both finish. Every
+    label the reference's; one ok line per session."""
     store = keys["p1"]
-    serve, port, log = start_serve(tiny, store, tmp_path)
+    serve, port, log = start_serve(tiny, store, tmp_path, "--peer-timeout", 120)
     owners = []
     try:
         for i in range(3):
@@ -140,22 +149,17 @@ def test_sessions_in_a_row_and_two_at_once(tiny, keys, tmp_path):
             recs = read_results(str(out))
             assert [r["batch"] for r in recs] == [i, i]
             _check_records(tiny, recs)
-        with DelayProxy(port, delay=0.01) as proxy:
-            images = tiny["tmp"] / "images"
-            owners = [_owner(tiny, keys, o, proxy.port, tmp_path / f"{o}.jsonl", "--images", images) for o in "ab"]
-            # a's batches 3, 4 and b's 7, 8: both sessions running = both first batches begun, both last ones
-            # not yet done (the model owner deletes a batch's key file when it ends)
-            together, deadline = False, time.time() + 60
-            while not together and all(p.poll() is None for p in owners):
-                assert time.time() < deadline, log.read_text()
-                together = all(_marker(store, b).exists() for b in (3, 7)) and all(
-                    (store / "p1" / f"batch{b:04d}.key").exists() for b in (4, 8)
-                )
-                time.sleep(0.002)
-            for p in owners:
-                _, err = p.communicate(timeout=120)
-                assert p.returncode == 0, err + log.read_text()
-        assert together, "the two sessions did not run at the same time"
+        images = tiny["tmp"] / "images"
+        owners.append(_owner(tiny, keys, "a", port, tmp_path / "a.jsonl", "--images", images))
+        _wait_marker(store, 3, owners[0], log)  # a's session runs (its first batch, 3, begun)
+        owners[0].send_signal(signal.SIGSTOP)
+        owners.append(_owner(tiny, keys, "b", port, tmp_path / "b.jsonl", "--images", images))
+        _wait_marker(store, 7, owners[1], log)  # b's session runs too, a's still paused before its batch 4
+        assert not _marker(store, 4).exists()
+        owners[0].send_signal(signal.SIGCONT)
+        for p in owners:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err + log.read_text()
         for o, batches in (("a", [3, 3, 4, 4]), ("b", [7, 7, 8, 8])):
             recs = read_results(str(tmp_path / f"{o}.jsonl"))
             assert [r["batch"] for r in recs] == batches
@@ -164,6 +168,7 @@ def test_sessions_in_a_row_and_two_at_once(tiny, keys, tmp_path):
     finally:
         for p in [serve, *owners]:
             if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
                 stop(p, 0)
     ok = [ln for ln in text.splitlines() if ln.endswith(": ok")]
     assert len(ok) == 5 and not _lines(log, "failed:"), text
@@ -178,10 +183,7 @@ def test_a_data_owner_killed_mid_session_costs_only_its_session(tiny, keys, tmp_
     try:
         with DelayProxy(port, delay=0.01) as proxy:
             p0 = _owner(tiny, keys, "a", proxy.port, tmp_path / "killed.jsonl", "--images", tiny["tmp"] / "images")
-            deadline = time.time() + 60
-            while not _marker(store, 0).exists():
-                assert p0.poll() is None and time.time() < deadline, log.read_text()
-                time.sleep(0.002)
+            _wait_marker(store, 0, p0, log)
             p0.kill()
             p0.communicate(timeout=30)
             failed = _wait_log(log, "failed:", 1, serve, seconds=SHORT + 30)
@@ -242,10 +244,7 @@ def test_sigterm_lets_the_running_session_finish(tiny, keys, tmp_path):
     try:
         out = tmp_path / "a.jsonl"
         p0 = _owner(tiny, keys, "a", port, out, "--images", tiny["tmp"] / "images")
-        deadline = time.time() + 60
-        while not _marker(store, 0).exists():
-            assert p0.poll() is None and time.time() < deadline, log.read_text()
-            time.sleep(0.002)
+        _wait_marker(store, 0, p0, log)
         p0.send_signal(signal.SIGSTOP)
         busy = run_p0(tiny["prog"], keys["b"], tiny["certs"], port, "--input", tiny["x"], timeout=60)
         assert busy.returncode == 2 and "serving its maximum of 1 session(s)" in busy.stderr, busy.stderr
