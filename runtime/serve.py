@@ -246,6 +246,10 @@ class Service:
         stops like on SIGTERM."""
         if once:
             return self._serve_once(listener, connect_timeout)
+        self.log(
+            f"serving up to {self.max_sessions} session(s) at once; {len(unused_batches(self.keys_dir))} unused key "
+            f"batch(es) in {self.keys_dir}"
+        )
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._serve_many(listener, connect_timeout)

@@ -90,7 +90,12 @@ def run(prog, party, skip_check, party_args):
 
 @click.command()
 @PROG
-@click.option("--keys", required=True, type=click.Path(file_okay=False), help="The model owner's key folder (KEYS/p1).")
+@click.option(
+    "--keys",
+    required=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="The model owner's key folder (KEYS/p1).",
+)
 @click.option("--listen", required=True, metavar="HOST:PORT", help="Where to accept data owners (port 0: any free).")
 @click.option(
     "--certs",
