@@ -41,7 +41,7 @@ from fssc.runtime.session import (
 )
 from fssc.runtime.transport import Listener, TcpChannel, server_handshake
 
-from fssc.errors import FsscError, os_error_message
+from fssc.errors import FsscError, os_error_message, printable
 
 TICK = 0.25  # seconds: how often the accept loop looks at signals, finished workers and the idle time
 MAX_REFUSING = 8  # busy refusals answered at once (each reads one hello); more are dropped unanswered
@@ -187,10 +187,9 @@ class Service:
                 return ["batches: expected at least one batch id, each once"]
             if not isinstance(peer.get("deal"), str):
                 return ["the data owner named no deal for its keys (an older fssc?)"]
-            info["batches"] = _ids(asked)
-            info["deal"] = f" of deal {peer['deal'][:8]}"
             problems = self.ledger.reserve(asked, peer["deal"])
-            if not problems:
+            if not problems:  # the deal is the keys' (checked): a hex id
+                info["batches"], info["deal"] = _ids(asked), f" of deal {peer['deal'][:8]}"
                 reserved.extend(asked)
                 hello["deal"] = peer["deal"]  # our answer confirms the deal
             return problems
@@ -209,7 +208,7 @@ class Service:
             outcome, ok = "ok", True
         except Exception as e:  # a failed session ends that client only; the batches it started stay used
             chan.abort()
-            outcome, ok = f"failed: {one_line(e)}", False
+            outcome, ok = f"failed: {printable(one_line(e))}", False
         finally:
             self.ledger.release(reserved)
         seconds = time.perf_counter() - t
