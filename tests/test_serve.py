@@ -5,7 +5,8 @@ data owner, deals again into the same folder (batch ids continue) and hands the 
 the model owner's ``p1/`` holds both deals. Sessions one after another and two at once give the reference
 labels; a data owner killed mid-session costs only its session; clients without a valid certificate or with
 garbage are logged and dropped; a data owner arriving when all sessions are busy is refused with a line saying
-so; SIGTERM during a session lets it finish, then the service exits 0 with a summary line; a service out of
+so; SIGTERM during a session lets it finish, then the service exits 0 with a summary line (a second SIGTERM
+aborts the session); a service out of
 key batches refuses new sessions and keeps running. The batch reservations of concurrent handshakes are
 checked in process.
 
@@ -270,6 +271,32 @@ def test_sigterm_lets_the_running_session_finish(tiny, keys, tmp_path):
     assert text.splitlines()[-1].endswith(
         "stopped: 1 session(s) ok, 0 failed, 1 refused as busy; 2 batch(es) used, 8 unused left"
     ), text
+
+
+def test_a_second_sigterm_aborts_the_running_session(tiny, keys, tmp_path):
+    """SIGTERM while a session runs (its data owner paused), then SIGTERM again: the session is aborted and
+    logged as failed, its begun batch stays used, and the service exits 0."""
+    store = keys["p1"]
+    serve, port, log = start_serve(tiny, store, tmp_path, "--peer-timeout", 60)
+    p0 = None
+    try:
+        p0 = _owner(tiny, keys, "a", port, tmp_path / "a.jsonl", "--images", tiny["tmp"] / "images")
+        _wait_marker(store, 0, p0, log)
+        p0.send_signal(signal.SIGSTOP)
+        serve.send_signal(signal.SIGTERM)
+        _wait_log(log, "stopping: waiting for 1 running session(s)", 1, serve)
+        serve.send_signal(signal.SIGTERM)
+        serve.communicate(timeout=60)
+        assert serve.returncode == 0, log.read_text()
+    finally:
+        for p in (serve, p0):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                stop(p, 0)
+    text = log.read_text()
+    assert "SIGTERM again: aborting 1 running session(s)" in text, text
+    assert len(_lines(log, "failed:")) == 1 and "stopped: 0 session(s) ok, 1 failed" in text, text
+    assert _marker(store, 0).exists()
 
 
 def test_out_of_key_batches_refuses_new_sessions_and_keeps_serving(tiny, keys, tmp_path):
