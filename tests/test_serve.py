@@ -6,9 +6,8 @@ the model owner's ``p1/`` holds both deals. Sessions one after another and two a
 labels; a data owner killed mid-session costs only its session; clients without a valid certificate or with
 garbage are logged and dropped; a data owner arriving when all sessions are busy is refused with a line saying
 so; SIGTERM during a session lets it finish, then the service exits 0 with a summary line (a second SIGTERM
-aborts the session); a service out of
-key batches refuses new sessions and keeps running. The batch reservations of concurrent handshakes are
-checked in process.
+aborts the session); a service out of key batches refuses new sessions and keeps running. The batch
+reservations of concurrent handshakes are checked in process.
 
 Oracles: the fixed-point interpreter (logits bit for bit, labels) and onnxruntime (logits within 0.05), as
 tests/test_party_runs.py checks them.
