@@ -14,6 +14,9 @@ certificate, an idle connection, a refused handshake) or whose session fails
 (a message that is not what the program expects at that step, a peer that
 closed or fell silent) is logged in one line and the model owner keeps
 listening for the next, for up to ``--connect-timeout`` seconds each time.
+``fssc serve`` (:func:`serve_party1` with ``max_sessions``) serves sessions
+until stopped, several at once; both run the sessions of
+:mod:`fssc.runtime.serve`.
 The data owner (party0, :mod:`fssc.runtime.data_owner`) reads its images (or
 ``--input x.npy``), runs one key batch per image batch, prints the labels
 (and logits with ``--output logits`` when the program outputs them) and
@@ -29,23 +32,12 @@ import argparse
 import os
 import sys
 import threading
-import time
+from collections.abc import Callable
 
 from fssc.runtime.data_owner import add_timeout_args, timeouts
-from fssc.runtime.session import (
-    batch_deal,
-    check_batches,
-    check_interface,
-    load_manifest,
-    load_weights,
-    p1_await_batch,
-    p1_masked_weights,
-    run_p1_batch,
-    send_weights,
-    unused_batches,
-    use_batch,
-)
-from fssc.runtime.transport import Listener, server_handshake
+from fssc.runtime.serve import Service, one_line
+from fssc.runtime.session import check_interface, load_manifest, load_weights
+from fssc.runtime.transport import Listener
 
 from fssc.errors import FsscError, os_error_message, printable
 from fssc.files import write_atomic
@@ -74,13 +66,22 @@ def _check_manifest(mod, manifest: dict) -> None:
 
 
 def main(role: str, mod, argv: list[str]) -> int:
-    try:
+    def body() -> int:
         check_interface(mod, role, mod.__file__)
         if role == "party1":
             return main_party1(mod, argv)
         if role == "party0":
             return main_party0(mod, argv)
         raise FsscError(f"{role}: run the dealer with `fssc deal`")
+
+    return guarded(role, body)
+
+
+def guarded(role: str, body: Callable[[], int]) -> int:
+    """``body()``'s exit code, every error one line on stderr: 2 for a user's error (FsscError, OSError), 130
+    when interrupted, 1 for anything else (a bug or an exhausted machine)."""
+    try:
+        return body()
     except FsscError as e:
         if os.environ.get("FSSC_DEBUG"):
             import traceback
@@ -105,19 +106,6 @@ def main(role: str, mod, argv: list[str]) -> int:
         return 1
 
 
-def one_line(e: BaseException) -> str:
-    """Any exception as one line."""
-    if isinstance(e, FsscError):
-        text = str(e)
-    elif isinstance(e, OSError):
-        text = os_error_message(e)
-    elif isinstance(e, MemoryError):
-        text = "out of memory"
-    else:
-        text = f"{type(e).__name__}: {e}"
-    return " ".join(text.split())
-
-
 _log_lock = threading.Lock()
 
 
@@ -133,10 +121,12 @@ def _log(role: str):
 
 
 def main_party1(mod, argv) -> int:
+    """The one-shot model owner: serves one data owner's session and exits (``fssc run PROG --party 1``)."""
     ap = argparse.ArgumentParser(
         prog="party1/program.py",
         description="fssc model owner (party 1): serve one data owner's session over mutual TLS. A refused "
-        "client or a failed session (one line each) does not end it: it listens for the next.",
+        "client or a failed session (one line each) does not end it: it listens for the next. "
+        "`fssc serve` serves sessions until stopped.",
     )
     ap.add_argument("--keys", required=True, help="this party's key directory (keys/p1)")
     ap.add_argument("--listen", required=True, metavar="HOST:PORT")
@@ -145,78 +135,34 @@ def main_party1(mod, argv) -> int:
     ap.add_argument("--ready-file", help=argparse.SUPPRESS)  # for tests/demo: written once listening
     a = ap.parse_args(argv)
     connect_s, peer_s = timeouts(a)
+    return serve_party1(mod, a.keys, a.listen, a.certs, connect_s, peer_s, a.ready_file, max_sessions=None)
+
+
+def serve_party1(
+    mod,
+    keys: str,
+    listen: str,
+    certs: str,
+    connect_s: float | None,
+    peer_s: float,
+    ready_file: str | None = None,
+    max_sessions: int | None = None,
+) -> int:
+    """The model owner's sessions (:class:`fssc.runtime.serve.Service`): one-shot with ``max_sessions`` None
+    (until one session completes, each wait for a data owner bounded by ``connect_s``), else as a service,
+    ``max_sessions`` at once until a signal (or ``connect_s`` without a data owner) stops it."""
     prog_dir = _prog_dir(mod)
     manifest = load_manifest(prog_dir)
     _check_manifest(mod, manifest)
     W = load_weights(os.path.join(prog_dir, "party1", "weights.bin"), mod.PROGRAM_HASH)
-    w_hats: dict[str, dict] = {}  # deal -> W^ (a deal's seed masks only the weights first bound to it)
-
-    def w_hat_for(deal: str) -> dict:
-        if deal not in w_hats:
-            w_hats.clear()
-            w_hats[deal] = p1_masked_weights(a.keys, mod.PROGRAM_HASH, deal, mod, W)
-        return w_hats[deal]
-
-    unused = unused_batches(a.keys)
-    if unused:  # the deal a data owner will use first: bound (or refused) before listening
-        w_hat_for(batch_deal(a.keys, unused[0]))
-
     log = _log("party1")
-    with Listener(a.listen, a.certs, timeout=peer_s, log=log) as listener:
-        log(f"listening on {a.listen.rpartition(':')[0]}:{listener.port}")
-        if a.ready_file:
-            write_atomic(a.ready_file, str(listener.port))
-        while True:  # until one data owner's session completes
-            if not unused_batches(a.keys):
-                raise FsscError(f"{a.keys}: no unused key batches left (deal more with `fssc deal --batches N`)")
-            chan = listener.accept(connect_s)
-            try:
-                n, seconds = _serve_p1(mod, manifest, a.keys, chan, W, w_hat_for)
-            except Exception as e:  # a failed session ends that client, not the model owner
-                chan.abort()
-                log(f"session with {chan.peer} failed: {one_line(e)}")
-                continue
-            log(
-                f"served {n} batch(es) in {seconds:.2f} s, "
-                f"sent {chan.bytes_sent / 1e6:.1f} MB, received {chan.bytes_received / 1e6:.1f} MB"
-            )
-            chan.close()
-            return 0
-
-
-def _serve_p1(mod, manifest: dict, keys_dir: str, chan, W: dict, w_hat_for) -> tuple[int, float]:
-    """One data owner's session: handshake, masked weights, its batches. Returns (batches, seconds)."""
-    free = set(unused_batches(keys_dir))
-    hello = _hello(mod, manifest, {})
-
-    def validate(peer):
-        asked = peer.get("batches", [])
-        if not isinstance(asked, list) or not all(type(b) is int for b in asked):
-            return ["batches: expected a list of batch ids"]
-        if not asked or len(set(asked)) != len(asked):
-            return ["batches: expected at least one batch id, each once"]
-        missing = [b for b in asked if b not in free]
-        if missing:
-            return [f"batches {missing} are not available (unused) at the model owner"]
-        if not isinstance(peer.get("deal"), str):
-            return ["the data owner named no deal for its keys (an older fssc?)"]
-        try:
-            check_batches(keys_dir, 1, asked, mod.PROGRAM_HASH, peer["deal"])
-        except FsscError as e:
-            return [f"model owner's keys: {e}"]
-        hello["deal"] = peer["deal"]  # our answer confirms the deal
-        return []
-
-    peer = server_handshake(chan, hello, validate)
-    t = time.perf_counter()
-    send_weights(chan, w_hat_for(peer["deal"]))
-    for b in peer["batches"]:
-        # our key file is read and verified while the data owner opens its own; ours is marked used only once
-        # the data owner has started the batch (marked it used)
-        start = lambda b=b: p1_await_batch(chan, b)  # noqa: E731
-        with use_batch(keys_dir, 1, b, mod.PROGRAM_HASH, peer["deal"], before_marking=start) as keys:
-            run_p1_batch(mod, chan, keys, W)
-    return len(peer["batches"]), time.perf_counter() - t
+    service = Service(mod, _hello(mod, manifest, {}), keys, W, log, max_sessions or 1)
+    service.prepare()  # the deal a data owner will use first: bound (or refused) before listening
+    with Listener(listen, certs, timeout=peer_s, log=log) as listener:
+        log(f"listening on {listen.rpartition(':')[0]}:{listener.port}")
+        if ready_file:
+            write_atomic(ready_file, str(listener.port))
+        return service.serve(listener, connect_s, once=max_sessions is None)
 
 
 def main_party0(mod, argv) -> int:

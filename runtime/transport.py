@@ -99,6 +99,7 @@ class TcpChannel(Channel):
         self.tx, self.rx = tx, rx
         self.timeout = timeout
         self.peer = "the peer"  # the listener sets the data owner's address
+        self.peer_name = ""  # and the common name of its certificate
         tx.settimeout(timeout)
         rx.settimeout(timeout)
         self._out: queue.Queue = queue.Queue()
@@ -254,7 +255,7 @@ class Listener:
         self._pending = 0  # connections accepted and not yet handed to a session (or closed)
         self._inflight: dict[ssl.SSLSocket, float] = {}  # handshakes in progress -> deadline
         self._halves: dict[str, tuple[float, str, dict[str, ssl.SSLSocket]]] = {}  # token -> (deadline, peer, socks)
-        self._ready: queue.Queue = queue.Queue()  # (peer, {"up": sock, "down": sock})
+        self._ready: queue.Queue = queue.Queue()  # (peer, certificate name, {"up": sock, "down": sock})
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
         self._thread.start()
@@ -337,7 +338,7 @@ class Listener:
                     socks[direction] = tls
                     if len(socks) == 2:
                         del self._halves[token]
-                        self._ready.put((first, socks))
+                        self._ready.put((first, cn, socks))
         if problem:
             self._refuse(tls, peer, problem)
 
@@ -355,16 +356,22 @@ class Listener:
     # -- the caller's side ---------------------------------------------------
     def accept(self, timeout: float | None = None) -> TcpChannel:
         """The next authenticated data owner's channel; ``chan.peer`` names its address."""
+        chan = self.poll(timeout)
+        if chan is None:
+            raise FsscError(f"no data owner connected to {self.addr} within {timeout:g} s (--connect-timeout)")
+        return chan
+
+    def poll(self, timeout: float | None = None) -> TcpChannel | None:
+        """The next authenticated data owner's channel, or None if none came within ``timeout`` s.
+        ``chan.peer``: its address; ``chan.peer_name``: its certificate's common name."""
         try:
-            peer, socks = self._ready.get(timeout=timeout)
+            peer, cn, socks = self._ready.get(timeout=timeout)
         except queue.Empty:
-            raise FsscError(
-                f"no data owner connected to {self.addr} within {timeout:g} s (--connect-timeout)"
-            ) from None
+            return None
         with self._lock:
             self._pending -= 2
         chan = TcpChannel(socks["down"], socks["up"], self.timeout, self.record)
-        chan.peer = peer
+        chan.peer, chan.peer_name = peer, cn
         return chan
 
     def close(self) -> None:
@@ -377,7 +384,7 @@ class Listener:
             for tls in self._inflight:
                 _shutdown(tls)
         while not self._ready.empty():
-            socks += list(self._ready.get()[1].values())
+            socks += list(self._ready.get()[2].values())
         for sock in socks:
             sock.close()
 

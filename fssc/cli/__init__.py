@@ -2,7 +2,7 @@
 
 Two halves, so a reader finds each beside what it runs:
 
-* fssc/cli/runtime_commands.py: ``run``, ``check``, ``deal``, ``certs`` and ``keys status``, the
+* fssc/cli/runtime_commands.py: ``run``, ``serve``, ``check``, ``deal``, ``certs`` and ``keys status``, the
   parties' and the dealer's commands. They run on a runtime-only install (``pip install fssc``):
   nothing of the IR, the passes, torch or onnx, only the code generator that regenerates the
   data owner's and the dealer's programs from the manifest.
@@ -24,7 +24,7 @@ import sys
 import click
 
 from fssc import __version__
-from fssc.cli.runtime_commands import certs, check, deal, keys, run
+from fssc.cli.runtime_commands import certs, check, deal, keys, run, serve
 from fssc.errors import FsscError, os_error_message, printable
 
 COMPILER_MODULE = "fssc.cli.compiler_commands"
@@ -58,6 +58,7 @@ def cli():
 
 
 cli.add_command(run)
+cli.add_command(serve)
 cli.add_command(check)
 cli.add_command(deal)
 cli.add_command(certs)

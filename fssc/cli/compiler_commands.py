@@ -270,5 +270,28 @@ def bench_resnet(image_size, batch, workdir, json_path):
             json.dump(fig, fh, indent=1)
 
 
+@bench.command("session")
+@click.option("--batches", type=int, default=20, show_default=True, help="Key batches used back to back.")
+@click.option("--image-size", type=int, default=64, show_default=True)
+@click.option("--batch", type=int, default=2, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Dealer processes (`fssc deal --workers`).")
+@click.option("--workdir", type=click.Path(file_okay=False), default="bench-session", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+def bench_session(batches, image_size, batch, workers, workdir, json_path):
+    """ResNet-18: BATCHES key batches back to back in one session over TCP loopback; each party's peak RSS
+    after the first batch and after the last, seconds per batch, images per second, dealer time. The keys it
+    deals are deleted."""
+    import json
+
+    from fssc.benchmarks import bench_session as mod
+
+    if batches < 1:
+        raise FsscError("--batches must be at least 1")
+    fig = mod.run(batches, image_size, batch, workers, workdir)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(fig, fh, indent=1)
+
+
 # name -> command, for the group's lazy loading (fssc/cli/__init__.py lists the same names)
 COMMANDS: dict[str, click.Command] = {c.name: c for c in (export, ir, compile_cmd, view, demo, bench) if c.name}

@@ -1,4 +1,5 @@
 """The commands of the data owner, the model owner and the dealer: ``fssc run`` (a party's program),
+``fssc serve`` (the model owner's service),
 ``fssc check`` (is a received program the one the manifest describes?), ``fssc deal`` (the dealer),
 ``fssc certs`` (the parties' TLS certificates) and ``fssc keys status`` (what a key folder holds).
 
@@ -85,6 +86,76 @@ def run(prog, party, skip_check, party_args):
     role = role_name(party)
     mod = _program(prog, role, skip_check)
     sys.exit(party_main(role, mod, list(party_args)))
+
+
+@click.command()
+@PROG
+@click.option(
+    "--keys",
+    required=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="The model owner's key folder (KEYS/p1).",
+)
+@click.option("--listen", required=True, metavar="HOST:PORT", help="Where to accept data owners (port 0: any free).")
+@click.option(
+    "--certs",
+    default="certs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory with ca.pem, party1.pem, party1.key.",
+)
+@click.option(
+    "--max-sessions",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Sessions served at once, one worker thread each; a data owner arriving when all are busy is refused "
+    "at the handshake with a line saying so (nothing of its keys is used: it may retry).",
+)
+@click.option(
+    "--connect-timeout",
+    type=float,
+    default=None,
+    metavar="S",
+    help="Stop (exit 0, as on SIGTERM) after S seconds with no session running and no data owner arriving "
+    "[default: serve until stopped].",
+)
+@click.option(
+    "--peer-timeout",
+    type=float,
+    default=None,
+    metavar="S",
+    help="Seconds a data owner may stay silent mid-session before its session fails [default: 30].",
+)
+@click.option("--ready-file", hidden=True)  # tests: written with the port once listening
+def serve(prog, keys, listen, certs, max_sessions, connect_timeout, peer_timeout, ready_file):
+    """The model owner's service: serve data owners' sessions of PROG until stopped.
+
+    Runs the model owner's own program (PROG/party1, as `fssc run PROG --party 1` does) for sessions one
+    after another and several at once (--max-sessions), each on its own key batches of KEYS (reserved at its
+    handshake: two sessions never share a batch). A data owner that disconnects or dies costs only its
+    session (the batches it started stay used); a client that fails authentication or sends garbage is
+    logged and dropped. Without unused batches it refuses new sessions with a line saying so, and serves
+    again once more are dealt into KEYS. One log line per session on stdout (peer, batches, seconds, bytes,
+    ok or failed: reason). SIGTERM or Ctrl-C: no new sessions, running ones finish, a summary line, exit 0
+    (a second signal aborts the running sessions)."""
+    import sys
+
+    from fssc.runtime.party_main import guarded, serve_party1
+    from fssc.runtime.session import load_program
+    from fssc.runtime.transport import PEER_TIMEOUT
+
+    def body() -> int:
+        for flag, v in (("--connect-timeout", connect_timeout), ("--peer-timeout", peer_timeout)):
+            if v is not None and not v > 0:
+                raise FsscError(f"{flag} {v:g}: expected a positive number of seconds")
+        if max_sessions < 1:
+            raise FsscError(f"--max-sessions {max_sessions}: expected at least 1")
+        mod = load_program(prog, "party1")
+        peer_s = PEER_TIMEOUT if peer_timeout is None else peer_timeout
+        return serve_party1(mod, keys, listen, certs, connect_timeout, peer_s, ready_file, max_sessions)
+
+    sys.exit(guarded("party1", body))
 
 
 @click.command()
