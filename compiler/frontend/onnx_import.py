@@ -811,6 +811,48 @@ def _div(imp: _Importer, node, label, a) -> None:
     imp.emit(node, label, "mul", [ins[0], _add_const(imp, node, "reciprocal", 1.0 / c)], {})
 
 
+@converts("LayerNormalization")
+def _layernorm(imp: _Importer, node, label, a) -> None:
+    """Normalization over the last axis (``layernorm``, a composite gate), then the model owner's scale as a
+    linear layer (``mul``: P0 only sees it masked) and bias as a constant of P1's (``add``); normalizing over
+    several trailing axes is a reshape to one axis and back."""
+    imp.unused_extra_outputs(node, label, 1)
+    x_shape = tuple(imp.x_shape(node))
+    r = len(x_shape)
+    axis = int(a.get("axis", -1))
+    if not -r <= axis < r:
+        raise FsscError(f"{imp.src}: node {label} (LayerNormalization): axis {axis} does not fit {x_shape}")
+    axis %= r
+    ins = list(node.input)
+    scale = imp.need_const(node, 1, label, "scale (input 1, the model owner's weights)")
+    if len(ins) > 2 and ins[2]:
+        imp.need_const(node, 2, label, "bias (input 2, the model owner's weights)")
+    if imp.const(ins[0]) is not None:  # a constant input: fold, ONNX's semantics
+        x = imp.const(ins[0]).astype(np.float64)
+        axes = tuple(range(axis, r))
+        d = x - x.mean(axis=axes, keepdims=True)
+        y = d / np.sqrt((d * d).mean(axis=axes, keepdims=True) + float(a.get("epsilon", 1e-5))) * scale
+        if len(ins) > 2 and ins[2]:
+            y = y + imp.const(ins[2])
+        imp.g.add_const(imp.ir_name(node.output[0]), y.astype(np.float32))
+        return
+    x = ins[0]
+    if axis != r - 1:  # over the axes from ``axis`` on: one axis of their product
+        flat = (*x_shape[:axis], int(np.prod(x_shape[axis:], dtype=np.int64)))
+        imp.emit(node, label, "reshape", [x], {"shape": list(flat)}, [_step(node, "flat")])
+        x = _step(node, "flat")
+    eps = float(a.get("epsilon", 1e-5))
+    imp.emit(node, label, "layernorm", [x], {"epsilon": eps}, [_step(node, "normalized")])
+    y = _step(node, "normalized")
+    if axis != r - 1:
+        imp.emit(node, label, "reshape", [y], {"shape": list(x_shape)}, [_step(node, "unflat")])
+        y = _step(node, "unflat")
+    last = not (len(ins) > 2 and ins[2])
+    imp.emit(node, label, "mul", [y, ins[1]], {}, None if last else [_step(node, "scaled")])
+    if not last:
+        imp.emit(node, label, "add", [_step(node, "scaled"), ins[2]], {})
+
+
 @converts("Softmax")
 def _softmax(imp: _Importer, node, label, a) -> None:
     attrs = {"axis": int(a.get("axis", 1 if imp.opset < 13 else -1)), "coerce": int(imp.opset < 13)}
