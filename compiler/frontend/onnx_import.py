@@ -1025,7 +1025,61 @@ def fusions(gp: onnx.GraphProto) -> tuple[dict[int, tuple[str, str, dict, list[s
         approx = "none" if n.op_type == "Erf" else "tanh"
         fused[root] = ("gelu", x, {"approximate": approx}, [label[j] for j in sorted(chain + [root])])
         absorbed.update(chain)
+    _layernorm_fusions(gp, nodes, producer, node_of, read_once, near, consts, label, fused, absorbed)
     return fused, absorbed
+
+
+def _layernorm_fusions(gp, nodes, producer, node_of, read_once, near, consts, label, fused, absorbed) -> None:
+    """Layer normalization as exporters write it before opset 17: Div(d, Sqrt(Add(ReduceMean(Pow(d, 2)), eps)))
+    with d = Sub(x, ReduceMean(x)), both means over x's last axis with keepdims (either eps operand order); every
+    value inside read only where the pattern reads it. It becomes one ``layernorm`` op (the scale's Mul and the
+    bias's Add after it stay the graph's own nodes)."""
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*gp.input, *gp.value_info, *gp.output]}
+    axes_of = {t.name: numpy_helper.to_array(t) for t in gp.initializer}
+    for n in gp.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            axes_of[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+
+    def mean_over_last(v: str, x: str) -> bool:
+        m = node_of(v, "ReduceMean")
+        if m is None or m.input[0] != x or x not in ranks:
+            return False
+        a = {at.name: helper.get_attribute_value(at) for at in m.attribute}
+        axes = a.get("axes")
+        if axes is None and len(m.input) > 1 and m.input[1] in axes_of:
+            axes = axes_of[m.input[1]].reshape(-1).tolist()
+        r = ranks[x]
+        return a.get("keepdims", 1) == 1 and axes is not None and [int(q) % r for q in axes] == [r - 1]
+
+    for i, n in enumerate(nodes):
+        if n.op_type != "Div" or n.domain not in ("", "ai.onnx") or i in absorbed or i in fused or len(n.input) != 2:
+            continue
+        d, s = n.input
+        sub, sq = node_of(d, "Sub"), node_of(s, "Sqrt")
+        if sub is None or sq is None or not read_once(s):
+            continue
+        x, mean = sub.input
+        add = node_of(sq.input[0], "Add")
+        if add is None or not mean_over_last(mean, x) or not read_once(mean) or not read_once(sq.input[0]):
+            continue
+        var, eps = (add.input[0], add.input[1]) if add.input[1] in consts else (add.input[1], add.input[0])
+        if eps not in consts or not read_once(var):
+            continue
+        pw = node_of(var, "ReduceMean")
+        sqr = pw.input[0] if pw is not None else ""
+        pnode = node_of(sqr, "Pow") or node_of(sqr, "Mul")
+        if pw is None or pnode is None or not mean_over_last(var, sqr) or not read_once(sqr):
+            continue
+        if not (list(pnode.input) == [d, d] or (pnode.op_type == "Pow" and pnode.input[0] == d and near(pnode.input[1], 2.0))):
+            continue
+        readers = [j for j, m in enumerate(nodes) if d in m.input]
+        if sorted(readers) != sorted({producer[sqr], i}) or any(o.name == d for o in gp.output):
+            continue
+        chain = [producer[v] for v in (mean, d, sqr, var, sq.input[0], s)]
+        if any(j in fused or j in absorbed for j in chain):
+            continue
+        fused[i] = ("layernorm", x, {"epsilon": float(consts[eps])}, [label[j] for j in sorted(chain + [i])])
+        absorbed.update(chain)
 
 
 for _type, _conv_fn in default_converters(OPS).items():
