@@ -966,11 +966,13 @@ def _sum_costs(costs: list[GateCost]) -> GateCost:
 @dataclass(frozen=True)
 class LayerNormPlan:
     """The public parameters of a layer normalization over the last axis (``LayerNorm``): the centred sum
-    D = C x - sum(x)'s truncation (d_bits bits after d_shift), the variance's offset eps (an integer, the
-    epsilon at D's scale), the inverse square root's plan, and the output's truncation (y_bits, y_shift)."""
+    D = C x - sum(x)'s truncation for the variance (d_bits bits after d_shift) and the ``extra`` bits the
+    numerator keeps beyond it, the variance's offset eps (an integer, the epsilon at the truncated D's scale),
+    the inverse square root's plan, and the output's truncation (y_bits, y_shift)."""
 
     d_bits: int
     d_shift: int
+    extra: int
     eps: int
     rsqrt: RSqrtPlan
     y_bits: int
@@ -982,10 +984,11 @@ class LayerNorm(Gate):
     affine part (the model owner's gamma and beta follow as a linear layer and a constant):
 
     * D = C x - sum(x) on masked values (local: exact, linear), the centred values times C;
-    * D_t = floor(D / 2^d_shift) (``Trunc``, exact; skipped if d_shift = 0), |D_t| < 2^(d_bits - 1);
+    * D_n = floor(D / 2^(d_shift - extra)) (``Trunc``, exact; skipped if extra = d_shift), the numerator;
+    * D_t = floor(D_n / 2^extra) (``Trunc``; skipped if extra = 0), |D_t| < 2^(d_bits - 1), for the variance;
     * S = sum(D_t * D_t) + eps (``HMul``, then a local sum; eps public), C^3 var at D_t's scale, exact;
     * R = ``RSqrt`` of S, per row;
-    * y = floor(D_t * R / 2^y_shift) (``HMul`` broadcast over the row, then ``Trunc``).
+    * y = floor((D_n * R + 2^(y_shift - 1)) / 2^y_shift) (``HMul`` broadcast over the row, then ``Trunc``).
 
     docs/protocol.md, "Layer normalization", derives it and states its error bound."""
 
@@ -1004,23 +1007,24 @@ class LayerNorm(Gate):
         p = dict(params)
         h = SplineSpec.of(p)
         rs = RSqrtPlan(p["s_bits"], p["lo"], p["top"], p["L"], h)
-        return LayerNormPlan(p["d_bits"], p["d_shift"], p["eps"], rs, p["y_bits"], p["y_shift"])
+        return LayerNormPlan(p["d_bits"], p["d_shift"], p["extra"], p["eps"], rs, p["y_bits"], p["y_shift"])
 
     @staticmethod
-    def tags(tag: str) -> tuple[str, str, str, str, str]:
-        return tag + ".d", tag + ".sq", tag + ".rs", tag + ".y", tag + ".out"
+    def tags(tag: str) -> tuple[str, str, str, str, str, str]:
+        return tag + ".d", tag + ".v", tag + ".sq", tag + ".rs", tag + ".y", tag + ".out"
 
     @classmethod
     def run(cls, ctx, tag: str, x, **params):
         plan = LayerNorm.of(params)
-        t_d, t_sq, t_rs, t_y, t_out = LayerNorm.tags(tag)
+        t_d, t_v, t_sq, t_rs, t_y, t_out = LayerNorm.tags(tag)
         c = x.shape[-1]
         d = x * U64(c) - x.sum(axis=-1, keepdims=True, dtype=U64)
-        if plan.d_shift:
-            d = ctx.gate(Trunc, t_d, d, plan.d_bits, plan.d_shift)
-        s = ctx.gate(HMul, t_sq, d, d).sum(axis=-1, keepdims=True, dtype=U64) + ctx.public(plan.eps)
+        if plan.d_shift > plan.extra:
+            d = ctx.gate(Trunc, t_d, d, plan.d_bits + plan.extra, plan.d_shift - plan.extra)
+        dt = ctx.gate(Trunc, t_v, d, plan.d_bits, plan.extra) if plan.extra else d
+        s = ctx.gate(HMul, t_sq, dt, dt).sum(axis=-1, keepdims=True, dtype=U64) + ctx.public(plan.eps)
         r = RSqrt.run(ctx, t_rs, s.reshape(-1), plan.rsqrt).reshape(s.shape)
-        y = ctx.gate(HMul, t_y, d, r)
+        y = ctx.gate(HMul, t_y, d, r) + ctx.public(1 << (plan.y_shift - 1) if plan.y_shift else 0)  # rounds
         return ctx.gate(Trunc, t_out, y, plan.y_bits, plan.y_shift)
 
     @staticmethod
@@ -1034,7 +1038,10 @@ class LayerNorm(Gate):
         plan = cls.plan
         assert plan is not None, "LayerNorm.bind(plan) first"
         rows = n // cls.row_length
-        parts = [Trunc.cost(n, plan.d_bits, plan.d_shift)] if plan.d_shift else []
+        parts = (
+            [Trunc.cost(n, plan.d_bits + plan.extra, plan.d_shift - plan.extra)] if plan.d_shift > plan.extra else []
+        )
+        parts += [Trunc.cost(n, plan.d_bits, plan.extra)] if plan.extra else []
         parts += [HMul.cost(n, 64, sizes=(n, n))]
         parts += RSqrt.cost(rows, plan.rsqrt)
         parts += [HMul.cost(n, 64, sizes=(n, rows)), Trunc.cost(n, plan.y_bits, plan.y_shift)]

@@ -287,6 +287,7 @@ def layernorm(
     x,
     d_bits: int,
     d_shift: int,
+    extra: int,
     eps: int,
     s_bits: int,
     lo: int,
@@ -302,7 +303,8 @@ def layernorm(
     y_shift: int,
 ):
     """(x - mean) / sqrt(var + eps) over the last axis (gates.LayerNorm): the centred sum C x - sum(x) (local),
-    its exact truncation, its squares' sum (a secret x secret product), the inverse square root per row
+    its exact truncations (``extra`` bits more for the numerator than for the variance), its squares' sum (a
+    secret x secret product), the inverse square root per row
     (octave gate, mantissa truncation, the spline ``knots``.. ``out_bits`` of sqrt(C / v), a product) and the
     product with the centred values, truncated by ``y_shift`` to the output scale."""
     params = {k: v for k, v in locals().items() if k not in ("ctx", "tag", "x")}

@@ -1070,7 +1070,10 @@ def _layernorm_fusions(gp, nodes, producer, node_of, read_once, near, consts, la
         pnode = node_of(sqr, "Pow") or node_of(sqr, "Mul")
         if pw is None or pnode is None or not mean_over_last(var, sqr) or not read_once(sqr):
             continue
-        if not (list(pnode.input) == [d, d] or (pnode.op_type == "Pow" and pnode.input[0] == d and near(pnode.input[1], 2.0))):
+        if not (
+            list(pnode.input) == [d, d]
+            or (pnode.op_type == "Pow" and pnode.input[0] == d and near(pnode.input[1], 2.0))
+        ):
             continue
         readers = [j for j, m in enumerate(nodes) if d in m.input]
         if sorted(readers) != sorted({producer[sqr], i}) or any(o.name == d for o in gp.output):

@@ -1328,10 +1328,12 @@ class LayerNorm:
         x = env[op.inputs[0]]
         mag = None if op.bits is not None else _ln_magnitude(op, graph, [x])
         plan = _ln_plan(op, graph, op.bits, mag)
-        d = ring.trunc(_centred(x), plan.d_shift)
-        s = (d * d).sum(axis=-1, keepdims=True, dtype=np.uint64) + np.uint64(plan.eps)
+        d = ring.trunc(_centred(x), plan.d_shift - plan.extra)
+        dt = ring.trunc(d, plan.extra)
+        s = (dt * dt).sum(axis=-1, keepdims=True, dtype=np.uint64) + np.uint64(plan.eps)
         r = splines.rsqrt_fixed(s.reshape(-1), plan.rsqrt).reshape(s.shape)
-        return ring.trunc(d * r, plan.y_shift)
+        half = np.uint64(1 << (plan.y_shift - 1) if plan.y_shift else 0)  # round to nearest
+        return ring.trunc(d * r + half, plan.y_shift)
 
     @staticmethod
     def lower(op, graph, bits):
@@ -1342,6 +1344,7 @@ class LayerNorm:
         return {
             "d_bits": p.d_bits,
             "d_shift": p.d_shift,
+            "extra": p.extra,
             "eps": p.eps,
             "s_bits": rs.nb,
             "lo": rs.lo,

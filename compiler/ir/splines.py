@@ -328,7 +328,11 @@ def fit_rsqrt(c: int, L: int = RSQRT_MANTISSA_BITS, s_h: int = RSQRT_OUT_SCALE) 
         inner.append((ia, center, coeffs))
         worst = max(worst, err)
     inner.sort()
-    pieces = [(None, 0, _const_piece(float(f(1.0)), s_h, t)), *inner, (4 << L, 0, _const_piece(0.5 * math.sqrt(c), s_h, t))]
+    pieces = [
+        (None, 0, _const_piece(float(f(1.0)), s_h, t)),
+        *inner,
+        (4 << L, 0, _const_piece(0.5 * math.sqrt(c), s_h, t)),
+    ]
     spec = _assemble(pieces, [0] * len(pieces), t, out_bits, d)
     return SplineFit(spec, 1.0, 4.0, worst, L, s_h)
 
@@ -357,15 +361,16 @@ def layernorm_plan(c: int, s_full: int, m_full: int, eps: float, s_out: int):
     D = C x - sum(x) is (C / 2^k) (x - mean) at scale s_full = s_x + k (k = floor(log2 C)), |D| < 2^(m_full - 1)
     (range analysis). D is truncated by the fewest bits d_shift for which S = sum(D_t^2) + eps (eps = epsilon
     C (C / 2^k)^2 4^(s_full - d_shift), at least 1) stays below 2^61 whatever D_t is within its d_bits: the most
-    precision the ring leaves for the variance. The octave gate covers [4^lo, 2^nb) with 4^lo <= eps; the
-    product D_t R (R = 2^(top + s_h) sqrt(C / S)) is y 2^(top + s_h), truncated by top + s_h - s_out."""
+    precision the ring leaves for the variance. The octave gate covers [4^lo, 2^nb) with 4^lo <= eps. The
+    numerator D_n keeps ``extra`` bits more than D_t, as many as the product's ring headroom allows: D_n R
+    (R = 2^(top + s_h) sqrt(C / S)) is y 2^(top + s_h + extra), truncated by top + s_h + extra - s_out."""
     from fssc.runtime.gates import LayerNormPlan, Octave, RSqrtPlan
 
     k = c.bit_length() - 1
     L, s_h = RSQRT_MANTISSA_BITS, RSQRT_OUT_SCALE
     ybound = 2 * math.sqrt(c) * 2.0**s_out  # |y| <= sqrt(C - 1) (with the gate's relative error: 2 sqrt C)
-    y_bits = int(math.ceil(ybound)).bit_length() + 1
-    for d_shift in range(0, m_full - 1):  # d_bits >= 2
+    y_bits = math.ceil(ybound).bit_length() + 1
+    for d_shift in range(m_full - 1):  # d_bits >= 2
         d_bits = m_full - d_shift
         s_d = s_full - d_shift
         eps_int = max(1, round(eps * c * (c / 2**k) ** 2 * 4.0**s_d))
@@ -377,6 +382,7 @@ def layernorm_plan(c: int, s_full: int, m_full: int, eps: float, s_out: int):
         top = max(lo + len(Octave.knots(nb, lo)), (L + 1) // 2)
         if top + s_h + y_bits - s_out > 62 or top + s_h < s_out:
             continue
+        extra = min(d_shift, 62 - (top + s_h + y_bits - s_out))  # the numerator's bits beyond D_t's
         rs = RSqrtPlan(nb, lo, top, L, fit_rsqrt(c, L, s_h).spec)
-        return LayerNormPlan(d_bits, d_shift, eps_int, rs, y_bits, top + s_h - s_out)
+        return LayerNormPlan(d_bits, d_shift, extra, eps_int, rs, y_bits, top + s_h + extra - s_out)
     raise FsscError(f"layer normalization over {c} elements does not fit the ring (|C x - sum x| < 2^{m_full - 1})")
