@@ -882,7 +882,7 @@ class Octave(Gate):
         return own + [tag + SEED if party == 0 else tag + CORR]
 
     @classmethod
-    def cost(cls, n: int, m: int, shift: int = 0, depth: int = 1, lo: int = 0) -> GateCost:  # type: ignore[override]
+    def cost(cls, n: int, m: int, shift: int = 0, depth: int = 1, lo: int = 0) -> GateCost:
         """n rows over m = nb bits: (K + 1) DCF keys with a 3-word payload each (K powers of 4 in range, none
         if K = 0) for both; P1 also 5 words of shares; one round, 16 bytes each way per row."""
         k = len(cls.knots(m, lo))
@@ -1000,6 +1000,29 @@ class LayerNorm(Gate):
     def bind(cls, plan: LayerNormPlan, row_length: int) -> type[LayerNorm]:
         """The class of one layer normalization (its plan, C elements per row): what ``cost`` prices."""
         return _bound_layernorm(plan, row_length)
+
+    @staticmethod
+    def params(plan: LayerNormPlan) -> dict:
+        """The statement's parameters (lib.layernorm's keywords) of a plan; ``of`` reads them back."""
+        rs, h = plan.rsqrt, plan.rsqrt.h
+        return {
+            "d_bits": plan.d_bits,
+            "d_shift": plan.d_shift,
+            "extra": plan.extra,
+            "eps": plan.eps,
+            "s_bits": rs.nb,
+            "lo": rs.lo,
+            "top": rs.top,
+            "L": rs.L,
+            "knots": list(h.knots),
+            "centers": list(h.centers),
+            "coeffs": [list(c) for c in h.coeffs],
+            "lin": list(h.lin),
+            "shift": h.shift,
+            "out_bits": h.out_bits,
+            "y_bits": plan.y_bits,
+            "y_shift": plan.y_shift,
+        }
 
     @staticmethod
     def of(params: dict) -> LayerNormPlan:

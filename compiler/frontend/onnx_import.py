@@ -827,8 +827,9 @@ def _layernorm(imp: _Importer, node, label, a) -> None:
     scale = imp.need_const(node, 1, label, "scale (input 1, the model owner's weights)")
     if len(ins) > 2 and ins[2]:
         imp.need_const(node, 2, label, "bias (input 2, the model owner's weights)")
-    if imp.const(ins[0]) is not None:  # a constant input: fold, ONNX's semantics
-        x = imp.const(ins[0]).astype(np.float64)
+    folded = imp.const(ins[0])
+    if folded is not None:  # a constant input: fold, ONNX's semantics
+        x = folded.astype(np.float64)
         axes = tuple(range(axis, r))
         d = x - x.mean(axis=axes, keepdims=True)
         y = d / np.sqrt((d * d).mean(axis=axes, keepdims=True) + float(a.get("epsilon", 1e-5))) * scale
@@ -836,13 +837,13 @@ def _layernorm(imp: _Importer, node, label, a) -> None:
             y = y + imp.const(ins[2])
         imp.g.add_const(imp.ir_name(node.output[0]), y.astype(np.float32))
         return
-    x = ins[0]
+    src = ins[0]
     if axis != r - 1:  # over the axes from ``axis`` on: one axis of their product
         flat = (*x_shape[:axis], int(np.prod(x_shape[axis:], dtype=np.int64)))
-        imp.emit(node, label, "reshape", [x], {"shape": list(flat)}, [_step(node, "flat")])
-        x = _step(node, "flat")
+        imp.emit(node, label, "reshape", [src], {"shape": list(flat)}, [_step(node, "flat")])
+        src = _step(node, "flat")
     eps = float(a.get("epsilon", 1e-5))
-    imp.emit(node, label, "layernorm", [x], {"epsilon": eps}, [_step(node, "normalized")])
+    imp.emit(node, label, "layernorm", [src], {"epsilon": eps}, [_step(node, "normalized")])
     y = _step(node, "normalized")
     if axis != r - 1:
         imp.emit(node, label, "reshape", [y], {"shape": list(x_shape)}, [_step(node, "unflat")])

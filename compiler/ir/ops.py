@@ -1337,20 +1337,4 @@ class LayerNorm:
 
     @staticmethod
     def lower(op, graph, bits):
-        from fssc.compiler.ir import splines
-
-        p = _ln_plan(op, graph, bits)
-        rs = p.rsqrt
-        return {
-            "d_bits": p.d_bits,
-            "d_shift": p.d_shift,
-            "extra": p.extra,
-            "eps": p.eps,
-            "s_bits": rs.nb,
-            "lo": rs.lo,
-            "top": rs.top,
-            "L": rs.L,
-            **splines.spline_params(rs.h),
-            "y_bits": p.y_bits,
-            "y_shift": p.y_shift,
-        }
+        return rgates.LayerNorm.params(_ln_plan(op, graph, bits))
