@@ -26,6 +26,9 @@ ArgMax     ``argmax``   a tournament of selections carrying the index
 ArgMax2    ``argmax2``  one DReLU per row whose bit only P0 opens
 Spline     ``spline``   a public piecewise polynomial (sigmoid, tanh, SiLU, GELU...)
 ========== ============ ===============================================
+
+``LayerNorm`` (statement ``layernorm``) is a composite of these (truncations, products, a spline) and of
+``Octave``, the normalisation by the leading base-4 digit behind its inverse square root (``RSqrt``).
 """
 
 from __future__ import annotations
