@@ -3,7 +3,8 @@ compiler/ir/splines.py ``fit_rsqrt``, ``layernorm_plan``; the registry's ``layer
 LayerNormalization converter and its fusion of the pre-opset-17 form.
 
 * The octave gate, exhaustively at small widths: every input of the range under every mask mod 2^nb; the
-  opened (u, q) equal ``splines.octave_fixed`` and normalise the input into [4^top, 4^(top+1)).
+  opened (u, q) equal ``splines.octave_fixed`` and normalise the input into [4^top, 4^(top+1)); what P1
+  holds and sees is uniform whichever octave the input is in (statistical check).
 * The inverse square root: every input of a 10-bit range under fresh masks equals ``splines.rsqrt_fixed``
   bit for bit, whose relative error against 1 / sqrt(x) is within the stated bound; the mantissa spline's
   error is within 1 unit of 2^-16 at every mantissa (exhaustive).
@@ -12,20 +13,19 @@ LayerNormalization converter and its fusion of the pre-opset-17 form.
 * Accuracy against float (docs/protocol.md, "Layer normalization"): rows whose standard deviations span
   2^-3 .. 2^6 around offsets up to 2^5, max error in units of 2^-f within the stated bound.
 * The importer: the LayerNormalization node (any axis; with and without bias; constants folded; the model
-  owner's scale refused if computed), and torch's exports at opsets 13, 16 (decomposed) and 17 of a model
-  with LayerNorm2d and nn.LayerNorm: secure == fixed point bit for bit, logits within 0.02 of onnxruntime.
+  owner's scale refused if computed), and torch's exports at opsets 13, 16 (decomposed) and 17, and by the
+  dynamo exporter, of a model with LayerNorm2d and nn.LayerNorm: secure == fixed point bit for bit, logits
+  within 0.02 of onnxruntime.
 * (slow) convnext_tiny at 32x32, batch 2, exported by fssc: labels equal onnxruntime's, logits within 0.02 of
   the logit scale.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -80,6 +80,31 @@ def test_octave_gate_every_input_and_every_mask(nb, lo, top):
     if len(gates.Octave.knots(nb, lo)) + lo == top:  # the top piece reaches the top: u in [4^top, 4^(top+1))
         assert (u >= U64(4**top)).all() and (u < U64(4 ** (top + 1))).all()
     assert (u == X * q * q).all(), "u = x q^2"
+
+
+def test_octave_gate_view_does_not_depend_on_the_octave():
+    """P1's key words, the share it receives and the opened u^, q^ are uniform whatever octave x is in: x = 5
+    (q = 2^(top - 1)) and x = 2^40 + 3 (q = 2^(top - 20)), 2048 fresh masks each."""
+    from fssc.runtime.channel import decode_array
+    from fssc.runtime.protocol import CORR
+    from test_security import bit_matrix, check_indistinguishable, records
+
+    nb, lo, top, n = 42, 0, 21, 2048
+    views = []
+    for v in (5, (1 << 40) + 3):
+        x = np.full(n, v, dtype=U64)
+        r = Rng().u64(n)
+        (_, rq), k0, k1 = deal_in_memory(lambda D, r=r: D.gate(gates.Octave, "o", r, nb, lo, top))
+
+        def party(P, x=x, r=r):
+            return P.gate(gates.Octave, "o", x + r, nb, lo, top)
+
+        (u, q), _, _, c1 = run_parties(party, party, k0, k1, record=True)
+        assert (q - rq == U64(1 << (top - (1 if v == 5 else 20)))).all()
+        views.append((records(k1, 1)["o" + CORR], decode_array(c1.received[0]), np.stack([u, q])))
+    for i, what in ((0, "P1's key words"), (1, "P1 receives P0's shares"), (2, "u^ and q^")):
+        a, b = views[0][i], views[1][i]
+        check_indistinguishable(bit_matrix(a.reshape(-1, n)), bit_matrix(b.reshape(-1, n)), what)
 
 
 @pytest.mark.parametrize("c", [4, 96, 768])
@@ -246,20 +271,26 @@ class _LnNet(torch.nn.Module):
         return self.head(self.ln2(self.fc1(y)).flatten(1))
 
 
-@pytest.mark.parametrize("opset", [13, 16, 17])
-def test_torch_layernorm_exports_run_securely(opset):
+@pytest.mark.parametrize("opset", [13, 16, 17, "dynamo"])
+def test_torch_layernorm_exports_run_securely(opset, tmp_path):
+    """The TorchScript exporter at opsets 13 and 16 (the written-out form) and 17 (LayerNormalization), and
+    the dynamo exporter (LayerNormalization at its opset)."""
     torch.manual_seed(0)
     m = _LnNet().eval()
     with torch.no_grad():
         m.ln.weight.uniform_(0.5, 1.5)
         m.ln.bias.uniform_(-0.3, 0.3)
     x = torch.randn(2, 3, 8, 8)
-    buf = io.BytesIO()
+    path = str(tmp_path / "m.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(m, x, buf, opset_version=opset, input_names=["input"], output_names=["logits"], dynamo=False)
-    ref = ort.InferenceSession(buf.getvalue()).run(None, {"input": x.numpy()})[0]
-    g = import_onnx(onnx.load_from_string(buf.getvalue()))
+        names = {"input_names": ["input"], "output_names": ["logits"]}
+        if opset == "dynamo":
+            torch.onnx.export(m, (x,), path, dynamo=True, **names)
+        else:
+            torch.onnx.export(m, x, path, opset_version=opset, dynamo=False, **names)
+    ref = ort.InferenceSession(path).run(None, {"input": x.numpy()})[0]
+    g = import_onnx(path)
     assert [o.kind for o in g.ops].count("layernorm") == 2
     res = compile_graph(g)
     sim = simulate(res.graph, x.numpy())
