@@ -298,9 +298,14 @@ def test_torch_layernorm_exports_run_securely(opset, tmp_path):
     logits = sim.decoded()[0]
     assert np.abs(ref).max() > 0.5
     np.testing.assert_allclose(logits, ref, atol=0.02)
-    assert sim.channels[0].rounds == res.report.rounds
+    rep = res.report
+    assert sim.channels[0].rounds == sim.channels[1].rounds == rep.rounds
     got = run_fixed(res.graph, x.numpy(), raw=True)[0]
     assert (got == sim.outputs[0]).all()
+    # the compile report's key bytes are what the run used, up to the records' framing (a layernorm writes 20)
+    records = 20 * len([op for op in res.graph.ops if op.gate]) + 8
+    for actual, est in ((len(sim.keys[0]), rep.total("key_p0")), (len(sim.keys[1]), rep.total("key_p1"))):
+        assert est <= actual <= est + 64 * records + 512
 
 
 @pytest.mark.slow
