@@ -152,6 +152,14 @@ def randomize_and_calibrate(
         m.weight.uniform_(0.5, 1.5)
         m.bias.uniform_(-0.2, 0.2)
         m.momentum = None  # cumulative average
+    for mod in model.modules():  # ConvNeXt: LayerNorm's affine around (1, 0), and a layer scale that lets the
+        # residual blocks count (torchvision's 1e-6 would make every block a no-op in the exported function)
+        if isinstance(mod, torch.nn.LayerNorm) and mod.weight is not None:
+            mod.weight.uniform_(0.5, 1.5)
+            mod.bias.uniform_(-0.2, 0.2)
+        scale = getattr(mod, "layer_scale", None)
+        if isinstance(scale, torch.nn.Parameter):
+            scale.uniform_(0.1, 0.5)
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     head = linear[-1].bias.clone() if linear and linear[-1].bias is not None else None
     held_out = [synthetic_images(batch_size, image_size, seed - 1 - i) for i in range(4)]

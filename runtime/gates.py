@@ -26,6 +26,9 @@ ArgMax     ``argmax``   a tournament of selections carrying the index
 ArgMax2    ``argmax2``  one DReLU per row whose bit only P0 opens
 Spline     ``spline``   a public piecewise polynomial (sigmoid, tanh, SiLU, GELU...)
 ========== ============ ===============================================
+
+``LayerNorm`` (statement ``layernorm``) is a composite of these (truncations, products, a spline) and of
+``Octave``, the normalisation by the leading base-4 digit behind its inverse square root (``RSqrt``).
 """
 
 from __future__ import annotations
@@ -832,3 +835,304 @@ def _bound_spline(spec: SplineSpec) -> type[Spline]:
 
 
 STATEMENTS[Spline.stmt] = Spline
+
+
+# ------------------------------------------------------------------ inverse square root, layer normalization
+def _select_keys(D, tag: str, r: np.ndarray, nb: int, knots: tuple[int, ...], vecs: list[np.ndarray]) -> np.ndarray:
+    """The dealer's side of a piecewise-constant vector selection over an unsigned nb-bit input x (mask r):
+    piece j covers [knots[j-1], knots[j]) (0 < knots[0] < ... < 2^nb; the first piece starts at 0, the last
+    ends at 2^nb) and has the per-element vector vecs[j] (words, n). Writes the DCF keys (one per knot and one
+    at rho = r mod 2^nb, payload in Z_2^64^words) and returns the constant the parties must be given shares of.
+
+    With u = x^ mod 2^nb = x + rho mod 2^nb, for 0 <= x < 2^nb and 0 < q < 2^nb,
+    1{x < q} = 1{u < (rho + q) mod 2^nb} - 1{u < rho} + 1{rho + q >= 2^nb} (docs/protocol.md, "Spline gates",
+    the same identity on the unsigned range), so c(x) = c_last + sum_j 1{x < q_j} (c_(j-1) - c_j) is the
+    DCFs' sum plus that constant."""
+    const = vecs[-1].copy()
+    if not knots:
+        return const
+    rho = r & mask_bits(nb)
+    alphas, betas = [], []
+    for j, q in enumerate(knots):
+        delta = vecs[j] - vecs[j + 1]
+        t = (rho + U64(q)) & mask_bits(nb)
+        const += delta * (t < rho).astype(U64)  # rho + q wrapped past 2^nb
+        alphas.append(t)
+        betas.append(delta)
+    alphas.append(rho)
+    betas.append(vecs[-1] - vecs[0])
+    k0, k1 = dcf.keygen(np.concatenate(alphas), nb, np.concatenate(betas, axis=1).T, D.rng)
+    D.w[0].put(tag + DCF, k0.data)
+    D.w[1].put(tag + DCF, k1.data)
+    return const
+
+
+def _select_eval(P, tag: str, xhat: np.ndarray, nb: int, calls: int, words: int) -> np.ndarray | None:
+    """A party's share of the selected vector's DCF part, (words, n), or None without knots."""
+    if calls <= 1:
+        return None
+    n = xhat.size
+    keys = dcf.DcfKeys(dcf.DcfParams(nb, words), P.b, P.keys.get(tag + DCF))
+    if len(keys) != calls * n:
+        raise ValueError(f"{tag}: {len(keys)} DCF keys for {calls} x {n} comparisons")
+    u = xhat & mask_bits(nb)
+    return dcf.evaluate(P.b, keys, np.tile(u, calls)).reshape(calls, n, words).sum(axis=0, dtype=U64).T
+
+
+class Octave(Gate):
+    """Normalisation by the leading base-4 digit, on a masked wire x with 4^lo <= x < 2^nb (public lo, nb):
+    for x in [4^i, 4^(i+1)) (i = lo.. the last power of 4 below 2^nb) it opens
+
+        u^ = x 4^(top - i) + r_u   (so 4^top <= u < 4^(top + 1): x's mantissa, exact in the ring)
+        q^ = 2^(top - i) + r_q     (1/sqrt(x) = 2^(top - i) 2^(-top) / sqrt(u / 4^top) ... up to 4^top)
+
+    One DCF per power of 4 inside the range and one at rho select the piece's vector (c0, c1, c2) =
+    (-4^(top - i) r, 4^(top - i), 2^(top - i)) over the nb-bit input (``_select_keys``); each party's share of
+    u is c0 + c1 x^, of q is c2, and one round opens both with the fresh masks r_u, r_q. top >= the last
+    piece's i, and 2 top + 2 <= 63 (u stays below 2^63)."""
+
+    stmt = "octave"  # a stage of ``RSqrt``, not a statement of its own
+    kind = "octave"
+    words = 3
+
+    @staticmethod
+    def knots(nb: int, lo: int) -> tuple[int, ...]:
+        """The powers of 4 strictly above 4^lo and below 2^nb: the pieces' starts after the first."""
+        return tuple(4**i for i in range(lo + 1, (nb + 1) // 2 + 1) if 4**i < (1 << nb))
+
+    @staticmethod
+    def deal(D, tag: str, r: np.ndarray, nb: int, lo: int, top: int) -> tuple[np.ndarray, np.ndarray]:
+        shape = r.shape
+        r = r.reshape(-1)
+        knots = Octave.knots(nb, lo)
+        if 2 * top + 2 > 63 or lo + len(knots) > top or nb > 63:
+            raise ValueError(f"{tag}: octave gate with nb={nb}, lo={lo}, top={top} does not fit the ring")
+        vecs = []
+        for i in range(lo, lo + len(knots) + 1):
+            c1, c2 = U64(1 << (2 * (top - i))), U64(1 << (top - i))
+            vecs.append(np.stack([np.zeros_like(r) - c1 * r, np.full_like(r, c1), np.full_like(r, c2)]))
+        const = _select_keys(D, tag, r, nb, knots, vecs)
+        r_u, r_q = D.fresh(r.size), D.fresh(r.size)
+        D.shares(tag, np.concatenate([const, r_u[None], r_q[None]]), None)
+        return r_u.reshape(shape), r_q.reshape(shape)
+
+    @staticmethod
+    def evaluate(P, tag: str, xhat: np.ndarray, nb: int, lo: int, top: int) -> tuple[np.ndarray, np.ndarray]:
+        shape = xhat.shape
+        flat = xhat.reshape(-1)
+        n = flat.size
+        P.chan.step = tag
+        calls = len(Octave.knots(nb, lo)) + 1
+        got = _select_eval(P, tag, flat, nb, calls, Octave.words)
+        vals, _ = P.shares(tag, Octave.words + 2, n, 0)
+        coef = vals[: Octave.words].copy()
+        if got is not None:
+            coef += got
+        u = coef[0] + coef[1] * flat + vals[3]
+        q = coef[2] + vals[4]
+        opened = P.open(np.stack([u, q]))
+        return opened[0].reshape(shape), opened[1].reshape(shape)
+
+    @classmethod
+    def records(cls, tag: str, party: int, shift: int = 0, nb: int = 64, lo: int = 0) -> list[str]:
+        own = [tag + DCF] if cls.knots(nb, lo) else []
+        return own + [tag + SEED if party == 0 else tag + CORR]
+
+    @classmethod
+    def cost(cls, n: int, m: int, shift: int = 0, depth: int = 1, lo: int = 0) -> GateCost:
+        """n rows over m = nb bits: (K + 1) DCF keys with a 3-word payload each (K powers of 4 in range, none
+        if K = 0) for both; P1 also 5 words of shares; one round, 16 bytes each way per row."""
+        k = len(cls.knots(m, lo))
+        calls = k + 1 if k else 0
+        keys = n * calls * dcf.nbytes_per_key(m, cls.words)
+        aes = n * calls * dcf.eval_aes_blocks(m, cls.words)
+        return GateCost(
+            key_p0=keys + SEED_BYTES,
+            key_p1=keys + n * (cls.words + 2) * WORD,
+            rounds=1,
+            sent_p0=2 * n * WORD,
+            sent_p1=2 * n * WORD,
+            aes_p0=aes + share_blocks(n, cls.words + 2, 0),
+            aes_p1=aes,
+        )
+
+
+@dataclass(frozen=True)
+class RSqrtPlan:
+    """The public parameters of an inverse square root R = 2^(top + s_h) sqrt(C) / sqrt(x) (approximately) of
+    an integer 4^lo <= x < 2^nb: the octave gate's (nb, lo, top), the mantissa's bits L (u >> (2 top - L) in
+    [2^L, 2^(L+2))) and the spline ``h`` of sqrt(C / v) on v = mantissa / 2^L, output at scale s_h."""
+
+    nb: int
+    lo: int
+    top: int
+    L: int
+    h: SplineSpec
+
+    @property
+    def mantissa_bits(self) -> int:
+        """Bits of the mantissa's comparison (its truncation and the spline): [2^L, 2^(L+2)), signed."""
+        return self.L + 3
+
+
+class RSqrt:
+    """The inverse square root of a masked non-negative integer x (4^lo <= x < 2^nb) as FSS gates, with a
+    relative error that does not depend on x's magnitude (docs/protocol.md, "Layer normalization"):
+
+    1. ``Octave``: the leading base-4 digit i of x selects u = x 4^(top - i) in [4^top, 4^(top+1)) and
+       q = 2^(top - i), both opened masked (1 round);
+    2. ``Trunc``: the mantissa v = floor(u / 2^(2 top - L)) in [2^L, 2^(L+2)) (exact, 2 rounds);
+    3. ``Spline``: h = sqrt(C / (v / 2^L)) at scale s_h, a public piecewise polynomial (3 rounds);
+    4. ``HMul``: R = q h (1 round).
+
+    Then R = 2^(top + s_h) sqrt(C / x) up to the mantissa's truncation (relative 2^-(L+1)) and the spline's
+    error; a product d R drops top + s_h bits to come back to d's scale."""
+
+    @staticmethod
+    def tags(tag: str) -> tuple[str, str, str, str]:
+        return tag + ".oct", tag + ".man", tag + ".h", tag + ".qh"
+
+    @staticmethod
+    def run(ctx, tag: str, x: np.ndarray, plan: RSqrtPlan) -> np.ndarray:
+        t_oct, t_man, t_h, t_qh = RSqrt.tags(tag)
+        u, q = ctx.gate(Octave, t_oct, x, plan.nb, plan.lo, plan.top)
+        v = ctx.gate(Trunc, t_man, u, plan.mantissa_bits, 2 * plan.top - plan.L)
+        h = ctx.gate(Spline, t_h, v, plan.mantissa_bits, plan.h)
+        return ctx.gate(HMul, t_qh, q, h)
+
+    @staticmethod
+    def cost(n: int, plan: RSqrtPlan) -> list[GateCost]:
+        """The four stages' costs for n values."""
+        mb = plan.mantissa_bits
+        return [
+            Octave.cost(n, plan.nb, 0, 1, lo=plan.lo),
+            Trunc.cost(n, mb, 2 * plan.top - plan.L),
+            Spline.bind(plan.h).cost(n, mb),
+            HMul.cost(n, 64, sizes=(n, n)),
+        ]
+
+
+def _sum_costs(costs: list[GateCost]) -> GateCost:
+    out = GateCost()
+    for c in costs:
+        for k in vars(out):
+            setattr(out, k, getattr(out, k) + getattr(c, k))
+    return out
+
+
+@dataclass(frozen=True)
+class LayerNormPlan:
+    """The public parameters of a layer normalization over the last axis (``LayerNorm``): the centred sum
+    D = C x - sum(x)'s truncation for the variance (d_bits bits after d_shift) and the ``extra`` bits the
+    numerator keeps beyond it, the variance's offset eps (an integer, the epsilon at the truncated D's scale),
+    the inverse square root's plan, and the output's truncation (y_bits, y_shift)."""
+
+    d_bits: int
+    d_shift: int
+    extra: int
+    eps: int
+    rsqrt: RSqrtPlan
+    y_bits: int
+    y_shift: int
+
+
+class LayerNorm(Gate):
+    """(x - mean) / sqrt(var + eps) over the last axis of a masked wire x (C elements per row), without the
+    affine part (the model owner's gamma and beta follow as a linear layer and a constant):
+
+    * D = C x - sum(x) on masked values (local: exact, linear), the centred values times C;
+    * D_n = floor(D / 2^(d_shift - extra)) (``Trunc``, exact; skipped if extra = d_shift), the numerator;
+    * D_t = floor(D_n / 2^extra) (``Trunc``; skipped if extra = 0), |D_t| < 2^(d_bits - 1), for the variance;
+    * S = sum(D_t * D_t) + eps (``HMul``, then a local sum; eps public), C^3 var at D_t's scale, exact;
+    * R = ``RSqrt`` of S, per row;
+    * y = floor((D_n * R + 2^(y_shift - 1)) / 2^y_shift) (``HMul`` broadcast over the row, then ``Trunc``).
+
+    docs/protocol.md, "Layer normalization", derives it and states its error bound."""
+
+    stmt = "layernorm"
+    kind = "layernorm"
+    plan: ClassVar[LayerNormPlan | None] = None
+
+    @classmethod
+    def bind(cls, plan: LayerNormPlan, row_length: int) -> type[LayerNorm]:
+        """The class of one layer normalization (its plan, C elements per row): what ``cost`` prices."""
+        return _bound_layernorm(plan, row_length)
+
+    @staticmethod
+    def params(plan: LayerNormPlan) -> dict:
+        """The statement's parameters (lib.layernorm's keywords) of a plan; ``of`` reads them back."""
+        rs, h = plan.rsqrt, plan.rsqrt.h
+        return {
+            "d_bits": plan.d_bits,
+            "d_shift": plan.d_shift,
+            "extra": plan.extra,
+            "eps": plan.eps,
+            "s_bits": rs.nb,
+            "lo": rs.lo,
+            "top": rs.top,
+            "L": rs.L,
+            "knots": list(h.knots),
+            "centers": list(h.centers),
+            "coeffs": [list(c) for c in h.coeffs],
+            "lin": list(h.lin),
+            "shift": h.shift,
+            "out_bits": h.out_bits,
+            "y_bits": plan.y_bits,
+            "y_shift": plan.y_shift,
+        }
+
+    @staticmethod
+    def of(params: dict) -> LayerNormPlan:
+        """The plan from the statement's parameters (lib.layernorm's keywords)."""
+        p = dict(params)
+        h = SplineSpec.of(p)
+        rs = RSqrtPlan(p["s_bits"], p["lo"], p["top"], p["L"], h)
+        return LayerNormPlan(p["d_bits"], p["d_shift"], p["extra"], p["eps"], rs, p["y_bits"], p["y_shift"])
+
+    @staticmethod
+    def tags(tag: str) -> tuple[str, str, str, str, str, str]:
+        return tag + ".d", tag + ".v", tag + ".sq", tag + ".rs", tag + ".y", tag + ".out"
+
+    @classmethod
+    def run(cls, ctx, tag: str, x, **params):
+        plan = LayerNorm.of(params)
+        t_d, t_v, t_sq, t_rs, t_y, t_out = LayerNorm.tags(tag)
+        c = x.shape[-1]
+        d = x * U64(c) - x.sum(axis=-1, keepdims=True, dtype=U64)
+        if plan.d_shift > plan.extra:
+            d = ctx.gate(Trunc, t_d, d, plan.d_bits + plan.extra, plan.d_shift - plan.extra)
+        dt = ctx.gate(Trunc, t_v, d, plan.d_bits, plan.extra) if plan.extra else d
+        s = ctx.gate(HMul, t_sq, dt, dt).sum(axis=-1, keepdims=True, dtype=U64) + ctx.public(plan.eps)
+        r = RSqrt.run(ctx, t_rs, s.reshape(-1), plan.rsqrt).reshape(s.shape)
+        y = ctx.gate(HMul, t_y, d, r) + ctx.public(1 << (plan.y_shift - 1) if plan.y_shift else 0)  # rounds
+        return ctx.gate(Trunc, t_out, y, plan.y_bits, plan.y_shift)
+
+    @staticmethod
+    def out_shape(shape: tuple, **params) -> tuple:
+        return tuple(shape)
+
+    @classmethod
+    def cost(cls, n: int, m: int, shift: int = 0, depth: int = 1, sizes: tuple[int, ...] = ()) -> GateCost:
+        """n elements in n / C rows (C: the bound class's ``row_length``): the sum of its stages' costs
+        (docs/protocol.md, "Layer normalization"); ``m`` is the plan's (it was derived from it)."""
+        plan = cls.plan
+        assert plan is not None, "LayerNorm.bind(plan) first"
+        rows = n // cls.row_length
+        parts = (
+            [Trunc.cost(n, plan.d_bits + plan.extra, plan.d_shift - plan.extra)] if plan.d_shift > plan.extra else []
+        )
+        parts += [Trunc.cost(n, plan.d_bits, plan.extra)] if plan.extra else []
+        parts += [HMul.cost(n, 64, sizes=(n, n))]
+        parts += RSqrt.cost(rows, plan.rsqrt)
+        parts += [HMul.cost(n, 64, sizes=(n, rows)), Trunc.cost(n, plan.y_bits, plan.y_shift)]
+        return _sum_costs(parts)
+
+    row_length: ClassVar[int] = 1
+
+
+@functools.lru_cache(maxsize=256)
+def _bound_layernorm(plan: LayerNormPlan, row_length: int) -> type[LayerNorm]:
+    return type("LayerNorm", (LayerNorm,), {"plan": plan, "row_length": row_length, "__doc__": LayerNorm.__doc__})
+
+
+STATEMENTS[LayerNorm.stmt] = LayerNorm

@@ -280,6 +280,37 @@ def spline(ctx, tag: str, x, m: int, knots, centers, coeffs, lin, shift: int, ou
     return gates.Spline.run(ctx, tag, x, m=m, **params)
 
 
+# ------------------------------------------------------------ layer normalization
+def layernorm(
+    ctx,
+    tag: str,
+    x,
+    d_bits: int,
+    d_shift: int,
+    extra: int,
+    eps: int,
+    s_bits: int,
+    lo: int,
+    top: int,
+    L: int,
+    knots,
+    centers,
+    coeffs,
+    lin,
+    shift: int,
+    out_bits: int,
+    y_bits: int,
+    y_shift: int,
+):
+    """(x - mean) / sqrt(var + eps) over the last axis (gates.LayerNorm): the centred sum C x - sum(x) (local),
+    its exact truncations (``extra`` bits more for the numerator than for the variance), its squares' sum (a
+    secret x secret product), the inverse square root per row
+    (octave gate, mantissa truncation, the spline ``knots``.. ``out_bits`` of sqrt(C / v), a product) and the
+    product with the centred values, truncated by ``y_shift`` to the output scale."""
+    params = {k: v for k, v in locals().items() if k not in ("ctx", "tag", "x")}
+    return gates.LayerNorm.run(ctx, tag, x, **params)
+
+
 # ------------------------------------------------------------ what a statement may call
 # A statement's ``fn``: the bilinear map of a linear statement, the function of a local one. Code generation
 # writes only these, and a program read back from its manifest (fssc check, fssc run) may name no other

@@ -63,7 +63,19 @@ CONSTANT_OPERANDS = {
     "ReduceMean": {1},
     "PRelu": {1},
     "Div": {1},
+    "LayerNormalization": {1, 2},
 }
+
+# ONNX's LayerNormalization cases (each reads the Mean and InvStdDev outputs too; their Y-only variants run)
+LAYERNORM_CASES = [
+    f"test_layer_normalization_{v}"
+    for v in (
+        *(f"4d_axis{a}" for a in ("0", "1", "2", "3", "_negative_1", "_negative_2", "_negative_3", "_negative_4")),
+        "default_axis",
+        *(f"2d_axis{a}" for a in ("0", "1", "_negative_1", "_negative_2")),
+        *(f"3d_axis{a}_epsilon" for a in ("0", "1", "2", "_negative_1", "_negative_2", "_negative_3")),
+    )
+]
 
 _INT = "integer tensors ({}); fssc's inputs are float32 reals (encoded in fixed point)"
 _EXPANDED = "function-expanded form uses {}, outside fssc's op set (the {} node itself is tested)"
@@ -152,6 +164,18 @@ LEFT_OUT = {
         f"test_hardsigmoid{v}_expanded_ver18": _EXPANDED.format("CastLike/Min/Max", "HardSigmoid")
         for v in ("", "_default", "_example")
     },
+    # LayerNormalization: every case reads the Mean and InvStdDev outputs (its Y-only variants run, below)
+    **dict.fromkeys(
+        LAYERNORM_CASES,
+        "reads the Mean and InvStdDev outputs (training statistics); fssc computes Y (its Y-only variant runs)",
+    ),
+    **{
+        f"{n}_expanded{v}": _EXPANDED.format(
+            "Reciprocal/Shape/ConstantOfShape of computed values", "LayerNormalization"
+        )
+        for n in LAYERNORM_CASES
+        for v in ("", "_ver18")
+    },
     # ReduceSum
     "test_reduce_sum_empty_set": "a zero-size input tensor (shape [2,0,4]); fssc needs non-empty tensors",
     "test_reduce_sum_empty_set_non_reduced_axis_zero": "a zero-size input tensor (shape [2,0,4]); "
@@ -187,6 +211,16 @@ CASES = _collect()
 ZERO_VALUE_VARIANTS = ("test_constant_pad", "test_constant_pad_axes", "test_constant_pad_negative_axes")
 
 
+def y_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A LayerNormalization case's model with its Y output alone (Mean and InvStdDev dropped)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    node = m.graph.node[0]
+    del node.output[1:]
+    del m.graph.output[1:]
+    return m
+
+
 def freeze_constant_operands(case, op: str):
     """The case's model with CONSTANT_OPERANDS[op] turned into initializers; returns (model, feeds, outputs)."""
     model = onnx.ModelProto()
@@ -217,7 +251,8 @@ def test_every_supported_op_has_cases_and_the_list_is_current():
     stale = sorted(set(LEFT_OUT) - set(CASES))
     assert not stale, f"LEFT_OUT names cases the installed onnx does not have: {stale}"
     assert set(ZERO_VALUE_VARIANTS) <= set(CASES)
-    run = {op for op, _ in (CASES[n] for n in CASES if n not in LEFT_OUT)} | {"Pad"}
+    run = {op for op, _ in (CASES[n] for n in CASES if n not in LEFT_OUT)} | {"Pad", "LayerNormalization"}
+    assert set(LAYERNORM_CASES) <= set(CASES)
     assert run == set(SUPPORTED_OPS), f"every case left out for {set(SUPPORTED_OPS) - run}"
 
 
@@ -260,6 +295,21 @@ def test_backend_pad_case_with_zero_value(name):
     # and through the generated programs, bit for bit with the fixed-point interpreter
     sim = simulate(compile_case(model, name + "_zero_value", feeds), feeds)
     assert sim.mismatches() == [] and sim.outputs[0].shape == want[0].shape
+
+
+@pytest.mark.parametrize("name", LAYERNORM_CASES)
+def test_backend_layernorm_case_y_only(name):
+    """Every LayerNormalization case with its Y output alone: the float interpreter equals the case's Y, and
+    the generated programs equal the fixed-point interpreter bit for bit, within 2^-8 of Y."""
+    op, case = CASES[name]
+    model, feeds, expected = freeze_constant_operands(case, op)
+    model = y_only(model)
+    g = import_onnx(model, name)
+    (got,) = run_float(g, feeds)
+    np.testing.assert_allclose(got, expected[0], rtol=case.rtol, atol=case.atol)
+    sim = simulate(compile_case(model, name, feeds), feeds)
+    assert sim.mismatches() == []
+    np.testing.assert_allclose(sim.decoded()[0], expected[0], atol=2**-8)
 
 
 # ----------------------------------------------------------------- the secure path
@@ -328,7 +378,8 @@ def conformance_table() -> str:
         attrs = sorted({a.name for node in nodes for a in node.attribute})
         out = [n for n in names if n in LEFT_OUT]
         secure_out = [n for n in names if n in SECURE_LEFT_OUT]
-        n_float = len(names) - len(out) + (len(ZERO_VALUE_VARIANTS) if op == "Pad" else 0)
+        variants = {"Pad": len(ZERO_VALUE_VARIANTS), "LayerNormalization": len(LAYERNORM_CASES)}  # run below
+        n_float = len(names) - len(out) + variants.get(op, 0)
         n_secure = n_float - len(secure_out)
         why: dict[str, list[str]] = {}
         for n in out:  # the integer dtypes share one reason

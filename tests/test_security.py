@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fssc.compiler.ir import splines
 from fssc.compiler.reference import simulation
 from fssc.compiler.reference.simulation import simulate
 from fssc.runtime import dcf, gates, ring
@@ -413,11 +414,16 @@ def _other_gates(ctx, v):
         gates.MaxPool.run(ctx, "h", v.reshape(1, 5, 10, 10), m=30, **window),
         ctx.gate(gates.HMul, "i", v.reshape(100, 5), v[:5].copy()),
         ctx.gate(gates.Spline, "j", v, 24, _SPLINE),
+        gates.LayerNorm.run(ctx, "k", v.reshape(50, 10), **_LAYERNORM),
     )
 
 
 # a spline with a linear tail: three pieces, two DCF payload words beyond the cubic's four
 _SPLINE = gates.SplineSpec((-100, 100), (0, 0, 0), ((0,) * 4, (1, 2, 3, 4), (0,) * 4), (0, 0, 1), 8, 40)
+
+
+# a layer normalization over rows of 10 (input scale 15, |C x - sum x| < 2^29): every stage deals keys
+_LAYERNORM = gates.LayerNorm.params(splines.layernorm_plan(10, 15, 30, 1e-5, 12))
 
 
 def test_gates_without_numpy_or_python_random(forbid_random):
@@ -432,6 +438,7 @@ def test_gates_without_numpy_or_python_random(forbid_random):
         "MaxPool",
         "HMul",
         "Spline",
+        "LayerNorm",
     }
     activate, calls = forbid_random
     activate()

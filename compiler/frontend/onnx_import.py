@@ -811,6 +811,49 @@ def _div(imp: _Importer, node, label, a) -> None:
     imp.emit(node, label, "mul", [ins[0], _add_const(imp, node, "reciprocal", 1.0 / c)], {})
 
 
+@converts("LayerNormalization")
+def _layernorm(imp: _Importer, node, label, a) -> None:
+    """Normalization over the last axis (``layernorm``, a composite gate), then the model owner's scale as a
+    linear layer (``mul``: P0 only sees it masked) and bias as a constant of P1's (``add``); normalizing over
+    several trailing axes is a reshape to one axis and back."""
+    imp.unused_extra_outputs(node, label, 1)
+    x_shape = tuple(imp.x_shape(node))
+    r = len(x_shape)
+    axis = int(a.get("axis", -1))
+    if not -r <= axis < r:
+        raise FsscError(f"{imp.src}: node {label} (LayerNormalization): axis {axis} does not fit {x_shape}")
+    axis %= r
+    ins = list(node.input)
+    scale = imp.need_const(node, 1, label, "scale (input 1, the model owner's weights)")
+    if len(ins) > 2 and ins[2]:
+        imp.need_const(node, 2, label, "bias (input 2, the model owner's weights)")
+    folded = imp.const(ins[0])
+    if folded is not None:  # a constant input: fold, ONNX's semantics
+        x = folded.astype(np.float64)
+        axes = tuple(range(axis, r))
+        d = x - x.mean(axis=axes, keepdims=True)
+        y = d / np.sqrt((d * d).mean(axis=axes, keepdims=True) + float(a.get("epsilon", 1e-5))) * scale
+        if len(ins) > 2 and ins[2]:
+            y = y + imp.const(ins[2])
+        imp.g.add_const(imp.ir_name(node.output[0]), y.astype(np.float32))
+        return
+    src = ins[0]
+    if axis != r - 1:  # over the axes from ``axis`` on: one axis of their product
+        flat = (*x_shape[:axis], int(np.prod(x_shape[axis:], dtype=np.int64)))
+        imp.emit(node, label, "reshape", [src], {"shape": list(flat)}, [_step(node, "flat")])
+        src = _step(node, "flat")
+    eps = float(a.get("epsilon", 1e-5))
+    imp.emit(node, label, "layernorm", [src], {"epsilon": eps}, [_step(node, "normalized")])
+    y = _step(node, "normalized")
+    if axis != r - 1:
+        imp.emit(node, label, "reshape", [y], {"shape": list(x_shape)}, [_step(node, "unflat")])
+        y = _step(node, "unflat")
+    last = not (len(ins) > 2 and ins[2])
+    imp.emit(node, label, "mul", [y, ins[1]], {}, None if last else [_step(node, "scaled")])
+    if not last:
+        imp.emit(node, label, "add", [_step(node, "scaled"), ins[2]], {})
+
+
 @converts("Softmax")
 def _softmax(imp: _Importer, node, label, a) -> None:
     attrs = {"axis": int(a.get("axis", 1 if imp.opset < 13 else -1)), "coerce": int(imp.opset < 13)}
@@ -983,7 +1026,64 @@ def fusions(gp: onnx.GraphProto) -> tuple[dict[int, tuple[str, str, dict, list[s
         approx = "none" if n.op_type == "Erf" else "tanh"
         fused[root] = ("gelu", x, {"approximate": approx}, [label[j] for j in sorted(chain + [root])])
         absorbed.update(chain)
+    _layernorm_fusions(gp, nodes, producer, node_of, read_once, near, consts, label, fused, absorbed)
     return fused, absorbed
+
+
+def _layernorm_fusions(gp, nodes, producer, node_of, read_once, near, consts, label, fused, absorbed) -> None:
+    """Layer normalization as exporters write it before opset 17: Div(d, Sqrt(Add(ReduceMean(Pow(d, 2)), eps)))
+    with d = Sub(x, ReduceMean(x)), both means over x's last axis with keepdims (either eps operand order); every
+    value inside read only where the pattern reads it. It becomes one ``layernorm`` op (the scale's Mul and the
+    bias's Add after it stay the graph's own nodes)."""
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*gp.input, *gp.value_info, *gp.output]}
+    axes_of = {t.name: numpy_helper.to_array(t) for t in gp.initializer}
+    for n in gp.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            axes_of[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+
+    def mean_over_last(v: str, x: str) -> bool:
+        m = node_of(v, "ReduceMean")
+        if m is None or m.input[0] != x or x not in ranks:
+            return False
+        a = {at.name: helper.get_attribute_value(at) for at in m.attribute}
+        axes = a.get("axes")
+        if axes is None and len(m.input) > 1 and m.input[1] in axes_of:
+            axes = axes_of[m.input[1]].reshape(-1).tolist()
+        r = ranks[x]
+        return a.get("keepdims", 1) == 1 and axes is not None and [int(q) % r for q in axes] == [r - 1]
+
+    for i, n in enumerate(nodes):
+        if n.op_type != "Div" or n.domain not in ("", "ai.onnx") or i in absorbed or i in fused or len(n.input) != 2:
+            continue
+        d, s = n.input
+        sub, sq = node_of(d, "Sub"), node_of(s, "Sqrt")
+        if sub is None or sq is None or not read_once(s):
+            continue
+        x, mean = sub.input
+        add = node_of(sq.input[0], "Add")
+        if add is None or not mean_over_last(mean, x) or not read_once(mean) or not read_once(sq.input[0]):
+            continue
+        var, eps = (add.input[0], add.input[1]) if add.input[1] in consts else (add.input[1], add.input[0])
+        if eps not in consts or not read_once(var):
+            continue
+        pw = node_of(var, "ReduceMean")
+        sqr = pw.input[0] if pw is not None else ""
+        pnode = node_of(sqr, "Pow") or node_of(sqr, "Mul")
+        if pw is None or pnode is None or not mean_over_last(var, sqr) or not read_once(sqr):
+            continue
+        if not (
+            list(pnode.input) == [d, d]
+            or (pnode.op_type == "Pow" and pnode.input[0] == d and near(pnode.input[1], 2.0))
+        ):
+            continue
+        readers = [j for j, m in enumerate(nodes) if d in m.input]
+        if sorted(readers) != sorted({producer[sqr], i}) or any(o.name == d for o in gp.output):
+            continue
+        chain = [producer[v] for v in (mean, d, sqr, var, sq.input[0], s)]
+        if any(j in fused or j in absorbed for j in chain):
+            continue
+        fused[i] = ("layernorm", x, {"epsilon": float(consts[eps])}, [label[j] for j in sorted(chain + [i])])
+        absorbed.update(chain)
 
 
 for _type, _conv_fn in default_converters(OPS).items():

@@ -1255,3 +1255,87 @@ _spline_entry(
     "hardsigmoid", None, "max(0, min(1, alpha x + beta)) (ONNX HardSigmoid): its linear piece exactly, 0 and 1 beyond."
 )
 _spline_entry("hardswish", "HardSwish", "x HardSigmoid(x) with 1/6, 1/2 (ONNX HardSwish): x(x + 3)/6, 0 and x beyond.")
+
+
+# ------------------------------------------------------------------ layer normalization
+DEFAULT_LN_MARGIN = 3  # bits over |C x - sum x| before range analysis has set the op's width (its first run)
+
+
+def _centred(x: np.ndarray) -> np.ndarray:
+    """C x - sum(x) over the last axis, on ring elements (what every role computes locally)."""
+    x = np.asarray(x, dtype=np.uint64)
+    return x * np.uint64(x.shape[-1]) - x.sum(axis=-1, keepdims=True, dtype=np.uint64)
+
+
+def _ln_magnitude(op: Op, graph: Graph, inputs: list[np.ndarray]) -> int:
+    """Largest |C x - sum(x)| (ring units at the input's scale): the width the plan truncates from."""
+    d = ring.signed(_centred(inputs[0]))
+    return int(max(abs(int(d.max())), abs(int(d.min())))) if d.size else 0
+
+
+def _ln_plan(op: Op, graph: Graph, bits: int | None, magnitude: int | None = None) -> rgates.LayerNormPlan:
+    """The op's public plan (compiler/ir/splines.layernorm_plan) at comparison width ``bits`` (range analysis:
+    bits of |C x - sum x| + the margin); before range analysis, from the magnitude measured on the batch."""
+    from fssc.compiler.ir import splines
+
+    x = graph.values[op.inputs[0]]
+    c = x.shape[-1]
+    f = graph.meta.get("frac_bits", 12)
+    s_x = f if x.scale is None else x.scale
+    s_out = graph.values[op.outputs[0]].scale
+    if bits is None:
+        bits = min(64, int(magnitude or 0).bit_length() + 1 + DEFAULT_LN_MARGIN)
+    s_full = s_x + c.bit_length() - 1
+    return splines.layernorm_plan(c, s_full, bits, float(op.attrs["epsilon"]), f if s_out is None else s_out)
+
+
+def layernorm_float(attrs, x):
+    """(x - mean) / sqrt(var + epsilon) over the last axis (ONNX LayerNormalization without scale and bias)."""
+    x = np.asarray(x, dtype=np.float64)
+    d = x - x.mean(axis=-1, keepdims=True)
+    return [d / np.sqrt((d * d).mean(axis=-1, keepdims=True) + attrs["epsilon"])]
+
+
+@register(
+    "layernorm",
+    Role.GATE,
+    Scale.FUSED_TRUNC,
+    GateSpec(
+        rgates.LayerNorm.kind,
+        count=_elements,
+        depth=_one,
+        magnitude=_ln_magnitude,
+        runtime=lambda op, graph: rgates.LayerNorm.bind(
+            _ln_plan(op, graph, op.bits or 64), graph.values[op.inputs[0]].shape[-1]
+        ),
+    ),
+)
+class LayerNorm:
+    """(x - mean) / sqrt(var + epsilon) over the last axis (ONNX LayerNormalization's normalization; the
+    importer follows it with the model owner's scale as a linear layer and bias as a constant). One composite
+    gate (runtime/gates.py ``LayerNorm``): the centred sum C x - sum(x) locally, its exact truncation, the
+    squares' sum through a secret x secret product, the inverse square root per row as FSS gates (an octave
+    gate normalising by the leading base-4 digit, a truncation, a spline on the mantissa, a product), and the
+    product with the centred values truncated to the output scale f (the input's bits above f are dropped
+    inside, as a ReLU's fused truncation). docs/protocol.md, "Layer normalization", states the error bound."""
+
+    shape = staticmethod(_same_shape)
+    run = staticmethod(layernorm_float)
+
+    @staticmethod
+    def fixed(op, graph, env):
+        from fssc.compiler.ir import splines
+
+        x = env[op.inputs[0]]
+        mag = None if op.bits is not None else _ln_magnitude(op, graph, [x])
+        plan = _ln_plan(op, graph, op.bits, mag)
+        d = ring.trunc(_centred(x), plan.d_shift - plan.extra)
+        dt = ring.trunc(d, plan.extra)
+        s = (dt * dt).sum(axis=-1, keepdims=True, dtype=np.uint64) + np.uint64(plan.eps)
+        r = splines.rsqrt_fixed(s.reshape(-1), plan.rsqrt).reshape(s.shape)
+        half = np.uint64(1 << (plan.y_shift - 1) if plan.y_shift else 0)  # round to nearest
+        return ring.trunc(d * r + half, plan.y_shift)
+
+    @staticmethod
+    def lower(op, graph, bits):
+        return rgates.LayerNorm.params(_ln_plan(op, graph, bits))

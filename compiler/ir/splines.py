@@ -308,3 +308,102 @@ def spline_params(spec: SplineSpec) -> dict:
         "shift": spec.shift,
         "out_bits": spec.out_bits,
     }
+
+
+# ------------------------------------------------------------------ inverse square root (layer normalization)
+RSQRT_MANTISSA_BITS = 16  # L: the mantissa v in [2^L, 2^(L+2)), relative precision 2^-L
+RSQRT_OUT_SCALE = 16  # s_h: the spline's output scale (sqrt(C / v) in (sqrt(C) / 2, sqrt(C)])
+RSQRT_DEGREE = 2  # quadratic pieces: a cubic at input scale 16 would leave 7 coefficient bits
+RSQRT_TOLERANCE = 1.0  # units of 2^-s_h: each piece's worst output error, rounding included
+
+
+@functools.lru_cache(maxsize=64)
+def fit_rsqrt(c: int, L: int = RSQRT_MANTISSA_BITS, s_h: int = RSQRT_OUT_SCALE) -> SplineFit:
+    """The spline h(v) = sqrt(c / v) of an integer mantissa in [2^L, 2^(L+2)) read at scale L (v in [1, 4)),
+    output at scale s_h: quadratic pieces interpolating at Chebyshev points, split in two until every integer
+    of a piece is within RSQRT_TOLERANCE units (checked exhaustively); outside [2^L, 2^(L+2)) (never reached
+    by ``RSqrt``) the edge values. ``bound`` is the worst error over every mantissa, in units of 2^-s_h."""
+    d = RSQRT_DEGREE
+
+    def f(v):
+        return np.sqrt(c / np.asarray(v, np.float64))
+
+    c_bits, t, out_bits = _layout(L, s_h, d, math.sqrt(c) + 1)
+    todo = [(1.0, 4.0)]
+    inner = []
+    worst = 0.0
+    while todo:
+        a, b = todo.pop()
+        ia, ib = math.ceil(a * 2**L), math.ceil(b * 2**L)
+        mid, half = (a + b) / 2, (b - a) / 2
+
+        def on_unit(u, mid=mid, half=half):
+            return f(mid + half * u)
+
+        cf = cheb.chebinterpolate(on_unit, d)
+        p = Polynomial(cheb.cheb2poly(cf))(Polynomial([-mid / half, 1 / half]))
+        coeffs, center, err, _ = _piece_error(f, p, ia, ib, d, L, s_h, c_bits, t)
+        if err > RSQRT_TOLERANCE and (ib - ia) >= 16:
+            todo += [((a + b) / 2, b), (a, (a + b) / 2)]
+            continue
+        inner.append((ia, center, coeffs))
+        worst = max(worst, err)
+    inner.sort()
+    pieces = [
+        (None, 0, _const_piece(float(f(1.0)), s_h, t)),
+        *inner,
+        (4 << L, 0, _const_piece(0.5 * math.sqrt(c), s_h, t)),
+    ]
+    spec = _assemble(pieces, [0] * len(pieces), t, out_bits, d)
+    return SplineFit(spec, 1.0, 4.0, worst, L, s_h)
+
+
+def octave_fixed(x: np.ndarray, nb: int, lo: int, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """What ``gates.Octave`` opens, in the clear: (x 4^(top - i), 2^(top - i)) for x in [4^i, 4^(i+1)) (the
+    first piece from 0, the last to 2^nb), as uint64."""
+    from fssc.runtime.gates import Octave
+
+    knots = np.asarray(Octave.knots(nb, lo), dtype=np.int64)
+    i = lo + np.searchsorted(knots, ring.signed(np.asarray(x, np.uint64)), side="right")
+    e = (top - i).astype(np.uint64)
+    return np.asarray(x, np.uint64) << (np.uint64(2) * e), np.uint64(1) << e
+
+
+def rsqrt_fixed(x: np.ndarray, plan) -> np.ndarray:
+    """``gates.RSqrt`` in the clear, bit for bit: q h(floor(u / 2^(2 top - L))) mod 2^64."""
+    u, q = octave_fixed(x, plan.nb, plan.lo, plan.top)
+    v = ring.trunc(u, 2 * plan.top - plan.L)
+    return q * evaluate(plan.h, v)
+
+
+def layernorm_plan(c: int, s_full: int, m_full: int, eps: float, s_out: int):
+    """The public plan of a layer normalization over rows of c elements (``gates.LayerNormPlan``).
+
+    D = C x - sum(x) is (C / 2^k) (x - mean) at scale s_full = s_x + k (k = floor(log2 C)), |D| < 2^(m_full - 1)
+    (range analysis). D is truncated by the fewest bits d_shift for which S = sum(D_t^2) + eps (eps = epsilon
+    C (C / 2^k)^2 4^(s_full - d_shift), at least 1) stays below 2^61 whatever D_t is within its d_bits: the most
+    precision the ring leaves for the variance. The octave gate covers [4^lo, 2^nb) with 4^lo <= eps. The
+    numerator D_n keeps ``extra`` bits more than D_t, as many as the product's ring headroom allows: D_n R
+    (R = 2^(top + s_h) sqrt(C / S)) is y 2^(top + s_h + extra), truncated by top + s_h + extra - s_out."""
+    from fssc.runtime.gates import LayerNormPlan, Octave, RSqrtPlan
+
+    k = c.bit_length() - 1
+    L, s_h = RSQRT_MANTISSA_BITS, RSQRT_OUT_SCALE
+    ybound = 2 * math.sqrt(c) * 2.0**s_out  # |y| <= sqrt(C - 1) (with the gate's relative error: 2 sqrt C)
+    y_bits = math.ceil(ybound).bit_length() + 1
+    for d_shift in range(m_full - 1):  # d_bits >= 2
+        d_bits = m_full - d_shift
+        s_d = s_full - d_shift
+        eps_int = max(1, round(eps * c * (c / 2**k) ** 2 * 4.0**s_d))
+        s_max = c * 4 ** (d_bits - 1) + eps_int
+        nb = s_max.bit_length()
+        if nb > 61:
+            continue
+        lo = (eps_int.bit_length() - 1) // 2
+        top = max(lo + len(Octave.knots(nb, lo)), (L + 1) // 2)
+        if top + s_h + y_bits - s_out > 62 or top + s_h < s_out:
+            continue
+        extra = min(d_shift, 62 - (top + s_h + y_bits - s_out))  # the numerator's bits beyond D_t's
+        rs = RSqrtPlan(nb, lo, top, L, fit_rsqrt(c, L, s_h).spec)
+        return LayerNormPlan(d_bits, d_shift, extra, eps_int, rs, y_bits, top + s_h + extra - s_out)
+    raise FsscError(f"layer normalization over {c} elements does not fit the ring (|C x - sum x| < 2^{m_full - 1})")
