@@ -582,11 +582,14 @@ def run_p0_batch(
     inputs: dict[str, np.ndarray],
     timings: dict | None = None,
 ) -> dict:
-    """One batch on P0's side; ``inputs`` maps every input's name to its encoded batch."""
+    """One batch on P0's side; ``inputs`` maps every input's name to its encoded batch. ``timings`` adds up
+    over batches: seconds ``offline`` and ``online``, and of the online phase the seconds blocked receiving
+    (``online_wait``), bytes sent and received (``online_sent``, ``online_received``) and rounds."""
     P = Party(0, keys, chan)
     t = time.perf_counter()
     z0 = mod.offline(P, w_hat)
     t1 = time.perf_counter()
+    before = (chan.wait_s, chan.bytes_sent, chan.bytes_received, chan.rounds)
     out = mod.online(P, inputs, z0)
     t2 = time.perf_counter()
     if not keys.skip_to_end():
@@ -594,4 +597,8 @@ def run_p0_batch(
     if timings is not None:
         timings["offline"] = timings.get("offline", 0.0) + t1 - t
         timings["online"] = timings.get("online", 0.0) + t2 - t1
+        after = (chan.wait_s, chan.bytes_sent, chan.bytes_received, chan.rounds)
+        names = ("online_wait", "online_sent", "online_received", "online_rounds")
+        for name, a, b in zip(names, after, before, strict=True):
+            timings[name] = timings.get(name, 0) + a - b
     return out
