@@ -158,7 +158,7 @@ def profile_figures(rows_by_role: dict[str, list[dict]]) -> dict:
         per_kind = kinds.setdefault(role, {})
         for r in rows:
             k = per_kind.setdefault(_kind(r["fn"]), {})
-            for f in ("calls", "wall_s", "wait_s", "rounds", "sent", "received", "key_bytes"):
+            for f in ("calls", "wall_s", "cpu_s", "wait_s", "rounds", "sent", "received", "key_bytes"):
                 k[f] = k.get(f, 0) + r[f]
             k["compute_s"] = k["wall_s"] - k["wait_s"]
             online = r["phase"] != "offline"
@@ -169,8 +169,8 @@ def profile_figures(rows_by_role: dict[str, list[dict]]) -> dict:
             if r["phase"] == "offline":
                 lay["p0_offline_s"] = lay.get("p0_offline_s", 0) + r["wall_s"]
                 continue
-            d = lay.setdefault(role, {"wall_s": 0.0, "wait_s": 0.0, "rounds": 0, "sent": 0, "key_bytes": 0})
-            for f in ("wall_s", "wait_s", "rounds", "sent", "key_bytes"):
+            d = lay.setdefault(role, dict.fromkeys(("wall_s", "cpu_s", "wait_s", "rounds", "sent", "key_bytes"), 0.0))
+            for f in ("wall_s", "cpu_s", "wait_s", "rounds", "sent", "key_bytes"):
                 d[f] += r[f]
             d["share"] = d["wall_s"] / total
     ordered = sorted(layers.values(), key=lambda lay: lay["layer"].startswith("("))  # local ops last
@@ -182,24 +182,25 @@ def print_profile(prof: dict) -> None:
     names = {"party0": "data owner (P0)", "party1": "model owner (P1)", "dealer": "dealer"}
     print(
         "\nprofile: time per gate kind: wall s and its share of the role's online (dealer: deal) total, the part "
-        "blocked on the peer, the rest (compute) and its share"
+        "blocked on the peer, the rest (compute) and its share, the process's CPU seconds"
     )
     for role in roles:
         print(f"  {names[role]}")
         print(
             f"    {'kind':<18} {'calls':>6} {'wall s':>8} {'share':>6} {'blocked':>8} {'compute':>8} {'share':>6} "
-            f"{'rounds':>6} {'MB sent':>8} {'MB recv':>8} {'key MB':>8}"
+            f"{'CPU s':>7} {'rounds':>6} {'MB sent':>8} {'MB recv':>8} {'key MB':>8}"
         )
         for kind, k in sorted(prof["by_kind"][role].items(), key=lambda kv: -kv[1]["wall_s"]):
             print(
                 f"    {kind:<18} {k['calls']:>6.0f} {k['wall_s']:>8.3f} {100 * k['share']:>5.1f}% "
-                f"{k['wait_s']:>8.3f} {k['compute_s']:>8.3f} {100 * k['compute_share']:>5.1f}% {k['rounds']:>6.0f} "
+                f"{k['wait_s']:>8.3f} {k['compute_s']:>8.3f} {100 * k['compute_share']:>5.1f}% {k['cpu_s']:>7.3f} "
+                f"{k['rounds']:>6.0f} "
                 f"{k['sent'] / 1e6:>8.2f} {k['received'] / 1e6:>8.2f} {k['key_bytes'] / 1e6:>8.1f}"
             )
-    print("\nprofile: time per layer (statement), wall s and share of each role's total; P0's blocked time")
+    print("\nprofile: time per layer (statement): wall s, its share of each role's total, CPU s; P0's blocked time")
     head = f"  {'layer':<22} {'kind':<10}"
     for role in roles:
-        head += f" {role[:6] + ' s':>9} {'%':>5}"
+        head += f" {role[:6] + ' s':>9} {'%':>5} {'CPU s':>6}"
     head += f" {'P0 blk s':>8} {'rounds':>6} {'MB P0>':>7} {'MB P1>':>7} {'key MB':>7}"
     print(head)
     for lay in prof["by_layer"]:
@@ -208,7 +209,7 @@ def print_profile(prof: dict) -> None:
         line = f"  {lay['layer'][:22]:<22} {lay['kind'][:10]:<10}"
         for role in roles:
             d = lay.get(role)
-            line += f" {d['wall_s']:>9.3f} {100 * d['share']:>4.1f}%" if d else f" {'':>9} {'':>5}"
+            line += f" {d['wall_s']:>9.3f} {100 * d['share']:>4.1f}% {d['cpu_s']:>6.2f}" if d else f" {'':>22}"
         p0, p1, dl = lay.get("party0", {}), lay.get("party1", {}), lay.get("dealer", {})
         line += (
             f" {p0.get('wait_s', 0):>8.3f} {p0.get('rounds', 0):>6.0f} {p0.get('sent', 0) / 1e6:>7.2f}"
@@ -278,11 +279,12 @@ def run(
     opts.intra_op_num_threads = 2
     sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
     sess.run(None, {"input": x})
-    ts = []
+    ts, cs = [], []
     for _ in range(10):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ref = sess.run(None, {"input": x})[0]
         ts.append(time.perf_counter() - t)
+        cs.append(time.process_time() - c)
     secure = np.array([r["logits"] for r in read_results(out_json)])
     tot = res.report.to_dict()["totals"]
     fig = {
@@ -320,6 +322,9 @@ def run(
         "rss_p1_mb": lb.p1_max_rss_mb,
         "rss_dealer_mb": deal_rss,
         "onnxruntime_ms": 1e3 * float(np.median(ts)),
+        "onnxruntime_cpu_ms": 1e3 * float(np.median(cs)),
+        "online_cpu_p0_s": st["timings"]["online_cpu"],
+        "offline_cpu_p0_s": st["timings"]["offline_cpu"],
         "max_logit_diff": float(np.abs(secure - ref).max()),
         "labels_agree": bool((secure.argmax(1) == ref.argmax(1)).all()),
         "gates_per_image": tot["gates_per_image"],
@@ -342,8 +347,14 @@ def run(
         fig["online_proxy_est_s"] = network_model(
             ref["online"], ref["online_rounds"], ref["online_sent"], ref["online_received"], rtt_ms, 0
         )
+    fig["online_over_onnxruntime"] = fig["online_s"] / (fig["onnxruntime_ms"] / 1e3)
+    fig["online_cpu_over_onnxruntime_cpu"] = fig["online_cpu_p0_s"] / (fig["onnxruntime_cpu_ms"] / 1e3)
+    fig["offline_over_online"] = fig["offline_p0_s"] / fig["online_s"]
     if profile:
-        fig["profile"] = profile_figures(load(prof_dir))
+        rows = load(prof_dir)
+        fig["profile"] = profile_figures(rows)
+        fig["profile_rows"] = rows
+        fig["online_cpu_p1_s"] = sum(r["cpu_s"] for r in rows.get("party1", []) if r["phase"] == "online")
         shutil.rmtree(prof_dir, ignore_errors=True)
     mb = lambda b: f"{b / 1e6:,.1f} MB"  # noqa: E731
     print(f"ResNet-18, {image_size}x{image_size}, batch {batch}, two processes over TCP loopback (mutual TLS)")
@@ -416,6 +427,19 @@ def run(
                 f"(loopback {fig['online_proxy_reference_s']:.2f} s)",
             )
         )
+    p1_cpu = f" / {fig['online_cpu_p1_s']:.2f}" if "online_cpu_p1_s" in fig else ""
+    rows += [
+        (
+            "CPU time (what other processes' load does not move): online P0" + (" / P1" if p1_cpu else ""),
+            f"{fig['online_cpu_p0_s']:.2f}{p1_cpu} s; offline P0 {fig['offline_cpu_p0_s']:.2f} s; "
+            f"onnxruntime {fig['onnxruntime_cpu_ms']:.1f} ms",
+        ),
+        (
+            "online / onnxruntime, wall (CPU); offline / online",
+            f"{fig['online_over_onnxruntime']:.0f}x ({fig['online_cpu_over_onnxruntime_cpu']:.0f}x); "
+            f"{fig['offline_over_online']:.2f}",
+        ),
+    ]
     w = max(len(a) for a, _ in rows)
     for a, b in rows:
         print(f"  {a:<{w}}  {b}")

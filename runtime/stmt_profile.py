@@ -24,7 +24,7 @@ import time
 from fssc.runtime.protocol import Dealer, Party
 
 ENV = "FSSC_PROFILE"
-FIELDS = ("calls", "wall_s", "wait_s", "rounds", "sent", "received", "key_bytes")
+FIELDS = ("calls", "wall_s", "cpu_s", "wait_s", "rounds", "sent", "received", "key_bytes")
 OFFLINE = frozenset({"linear_offline"})  # statements of the data owner's offline phase
 
 
@@ -59,11 +59,11 @@ class Recorder:
                 local.role = f"party{ctx.b}" if isinstance(ctx, Party) else "dealer"
             before = self._counters(ctx)
             local.depth = 1
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             try:
                 return f(*args, **kw)
             finally:
-                wall = time.perf_counter() - t
+                wall, cpu = time.perf_counter() - t, time.process_time() - cpu
                 local.depth = 0
                 after = self._counters(ctx)
                 tag = kw.get("tag", args[1] if ctx is not None and len(args) > 1 else "")
@@ -72,8 +72,9 @@ class Recorder:
                     row = self.rows.setdefault(key, [0.0] * len(FIELDS))
                     row[0] += 1
                     row[1] += wall
+                    row[2] += cpu
                     for i, (a, b) in enumerate(zip(after, before, strict=True)):
-                        row[2 + i] += a - b
+                        row[3 + i] += a - b
 
         return timed
 
