@@ -4,10 +4,10 @@
 
 For every image size and batch: export and compile ResNet-18 (2 classes, logits), deal one key batch (one
 worker, timed), run the two parties as two processes over TCP loopback with mutual TLS, and print the online
-time (the data owner's), its offline precompute, the dealer's time and the key bytes, each for the batch
-and per image (per-image costs should stay flat with batch), with rounds and the parties' peak memory. A
-setting whose keys would not fit the free disk space is skipped with a line saying so. Every key folder is
-deleted as soon as its run ends.
+time (the data owner's, wall and CPU), its offline precompute (wall and CPU), the dealer's time and the key
+bytes, each for the batch and per image (per-image costs should stay flat with batch), with rounds and the
+parties' peak memory. A setting whose keys would not fit the free disk space is skipped with a line saying
+so. Every key folder is deleted as soon as its run ends.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def one(image_size: int, batch: int, workdir: str) -> dict:
         st = json.load(fh)
     return {
         "online_s": st["timings"]["online"],
+        "online_cpu_s": st["timings"]["online_cpu"],
         "offline_s": st["timings"]["offline"],
+        "offline_cpu_s": st["timings"]["offline_cpu"],
         "deal_s": deal_s,
         "key_bytes_p0": k0,
         "key_bytes_p1": k1,
@@ -78,8 +80,9 @@ def run(sizes=(64, 128, 224), batches=(1, 2, 8), workdir: str = "bench-scaling")
     fig: dict = {"settings": []}
     print("ResNet-18 by image size and batch: two processes over TCP loopback (mutual TLS), one dealer worker")
     head = (
-        f"  {'size':>4} {'batch':>5} {'online s':>9} {'/image':>7} {'offline s':>9} {'/image':>7} {'dealer s':>9} "
-        f"{'/image':>7} {'key MB/image P0':>15} {'P1':>7} {'rounds':>6} {'RSS MB P0':>9} {'P1':>6}"
+        f"  {'size':>4} {'batch':>5} {'online s':>9} {'/image':>7} {'CPU s':>6} {'offline s':>9} {'/image':>7} "
+        f"{'CPU s':>6} {'dealer s':>9} {'/image':>7} {'key MB/image P0':>15} {'P1':>7} {'rounds':>6} {'RSS MB P0':>9} "
+        f"{'P1':>6}"
     )
     print(head, flush=True)
     for size in sizes:
@@ -90,8 +93,9 @@ def run(sizes=(64, 128, 224), batches=(1, 2, 8), workdir: str = "bench-scaling")
                 print(f"  {size:>4} {batch:>5}  skipped: {f['skipped']}", flush=True)
                 continue
             print(
-                f"  {size:>4} {batch:>5} {f['online_s']:>9.2f} {f['online_s'] / batch:>7.2f} {f['offline_s']:>9.2f} "
-                f"{f['offline_s'] / batch:>7.2f} {f['deal_s']:>9.2f} {f['deal_s'] / batch:>7.2f} "
+                f"  {size:>4} {batch:>5} {f['online_s']:>9.2f} {f['online_s'] / batch:>7.2f} {f['online_cpu_s']:>6.2f} "
+                f"{f['offline_s']:>9.2f} {f['offline_s'] / batch:>7.2f} {f['offline_cpu_s']:>6.2f} "
+                f"{f['deal_s']:>9.2f} {f['deal_s'] / batch:>7.2f} "
                 f"{f['key_bytes_p0'] / batch / 1e6:>15.1f} {f['key_bytes_p1'] / batch / 1e6:>7.1f} "
                 f"{f['rounds']:>6} {f['rss_p0_mb']:>9,.0f} {f['rss_p1_mb']:>6,.0f}",
                 flush=True,
