@@ -351,10 +351,10 @@ def run(
     fig["online_cpu_over_onnxruntime_cpu"] = fig["online_cpu_p0_s"] / (fig["onnxruntime_cpu_ms"] / 1e3)
     fig["offline_over_online"] = fig["offline_p0_s"] / fig["online_s"]
     if profile:
-        rows = load(prof_dir)
-        fig["profile"] = profile_figures(rows)
-        fig["profile_rows"] = rows
-        fig["online_cpu_p1_s"] = sum(r["cpu_s"] for r in rows.get("party1", []) if r["phase"] == "online")
+        prof_rows = load(prof_dir)
+        fig["profile"] = profile_figures(prof_rows)
+        fig["profile_rows"] = prof_rows
+        fig["online_cpu_p1_s"] = sum(r["cpu_s"] for r in prof_rows.get("party1", []) if r["phase"] == "online")
         shutil.rmtree(prof_dir, ignore_errors=True)
     mb = lambda b: f"{b / 1e6:,.1f} MB"  # noqa: E731
     print(f"ResNet-18, {image_size}x{image_size}, batch {batch}, two processes over TCP loopback (mutual TLS)")
