@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import queue
 import struct
+import time
 
 import numpy as np
 from fssc.runtime.keys import DTYPE_CODES as _CODE
@@ -87,6 +88,7 @@ class Channel:
         self.messages_sent = 0
         self.messages_received = 0
         self.rounds = 0
+        self.wait_s = 0.0  # seconds spent in recv_bytes: blocked on the peer (or the network), not computing
         self.step = "start"  # the protocol step in progress (a gate's tag), for error messages
         self.received: list[bytes] | None = [] if record else None
 
@@ -115,12 +117,14 @@ class Channel:
         where = f"{step or self.step} (message {self.messages_received} from the peer)"
         want = describe(shape, dtype)
         # a longer frame is refused unread; a shorter one (no larger than expected) is read to say what it is
+        t = time.perf_counter()
         try:
             b = self.recv_bytes(size, at_most=True)
         except FrameLengthError as e:
             raise FsscError(f"{where}: peer sent a frame of {e.got} bytes, expected {want} ({size} bytes)") from None
         except FsscError as e:  # a closed, dropped or silent peer: say at which step
             raise FsscError(f"{where}: {e}") from None
+        self.wait_s += time.perf_counter() - t
         if len(b) != size or bytes(b[: len(head)]) != head:
             raise FsscError(f"{where}: peer sent {_describe_frame(b)}, expected {want}")
         self.bytes_received += len(b)

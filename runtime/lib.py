@@ -16,7 +16,7 @@ import hashlib
 import math
 
 import numpy as np
-from fssc.runtime import gates, ring
+from fssc.runtime import gates, ring, stmt_profile
 from fssc.runtime.geometry import pad_or_crop, pool_attrs, windows
 from fssc.runtime.prg import expand
 from fssc.runtime.protocol import Dealer, Party
@@ -28,12 +28,13 @@ U64 = np.uint64
 class Conv(ring.Bilinear):
     """ONNX Conv without bias over float64 arrays: x [N, C, *S], w [O, C/g, *k] -> [N, O, *out].
 
-    ``prepare`` lays out x's windows as columns (im2col: [N, g, C/g * prod(k), prod(out)]); ``apply``
-    stacks the w it is given along the output channels and runs one float64 GEMM per batch row and group
-    on numpy's BLAS. Every output is the sum of the K = C/g * prod(k) products its column holds, nothing
-    else, so it is exact whenever ring_bilinear's digit plan bounds K products below 2^53. A conv that
-    reads one input channel per group (depthwise) skips the columns: it sums the kernel taps' strided
-    views, each times its weight.
+    ``prepare`` lays out x's windows as columns (im2col: [g, C/g * prod(k), N * prod(out)], the batch's
+    rows side by side); ``apply`` stacks the w it is given along the output channels and runs one float64
+    GEMM per group over the whole batch on numpy's BLAS (each w read once, however small the output).
+    Every output is the sum of the K = C/g * prod(k) products its column holds, nothing else, so it is
+    exact whenever ring_bilinear's digit plan bounds K products below 2^53. A conv that reads one input
+    channel per group (depthwise) skips the columns: it sums the kernel taps' strided views, each times
+    its weight.
     """
 
     def __init__(self, strides, pads, dilations, group):
@@ -51,19 +52,19 @@ class Conv(ring.Bilinear):
         win, _, _, nd = windows(x, attrs, 0.0)  # a view [N, C, *out, *k]
         out = win.shape[2 : 2 + nd]
         if w_shape[1] == 1:  # one input channel per group: the taps' strided views serve as they are
-            return win, out
-        taps_first = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))  # [N, C, *k, *out]
+            return win, out, x.shape[0]
+        taps_first = (1, *range(2 + nd, 2 + 2 * nd), 0, *range(2, 2 + nd))  # [C, *k, N, *out]
         cols = np.ascontiguousarray(win.transpose(taps_first))
-        return cols.reshape(x.shape[0], self.group, -1, math.prod(out)), out
+        return cols.reshape(self.group, -1, x.shape[0] * math.prod(out)), out, x.shape[0]
 
     def apply(self, px, ws: list[np.ndarray]) -> list[np.ndarray]:
-        cols, out = px
-        g, o, n = self.group, ws[0].shape[0], cols.shape[0]
+        cols, out, n = px
+        g, o = self.group, ws[0].shape[0]
         if ws[0].shape[1] == 1:  # depthwise: windows [N, C = g, *out, *k], each w [C * m, 1, *k]
             return [self._taps(cols, out, w) for w in ws]
         stacked = np.concatenate([w.reshape(g, o // g, -1) for w in ws], axis=1)  # [g, len(ws) * O/g, K]
-        y = np.matmul(stacked, cols).reshape(n, g, len(ws), o // g, -1)  # x [N, g, K, P]: one GEMM per row, group
-        return [y[:, :, j].reshape(n, o, *out) for j in range(len(ws))]
+        y = np.matmul(stacked, cols).reshape(g, len(ws), o // g, n, -1)  # x [g, K, N P]: one GEMM per group
+        return [np.moveaxis(y[:, j], 2, 0).reshape(n, o, *out) for j in range(len(ws))]
 
     def _taps(self, win: np.ndarray, out, w: np.ndarray) -> np.ndarray:
         g, o, n, nd = self.group, w.shape[0], win.shape[0], len(out)
@@ -336,3 +337,27 @@ LOCAL_FUNCTIONS = frozenset(
         "reducemean",
     }
 )
+
+# what a statement of a generated program calls: timed per statement when FSSC_PROFILE is set (fssc bench
+# resnet --profile), left untouched otherwise (fssc.runtime.stmt_profile)
+STATEMENT_FUNCTIONS = frozenset(
+    {
+        "input_wire",
+        "output",
+        "const",
+        "linear_dealer",
+        "linear_offline",
+        "linear_p0",
+        "linear_p1",
+        "relu",
+        "trunc",
+        "maxpool",
+        "clip",
+        "argmax2",
+        "argmax",
+        "hmul",
+        "spline",
+    }
+    | LOCAL_FUNCTIONS
+)
+stmt_profile.instrument(globals(), sorted(STATEMENT_FUNCTIONS))

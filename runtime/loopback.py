@@ -15,6 +15,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from fssc.runtime.netdelay import DelayProxy
+
 from fssc.errors import FsscError
 
 
@@ -84,7 +86,23 @@ def party_command(prog: str, party: int, keys: str, certs: str, *args) -> list[s
     ]
 
 
-def run_loopback(prog: str, keys: str, certs: str, p0_args: list[str], timeout: float = 1800) -> LoopbackRun:
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def party_env() -> dict[str, str]:
+    """The environment of a party process that shares this machine with its peer: each party's BLAS (the
+    linear layers' float64 GEMMs) gets half the cores. With all of them each, two processes' BLAS threads
+    (which spin while they wait for work) contend for the same cores, and the linear layers run several
+    times slower than on one thread. A thread count the caller set is kept."""
+    half = str(max(1, (os.cpu_count() or 2) // 2))
+    return {**dict.fromkeys(BLAS_THREADS, half), **os.environ}
+
+
+def run_loopback(
+    prog: str, keys: str, certs: str, p0_args: list[str], timeout: float = 1800, delay_s: float = 0.0
+) -> LoopbackRun:
+    """Both parties to the end of the data owner's run. ``delay_s`` > 0: the data owner reaches the model owner
+    through a :class:`~fssc.runtime.netdelay.DelayProxy` that delays every byte by ``delay_s`` each way."""
     with tempfile.TemporaryDirectory(prefix="fssc-loopback-") as tmp, contextlib.ExitStack() as files:
         ready = os.path.join(tmp, "port")
         logs = {n: files.enter_context(open(os.path.join(tmp, n), "w+")) for n in ("p1", "p0out", "p0err")}
@@ -103,6 +121,7 @@ def run_loopback(prog: str, keys: str, certs: str, p0_args: list[str], timeout: 
             ),
             stdout=logs["p1"],
             stderr=subprocess.STDOUT,
+            env=party_env(),
         )
         try:
             deadline = time.time() + 120
@@ -113,11 +132,14 @@ def run_loopback(prog: str, keys: str, certs: str, p0_args: list[str], timeout: 
                 time.sleep(0.05)
             with open(ready) as fh:
                 port = int(fh.read())
+            if delay_s > 0:
+                port = files.enter_context(DelayProxy(port, delay_s)).port
             t = time.perf_counter()
             p0 = subprocess.Popen(
                 party_command(prog, 0, keys, certs, "--peer", f"127.0.0.1:{port}", *p0_args),
                 stdout=logs["p0out"],
                 stderr=logs["p0err"],
+                env=party_env(),
             )
             peaks = {p1: 0.0}
             rc0, rss0 = wait_for(p0, timeout, peaks)

@@ -582,16 +582,26 @@ def run_p0_batch(
     inputs: dict[str, np.ndarray],
     timings: dict | None = None,
 ) -> dict:
-    """One batch on P0's side; ``inputs`` maps every input's name to its encoded batch."""
+    """One batch on P0's side; ``inputs`` maps every input's name to its encoded batch. ``timings`` adds up
+    over batches: seconds ``offline`` and ``online`` (wall) and ``offline_cpu``, ``online_cpu`` (this process's CPU
+    time: what a busy machine's other processes do not move), and of the online phase the seconds blocked receiving
+    (``online_wait``), bytes sent and received (``online_sent``, ``online_received``) and rounds."""
     P = Party(0, keys, chan)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     z0 = mod.offline(P, w_hat)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
+    before = (chan.wait_s, chan.bytes_sent, chan.bytes_received, chan.rounds)
     out = mod.online(P, inputs, z0)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     if not keys.skip_to_end():
         raise FsscError(f"{keys.name}: key records left over after the program (program and keys out of step)")
     if timings is not None:
         timings["offline"] = timings.get("offline", 0.0) + t1 - t
         timings["online"] = timings.get("online", 0.0) + t2 - t1
+        timings["offline_cpu"] = timings.get("offline_cpu", 0.0) + c1 - c
+        timings["online_cpu"] = timings.get("online_cpu", 0.0) + c2 - c1
+        after = (chan.wait_s, chan.bytes_sent, chan.bytes_received, chan.rounds)
+        names = ("online_wait", "online_sent", "online_received", "online_rounds")
+        for name, a, b in zip(names, after, before, strict=True):
+            timings[name] = timings.get(name, 0) + a - b
     return out

@@ -257,14 +257,67 @@ def bench_accuracy(image_size, batch, batches, margins, full, two_process, workd
 @click.option("--image-size", type=int, default=224, show_default=True)
 @click.option("--batch", type=int, default=2, show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False), default="bench-out", show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
-def bench_resnet(image_size, batch, workdir, json_path):
-    """ResNet-18 end to end over TCP loopback: online/offline/dealer time, keys, traffic, rounds, memory."""
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every figure here.")
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Also time every statement of the dealer and both parties (FSSC_PROFILE): tables per gate kind and "
+    "per layer with wall time, share, time blocked on the peer, rounds and bytes.",
+)
+@click.option(
+    "--rtt-ms",
+    type=click.FloatRange(min=0),
+    default=20.0,
+    show_default=True,
+    help="Run one more session through a delaying TCP proxy with this round trip (half each way) and print "
+    "its online time beside the network model's estimate; 0: skip it.",
+)
+def bench_resnet(image_size, batch, workdir, json_path, profile, rtt_ms):
+    """ResNet-18 end to end over TCP loopback: online/offline/dealer time, keys, traffic, rounds, memory,
+    the online time a network model estimates at 1/10/50 ms round trip, and one proxied run."""
     import json
 
     from fssc.benchmarks import bench_resnet as mod
 
-    fig = mod.run(image_size, batch, workdir)
+    fig = mod.run(image_size, batch, workdir, profile, rtt_ms)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(fig, fh, indent=1)
+
+
+@bench.command("throughput")
+@click.option("--images", type=click.IntRange(min=20), default=20, show_default=True, help="Images to label.")
+@click.option("--image-size", type=int, default=64, show_default=True)
+@click.option("--batch", type=int, default=2, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Dealer processes.")
+@click.option("--workdir", type=click.Path(file_okay=False), default="bench-throughput", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every figure here.")
+def bench_throughput(images, image_size, batch, workers, workdir, json_path):
+    """Images per hour with the dealer and both parties on this machine: keys for every image dealt ahead
+    (timed separately), then one two-party session labels them all over TCP loopback."""
+    import json
+
+    from fssc.benchmarks import bench_throughput as mod
+
+    fig = mod.run(images, image_size, batch, workers, workdir)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(fig, fh, indent=1)
+
+
+@bench.command("scaling")
+@click.option("--sizes", default="64,128,224", show_default=True, help="Image sizes.")
+@click.option("--batches", default="1,2,8", show_default=True, help="Batch sizes.")
+@click.option("--workdir", type=click.Path(file_okay=False), default="bench-scaling", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write every figure here.")
+def bench_scaling(sizes, batches, workdir, json_path):
+    """ResNet-18's online, offline and dealer time and key bytes for each image size and batch, per batch
+    and per image (a setting whose keys do not fit the disk is skipped with a line)."""
+    import json
+
+    from fssc.benchmarks import bench_scaling as mod
+
+    fig = mod.run(mod._ints(sizes, "--sizes"), mod._ints(batches, "--batches"), workdir)
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(fig, fh, indent=1)
