@@ -287,7 +287,10 @@ class KeyReceiver:
                 if not idle:
                     self._idle_since = time.monotonic()
             if idle and connect_timeout is not None and time.monotonic() - self._idle_since > connect_timeout:
-                raise FsscError(f"no dealer connected to {self.addr} within {connect_timeout:g} s (--connect-timeout)")
+                raise FsscError(
+                    f"no dealer connected to {_split(self.addr)[0]}:{self.port} within {connect_timeout:g} s "
+                    "(--connect-timeout)"
+                )
             try:
                 raw, addr = self.srv.accept()
             except TimeoutError:
@@ -373,7 +376,9 @@ class KeyReceiver:
                     self._send(tls, {"ok": True})
                     with self._lock:
                         self.deals += 1
-                    self.log(f"deal {deal[:8]} complete: {self.files} file(s), {self.bytes / 1e6:,.1f} MB received")
+                    self.log(
+                        f"deal {deal[:8]} complete ({self.files} file(s), {self.bytes / 1e6:,.1f} MB received so far)"
+                    )
                 else:
                     raise _RefusedError(f"unexpected message {str(msg)[:60]}")
         except _RefusedError as e:

@@ -15,8 +15,10 @@ Skipped, with a message, where Dask is not installed (``pip install 'fssc[cluste
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import sys
 
 import pytest
 from fssc.compiler.backend import trust
@@ -27,8 +29,8 @@ from tiny_models import compile_tiny
 
 from fssc.errors import FsscError
 
-distributed = pytest.importorskip(
-    "dask.distributed", reason="fssc deal --cluster needs Dask: pip install 'fssc[cluster]'"
+needs_dask = pytest.mark.skipif(
+    importlib.util.find_spec("dask") is None, reason="fssc deal --cluster needs Dask: pip install 'fssc[cluster]'"
 )
 
 
@@ -45,6 +47,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster():
     import dask
+    from dask import distributed
 
     # a job whose worker dies is not retried on another worker: one death fails the deal (the default
     # retries a few times, each costing a worker restart)
@@ -58,6 +61,7 @@ def cluster():
             c.close()
 
 
+@needs_dask
 def test_batches_dealt_on_the_cluster_run_a_session(tiny, cluster, tmp_path, run_fssc):
     keys = tmp_path / "keys"
     with Receiver(tiny, keys / "p0") as rx:  # party 0's keys streamed from the workers, party 1's on disk
@@ -77,6 +81,7 @@ def test_batches_dealt_on_the_cluster_run_a_session(tiny, cluster, tmp_path, run
         assert session.used_batches(str(keys / p)) == [0, 1]
 
 
+@needs_dask
 def test_an_unreachable_scheduler_is_one_line(tiny, tmp_path):
     with pytest.raises(FsscError) as e:
         trust.deal(str(tiny["prog"]), str(tmp_path / "keys"), 1, cluster="tcp://127.0.0.1:9", connect_timeout=1)
@@ -85,6 +90,7 @@ def test_an_unreachable_scheduler_is_one_line(tiny, tmp_path):
     assert not (tmp_path / "keys").exists()
 
 
+@needs_dask
 def test_a_worker_that_dies_mid_batch_is_one_line_and_leaves_no_batch(tiny, cluster, tmp_path):
     prog = tmp_path / "prog"
     shutil.copytree(tiny["prog"], prog)
@@ -110,3 +116,14 @@ def test_a_worker_that_dies_mid_batch_is_one_line_and_leaves_no_batch(tiny, clus
     for name in kept0:  # whatever is kept is whole
         for p in ("p0", "p1"):
             KeyReader(str(keys / p / name)).close()
+
+
+def test_without_dask_the_cluster_is_one_line_and_the_rest_runs(tiny, tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "dask" or m.startswith("dask.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "dask", None)  # `import dask` fails as where it is not installed
+    with pytest.raises(FsscError) as e:
+        trust.deal(str(tiny["prog"]), str(tmp_path / "keys"), 1, cluster="tcp://127.0.0.1:9")
+    assert str(e.value) == "--cluster needs Dask distributed (no module 'dask'): pip install 'fssc[cluster]'"
+    assert not (tmp_path / "keys").exists()
+    assert [b for b, *_ in trust.deal(str(tiny["prog"]), str(tmp_path / "keys"), 1)] == [0]
