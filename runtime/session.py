@@ -266,7 +266,7 @@ def deal_batches(
         executor, window = cluster_executor(cluster, connect_timeout)
     streams = {}
     try:
-        # the receivers say where their ids continue; the control streams stay open for the end of the deal
+        # the receivers say where their ids continue (short connections: a deal may take hours)
         streams = {o.party: keystream.Stream(o, h, deal) for o in outs if not isinstance(o, str)}
         # ids continue after every batch dealt into these folders or held by these receivers
         start = max([next_batch_id(dirs), *(s.next for s in streams.values())])
@@ -279,6 +279,8 @@ def deal_batches(
         sw.put("setup.seed", np.frombuffer(seed, dtype=np.uint8))
         sw.close()
         sw.commit()
+        for s in streams.values():
+            s.close()
         ids = list(range(start, start + batches))
         jobs = [(program, where, h, outs, deal, seed, i) for i in ids]
         if executor is not None:
@@ -302,8 +304,9 @@ def deal_batches(
             n = min(workers, batches)
             with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
                 done = _run_jobs(pool, jobs, n, progress, outs, ids)
-        for s in streams.values():
-            s.done([b for b, *_ in done])
+        for target in (o for o in outs if not isinstance(o, str)):  # the receivers hear the deal is complete
+            streams[target.party] = keystream.Stream(target, h, deal)
+            streams[target.party].done(sorted(b for b, *_ in done))
         return sorted(done)
     finally:
         for s in streams.values():
