@@ -214,6 +214,7 @@ def deal_batches(
     certs: str | None = None,
     cluster: str | None = None,
     connect_timeout: float | None = None,
+    warn: Callable[[str], None] | None = None,
 ):
     """One deal: a fresh deal id and setup seed, then the dealer program once per batch.
 
@@ -231,8 +232,8 @@ def deal_batches(
     ``targets`` ({party: HOST:PORT}) streams those parties' files to their key receivers
     (:mod:`fssc.runtime.keystream`) with the dealer's certificates in ``certs``, instead of writing them to
     ``keys_dir/pN`` (needed for the other parties); batch ids then follow every batch the receivers and the
-    folders hold. Reads only ``manifest.json`` of ``prog_dir`` (never P1's weights). Returns [(batch id, bytes
-    p0, bytes p1, seconds)] in batch order."""
+    folders hold. ``warn(line)`` hears of a cluster set up to deal slowly. Reads only ``manifest.json`` of
+    ``prog_dir`` (never P1's weights). Returns [(batch id, bytes p0, bytes p1, seconds)] in batch order."""
     from fssc.runtime import keystream
 
     targets = targets or {}
@@ -263,7 +264,7 @@ def deal_batches(
     if cluster is not None:  # connect first: an unreachable scheduler costs nothing
         from fssc.runtime.cluster import cluster_executor
 
-        executor, window = cluster_executor(cluster, connect_timeout)
+        executor, window = cluster_executor(cluster, connect_timeout, warn)
     streams = {}
     try:
         # the receivers say where their ids continue (short connections: a deal may take hours)

@@ -4,7 +4,8 @@ The test starts its own ``LocalCluster`` (two worker processes, one thread each)
 
 * batches dealt on the cluster into a key folder the workers see run a two-party session (logits equal to
   the fixed-point interpreter's bit for bit, within 0.05 of onnxruntime's, labels their argmax), with one
-  deal id and the file layout of a local deal;
+  deal id and the file layout of a local deal, and one warning line: the workers run with Dask's default
+  ``MALLOC_TRIM_THRESHOLD_``, which slows dealing (docs/scaling.md);
 * the model owner's keys written by the workers and the data owner's streamed from them to its receiver
   (``--to``) in the same deal;
 * a scheduler that cannot be reached, and a worker that dies mid-batch: one line, exit code 2, and no key
@@ -71,6 +72,10 @@ def test_batches_dealt_on_the_cluster_run_a_session(tiny, cluster, tmp_path, run
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert "batch 0: " in r.stdout and "batch 1: " in r.stdout and "2/2 batches" in r.stdout, r.stdout
+    # the cluster runs with Dask's default allocator setting, which the dealer points out (docs/scaling.md)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(
+        "fssc: warning: --cluster: 2 of 2 workers run with MALLOC_TRIM_THRESHOLD_=65536"
+    ), r.stderr
     deals = {peek_header(str(keys / p / f"batch{b:04d}.key"))["deal"] for p in ("p0", "p1") for b in (0, 1)}
     assert len(deals) == 1, "the batches of one deal carry one deal id"
     (deal,) = deals

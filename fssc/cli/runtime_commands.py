@@ -173,7 +173,10 @@ def deal(prog, batches, workers, out, to, certs, cluster, connect_timeout, skip_
     ) as bar:
         task = bar.add_task("deal", total=batches)
         progress = lambda i, n, dt: bar.update(task, completed=i)  # noqa: E731
-        done = trust.deal(prog, out, batches, progress, workers, skip_check, targets, certs, cluster, connect_timeout)
+        warn = lambda line: click.echo(f"fssc: warning: {printable(line)}", err=True)  # noqa: E731
+        done = trust.deal(
+            prog, out, batches, progress, workers, skip_check, targets, certs, cluster, connect_timeout, warn
+        )
     for b, n0, n1, dt in done:
         click.echo(f"batch {b}: {n0 / 1e6:,.1f} MB for party 0, {n1 / 1e6:,.1f} MB for party 1 ({dt:.1f} s)")
     if not targets:
