@@ -78,7 +78,8 @@ def cluster_executor(address: str, timeout: float | None = None, warn=None) -> t
             warn(
                 f"--cluster: {len(slow)} of {len(client.nthreads())} workers run with {SLOW_MALLOC}="
                 f"{next(iter(slow.values()))} (Dask's default), which makes dealing about 2x slower; start them "
-                f"with DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__{SLOW_MALLOC}=None (docs/scaling.md)"
+                f"with `distributed.nanny.pre-spawn-environ.{SLOW_MALLOC}: null` in Dask's configuration "
+                "(docs/scaling.md)"
             )
     return ClusterExecutor(client), max(1, threads)
 
