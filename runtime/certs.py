@@ -1,9 +1,19 @@
-"""``fssc certs``: a CA and one TLS certificate per party (cryptography package).
+"""``fssc certs``: a CA and one TLS certificate per party and one for the dealer (cryptography package).
 
-Writes ``ca.pem``, ``party0.pem``/``party0.key`` (common name fssc-party0)
-and ``party1.pem``/``party1.key`` (fssc-party1, also its DNS name). Give each
-party the CA certificate and its own pair; the CA key (``ca.key``) stays with
-whoever issues certificates. Keys are ECDSA P-256, files mode 0600.
+Writes ``ca.pem``, ``party0.pem``/``party0.key`` (common name fssc-party0),
+``party1.pem``/``party1.key`` (fssc-party1) and ``dealer.pem``/``dealer.key``
+(fssc-dealer), each name also its DNS name. Give each party and the dealer the
+CA certificate and its own pair; the CA key (``ca.key``) stays with whoever
+issues certificates. Keys are ECDSA P-256, private key files mode 0600.
+
+What each certificate may do (extended key usage): the model owner's is a
+server's (it listens for the data owner, and for the dealer with ``fssc keys
+receive``); the data owner's a client's (it connects to the model owner) and a
+server's (it listens for the dealer with ``fssc keys receive``); the dealer's a
+client's only (``fssc deal --to``). Who a peer is comes from its common name,
+checked by the other side: a data owner's certificate cannot pose as the model
+owner or the dealer, and the dealer sends a party's keys only to that party's
+certificate.
 """
 
 from __future__ import annotations
@@ -14,10 +24,27 @@ import os
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fssc.runtime.transport import PARTY_NAMES
 
 from fssc.files import write_atomic
+
+DEALER_NAME = "fssc-dealer"
+# identity -> (common name, extended key usages); the files are <identity>.pem and <identity>.key
+IDENTITIES = {
+    "party0": (PARTY_NAMES[0], (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)),
+    "party1": (PARTY_NAMES[1], (ExtendedKeyUsageOID.SERVER_AUTH,)),
+    "dealer": (DEALER_NAME, (ExtendedKeyUsageOID.CLIENT_AUTH,)),
+}
+
+
+def identity_files(certs: str, identity: str) -> tuple[str, str, str]:
+    """(CA certificate, certificate, private key) paths of ``identity`` in a folder ``fssc certs`` wrote."""
+    return (
+        os.path.join(certs, "ca.pem"),
+        os.path.join(certs, f"{identity}.pem"),
+        os.path.join(certs, f"{identity}.key"),
+    )
 
 
 def _name(cn: str) -> x509.Name:
@@ -67,9 +94,8 @@ def make_certs(out: str, days: int = 365) -> list[str]:
     _write(os.path.join(out, "ca.key"), _key_pem(ca_key), True)
     _write(os.path.join(out, "ca.pem"), ca.public_bytes(serialization.Encoding.PEM), False)
     written += ["ca.pem", "ca.key"]
-    for party, cn in PARTY_NAMES.items():
+    for identity, (cn, ekus) in IDENTITIES.items():
         key = ec.generate_private_key(ec.SECP256R1())
-        eku = x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if party == 1 else x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(cn))
@@ -80,10 +106,11 @@ def make_certs(out: str, days: int = 365) -> list[str]:
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(list(ekus)), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
-        _write(os.path.join(out, f"party{party}.key"), _key_pem(key), True)
-        _write(os.path.join(out, f"party{party}.pem"), cert.public_bytes(serialization.Encoding.PEM), False)
-        written += [f"party{party}.pem", f"party{party}.key"]
+        _, pem, key_path = identity_files(out, identity)
+        _write(key_path, _key_pem(key), True)
+        _write(pem, cert.public_bytes(serialization.Encoding.PEM), False)
+        written += [os.path.basename(pem), os.path.basename(key_path)]
     return [os.path.join(out, w) for w in written]

@@ -31,6 +31,7 @@ import os
 import queue
 import struct
 import threading
+from typing import Protocol
 
 import numpy as np
 from fssc.runtime.dcf import LAYOUT_VERSION as DCF_LAYOUT  # key headers record the DCF layout they hold
@@ -150,6 +151,20 @@ class _BackgroundFile:
         self._fh.close()
 
 
+class KeySink(Protocol):
+    """Where a :class:`KeyWriter` sends a file's bytes instead of a local file (``fssc deal --to``: a party's
+    key receiver, :mod:`fssc.runtime.keystream`). ``write`` gets the file's bytes in order (from the writer's
+    background thread), ``end`` follows the last of them and returns once the receiver has the whole file and
+    found it sound, ``commit`` files it under its name there, ``abort`` drops it (nothing is filed); ``close``
+    is called by the background file when it is done writing and does nothing of its own."""
+
+    def write(self, b) -> object: ...
+    def close(self) -> None: ...
+    def end(self) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class KeyWriter:
     """Sequential writer; ``path=None`` keeps the stream in memory (the simulator).
 
@@ -159,15 +174,21 @@ class KeyWriter:
     so a file under its final name is whole as far as this process goes. It is not fsync'd: a crash
     of the machine can leave it cut short or zeroed, which the trailer and checksum catch when a
     party opens it (the one-time-use ``.used`` markers are the files that must be durable, see
-    ``session.open_batch``)."""
+    ``session.open_batch``).
 
-    def __init__(self, path: str | None, header: dict):
+    With a ``sink`` the same bytes go to it instead of a file (``path`` then only names the file in
+    messages): ``close`` ends the file at the receiver, ``commit`` files it there (for a local file,
+    ``close`` renamed it already and ``commit`` does nothing)."""
+
+    def __init__(self, path: str | None, header: dict, sink: KeySink | None = None):
         self.path = path
-        if path and os.path.dirname(path):
+        self.sink = sink
+        if sink is None and path and os.path.dirname(path):
             private_dir(os.path.dirname(path))
         self._hash = hashlib.sha256()
-        self._mem = None if path else io.BytesIO()
-        self._file = _BackgroundFile(open_new(path + ".part", private=True), self._hash) if path else None
+        self._mem = None if path or sink is not None else io.BytesIO()
+        fh = sink if sink is not None else open_new(path + ".part", private=True) if path else None
+        self._file = _BackgroundFile(fh, self._hash) if fh is not None else None
         self._open_record: _Record | None = None
         self.bytes_written = 0
         hdr = json.dumps({"format": FORMAT_VERSION, "dcf_layout": DCF_LAYOUT, **header}, sort_keys=True).encode()
@@ -219,24 +240,34 @@ class KeyWriter:
         """Drop a stream that will not be completed: no partial file is left behind."""
         if self._file is not None:
             self._file.abort()
-        if self.path and os.path.exists(self.path + ".part"):
+        if self.sink is not None:
+            self.sink.abort()
+        elif self.path and os.path.exists(self.path + ".part"):
             os.remove(self.path + ".part")
 
     def close(self) -> bytes | None:
         if self._open_record is not None:
             raise RuntimeError(f"key record {self._open_record.tag} was not completed")
         self.bytes_written += len(TRAILER) + self._hash.digest_size
-        if self._file is not None and self.path:
+        if self._file is not None:
             try:
                 self._file.finish(lambda digest: TRAILER + digest)
+                if self.sink is not None:
+                    self.sink.end()
             except BaseException:
                 self.abort()
                 raise
-            os.replace(self.path + ".part", self.path)
+            if self.sink is None and self.path:
+                os.replace(self.path + ".part", self.path)
             return None
         assert self._mem is not None
         self._mem.write(TRAILER + self._hash.digest())
         return self._mem.getvalue()
+
+    def commit(self) -> None:
+        """File a closed stream under its name at a sink's receiver (a local file is filed by ``close``)."""
+        if self.sink is not None:
+            self.sink.commit()
 
 
 class _Record:

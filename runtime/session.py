@@ -45,7 +45,7 @@ import re
 import time
 import types
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from fssc.runtime.channel import Channel
@@ -195,70 +195,172 @@ def existing_batches(party_dir: str) -> list[int]:
     return _ids(party_dir, ".key")
 
 
+def next_batch_id(party_dirs: list[str]) -> int:
+    """The first batch id after every batch dealt into these folders: with a key file, used (a marker, its
+    key file deleted) or being written (``.part``). A deal numbers its batches from here, so an id is never
+    dealt twice into a folder."""
+    suffixes = (".key", ".used", ".key.part")
+    return max((b for d in party_dirs for s in suffixes for b in _ids(d, s)), default=-1) + 1
+
+
 def deal_batches(
     prog_dir: str,
-    keys_dir: str,
+    keys_dir: str | None,
     batches: int,
     program: str,
     progress: Callable[[int, int, float], None] | None = None,
     workers: int = 1,
+    targets: dict[int, str] | None = None,
+    certs: str | None = None,
+    cluster: str | None = None,
+    connect_timeout: float | None = None,
+    warn: Callable[[str], None] | None = None,
 ):
     """One deal: a fresh deal id and setup seed, then the dealer program once per batch.
 
     ``program`` is the dealer program's text: the copy ``fssc deal`` regenerated from the manifest and compared
     with ``prog_dir/dealer/program.py`` (fssc.compiler.backend.trust), or a program file's own text for a
     program of one's own (``--skip-check``). ``workers`` > 1 deals the batches in that many processes, each
-    batch whole in one process (each process runs the same text); the deal id and setup seed are the deal's,
-    the same in every batch, and the files are the same as a serial deal's. ``progress(done, batches, seconds
-    of the batch just done)`` as batches complete. If a batch fails, no batch is started after it, the ones
-    being dealt finish, and only the batches reported done keep their files (as in a serial deal): no key file
-    of another batch, complete or partial, is left. The error is raised.
+    batch whole in one process (each process runs the same text); ``cluster`` (a Dask scheduler's address,
+    :mod:`fssc.runtime.cluster`) on that cluster's workers instead, as many at a time as it has threads. The
+    deal id and setup seed are the deal's, the same in every batch, and the files are the same as a serial
+    deal's. ``progress(done, batches, seconds of the batch just done)`` as batches complete. If a batch fails,
+    no batch is started after it, the ones being dealt finish, and only the batches reported done keep their
+    files (as in a serial deal): no key file of another batch, complete or partial, is left. The error is
+    raised.
 
-    Reads only ``manifest.json`` of ``prog_dir`` (never P1's weights). Returns [(batch id, bytes p0, bytes p1,
-    seconds)] in batch order."""
+    ``targets`` ({party: HOST:PORT}) streams those parties' files to their key receivers
+    (:mod:`fssc.runtime.keystream`) with the dealer's certificates in ``certs``, instead of writing them to
+    ``keys_dir/pN`` (needed for the other parties); batch ids then follow every batch the receivers and the
+    folders hold. ``warn(line)`` hears of a cluster set up to deal slowly. Reads only ``manifest.json`` of
+    ``prog_dir`` (never P1's weights). Returns [(batch id, bytes p0, bytes p1, seconds)] in batch order."""
+    from fssc.runtime import keystream
+
+    targets = targets or {}
+    if cluster is not None:  # the workers resolve paths on their own machines, from their own folders
+        keys_dir = None if keys_dir is None else os.path.abspath(keys_dir)
+        certs = None if certs is None else os.path.abspath(certs)
     if workers < 1:
         raise FsscError("--workers must be at least 1")
+    if targets and not certs:
+        raise FsscError("--to needs --certs: a folder with ca.pem, dealer.pem and dealer.key (`fssc certs`)")
+    if keys_dir is None and len(targets) < 2:
+        raise FsscError("-o DIR is needed for the parties whose keys are not streamed with --to")
     manifest = load_manifest(prog_dir)
     h = manifest["program_hash"]
     where = os.path.join(prog_dir, "dealer", "program.py")
     _dealer_program(program, where, h)  # refuse a bad program before anything is written
-    dirs = [os.path.join(keys_dir, f"p{p}") for p in (0, 1)]
-    # ids continue after every batch dealt into these folders, used ones (a marker, no key file) included
-    start = max((b for d in dirs for b in existing_batches(d) + _ids(d, ".used")), default=-1) + 1
+    timeouts = {} if connect_timeout is None else {"connect_timeout": connect_timeout}
+    outs: list = [
+        keystream.Target(p, targets[p], str(certs), **timeouts)
+        if p in targets
+        else os.path.join(str(keys_dir), f"p{p}")
+        for p in (0, 1)
+    ]
+    dirs = [o for o in outs if isinstance(o, str)]
     deal = os.urandom(DEAL_ID_BYTES).hex()
     seed = os.urandom(SEED_BYTES)  # fresh per deal: a seed never masks two weight sets
-    w = KeyWriter(setup_path(dirs[1], deal), {"kind": "setup", "program": h, "party": 1, "deal": deal})
-    w.put("setup.seed", np.frombuffer(seed, dtype=np.uint8))
-    w.close()
-    ids = list(range(start, start + batches))
-    jobs = [(program, where, h, dirs, deal, seed, i) for i in ids]
-    done = []
-    if workers == 1 or batches == 1:
-        for job in jobs:
-            done.append(_deal_batch(*job))
-            if progress:
-                progress(len(done), batches, done[-1][3])
-        return done
-    # spawn: each worker a fresh interpreter (no state of this process but the job it is sent)
-    pool = ProcessPoolExecutor(min(workers, batches), mp_context=multiprocessing.get_context("spawn"))
+    executor = None
+    if cluster is not None:  # connect first: an unreachable scheduler costs nothing
+        from fssc.runtime.cluster import cluster_executor
+
+        executor, window = cluster_executor(cluster, connect_timeout, warn)
+    streams = {}
     try:
-        futures = [pool.submit(_deal_batch, *job) for job in jobs]
-        for f in as_completed(futures):
-            done.append(f.result())
-            if progress:
-                progress(len(done), batches, done[-1][3])
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
+        # the receivers say where their ids continue (short connections: a deal may take hours)
+        streams = {o.party: keystream.Stream(o, h, deal) for o in outs if not isinstance(o, str)}
+        # ids continue after every batch dealt into these folders or held by these receivers
+        start = max([next_batch_id(dirs), *(s.next for s in streams.values())])
+        setup_hdr = {"kind": "setup", "program": h, "party": 1, "deal": deal}
+        if 1 in streams:  # to the party it belongs to, as with -o
+            name = os.path.basename(setup_path("", deal))
+            sw = KeyWriter(f"{streams[1].target.who}: {name}", setup_hdr, sink=streams[1].file(name))
+        else:
+            sw = KeyWriter(setup_path(outs[1], deal), setup_hdr)
+        sw.put("setup.seed", np.frombuffer(seed, dtype=np.uint8))
+        sw.close()
+        sw.commit()
+        for s in streams.values():
+            s.close()
+        ids = list(range(start, start + batches))
+        jobs = [(program, where, h, outs, deal, seed, i) for i in ids]
+        if executor is not None:
+            from fssc.runtime.cluster import describe_failure
+
+            try:
+                done = _run_jobs(executor, jobs, window, progress, outs, ids)
+            except Exception as e:
+                line = describe_failure(e)
+                if line is None:
+                    raise
+                raise FsscError(f"--cluster {cluster}: {line}") from None
+        elif workers == 1 or batches == 1:
+            done = []
+            for job in jobs:
+                done.append(_deal_batch(*job))
+                if progress:
+                    progress(len(done), batches, done[-1][3])
+        else:
+            # spawn: each worker a fresh interpreter (no state of this process but the job it is sent)
+            n = min(workers, batches)
+            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+                done = _run_jobs(pool, jobs, n, progress, outs, ids)
+        for target in (o for o in outs if not isinstance(o, str)):  # the receivers hear the deal is complete
+            streams[target.party] = keystream.Stream(target, h, deal)
+            streams[target.party].done(sorted(b for b, *_ in done))
+        return sorted(done)
+    finally:
+        for s in streams.values():
+            s.close()
+        if executor is not None:
+            executor.shutdown(wait=False)
+
+
+def _run_jobs(executor, jobs: list[tuple], window: int, progress, outs: list, ids: list[int]) -> list:
+    """The batch jobs on ``executor`` (a concurrent.futures one: local processes, or a cluster's), at most
+    ``window`` at a time. After a failure no job is started, the running ones finish, and the files of every
+    batch not reported done are deleted from the key folders (a job that died leaves its ``.part`` files; a
+    stream cut short leaves nothing at its receiver). The first error is raised."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    queue = list(jobs)
+    running: set = set()
+    done: list = []
+    error: BaseException | None = None
+    try:
+        while queue or running:
+            while queue and error is None and len(running) < window:
+                try:
+                    running.add(executor.submit(_deal_batch, *queue.pop(0)))
+                except BaseException as e:  # a pool that broke takes no more jobs
+                    error = error or e
+                    queue.clear()
+            if error is not None:
+                queue.clear()
+            if not running:
+                break
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                try:
+                    done.append(f.result())
+                except BaseException as e:
+                    error = error or e
+                    continue
+                if progress:
+                    progress(len(done), len(jobs), done[-1][3])
+    except BaseException as e:  # interrupted: no more jobs, and what is not done is not kept
+        error = error or e
+        wait(running)
+    if error is not None:
         reported = {b for b, *_ in done}
-        for d in dirs:  # a worker that died leaves its .part files; a batch not reported is not kept
+        for d in (o for o in outs if isinstance(o, str)):
             for i in ids:
-                for path in (_batch_path(d, i), _batch_path(d, i) + ".part"):
-                    if i not in reported:
+                if i not in reported:
+                    for path in (_batch_path(d, i), _batch_path(d, i) + ".part"):
                         with contextlib.suppress(FileNotFoundError):
                             os.remove(path)
-        raise
-    pool.shutdown()
-    return sorted(done)
+        raise error
+    return done
 
 
 def _dealer_program(program: str, where: str, program_hash: str):
@@ -269,24 +371,43 @@ def _dealer_program(program: str, where: str, program_hash: str):
     return mod
 
 
-def _deal_batch(program: str, where: str, program_hash: str, dirs: list[str], deal: str, seed: bytes, batch: int):
-    """One batch of one deal: both parties' key files, complete, or none (-> (batch, bytes p0, bytes p1, s))."""
+def _deal_batch(program: str, where: str, program_hash: str, outs: list, deal: str, seed: bytes, batch: int):
+    """One batch of one deal: both parties' key files, complete, or none (-> (batch, bytes p0, bytes p1, s)).
+
+    ``outs[p]``: party p's key folder, or a :class:`fssc.runtime.keystream.Target` to stream its file to
+    (over a connection of this job's own). The files are committed once both are complete."""
+    from fssc.runtime import keystream
+
     mod = _dealer_program(program, where, program_hash)
     t = time.perf_counter()
     hdr = {"program": program_hash, "batch": batch, "kind": "batch", "deal": deal}
+    name = os.path.basename(_batch_path("", batch))
     writers: list[KeyWriter] = []
+    streams: list[keystream.Stream] = []
     try:
-        writers.append(KeyWriter(_batch_path(dirs[0], batch), {**hdr, "party": 0}))  # one at a time: if P1's
-        writers.append(KeyWriter(_batch_path(dirs[1], batch), {**hdr, "party": 1}))  # fails, P0's is aborted
+        for p, out in enumerate(outs):  # one at a time: if P1's fails, P0's is aborted
+            if isinstance(out, str):
+                writers.append(KeyWriter(_batch_path(out, batch), {**hdr, "party": p}))
+            else:
+                streams.append(keystream.Stream(out, program_hash, deal))
+                w = KeyWriter(f"{out.who}: {name}", {**hdr, "party": p}, sink=streams[-1].file(name))
+                writers.append(w)
         mod.deal(Dealer(writers[0], writers[1]), seed)
         for w in writers:
             w.close()
+        for w in writers:  # both complete (streamed ones checked by their receivers): file them
+            w.commit()
     except BaseException:
         for w in writers:  # no partial key file that looks complete
             w.abort()
-        with contextlib.suppress(FileNotFoundError):  # P0's file was complete when P1's failed
-            os.remove(_batch_path(dirs[0], batch))
+        for out in outs:  # a party's file was complete when the other's failed
+            if isinstance(out, str):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(_batch_path(out, batch))
         raise
+    finally:
+        for s in streams:
+            s.close()
     return batch, writers[0].bytes_written, writers[1].bytes_written, time.perf_counter() - t
 
 

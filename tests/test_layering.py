@@ -59,6 +59,10 @@ def _module_of(requirement: str) -> str:
 
 
 COMPILER_EXTRA = {_module_of(r) for r in PYPROJECT["project"]["optional-dependencies"]["compiler"]}
+# runtime modules allowed an optional extra of their own (imported lazily: test_optional_extras_are_imported_lazily)
+OPTIONAL_EXTRAS = {
+    "fssc.runtime.cluster": {_module_of(r) for r in PYPROJECT["project"]["optional-dependencies"]["cluster"]},
+}
 DEFAULT_DEPENDENCIES = {_module_of(r) for r in PYPROJECT["project"]["dependencies"]}
 
 # The runtime side: every module of runtime/, the shared modules at the package root, the runtime's commands.
@@ -194,7 +198,19 @@ def test_runtime_side_needs_only_the_default_dependencies(module):
     path = {**RUNTIME_SIDE, **GENERATOR}[module]
     names = imported_modules(path.read_text(), module, path.name == "__init__.py")
     third = {n.partition(".")[0] for n in names} - set(sys.stdlib_module_names) - {"fssc", "__future__"}
-    assert third <= DEFAULT_DEPENDENCIES, f"{path.relative_to(REPO)} imports {sorted(third - DEFAULT_DEPENDENCIES)}"
+    allowed = DEFAULT_DEPENDENCIES | OPTIONAL_EXTRAS.get(module, set())
+    assert third <= allowed, f"{path.relative_to(REPO)} imports {sorted(third - allowed)}"
+
+
+def test_optional_extras_are_imported_lazily():
+    """A module that may use an optional extra (Dask for `fssc deal --cluster`) imports it only inside a
+    function, so importing the module (and the runtime) works without the extra."""
+    for module, extra in OPTIONAL_EXTRAS.items():
+        tree = ast.parse(RUNTIME_SIDE[module].read_text())
+        top = imported_modules(
+            ast.unparse([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]), module
+        )
+        assert not {n.partition(".")[0] for n in top} & extra, f"{module} imports {sorted(extra)} at its top level"
 
 
 def test_compiler_commands_are_the_lazy_names():

@@ -117,8 +117,23 @@ def dealer_source(prog_dir: str, skip_check: bool = False) -> str:
         return fh.read()
 
 
-def deal(prog_dir: str, keys_dir: str, batches: int, progress=None, workers: int = 1, skip_check: bool = False):
+def deal(
+    prog_dir: str,
+    keys_dir: str | None,
+    batches: int,
+    progress=None,
+    workers: int = 1,
+    skip_check: bool = False,
+    targets: dict[int, str] | None = None,
+    certs: str | None = None,
+    cluster: str | None = None,
+    connect_timeout: float | None = None,
+    warn=None,
+):
     """``fssc deal`` without the command line: the dealer's program checked and regenerated
-    (:func:`dealer_source`), then :func:`fssc.runtime.session.deal_batches`."""
+    (:func:`dealer_source`), then :func:`fssc.runtime.session.deal_batches` (``targets``: parties whose keys
+    are streamed to their receivers; ``cluster``: a Dask scheduler running the batch jobs)."""
     source = dealer_source(prog_dir, skip_check)
-    return session.deal_batches(prog_dir, keys_dir, batches, source, progress, workers)
+    return session.deal_batches(
+        prog_dir, keys_dir, batches, source, progress, workers, targets, certs, cluster, connect_timeout, warn
+    )
