@@ -77,6 +77,32 @@ def test_unsupported_ops_are_grouped_by_type(tmp_path, run_fssc):
         assert op in line.split("supports:")[1]
 
 
+class _Attention(torch.nn.Module):
+    """A transformer's self-attention block (secret x secret MatMuls, a Softmax inside the graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        y, _ = self.att(x, x, x, need_weights=False)
+        return self.fc(y.mean(1))
+
+
+def test_attention_is_refused_in_one_grouped_line(tmp_path, run_fssc):
+    """torch's own export of an attention block: one line naming each unsupported op type with its count
+    and first node (the block's nodes, under /att/), and the supported set; exit code 2."""
+    torch.manual_seed(0)
+    path = tmp_path / "attention.onnx"
+    torch.onnx.export(
+        _Attention().eval(), (torch.randn(2, 5, 8),), str(path), input_names=["input"], dynamo=False, opset_version=17
+    )
+    line = assert_one_line_error(run_fssc("compile", path, "-o", tmp_path / "prog"), f"{path}: ", "/att/")
+    assert "unsupported ONNX op type" in line and "fssc supports: " in line, line
+    assert not (tmp_path / "prog").exists(), "a refused model left an output folder"
+
+
 def test_many_unsupported_nodes_give_counts_and_first_nodes(tmp_path, run_fssc):
     """Several nodes of two unsupported types: one line with each type's count and first node, in graph order."""
     chain = ["Sin", "Relu", "Cos", "Sin", "Cos", "Sin", "Sin"]
