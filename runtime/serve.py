@@ -72,7 +72,10 @@ class BatchLedger:
     def reserve(self, asked: list[int], deal: str) -> list[str]:
         """Reserve ``asked`` (of ``deal``) for one session, or the problems that refuse it (nothing reserved)."""
         with self._lock:
-            free = set(unused_batches(self.keys_dir)) - self._reserved
+            unused = set(unused_batches(self.keys_dir))
+            free = unused - self._reserved
+            if unused and not free:
+                return ["every unused key batch of the model owner is in use by a running session; try again later"]
             if not free:
                 if not self._out:
                     self._out = True
@@ -90,8 +93,9 @@ class BatchLedger:
                 return [f"batches {missing} are not available (unused) at the model owner"]
             try:
                 check_batches(self.keys_dir, 1, asked, self.program_hash, deal)
-            except FsscError as e:
-                return [f"model owner's keys: {e}"]
+            except FsscError as e:  # the detail (another data owner's deal id, our paths) stays in our log
+                self.log(f"refused batches {asked} of deal {printable(deal)[:16]}: {one_line(e)}")
+                return [f"batches {asked} are not available for that deal at the model owner"]
             self._reserved.update(asked)
             return []
 

@@ -140,9 +140,10 @@ class TcpChannel(Channel):
         self.bytes_sent += len(b)
         self.send_bytes(b)
 
-    def recv_json(self) -> dict:
+    def recv_json(self, within: float | None = None) -> dict:
+        """One JSON message; ``within`` bounds the whole wait, heartbeats included (a hello)."""
         try:
-            b = self.recv_bytes(MAX_JSON, at_most=True)
+            b = _recv_frame(self.rx, self.timeout, MAX_JSON, at_most=True, within=within)
         except FrameLengthError as e:
             raise FsscError(f"handshake: {e}") from None
         self.bytes_received += len(b)
@@ -198,17 +199,23 @@ def _recv_exact(sock, n: int, timeout: float) -> bytearray:
     return buf
 
 
-def _recv_frame(sock, timeout: float, size: int, at_most: bool = False) -> bytearray:
+def _recv_frame(sock, timeout: float, size: int, at_most: bool = False, within: float | None = None) -> bytearray:
     """One frame whose length must be ``size`` (at most ``size`` with ``at_most``), checked before allocating;
-    heartbeats before it are skipped (each restarts the silence timeout)."""
-    deadline = time.monotonic() + STALL_TIMEOUTS * timeout
+    heartbeats before it are skipped (each restarts the silence timeout). The wait is bounded by
+    ``STALL_TIMEOUTS`` silence timeouts, or by ``within`` seconds when given (a hello)."""
+    if within is not None and within < timeout:
+        sock.settimeout(within)  # this thread alone reads the socket: the silence timeout comes back below
+        try:
+            return _recv_frame(sock, within, size, at_most, within)
+        finally:
+            sock.settimeout(timeout)
+    limit = STALL_TIMEOUTS * timeout if within is None else within
+    deadline = time.monotonic() + limit
     (n,) = struct.unpack("<Q", _recv_exact(sock, 8, timeout))
     while n == HEARTBEAT:
         if time.monotonic() > deadline:
-            raise FsscError(
-                f"peer sent only heartbeats for {STALL_TIMEOUTS * timeout:.0f} s: alive but making no progress "
-                f"(stuck); {STALL_TIMEOUTS} x --peer-timeout bounds a wait"
-            )
+            what = "" if within is not None else f" (stuck); {STALL_TIMEOUTS} x --peer-timeout bounds a wait"
+            raise FsscError(f"peer sent only heartbeats for {limit:.0f} s: alive but making no progress{what}")
         (n,) = struct.unpack("<Q", _recv_exact(sock, 8, timeout))
     check_frame_length(n, size, at_most)
     return _recv_exact(sock, n, timeout)
@@ -500,8 +507,9 @@ def client_handshake(chan: TcpChannel, mine: dict) -> dict:
 
 
 def server_handshake(chan: TcpChannel, mine: dict, validate=None) -> dict:
-    """P1: read P0's hello, check it (and ``validate(peer)`` -> problems), answer or refuse."""
-    peer = chan.recv_json()
+    """P1: read P0's hello (within ``HANDSHAKE_TIMEOUT``: a client that holds a session slot without asking
+    for batches is dropped), check it (and ``validate(peer)`` -> problems), answer or refuse."""
+    peer = chan.recv_json(within=HANDSHAKE_TIMEOUT)
     problems = _check(peer, mine)
     if not problems and validate:
         problems = validate(peer)

@@ -347,3 +347,20 @@ def test_concurrent_handshakes_never_reserve_one_batch_twice(tiny, keys):
     assert ledger.reserve([7], deal), "a batch of another deal is refused"
     ledger.release(claimed)
     assert ledger.unused() == list(range(10))
+
+
+def test_a_refusal_names_neither_another_deal_nor_a_path(tiny, keys):
+    """A data owner asking for another deal's batch learns only that it is not available: the other deal's id
+    (which would let it claim that deal's batches) and the model owner's paths stay in the model owner's log."""
+    from fssc.runtime.serve import BatchLedger
+    from fssc.runtime.session import batch_deal
+
+    p1 = str(keys["p1"] / "p1")
+    mine, other = batch_deal(p1, 0), batch_deal(p1, 7)
+    assert mine != other
+    log: list[str] = []
+    ledger = BatchLedger(p1, json.loads((tiny["prog"] / "manifest.json").read_text())["program_hash"], log.append)
+    problems = ledger.reserve([7], mine)
+    assert problems == ["batches [7] are not available for that deal at the model owner"], problems
+    assert other in log[-1] and p1 in log[-1], log
+    assert ledger.unused() == list(range(10)), "a refused session reserves nothing"

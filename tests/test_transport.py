@@ -272,3 +272,36 @@ def test_a_peer_that_only_sends_heartbeats_is_stuck_not_alive(monkeypatch):
     assert 1.2 <= time.monotonic() - t < 10
     for c in (a, b):
         c.close()
+
+
+def test_a_hello_wait_is_bounded_even_by_a_beating_peer():
+    """A client that sends only heartbeats (or nothing) cannot hold a session slot past the hello bound: the
+    bounded read fails after ``within`` seconds, not after the session's 40 silence timeouts."""
+    import struct
+    import threading
+
+    from fssc.runtime.transport import HEARTBEAT, _recv_frame
+
+    from fssc.errors import FsscError
+
+    for beating in (True, False):
+        a, b = socket.socketpair()
+        a.settimeout(30.0)
+        stop_beats = threading.Event()
+
+        def beat(b=b, beating=beating, stop_beats=stop_beats):
+            while beating and not stop_beats.is_set():
+                b.sendall(struct.pack("<Q", HEARTBEAT))
+                time.sleep(0.05)
+
+        t = threading.Thread(target=beat, daemon=True)
+        t.start()
+        t0 = time.monotonic()
+        with pytest.raises(FsscError, match="heartbeats for 1 s" if beating else "sent nothing for 1 s"):
+            _recv_frame(a, 30.0, 1024, at_most=True, within=1.0)
+        assert time.monotonic() - t0 < 10, "the hello bound did not hold"
+        assert a.gettimeout() == 30.0, "the silence timeout is restored"
+        stop_beats.set()
+        t.join()
+        a.close()
+        b.close()
