@@ -215,6 +215,26 @@ def test_keys_stream_in_pieces():
     assert len(k0) < len(k1)
 
 
+@pytest.mark.parametrize("n", [1, 5, 8, 13, 64])
+def test_packed_rows(n):
+    """The selection's K rows of n bits are packed and read back a row at a time, as one packbits of all."""
+    rows = [np.arange(n, dtype=np.uint8) * (j + 3) % (j + 2) & 1 for j in range(7)]
+    packed = gates._pack_rows(iter(rows))
+    assert packed.tobytes() == np.packbits(np.concatenate(rows), bitorder="little").tobytes()
+    for j, want in enumerate(rows):
+        assert (gates._row_bits(packed, j, n) == want).all()
+
+
+def test_gate_odd_sizes():
+    """Element counts that are not a multiple of 8 (the K bits of round 1 cross byte boundaries), against the
+    plaintext spline."""
+    spec = splines.fit("gelu", {}, 8, 8).spec
+    for n in (1, 3, 13):
+        x = np.linspace(-2000, 2000, n).astype(np.int64)
+        y, _, _, _ = run_gate(spec, x, Rng().u64(n), 12)
+        assert (y == ring.signed(splines.evaluate(spec, ring.unsigned(x)))).all()
+
+
 def test_share_rows_are_separate_streams():
     """P0's share rows of a spline are one AES-CTR stream each (nonce = row) of its seed: rows of one seed are
     pairwise different, and each is what the dealer subtracted from P1's correction row (one stream shared by
