@@ -42,7 +42,6 @@ import numpy as np
 from fssc.runtime import dcf
 from fssc.runtime.geometry import pool_attrs
 from fssc.runtime.pooling import max_tree
-from fssc.runtime.prg import expand
 from fssc.runtime.protocol import (
     BITS,
     CARRY_DCF,
@@ -643,12 +642,6 @@ def _unshift(c: list, X: list[np.ndarray]) -> list[np.ndarray]:
     return [sum(X[j - i] * c[j] * _u64((-1) ** i * math.comb(j, i)) for j in range(i, p + 1)) for i in range(p + 1)]
 
 
-def _share_row(seed: bytes, i: int, n: int) -> np.ndarray:
-    """P0's share of row i of a spline's words: its own AES-CTR stream (nonce i) of the gate's seed, so the
-    dealer and P0 make any row alone, a row at a time."""
-    return expand(seed, (n,), nonce=i)
-
-
 def _pack_rows(rows) -> np.ndarray:
     """``np.packbits(np.concatenate(rows), bitorder="little")`` for an iterable of 0/1 uint8 rows, a row at a
     time: never more than one row's bits unpacked."""
@@ -734,18 +727,15 @@ class Spline(Gate):
         for _ in range(spec.powers - 1):
             powers.append(powers[-1] * r)
         r_y = D.fresh(n)
-        seed = D.rng.seed_bytes()
-        D.w[0].put(tag + SEED, np.frombuffer(seed, dtype=np.uint8))
-        rec = D.w[1].record(tag + CORR, U64, (spec.rows(m), n))
-        row = iter(range(spec.rows(m)))  # P0's share of row i: _share_row(seed, i, n)
-        for v in (*powers, r_y):
-            rec.write(v - _share_row(seed, next(row), n), owned=True)
-        for _ in range(last - first):
-            r_j = D.rng.bits(n).astype(U64)
-            rec.write(r_j - _share_row(seed, next(row), n), owned=True)
-            for pw in powers:
-                rec.write(r_j * pw - _share_row(seed, next(row), n), owned=True)
-        rec.close()
+
+        def rows():  # r^1 .. r^p, r_Y, then per knot r_j (drawn as its rows are written), r_j r .. r_j r^p
+            yield from (*powers, r_y)
+            for _ in range(last - first):
+                r_j = D.rng.bits(n).astype(U64)
+                yield r_j
+                yield from (r_j * pw for pw in powers)
+
+        D.share_rows(tag, rows(), spec.rows(m), n)
         r_out = Trunc.deal(D, Spline.trunc_tag(tag), r_y, spec.out_bits, spec.shift)
         return r_out.reshape(shape)
 
@@ -758,7 +748,7 @@ class Spline(Gate):
         k = last - first
         P.chan.step = tag
         keys = dcf.DcfKeys(dcf.DcfParams(m, 0), P.b, P.keys.get(tag + DCF)) if k else None  # records in order
-        row = Spline.share_rows(P, tag, spec.rows(m), n)
+        row = P.share_rows(tag, spec.rows(m), n)
 
         def rjr(j: int, i: int) -> np.ndarray:  # shares of r_j r^i (a row, made or mapped when needed)
             return row(p + 1 + j * (p + 1) + i)
@@ -817,18 +807,6 @@ class Spline(Gate):
                 yield e ^ (rjr(j, 0) & ONE).astype(np.uint8)  # + r_j: the low bit of a word share is a xor-share
 
     KNOTS_PER_PASS: ClassVar[int] = 4  # knots evaluated per pass over the DCF keys (a few rows of n at a time)
-
-    @staticmethod
-    def share_rows(P, tag: str, rows: int, n: int):
-        """This party's share rows, ``row(i)`` -> n words: P0 expands row i from its seed when asked
-        (``_share_row``), P1 reads row i of its corrections record (memory-mapped)."""
-        if P.b == 0:
-            seed = P.keys.get(tag + SEED).tobytes()
-            return lambda i: _share_row(seed, i, n)
-        vals = P.keys.get(tag + CORR)
-        if vals.shape != (rows, n):
-            raise ValueError(f"{tag}: key shares have shape {vals.shape}, expected {(rows, n)}")
-        return lambda i: vals[i]
 
     @classmethod
     def records(cls, tag: str, party: int, shift: int = 0, m: int = 64) -> list[str]:

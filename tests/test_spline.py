@@ -249,7 +249,7 @@ def test_share_rows_are_separate_streams():
     P0, P1 = (Party(b, KeyReader(k, party=b), None) for b, k in ((0, k0), (1, k1)))  # type: ignore[arg-type]
     for P in (P0, P1):
         P.keys.get("g.dcf")  # the selection's DCF keys come first
-    row0, row1 = (gates.Spline.share_rows(P, "g", rows, n) for P in (P0, P1))
+    row0, row1 = (P.share_rows("g", rows, n) for P in (P0, P1))
     got = np.array([row0(i) for i in range(rows)])
     assert len({g.tobytes() for g in got}) == rows, "two rows of P0's shares are equal"
     assert (got[:, None, :] != got[None, :, :]).sum(axis=2)[~np.eye(rows, dtype=bool)].min() > n - 2
@@ -637,7 +637,7 @@ def test_aes_estimate_matches_the_parties_online_aes_blocks(monkeypatch):
     local = threading.local()
     counts = {0: 0.0, 1: 0.0}
     expansions = [0]
-    real_mmo, real_expand = dcf.mmo, gates.expand
+    real_mmo, real_expand = dcf.mmo, protocol.expand
 
     def mmo(blocks, scratch=None):
         if getattr(local, "party", None) is not None:  # not the dealer's
@@ -652,7 +652,6 @@ def test_aes_estimate_matches_the_parties_online_aes_blocks(monkeypatch):
         return out
 
     monkeypatch.setattr(dcf, "mmo", mmo)
-    monkeypatch.setattr(gates, "expand", expand)
     monkeypatch.setattr(protocol, "expand", expand)
     spec = splines.fit("silu", {}, 8, 8).spec
     m, n = 14, 500
