@@ -591,12 +591,17 @@ def evaluate(party: int, keys: DcfKeys, x: np.ndarray, threads: int = 1) -> np.n
 
 def evaluate_points(party: int, keys: DcfKeys, xs: np.ndarray) -> np.ndarray:
     """Evaluate each of party ``party``'s keys at several public points: ``xs`` is (P, N), row j holding one
-    point per key. Returns this party's shares of beta * 1{xs[j, i] < alpha_i}: Z_2 payload -> (P, N) uint8
-    xor-shares; ring payload -> (P, N, k) uint64 additive shares.
+    point per key (taken mod 2^n, the keys' input bits). Returns this party's shares of
+    beta * 1{xs[j, i] < alpha_i}: Z_2 payload -> (P, N) uint8 xor-shares; ring payload -> (P, N, k) uint64
+    additive shares.
 
-    The same as ``evaluate(party, keys, xs[j])`` for each row j, block by block (a block's key words are read
-    once for its P points). A key evaluated at many points reveals no more than at one: the evaluation is
-    local to the party and its key alone hides alpha and beta (the spline gate's selection, docs/protocol.md).
+    Row j equals ``evaluate(party, keys, xs[j])`` bit for bit; the loop runs storage block by storage block
+    (a block's key words are read once for its P points), in one thread, with temporaries of one block's
+    evaluation and the (P, N) output. Evaluating a key at many points is local: the shares are a function of
+    this party's key and public points, so they tell it nothing its key does not. What the parties open from
+    them is the caller's to mask (the spline gate opens b_j xor r_j, a fresh r_j per knot: docs/protocol.md,
+    "Spline gates"); the two parties' shares at several points together reveal alpha's position relative to
+    every point, so they must never be opened unmasked.
     """
     if party != keys.party:
         raise ValueError(f"keys belong to party {keys.party}, not {party}")

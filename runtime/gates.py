@@ -42,7 +42,6 @@ import numpy as np
 from fssc.runtime import dcf
 from fssc.runtime.geometry import pool_attrs
 from fssc.runtime.pooling import max_tree
-from fssc.runtime.prg import expand
 from fssc.runtime.protocol import (
     BITS,
     CARRY_DCF,
@@ -643,10 +642,23 @@ def _unshift(c: list, X: list[np.ndarray]) -> list[np.ndarray]:
     return [sum(X[j - i] * c[j] * _u64((-1) ** i * math.comb(j, i)) for j in range(i, p + 1)) for i in range(p + 1)]
 
 
-def _share_row(seed: bytes, i: int, n: int) -> np.ndarray:
-    """P0's share of row i of a spline's words: its own AES-CTR stream (nonce i) of the gate's seed, so the
-    dealer and P0 make any row alone, a row at a time."""
-    return expand(seed, (n,), nonce=i)
+def _pack_rows(rows) -> np.ndarray:
+    """``np.packbits(np.concatenate(rows), bitorder="little")`` for an iterable of 0/1 uint8 rows, a row at a
+    time: never more than one row's bits unpacked."""
+    out, carry = [], np.zeros(0, np.uint8)
+    for row in rows:
+        bits = np.concatenate([carry, row])
+        full = bits.size - bits.size % 8
+        out.append(np.packbits(bits[:full], bitorder="little"))
+        carry = bits[full:]
+    out.append(np.packbits(carry, bitorder="little"))
+    return np.concatenate(out)
+
+
+def _row_bits(packed: np.ndarray, j: int, n: int) -> np.ndarray:
+    """Row j (bits j n .. j n + n - 1, 0/1 uint8) of rows of n bits packed little-endian (``_pack_rows``)."""
+    lo = j * n
+    return np.unpackbits(packed[lo // 8 : (lo + n + 7) // 8], bitorder="little")[lo % 8 : lo % 8 + n]
 
 
 class Spline(Gate):
@@ -673,7 +685,9 @@ class Spline(Gate):
 
     The dealer's words depend on r and the r_j only, never on the coefficients or on x; they stream to P1
     a row (one word per element) at a time, and the DCF keys block by block (``Dealer._put_dcf``), so a
-    large layer never has its keys in memory at once.
+    large layer never has its keys in memory at once. A party likewise evaluates a few knots per pass over
+    its DCF keys and reads one knot's opened bits at a time (they stay packed: K n / 8 bytes), so its
+    temporaries are a few rows of n words, not K.
 
     ``cost`` needs the spec: ``Spline.bind(spec)`` is the class of one spline (the registry's gate spec
     returns it); the statement's parameters carry the same spec to the programs."""
@@ -713,18 +727,15 @@ class Spline(Gate):
         for _ in range(spec.powers - 1):
             powers.append(powers[-1] * r)
         r_y = D.fresh(n)
-        seed = D.rng.seed_bytes()
-        D.w[0].put(tag + SEED, np.frombuffer(seed, dtype=np.uint8))
-        rec = D.w[1].record(tag + CORR, U64, (spec.rows(m), n))
-        row = iter(range(spec.rows(m)))  # P0's share of row i: _share_row(seed, i, n)
-        for v in (*powers, r_y):
-            rec.write(v - _share_row(seed, next(row), n), owned=True)
-        for _ in range(last - first):
-            r_j = D.rng.bits(n).astype(U64)
-            rec.write(r_j - _share_row(seed, next(row), n), owned=True)
-            for pw in powers:
-                rec.write(r_j * pw - _share_row(seed, next(row), n), owned=True)
-        rec.close()
+
+        def rows():  # r^1 .. r^p, r_Y, then per knot r_j (drawn as its rows are written), r_j r .. r_j r^p
+            yield from (*powers, r_y)
+            for _ in range(last - first):
+                r_j = D.rng.bits(n).astype(U64)
+                yield r_j
+                yield from (r_j * pw for pw in powers)
+
+        D.share_rows(tag, rows(), spec.rows(m), n)
         r_out = Trunc.deal(D, Spline.trunc_tag(tag), r_y, spec.out_bits, spec.shift)
         return r_out.reshape(shape)
 
@@ -736,47 +747,39 @@ class Spline(Gate):
         first, last = spec.active(m)
         k = last - first
         P.chan.step = tag
-        F = None
-        if k:
-            keys = dcf.DcfKeys(dcf.DcfParams(m, 0), P.b, P.keys.get(tag + DCF))
-            if len(keys) != n:
-                raise ValueError(f"{tag}: {len(keys)} DCF keys for {n} elements")
-            half = 1 << (m - 1)
-            u = (flat + U64(half)) & mask_bits(m)
-            q = np.array([v + half for v in spec.knots[first:last]], dtype=U64)[:, None]
-            F = dcf.evaluate_points(P.b, keys, np.concatenate([u[None], (u[None] - q) & mask_bits(m)]))
-        row = Spline.share_rows(P, tag, spec.rows(m), n)
-        one = ONE if P.b == 0 else U64(0)  # P0 holds the constants
-        R = [np.full(n, one, dtype=U64), *(row(i) for i in range(p))]  # shares of r^0 .. r^p
-        r_y = row(p)
+        keys = dcf.DcfKeys(dcf.DcfParams(m, 0), P.b, P.keys.get(tag + DCF)) if k else None  # records in order
+        row = P.share_rows(tag, spec.rows(m), n)
 
         def rjr(j: int, i: int) -> np.ndarray:  # shares of r_j r^i (a row, made or mapped when needed)
             return row(p + 1 + j * (p + 1) + i)
 
+        bh = np.zeros(0, np.uint8)  # the opened b^_j, packed: K rows of n bits (``_row_bits``)
+        if keys is not None:
+            if len(keys) != n:
+                raise ValueError(f"{tag}: {len(keys)} DCF keys for {n} elements")
+            half = 1 << (m - 1)
+            u = (flat + U64(half)) & mask_bits(m)
+            q = [U64(v + half) for v in spec.knots[first:last]]
+            mine = _pack_rows(Spline._selection_shares(P, keys, u, q, rjr))
+            bh = mine ^ P.chan.exchange(mine)  # round 1: b^_j
         pieces = [spec.in_x(i) for i in range(first, last + 1)]
         A = np.array([a for a, _ in pieces], dtype=U64)  # (k + 1, p + 1)
         lin = np.array([s for _, s in pieces], dtype=U64)
         dA, dlin = A[:-1] - A[1:], lin[:-1] - lin[1:]  # per knot: the step from piece j to piece j - 1
         G, Gl = [np.full(n, a, dtype=U64) for a in A[-1]], np.full(n, lin[-1], dtype=U64)
-        if F is not None:
-            e = F[1:] ^ F[0]  # shares of b_j xor 1{u' < q'_j}
-            if P.b == 0:
-                e ^= (u[None] < q).astype(np.uint8)
-            for j in range(k):  # + r_j: the low bit of a word share is a xor-share
-                e[j] ^= (rjr(j, 0) & ONE).astype(np.uint8)
-            peer = P.chan.exchange(np.packbits(e, bitorder="little"))  # round 1: b^_j
-            bh = e ^ np.unpackbits(peer, count=e.size, bitorder="little").reshape(e.shape)
-            for j in range(k):  # the public part: sum_j b^_j (step_j)
-                b_j = bh[j].astype(U64)
-                G = [g + b_j * dA[j, i] for i, g in enumerate(G)]
-                Gl = Gl + b_j * dlin[j]
+        for j in range(k):  # the public part: sum_j b^_j (step_j)
+            b_j = _row_bits(bh, j, n).astype(U64)
+            G = [g + b_j * dA[j, i] for i, g in enumerate(G)]
+            Gl = Gl + b_j * dlin[j]
+        one = ONE if P.b == 0 else U64(0)  # P0 holds the constants
+        R = [np.full(n, one, dtype=U64), *(row(i) for i in range(p))]  # shares of r^0 .. r^p
         X = [np.ones_like(flat)]
         for _ in range(p):
             X.append(X[-1] * flat)
-        y = r_y + sum(w * s for w, s in zip(_unshift(G, X), R, strict=True))
+        y = row(p) + sum(w * s for w, s in zip(_unshift(G, X), R, strict=True))  # r_Y + ...
         out_lin = Gl * (X[1] * R[0] - R[1])  # shares of (selected slope at b^) x
         for j in range(k):  # + (1 - 2 b^_j) r_j (step_j)(x), in the shares of r_j r^i; one knot at a time
-            t = ONE - (bh[j].astype(U64) << ONE)
+            t = ONE - (_row_bits(bh, j, n).astype(U64) << ONE)
             s_j = [rjr(j, i) for i in range(p + 1)]
             y += t * sum(w * s for w, s in zip(_unshift(list(dA[j]), X), s_j, strict=True))
             out_lin += t * dlin[j] * (X[1] * s_j[0] - s_j[1])
@@ -785,16 +788,25 @@ class Spline(Gate):
         return P.open(out + out_lin).reshape(shape)
 
     @staticmethod
-    def share_rows(P, tag: str, rows: int, n: int):
-        """This party's share rows, ``row(i)`` -> n words: P0 expands row i from its seed when asked
-        (``_share_row``), P1 reads row i of its corrections record (memory-mapped)."""
-        if P.b == 0:
-            seed = P.keys.get(tag + SEED).tobytes()
-            return lambda i: _share_row(seed, i, n)
-        vals = P.keys.get(tag + CORR)
-        if vals.shape != (rows, n):
-            raise ValueError(f"{tag}: key shares have shape {vals.shape}, expected {(rows, n)}")
-        return lambda i: vals[i]
+    def _selection_shares(P, keys: dcf.DcfKeys, u: np.ndarray, q: list, rjr):
+        """This party's xor-shares of b^_j = b_j xor r_j, a knot at a time (0/1 uint8 rows of n): the DCF key
+        evaluated at u' and at u' - q'_j (``dcf.evaluate_points``, a few knots per pass over the keys, so
+        its temporaries are a few rows, never K)."""
+        m = keys.params.n
+        f0 = None
+        for lo in range(0, len(q), Spline.KNOTS_PER_PASS):
+            qs = q[lo : lo + Spline.KNOTS_PER_PASS]
+            pts = [(u - v) & mask_bits(m) for v in qs]
+            F = dcf.evaluate_points(P.b, keys, np.stack(pts if f0 is not None else [u, *pts]))
+            if f0 is None:
+                f0, F = F[0], F[1:]
+            for j, (v, f) in enumerate(zip(qs, F, strict=True), start=lo):
+                e = f ^ f0  # shares of b_j xor 1{u' < q'_j}
+                if P.b == 0:
+                    e ^= (u < v).astype(np.uint8)
+                yield e ^ (rjr(j, 0) & ONE).astype(np.uint8)  # + r_j: the low bit of a word share is a xor-share
+
+    KNOTS_PER_PASS: ClassVar[int] = 4  # knots evaluated per pass over the DCF keys (a few rows of n at a time)
 
     @classmethod
     def records(cls, tag: str, party: int, shift: int = 0, m: int = 64) -> list[str]:

@@ -29,6 +29,8 @@ exactly, with no extra round (docs/protocol.md section 6).
 
 P0's share of every arithmetic value and bit comes from a 16-byte seed per
 gate call (``expand``); P1 receives the corrections (value - P0's share).
+``Dealer.shares``/``Party.shares`` deal a whole array at once; ``share_rows``
+streams a record a row at a time, one AES-CTR nonce per row (``share_row``).
 
 The gates themselves (which values D shares, how a party combines them) are
 one class each in :mod:`fssc.runtime.gates`; ``Dealer.gate`` and
@@ -80,6 +82,13 @@ def compare_input(zhat: np.ndarray, s: int, m: int) -> np.ndarray:
     return (zhat >> U64(s)) & mask_bits(m) if s else zhat & mask_bits(m)
 
 
+def share_row(seed: bytes, i: int, n: int) -> np.ndarray:
+    """P0's share of row i (n words) of a row-wise shared record (``Dealer.share_rows``): the AES-CTR stream
+    of the seed under nonce i, one stream per row, so the dealer and P0 each make any row alone, a row at a
+    time. (``Dealer.shares`` expands one stream, nonce 0, for its whole array and nonce 1 for its bits.)"""
+    return expand(seed, (n,), nonce=i)
+
+
 # ======================================================================= dealer
 class Dealer:
     """Runs the program on masks and writes both parties' key records."""
@@ -98,6 +107,17 @@ class Dealer:
             b0 = expand(seed, ((bits.size + 63) // 64,), nonce=1).view(np.uint8)
             b0 = np.unpackbits(b0, count=bits.size, bitorder="little")
             self.w[1].put(tag + BITS, np.packbits(bits.astype(np.uint8) ^ b0, bitorder="little"))
+
+    def share_rows(self, tag: str, rows, count: int, n: int) -> None:
+        """Shares of ``count`` rows of n words, streamed: P0 gets a seed, P1 the corrections
+        row_i - share_row(seed, i, n) (record (count, n)), written as the iterable ``rows`` yields them (it
+        may draw its randomness as it goes: the seed is drawn first), never the whole record at once."""
+        seed = self.rng.seed_bytes()
+        self.w[0].put(tag + SEED, np.frombuffer(seed, dtype=np.uint8))
+        rec = self.w[1].record(tag + CORR, U64, (count, n))
+        for i, v in enumerate(rows):
+            rec.write(v - share_row(seed, i, n), owned=True)
+        rec.close()  # raises unless exactly ``count`` rows were written
 
     def _put_dcf(self, tag: str, alpha: np.ndarray, n: int) -> None:
         """Both parties' Z_2 DCF keys for 1{x < alpha} over n bits, as record ``tag``: the bytes of
@@ -211,6 +231,18 @@ class Party:
             raise ValueError(f"{tag}: key shares have shape {vals.shape}, expected {(rows, n)}")
         bits = np.unpackbits(self.keys.get(tag + BITS), count=nbits, bitorder="little") if nbits else None
         return vals, bits
+
+    def share_rows(self, tag: str, rows: int, n: int):
+        """This party's shares of a row-wise record (``Dealer.share_rows``), ``row(i)`` -> n words: P0
+        expands row i from its seed when asked (``share_row``), P1 reads row i of its corrections record
+        (memory-mapped)."""
+        if self.b == 0:
+            seed = self.keys.get(tag + SEED).tobytes()
+            return lambda i: share_row(seed, i, n)
+        vals = self.keys.get(tag + CORR)
+        if vals.shape != (rows, n):
+            raise ValueError(f"{tag}: key shares have shape {vals.shape}, expected {(rows, n)}")
+        return lambda i: vals[i]
 
     def dcf_share(self, tag: str, u: np.ndarray, m: int, record: str = DCF) -> np.ndarray:
         """Xor-share of 1{u mod 2^(m-1) < alpha} (the borrow; with record CARRY_DCF and m = s + 1 the carry)."""

@@ -418,7 +418,8 @@ def _other_gates(ctx, v):
     )
 
 
-# a spline with a linear tail: three pieces, two DCF payload words beyond the cubic's four
+# a cubic spline with a linear tail: three pieces, two knots in range (one Z_2 DCF key per element, two fresh
+# selection bits r_j and their words r_j r^i), so the dealer draws every kind of randomness the gate uses
 _SPLINE = gates.SplineSpec((-100, 100), (0, 0, 0), ((0,) * 4, (1, 2, 3, 4), (0,) * 4), (0, 0, 1), 8, 40)
 
 

@@ -215,11 +215,59 @@ def test_keys_stream_in_pieces():
     assert len(k0) < len(k1)
 
 
+@pytest.mark.parametrize("n", [1, 5, 8, 13, 64])
+def test_packed_rows(n):
+    """The selection's K rows of n bits are packed and read back a row at a time, as one packbits of all."""
+    rows = [np.arange(n, dtype=np.uint8) * (j + 3) % (j + 2) & 1 for j in range(7)]
+    packed = gates._pack_rows(iter(rows))
+    assert packed.tobytes() == np.packbits(np.concatenate(rows), bitorder="little").tobytes()
+    for j, want in enumerate(rows):
+        assert (gates._row_bits(packed, j, n) == want).all()
+
+
+def test_gate_odd_sizes():
+    """Element counts that are not a multiple of 8 (the K bits of round 1 cross byte boundaries), against the
+    plaintext spline."""
+    spec = splines.fit("gelu", {}, 8, 8).spec
+    for n in (1, 3, 13):
+        x = np.linspace(-2000, 2000, n).astype(np.int64)
+        y, _, _, _ = run_gate(spec, x, Rng().u64(n), 12)
+        assert (y == ring.signed(splines.evaluate(spec, ring.unsigned(x)))).all()
+
+
+def test_share_rows_are_separate_streams():
+    """P0's share rows of a spline are one AES-CTR stream each (nonce = row) of its seed: rows of one seed are
+    pairwise different, and each is what the dealer subtracted from P1's correction row (one stream shared by
+    two rows would hand P1 the difference of their secrets, e.g. r - r^2)."""
+    from fssc.runtime.protocol import Party
+
+    spec = splines.fit("gelu", {}, 8, 8).spec
+    m, n = 12, 64
+    rows = spec.rows(m)
+    r = Rng().u64(n)
+    _, k0, k1 = deal_in_memory(lambda D: gates.Spline.deal(D, "g", r, m, spec))
+    P0, P1 = (Party(b, KeyReader(k, party=b), None) for b, k in ((0, k0), (1, k1)))  # type: ignore[arg-type]
+    for P in (P0, P1):
+        P.keys.get("g.dcf")  # the selection's DCF keys come first
+    row0, row1 = (P.share_rows("g", rows, n) for P in (P0, P1))
+    got = np.array([row0(i) for i in range(rows)])
+    assert len({g.tobytes() for g in got}) == rows, "two rows of P0's shares are equal"
+    assert (got[:, None, :] != got[None, :, :]).sum(axis=2)[~np.eye(rows, dtype=bool)].min() > n - 2
+    secrets = got + np.array([row1(i) for i in range(rows)])  # r, r^2, .., r_Y, then per knot r_j, r_j r, ..
+    p = spec.powers
+    assert (secrets[:p] == np.array([r**i for i in range(1, p + 1)])).all()
+    r_j = secrets[p + 1 :: p + 1]
+    assert ((r_j == 0) | (r_j == 1)).all() and (secrets[p + 2 :: p + 1] == r_j * r).all()
+
+
 def test_views_indistinguishable():
     """What each party holds and receives looks the same for two secrets. Keys: masks all zero vs all ones
-    (every DCF key word and every correction word). Messages: inputs in the first piece vs the last (every
-    selection bit b_j flips), each under fresh uniform masks: the K bits of round 1 (b^_j = b_j xor r_j),
-    Y^, the truncation's bits and the output, sent and opened."""
+    (every DCF key word and every correction word, and the differences of P1's adjacent correction rows: one
+    AES stream per row of P0's, never one shared by two rows). Messages: an input in the first piece vs the
+    last (every selection bit b_j flips) and vs a middle piece (some b_j are 0, others 1), each under fresh
+    uniform masks: the K bits of round 1 (b^_j = b_j xor r_j) one knot at a time and jointly (b^_j xor b^_l
+    for every pair of knots: uniform only if every knot has its own mask r_j), Y^, the truncation's bits and
+    the output, sent and opened."""
     from fssc.runtime.channel import decode_array
     from test_security import N, bit_matrix, check_indistinguishable, dcf_fixed_bits, dcf_words, packed_bits, records
 
@@ -242,8 +290,17 @@ def test_views_indistinguishable():
         if party == 1:
             assert ra["g.corr"].shape == (spec.rows(m), N)
             check_indistinguishable(bit_matrix(ra["g.corr"]), bit_matrix(rb["g.corr"]), "P1 g.corr")
+            da, db = (np.diff(c["g.corr"], axis=0) for c in (ra, rb))
+            check_indistinguishable(bit_matrix(da), bit_matrix(db), "P1 g.corr, adjacent rows' differences")
+    middle = (spec.knots[first + k // 2 - 1] + spec.knots[first + k // 2]) // 2
+    assert k >= 2 and 0 < sum(1 for q in spec.knots[first:last] if middle < q) < k, "some b_j = 0, others 1"
+
+    def joint(bits: np.ndarray) -> np.ndarray:  # every knot's row, then b_j xor b_l for every pair j < l
+        pairs = [bits[j] ^ bits[i] for j in range(k) for i in range(j + 1, k)]
+        return np.concatenate([bits, np.array(pairs, dtype=np.uint8)])
+
     views = []
-    for v in (-(1 << (m - 1)), (1 << (m - 1)) - 1):
+    for v in (-(1 << (m - 1)), (1 << (m - 1)) - 1, middle):
         x = ring.unsigned(np.full(N, v, dtype=np.int64))
         r = Rng().u64(N)
         _, k0, k1 = deal_in_memory(lambda D, r=r: gates.Spline.deal(D, "g", r, m, spec))
@@ -253,20 +310,24 @@ def test_views_indistinguishable():
 
         _, _, c0, c1 = run_parties(party, party, k0, k1, record=True)
         views.append((c0.received, c1.received))
-    for party in (0, 1):
-        a, b = views[0][party], views[1][party]
-        oa, ob = views[0][1 - party], views[1][1 - party]
-        assert len(a) == len(b) == 4
-        for step, (ma, mb, na, nb) in enumerate(zip(a, b, oa, ob, strict=True)):
-            assert ma[:10] == mb[:10]
-            da, db = decode_array(ma), decode_array(mb)
-            if da.dtype == np.uint8:  # round 1: K bits per element; round 3: the truncation's d and c
-                pos = k if step == 0 else 2
-                got = [packed_bits(d, pos * N, pos) for d in (da, db, da ^ decode_array(na), db ^ decode_array(nb))]
-            else:
-                got = [bit_matrix(d) for d in (da, db, da + decode_array(na), db + decode_array(nb))]
-            check_indistinguishable(got[0], got[1], f"P{party} message {step}")
-            check_indistinguishable(got[2], got[3], f"opened value {step}")
+    for sa, sb in ((0, 1), (0, 2), (2, 1)):  # first vs last piece, first vs middle, middle vs last
+        for party in (0, 1):
+            a, b = views[sa][party], views[sb][party]
+            oa, ob = views[sa][1 - party], views[sb][1 - party]
+            assert len(a) == len(b) == 4
+            for step, (ma, mb, na, nb) in enumerate(zip(a, b, oa, ob, strict=True)):
+                assert ma[:10] == mb[:10]
+                da, db = decode_array(ma), decode_array(mb)
+                pair = (da, db, da ^ decode_array(na), db ^ decode_array(nb))
+                if step == 0:  # round 1: K bits per element, per knot and jointly
+                    got = [joint(packed_bits(d, k * N, k)) for d in pair]
+                elif da.dtype == np.uint8:  # round 3: the truncation's d and c
+                    got = [packed_bits(d, 2 * N, 2) for d in pair]
+                else:
+                    got = [bit_matrix(d) for d in (da, db, da + decode_array(na), db + decode_array(nb))]
+                what = f"secrets {sa} vs {sb}: P{party} message {step}"
+                check_indistinguishable(got[0], got[1], what)
+                check_indistinguishable(got[2], got[3], f"secrets {sa} vs {sb}: opened value {step}")
 
 
 @pytest.mark.parametrize("f", [12, 8, 16])
@@ -576,7 +637,7 @@ def test_aes_estimate_matches_the_parties_online_aes_blocks(monkeypatch):
     local = threading.local()
     counts = {0: 0.0, 1: 0.0}
     expansions = [0]
-    real_mmo, real_expand = dcf.mmo, gates.expand
+    real_mmo, real_expand = dcf.mmo, protocol.expand
 
     def mmo(blocks, scratch=None):
         if getattr(local, "party", None) is not None:  # not the dealer's
@@ -591,7 +652,6 @@ def test_aes_estimate_matches_the_parties_online_aes_blocks(monkeypatch):
         return out
 
     monkeypatch.setattr(dcf, "mmo", mmo)
-    monkeypatch.setattr(gates, "expand", expand)
     monkeypatch.setattr(protocol, "expand", expand)
     spec = splines.fit("silu", {}, 8, 8).spec
     m, n = 14, 500
