@@ -20,7 +20,9 @@ A family that fails for a reason not yet fixed stays in the matrix as a strict x
 exporter) have their own small tests against onnxruntime here.
 
 The fast suite runs mobilenet_v3_small (fssc's export); everything else is slow (times in
-docs/models.md).
+docs/models.md). To fit the slow matrix in its budget, three families run fssc's export only
+(``Family.no_torch_leg`` says why): alexnet and vgg11, which fssc exports with torch's dynamo exporter
+anyway, and efficientnet_v2_s, an xfail.
 """
 
 from __future__ import annotations
@@ -58,18 +60,28 @@ class Family:
     model: str  # the family's smallest torchvision member
     weight_bound_bits: int = 4  # fssc compile's default; BN-folded depthwise weights can need more
     xfail: str = ""  # why the family does not pass yet ("" if it does)
+    no_torch_leg: str = ""  # why torch.onnx.export's file is not run too ("" if it is)
+
+
+SAME_GRAPH = "fssc export writes it with torch's dynamo exporter too (same op list); the leg costs minutes"
 
 
 ZOO = {
     f.model: f
     for f in (
-        Family("alexnet"),
+        Family("alexnet", no_torch_leg=SAME_GRAPH),
         Family("convnext_tiny", xfail="LayerNormalization is not supported yet"),
         Family("densenet121"),
         Family("efficientnet_b0"),
-        Family("efficientnet_v2_s"),
+        Family(
+            "efficientnet_v2_s",
+            xfail="max logit error 0.029 > 0.02 (logit scale 1, logits ~0.3), both exporters; cause not found yet",
+            no_torch_leg="fails like fssc's export (0.028) and costs 3 minutes",
+        ),
         Family("googlenet"),
-        Family("inception_v3"),
+        Family(
+            "inception_v3", xfail="max logit error 0.46 > 0.14 (logit scale 6.8), both exporters; cause not found yet"
+        ),
         Family("mnasnet0_5"),
         Family("mobilenet_v2", weight_bound_bits=6),
         Family("mobilenet_v3_small"),
@@ -79,7 +91,7 @@ ZOO = {
         Family("resnext50_32x4d"),
         Family("shufflenet_v2_x0_5", weight_bound_bits=8),
         Family("squeezenet1_0"),
-        Family("vgg11"),
+        Family("vgg11", no_torch_leg=SAME_GRAPH),
         Family("wide_resnet50_2"),
     )
 }
@@ -89,6 +101,8 @@ FAST = {("mobilenet_v3_small", "fssc")}  # a few seconds each; the rest is slow
 def _cases():
     for name in sorted(ZOO):
         for exporter in ("fssc", "torch"):
+            if exporter == "torch" and ZOO[name].no_torch_leg:
+                continue
             marks = [] if (name, exporter) in FAST else [pytest.mark.slow]
             if ZOO[name].xfail:
                 marks.append(pytest.mark.xfail(reason=ZOO[name].xfail, strict=True))
@@ -163,7 +177,8 @@ def test_zoo_secure_run_tracks_onnxruntime(name, exporter, tmp_path):
     print(
         f"\n{name} ({exporter}) {size}x{size}: export {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, "
         f"deal {sim.deal_seconds:.1f} s, online {sim.online_seconds:.1f} s (wall; CPU {time.process_time() - c0:.0f} s "
-        f"in all), keys {len(sim.keys[0]) / 1e6:.0f} MB (P0); {summary}"
+        f"in all), keys {len(sim.keys[0]) / 1e6:.0f} MB (P0); {summary}; ops "
+        + " ".join(sorted({n.op_type for n in onnx.load(path, load_external_data=False).graph.node}))
     )
 
 
