@@ -192,8 +192,8 @@ def _unit_scale(model: torch.nn.Module, image_size: int, seed: int, batch_size: 
     model.eval()
     x = synthetic_images(batch_size, image_size, seed + 1)
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    order: list[torch.nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod)) for m in layers]
+    order: list[torch.nn.Conv2d | torch.nn.Linear] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, _o, m=m: order.append(m)) for m in layers]
     try:
         model(x)
     finally:
