@@ -15,7 +15,9 @@ exported (no Inception auxiliary head, no dropout, no stochastic depth).
 Without this, a random-init network with default statistics (mean 0, var 1)
 blows activations up layer by layer and its logits are degenerate. (Deep
 networks at small sizes get more batches and a variance floor: see
-:func:`randomize_and_calibrate`.) Then the final linear layer's bias is shifted
+:func:`randomize_and_calibrate`.) A network without BatchNorm (alexnet, vgg,
+squeezenet) instead has each conv and linear layer scaled to unit output scale
+on the same inputs (:func:`_unit_scale`). Then the final linear layer's bias is shifted
 so that the mean logits over the same inputs are zero: without that, the
 random head predicts one class for (nearly) every input, and "the argmax is
 kept" would say little.
@@ -148,6 +150,8 @@ def randomize_and_calibrate(
     """
     torch.manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        _unit_scale(model, image_size, seed, batch_size)
     for m in bns:
         m.weight.uniform_(0.5, 1.5)
         m.bias.uniform_(-0.2, 0.2)
@@ -182,6 +186,39 @@ def randomize_and_calibrate(
         if batches >= 64 or not bns or max(float((model(x) - mean).abs().max()) for x in held_out) <= MAX_LOGIT:
             return
         batches, floor = batches * 4, True
+
+
+def _unit_scale(model: torch.nn.Module, image_size: int, seed: int, batch_size: int) -> None:
+    """A network without BatchNorm (alexnet, vgg, squeezenet): each conv and linear layer, in forward order,
+    has its weights and bias divided by the standard deviation of its output on synthetic images, so
+    every layer's output has unit scale (layer-sequential unit variance, data-dependent init).
+
+    torchvision's init for these shrinks activations layer by layer (alexnet's logits at 63x63 are
+    ~1e-3; vgg's linear layers are N(0, 0.01)): logits that small make "within 0.02 of onnxruntime" and
+    "the same label" say nothing. BN-calibrated networks need none of this.
+    """
+    model.eval()
+    x = synthetic_images(batch_size, image_size, seed + 1)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    order: list[torch.nn.Conv2d | torch.nn.Linear] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, _o, m=m: order.append(m)) for m in layers]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen: dict[str, torch.Tensor] = {}
+    for layer in dict.fromkeys(order):  # forward order, each once
+        hook = layer.register_forward_hook(lambda _m, _i, out: seen.__setitem__("y", out))
+        try:
+            model(x)
+        finally:
+            hook.remove()
+        std = float(seen["y"].std())
+        if std > 0:
+            layer.weight.div_(std)
+            if layer.bias is not None:
+                layer.bias.div_(std)
 
 
 def _calibrate(model: torch.nn.Module, bns: list, image_size: int, seed: int, batches: int, batch_size: int) -> None:
@@ -376,10 +413,13 @@ def export_model(
     opset: int = 17,
     seed: int = DEFAULT_SEED,
     exporters: tuple[str, ...] = EXPORTERS,
+    model: torch.nn.Module | None = None,
 ) -> ExportInfo:
     """Export ``name`` to ``out`` with the first of ``exporters`` whose graph runs in onnxruntime equal to torch.
 
     The dynamo exporter writes opset ``max(opset, 18)``; :attr:`ExportInfo.opset` is the opset written.
+    ``model``: the model :func:`prepare_model` built with the same arguments (callers that also run it
+    in torch save a second calibration); by default it is built here.
     """
     import onnx
 
@@ -393,7 +433,8 @@ def export_model(
     lo, hi = supported_opsets()
     if not lo <= opset <= hi:
         raise FsscError(f"--opset {opset} is not supported: torch's ONNX exporter writes opsets {lo}..{hi}")
-    model = prepare_model(name, num_classes, weights, image_size, seed)
+    if model is None:
+        model = prepare_model(name, num_classes, weights, image_size, seed)
     wdesc = os.path.basename(weights) if weights else f"random (seed {seed}), BN calibrated"
     x = synthetic_images(batch, image_size, seed)
     with torch.no_grad():

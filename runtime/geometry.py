@@ -32,13 +32,22 @@ def pool_params(attrs: dict) -> dict:
 
 
 def pool_out_size(n: int, k: int, s: int, pb: int, pe: int, d: int, ceil: bool) -> int:
+    """Output length along one axis (ONNX's and torch's rule).
+
+    ``span`` = padded length - window extent; floor mode needs span >= 0. In ceil mode the count is
+    ceil(span / s) + 1, minus one if the last window would start past the input and the left padding;
+    a window may then reach past the padded input (span < 0 included: a 3-wide window on a 2-long
+    input gives one output, the max or average over the taps that exist), as long as one output is left.
+    """
     eff = d * (k - 1) + 1
     span = n + pb + pe - eff
-    if span < 0:
+    if span < 0 and not ceil:
         raise FsscError(f"window {k} (dilation {d}) larger than padded input {n + pb + pe}")
     out = (-(-span // s) if ceil else span // s) + 1
     if ceil and (out - 1) * s >= n + pb:
         out -= 1  # the last window must start inside the input or the left padding
+    if out < 1:
+        raise FsscError(f"window {k} (dilation {d}, stride {s}) larger than padded input {n + pb + pe}, ceil_mode")
     return out
 
 

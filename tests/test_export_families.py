@@ -5,7 +5,7 @@
   onnxruntime on the file equals torch's eval output.
 * alexnet and vgg11 at 64x64 need adaptive pooling to 6x6 / 7x7 from a smaller
   map, which the TorchScript exporter refuses: the export falls back to the
-  dynamo exporter, and onnxruntime equals torch.
+  dynamo exporter, and onnxruntime equals torch; its GatherND imports.
 * A ResNet-18 written by the dynamo exporter (fssc's own, and torch's with its
   default settings: BN folded, external data, ReduceMean axes as an input,
   or unoptimised with Shape/Expand/CastLike chains) imports; compiled, its
@@ -114,6 +114,21 @@ def test_recalibration_is_deterministic_and_tames_a_deep_net_at_8px():
     assert worst < 20
 
 
+def test_a_network_without_batchnorm_gets_unit_scale_layers():
+    """squeezenet has no BN: each conv is scaled to unit output scale on synthetic images at export, so its
+    logits on other images are O(1) (torchvision's init leaves BN-free nets' logits near 1e-3 or 1e3)."""
+    model = prepare_model("squeezenet1_0", 10, None, 21)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(float(out.std()))) for m in convs]
+    with torch.no_grad():
+        y = model(synthetic_images(8, 21, seed=17))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(convs) and all(0.3 < s < 3 for s in seen), seen
+    assert 0.5 < float(y.abs().max()) < 20
+
+
 @pytest.mark.parametrize(
     "name",
     [pytest.param("alexnet", marks=pytest.mark.slow), pytest.param("vgg11", marks=pytest.mark.slow)],  # 13 s, tens
@@ -126,6 +141,10 @@ def test_adaptive_pool_from_a_smaller_map_falls_back_to_dynamo(name, tmp_path):
     info = export_model(name, path, 10, None, 64, 2)
     assert info.exporter == "dynamo" and info.opset == 18
     _check_against_torch(name, path, 10, 64)
+    # the pooling is written as GatherND with constant indices: a reshape and a Gather in fssc
+    assert "GatherND" in {n.op_type for n in onnx.load(path).graph.node}
+    x = synthetic_images(2, 64, seed=13)
+    np.testing.assert_allclose(run_float(import_onnx(path, name), x.numpy())[0], _ort(path, x), rtol=0, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ fssc treats weights and structural operands as constants owned by the model
 owner (its importer requires Conv/Gemm weights, MatMul's and Mul's second
 operand, BatchNormalization's parameters, Reshape's shape, Pad's pads,
 Clip's bounds, Squeeze's/Unsqueeze's axes, Slice's indices, Split's sizes,
-Gather's indices and ReduceSum's and ReduceMean's axes to be initializers), so
+Gather's and GatherND's indices and ReduceSum's and ReduceMean's axes to be initializers), so
 before import the operands listed in ``CONSTANT_OPERANDS`` are turned into
 initializers holding the case's own input data. The remaining inputs (the data
 owner's tensors) stay graph inputs.
@@ -59,6 +59,7 @@ CONSTANT_OPERANDS = {
     "Slice": {1, 2, 3, 4},
     "Split": {1},
     "Gather": {1},
+    "GatherND": {1},
     "ReduceSum": {1},
     "ReduceMean": {1},
     "PRelu": {1},
@@ -134,6 +135,9 @@ LEFT_OUT = {
     "test_training_dropout_mask": "training_mode=true and the mask output; fssc compiles inference graphs",
     "test_training_dropout_default_mask": "training_mode=true and the mask output; fssc compiles inference graphs",
     "test_training_dropout_zero_ratio_mask": "training_mode=true and the mask output; fssc compiles inference graphs",
+    # GatherND
+    "test_gathernd_example_int32": _INT.format("int32"),
+    "test_gathernd_example_int32_batch_dim1": _INT.format("int32") + "; and batch_dims=1",
     # Identity
     "test_identity_sequence": "a sequence of tensors, not a tensor",
     "test_identity_opt": "an optional type, not a tensor",

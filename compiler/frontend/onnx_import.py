@@ -650,6 +650,27 @@ def _gather(imp: _Importer, node, label, a) -> None:
     imp.emit(node, label, "gather", list(node.input[:1]), {"indices": idx.tolist(), "axis": ax})
 
 
+@converts("GatherND")
+def _gathernd(imp: _Importer, node, label, a) -> None:
+    """GatherND with constant indices (batch_dims 0), as torch's dynamo exporter writes adaptive average
+    pooling to a size that does not divide the map: indices [..., K] pick along the first K axes, so it
+    is a reshape merging those axes and a Gather of the flat positions (both local, no gate)."""
+    x = imp.x_shape(node)
+    if int(a.get("batch_dims", 0)):
+        raise FsscError(f"{imp.src}: node {label} (GatherND): batch_dims {a['batch_dims']} is not supported (only 0)")
+    idx = imp.need_const(node, 1, label, "indices (input 1)").astype(np.int64)
+    k = idx.shape[-1] if idx.ndim else 0
+    if idx.ndim < 1 or not 1 <= k <= len(x):
+        raise FsscError(f"{imp.src}: node {label} (GatherND): indices of shape {idx.shape} do not fit {tuple(x)}")
+    dims = np.asarray(x[:k], dtype=np.int64)
+    if idx.size and not ((idx >= -dims).all() and (idx < dims).all()):
+        raise FsscError(f"{imp.src}: node {label} (GatherND): indices outside the first {k} axes of {tuple(x)}")
+    flat = np.ravel_multi_index(tuple(np.moveaxis(np.where(idx < 0, idx + dims, idx), -1, 0)), tuple(x[:k]))
+    merged = _step(node, "merged")
+    imp.emit(node, label, "reshape", list(node.input[:1]), {"shape": [int(np.prod(dims))] + list(x[k:])}, [merged])
+    imp.emit(node, label, "gather", [merged], {"indices": np.asarray(flat, np.int64).tolist(), "axis": 0})
+
+
 @converts("Pad")
 def _pad(imp: _Importer, node, label, a) -> None:
     ins = list(node.input)
