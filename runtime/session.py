@@ -399,6 +399,7 @@ def _deal_batch(program: str, where: str, program_hash: str, outs: list, deal: s
     name = os.path.basename(_batch_path("", batch))
     writers: list[KeyWriter] = []
     streams: list[keystream.Stream] = []
+    filed: list[int] = []  # parties whose local file this job filed
     try:
         for p, out in enumerate(outs):  # one at a time: if P1's fails, P0's is aborted
             if isinstance(out, str):
@@ -408,17 +409,18 @@ def _deal_batch(program: str, where: str, program_hash: str, outs: list, deal: s
                 w = KeyWriter(f"{out.who}: {name}", {**hdr, "party": p}, sink=streams[-1].file(name))
                 writers.append(w)
         mod.deal(Dealer(writers[0], writers[1]), seed)
-        for w in (writers[1], writers[0]):  # complete (a streamed one checked by its receiver), then filed
-            w.close()
-            w.commit()
+        for p in (1, 0):  # complete (a streamed one checked by its receiver), then filed
+            writers[p].close()
+            writers[p].commit()
+            if isinstance(outs[p], str):
+                filed.append(p)
     except BaseException:
         for w in writers:  # no partial key file that looks complete
             w.abort()
-        for p, out in enumerate(outs):  # a party's file was complete when the other's failed
-            if isinstance(out, str):
-                for path in _unfiled(outs, p, _batch_path(out, batch)):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
+        for p in filed:  # a party's file was complete when the other's failed (only this job's own files)
+            for path in _unfiled(outs, p, _batch_path(outs[p], batch)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
         raise
     finally:
         for s in streams:

@@ -401,3 +401,36 @@ def test_a_dealer_that_dies_mid_batch_leaves_no_complete_looking_file(tiny, tmp_
     for name in names:  # whatever was filed is whole, and the model owner's side has it too
         KeyReader(str(keys / "p0" / name)).close()
         assert (keys / "p1" / name).exists()
+
+
+def test_party_1s_file_is_filed_first_and_kept_when_party_0s_commit_fails(tiny, tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    seen = []
+
+    def end(sink):  # party 0's file ends (and is checked) only once party 1's is filed
+        seen.append((keys / "p1" / "batch0000.key").exists())
+        return real_end(sink)
+
+    def commit(sink):  # the receiver's answer to the commit is lost: party 0 may or may not hold the file
+        raise FsscError(f"{sink.stream.target.who}: connection lost at the commit of {sink.name}")
+
+    real_end = keystream.FileSink.end
+    monkeypatch.setattr(keystream.FileSink, "end", end)
+    monkeypatch.setattr(keystream.FileSink, "commit", commit)
+    with Receiver(tiny, keys / "p0") as rx, pytest.raises(FsscError, match="connection lost at the commit"):
+        trust.deal(str(tiny["prog"]), str(keys), 1, targets={0: rx.addr}, certs=str(tiny["certs"]))
+    assert seen == [True]
+    # a batch only party 1 holds is harmless (never dealt again); its file is whole
+    assert sorted(n for n in os.listdir(keys / "p1") if n.startswith("batch")) == ["batch0000.key"]
+    KeyReader(str(keys / "p1" / "batch0000.key")).close()
+    _no_complete_looking_file(keys / "p0")
+    assert session.next_batch_id([str(keys / "p1")]) == 1
+
+
+def test_a_key_file_being_written_is_not_written_twice(tmp_path):
+    path = tmp_path / "batch0000.key"
+    w = KeyWriter(str(path), {"kind": "batch"})
+    with pytest.raises(FsscError, match=r"batch0000.key.part exists: another run is writing batch0000.key"):
+        KeyWriter(str(path), {"kind": "batch"})
+    w.abort()
+    assert os.listdir(tmp_path) == []
