@@ -6,18 +6,24 @@ the party's files, the bytes a key file on disk holds (:class:`fssc.runtime.keys
 to a :class:`FileSink` instead of a file: one key format, one writer).
 
 * TLS 1.3, both sides authenticated by certificates of one CA (``fssc certs``): the receiver accepts only
-  the dealer's certificate (common name fssc-dealer) and the dealer sends a party's keys only to a server
-  whose certificate is that party's (fssc-party0 or fssc-party1).
+  the dealer's certificate (common name fssc-dealer, checked right after TLS, before anything the client
+  sent is read) and the dealer sends a party's keys only to a server whose certificate is that party's
+  (fssc-party0 or fssc-party1). As the parties' listener (:mod:`fssc.runtime.transport`): TLS, name and
+  hello within ``HANDSHAKE_TIMEOUT`` in all (heartbeats do not extend it), at most ``MAX_PENDING``
+  connections before their hello (more are closed at once), and only a dealer past its hello keeps the
+  receiver from being idle (``connect_timeout``).
 * A connection opens with the dealer's hello (protocol, party, program hash, deal id); the receiver refuses
   another party's or another program's keys and answers with the first batch id free in its folder (after
   every batch it holds, used or not, or is receiving), so the dealer numbers a deal's batches after them.
-* Per file: its name (``batchNNNN.key``, or ``setup-<deal>.key`` for the model owner), which the receiver
+* Per file: its name, exactly the one a deal gives it (:func:`fssc.runtime.session._batch_path`:
+  ``batch0005.key``, ASCII digits; or ``setup-<deal>.key`` for the model owner), which the receiver
   refuses if the file exists there (keys are never overwritten) or is being received; then the file's
   bytes in frames of at most ``CHUNK`` bytes, and an empty frame. The receiver writes them to
   ``NAME.part`` (0600, in a 0700 folder), then checks the whole file as a party opening it does
   (:class:`fssc.runtime.keys.KeyReader`: magic, format, program hash, party, batch id, deal, trailer and
-  checksum) and says so; the dealer then commits it, once all of the batch's files (both parties') are
-  complete, and the receiver files it under its name (a hard link: never over an existing file). A
+  checksum), sending heartbeats while it hashes, and says so; the dealer then commits it (party 1's file of
+  a batch is completed and filed before party 0's: ``session._deal_batch``), and the receiver files it
+  under its name (a hard link: never over an existing file). A
   connection that ends any other way (cut, refused, timed out) leaves nothing: its ``.part`` files are
   deleted. Memory is a few frames on either side, whatever the file's size.
 * The dealer sends heartbeats while it computes (as the parties do), so the receiver's silence timeout
