@@ -44,14 +44,20 @@ def open_new(path: str, private: bool = False, exclusive: bool = False):
 
 
 def write_atomic(path: str, data: str | bytes, private: bool = False, durable: bool = False) -> None:
-    """Write ``data`` to ``path`` via ``path.part`` and an atomic rename."""
-    tmp = path + ".part"
-    with open_new(tmp, private) as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` via a ``.part`` file of this call's own (created exclusively: two writers
+    of one path never write into one file) and an atomic rename; a failed write leaves no ``.part``."""
+    tmp = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.part"
+    try:
+        with open_new(tmp, private, exclusive=True) as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     if durable:
         fsync_dir(os.path.dirname(path))
 

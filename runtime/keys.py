@@ -151,6 +151,18 @@ class _BackgroundFile:
         self._fh.close()
 
 
+def _open_part(path: str):
+    """``path.part``, created exclusively: two writers of one key file (two runs dealing one batch into a
+    shared folder) never write into one file; the second is refused."""
+    try:
+        return open_new(path + ".part", private=True, exclusive=True)
+    except FileExistsError:
+        raise FsscError(
+            f"{path}.part exists: another run is writing {os.path.basename(path)}, or one that failed left it "
+            "(delete it if no run is)"
+        ) from None
+
+
 class KeySink(Protocol):
     """Where a :class:`KeyWriter` sends a file's bytes instead of a local file (``fssc deal --to``: a party's
     key receiver, :mod:`fssc.runtime.keystream`). ``write`` gets the file's bytes in order (from the writer's
@@ -187,7 +199,7 @@ class KeyWriter:
             private_dir(os.path.dirname(path))
         self._hash = hashlib.sha256()
         self._mem = None if path or sink is not None else io.BytesIO()
-        fh = sink if sink is not None else open_new(path + ".part", private=True) if path else None
+        fh = sink if sink is not None else _open_part(path) if path else None
         self._file = _BackgroundFile(fh, self._hash) if fh is not None else None
         self._open_record: _Record | None = None
         self.bytes_written = 0

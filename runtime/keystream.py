@@ -6,18 +6,24 @@ the party's files, the bytes a key file on disk holds (:class:`fssc.runtime.keys
 to a :class:`FileSink` instead of a file: one key format, one writer).
 
 * TLS 1.3, both sides authenticated by certificates of one CA (``fssc certs``): the receiver accepts only
-  the dealer's certificate (common name fssc-dealer) and the dealer sends a party's keys only to a server
-  whose certificate is that party's (fssc-party0 or fssc-party1).
+  the dealer's certificate (common name fssc-dealer, checked right after TLS, before anything the client
+  sent is read) and the dealer sends a party's keys only to a server whose certificate is that party's
+  (fssc-party0 or fssc-party1). As the parties' listener (:mod:`fssc.runtime.transport`): TLS, name and
+  hello within ``HANDSHAKE_TIMEOUT`` in all (heartbeats do not extend it), at most ``MAX_PENDING``
+  connections before their hello (more are closed at once), and only a dealer past its hello keeps the
+  receiver from being idle (``connect_timeout``).
 * A connection opens with the dealer's hello (protocol, party, program hash, deal id); the receiver refuses
   another party's or another program's keys and answers with the first batch id free in its folder (after
   every batch it holds, used or not, or is receiving), so the dealer numbers a deal's batches after them.
-* Per file: its name (``batchNNNN.key``, or ``setup-<deal>.key`` for the model owner), which the receiver
+* Per file: its name, exactly the one a deal gives it (:func:`fssc.runtime.session._batch_path`:
+  ``batch0005.key``, ASCII digits; or ``setup-<deal>.key`` for the model owner), which the receiver
   refuses if the file exists there (keys are never overwritten) or is being received; then the file's
   bytes in frames of at most ``CHUNK`` bytes, and an empty frame. The receiver writes them to
   ``NAME.part`` (0600, in a 0700 folder), then checks the whole file as a party opening it does
   (:class:`fssc.runtime.keys.KeyReader`: magic, format, program hash, party, batch id, deal, trailer and
-  checksum) and says so; the dealer then commits it, once all of the batch's files (both parties') are
-  complete, and the receiver files it under its name (a hard link: never over an existing file). A
+  checksum), sending heartbeats while it hashes, and says so; the dealer then commits it (party 1's file of
+  a batch is completed and filed before party 0's: ``session._deal_batch``), and the receiver files it
+  under its name (a hard link: never over an existing file). A
   connection that ends any other way (cut, refused, timed out) leaves nothing: its ``.part`` files are
   deleted. Memory is a few frames on either side, whatever the file's size.
 * The dealer sends heartbeats while it computes (as the parties do), so the receiver's silence timeout
@@ -32,22 +38,23 @@ import os
 import re
 import socket
 import ssl
-import struct
 import threading
 import time
 from dataclasses import dataclass
 
 from fssc.runtime import session
-from fssc.runtime.certs import DEALER_NAME, identity_files
+from fssc.runtime.certs import DEALER_NAME
 from fssc.runtime.channel import FrameLengthError
 from fssc.runtime.keys import KeyReader
 from fssc.runtime.transport import (
     HANDSHAKE_TIMEOUT,
-    HEARTBEAT,
+    MAX_HELLO,
     MAX_JSON,
+    MAX_PENDING,
     PARTY_NAMES,
     PEER_TIMEOUT,
     _common_name,
+    _connect_retrying,
     _parse_json,
     _reason,
     _recv_frame,
@@ -55,6 +62,8 @@ from fssc.runtime.transport import (
     _shutdown,
     _split,
     heartbeat_interval,
+    send_heartbeat,
+    tls_context,
 )
 
 from fssc.errors import FsscError
@@ -63,23 +72,6 @@ from fssc.files import open_new, private_dir
 STREAM_PROTOCOL = 1
 CHUNK = 4 << 20  # bytes of a file per frame
 CONNECT_TIMEOUT = 60.0  # default seconds the dealer retries a receiver that is not listening yet
-
-
-def _context(certs: str, identity: str, server: bool) -> ssl.SSLContext:
-    files = identity_files(certs, identity)
-    for p in files:
-        if not os.path.exists(p):
-            raise FsscError(
-                f"certificates: {p} not found (create them with `fssc certs -o DIR`; certificates made "
-                "before the dealer had one lack dealer.pem: make new ones)"
-            )
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(files[1], files[2])
-    ctx.load_verify_locations(files[0])
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.check_hostname = not server
-    return ctx
 
 
 @dataclass(frozen=True)
@@ -113,7 +105,7 @@ class Stream:
 
     def __init__(self, target: Target, program: str, deal: str):
         self.target = target
-        ctx = _context(target.certs, "dealer", server=False)
+        ctx = tls_context(target.certs, "dealer", server=False)
         raw = _connect(target)
         try:
             self.sock = ctx.wrap_socket(raw, server_hostname=PARTY_NAMES[target.party])
@@ -127,10 +119,13 @@ class Stream:
         self._beats = threading.Thread(target=self._heartbeats, name="key-stream-heartbeat", daemon=True)
         self._beats.start()
         hello = {"fssc": "keys", "protocol": STREAM_PROTOCOL, "party": target.party, "program": program, "deal": deal}
-        reply = self.request(hello, "the hello")
-        if not isinstance(reply.get("next"), int) or reply["next"] < 0:
+        try:
+            reply = self.request(hello, "the hello")
+            if not isinstance(reply.get("next"), int) or reply["next"] < 0:
+                raise FsscError(f"{target.who} answered the hello with {str(reply)[:80]}")
+        except BaseException:  # neither the connection nor its heartbeat thread outlives a failed hello
             self.close()
-            raise FsscError(f"{target.who} answered the hello with {str(reply)[:80]}")
+            raise
         self.next: int = reply["next"]
 
     def _heartbeats(self) -> None:
@@ -139,7 +134,7 @@ class Stream:
             if time.monotonic() - self._last < beat or not self._lock.acquire(blocking=False):
                 continue
             try:
-                self.sock.sendall(struct.pack("<Q", HEARTBEAT))
+                send_heartbeat(self.sock)
                 self._last = time.monotonic()
             except OSError:
                 return
@@ -216,26 +211,55 @@ def _connect(target: Target) -> socket.socket:
     """A TCP connection to the receiver, retried (a receiver not listening yet) for ``connect_timeout`` s."""
     host, port = _split(target.addr)
     deadline = time.monotonic() + target.connect_timeout
-    pause = 0.1
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            sock = socket.create_connection((host, port), timeout=max(0.1, min(30.0, left)))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests are small: no Nagle delay
-            return sock
-        except OSError as e:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise FsscError(
-                    f"cannot connect to {target.who} within {target.connect_timeout:g} s (--connect-timeout): "
-                    f"{_reason(e)}"
-                ) from None
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, 2.0)
+    sock = _connect_retrying(target.addr, host, port, deadline, target.connect_timeout, None, who=target.who)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # requests are small: no Nagle delay
+    return sock
 
 
 # ------------------------------------------------------------ the party's receiver
-BATCH_FILE = re.compile(r"batch(\d{4,9})\.key")
+def batch_of(name: str) -> int | None:
+    """The batch id whose key file is called ``name`` (exactly the name a deal gives it, ASCII digits), or None."""
+    digits = name.removeprefix("batch").removesuffix(".key")
+    if not (0 < len(digits) <= 12 and digits.isascii() and digits.isdigit()):
+        return None
+    batch = int(digits)
+    return batch if name == os.path.basename(session._batch_path("", batch)) else None
+
+
+def _linger(sock) -> None:
+    """After a refusal: end our side and discard (unread, undecrypted) what the client had sent already, for a
+    moment, so that closing does not reset the connection before the client reads the refusal."""
+    socket.socket.shutdown(sock, socket.SHUT_WR)
+    sock.settimeout(0.5)
+    end, got = time.monotonic() + 0.5, 0
+    while got < 4 * MAX_HELLO and time.monotonic() < end:
+        b = socket.socket.recv(sock, MAX_HELLO)
+        if not b:
+            return
+        got += len(b)
+
+
+@contextlib.contextmanager
+def _beating(sock, timeout: float):
+    """Heartbeats on ``sock`` from a thread while the caller works without using it (the receiver checking a
+    file that may take a while to hash), so that the dealer waiting for the answer hears a live receiver."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        every = heartbeat_interval(timeout)
+        while not stop.wait(every):
+            try:
+                send_heartbeat(sock)
+            except (OSError, ssl.SSLError):
+                return
+
+    t = threading.Thread(target=beat, name="key-receiver-heartbeat", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
 
 
 class _RefusedError(FsscError):
@@ -260,11 +284,13 @@ class KeyReceiver:
         timeout: float = PEER_TIMEOUT,
         log=print,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_pending: int = MAX_PENDING,
     ):
         host, port = _split(addr)
         self.addr, self.party, self.out, self.program = addr, party, out, program_hash
-        self.ctx = _context(certs, f"party{party}", server=True)
+        self.ctx = tls_context(certs, f"party{party}", server=True)
         self.timeout, self.log, self.handshake_timeout = timeout, log, handshake_timeout
+        self.max_pending = max_pending
         private_dir(out)
         self.srv = socket.create_server((host, port))
         self.srv.settimeout(0.25)
@@ -273,6 +299,9 @@ class KeyReceiver:
         self._socks: set[socket.socket] = set()  # open connections
         self._parts: set[str] = set()  # .part files of open connections
         self._threads: list[threading.Thread] = []
+        self._pending = 0  # connections accepted and not yet past the dealer's hello (or closed)
+        self._inflight: dict[socket.socket, float] = {}  # those connections -> their handshake deadline
+        self._sessions = 0  # connections of an authenticated dealer past its hello
         self._idle_since = time.monotonic()
         self._closed = False
         self.deals = 0  # deals ended (the dealer's "done")
@@ -282,8 +311,9 @@ class KeyReceiver:
     # -- the accept loop ---------------------------------------------------
     def serve(self, deals: int | None = None, connect_timeout: float | None = None) -> None:
         while not self._closed and (deals is None or self.deals < deals):
+            self._expire()
             with self._lock:
-                idle = not self._socks
+                idle = not self._sessions  # only a dealer that was let in keeps the receiver busy
                 if not idle:
                     self._idle_since = time.monotonic()
             if idle and connect_timeout is not None and time.monotonic() - self._idle_since > connect_timeout:
@@ -301,11 +331,27 @@ class KeyReceiver:
                 self.log(f"accept failed: {e}")
                 time.sleep(0.25)
                 continue
+            peer = f"{addr[0]}:{addr[1]}"
             with self._lock:
-                self._socks.add(raw)
-            t = threading.Thread(target=self._connection, args=(raw, f"{addr[0]}:{addr[1]}"), daemon=True)
+                full = self._pending >= self.max_pending
+                if not full:
+                    self._pending += 1
+                    self._socks.add(raw)
+            if full:
+                self.log(f"refused a connection from {peer}: too many pending handshakes ({self.max_pending})")
+                raw.close()
+                continue
+            t = threading.Thread(target=self._connection, args=(raw, peer), daemon=True)
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
             t.start()
+
+    def _expire(self) -> None:
+        """Wake the connections whose TLS handshake and hello did not end within the handshake timeout."""
+        now = time.monotonic()
+        with self._lock:
+            for sock, deadline in self._inflight.items():
+                if now > deadline:
+                    _shutdown(sock)  # its thread then fails and logs
 
     def close(self) -> None:
         """Stop: close the listening socket and every connection; nothing uncommitted is kept."""
@@ -346,20 +392,32 @@ class KeyReceiver:
         sock: socket.socket = raw
         pending: dict[str, str] = {}  # name -> its .part file, received and not committed
         ended = False
+        admitted = False  # past the certificate check and the hello: a session
+        deadline = time.monotonic() + self.handshake_timeout
         try:
             raw.settimeout(self.handshake_timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tls = self.ctx.wrap_socket(raw, server_side=True)
+            tls = self.ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
             sock = tls
             with self._lock:
                 self._socks.discard(raw)
                 self._socks.add(tls)
-            tls.settimeout(self.timeout)
-            hello = self._recv(tls)  # read before any refusal, so that the dealer hears the refusal
+                self._inflight[tls] = deadline  # TLS, certificate name and hello: within the handshake timeout
+            tls.do_handshake()
             cn = _common_name(tls.getpeercert() or {})
-            if cn != DEALER_NAME:
+            if cn != DEALER_NAME:  # before reading anything from it
                 raise _RefusedError(f"client certificate is for {cn!r}, not the dealer ({DEALER_NAME!r})")
+            try:
+                hello = _parse_json(_recv_frame(tls, self.handshake_timeout, MAX_HELLO, at_most=True))
+            except FrameLengthError as e:
+                raise _RefusedError(f"hello: {e}") from None
             deal = self._hello(tls, hello)
+            with self._lock:
+                self._inflight.pop(tls, None)
+                self._pending -= 1
+                self._sessions += 1
+                admitted = True
+            tls.settimeout(self.timeout)
             while True:
                 try:
                     msg = self._recv(tls)
@@ -384,9 +442,14 @@ class KeyReceiver:
         except _RefusedError as e:
             with contextlib.suppress(OSError, ssl.SSLError):
                 self._send(sock, {"error": str(e)})
+                _linger(sock)
             self.log(f"refused the dealer at {peer}: {e}")
         except Exception as e:  # any failure ends this connection only
-            if not self._closed:
+            if self._closed:
+                pass
+            elif not admitted and (isinstance(e, TimeoutError) or time.monotonic() >= deadline):
+                self.log(f"refused the connection from {peer}: no handshake within {self.handshake_timeout:g} s")
+            else:
                 self.log(f"connection from {peer} failed: {_reason(e)}")
         finally:
             for name, part in pending.items():
@@ -398,6 +461,12 @@ class KeyReceiver:
                 self._parts.difference_update(pending.values())
                 self._socks.discard(sock)
                 self._socks.discard(raw)
+                self._inflight.pop(sock, None)
+                if admitted:
+                    self._sessions -= 1
+                    self._idle_since = time.monotonic()
+                else:
+                    self._pending -= 1
             with contextlib.suppress(OSError):
                 sock.close()
 
@@ -418,14 +487,13 @@ class KeyReceiver:
         return str(deal)
 
     def _file(self, sock, name: str, deal: str, pending: dict[str, str]) -> None:
-        m = BATCH_FILE.fullmatch(name)
-        batch = int(m.group(1)) if m else None
-        if batch is None and not (self.party == 1 and name == f"setup-{deal}.key"):
+        batch = batch_of(name)
+        if batch is None and not (self.party == 1 and name == os.path.basename(session.setup_path("", deal))):
             raise _RefusedError(f"{name[:80]!r} is not a key file of party {self.party} for deal {deal[:8]}")
         final = os.path.join(self.out, name)
         if os.path.exists(final):
             raise _RefusedError(f"{final} exists (keys are never overwritten)")
-        if batch is not None and os.path.exists(final[: -len(".key")] + ".used"):
+        if batch is not None and os.path.exists(session._marker(final)):
             raise _RefusedError(f"batch {batch} was used here (keys are one-time; its id is not dealt again)")
         part = final + ".part"
         try:
@@ -441,10 +509,11 @@ class KeyReceiver:
             while b := _recv_frame(sock, self.timeout, CHUNK, at_most=True):
                 fh.write(b)
                 size += len(b)
-        try:  # the checks a party makes when it opens the file
-            r = KeyReader(part, program=self.program, party=self.party, batch=batch, deal=deal)
-            kind = r.header.get("kind")
-            r.close()
+        try:  # the checks a party makes when it opens the file (heartbeats meanwhile: hashing GBs takes a while)
+            with _beating(sock, self.timeout):
+                r = KeyReader(part, program=self.program, party=self.party, batch=batch, deal=deal)
+                kind = r.header.get("kind")
+                r.close()
             if kind != ("batch" if batch is not None else "setup"):
                 raise FsscError(f"a {kind!r} file sent as {name}")
         except FsscError as e:

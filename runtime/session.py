@@ -226,8 +226,9 @@ def deal_batches(
     deal id and setup seed are the deal's, the same in every batch, and the files are the same as a serial
     deal's. ``progress(done, batches, seconds of the batch just done)`` as batches complete. If a batch fails,
     no batch is started after it, the ones being dealt finish, and only the batches reported done keep their
-    files (as in a serial deal): no key file of another batch, complete or partial, is left. The error is
-    raised.
+    files (as in a serial deal): no key file of another batch, complete or partial, is left, but for party 1's
+    complete file of a batch whose party-0 file was streamed (its receiver may have filed it: a batch only
+    party 1 holds is harmless, never dealt again; see ``_deal_batch``). The error is raised.
 
     ``targets`` ({party: HOST:PORT}) streams those parties' files to their key receivers
     (:mod:`fssc.runtime.keystream`) with the dealer's certificates in ``certs``, instead of writing them to
@@ -265,10 +266,12 @@ def deal_batches(
         from fssc.runtime.cluster import cluster_executor
 
         executor, window = cluster_executor(cluster, connect_timeout, warn)
-    streams = {}
+    streams: dict[int, keystream.Stream] = {}
     try:
         # the receivers say where their ids continue (short connections: a deal may take hours)
-        streams = {o.party: keystream.Stream(o, h, deal) for o in outs if not isinstance(o, str)}
+        for o in outs:  # one at a time, into ``streams``: if party 1's fails, party 0's is closed below
+            if not isinstance(o, str):
+                streams[o.party] = keystream.Stream(o, h, deal)
         # ids continue after every batch dealt into these folders or held by these receivers
         start = max([next_batch_id(dirs), *(s.next for s in streams.values())])
         setup_hdr = {"kind": "setup", "program": h, "party": 1, "deal": deal}
@@ -320,7 +323,8 @@ def _run_jobs(executor, jobs: list[tuple], window: int, progress, outs: list, id
     """The batch jobs on ``executor`` (a concurrent.futures one: local processes, or a cluster's), at most
     ``window`` at a time. After a failure no job is started, the running ones finish, and the files of every
     batch not reported done are deleted from the key folders (a job that died leaves its ``.part`` files; a
-    stream cut short leaves nothing at its receiver). The first error is raised."""
+    stream cut short leaves nothing at its receiver), but for those ``_unfiled`` keeps. The first error is
+    raised."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
     queue = list(jobs)
@@ -353,14 +357,23 @@ def _run_jobs(executor, jobs: list[tuple], window: int, progress, outs: list, id
         wait(running)
     if error is not None:
         reported = {b for b, *_ in done}
-        for d in (o for o in outs if isinstance(o, str)):
+        for p, d in enumerate(outs):
+            if not isinstance(d, str):
+                continue
             for i in ids:
                 if i not in reported:
-                    for path in (_batch_path(d, i), _batch_path(d, i) + ".part"):
+                    for path in (_batch_path(d, i) + ".part", *_unfiled(outs, p, _batch_path(d, i))):
                         with contextlib.suppress(FileNotFoundError):
                             os.remove(path)
         raise error
     return done
+
+
+def _unfiled(outs: list, party: int, path: str) -> list[str]:
+    """``[path]`` if a failed batch's complete local key file of ``party`` is to be deleted. Party 0's always
+    is; party 1's is kept when party 0's file was streamed, which its receiver may have filed (its answer
+    lost): a batch only party 1 holds is harmless (party 0 never asks for it), one only party 0 holds is not."""
+    return [] if party == 1 and not isinstance(outs[0], str) else [path]
 
 
 def _dealer_program(program: str, where: str, program_hash: str):
@@ -375,7 +388,9 @@ def _deal_batch(program: str, where: str, program_hash: str, outs: list, deal: s
     """One batch of one deal: both parties' key files, complete, or none (-> (batch, bytes p0, bytes p1, s)).
 
     ``outs[p]``: party p's key folder, or a :class:`fssc.runtime.keystream.Target` to stream its file to
-    (over a connection of this job's own). The files are committed once both are complete."""
+    (over a connection of this job's own). Party 1's file is completed and filed first, party 0's only after
+    it: a failure can leave a batch only party 1 holds (harmless, its id is never dealt again), never one only
+    party 0 holds."""
     from fssc.runtime import keystream
 
     mod = _dealer_program(program, where, program_hash)
@@ -384,6 +399,7 @@ def _deal_batch(program: str, where: str, program_hash: str, outs: list, deal: s
     name = os.path.basename(_batch_path("", batch))
     writers: list[KeyWriter] = []
     streams: list[keystream.Stream] = []
+    filed: list[int] = []  # parties whose local file this job filed
     try:
         for p, out in enumerate(outs):  # one at a time: if P1's fails, P0's is aborted
             if isinstance(out, str):
@@ -393,17 +409,18 @@ def _deal_batch(program: str, where: str, program_hash: str, outs: list, deal: s
                 w = KeyWriter(f"{out.who}: {name}", {**hdr, "party": p}, sink=streams[-1].file(name))
                 writers.append(w)
         mod.deal(Dealer(writers[0], writers[1]), seed)
-        for w in writers:
-            w.close()
-        for w in writers:  # both complete (streamed ones checked by their receivers): file them
-            w.commit()
+        for p in (1, 0):  # complete (a streamed one checked by its receiver), then filed
+            writers[p].close()
+            writers[p].commit()
+            if isinstance(outs[p], str):
+                filed.append(p)
     except BaseException:
         for w in writers:  # no partial key file that looks complete
             w.abort()
-        for out in outs:  # a party's file was complete when the other's failed
-            if isinstance(out, str):
+        for p in filed:  # a party's file was complete when the other's failed (only this job's own files)
+            for path in _unfiled(outs, p, _batch_path(outs[p], batch)):
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(_batch_path(out, batch))
+                    os.remove(path)
         raise
     finally:
         for s in streams:

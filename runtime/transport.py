@@ -74,21 +74,40 @@ def heartbeat_interval(timeout: float) -> float:
     return max(0.05, min(HEARTBEAT_EVERY, timeout / 4))
 
 
-def _context(certs: str, party: int) -> ssl.SSLContext:
-    ca = os.path.join(certs, "ca.pem")
-    cert = os.path.join(certs, f"party{party}.pem")
-    key = os.path.join(certs, f"party{party}.key")
-    for p in (ca, cert, key):
+def tls_context(certs: str, identity: str, server: bool) -> ssl.SSLContext:
+    """A TLS 1.3 context with ``identity``'s certificate from a folder ``fssc certs`` wrote (``party0``,
+    ``party1`` or ``dealer``): a server's or a client's, either requiring the other side's certificate
+    from the same CA (a client also checks the server's name)."""
+    from fssc.runtime.certs import identity_files  # certs imports this module: the file names live there
+
+    files = identity_files(certs, identity)
+    for p in files:
         if not os.path.exists(p):
-            raise FsscError(f"certificates: {p} not found (create them with `fssc certs -o {certs}`)")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if party == 1 else ssl.PROTOCOL_TLS_CLIENT)
+            hint = " (certificates made before the dealer had one lack dealer.pem: make new ones)"
+            raise FsscError(
+                f"certificates: {p} not found (create them with `fssc certs -o {certs}`)"
+                + (hint if identity == "dealer" else "")
+            )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(cert, key)
-    ctx.load_verify_locations(ca)
+    ctx.load_cert_chain(files[1], files[2])
+    ctx.load_verify_locations(files[0])
     ctx.verify_mode = ssl.CERT_REQUIRED
-    if party == 0:
-        ctx.check_hostname = True
+    ctx.check_hostname = not server
     return ctx
+
+
+def _context(certs: str, party: int) -> ssl.SSLContext:
+    """A party's context for a session: the model owner (P1) serves, the data owner (P0) connects."""
+    return tls_context(certs, f"party{party}", server=party == 1)
+
+
+HEARTBEAT_FRAME = struct.pack("<Q", HEARTBEAT)
+
+
+def send_heartbeat(sock) -> None:
+    """One heartbeat on ``sock`` (the caller makes sure no other frame is being written on it)."""
+    sock.sendall(HEARTBEAT_FRAME)
 
 
 class TcpChannel(Channel):
@@ -114,7 +133,7 @@ class TcpChannel(Channel):
                 b = self._out.get(timeout=beat)
             except queue.Empty:
                 b = b""  # nothing to send for a while: a heartbeat tells the peer we are alive
-                head = struct.pack("<Q", HEARTBEAT)
+                head = HEARTBEAT_FRAME
             else:
                 if b is None:
                     return
@@ -440,7 +459,12 @@ def connect(
     return TcpChannel(socks["up"], socks["down"], timeout, record)
 
 
-def _connect_retrying(addr: str, host: str, port: int, deadline: float, connect_timeout: float, log) -> socket.socket:
+def _connect_retrying(
+    addr: str, host: str, port: int, deadline: float, connect_timeout: float, log, who: str | None = None
+) -> socket.socket:
+    """A TCP connection to ``host:port``, retried with a growing pause (a server not listening yet) until
+    ``deadline``; ``who`` names the server in messages (default: the model owner at ``addr``)."""
+    who = who or f"the model owner at {addr}"
     pause = 0.1
     told = False
     while True:
@@ -451,10 +475,10 @@ def _connect_retrying(addr: str, host: str, port: int, deadline: float, connect_
             left = deadline - time.monotonic()
             if left <= 0:
                 raise FsscError(
-                    f"cannot connect to the model owner at {addr} within {connect_timeout:g} s (--connect-timeout): {e}"
+                    f"cannot connect to {who} within {connect_timeout:g} s (--connect-timeout): {_reason(e)}"
                 ) from None
             if log and not told:
-                log(f"the model owner at {addr} is not reachable yet ({e}); retrying for up to {connect_timeout:g} s")
+                log(f"{who} is not reachable yet ({e}); retrying for up to {connect_timeout:g} s")
                 told = True
             time.sleep(min(pause, left))
             pause = min(pause * 2, 2.0)

@@ -4,12 +4,14 @@ The test starts its own ``LocalCluster`` (two worker processes, one thread each)
 
 * batches dealt on the cluster into a key folder the workers see run a two-party session (logits equal to
   the fixed-point interpreter's bit for bit, within 0.05 of onnxruntime's, labels their argmax), with one
-  deal id and the file layout of a local deal, and one warning line: the workers run with Dask's default
-  ``MALLOC_TRIM_THRESHOLD_``, which slows dealing (docs/scaling.md);
+  deal id and the file layout of a local deal, and at most one warning line (workers that run with Dask's
+  default ``MALLOC_TRIM_THRESHOLD_``, which slows dealing: docs/scaling.md);
 * the model owner's keys written by the workers and the data owner's streamed from them to its receiver
   (``--to``) in the same deal;
 * a scheduler that cannot be reached, and a worker that dies mid-batch: one line, exit code 2, and no key
   file of an unfinished batch, complete-looking or partial.
+
+The session test and the worker-death test are slow (a worker restart, a session): ``-m slow``.
 
 Skipped, with a message, where Dask is not installed (``pip install 'fssc[cluster]'``).
 """
@@ -62,6 +64,7 @@ def cluster():
             c.close()
 
 
+@pytest.mark.slow
 @needs_dask
 def test_batches_dealt_on_the_cluster_run_a_session(tiny, cluster, tmp_path, run_fssc):
     keys = tmp_path / "keys"
@@ -72,9 +75,11 @@ def test_batches_dealt_on_the_cluster_run_a_session(tiny, cluster, tmp_path, run
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert "batch 0: " in r.stdout and "batch 1: " in r.stdout and "2/2 batches" in r.stdout, r.stdout
-    # the cluster runs with Dask's default allocator setting, which the dealer points out (docs/scaling.md)
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith(
-        "fssc: warning: --cluster: 2 of 2 workers run with MALLOC_TRIM_THRESHOLD_=65536"
+    # a cluster whose workers run with Dask's default allocator setting (MALLOC_TRIM_THRESHOLD_, set or not
+    # depending on the Dask version and its config) is pointed out in one warning line (docs/scaling.md)
+    lines = r.stderr.splitlines()
+    assert len(lines) <= 1 and all(
+        x.startswith("fssc: warning: --cluster: ") and "MALLOC_TRIM_THRESHOLD_" in x for x in lines
     ), r.stderr
     deals = {peek_header(str(keys / p / f"batch{b:04d}.key"))["deal"] for p in ("p0", "p1") for b in (0, 1)}
     assert len(deals) == 1, "the batches of one deal carry one deal id"
@@ -95,6 +100,7 @@ def test_an_unreachable_scheduler_is_one_line(tiny, tmp_path):
     assert not (tmp_path / "keys").exists()
 
 
+@pytest.mark.slow
 @needs_dask
 def test_a_worker_that_dies_mid_batch_is_one_line_and_leaves_no_batch(tiny, cluster, tmp_path):
     prog = tmp_path / "prog"

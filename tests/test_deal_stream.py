@@ -9,6 +9,9 @@ mutual TLS, and the parties run them as batches dealt to disk.
   the other party's (the dealer refuses it), keys for another party or program, a batch id the receiver
   holds (never overwritten, used or not), a file whose header names another batch, a stream cut mid-file and
   a dealer process that dies mid-batch: each leaves no file that looks complete, and no ``.part``.
+* A file name other than the one a deal gives that batch (``batch00005.key``, other digits) is refused; a
+  client with a party's certificate is dropped right after TLS, one with the dealer's that sends only
+  heartbeats once the handshake timeout is over; connections that have not said their hello are capped.
 
 Oracles: the fixed-point interpreter and onnxruntime (logits), the key files' bytes, headers and checksums
 (``KeyReader``), the folders' listings and modes.
@@ -16,6 +19,7 @@ Oracles: the fixed-point interpreter and onnxruntime (logits), the key files' by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -148,11 +152,12 @@ def test_streamed_batches_run_a_session(tiny, tmp_path, run_fssc):
 class Receiver:
     """A :class:`keystream.KeyReceiver` serving from a thread of the test; ``logs`` holds its lines."""
 
-    def __init__(self, tiny, out: Path, party: int = 0, certs: Path | None = None, program: str | None = None):
+    def __init__(self, tiny, out: Path, party: int = 0, certs: Path | None = None, program: str | None = None, **kw):
         self.logs: list[str] = []
         self.rx = keystream.KeyReceiver(
-            "127.0.0.1:0", str(certs or tiny["certs"]), party, str(out), program or tiny["hash"], 10, self.logs.append
-        )
+            "127.0.0.1:0", str(certs or tiny["certs"]), party, str(out), program or tiny["hash"], 10, self.logs.append,
+            **kw,
+        )  # fmt: skip
         self.addr = f"127.0.0.1:{self.rx.port}"
         self.thread = threading.Thread(target=self.rx.serve, daemon=True)
         self.thread.start()
@@ -269,6 +274,78 @@ def test_an_existing_batch_id_is_refused_and_never_overwritten(tiny, tmp_path):
     _no_complete_looking_file(out, ("batch0000.key", "batch0003.used"))
 
 
+def test_only_the_canonical_name_of_a_batch_is_accepted(tiny, tmp_path):
+    assert [keystream.batch_of(n) for n in ("batch0005.key", "batch12345.key")] == [5, 12345]
+    odd = ("batch00005.key", "batch5.key", "batch\u0660\u0660\u0660\u0665.key", "batch+005.key", "batch 005.key")
+    assert [keystream.batch_of(n) for n in odd] == [None] * len(odd)
+    deal = "ab" * 16
+    out = tmp_path / "keys" / "p0"
+    with Receiver(tiny, out) as rx:
+        for name in ("batch00005.key", "batch\u0660\u0660\u0660\u0665.key"):  # batch 5 under another name
+            s = keystream.Stream(_target(tiny, rx.addr), tiny["hash"], deal)
+            with pytest.raises(FsscError, match=r"refused .*is not a key file of party 0"):
+                s.file(name)
+            s.close()
+        rx.wait_logs(2)
+    _no_complete_looking_file(out)
+
+
+def _raw_client(certs: Path, identity: str, port: int, server_name: str = "fssc-party0"):
+    import socket
+
+    from fssc.runtime.transport import tls_context
+
+    ctx = tls_context(str(certs), identity, server=False)
+    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname=server_name)
+
+
+def _beat_until_dropped(sock, limit: float) -> float:
+    """Send only heartbeats until the receiver drops the connection -> seconds it took (fails after ``limit``)."""
+    from fssc.runtime.transport import send_heartbeat
+
+    t0 = time.monotonic()
+    sock.settimeout(0.1)
+    while time.monotonic() - t0 < limit:
+        try:
+            send_heartbeat(sock)
+            if sock.recv(1 << 16) == b"":
+                break
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+    return time.monotonic() - t0
+
+
+def test_a_client_that_sends_only_heartbeats_is_dropped_within_the_handshake_timeout(tiny, tmp_path):
+    with Receiver(tiny, tmp_path / "keys" / "p0", handshake_timeout=1.0) as rx:
+        # a party's certificate: refused right after TLS, before anything it sends is read
+        with _raw_client(tiny["certs"], "party0", rx.rx.port) as c:
+            assert _beat_until_dropped(c, 5) < 1.0
+        # the dealer's certificate without a hello: dropped once the handshake timeout is over
+        with _raw_client(tiny["certs"], "dealer", rx.rx.port) as c:
+            assert 0.9 < _beat_until_dropped(c, 5) < 3.0
+        logs = rx.wait_logs(2)
+    assert "refused the dealer at" in logs[0] and "client certificate is for 'fssc-party0'" in logs[0], logs
+    assert "no handshake within 1 s" in logs[1], logs
+
+
+def test_pending_connections_are_capped(tiny, tmp_path):
+    import socket
+
+    with Receiver(tiny, tmp_path / "keys" / "p0", handshake_timeout=3.0, max_pending=1) as rx:
+        first = socket.create_connection(("127.0.0.1", rx.rx.port))  # no TLS: it holds the one slot
+        try:
+            time.sleep(0.5)
+            second = socket.create_connection(("127.0.0.1", rx.rx.port), timeout=5)
+            with second, contextlib.suppress(ConnectionResetError):
+                assert second.recv(1) == b""  # closed at once
+            logs = rx.wait_logs(1)
+            assert "too many pending handshakes (1)" in logs[0], logs
+        finally:
+            first.close()
+
+
 def test_a_stream_cut_mid_batch_leaves_no_file(tiny, tmp_path):
     deal = "ef" * 16
     out = tmp_path / "keys" / "p0"
@@ -324,3 +401,36 @@ def test_a_dealer_that_dies_mid_batch_leaves_no_complete_looking_file(tiny, tmp_
     for name in names:  # whatever was filed is whole, and the model owner's side has it too
         KeyReader(str(keys / "p0" / name)).close()
         assert (keys / "p1" / name).exists()
+
+
+def test_party_1s_file_is_filed_first_and_kept_when_party_0s_commit_fails(tiny, tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    seen = []
+
+    def end(sink):  # party 0's file ends (and is checked) only once party 1's is filed
+        seen.append((keys / "p1" / "batch0000.key").exists())
+        return real_end(sink)
+
+    def commit(sink):  # the receiver's answer to the commit is lost: party 0 may or may not hold the file
+        raise FsscError(f"{sink.stream.target.who}: connection lost at the commit of {sink.name}")
+
+    real_end = keystream.FileSink.end
+    monkeypatch.setattr(keystream.FileSink, "end", end)
+    monkeypatch.setattr(keystream.FileSink, "commit", commit)
+    with Receiver(tiny, keys / "p0") as rx, pytest.raises(FsscError, match="connection lost at the commit"):
+        trust.deal(str(tiny["prog"]), str(keys), 1, targets={0: rx.addr}, certs=str(tiny["certs"]))
+    assert seen == [True]
+    # a batch only party 1 holds is harmless (never dealt again); its file is whole
+    assert sorted(n for n in os.listdir(keys / "p1") if n.startswith("batch")) == ["batch0000.key"]
+    KeyReader(str(keys / "p1" / "batch0000.key")).close()
+    _no_complete_looking_file(keys / "p0")
+    assert session.next_batch_id([str(keys / "p1")]) == 1
+
+
+def test_a_key_file_being_written_is_not_written_twice(tmp_path):
+    path = tmp_path / "batch0000.key"
+    w = KeyWriter(str(path), {"kind": "batch"})
+    with pytest.raises(FsscError, match=r"batch0000.key.part exists: another run is writing batch0000.key"):
+        KeyWriter(str(path), {"kind": "batch"})
+    w.abort()
+    assert os.listdir(tmp_path) == []
