@@ -16,8 +16,7 @@ LayerNormalization converter and its fusion of the pre-opset-17 form.
   owner's scale refused if computed), and torch's exports at opsets 13, 16 (decomposed) and 17, and by the
   dynamo exporter, of a model with LayerNorm2d and nn.LayerNorm: secure == fixed point bit for bit, logits
   within 0.02 of onnxruntime.
-* (slow) convnext_tiny at 32x32, batch 2, exported by fssc: labels equal onnxruntime's, logits within 0.02 of
-  the logit scale.
+* convnext_tiny end to end (both exporters, 32x32, batch 2): tests/test_zoo.py (slow).
 """
 
 from __future__ import annotations
@@ -306,22 +305,3 @@ def test_torch_layernorm_exports_run_securely(opset, tmp_path):
     records = 20 * len([op for op in res.graph.ops if op.gate]) + 8
     for actual, est in ((len(sim.keys[0]), rep.total("key_p0")), (len(sim.keys[1]), rep.total("key_p1"))):
         assert est <= actual <= est + 64 * records + 512
-
-
-@pytest.mark.slow
-def test_convnext_tiny_runs_securely(tmp_path):
-    """fssc's export of convnext_tiny at its smallest size, batch 2, through the in-process simulation: labels
-    equal onnxruntime's, logits within 0.02 x the logit scale (about 6.2 GB of keys per party; minutes)."""
-    from fssc.models.export import export_model, synthetic_images
-
-    path = str(tmp_path / "cnx.onnx")
-    export_model("convnext_tiny", path, num_classes=10, image_size=32, batch=2)
-    res = compile_graph(import_onnx(path), output_mode="logits")
-    x = synthetic_images(2, 32, 11).numpy()
-    ref = ort.InferenceSession(path).run(None, {"input": x})[0]
-    sim = simulate(res.graph, x)
-    assert sim.mismatches() == []
-    logits = sim.decoded()[0]
-    scale = max(1.0, float(np.abs(ref).max()))
-    assert np.abs(logits - ref).max() <= 0.02 * scale
-    assert (logits.argmax(1) == ref.argmax(1)).all()

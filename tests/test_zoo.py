@@ -74,7 +74,7 @@ ZOO = {
     f.model: f
     for f in (
         Family("alexnet", no_torch_leg=SAME_GRAPH),
-        Family("convnext_tiny", xfail="LayerNormalization is not supported yet"),
+        Family("convnext_tiny"),
         Family("densenet121"),
         Family("efficientnet_b0"),
         Family(
