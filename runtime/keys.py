@@ -151,11 +151,12 @@ class _BackgroundFile:
         self._fh.close()
 
 
-def _open_part(path: str):
+def _open_part(path: str, exclusive: bool = True):
     """``path.part``, created exclusively: two writers of one key file (two runs dealing one batch into a
-    shared folder) never write into one file; the second is refused."""
+    shared folder) never write into one file; the second is refused. Not ``exclusive`` (the compiler's
+    weights file, which one compile writes): a stale ``.part`` a killed run left is overwritten."""
     try:
-        return open_new(path + ".part", private=True, exclusive=True)
+        return open_new(path + ".part", private=True, exclusive=exclusive)
     except FileExistsError:
         raise FsscError(
             f"{path}.part exists: another run is writing {os.path.basename(path)}, or one that failed left it "
@@ -192,14 +193,14 @@ class KeyWriter:
     messages): ``close`` ends the file at the receiver, ``commit`` files it there (for a local file,
     ``close`` renamed it already and ``commit`` does nothing)."""
 
-    def __init__(self, path: str | None, header: dict, sink: KeySink | None = None):
+    def __init__(self, path: str | None, header: dict, sink: KeySink | None = None, exclusive: bool = True):
         self.path = path
         self.sink = sink
         if sink is None and path and os.path.dirname(path):
             private_dir(os.path.dirname(path))
         self._hash = hashlib.sha256()
         self._mem = None if path or sink is not None else io.BytesIO()
-        fh = sink if sink is not None else _open_part(path) if path else None
+        fh = sink if sink is not None else _open_part(path, exclusive) if path else None
         self._file = _BackgroundFile(fh, self._hash) if fh is not None else None
         self._open_record: _Record | None = None
         self.bytes_written = 0

@@ -345,7 +345,9 @@ def write_program(prog: SecureProgram, out_dir: str) -> Written:
         maps[role] = sourcemap(prog, role, r)
         write_atomic(paths[role], r.text)
         write_atomic(os.path.join(d, "sourcemap.json"), json.dumps(maps[role], separators=(",", ":")) + "\n")
-    w = KeyWriter(os.path.join(out_dir, "party1", "weights.bin"), {"kind": "weights", "program": prog.hash})
+    w = KeyWriter(  # a .part a killed compile left is overwritten (one compile writes one folder)
+        os.path.join(out_dir, "party1", "weights.bin"), {"kind": "weights", "program": prog.hash}, exclusive=False
+    )
     for name in sorted(prog.weights):
         w.put(name, prog.weights[name])
     w.close()
