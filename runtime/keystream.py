@@ -217,15 +217,6 @@ def _connect(target: Target) -> socket.socket:
 
 
 # ------------------------------------------------------------ the party's receiver
-def batch_of(name: str) -> int | None:
-    """The batch id whose key file is called ``name`` (exactly the name a deal gives it, ASCII digits), or None."""
-    digits = name.removeprefix("batch").removesuffix(".key")
-    if not (0 < len(digits) <= 12 and digits.isascii() and digits.isdigit()):
-        return None
-    batch = int(digits)
-    return batch if name == os.path.basename(session._batch_path("", batch)) else None
-
-
 def _linger(sock) -> None:
     """After a refusal: end our side and discard (unread, undecrypted) what the client had sent already, for a
     moment, so that closing does not reset the connection before the client reads the refusal."""
@@ -487,7 +478,7 @@ class KeyReceiver:
         return str(deal)
 
     def _file(self, sock, name: str, deal: str, pending: dict[str, str]) -> None:
-        batch = batch_of(name)
+        batch = session.batch_of(name)
         if batch is None and not (self.party == 1 and name == os.path.basename(session.setup_path("", deal))):
             raise _RefusedError(f"{name[:80]!r} is not a key file of party {self.party} for deal {deal[:8]}")
         final = os.path.join(self.out, name)

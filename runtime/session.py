@@ -181,13 +181,19 @@ def setup_path(party_dir: str, deal: str) -> str:
     return os.path.join(party_dir, f"setup-{deal}.key")
 
 
+def batch_of(name: str, suffix: str = ".key") -> int | None:
+    """The batch id whose file (``suffix``: .key, .used, ...) is called ``name``: exactly the name a deal gives
+    it (ASCII digits, :func:`_batch_path`'s width), or None."""
+    digits = name.removeprefix("batch").removesuffix(suffix)
+    if not (0 < len(digits) <= 12 and digits.isascii() and digits.isdigit()):
+        return None
+    batch = int(digits)
+    return batch if name == os.path.basename(_batch_path("", batch))[: -len(".key")] + suffix else None
+
+
 def _ids(party_dir: str, suffix: str) -> list[int]:
-    out = []
-    for p in glob.glob(os.path.join(party_dir, f"batch*{suffix}")):
-        m = re.search(rf"batch(\d+){re.escape(suffix)}$", p)
-        if m:
-            out.append(int(m.group(1)))
-    return sorted(out)
+    ids = (batch_of(os.path.basename(p), suffix) for p in glob.glob(os.path.join(party_dir, f"batch*{suffix}")))
+    return sorted(b for b in ids if b is not None)
 
 
 def existing_batches(party_dir: str) -> list[int]:

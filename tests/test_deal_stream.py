@@ -275,9 +275,9 @@ def test_an_existing_batch_id_is_refused_and_never_overwritten(tiny, tmp_path):
 
 
 def test_only_the_canonical_name_of_a_batch_is_accepted(tiny, tmp_path):
-    assert [keystream.batch_of(n) for n in ("batch0005.key", "batch12345.key")] == [5, 12345]
+    assert [session.batch_of(n) for n in ("batch0005.key", "batch12345.key")] == [5, 12345]
     odd = ("batch00005.key", "batch5.key", "batch\u0660\u0660\u0660\u0665.key", "batch+005.key", "batch 005.key")
-    assert [keystream.batch_of(n) for n in odd] == [None] * len(odd)
+    assert [session.batch_of(n) for n in odd] == [None] * len(odd)
     deal = "ab" * 16
     out = tmp_path / "keys" / "p0"
     with Receiver(tiny, out) as rx:
