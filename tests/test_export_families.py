@@ -78,6 +78,7 @@ def _check_against_torch(name: str, path: str, num_classes: int | None, size: in
     assert np.isfinite(got).all() and np.ptp(got) > 1e-4, "the calibrated random model is not degenerate"
 
 
+@pytest.mark.slow  # 8-13 s: an export and its onnxruntime check; the zoo matrix runs inception_v3 too
 def test_inception_v3_exports_at_its_smallest_size(tmp_path):
     path = str(tmp_path / "inception.onnx")
     info = export_model("inception_v3", path, 10, None, 75, 2)
@@ -102,6 +103,7 @@ def test_calibration_keeps_modules_other_than_batchnorm_in_eval_mode():
     assert not any(m.training for m in model.modules())
 
 
+@pytest.mark.slow  # two calibrations of efficientnet_v2_s (8 s)
 def test_recalibration_is_deterministic_and_tames_a_deep_net_at_8px():
     """mnasnet0_5 at 8x8 blows its held-out logits up after the first calibration (4 batches); the
     second (16 batches, variance floor) keeps them O(1) on inputs from other seeds, the same weights
@@ -175,7 +177,9 @@ def test_dynamo_resnet18_compiles_and_its_secure_run_tracks_onnxruntime(dynamo_r
     assert (label == ref.argmax(1)).all() and (y.argmax(1) == ref.argmax(1)).all()
 
 
-@pytest.mark.parametrize("optimize", [True, False], ids=["torch-default", "unoptimised"])
+@pytest.mark.parametrize(
+    "optimize", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["torch-default", "unoptimised"]
+)
 def test_torch_dynamo_exports_of_resnet18_import(optimize, tmp_path):
     """torch's own dynamo output: BN folded into the convs, weights in an external data file, ReduceMean's
     axes as an input, opset 18 (optimize=True); or Shape/Expand/CastLike chains for the convs' zero biases
