@@ -338,26 +338,12 @@ LOCAL_FUNCTIONS = frozenset(
     }
 )
 
-# what a statement of a generated program calls: timed per statement when FSSC_PROFILE is set (fssc bench
-# resnet --profile), left untouched otherwise (fssc.runtime.stmt_profile)
-STATEMENT_FUNCTIONS = frozenset(
-    {
-        "input_wire",
-        "output",
-        "const",
-        "linear_dealer",
-        "linear_offline",
-        "linear_p0",
-        "linear_p1",
-        "relu",
-        "trunc",
-        "maxpool",
-        "clip",
-        "argmax2",
-        "argmax",
-        "hmul",
-        "spline",
-    }
-    | LOCAL_FUNCTIONS
+# the protocol's own functions: wires and linear layers; the weight masks run once per session, not per statement
+PROTOCOL_FUNCTIONS = frozenset(
+    {"input_wire", "output", "const", "linear_dealer", "linear_offline", "linear_p0", "linear_p1"}
 )
+SETUP_FUNCTIONS = frozenset({"weight_mask", "masked_weights"})
+# what a statement of a generated program calls (every gate statement's function included): timed per statement
+# when FSSC_PROFILE is set (fssc bench resnet --profile), left untouched otherwise (fssc.runtime.stmt_profile)
+STATEMENT_FUNCTIONS = PROTOCOL_FUNCTIONS | frozenset(gates.STATEMENTS) | LOCAL_FUNCTIONS
 stmt_profile.instrument(globals(), sorted(STATEMENT_FUNCTIONS))

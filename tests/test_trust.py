@@ -339,17 +339,7 @@ def test_the_runtime_functions_a_statement_may_name_are_classified():
     """Every function lib defines is a bilinear map, a local function, a gate statement's, or one of the
     protocol's own (wires, linear layers, weight masks): a new one must be placed, or a received manifest
     could not name it (or could name something it should not)."""
-    protocol = {
-        "input_wire",
-        "output",
-        "const",
-        "linear_dealer",
-        "linear_offline",
-        "linear_p0",
-        "linear_p1",
-        "weight_mask",
-        "masked_weights",
-    }
+    protocol = lib.PROTOCOL_FUNCTIONS | lib.SETUP_FUNCTIONS
     defined = {
         n for n, f in vars(lib).items() if inspect.isfunction(f) and f.__module__ == lib.__name__ and n[0] != "_"
     }
