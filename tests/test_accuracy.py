@@ -182,6 +182,7 @@ def test_bits_full_and_margins_price_and_plan_every_comparison(model):
     assert input_guard(res[4])["headroom_bits"] == 4 and input_guard(full)["headroom_bits"] > 20
 
 
+@pytest.mark.slow  # a --bits full compile of ResNet-18
 def test_compile_report_shows_headroom_and_bits_full_cost(tmp_path, run_fssc, model):
     r = run_fssc("compile", model, "-o", tmp_path / "p", "--margin-bits", 3)
     assert r.returncode == 0, r.stderr

@@ -163,6 +163,7 @@ def resnet18_2class_state_dict():
     return torchvision.models.resnet18(num_classes=2).state_dict()
 
 
+@pytest.mark.slow  # an export through the CLI (a torch import and a model build)
 def test_weights_with_wrong_keys(tmp_path, run_fssc, resnet18_2class_state_dict):
     sd = dict(resnet18_2class_state_dict)
     sd["head.weight"] = sd.pop("fc.weight")  # renamed: one missing, one unexpected
@@ -182,6 +183,7 @@ def test_weights_with_wrong_keys(tmp_path, run_fssc, resnet18_2class_state_dict)
     assert not out.exists() and not (tmp_path / "out.onnx.part").exists()
 
 
+@pytest.mark.slow  # an export through the CLI (a torch import and a model build)
 def test_weights_with_wrong_shapes(tmp_path, run_fssc, resnet18_2class_state_dict):
     """A 2-class state dict for a 1000-class model (no --num-classes): the shapes are named."""
     torch.save(resnet18_2class_state_dict, tmp_path / "sd2.pt")
@@ -211,15 +213,15 @@ def test_unwritable_output_directory(tmp_path, run_fssc, resnet18_onnx):
     assert_one_line_error(proc, str(blocker))
 
 
-def test_listen_port_in_use_is_one_line(tmp_path, run_fssc, resnet18_onnx):
+def test_listen_port_in_use_is_one_line(tmp_path, run_fssc):
     import socket
     import subprocess
     import sys
 
-    prog, keys, certs = tmp_path / "prog", tmp_path / "keys", tmp_path / "certs"
-    assert run_fssc("compile", resnet18_onnx, "-o", prog).returncode == 0
-    assert run_fssc("certs", "-o", certs).returncode == 0
-    assert run_fssc("deal", prog, "--batches", 1, "-o", keys).returncode == 0
+    from tiny_models import compile_tiny
+
+    prog, _ = compile_tiny(tmp_path, run_fssc, certs=True, batches=1)
+    keys, certs = tmp_path / "keys", tmp_path / "certs"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()

@@ -97,6 +97,7 @@ def test_party0_and_dealer_hold_no_weight_bytes(setup):
     assert any(n in blob for n in needles)
 
 
+@pytest.mark.slow  # a second compile of ResNet-18 (test_trust compiles the tiny CNN twice in the fast suite)
 def test_compiling_twice_is_byte_identical(setup, run_fssc, tmp_path):
     again = tmp_path / "prog2"
     r = run_fssc("compile", setup["onnx"], "-o", again, "--output-mode", "logits")

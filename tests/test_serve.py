@@ -272,6 +272,7 @@ def test_sigterm_lets_the_running_session_finish(tiny, keys, tmp_path):
     ), text
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_aborts_the_running_session(tiny, keys, tmp_path):
     """SIGTERM while a session runs (its data owner paused), then SIGTERM again: the session is aborted and
     logged as failed, its begun batch stays used, and the service exits 0."""
@@ -298,6 +299,7 @@ def test_a_second_sigterm_aborts_the_running_session(tiny, keys, tmp_path):
     assert _marker(store, 0).exists()
 
 
+@pytest.mark.slow
 def test_out_of_key_batches_refuses_new_sessions_and_keeps_serving(tiny, keys, tmp_path):
     """A store whose one unused batch is b's 7: b is served; the next data owner is refused with a line
     saying so (logged once), the service keeps running."""
