@@ -231,6 +231,11 @@ def take(x, indices, axis: int):
     return np.take(x, np.asarray(indices, dtype=np.int64), axis=axis)
 
 
+def where(a, b, cond):
+    """``a`` where the public condition ``cond`` (nested lists of bools, broadcast) holds, else ``b``."""
+    return np.where(np.asarray(cond, dtype=bool), a, b)
+
+
 def sumpool(x, kernel_shape, strides, pads, dilations, ceil_mode):
     w, _, _, nd = windows(x, pool_attrs(kernel_shape, strides, pads, dilations, ceil_mode), 0)
     return w.sum(axis=tuple(range(-nd, 0)), dtype=U64)
@@ -329,6 +334,7 @@ LOCAL_FUNCTIONS = frozenset(
         "transpose",
         "slice",
         "take",
+        "where",
         "sumpool",
         "globalsumpool",
         "avgpool",

@@ -16,7 +16,7 @@ fssc treats weights and structural operands as constants owned by the model
 owner (its importer requires Conv/Gemm weights, MatMul's and Mul's second
 operand, BatchNormalization's parameters, Reshape's shape, Pad's pads,
 Clip's bounds, Squeeze's/Unsqueeze's axes, Slice's indices, Split's sizes,
-Gather's and GatherND's indices and ReduceSum's and ReduceMean's axes to be initializers), so
+Gather's and GatherND's indices, ReduceSum's and ReduceMean's axes and Where's condition to be initializers), so
 before import the operands listed in ``CONSTANT_OPERANDS`` are turned into
 initializers holding the case's own input data. The remaining inputs (the data
 owner's tensors) stay graph inputs.
@@ -65,6 +65,7 @@ CONSTANT_OPERANDS = {
     "PRelu": {1},
     "Div": {1},
     "LayerNormalization": {1, 2},
+    "Where": {0},
 }
 
 # ONNX's LayerNormalization cases (each reads the Mean and InvStdDev outputs too; their Y-only variants run)
@@ -92,9 +93,13 @@ LEFT_OUT = {
     "test_div_int32_trunc": _INT.format("int32"),
     # LeakyRelu / PRelu
     **{
-        f"test_leakyrelu{s}_expanded": _EXPANDED.format("Less/Where", "LeakyRelu") for s in ("", "_default", "_example")
+        f"test_leakyrelu{s}_expanded": _EXPANDED.format("Less (a computed condition)", "LeakyRelu")
+        for s in ("", "_default", "_example")
     },
-    **{f"test_prelu_{s}_expanded": _EXPANDED.format("Less/Where", "PRelu") for s in ("example", "broadcast")},
+    **{
+        f"test_prelu_{s}_expanded": _EXPANDED.format("Less (a computed condition)", "PRelu")
+        for s in ("example", "broadcast")
+    },
     # Softmax
     **{
         f"test_softmax_{s}_expanded{v}": _EXPANDED.format("Exp/ReduceMax", "Softmax")
@@ -114,7 +119,7 @@ LEFT_OUT = {
     "test_clip_default_int8_max_expanded": _INT.format("int8"),
     "test_clip_default_int8_inbounds_expanded": _INT.format("int8"),
     **{
-        f"test_clip{s}_expanded": _EXPANDED.format("Less/Where", "Clip")
+        f"test_clip{s}_expanded": _EXPANDED.format("Less (a computed condition)", "Clip")
         for s in (
             "",
             "_example",
@@ -126,6 +131,8 @@ LEFT_OUT = {
             "_default_max",
         )
     },
+    # Where
+    "test_where_long_example": _INT.format("int64"),
     # Dropout
     "test_dropout_default_mask": "uses the mask output; fssc drops Dropout at inference and has no mask",
     "test_dropout_default_mask_ratio": "uses the mask output; fssc drops Dropout at inference and has no mask",

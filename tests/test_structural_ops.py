@@ -154,3 +154,60 @@ def test_graph_lowers_to_local_statements(compiled):
 def test_secure_run_matches_interpreter_and_onnxruntime(compiled):
     g, x, ref = compiled
     assert_secure_run_matches(g, x, ref)
+
+
+def where_model(batch: int = 2) -> onnx.ModelProto:
+    """x [N,3,6,6] -> Conv [N,4,6,6] -> Relu -> Where(mask [1,1,6,6], relu, 0.75) (a masked_fill as torch's
+    exporter writes adaptive pooling's variable windows) -> Where(channel mask [1,4,1,1], conv, the previous)
+    (both operands secret) -> Where(mask, a constant of the model owner's [4,1,1], the previous) -> Flatten
+    -> Gemm [N,5]."""
+    rng = np.random.default_rng(11)
+    w = rng.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32)
+    g = rng.normal(0, 0.4, (5, 144)).astype(np.float32)
+    mask = rng.random((1, 1, 6, 6)) < 0.4
+    inits = [
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(g, "G"),
+        numpy_helper.from_array(mask, "m"),
+        numpy_helper.from_array(np.asarray([True, False, False, True]).reshape(1, 4, 1, 1), "cm"),
+        numpy_helper.from_array(np.asarray(0.75, dtype=np.float32), "fill"),
+        numpy_helper.from_array(rng.normal(0, 1, (4, 1, 1)).astype(np.float32), "c"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["r"]),
+        helper.make_node("Where", ["m", "fill", "r"], ["w1"]),
+        helper.make_node("Where", ["cm", "conv", "w1"], ["w2"]),
+        helper.make_node("Where", ["m", "c", "w2"], ["w3"]),
+        helper.make_node("Flatten", ["w3"], ["f"]),
+        helper.make_node("Gemm", ["f", "G"], ["logits"], transB=1),
+    ]
+    return image_model("where", nodes, inits, batch, 13)
+
+
+def test_where_with_a_constant_condition_is_a_local_selection():
+    model = where_model()
+    g = import_onnx(model, "where")
+    assert [op.kind for op in g.ops].count("where") == 3
+    assert OPS["where"].role is Role.LOCAL and OPS["where"].gate is None
+    x = np.random.default_rng(5).normal(size=(2, 3, 6, 6)).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    (y,) = run_float(g, x)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    res = compile_graph(g, echo=lambda s: None, output_mode="logits")
+    assert "where" in {st.params.get("fn") for st in lower(res.graph).stmts if st.kind == "local"}
+    assert_secure_run_matches(res.graph, x, ref)
+
+
+def test_where_with_a_computed_condition_is_refused_in_one_line():
+    graph = helper.make_graph(
+        [helper.make_node("Greater", ["x", "z"], ["c"]), helper.make_node("Where", ["c", "x", "z"], ["y"])],
+        "w",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [numpy_helper.from_array(np.zeros((3, 4), np.float32), "z")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(FsscError) as e:
+        import_onnx(model, "bad")
+    assert "Greater" in str(e.value) and "\n" not in str(e.value)

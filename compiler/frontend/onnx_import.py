@@ -671,6 +671,14 @@ def _gathernd(imp: _Importer, node, label, a) -> None:
     imp.emit(node, label, "gather", [merged], {"indices": np.asarray(flat, np.int64).tolist(), "axis": 0})
 
 
+@converts("Where")
+def _where(imp: _Importer, node, label, a) -> None:
+    """Where with a constant condition (torch's dynamo exporter masks the padding of adaptive pools' variable
+    windows with it: masked_fill): a public selection between the two operands, local."""
+    cond = imp.need_const(node, 0, label, "condition (input 0)")
+    imp.emit(node, label, "where", list(node.input[1:3]), {"cond": cond.astype(bool).tolist()})
+
+
 @converts("Pad")
 def _pad(imp: _Importer, node, label, a) -> None:
     ins = list(node.input)

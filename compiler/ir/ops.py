@@ -906,6 +906,32 @@ class Gather:
         return {"fn": "take", "indices": op.attrs["indices"], "axis": op.attrs["axis"]}
 
 
+@register("where", Role.LOCAL, Scale.ALIGNING)
+class Where:
+    """ONNX Where with a public constant condition ``cond`` (booleans, broadcast with both operands): each
+    element is the first operand's where ``cond`` holds, else the second's. A selection fixed by public
+    positions is linear, so it runs on masked values and masks alike (lib.where); a constant operand is the
+    model owner's (a ``const`` wire, as in Add)."""
+
+    @staticmethod
+    def shape(attrs, shapes):
+        cond = np.shape(attrs["cond"])
+        try:
+            return [np.broadcast_shapes(cond, *[tuple(s) for s in shapes])]
+        except ValueError:
+            raise FsscError(
+                f"where: condition {cond} and operands {list(map(tuple, shapes))} do not broadcast"
+            ) from None
+
+    @staticmethod
+    def run(attrs, a, b):
+        return [np.where(np.asarray(attrs["cond"], dtype=bool), a.astype(np.float64), b)]
+
+    @staticmethod
+    def lower(op, graph):
+        return {"fn": "where", "cond": op.attrs["cond"]}
+
+
 @register("pad", Role.LOCAL, Scale.PRESERVING)
 class Pad:
     """Zero padding; ``pads`` = [begin_0.., end_0..] over all axes (negative crops)."""
