@@ -325,6 +325,18 @@ def run_verify(res: CompileResult, model: str, count: int, out_dir: str, echo=pr
     )
 
 
+def _check_out_dir(out_dir: str) -> None:
+    """Refuse, before compiling, an output folder that cannot be made (a file on its path, no permission to
+    write where it would go), without making it: a compile that fails leaves no folder behind."""
+    p = os.path.abspath(out_dir)
+    while not os.path.lexists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise FsscError(f"{out_dir}: cannot create the output directory: {p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise FsscError(f"{out_dir}: cannot create the output directory: {p} is not writable")
+
+
 def compile_model(
     model: str,
     out_dir: str,
@@ -352,7 +364,9 @@ def compile_model(
 
     con = console or Console(width=max(160, Console().width))
     graph = import_onnx(model, batch=batch, input_shapes=input_shapes)
-    os.makedirs(out_dir, exist_ok=True)
+    _check_out_dir(out_dir)
+    if dump_ir:  # the IR dumps go there as the passes run; else nothing is made before the program is written
+        os.makedirs(out_dir, exist_ok=True)
     echo = lambda s: con.print(s, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     res = compile_graph(
         graph,

@@ -39,6 +39,8 @@ from fssc.passes.base import (
 from fssc.runtime import ring
 from fssc.runtime.images import synthetic_inputs
 
+from fssc.errors import FsscError
+
 NAME = "range-analysis"
 REQUIRES = frozenset({FIXED_POINT})  # it runs the fixed-point interpreter on the planned scales
 ENSURES = frozenset({RANGES})
@@ -65,7 +67,23 @@ def default_batches(graph: Graph) -> list:
     return [{n: s[b] for n, s in streams.items()} for b in range(DEFAULT_CALIBRATION_BATCHES)]
 
 
+def _refuse_full_width(graph: Graph) -> None:
+    """--bits full widens comparisons; a layer normalization's plan also sets its precision from its width (the
+    variance's truncation keeps the sum of squares in the ring for the widest input), so at 64 bits it would
+    truncate ordinary rows to nothing: refused in one line, never compiled imprecise."""
+    ln = [op for op in graph.ops if op.kind == "layernorm"]
+    if ln:
+        first = ln[0]
+        where = f" (ONNX node {first.origin[0]})" if first.origin else ""
+        raise FsscError(
+            f"--bits full: {len(ln)} layer normalization(s), first %{first.name}{where}: its precision is planned "
+            f"for a bounded input range and has no full-width form; compile with --margin-bits K instead"
+        )
+
+
 def run(graph: Graph, ctx: PassContext) -> PassResult:
+    if ctx.full_bits:
+        _refuse_full_width(graph)
     data = ctx.calibration or default_batches(graph)
     mags: dict[int, int] = {}
 

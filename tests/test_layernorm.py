@@ -25,6 +25,7 @@ import math
 import warnings
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -305,3 +306,18 @@ def test_torch_layernorm_exports_run_securely(opset, tmp_path):
     records = 20 * len([op for op in res.graph.ops if op.gate]) + 8
     for actual, est in ((len(sim.keys[0]), rep.total("key_p0")), (len(sim.keys[1]), rep.total("key_p1"))):
         assert est <= actual <= est + 64 * records + 512
+
+
+def test_bits_full_refuses_layer_normalization_in_one_line(tmp_path, run_fssc):
+    """--bits full would plan the variance's truncation for 64-bit rows and lose every ordinary row's
+    precision (2.3 off on unit-scale rows): the compiler refuses it, exit 2, and writes no program."""
+    shape = (2, 3, 4, 6)
+    node = helper.make_node("LayerNormalization", ["x", "g"], ["y"], axis=-1, epsilon=1e-5)
+    path = tmp_path / "ln.onnx"
+    onnx.save(_ln_model([node], {"g": np.ones(6, np.float32)}, shape), str(path))
+    with pytest.raises(FsscError, match=r"--bits full: 1 layer normalization\(s\), first %.*LayerNormalization_0"):
+        compile_graph(import_onnx(str(path)), echo=lambda s: None, bits="full")
+    proc = run_fssc("compile", path, "-o", tmp_path / "prog", "--bits", "full", "--output-mode", "logits")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "has no full-width form" in proc.stderr
+    assert not (tmp_path / "prog").exists()
