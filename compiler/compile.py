@@ -21,7 +21,6 @@ from fssc.compiler.backend.cost import CostReport, cost_report
 from fssc.compiler.backend.gates import headroom_bits
 from fssc.compiler.frontend.onnx_import import import_onnx
 from fssc.compiler.ir.graph import Graph, Value
-from fssc.compiler.ir.ops import softmax_refusal
 from fssc.passes.base import DEFAULT_MARGIN_BITS, PassContext
 from fssc.passes.manager import PassRecord, run_pipeline
 from rich.console import Console, JustifyMethod
@@ -111,13 +110,6 @@ def _drop_final_softmax(graph: Graph) -> Graph:
     return graph
 
 
-def refuse_softmax(graph: Graph) -> None:
-    """One line for a softmax the secure runtime would have to evaluate (logits mode, or not the last op)."""
-    op = next((op for op in graph.ops if op.kind == "softmax"), None)
-    if op is not None:
-        raise FsscError(softmax_refusal(op))
-
-
 def compile_graph(
     graph: Graph,
     frac_bits: int = 12,
@@ -152,7 +144,6 @@ def compile_graph(
         graph = add_label_output(graph)
     elif output_mode != "logits":
         raise FsscError(f"--output-mode {output_mode!r}: choose labels or logits")
-    refuse_softmax(graph)
     if not 0 <= weight_bound_bits <= 24:
         raise FsscError(f"--weight-bound-bits {weight_bound_bits}: must be between 0 and 24")
     ctx = PassContext(

@@ -40,6 +40,7 @@ PUBLIC_SCALING_FOLDED = "public-scaling-folded"  # uniform average pools are sum
 FIXED_POINT = "fixed-point"  # every value has a scale, truncations and upscales placed
 RANGES = "ranges"  # every comparison op has its bitwidth (op.bits); ctx.ranges holds the measurements
 COMPARISONS_MARKED = "comparisons-marked"  # every comparison op carries op.gate
+NO_SOFTMAX = "no-softmax"  # every softmax expanded into max, spline and product gates
 
 PROPERTIES = frozenset(
     {
@@ -51,6 +52,7 @@ PROPERTIES = frozenset(
         FIXED_POINT,
         RANGES,
         COMPARISONS_MARKED,
+        NO_SOFTMAX,
     }
 )
 # what a pass that adds or rewrites ops destroys: the plan (new values have no scale) and what rests on it

@@ -26,6 +26,7 @@ from fssc.compiler.ir.graph import Graph
 from fssc.compiler.ir.verify import verify
 from fssc.passes import (
     canonicalize,
+    expand_softmax,
     fold_batchnorm,
     fold_public_scaling,
     lower_maxpool,
@@ -40,6 +41,7 @@ from fssc.errors import FsscError, VerifyError
 from fssc.files import write_atomic
 
 PIPELINE = [
+    expand_softmax,
     canonicalize,
     fold_batchnorm,
     reorder_maxpool_relu,

@@ -333,10 +333,7 @@ def compile_case(model, name: str, feeds: dict[str, np.ndarray]):
 
 
 # cases the float interpreter passes that the secure runtime refuses, with the reason (docs/conformance.md)
-SECURE_LEFT_OUT: dict[str, str] = {
-    f"test_softmax_{s}": "softmax needs exp; fssc drops a final softmax in labels mode and refuses it elsewhere"
-    for s in ("example", "large_number", "axis_0", "axis_1", "axis_2", "negative_axis", "default_axis")
-}
+SECURE_LEFT_OUT: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in CASES if n not in LEFT_OUT))

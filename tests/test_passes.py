@@ -23,6 +23,7 @@ from fssc.compiler.ir.graph import Graph
 from fssc.compiler.reference.interp import run_fixed, run_float
 from fssc.passes import (
     canonicalize,
+    expand_softmax,
     fold_batchnorm,
     fold_public_scaling,
     lower_maxpool,
@@ -179,7 +180,34 @@ def tiny_resnet(batch=2, size=8, c=4, classes=3, seed=0):
 def test_every_pass_preserves_semantics_on_a_tiny_resnet(mod):
     model = tiny_resnet()
     x = rand((2, 3, 8, 8), seed=1)
-    check_semantics(model, x, mod)
+    check_semantics(model, x, mod, expect_change=mod is not expand_softmax)  # it has no softmax: see below
+
+
+def test_expand_softmax_keeps_the_float_semantics_and_the_fixed_point_close():
+    """A softmax over the classes after the tiny ResNet's head: expanded into the row max, exp, sum,
+    reciprocal and product; float semantics unchanged, the planned fixed point within 0.002 (5 classes)."""
+    model = tiny_resnet(classes=5)
+    model.graph.node[-1].output[0] = "z"
+    model.graph.node.append(oh.make_node("Softmax", ["z"], ["y"], axis=1))
+    x = rand((2, 3, 8, 8), seed=1)
+    ref = ort_run(model, x)
+    before = import_onnx(model)
+    after, recs = run_passes(before.clone(), [expand_softmax])
+    assert recs[-1].modified and "softmax" not in kinds(after)
+    assert kinds(after)[-8:] == [
+        "reshape",
+        "maxpool",
+        "sub",
+        "exp",
+        "reducesum",
+        "reciprocal",
+        "hmul",
+        "reshape",
+    ]
+    for stage in (before, after):
+        assert_float_close(run_float(stage, x)[0], ref)
+    planned, _ = run_passes(after, PIPELINE[1:], PassContext(calibration=[x]))
+    assert_fixed_close(run_fixed(planned, x)[0], ref, tol=0.002)
 
 
 def test_every_pass_is_a_module_with_name_run_and_docstring():

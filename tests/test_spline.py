@@ -54,6 +54,8 @@ STATED = {
     ("hardsigmoid", (("alpha", 0.2), ("beta", 0.5))): 0.51,
     ("hardsigmoid", (("alpha", 1 / 6), ("beta", 0.5))): 0.51,
     ("hardswish", ()): 0.51,
+    ("exp", ()): 1.0,
+    ("reciprocal", (("classes", 10),)): 1.0,
 }
 
 
@@ -95,7 +97,16 @@ def test_gate_exhaustive_every_masked_value_and_mask(m):
     assert (y == ring.signed(splines.evaluate(spec, ring.unsigned(x)))).all()
 
 
-FITTED = [("sigmoid", {}), ("tanh", {}), ("erf", {}), ("silu", {}), ("gelu", {}), ("gelu", {"approximate": "tanh"})]
+FITTED = [
+    ("sigmoid", {}),
+    ("tanh", {}),
+    ("erf", {}),
+    ("silu", {}),
+    ("gelu", {}),
+    ("gelu", {"approximate": "tanh"}),
+    ("exp", {}),
+    ("reciprocal", {"classes": 10}),
+]
 HARD = [
     ("hardsigmoid", {"alpha": 1 / 6, "beta": 0.5}),
     ("hardsigmoid", {"alpha": -0.3, "beta": 0.2}),
@@ -391,7 +402,7 @@ def _c(name, v):
 
 
 def test_registry_entries():
-    for kind in ("sigmoid", "tanh", "erf", "silu", "gelu", "hardsigmoid", "hardswish"):
+    for kind in ("sigmoid", "tanh", "erf", "silu", "gelu", "hardsigmoid", "hardswish", "exp", "reciprocal"):
         d = OPS[kind]
         assert d.role is Role.GATE and d.scale is Scale.SPLINE and d.gate is not None and d.gate.kind == "spline"
     assert {"Sigmoid", "Tanh", "Erf", "HardSigmoid", "HardSwish", "Gelu"} <= set(SUPPORTED)

@@ -1171,23 +1171,17 @@ def softmax_float(attrs, x):
 
 @register("softmax", Role.FOLDED, Scale.PRESERVING)
 class Softmax:
-    """ONNX Softmax. The secure runtime has no exp: a softmax that is the graph's last op is dropped in
-    labels mode (it does not change the argmax; compile.add_label_output); anywhere else the compile
-    stops with one line."""
+    """ONNX Softmax. A softmax that is the graph's last op is dropped in labels mode (it does not change the
+    argmax; compile.add_label_output); otherwise the compiler expands it (compile.expand_softmax) into the
+    row maximum (a max-gate tree), exp of the differences and 1 / their sum (spline gates) and their product
+    (the secret x secret product gate). The op itself never reaches the fixed-point passes."""
 
     shape = staticmethod(_same_shape)
     run = staticmethod(softmax_float)
 
     @staticmethod
     def fixed(op, graph, env):
-        raise FsscError(softmax_refusal(op))
-
-
-def softmax_refusal(op: Op) -> str:
-    return (
-        f"softmax %{op.name}: the secure runtime cannot evaluate softmax (no exp); a final softmax is "
-        f"dropped with --output-mode labels (it does not change the argmax)"
-    )
+        raise FsscError(f"softmax %{op.name}: not expanded (compile.expand_softmax runs before fixed-point planning)")
 
 
 def infer_shapes(kind: str, attrs: dict, in_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -1209,7 +1203,10 @@ def _spline_fit(op: Op, graph: Graph):
 
 def _spline_magnitude(op: Op, graph: Graph, inputs: list[np.ndarray]) -> int:
     x = ring.signed(inputs[0])
-    return int(max(abs(int(x.max())), abs(int(x.min())))) if x.size else 0
+    seen = int(max(abs(int(x.max())), abs(int(x.min())))) if x.size else 0
+    if op.kind == "reciprocal":  # a softmax's row sum is at most one per class, whatever the calibration saw
+        seen = max(seen, (int(op.attrs["classes"]) + 1) << _spline_fit(op, graph).s_in)
+    return seen
 
 
 SPLINE_GATE = GateSpec(
@@ -1229,6 +1226,8 @@ SPLINE_KINDS = {
     "gelu": "gelu",
     "hardsigmoid": "hardsigmoid",
     "hardswish": "hardswish",
+    "exp": "exp",
+    "reciprocal": "reciprocal",
 }
 
 
@@ -1281,6 +1280,18 @@ _spline_entry(
     "hardsigmoid", None, "max(0, min(1, alpha x + beta)) (ONNX HardSigmoid): its linear piece exactly, 0 and 1 beyond."
 )
 _spline_entry("hardswish", "HardSwish", "x HardSigmoid(x) with 1/6, 1/2 (ONNX HardSwish): x(x + 3)/6, 0 and x beyond.")
+_spline_entry(
+    "exp",
+    None,
+    "e^x for x <= 0 (a softmax's numerators, the row maximum subtracted): cubic pieces on [-9.5, 0.5) at f = 12, "
+    "0 below, 1 from 0 on.",
+)
+_spline_entry(
+    "reciprocal",
+    None,
+    "1 / x for 1 <= x <= classes (a softmax's row sums; attribute ``classes``): cubic pieces halved per octave, "
+    "1 below 1, 1 / (classes + 1) above.",
+)
 
 
 # ------------------------------------------------------------------ layer normalization

@@ -37,6 +37,7 @@ in units of 2^-s_out), and the tests check it; docs/protocol.md states it per fu
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import numpy as np
@@ -99,6 +100,11 @@ def reference(name: str, attrs: dict | None = None):
         return lambda v: np.clip(al * np.asarray(v, np.float64) + be, 0.0, 1.0)
     if name == "hardswish":
         return lambda v: np.asarray(v, np.float64) * np.clip(np.asarray(v, np.float64) / 6.0 + 0.5, 0.0, 1.0)
+    if name == "exp":  # softmax's numerators: x - max(row) <= 0; 1 from 0 on (never reached above 0)
+        return lambda v: np.exp(np.minimum(np.asarray(v, np.float64), 0.0))
+    if name == "reciprocal":  # softmax's row sums, in [1, classes]; the edge values outside (never reached)
+        top = float(a["classes"]) + 1.0
+        return lambda v: 1.0 / np.clip(np.asarray(v, np.float64), 1.0, top)
     raise FsscError(f"no spline for activation {name!r}")
 
 
@@ -109,6 +115,7 @@ _TAILS: dict[str, tuple[float, float | str]] = {
     "erf": (-1.0, 1.0),
     "silu": (0.0, "x"),
     "gelu": (0.0, "x"),
+    "exp": (0.0, 1.0),
 }
 
 
@@ -208,6 +215,8 @@ def _fit(name: str, attr_items: tuple, s_in: int, s_out: int) -> SplineFit:
     f = reference(name, attrs)
     if name in ("hardsigmoid", "hardswish"):
         return _fit_hard(name, attrs, f, s_in, s_out)
+    if name == "reciprocal":
+        return _fit_reciprocal(int(attrs["classes"]), f, s_in, s_out)
     left, right = _TAILS["gelu" if name == "gelu" else name]
     lo, hi = _tail_edge(f, left, s_out, -1), _tail_edge(f, right, s_out, 1)
     grid = np.linspace(lo, hi, 1 << 14)
@@ -282,6 +291,50 @@ def _fit_hard(name: str, attrs: dict, f, s_in: int, s_out: int) -> SplineFit:
     return SplineFit(spec, e0, e1, _measure(spec, f, e0, e1, s_in, s_out, err), s_in, s_out)
 
 
+def _halving_pieces(f, edges, s_in: int, s_out: int, d: int, c: int, t: int, tol: float):
+    """Pieces of degree d interpolating f at Chebyshev points over [edges[0], edges[-1]) (reals), starting from
+    the intervals between consecutive edges, each split in two until every integer of it (scale s_in) is within
+    ``tol`` units of 2^-s_out (checked exhaustively; a piece of fewer than 16 integers is kept as it is):
+    ([(start integer, center, coeffs)] in order, the worst error)."""
+    todo = list(itertools.pairwise(edges))
+    inner = []
+    worst = 0.0
+    while todo:
+        lo, hi = todo.pop()
+        ia, ib = math.ceil(lo * 2**s_in), math.ceil(hi * 2**s_in)
+        mid, half = (lo + hi) / 2, (hi - lo) / 2
+
+        def on_unit(u, mid=mid, half=half):
+            return f(mid + half * u)
+
+        p = Polynomial(cheb.cheb2poly(cheb.chebinterpolate(on_unit, d)))(Polynomial([-mid / half, 1 / half]))
+        coeffs, center, err, _ = _piece_error(f, p, ia, ib, d, s_in, s_out, c, t)
+        if err > tol and (ib - ia) >= 16:
+            todo += [((lo + hi) / 2, hi), (lo, (lo + hi) / 2)]
+            continue
+        inner.append((ia, center, coeffs))
+        worst = max(worst, err)
+    inner.sort()
+    return inner, worst
+
+
+def _fit_reciprocal(classes: int, f, s_in: int, s_out: int) -> SplineFit:
+    """1 / x on [1, classes + 1) (a softmax's row sum: at least the row maximum's e^0 = 1, at most one per
+    class): cubic pieces halved until within TOLERANCE units (the finest fit's, as the other smooth splines);
+    1 below 1 and 1 / (classes + 1) from classes + 1 on."""
+    top = classes + 1.0
+    c, t, out_bits = _layout(s_in, s_out, DEGREE, 2.0, SMOOTH_COEFF_BITS)
+    octaves = [2.0**i for i in range(int(math.log2(top)) + 1) if 2.0**i < top] + [top]  # 1/x's scale grows with x
+    inner, worst = _halving_pieces(f, octaves, s_in, s_out, DEGREE, c, t, TOLERANCE * _units(s_out))
+    pieces = [
+        (None, 0, _const_piece(1.0, s_out, t)),
+        *inner,
+        (math.ceil(top * 2**s_in), 0, _const_piece(1 / top, s_out, t)),
+    ]
+    spec = _assemble(pieces, [0] * len(pieces), t, out_bits, DEGREE)
+    return SplineFit(spec, 1.0, top, _measure(spec, f, 1.0, top, s_in, s_out, worst), s_in, s_out)
+
+
 def _measure(spec: SplineSpec, f, lo: float, hi: float, s_in: int, s_out: int, inner: float) -> float:
     """The worst |error| in units of 2^-s_out: every representable input within 8 of the fitted range, and
     samples of the tails up to 64 beyond it."""
@@ -294,7 +347,7 @@ def _measure(spec: SplineSpec, f, lo: float, hi: float, s_in: int, s_out: int, i
 
 def fit(name: str, attrs: dict | None, s_in: int, s_out: int) -> SplineFit:
     """The spline of activation ``name`` for input scale s_in and output scale s_out (cached: deterministic)."""
-    items = tuple(sorted((k, v) for k, v in (attrs or {}).items() if k in ("alpha", "beta", "approximate")))
+    items = tuple(sorted((k, v) for k, v in (attrs or {}).items() if k in ("alpha", "beta", "approximate", "classes")))
     return _fit(name, items, s_in, s_out)
 
 
@@ -329,26 +382,7 @@ def fit_rsqrt(c: int, L: int = RSQRT_MANTISSA_BITS, s_h: int = RSQRT_OUT_SCALE) 
         return np.sqrt(c / np.asarray(v, np.float64))
 
     c_bits, t, out_bits = _layout(L, s_h, d, math.sqrt(c) + 1)
-    todo = [(1.0, 4.0)]
-    inner = []
-    worst = 0.0
-    while todo:
-        a, b = todo.pop()
-        ia, ib = math.ceil(a * 2**L), math.ceil(b * 2**L)
-        mid, half = (a + b) / 2, (b - a) / 2
-
-        def on_unit(u, mid=mid, half=half):
-            return f(mid + half * u)
-
-        cf = cheb.chebinterpolate(on_unit, d)
-        p = Polynomial(cheb.cheb2poly(cf))(Polynomial([-mid / half, 1 / half]))
-        coeffs, center, err, _ = _piece_error(f, p, ia, ib, d, L, s_h, c_bits, t)
-        if err > RSQRT_TOLERANCE and (ib - ia) >= 16:
-            todo += [((a + b) / 2, b), (a, (a + b) / 2)]
-            continue
-        inner.append((ia, center, coeffs))
-        worst = max(worst, err)
-    inner.sort()
+    inner, worst = _halving_pieces(f, (1.0, 4.0), L, s_h, d, c_bits, t, RSQRT_TOLERANCE)
     pieces = [
         (None, 0, _const_piece(float(f(1.0)), s_h, t)),
         *inner,
