@@ -319,7 +319,9 @@ def run_verify(res: CompileResult, model: str, count: int, out_dir: str, echo=pr
 def _check_out_dir(out_dir: str) -> None:
     """Refuse, before compiling, an output folder that cannot be made (a file on its path, no permission to
     write where it would go), without making it: a compile that fails leaves no folder behind."""
-    p = os.path.abspath(out_dir)
+    if not out_dir:
+        raise FsscError("the output directory is empty: give -o DIR")
+    p = os.path.realpath(out_dir)  # '..' after a symlink as makedirs will take it
     while not os.path.lexists(p):
         p = os.path.dirname(p)
     if not os.path.isdir(p):
@@ -354,8 +356,8 @@ def compile_model(
     from fssc.runtime.images import Preprocess
 
     con = console or Console(width=max(160, Console().width))
-    graph = import_onnx(model, batch=batch, input_shapes=input_shapes)
     _check_out_dir(out_dir)
+    graph = import_onnx(model, batch=batch, input_shapes=input_shapes)
     if dump_ir:  # the IR dumps go there as the passes run; else nothing is made before the program is written
         os.makedirs(out_dir, exist_ok=True)
     echo = lambda s: con.print(s, markup=False, highlight=False, soft_wrap=True)  # noqa: E731

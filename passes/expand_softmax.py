@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 from fssc.compiler.ir.graph import Graph, Op, Value
+from fssc.compiler.ir.splines import MAX_SOFTMAX_CLASSES
 from fssc.passes.base import NO_SOFTMAX, REWRITE_INVALIDATES, PassContext, PassResult
+
+from fssc.errors import FsscError
 
 NAME = "expand-softmax"
 REQUIRES: frozenset[str] = frozenset()
@@ -59,6 +62,12 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
                 x = emit("transpose", [x], {"perm": perm}, [shape[i] for i in perm], "last")
             c = shape[ax]
             rows = int(np.prod(shape, dtype=np.int64)) // c
+        if c > MAX_SOFTMAX_CLASSES:
+            where = f" (ONNX node {op.origin[0]})" if op.origin else ""
+            raise FsscError(
+                f"softmax %{op.name}{where}: rows of {c} elements; fssc evaluates softmax over at most "
+                f"{MAX_SOFTMAX_CLASSES} elements per row"
+            )
         flat = (rows, 1, 1, c)
         x = emit("reshape", [x], {"shape": list(flat)}, flat, "rows")
         pool = {"kernel_shape": [1, c], "strides": [1, c], "dilations": [1, 1], "ceil_mode": 0, "pads": [0, 0, 0, 0]}

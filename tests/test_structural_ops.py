@@ -199,7 +199,25 @@ def test_where_with_a_constant_condition_is_a_local_selection():
     assert_secure_run_matches(res.graph, x, ref)
 
 
-def test_where_with_a_computed_condition_is_refused_in_one_line():
+def test_where_with_a_non_finite_constant_is_refused_in_one_line():
+    """masked_fill(-inf), as attention masks and adaptive max pools write it: no fixed-point encoding."""
+    graph = helper.make_graph(
+        [helper.make_node("Where", ["m", "inf", "x"], ["y"])],
+        "w",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [
+            numpy_helper.from_array(np.eye(3, 4, dtype=bool), "m"),
+            numpy_helper.from_array(np.asarray(-np.inf, dtype=np.float32), "inf"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(FsscError) as e:
+        import_onnx(model, "bad")
+    assert "node Where_0 (Where): a non-finite constant (inf)" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_where_whose_condition_is_computed_by_an_unsupported_comparison_is_refused_in_one_line():
     graph = helper.make_graph(
         [helper.make_node("Greater", ["x", "z"], ["c"]), helper.make_node("Where", ["c", "x", "z"], ["y"])],
         "w",

@@ -676,6 +676,10 @@ def _where(imp: _Importer, node, label, a) -> None:
     """Where with a constant condition (torch's dynamo exporter masks the padding of adaptive pools' variable
     windows with it: masked_fill): a public selection between the two operands, local."""
     cond = imp.need_const(node, 0, label, "condition (input 0)")
+    for i in node.input[1:3]:
+        c = imp.const(i)
+        if c is not None and not np.isfinite(c).all():  # masked_fill(-inf) (attention masks, adaptive max pools)
+            raise FsscError(f"{imp.src}: node {label} (Where): a non-finite constant ({i}) has no fixed-point encoding")
     imp.emit(node, label, "where", list(node.input[1:3]), {"cond": cond.astype(bool).tolist()})
 
 

@@ -1172,8 +1172,8 @@ def softmax_float(attrs, x):
 @register("softmax", Role.FOLDED, Scale.PRESERVING)
 class Softmax:
     """ONNX Softmax. A softmax that is the graph's last op is dropped in labels mode (it does not change the
-    argmax; compile.add_label_output); otherwise the compiler expands it (compile.expand_softmax) into the
-    row maximum (a max-gate tree), exp of the differences and 1 / their sum (spline gates) and their product
+    argmax; compile.add_label_output); otherwise the pass expand-softmax (passes/expand_softmax.py) writes it
+    as the row maximum (a max-gate tree), exp of the differences and 1 / their sum (spline gates) and their product
     (the secret x secret product gate). The op itself never reaches the fixed-point passes."""
 
     shape = staticmethod(_same_shape)
@@ -1181,7 +1181,7 @@ class Softmax:
 
     @staticmethod
     def fixed(op, graph, env):
-        raise FsscError(f"softmax %{op.name}: not expanded (compile.expand_softmax runs before fixed-point planning)")
+        raise FsscError(f"softmax %{op.name}: not expanded (the expand-softmax pass runs before fixed-point planning)")
 
 
 def infer_shapes(kind: str, attrs: dict, in_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
@@ -1283,7 +1283,7 @@ _spline_entry("hardswish", "HardSwish", "x HardSigmoid(x) with 1/6, 1/2 (ONNX Ha
 _spline_entry(
     "exp",
     None,
-    "e^x for x <= 0 (a softmax's numerators, the row maximum subtracted): cubic pieces on [-9.5, 0.5) at f = 12, "
+    "e^x for x <= 0 (a softmax's numerators, the row maximum subtracted): cubic pieces on [-9.5, 0) at f = 12, "
     "0 below, 1 from 0 on.",
 )
 _spline_entry(

@@ -57,6 +57,7 @@ MAX_COEFF_BITS = 24  # c: fractional bits of the coefficients beyond the input's
 SMOOTH_COEFF_BITS = 12  # c of the cubic fits: fewer bits of t to truncate (see the module doc)
 MIN_WIDTH = 2.0**-6  # narrowest piece the fit makes (reals)
 OUT_MARGIN_BITS = 2  # out_bits = bits of the largest |output| + sign + this margin
+MAX_SOFTMAX_CLASSES = 1 << 15  # the reciprocal's fit checks every input up to C + 1 (C = 1,000: 1.4 s)
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 
@@ -219,6 +220,8 @@ def _fit(name: str, attr_items: tuple, s_in: int, s_out: int) -> SplineFit:
         return _fit_reciprocal(int(attrs["classes"]), f, s_in, s_out)
     left, right = _TAILS["gelu" if name == "gelu" else name]
     lo, hi = _tail_edge(f, left, s_out, -1), _tail_edge(f, right, s_out, 1)
+    if name == "exp":  # its input (x - the row max) is never above 0, where it is 1 exactly: no piece across
+        hi = 0.0
     grid = np.linspace(lo, hi, 1 << 14)
     c, t, out_bits = _layout(s_in, s_out, DEGREE, float(np.abs(f(grid)).max()) + 1, SMOOTH_COEFF_BITS)
     ia_all, ib_all = math.ceil(lo * 2**s_in), math.ceil(hi * 2**s_in)
@@ -322,6 +325,8 @@ def _fit_reciprocal(classes: int, f, s_in: int, s_out: int) -> SplineFit:
     """1 / x on [1, classes + 1) (a softmax's row sum: at least the row maximum's e^0 = 1, at most one per
     class): cubic pieces halved until within TOLERANCE units (the finest fit's, as the other smooth splines);
     1 below 1 and 1 / (classes + 1) from classes + 1 on."""
+    if not 1 <= classes <= MAX_SOFTMAX_CLASSES:  # the fit checks every input up to C + 1: time grows with C
+        raise FsscError(f"softmax over {classes} elements per row: fssc evaluates rows of 1 to {MAX_SOFTMAX_CLASSES}")
     top = classes + 1.0
     c, t, out_bits = _layout(s_in, s_out, DEGREE, 2.0, SMOOTH_COEFF_BITS)
     octaves = [2.0**i for i in range(int(math.log2(top)) + 1) if 2.0**i < top] + [top]  # 1/x's scale grows with x

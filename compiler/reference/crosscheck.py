@@ -199,8 +199,9 @@ def logits_before_a_final_softmax(onnx_model) -> tuple[bytes | str, str | None]:
 
 def cross_check(graph: Graph, onnx_model, batches: list[np.ndarray]) -> VerifyResult:
     """Run every batch through onnxruntime, the interpreter (floor truncation, as the secure gates) and the
-    secure simulation; ``onnx_model`` is a path or a serialized model. If the model ends in a Softmax (dropped
-    in labels mode), onnxruntime's logits are the softmax's input."""
+    secure simulation; ``onnx_model`` is a path or a serialized model. If the model ends in a Softmax and the
+    graph outputs labels (the softmax was dropped), onnxruntime's logits are the softmax's input; in logits
+    mode the softmax is evaluated and its probabilities are compared."""
     import onnxruntime as ort
 
     onnx_model, pre_softmax = logits_before_a_final_softmax(onnx_model)
@@ -212,7 +213,8 @@ def cross_check(graph: Graph, onnx_model, batches: list[np.ndarray]) -> VerifyRe
     g = with_logits(graph)
     logit_name = next((o for o in g.outputs if g.values[o].dtype != "int64"), None)
     pick = logit_name if logit_name in float_outs else (float_outs[0] if float_outs else None)
-    pick = pre_softmax or pick
+    if pre_softmax and any(graph.values[o].dtype == "int64" for o in graph.outputs):
+        pick = pre_softmax
     if pick is None:
         raise FsscError("--verify: the ONNX model has no float output to compare")
     records: list[BatchRecord] = []
