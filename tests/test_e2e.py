@@ -32,17 +32,20 @@ def _images(folder: Path, n: int = 2) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, export_resnet18, run_fssc):
-    """One compiled program, certificates and three key batches."""
+    """One compiled program (``fssc compile --output-mode logits``'s function, in this process: its IR is the
+    fixed-point oracle), certificates and three key batches."""
+    from fssc.compiler.compile import compile_model
+    from rich.console import Console
+
     tmp = tmp_path_factory.mktemp("e2e")
     onnx_path = export_resnet18(SIZE, 2)
     prog = tmp / "prog"
-    r = run_fssc("compile", onnx_path, "-o", prog, "--output-mode", "logits")
-    assert r.returncode == 0, r.stderr
+    res = compile_model(str(onnx_path), str(prog), output_mode="logits", console=Console(quiet=True))
     r = run_fssc("certs", "-o", tmp / "certs")
     assert r.returncode == 0, r.stderr
     r = run_fssc("deal", prog, "--batches", 3, "-o", tmp / "keys")
     assert r.returncode == 0, r.stderr
-    return {"tmp": tmp, "onnx": onnx_path, "prog": prog, "certs": tmp / "certs", "keys": tmp / "keys"}
+    return {"tmp": tmp, "onnx": onnx_path, "prog": prog, "certs": tmp / "certs", "keys": tmp / "keys", "res": res}
 
 
 def test_compile_writes_three_programs_and_manifest(setup):
@@ -134,14 +137,10 @@ def test_two_processes_label_images_like_onnxruntime(setup, ort_session, tmp_pat
     res = read_results(str(out_json))
     assert [r["label"] for r in res] == list(ref.argmax(1))
     secure = np.array([r["logits"] for r in res])
-    # the secure run computes the fixed-point semantics exactly (exact truncation)...
-    from fssc.compiler.compile import compile_graph
-    from fssc.compiler.frontend.onnx_import import import_onnx
+    # the secure run computes the fixed-point semantics of the compiled IR exactly (exact truncation)...
     from fssc.compiler.reference.interp import run_fixed
 
-    fixed = run_fixed(
-        compile_graph(import_onnx(str(setup["onnx"])), echo=lambda s: None, output_mode="logits").graph, x
-    )[0]
+    fixed = run_fixed(setup["res"].graph, x)[0]
     assert (secure == fixed).all(), np.abs(secure - fixed).max()
     # ...and f = 12 at 64x64 stays within 0.05 of onnxruntime (0.02 is the 224x224 figure: the demo and
     # tests/test_overflow.py check that one)

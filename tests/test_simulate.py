@@ -26,7 +26,7 @@ from fssc.compiler.compile import compile_graph
 from fssc.compiler.frontend.onnx_import import import_onnx
 from fssc.compiler.reference.interp import run_fixed
 from fssc.compiler.reference.simulation import simulate, strip_weights
-from fssc.models.export import export_model, synthetic_images
+from fssc.models.export import synthetic_images
 from fssc.runtime import ring
 from fssc.runtime.keys import KeyReader
 from tiny_models import tiny_cnn, with_argmax
@@ -35,9 +35,8 @@ BATCH, SIZE = 2, 32
 
 
 @pytest.fixture(scope="module")
-def resnet(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("resnet") / "resnet18.onnx")
-    export_model("resnet18", path, num_classes=2, image_size=SIZE, batch=BATCH)
+def resnet(export_resnet18):
+    path = str(export_resnet18(SIZE, BATCH, num_classes=2))  # the session's export (test_accuracy reads it too)
     proto = with_argmax(onnx.load(path), BATCH)
     res = compile_graph(import_onnx(proto, "resnet18"), echo=lambda s: None)
     x = synthetic_images(BATCH, SIZE, seed=5).numpy()

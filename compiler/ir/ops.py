@@ -246,6 +246,19 @@ def conv_float(attrs, x, w, b=None):
     return [y.numpy()]
 
 
+def _ring_conv(attrs, nd: int) -> lib.Conv:
+    """The exact digit products of a conv in the fixed-point semantics: the runtime's own float64 conv
+    (numpy im2col and one BLAS GEMM per x digit for all the w digits it pairs with; no torch). Every digit
+    product is a sum of integers that ring_bilinear's digit plan keeps below 2^53, exact in float64 in any
+    summation order, so this equals any other exact float64 conv bit for bit."""
+    return lib.conv(
+        attrs.get("strides") or [1] * nd,
+        attrs.get("pads") or [0] * (2 * nd),
+        attrs.get("dilations") or [1] * nd,
+        attrs.get("group", 1),
+    )
+
+
 @register("conv", Role.LINEAR, Scale.WEIGHTED)
 class Conv:
     shape = staticmethod(_conv_shape)
@@ -257,7 +270,7 @@ class Conv:
         w = graph.values[op.inputs[1]].array.astype(np.float64)
         ws = op.attrs["wscale"]
         k = int(np.prod(w.shape[1:]))  # reduction length per output
-        y = ring.ring_bilinear(lambda a, b: conv_float(op.attrs, a, b)[0], x, ring.encode(w, ws), k)
+        y = ring.ring_bilinear(_ring_conv(op.attrs, x.ndim - 2), x, ring.encode(w, ws), k)
         if len(op.inputs) > 2:
             b = graph.values[op.inputs[2]].array.astype(np.float64)
             y = y + ring.encode(b, fixed_scale(graph, op.inputs[0]) + ws).reshape((1, -1) + (1,) * (x.ndim - 2))
