@@ -347,6 +347,7 @@ def compile_model(
     weight_bound_bits: int = 4,
     batch: int | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    verbose: bool = False,
 ) -> CompileResult:
     """``fssc compile``: compile, print the report, check with ``verify`` inputs (before anything is
     written: a program the check rejects is never written), write prog/. ``batch`` and ``input_shapes``
@@ -357,7 +358,7 @@ def compile_model(
 
     con = console or Console(width=max(160, Console().width))
     _check_out_dir(out_dir)
-    graph = import_onnx(model, batch=batch, input_shapes=input_shapes)
+    graph = import_onnx(model, batch=batch, input_shapes=input_shapes, verbose=verbose)
     if dump_ir:  # the IR dumps go there as the passes run; else nothing is made before the program is written
         os.makedirs(out_dir, exist_ok=True)
     echo = lambda s: con.print(s, markup=False, highlight=False, soft_wrap=True)  # noqa: E731

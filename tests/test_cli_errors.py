@@ -120,9 +120,19 @@ def test_many_unsupported_nodes_give_counts_and_first_nodes(tmp_path, run_fssc):
     line = assert_one_line_error(
         run_fssc("ir", path),
         f"{path}: 2 unsupported ONNX op types: Sin (4 nodes, first: sin_0), "
-        "Cos (2 nodes, first: cos_2); fssc supports: Add, ArgMax, ",
+        "Cos (2 nodes, first: cos_2); --verbose names every node; fssc supports: Add, ArgMax, ",
     )
     assert "relu_1" not in line and "sin_3" not in line and "cos_4" not in line
+    # --verbose: every node of each type, still one line (fssc compile takes it too)
+    assert_one_line_error(
+        run_fssc("ir", path, "--verbose"),
+        f"{path}: 2 unsupported ONNX op types: Sin (4: sin_0 sin_3 sin_5 sin_6), Cos (2: cos_2 cos_4); "
+        "fssc supports: Add, ",
+    )
+    assert_one_line_error(
+        run_fssc("compile", path, "-o", tmp_path / "prog", "--verbose"), "Sin (4: sin_0 sin_3 sin_5 sin_6)"
+    )
+    assert not (tmp_path / "prog").exists()
 
 
 def test_dynamic_batch_dimension(tmp_path, run_fssc, resnet18_onnx):

@@ -156,16 +156,18 @@ def import_onnx(
     name: str | None = None,
     batch: int | None = None,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    verbose: bool = False,
 ) -> Graph:
     """Import an ONNX file or ModelProto; ``batch`` and ``input_shapes`` pin dynamic input dimensions
-    (see :func:`pin_input_shapes`)."""
+    (see :func:`pin_input_shapes`). Unsupported ops are refused in one line per op type with its count and
+    first node; with ``verbose`` the line names every node."""
     if isinstance(path_or_model, onnx.ModelProto):
         model, src = path_or_model, name or "<model>"
     else:
         src = str(path_or_model)
         model = load_onnx(src)
     model = pin_input_shapes(model, src, batch, input_shapes)
-    return _Importer(model, src).run(
+    return _Importer(model, src, verbose).run(
         name or (os.path.splitext(os.path.basename(src))[0] if src != "<model>" else "model")
     )
 
@@ -186,8 +188,9 @@ def _node_label(node: onnx.NodeProto, idx: int) -> str:
 
 
 class _Importer:
-    def __init__(self, model: onnx.ModelProto, src: str):
+    def __init__(self, model: onnx.ModelProto, src: str, verbose: bool = False):
         self.src = src
+        self.verbose = verbose
         try:
             onnx.checker.check_model(model)
         except Exception as e:
@@ -240,14 +243,19 @@ class _Importer:
         ]
         if bad:
             count = Counter(op for op, _ in bad)
-            first: dict[str, str] = {}
+            nodes_of: dict[str, list[str]] = {}
             for op, label in bad:
-                first.setdefault(op, label)  # in graph order
-            listed = ", ".join(
-                f"{op} ({count[op]} nodes, first: {label})" if count[op] > 1 else f"{op} (1 node: {label})"
-                for op, label in first.items()
-            )
-            kinds = "1 unsupported ONNX op type" if len(first) == 1 else f"{len(first)} unsupported ONNX op types"
+                nodes_of.setdefault(op, []).append(label)  # in graph order
+            if self.verbose:
+                listed = ", ".join(f"{op} ({count[op]}: {' '.join(ls)})" for op, ls in nodes_of.items())
+            else:
+                listed = ", ".join(
+                    f"{op} ({count[op]} nodes, first: {ls[0]})" if count[op] > 1 else f"{op} (1 node: {ls[0]})"
+                    for op, ls in nodes_of.items()
+                )
+                listed += "; --verbose names every node" if any(count[op] > 1 for op in nodes_of) else ""
+            n = len(nodes_of)
+            kinds = "1 unsupported ONNX op type" if n == 1 else f"{n} unsupported ONNX op types"
             raise FsscError(f"{self.src}: {kinds}: {listed}; fssc supports: {', '.join(sorted(CONVERTERS))}")
         g = self.g = Graph(gname)
         inits = {t.name for t in gp.initializer}

@@ -63,11 +63,13 @@ INPUT_SHAPE_HELP = (
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--batch", type=int, default=None, metavar="N", help=BATCH_HELP)
 @click.option("--input-shape", "input_shape", multiple=True, metavar="NAME:D0,D1,...", help=INPUT_SHAPE_HELP)
-def ir(model, batch, input_shape):
+@click.option("--verbose", is_flag=True, help="Name every node of an unsupported op type, not only the first.")
+def ir(model, batch, input_shape, verbose):
     """Import an ONNX MODEL and print fssc's IR (deterministic text form)."""
     from fssc.compiler.frontend.onnx_import import import_onnx, parse_input_shapes
 
-    click.echo(import_onnx(model, batch=batch, input_shapes=parse_input_shapes(input_shape)).text(), nl=False)
+    g = import_onnx(model, batch=batch, input_shapes=parse_input_shapes(input_shape), verbose=verbose)
+    click.echo(g.text(), nl=False)
 
 
 @click.command("compile")
@@ -132,6 +134,7 @@ def ir(model, batch, input_shape):
     help="Public bound |W| < 2^B on every weight (after BatchNorm folding). It fixes the model owner's "
     "arithmetic (and so its timing) independently of the weights; a larger weight is a compile error.",
 )
+@click.option("--verbose", is_flag=True, help="Name every node of an unsupported op type, not only the first.")
 def compile_cmd(
     model,
     out,
@@ -148,6 +151,7 @@ def compile_cmd(
     bits,
     verify,
     weight_bound_bits,
+    verbose,
 ):
     """Compile an ONNX MODEL into prog/: the passes, the cost report, and one program per party."""
     from fssc.compiler.compile import compile_model
@@ -170,6 +174,7 @@ def compile_cmd(
         weight_bound_bits=weight_bound_bits,
         batch=batch,
         input_shapes=shapes,
+        verbose=verbose,
     )
 
 
