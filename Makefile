@@ -34,10 +34,11 @@ lint: $(STAMP) typecheck-view
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-# The fast suite (under 5 minutes on a 2-core machine); `make test-slow` runs the tests marked slow
-# (224x224 models, long matrices, full-size runs). CI runs both.
+# The fast suite (under 5 minutes on a 2-core machine: two pytest workers, a test file each, one BLAS thread per
+# process); `make test-slow` runs the tests marked slow (224x224 models, long matrices, full-size runs; one at a
+# time: their key files take GBs of disk). CI runs both.
 test: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -178,8 +178,10 @@ def test_dynamo_resnet18_compiles_and_its_secure_run_tracks_onnxruntime(dynamo_r
 
 
 @pytest.mark.parametrize(
-    "optimize", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["torch-default", "unoptimised"]
-)
+    "optimize",
+    [pytest.param(True, marks=pytest.mark.slow), pytest.param(False, marks=pytest.mark.slow)],
+    ids=["torch-default", "unoptimised"],
+)  # slow: the zoo matrix's torch legs (tests/test_zoo.py) export every family with torch's default exporter
 def test_torch_dynamo_exports_of_resnet18_import(optimize, tmp_path):
     """torch's own dynamo output: BN folded into the convs, weights in an external data file, ReduceMean's
     axes as an input, opset 18 (optimize=True); or Shape/Expand/CastLike chains for the convs' zero biases
