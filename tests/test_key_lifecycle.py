@@ -118,9 +118,11 @@ def _collect_masked_weights(tiny, prog: Path, keys: Path, batch: int) -> dict[st
         shapes = session.load_program(str(prog), "party0").LINEAR_WEIGHTS
         w_hat = {t: np.array(a) for t, a in session.recv_weights(chan, shapes).items()}
         session.p0_start_batch(chan, batch)
-        chan.close()
-        # it opens the batch, finds the peer gone, logs the failed session and keeps listening
+        # it opens the batch (marked used), then finds the peer gone, logs the failed session and keeps
+        # listening. Hang up only once the mark is there: closing at once could reset the connection
+        # before the model owner read the start message (unread data makes the kernel send a reset).
         _wait_for((keys / "p1" / f"batch{batch:04d}.used").exists, p1)
+        chan.close()
     finally:
         stop(p1, 0)
     return w_hat
