@@ -63,9 +63,8 @@ def run(graph: Graph, ctx: PassContext) -> PassResult:
             c = shape[ax]
             rows = int(np.prod(shape, dtype=np.int64)) // c
         if c > MAX_SOFTMAX_CLASSES:
-            where = f" (ONNX node {op.origin[0]})" if op.origin else ""
             raise FsscError(
-                f"softmax %{op.name}{where}: rows of {c} elements; fssc evaluates softmax over at most "
+                f"softmax {op.described}: rows of {c} elements; fssc evaluates softmax over at most "
                 f"{MAX_SOFTMAX_CLASSES} elements per row"
             )
         flat = (rows, 1, 1, c)

@@ -73,10 +73,8 @@ def _refuse_full_width(graph: Graph) -> None:
     truncate ordinary rows to nothing: refused in one line, never compiled imprecise."""
     ln = [op for op in graph.ops if op.kind == "layernorm"]
     if ln:
-        first = ln[0]
-        where = f" (ONNX node {first.origin[0]})" if first.origin else ""
         raise FsscError(
-            f"--bits full: {len(ln)} layer normalization(s), first %{first.name}{where}: its precision is planned "
+            f"--bits full: {len(ln)} layer normalization(s), first {ln[0].described}: its precision is planned "
             f"for a bounded input range and has no full-width form; compile with --margin-bits K instead"
         )
 

@@ -135,6 +135,11 @@ class Op:
     def name(self) -> str:
         return self.outputs[0] if self.outputs else f"op{self.uid}"
 
+    @property
+    def described(self) -> str:
+        """For messages: ``%name`` and the ONNX node it came from, if any."""
+        return f"%{self.name}" + (f" (ONNX node {self.origin[0]})" if self.origin else "")
+
 
 def _tracked_field(attr: str) -> property:
     def get(self):

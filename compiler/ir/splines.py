@@ -180,11 +180,11 @@ def _piece_error(f, p: Polynomial, a: int, b: int, d: int, s_in: int, s_out: int
     return coeffs, center, float(err), float(np.abs(got).max())
 
 
-def _chebyshev_piece(f, ia: int, ib: int, s_in: int) -> Polynomial:
-    """The degree-DEGREE polynomial (in the real v) interpolating f at the Chebyshev points of [ia, ib) / 2^s_in."""
+def _chebyshev_piece(f, ia: int, ib: int, s_in: int, d: int = DEGREE) -> Polynomial:
+    """The degree-d polynomial (in the real v) interpolating f at the Chebyshev points of [ia, ib) / 2^s_in."""
     a, b = ia / 2.0**s_in, ib / 2.0**s_in
     mid, half = (a + b) / 2, (b - a) / 2
-    cf = cheb.chebinterpolate(lambda u: f(mid + half * u), DEGREE)
+    cf = cheb.chebinterpolate(lambda u: f(mid + half * u), d)
     return Polynomial(cheb.cheb2poly(cf))(Polynomial([-mid / half, 1 / half]))
 
 
@@ -305,12 +305,7 @@ def _halving_pieces(f, edges, s_in: int, s_out: int, d: int, c: int, t: int, tol
     while todo:
         lo, hi = todo.pop()
         ia, ib = math.ceil(lo * 2**s_in), math.ceil(hi * 2**s_in)
-        mid, half = (lo + hi) / 2, (hi - lo) / 2
-
-        def on_unit(u, mid=mid, half=half):
-            return f(mid + half * u)
-
-        p = Polynomial(cheb.cheb2poly(cheb.chebinterpolate(on_unit, d)))(Polynomial([-mid / half, 1 / half]))
+        p = _chebyshev_piece(f, ia, ib, s_in, d)
         coeffs, center, err, _ = _piece_error(f, p, ia, ib, d, s_in, s_out, c, t)
         if err > tol and (ib - ia) >= 16:
             todo += [((lo + hi) / 2, hi), (lo, (lo + hi) / 2)]
