@@ -38,10 +38,10 @@ lint: $(STAMP) typecheck-view
 # process); `make test-slow` runs the tests marked slow (224x224 models, long matrices, full-size runs; one at a
 # time: their key files take GBs of disk). CI runs both.
 test: lint
-	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
+	$(PY) -m pytest -q -rs -m "not slow" -n 2 --dist loadfile
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -rs -m slow
 
 bench: $(STAMP)
 	$(PY) -m pip install -e '.[test,bench]'
