@@ -421,27 +421,25 @@ def test_print_ir_after_unknown_name_in_the_api(tmp_path):
         run_pipeline(g, PassContext(), print_after=("fold-batchnorms",), echo=lambda s: None)
 
 
-def test_calibrate_from_images_and_npy(tmp_path, export_resnet18):
+def test_calibrate_from_images_and_npy(tmp_path):
     """--calibrate DIR (images, preprocessed as the manifest says) or an .npy of inputs drives range analysis."""
-    import numpy as np
-    from fssc.compiler.compile import compile_graph
     from fssc.compiler.demo import _write_images
-    from fssc.compiler.frontend.onnx_import import import_onnx
+    from tiny_models import tiny_cnn
 
     from fssc.errors import FsscError
 
-    path = export_resnet18(64, 2)
+    _, proto, _ = tiny_cnn(batch=2, size=12)  # the plumbing is the same for any model; this one compiles in 0.1 s
     images = tmp_path / "images"
-    _write_images(str(images), 3, 64)  # 3 images -> 2 batches of 2 (the last padded)
-    res = compile_graph(import_onnx(str(path)), calibrate=str(images), echo=lambda s: None)
+    _write_images(str(images), 3, 12)  # 3 images -> 2 batches of 2 (the last padded)
+    res = compile_graph(import_onnx(proto), calibrate=str(images), echo=lambda s: None)
     assert res.ctx.ranges is not None and res.ctx.ranges.calibration_batches == 2
     arr = tmp_path / "x.npy"
-    np.save(arr, np.zeros((4, 3, 64, 64), np.float32))
-    res0 = compile_graph(import_onnx(str(path)), calibrate=str(arr), echo=lambda s: None)
+    np.save(arr, np.zeros((4, 3, 12, 12), np.float32))
+    res0 = compile_graph(import_onnx(proto), calibrate=str(arr), echo=lambda s: None)
     assert res0.ctx.ranges is not None and res0.ctx.ranges.calibration_batches == 2
     # all-zero inputs still give positive bitwidths for every comparison
     assert all(op.gate["bits"] >= 2 for op in res0.graph.ops if op.gate)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FsscError, match="no images found"):
-        compile_graph(import_onnx(str(path)), calibrate=str(empty), echo=lambda s: None)
+        compile_graph(import_onnx(proto), calibrate=str(empty), echo=lambda s: None)
