@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from fssc.runtime import ring
+from fssc.runtime import dcf, ring
 from fssc.runtime.guard import FIXES, out_of_range, unencodable
 from fssc.runtime.results import ResultsFile
 from fssc.runtime.session import choose_batches, p0_start_batch, recv_weights, run_p0_batch, use_batch
@@ -233,6 +233,7 @@ def label(mod, manifest: dict, a: argparse.Namespace, hello: Callable[[dict], di
     def note(msg: str) -> None:
         print(f"fssc party0: {msg}", file=sys.stderr, flush=True)
 
+    dcf.warm_up()  # before the session: the compiled DCF walk's first use is not online time
     chan = connect(a.peer, a.certs, timeout=peer_s, connect_timeout=connect_s, log=note)
     try:
         peer = client_handshake(chan, hello({"batches": use, "deal": deal}))

@@ -92,7 +92,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from fssc.runtime.prg import Rng, mmo, mmo_buffer
+from fssc.runtime.prg import Rng, aes_fixed, mmo, mmo_buffer
 
 __all__ = [
     "BLOCK",
@@ -107,6 +107,7 @@ __all__ = [
     "keygen",
     "keygen_blocks",
     "nbytes_per_key",
+    "warm_up",
 ]
 
 U64 = np.uint64
@@ -483,26 +484,21 @@ def _keygen_bits_block(p: DcfParams, alpha, beta, rng, m0, m1):
     """Z_2 payload, one block: v = bit 1 of the side block; V_CW goes to bit 1 of cw_lo.
 
     With D_s = v_0^s ^ v_1^s: V_CW = D_Lose ^ V ^ a*beta and the new V is
-    D_L ^ D_R ^ a*beta (V ^ D_Keep ^ V_CW).
+    D_L ^ D_R ^ a*beta (V ^ D_Keep ^ V_CW). Each level is one AES call over both sides of both parties'
+    nodes and one compiled pass (``kernels.gen_bits_level``); the parties' rows are equal but for the root.
     """
+    from fssc.runtime import kernels  # numba: imported by the first walk, not by every user of this module
+
     lo, hi = _root_state(rng, len(alpha), m0, m1)
     V = np.zeros(len(alpha), dtype=U64)
-    expand = _Expander(lo.shape, 2)
+    inp = np.empty((2, 2, len(alpha), 2), dtype=U64)
+    raw = mmo_buffer(inp.size // 2)
+    kernels.gen_inputs(lo, hi, inp)
     for i in range(p.levels):
-        a = _bit(alpha, p.n - 1 - i)
-        ma = -a
-        G = expand(lo, hi, (0, 1))  # (2 sides, 2 parties, N, 2 words)
-        cw_lo, cw_hi, keep_lo, keep_hi, x_lo = _tree_cw(G[..., 0], G[..., 1], a, ma)
-        d_l, d_r = x_lo >> _ONE
-        ab = a & beta
-        v_cw = (d_r ^ ((d_l ^ d_r) & ma) ^ V ^ ab) & _ONE
-        V = (d_l ^ d_r ^ ab) & _ONE
-        cw_lo |= v_cw << _ONE
         r = p.level_row(i)
-        m0[r], m0[r + 1] = cw_lo, cw_hi
-        m1[r], m1[r + 1] = cw_lo, cw_hi
-        lo, hi = _advance(keep_lo, keep_hi, cw_lo, cw_hi, a, -(lo & _ONE))
-    W = _block_words(expand(lo, hi, (0,)))[: p.leaf_words]  # (words, 2, N)
+        kernels.gen_bits_level(aes_fixed(inp, raw), inp, lo, hi, alpha, p.n - 1 - i, beta, V, m0[r], m0[r + 1])
+        m1[r : r + 2] = m0[r : r + 2]
+    W = _block_words(mmo(inp[:1], raw))[: p.leaf_words]  # side 0 = tweak 0: (words, 2, N)
     table = W[:, 0] ^ W[:, 1] ^ -V
     table ^= _bit_table_less(alpha & U64(p.leaf_entries - 1), p.leaf_words) & -beta
     if p.leaf_entries < 64:
@@ -551,6 +547,17 @@ def _keygen_ring_block(p: DcfParams, alpha, beta, rng, m0, m1):
 
 
 # --------------------------------------------------------------------------- eval
+
+
+def warm_up() -> None:
+    """Load the compiled tree walk before it is timed: numba readies its cached machine code on first use
+    (about half a second a process), which would otherwise land in the first comparison gate of an online
+    phase. Generates and evaluates two keys, on writable and on read-only (mapped) key words alike."""
+    k0, k1 = keygen(np.array([5, 300], dtype=U64), 9)
+    x = np.array([7, 3], dtype=U64)
+    for k in (k0, k1):
+        evaluate(k.party, k, x)
+        evaluate(k.party, DcfKeys.from_buffer(k.to_bytes(), 9, 0, k.party), x)
 
 
 def evaluate(party: int, keys: DcfKeys, x: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -623,24 +630,24 @@ def evaluate_points(party: int, keys: DcfKeys, xs: np.ndarray) -> np.ndarray:
 
 
 def _eval_bits_block(p: DcfParams, party: int, m, x):
-    """Z_2 payload: one MMO block per level; the output share accumulates in bit 1."""
-    lo, hi = m[0], m[1]
-    acc = np.zeros(len(x), dtype=U64)
-    expand = _Expander(lo.shape, 1)
-    for i in range(p.levels):
-        c = _bit(x, p.n - 1 - i)
-        mt = -(lo & _ONE)
-        G = expand(lo, hi, (c,))[0]
+    """Z_2 payload: one MMO block per level; the output share accumulates in bit 1 of the xor of the
+    nodes' low words. Each level is one AES call and one compiled pass (:mod:`fssc.runtime.kernels`)."""
+    from fssc.runtime import kernels  # numba: imported by the first walk, not by every user of this module
+
+    count, L = len(x), p.levels
+    t = np.empty(count, dtype=U64)
+    acc = np.zeros(count, dtype=U64)
+    inp = np.empty((count, 2), dtype=U64)
+    raw = mmo_buffer(count)
+    kernels.bits_root(m[0], m[1], x, p.n - 1 if L else kernels.NO_BIT, inp, t)
+    for i in range(L):
         r = p.level_row(i)
-        lo, hi = _advance(G[:, 0], G[:, 1], m[r], m[r + 1], c, mt)
-        acc ^= lo
-    mt = -(lo & _ONE)
-    W = _block_words(expand(lo, hi, (0,)))[: p.leaf_words]
-    W ^= m[p.leaf_row :] & mt
-    j = x & U64(p.leaf_entries - 1)
-    word = W[0] if p.leaf_words == 1 else np.where(j >= U64(64), W[1], W[0])
-    bit = (word >> (j & U64(63))) ^ (acc >> _ONE)
-    return (bit & _ONE).astype(np.uint8)
+        nxt = p.n - 2 - i if i + 1 < L else kernels.NO_BIT
+        kernels.bits_level(aes_fixed(inp, raw), inp, t, m[r], m[r + 1], acc, x, nxt)
+    out = np.empty(count, dtype=np.uint8)
+    leaf = p.leaf_row
+    kernels.bits_leaf(aes_fixed(inp, raw), inp, t, m[leaf], m[leaf + p.leaf_words - 1], acc, x, p.leaf_entries, out)
+    return out
 
 
 def _eval_ring_block(p: DcfParams, party: int, m, x):

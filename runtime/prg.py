@@ -33,7 +33,7 @@ import threading
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["MMO_KEY", "SEED_BYTES", "Rng", "expand", "mmo", "mmo_buffer"]
+__all__ = ["MMO_KEY", "SEED_BYTES", "Rng", "aes_fixed", "expand", "mmo", "mmo_buffer"]
 
 SEED_BYTES = 16
 """Length of an ``Rng`` seed (an AES-128 key)."""
@@ -136,6 +136,19 @@ def mmo_buffer(nblocks: int) -> np.ndarray:
     return np.empty(16 * nblocks + _AES_SLACK, dtype=np.uint8)
 
 
+def aes_fixed(blocks: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """``AES_k(b)`` under the fixed MMO key for every block, no feed-forward: a view into ``scratch`` (from
+    ``mmo_buffer``) of ``blocks``' shape. For callers that fuse the feed-forward into their own pass
+    (:mod:`fssc.runtime.kernels`); ``mmo`` is this plus the xor."""
+    if blocks.dtype != np.uint64 or blocks.shape[-1] != 2 or not blocks.flags.c_contiguous:
+        raise ValueError("AES blocks must be a C-contiguous uint64 array with last axis 2")
+    nbytes = blocks.nbytes
+    if scratch.dtype != np.uint8 or scratch.size < nbytes + _AES_SLACK:
+        raise ValueError("AES scratch buffer too small (use mmo_buffer)")
+    _ecb_encryptor().update_into(blocks.reshape(-1).view(np.uint8), scratch)
+    return scratch[:nbytes].view(np.uint64).reshape(blocks.shape)
+
+
 def mmo(blocks: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
     """Fixed-key AES in Matyas-Meyer-Oseas mode: ``AES_k(b) ^ b`` for every block.
 
@@ -147,14 +160,8 @@ def mmo(blocks: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
     calls in hot loops; the result is then a view into it, valid until the
     scratch buffer's next use.
     """
-    if blocks.dtype != np.uint64 or blocks.shape[-1] != 2 or not blocks.flags.c_contiguous:
-        raise ValueError("mmo expects a C-contiguous uint64 array with last axis 2")
-    nbytes = blocks.nbytes
     if scratch is None:
-        scratch = mmo_buffer(nbytes // 16)
-    elif scratch.dtype != np.uint8 or scratch.size < nbytes + _AES_SLACK:
-        raise ValueError("mmo scratch buffer too small (use mmo_buffer)")
-    _ecb_encryptor().update_into(blocks.reshape(-1).view(np.uint8), scratch)
-    out = scratch[:nbytes].view(np.uint64).reshape(blocks.shape)
+        scratch = mmo_buffer(blocks.size // 2)
+    out = aes_fixed(blocks, scratch)
     out ^= blocks
     return out

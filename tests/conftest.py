@@ -27,8 +27,8 @@ import pytest
 # runs the compiler in this process while the parties, the dealer and the CLI run as processes beside it on
 # a small machine, and BLAS threads spin while they wait for work, so threads of several processes (or of
 # this one while its children compute) contend for the same cores and float64 GEMMs then run several times
-# slower than on one thread (fssc.runtime.loopback.party_env gives each of two parties half the cores for the
-# same reason). The ring's digit products are exact integer sums: no fixed-point result depends on it.
+# slower than on one thread (fssc.runtime.loopback.party_env keeps the count set here). The ring's digit
+# products are exact integer sums: no fixed-point result depends on it.
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
