@@ -26,7 +26,7 @@ import numpy as np
 from fssc.runtime import dcf, ring
 from fssc.runtime.guard import FIXES, out_of_range, unencodable
 from fssc.runtime.results import ResultsFile
-from fssc.runtime.session import choose_batches, p0_start_batch, recv_weights, run_p0_batch, use_batch
+from fssc.runtime.session import choose_batches, dcf_walk, p0_start_batch, recv_weights, run_p0_batch, use_batch
 from fssc.runtime.transport import CONNECT_TIMEOUT, PEER_TIMEOUT, client_handshake, connect
 
 from fssc.errors import FsscError
@@ -233,7 +233,7 @@ def label(mod, manifest: dict, a: argparse.Namespace, hello: Callable[[dict], di
     def note(msg: str) -> None:
         print(f"fssc party0: {msg}", file=sys.stderr, flush=True)
 
-    dcf.warm_up()  # before the session: the compiled DCF walk's first use is not online time
+    dcf.set_walk(dcf_walk(manifest, "party0", len(groups)))  # readied before the session, not in its first gate
     chan = connect(a.peer, a.certs, timeout=peer_s, connect_timeout=connect_s, log=note)
     try:
         peer = client_handshake(chan, hello({"batches": use, "deal": deal}))
@@ -288,6 +288,7 @@ def label(mod, manifest: dict, a: argparse.Namespace, hello: Callable[[dict], di
             "bytes_sent": chan.bytes_sent,
             "bytes_received": chan.bytes_received,
             "rounds": chan.rounds,
+            "dcf_walk": dcf.current_walk(),
         }
         write_atomic(a.stats, json.dumps(stats, indent=1))
     return 0

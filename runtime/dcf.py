@@ -87,6 +87,7 @@ These minimise key size for each payload. nu = 0 is the plain Fig. 1 tree.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -94,12 +95,16 @@ from dataclasses import dataclass
 import numpy as np
 from fssc.runtime.prg import Rng, aes_fixed, mmo, mmo_buffer
 
+from fssc.errors import FsscError
+
 __all__ = [
     "BLOCK",
     "LAYOUT_VERSION",
     "MAX_K",
     "DcfKeys",
     "DcfParams",
+    "choose_walk",
+    "current_walk",
     "default_nu",
     "eval_aes_blocks",
     "evaluate",
@@ -107,7 +112,7 @@ __all__ = [
     "keygen",
     "keygen_blocks",
     "nbytes_per_key",
-    "warm_up",
+    "set_walk",
 ]
 
 U64 = np.uint64
@@ -443,7 +448,8 @@ def keygen_blocks(
 
 def _gen_blocks(p: DcfParams, alpha: np.ndarray, beta: np.ndarray, rng: Rng):
     W = p.words
-    gen = _keygen_bits_block if p.k == 0 else _keygen_ring_block
+    bits = _keygen_bits_block_compiled if _walk[0] == COMPILED else _keygen_bits_block_numpy
+    gen = bits if p.k == 0 else _keygen_ring_block
     for lo, hi in _block_spans(len(alpha)):
         m0, m1 = np.empty((2, W, hi - lo), dtype=U64)  # fresh per block: the caller may keep them
         gen(p, alpha[lo:hi], beta[..., lo:hi], rng, m0, m1)
@@ -480,15 +486,14 @@ def _tree_cw(G_lo, G_hi, a, ma):
     return cw_lo, s_hi, keep_lo, keep_hi, x_lo
 
 
-def _keygen_bits_block(p: DcfParams, alpha, beta, rng, m0, m1):
+def _keygen_bits_block_compiled(p: DcfParams, alpha, beta, rng, m0, m1):
     """Z_2 payload, one block: v = bit 1 of the side block; V_CW goes to bit 1 of cw_lo.
 
     With D_s = v_0^s ^ v_1^s: V_CW = D_Lose ^ V ^ a*beta and the new V is
     D_L ^ D_R ^ a*beta (V ^ D_Keep ^ V_CW). Each level is one AES call over both sides of both parties'
     nodes and one compiled pass (``kernels.gen_bits_level``); the parties' rows are equal but for the root.
     """
-    from fssc.runtime import kernels  # numba: imported by the first walk, not by every user of this module
-
+    kernels = _kernels()
     lo, hi = _root_state(rng, len(alpha), m0, m1)
     V = np.zeros(len(alpha), dtype=U64)
     inp = np.empty((2, 2, len(alpha), 2), dtype=U64)
@@ -499,6 +504,37 @@ def _keygen_bits_block(p: DcfParams, alpha, beta, rng, m0, m1):
         kernels.gen_bits_level(aes_fixed(inp, raw), inp, lo, hi, alpha, p.n - 1 - i, beta, V, m0[r], m0[r + 1])
         m1[r : r + 2] = m0[r : r + 2]
     W = _block_words(mmo(inp[:1], raw))[: p.leaf_words]  # side 0 = tweak 0: (words, 2, N)
+    table = W[:, 0] ^ W[:, 1] ^ -V
+    table ^= _bit_table_less(alpha & U64(p.leaf_entries - 1), p.leaf_words) & -beta
+    if p.leaf_entries < 64:
+        table &= U64((1 << p.leaf_entries) - 1)
+    m0[p.leaf_row :] = m1[p.leaf_row :] = table
+
+
+def _keygen_bits_block_numpy(p: DcfParams, alpha, beta, rng, m0, m1):
+    """Z_2 payload, one block: v = bit 1 of the side block; V_CW goes to bit 1 of cw_lo.
+
+    With D_s = v_0^s ^ v_1^s: V_CW = D_Lose ^ V ^ a*beta and the new V is
+    D_L ^ D_R ^ a*beta (V ^ D_Keep ^ V_CW).
+    """
+    lo, hi = _root_state(rng, len(alpha), m0, m1)
+    V = np.zeros(len(alpha), dtype=U64)
+    expand = _Expander(lo.shape, 2)
+    for i in range(p.levels):
+        a = _bit(alpha, p.n - 1 - i)
+        ma = -a
+        G = expand(lo, hi, (0, 1))  # (2 sides, 2 parties, N, 2 words)
+        cw_lo, cw_hi, keep_lo, keep_hi, x_lo = _tree_cw(G[..., 0], G[..., 1], a, ma)
+        d_l, d_r = x_lo >> _ONE
+        ab = a & beta
+        v_cw = (d_r ^ ((d_l ^ d_r) & ma) ^ V ^ ab) & _ONE
+        V = (d_l ^ d_r ^ ab) & _ONE
+        cw_lo |= v_cw << _ONE
+        r = p.level_row(i)
+        m0[r], m0[r + 1] = cw_lo, cw_hi
+        m1[r], m1[r + 1] = cw_lo, cw_hi
+        lo, hi = _advance(keep_lo, keep_hi, cw_lo, cw_hi, a, -(lo & _ONE))
+    W = _block_words(expand(lo, hi, (0,)))[: p.leaf_words]  # (words, 2, N)
     table = W[:, 0] ^ W[:, 1] ^ -V
     table ^= _bit_table_less(alpha & U64(p.leaf_entries - 1), p.leaf_words) & -beta
     if p.leaf_entries < 64:
@@ -549,15 +585,60 @@ def _keygen_ring_block(p: DcfParams, alpha, beta, rng, m0, m1):
 # --------------------------------------------------------------------------- eval
 
 
-def warm_up() -> None:
-    """Load the compiled tree walk before it is timed: numba readies its cached machine code on first use
-    (about half a second a process), which would otherwise land in the first comparison gate of an online
-    phase. Generates and evaluates two keys, on writable and on read-only (mapped) key words alike."""
-    k0, k1 = keygen(np.array([5, 300], dtype=U64), 9)
-    x = np.array([7, 3], dtype=U64)
-    for k in (k0, k1):
-        evaluate(k.party, k, x)
-        evaluate(k.party, DcfKeys.from_buffer(k.to_bytes(), 9, 0, k.party), x)
+WALK_ENV = "FSSC_DCF_WALK"
+"""Environment variable that picks the tree walk: ``auto`` (the default), ``compiled`` or ``numpy``."""
+NUMPY, COMPILED = "numpy", "compiled"
+COMPILED_WALK_MIN_BLOCKS = 5e7
+"""AES blocks of a process's DCF work from which ``auto`` picks the compiled walk. The compiled walk (numba,
+:mod:`fssc.runtime.kernels`) does a Z_2-payload tree level in one pass instead of about 17 numpy passes, about
+2.5x faster, but readying it costs a process about 0.85 s (numba's import and start-up; the machine code
+itself is cached): it pays from about 10^8 key levels, so small programs keep the numpy walk."""
+_walk = [NUMPY]  # this process's walk; the compiled one only once set_walk loaded it
+
+
+def choose_walk(aes_blocks: float) -> str:
+    """The walk for a process whose DCF work is about ``aes_blocks`` AES blocks (the compile report's
+    figures), unless ``FSSC_DCF_WALK`` names one."""
+    mode = os.environ.get(WALK_ENV, "auto")
+    if mode not in ("auto", NUMPY, COMPILED):
+        raise FsscError(f"{WALK_ENV}={mode}: expected auto, {COMPILED} or {NUMPY}")
+    if mode != "auto":
+        return mode
+    return COMPILED if aes_blocks >= COMPILED_WALK_MIN_BLOCKS else NUMPY
+
+
+def set_walk(walk: str) -> None:
+    """Use ``walk`` for this process's Z_2-payload DCFs from now on. The compiled walk is readied here (before
+    any timed phase): its kernels are loaded and run once on writable and on read-only (mapped) key words.
+    Both walks give the same keys and shares bit for bit (tests/test_dcf.py)."""
+    if walk not in (NUMPY, COMPILED):
+        raise ValueError(f"unknown DCF walk {walk!r}")
+    if walk == COMPILED and _walk[0] != COMPILED:
+        _walk[0] = COMPILED
+        try:
+            k0, k1 = keygen(np.array([5, 300], dtype=U64), 9)
+            x = np.array([7, 3], dtype=U64)
+            for k in (k0, k1):
+                evaluate(k.party, k, x)
+                evaluate(k.party, DcfKeys.from_buffer(k.to_bytes(), 9, 0, k.party), x)
+        except BaseException:
+            _walk[0] = NUMPY
+            raise
+    _walk[0] = walk
+
+
+def current_walk() -> str:
+    return _walk[0]
+
+
+def _kernels():
+    from fssc.runtime import kernels  # numba: imported when the compiled walk is chosen, not by every user
+
+    return kernels
+
+
+def _bits_eval():
+    return _eval_bits_block_compiled if _walk[0] == COMPILED else _eval_bits_block_numpy
 
 
 def evaluate(party: int, keys: DcfKeys, x: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -578,7 +659,7 @@ def evaluate(party: int, keys: DcfKeys, x: np.ndarray, threads: int = 1) -> np.n
     if p.n < 64:
         x = x & U64((1 << p.n) - 1)
     out = np.empty(len(x), np.uint8) if p.k == 0 else np.empty((len(x), p.k), U64)
-    block_eval = _eval_bits_block if p.k == 0 else _eval_ring_block
+    block_eval = _bits_eval() if p.k == 0 else _eval_ring_block
 
     def run(block):
         lo, hi, m = block
@@ -620,7 +701,7 @@ def evaluate_points(party: int, keys: DcfKeys, xs: np.ndarray) -> np.ndarray:
         xs = xs & U64((1 << p.n) - 1)
     rows = xs.shape[0]
     out = np.empty((rows, len(keys)), np.uint8) if p.k == 0 else np.empty((rows, len(keys), p.k), U64)
-    block_eval = _eval_bits_block if p.k == 0 else _eval_ring_block
+    block_eval = _bits_eval() if p.k == 0 else _eval_ring_block
     for lo, hi, m in keys.blocks():
         if np.any((m[0] & _ONE) != U64(party)):
             raise ValueError(f"key words are not party {party}'s")
@@ -629,11 +710,10 @@ def evaluate_points(party: int, keys: DcfKeys, xs: np.ndarray) -> np.ndarray:
     return out
 
 
-def _eval_bits_block(p: DcfParams, party: int, m, x):
+def _eval_bits_block_compiled(p: DcfParams, party: int, m, x):
     """Z_2 payload: one MMO block per level; the output share accumulates in bit 1 of the xor of the
     nodes' low words. Each level is one AES call and one compiled pass (:mod:`fssc.runtime.kernels`)."""
-    from fssc.runtime import kernels  # numba: imported by the first walk, not by every user of this module
-
+    kernels = _kernels()
     count, L = len(x), p.levels
     t = np.empty(count, dtype=U64)
     acc = np.zeros(count, dtype=U64)
@@ -648,6 +728,27 @@ def _eval_bits_block(p: DcfParams, party: int, m, x):
     leaf = p.leaf_row
     kernels.bits_leaf(aes_fixed(inp, raw), inp, t, m[leaf], m[leaf + p.leaf_words - 1], acc, x, p.leaf_entries, out)
     return out
+
+
+def _eval_bits_block_numpy(p: DcfParams, party: int, m, x):
+    """Z_2 payload: one MMO block per level; the output share accumulates in bit 1."""
+    lo, hi = m[0], m[1]
+    acc = np.zeros(len(x), dtype=U64)
+    expand = _Expander(lo.shape, 1)
+    for i in range(p.levels):
+        c = _bit(x, p.n - 1 - i)
+        mt = -(lo & _ONE)
+        G = expand(lo, hi, (c,))[0]
+        r = p.level_row(i)
+        lo, hi = _advance(G[:, 0], G[:, 1], m[r], m[r + 1], c, mt)
+        acc ^= lo
+    mt = -(lo & _ONE)
+    W = _block_words(expand(lo, hi, (0,)))[: p.leaf_words]
+    W ^= m[p.leaf_row :] & mt
+    j = x & U64(p.leaf_entries - 1)
+    word = W[0] if p.leaf_words == 1 else np.where(j >= U64(64), W[1], W[0])
+    bit = (word >> (j & U64(63))) ^ (acc >> _ONE)
+    return (bit & _ONE).astype(np.uint8)
 
 
 def _eval_ring_block(p: DcfParams, party: int, m, x):

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from fssc.runtime import dcf
 from fssc.runtime.data_owner import add_timeout_args, timeouts
 from fssc.runtime.serve import Service, one_line
-from fssc.runtime.session import check_interface, load_manifest, load_weights
+from fssc.runtime.session import check_interface, dcf_walk, load_manifest, load_weights, unused_batches
 from fssc.runtime.transport import Listener
 
 from fssc.errors import FsscError, os_error_message, printable
@@ -158,7 +158,7 @@ def serve_party1(
     W = load_weights(os.path.join(prog_dir, "party1", "weights.bin"), mod.PROGRAM_HASH)
     log = _log("party1")
     service = Service(mod, _hello(mod, manifest, {}), keys, W, log, max_sessions or 1)
-    dcf.warm_up()  # before listening: the compiled DCF walk's first use is not online time
+    dcf.set_walk(dcf_walk(manifest, "party1", len(unused_batches(keys))))  # readied before listening
     service.prepare()  # the deal a data owner will use first: bound (or refused) before listening
     with Listener(listen, certs, timeout=peer_s, log=log) as listener:
         log(f"listening on {listen.rpartition(':')[0]}:{listener.port}")

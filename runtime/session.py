@@ -48,6 +48,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+from fssc.runtime import dcf
 from fssc.runtime.channel import Channel
 from fssc.runtime.keys import KeyReader, KeyWriter, check_header, peek_header
 from fssc.runtime.prg import SEED_BYTES
@@ -292,7 +293,8 @@ def deal_batches(
         for s in streams.values():
             s.close()
         ids = list(range(start, start + batches))
-        jobs = [(program, where, h, outs, deal, seed, i) for i in ids]
+        walk = dcf_walk(manifest, "dealer", -(-len(ids) // max(1, workers)))  # each process's batches
+        jobs = [(program, where, h, outs, deal, seed, i, walk) for i in ids]
         if executor is not None:
             from fssc.runtime.cluster import describe_failure
 
@@ -390,7 +392,23 @@ def _dealer_program(program: str, where: str, program_hash: str):
     return mod
 
 
-def _deal_batch(program: str, where: str, program_hash: str, outs: list, deal: str, seed: bytes, batch: int):
+def dcf_work(manifest: dict, role: str) -> float:
+    """AES blocks of one batch's DCF work for ``role`` (party0, party1, dealer), from the compile report in the
+    manifest: a party's online evaluation; the dealer's key generation expands both sides of both parties'
+    nodes per level, about twice the parties' blocks together."""
+    cost = manifest.get("cost", {})
+    p0, p1 = float(cost.get("aes_blocks_p0", 0)), float(cost.get("aes_blocks_p1", 0))
+    return {"party0": p0, "party1": p1, "dealer": 2 * (p0 + p1)}[role]
+
+
+def dcf_walk(manifest: dict, role: str, batches: int) -> str:
+    """The DCF walk (:func:`fssc.runtime.dcf.choose_walk`) for a process of ``role`` that runs ``batches``."""
+    return dcf.choose_walk(dcf_work(manifest, role) * max(1, batches))
+
+
+def _deal_batch(
+    program: str, where: str, program_hash: str, outs: list, deal: str, seed: bytes, batch: int, walk: str = dcf.NUMPY
+):
     """One batch of one deal: both parties' key files, complete, or none (-> (batch, bytes p0, bytes p1, s)).
 
     ``outs[p]``: party p's key folder, or a :class:`fssc.runtime.keystream.Target` to stream its file to
@@ -399,6 +417,7 @@ def _deal_batch(program: str, where: str, program_hash: str, outs: list, deal: s
     party 0 holds."""
     from fssc.runtime import keystream
 
+    dcf.set_walk(walk)  # in this job's process, before its clock starts
     mod = _dealer_program(program, where, program_hash)
     t = time.perf_counter()
     hdr = {"program": program_hash, "batch": batch, "kind": "batch", "deal": deal}

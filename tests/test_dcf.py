@@ -2,6 +2,8 @@
 layout and serialisation, randomness sources, and key pseudorandomness.
 
 Oracle: numpy's ``x < alpha`` on the same uint64 values (``beta * 1{x < alpha}``).
+Every test runs with both tree walks of Z_2-payload keys (numpy's and the compiled one,
+``dcf.set_walk``), and ``test_the_walks_agree_bit_for_bit`` compares them with each other.
 """
 
 import hashlib
@@ -17,7 +19,18 @@ from fssc.runtime.prg import Rng
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fssc.errors import FsscError
+
 U64 = np.uint64
+
+
+@pytest.fixture(autouse=True, params=[dcf.NUMPY, dcf.COMPILED])
+def walk(request):
+    """The module's tests under each walk; the process's walk is restored after."""
+    before = dcf.current_walk()
+    dcf.set_walk(request.param)
+    yield request.param
+    dcf.set_walk(before)
 
 
 def _mask(n):
@@ -328,3 +341,43 @@ def test_keygen_bytes_are_pinned_for_a_fixed_prg_stream():
     h.update(k0.data.tobytes())
     h.update(k1.data.tobytes())
     assert h.hexdigest() == _PINNED
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 21, 37, 63, 64])
+def test_the_walks_agree_bit_for_bit(n, walk):
+    """Keys from one fixed PRG stream and their shares, under the other walk: equal bytes (the compiled walk's
+    oracle is the numpy walk, and both are the plaintext's: ``_check``). Several blocks, the last partial, beta
+    bits, and key words read-only as a mapped file gives them."""
+    other = dcf.NUMPY if walk == dcf.COMPILED else dcf.COMPILED
+    count = 2 * BLOCK + 123
+    alpha = Rng(b"a" * 16).u64(count, n)
+    beta = Rng(b"b" * 16).bits(count)
+    x = Rng(b"x" * 16).u64(count, n)
+    x[:50] = alpha[:50]
+    got = []
+    for w in (walk, other):
+        dcf.set_walk(w)
+        keys = keygen(alpha, n, beta, Rng(b"k" * 16))
+        ro = [DcfKeys.from_buffer(k.to_bytes(), n, 0, k.party) for k in keys]
+        got.append(([k.to_bytes() for k in keys], [dcf.evaluate(k.party, k, x) for k in ro]))
+    (keys_a, shares_a), (keys_b, shares_b) = got
+    assert keys_a == keys_b
+    for a, b in zip(shares_a, shares_b, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(shares_a[0] ^ shares_a[1], ((x < alpha) & beta.astype(bool)).astype(np.uint8))
+
+
+def test_walk_choice(monkeypatch):
+    monkeypatch.delenv(dcf.WALK_ENV, raising=False)
+    assert dcf.choose_walk(dcf.COMPILED_WALK_MIN_BLOCKS) == dcf.COMPILED
+    assert dcf.choose_walk(dcf.COMPILED_WALK_MIN_BLOCKS - 1) == dcf.NUMPY
+
+
+def test_walk_from_the_environment(monkeypatch):
+    monkeypatch.setenv(dcf.WALK_ENV, "numpy")
+    assert dcf.choose_walk(1e12) == dcf.NUMPY
+    monkeypatch.setenv(dcf.WALK_ENV, "compiled")
+    assert dcf.choose_walk(0) == dcf.COMPILED
+    monkeypatch.setenv(dcf.WALK_ENV, "fast")
+    with pytest.raises(FsscError, match=r"^FSSC_DCF_WALK=fast: expected auto, compiled or numpy$"):
+        dcf.choose_walk(0)

@@ -124,14 +124,30 @@ def test_two_processes_label_images_like_onnxruntime(setup, ort_session, tmp_pat
     from fssc.runtime.images import Preprocess, load_inputs
 
     images = _images(tmp_path / "images")
-    p1, port = start_p1(setup["prog"], setup["keys"], setup["certs"], tmp_path)
+    # the parties on the compiled DCF walk (a program this small would get numpy's), the dealer on numpy's: the
+    # comparison with the fixed-point interpreter below checks it through real processes and across walks
+    env = {**os.environ, "FSSC_DCF_WALK": "compiled"}
+    p1, port = start_p1(setup["prog"], setup["keys"], setup["certs"], tmp_path, env=env)
     out_json = tmp_path / "out.jsonl"
     r0 = run_p0(
-        setup["prog"], setup["keys"], setup["certs"], port, "--images", images, "--out", out_json, "--output", "logits"
+        setup["prog"],
+        setup["keys"],
+        setup["certs"],
+        port,
+        "--images",
+        images,
+        "--out",
+        out_json,
+        "--output",
+        "logits",
+        "--stats",
+        tmp_path / "stats.json",
+        env=env,
     )
     out1, err1 = stop(p1, 120)
     assert r0.returncode == 0, r0.stderr
     assert p1.returncode == 0, err1
+    assert json.loads((tmp_path / "stats.json").read_text())["dcf_walk"] == "compiled"
     x = load_inputs(str(images), Preprocess(size=SIZE), (3, SIZE, SIZE))
     ref = ort_session(setup["onnx"]).run(None, {"input": x})[0]
     res = read_results(str(out_json))
