@@ -2,8 +2,8 @@
 layout and serialisation, randomness sources, and key pseudorandomness.
 
 Oracle: numpy's ``x < alpha`` on the same uint64 values (``beta * 1{x < alpha}``).
-Every test runs with both tree walks of Z_2-payload keys (numpy's and the compiled one,
-``dcf.set_walk``), and ``test_the_walks_agree_bit_for_bit`` compares them with each other.
+The tests of Z_2-payload keys run under both tree walks (numpy's and the compiled one, ``dcf.set_walk``),
+and ``test_the_walks_agree_bit_for_bit`` compares the two with each other.
 """
 
 import hashlib
@@ -24,9 +24,10 @@ from fssc.errors import FsscError
 U64 = np.uint64
 
 
-@pytest.fixture(autouse=True, params=[dcf.NUMPY, dcf.COMPILED])
+@pytest.fixture(params=[dcf.NUMPY, dcf.COMPILED])
 def walk(request):
-    """The module's tests under each walk; the process's walk is restored after."""
+    """A test under each walk (``usefixtures("walk")``: the tests with Z_2-payload keys); the process's walk is
+    restored after."""
     before = dcf.current_walk()
     dcf.set_walk(request.param)
     yield request.param
@@ -63,6 +64,7 @@ def _nus(n, k):
 # --------------------------------------------------------------------------- exhaustive
 
 
+@pytest.mark.usefixtures("walk")
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
 @pytest.mark.parametrize("n", range(1, 9))
 def test_exhaustive_small_widths(n, k):
@@ -74,6 +76,7 @@ def test_exhaustive_small_widths(n, k):
         _check(n, k, alpha, x, rng, nu)
 
 
+@pytest.mark.usefixtures("walk")
 @pytest.mark.parametrize("nu", [0, 3, 6])
 def test_exhaustive_z2_with_beta_bits(nu):
     rng = Rng()
@@ -100,6 +103,7 @@ def _points(n, count, rng):
     return alpha, x
 
 
+@pytest.mark.usefixtures("walk")
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(1, 64),
@@ -114,6 +118,7 @@ def test_randomized_wide(n, k, nu_pick, seed):
     _check(n, k, alpha, x, rng, nu)
 
 
+@pytest.mark.usefixtures("walk")
 @pytest.mark.parametrize("k", [0, 1, 3])
 def test_n64_extremes(k):
     rng = Rng()
@@ -124,6 +129,7 @@ def test_n64_extremes(k):
     _check(64, k, alpha, x, rng)
 
 
+@pytest.mark.usefixtures("walk")
 def test_many_blocks_and_partial_last_block():
     rng = Rng()
     count = 2 * BLOCK + 3
@@ -132,6 +138,7 @@ def test_many_blocks_and_partial_last_block():
     _check(19, 0, alpha & U64((1 << 19) - 1), x & U64((1 << 19) - 1), rng)
 
 
+@pytest.mark.usefixtures("walk")
 def test_high_input_bits_are_ignored():
     rng = Rng()
     alpha, x = _points(12, 500, rng)
@@ -161,6 +168,7 @@ def test_key_sizes():
     assert nbytes_per_key(32, 1, nu=0) == 16 + 32 * 24 + 8
 
 
+@pytest.mark.usefixtures("walk")
 @pytest.mark.parametrize("k", [0, 1, 3])
 def test_serialisation_roundtrip(k, tmp_path):
     rng = Rng()
@@ -192,6 +200,7 @@ def test_serialisation_roundtrip(k, tmp_path):
         np.testing.assert_array_equal(y[0] + y[1], beta * (x < alpha)[:, None].astype(U64))
 
 
+@pytest.mark.usefixtures("walk")
 def test_slicing():
     rng = Rng()
     n, count = 16, 2 * BLOCK + 7
@@ -298,6 +307,7 @@ def test_key_bits_look_uniform_for_any_alpha(k):
         assert np.abs(d).max() < z_max
 
 
+@pytest.mark.usefixtures("walk")
 def test_threaded_eval_matches():
     rng = Rng()
     alpha, x = _points(18, 3 * BLOCK + 11, rng)
@@ -313,6 +323,7 @@ _PINNED = "374fdb1ad1320672e731a33a72af5db3656acf9daaaa3623a8c6d268ed82e4e9"
 a speed change of keygen must leave it as it is (a new value means new key semantics or layout)."""
 
 
+@pytest.mark.usefixtures("walk")
 def test_keygen_bytes_are_pinned_for_a_fixed_prg_stream():
     r = Rng(b"\x05" * 16)
     h = hashlib.sha256()
@@ -344,22 +355,23 @@ def test_keygen_bytes_are_pinned_for_a_fixed_prg_stream():
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 21, 37, 63, 64])
-def test_the_walks_agree_bit_for_bit(n, walk):
+def test_the_walks_agree_bit_for_bit(n):
     """Keys from one fixed PRG stream and their shares, under the other walk: equal bytes (the compiled walk's
     oracle is the numpy walk, and both are the plaintext's: ``_check``). Several blocks, the last partial, beta
     bits, and key words read-only as a mapped file gives them."""
-    other = dcf.NUMPY if walk == dcf.COMPILED else dcf.COMPILED
+    before = dcf.current_walk()
     count = 2 * BLOCK + 123
     alpha = Rng(b"a" * 16).u64(count, n)
     beta = Rng(b"b" * 16).bits(count)
     x = Rng(b"x" * 16).u64(count, n)
     x[:50] = alpha[:50]
     got = []
-    for w in (walk, other):
+    for w in (dcf.NUMPY, dcf.COMPILED):
         dcf.set_walk(w)
         keys = keygen(alpha, n, beta, Rng(b"k" * 16))
         ro = [DcfKeys.from_buffer(k.to_bytes(), n, 0, k.party) for k in keys]
         got.append(([k.to_bytes() for k in keys], [dcf.evaluate(k.party, k, x) for k in ro]))
+    dcf.set_walk(before)
     (keys_a, shares_a), (keys_b, shares_b) = got
     assert keys_a == keys_b
     for a, b in zip(shares_a, shares_b, strict=True):
