@@ -486,6 +486,17 @@ def _tree_cw(G_lo, G_hi, a, ma):
     return cw_lo, s_hi, keep_lo, keep_hi, x_lo
 
 
+def _bits_leaf_table(p: DcfParams, W, alpha, beta, V, m0, m1) -> None:
+    """Z_2 payload's leaf correction: W holds both parties' leaf blocks as words (words, 2 parties, N);
+    CW_leaf = W_0 ^ W_1 ^ V ^ beta * 1{j < alpha mod 2^nu}, bit j of the table, in both keys."""
+    W = W[: p.leaf_words]
+    table = W[:, 0] ^ W[:, 1] ^ -V
+    table ^= _bit_table_less(alpha & U64(p.leaf_entries - 1), p.leaf_words) & -beta
+    if p.leaf_entries < 64:
+        table &= U64((1 << p.leaf_entries) - 1)
+    m0[p.leaf_row :] = m1[p.leaf_row :] = table
+
+
 def _keygen_bits_block_compiled(p: DcfParams, alpha, beta, rng, m0, m1):
     """Z_2 payload, one block: v = bit 1 of the side block; V_CW goes to bit 1 of cw_lo.
 
@@ -503,12 +514,7 @@ def _keygen_bits_block_compiled(p: DcfParams, alpha, beta, rng, m0, m1):
         r = p.level_row(i)
         kernels.gen_bits_level(aes_fixed(inp, raw), inp, lo, hi, alpha, p.n - 1 - i, beta, V, m0[r], m0[r + 1])
         m1[r : r + 2] = m0[r : r + 2]
-    W = _block_words(mmo(inp[:1], raw))[: p.leaf_words]  # side 0 = tweak 0: (words, 2, N)
-    table = W[:, 0] ^ W[:, 1] ^ -V
-    table ^= _bit_table_less(alpha & U64(p.leaf_entries - 1), p.leaf_words) & -beta
-    if p.leaf_entries < 64:
-        table &= U64((1 << p.leaf_entries) - 1)
-    m0[p.leaf_row :] = m1[p.leaf_row :] = table
+    _bits_leaf_table(p, _block_words(mmo(inp[:1], raw)), alpha, beta, V, m0, m1)  # side 0 = tweak 0
 
 
 def _keygen_bits_block_numpy(p: DcfParams, alpha, beta, rng, m0, m1):
@@ -534,12 +540,7 @@ def _keygen_bits_block_numpy(p: DcfParams, alpha, beta, rng, m0, m1):
         m0[r], m0[r + 1] = cw_lo, cw_hi
         m1[r], m1[r + 1] = cw_lo, cw_hi
         lo, hi = _advance(keep_lo, keep_hi, cw_lo, cw_hi, a, -(lo & _ONE))
-    W = _block_words(expand(lo, hi, (0,)))[: p.leaf_words]  # (words, 2, N)
-    table = W[:, 0] ^ W[:, 1] ^ -V
-    table ^= _bit_table_less(alpha & U64(p.leaf_entries - 1), p.leaf_words) & -beta
-    if p.leaf_entries < 64:
-        table &= U64((1 << p.leaf_entries) - 1)
-    m0[p.leaf_row :] = m1[p.leaf_row :] = table
+    _bits_leaf_table(p, _block_words(expand(lo, hi, (0,))), alpha, beta, V, m0, m1)
 
 
 def _keygen_ring_block(p: DcfParams, alpha, beta, rng, m0, m1):
