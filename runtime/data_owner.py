@@ -233,7 +233,8 @@ def label(mod, manifest: dict, a: argparse.Namespace, hello: Callable[[dict], di
     def note(msg: str) -> None:
         print(f"fssc party0: {msg}", file=sys.stderr, flush=True)
 
-    dcf.set_walk(dcf_walk(manifest, "party0", len(groups)))  # readied before the session, not in its first gate
+    # readied before the session, not in its first gate
+    dcf.set_walk(dcf_walk(manifest, "party0", len(groups)), dcf.explicit_walk(), note)
     chan = connect(a.peer, a.certs, timeout=peer_s, connect_timeout=connect_s, log=note)
     try:
         peer = client_handshake(chan, hello({"batches": use, "deal": deal}))

@@ -88,6 +88,7 @@ These minimise key size for each payload. nu = 0 is the plain Fig. 1 tree.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -590,11 +591,18 @@ WALK_ENV = "FSSC_DCF_WALK"
 """Environment variable that picks the tree walk: ``auto`` (the default), ``compiled`` or ``numpy``."""
 NUMPY, COMPILED = "numpy", "compiled"
 COMPILED_WALK_MIN_BLOCKS = 5e7
-"""AES blocks of a process's DCF work from which ``auto`` picks the compiled walk. The compiled walk (numba,
-:mod:`fssc.runtime.kernels`) does a Z_2-payload tree level in one pass instead of about 17 numpy passes, about
-2.5x faster, but readying it costs a process about 0.85 s (numba's import and start-up; the machine code
-itself is cached): it pays from about 10^8 key levels, so small programs keep the numpy walk."""
-_walk = [NUMPY]  # this process's walk; the compiled one only once set_walk loaded it
+"""AES blocks of a process's DCF work (the compile report's figures) from which ``auto`` picks the compiled
+walk. The compiled walk (numba, :mod:`fssc.runtime.kernels`) does a Z_2-payload tree level in one pass instead
+of about 17 numpy passes, about 2.5x faster (some 10 ns less per key level), but readying it costs a process
+about 0.85 s with numba's cache filled (its import and start-up): that pays from about 10^8 key levels, and
+the report's blocks also count work the walk does not speed up (ring payloads, share expansion), so the
+threshold sits at 5 x 10^7 blocks: ResNet-18 at 224x224 is above it, the tests' small programs below."""
+_walk = [NUMPY]  # this process's walk; the compiled one only once set_walk readied it
+
+
+def explicit_walk() -> bool:
+    """Whether ``FSSC_DCF_WALK`` names a walk (``compiled`` or ``numpy``) rather than ``auto``."""
+    return os.environ.get(WALK_ENV, "auto") != "auto"
 
 
 def choose_walk(aes_blocks: float) -> str:
@@ -608,10 +616,12 @@ def choose_walk(aes_blocks: float) -> str:
     return COMPILED if aes_blocks >= COMPILED_WALK_MIN_BLOCKS else NUMPY
 
 
-def set_walk(walk: str) -> None:
-    """Use ``walk`` for this process's Z_2-payload DCFs from now on. The compiled walk is readied here (before
-    any timed phase): its kernels are loaded and run once on writable and on read-only (mapped) key words.
-    Both walks give the same keys and shares bit for bit (tests/test_dcf.py)."""
+def set_walk(walk: str, strict: bool = True, warn=None) -> str:
+    """Use ``walk`` for this process's Z_2-payload DCFs from now on; returns the walk in use. The compiled
+    walk is readied here (before any timed phase): its kernels are loaded and run once on writable and on
+    read-only (mapped) key words. If that fails (numba missing, or no writable folder for its cache), a
+    ``strict`` call raises one line; otherwise ``warn(line)`` hears of it (default: stderr) and the numpy walk
+    is used. Both walks give the same keys and shares bit for bit (tests/test_dcf.py)."""
     if walk not in (NUMPY, COMPILED):
         raise ValueError(f"unknown DCF walk {walk!r}")
     if walk == COMPILED and _walk[0] != COMPILED:
@@ -622,10 +632,21 @@ def set_walk(walk: str) -> None:
             for k in (k0, k1):
                 evaluate(k.party, k, x)
                 evaluate(k.party, DcfKeys.from_buffer(k.to_bytes(), 9, 0, k.party), x)
-        except BaseException:
+        except Exception as e:
             _walk[0] = NUMPY
-            raise
+            why = (str(e).strip().splitlines() or [""])[0][:200]
+            msg = (
+                f"the compiled DCF walk could not be readied ({type(e).__name__}: {why}): numba needs a writable "
+                f"cache folder (NUMBA_CACHE_DIR), or set {WALK_ENV}=numpy"
+            )
+            if strict:
+                raise FsscError(msg) from None
+            (warn or (lambda line: print(f"fssc: warning: {line}", file=sys.stderr, flush=True)))(
+                msg + "; using the numpy walk"
+            )
+            return NUMPY
     _walk[0] = walk
+    return walk
 
 
 def current_walk() -> str:
@@ -715,6 +736,8 @@ def _eval_bits_block_compiled(p: DcfParams, party: int, m, x):
     """Z_2 payload: one MMO block per level; the output share accumulates in bit 1 of the xor of the
     nodes' low words. Each level is one AES call and one compiled pass (:mod:`fssc.runtime.kernels`)."""
     kernels = _kernels()
+    if not x.flags.writeable:  # one machine-code variant for x (set_walk readied it): a read-only x would compile
+        x = x.copy()
     count, L = len(x), p.levels
     t = np.empty(count, dtype=U64)
     acc = np.zeros(count, dtype=U64)

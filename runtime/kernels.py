@@ -7,9 +7,11 @@ a separate pass over the block (about 17 per level); the kernels here fuse the s
 into one loop that reads each key word once. The algebra is the module doc of ``dcf.py``; these loops only
 evaluate it. AES itself stays in OpenSSL (AES-NI).
 
-Every kernel is compiled once per machine (``cache=True``: the machine code is kept beside this file, or in
-numba's user cache where that is read-only) and releases the GIL. All arithmetic is on uint64: a constant
-is a module-level ``np.uint64`` (numba would promote a mixed uint64/int64 expression to float).
+Every kernel is compiled once per machine and argument types (``cache=True``: the machine code is kept in
+``__pycache__`` beside this file, or in numba's user cache or ``NUMBA_CACHE_DIR`` where that folder is
+read-only; with no writable folder readying fails and ``dcf.set_walk`` says so) and releases the GIL. All
+arithmetic is on uint64: a constant is a module-level ``np.uint64`` (numba would promote a mixed
+uint64/int64 expression to float).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def gen_inputs(lo, hi, inp):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def gen_bits_level(raw, inp, lo, hi, alpha, shift, beta, V, cw_lo_row, cw_hi_row):  # pragma: no cover - compiled
-    """One tree level of Z_2-payload key generation for a block, in place (``dcf._keygen_bits_block``).
+    """One tree level of Z_2-payload key generation for a block, in place (``dcf._keygen_bits_block_numpy`` in numpy).
 
     raw is AES of inp (2 sides, 2 parties, N, 2) built from the parties' nodes on alpha's path (lo, hi);
     with a = bit ``shift`` of alpha: the level's correction word (s_CW, t_CW^L, t_CW^R, V_CW in bit 1)

@@ -158,7 +158,7 @@ def serve_party1(
     W = load_weights(os.path.join(prog_dir, "party1", "weights.bin"), mod.PROGRAM_HASH)
     log = _log("party1")
     service = Service(mod, _hello(mod, manifest, {}), keys, W, log, max_sessions or 1)
-    dcf.set_walk(dcf_walk(manifest, "party1", len(unused_batches(keys))))  # readied before listening
+    dcf.set_walk(dcf_walk(manifest, "party1", len(unused_batches(keys))), dcf.explicit_walk(), log)  # before listening
     service.prepare()  # the deal a data owner will use first: bound (or refused) before listening
     with Listener(listen, certs, timeout=peer_s, log=log) as listener:
         log(f"listening on {listen.rpartition(':')[0]}:{listener.port}")

@@ -258,6 +258,7 @@ def deal_batches(
     h = manifest["program_hash"]
     where = os.path.join(prog_dir, "dealer", "program.py")
     _dealer_program(program, where, h)  # refuse a bad program before anything is written
+    walk = dcf_walk(manifest, "dealer", -(-batches // max(1, workers)))  # each process's batches; checks the env
     timeouts = {} if connect_timeout is None else {"connect_timeout": connect_timeout}
     outs: list = [
         keystream.Target(p, targets[p], str(certs), **timeouts)
@@ -293,8 +294,7 @@ def deal_batches(
         for s in streams.values():
             s.close()
         ids = list(range(start, start + batches))
-        walk = dcf_walk(manifest, "dealer", -(-len(ids) // max(1, workers)))  # each process's batches
-        jobs = [(program, where, h, outs, deal, seed, i, walk) for i in ids]
+        jobs = [(program, where, h, outs, deal, seed, i, walk, dcf.explicit_walk()) for i in ids]
         if executor is not None:
             from fssc.runtime.cluster import describe_failure
 
@@ -402,12 +402,22 @@ def dcf_work(manifest: dict, role: str) -> float:
 
 
 def dcf_walk(manifest: dict, role: str, batches: int) -> str:
-    """The DCF walk (:func:`fssc.runtime.dcf.choose_walk`) for a process of ``role`` that runs ``batches``."""
+    """The DCF walk (:func:`fssc.runtime.dcf.choose_walk`) for a process of ``role`` that runs ``batches``
+    (a cluster's workers are counted as one process: an overestimate, which at worst readies the compiled walk
+    for less work than pays)."""
     return dcf.choose_walk(dcf_work(manifest, role) * max(1, batches))
 
 
 def _deal_batch(
-    program: str, where: str, program_hash: str, outs: list, deal: str, seed: bytes, batch: int, walk: str = dcf.NUMPY
+    program: str,
+    where: str,
+    program_hash: str,
+    outs: list,
+    deal: str,
+    seed: bytes,
+    batch: int,
+    walk: str | None = None,
+    strict_walk: bool = True,
 ):
     """One batch of one deal: both parties' key files, complete, or none (-> (batch, bytes p0, bytes p1, s)).
 
@@ -417,8 +427,10 @@ def _deal_batch(
     party 0 holds."""
     from fssc.runtime import keystream
 
-    dcf.set_walk(walk)  # in this job's process, before its clock starts
     mod = _dealer_program(program, where, program_hash)
+    before = dcf.current_walk()
+    if walk is not None:  # in this job's process, before its clock starts; restored after the job
+        dcf.set_walk(walk, strict_walk)
     t = time.perf_counter()
     hdr = {"program": program_hash, "batch": batch, "kind": "batch", "deal": deal}
     name = os.path.basename(_batch_path("", batch))
@@ -450,6 +462,7 @@ def _deal_batch(
     finally:
         for s in streams:
             s.close()
+        dcf.set_walk(before)
     return batch, writers[0].bytes_written, writers[1].bytes_written, time.perf_counter() - t
 
 

@@ -129,3 +129,15 @@ def ort_session():
 def r18(export_resnet18) -> Path:
     """ResNet-18, 2 classes, 224x224, batch 2: the demo's model (shared by the pipeline and overflow tests)."""
     return export_resnet18(image_size=224, batch=2, num_classes=2)
+
+
+@pytest.fixture(params=["numpy", "compiled"])
+def walk(request):
+    """A test under each of the DCF tree walks (``usefixtures("walk")``; ``fssc.runtime.dcf.set_walk``), the
+    process's walk restored after."""
+    from fssc.runtime import dcf
+
+    before = dcf.current_walk()
+    dcf.set_walk(request.param)
+    yield request.param
+    dcf.set_walk(before)

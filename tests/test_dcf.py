@@ -2,8 +2,8 @@
 layout and serialisation, randomness sources, and key pseudorandomness.
 
 Oracle: numpy's ``x < alpha`` on the same uint64 values (``beta * 1{x < alpha}``).
-The tests of Z_2-payload keys run under both tree walks (numpy's and the compiled one, ``dcf.set_walk``),
-and ``test_the_walks_agree_bit_for_bit`` compares the two with each other.
+The tests of Z_2-payload keys run under both tree walks (numpy's and the compiled one, ``dcf.set_walk``;
+conftest's ``walk`` fixture), and ``test_the_walks_agree_bit_for_bit`` compares the two with each other.
 """
 
 import hashlib
@@ -22,16 +22,6 @@ from hypothesis import strategies as st
 from fssc.errors import FsscError
 
 U64 = np.uint64
-
-
-@pytest.fixture(params=[dcf.NUMPY, dcf.COMPILED])
-def walk(request):
-    """A test under each walk (``usefixtures("walk")``: the tests with Z_2-payload keys); the process's walk is
-    restored after."""
-    before = dcf.current_walk()
-    dcf.set_walk(request.param)
-    yield request.param
-    dcf.set_walk(before)
 
 
 def _mask(n):
@@ -355,28 +345,63 @@ def test_keygen_bytes_are_pinned_for_a_fixed_prg_stream():
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 21, 37, 63, 64])
-def test_the_walks_agree_bit_for_bit(n):
-    """Keys from one fixed PRG stream and their shares, under the other walk: equal bytes (the compiled walk's
+def test_the_walks_agree_bit_for_bit(n, monkeypatch):
+    """Keys from one fixed PRG stream and their shares, under each walk: equal bytes (the compiled walk's
     oracle is the numpy walk, and both are the plaintext's: ``_check``). Several blocks, the last partial, beta
-    bits, and key words read-only as a mapped file gives them."""
-    before = dcf.current_walk()
+    bits, and key words read-only as a mapped file gives them. A spy on the compiled level pass shows which
+    walk ran."""
+    from fssc.runtime import kernels
+
+    ran = []
+    real = kernels.bits_level
+    monkeypatch.setattr(kernels, "bits_level", lambda *a: ran.append(1) or real(*a))
     count = 2 * BLOCK + 123
     alpha = Rng(b"a" * 16).u64(count, n)
     beta = Rng(b"b" * 16).bits(count)
     x = Rng(b"x" * 16).u64(count, n)
     x[:50] = alpha[:50]
     got = []
-    for w in (dcf.NUMPY, dcf.COMPILED):
-        dcf.set_walk(w)
-        keys = keygen(alpha, n, beta, Rng(b"k" * 16))
-        ro = [DcfKeys.from_buffer(k.to_bytes(), n, 0, k.party) for k in keys]
-        got.append(([k.to_bytes() for k in keys], [dcf.evaluate(k.party, k, x) for k in ro]))
-    dcf.set_walk(before)
+    before = dcf.current_walk()
+    try:
+        for w in (dcf.NUMPY, dcf.COMPILED):
+            dcf.set_walk(w)
+            ran.clear()
+            keys = keygen(alpha, n, beta, Rng(b"k" * 16))
+            ro = [DcfKeys.from_buffer(k.to_bytes(), n, 0, k.party) for k in keys]
+            got.append(([k.to_bytes() for k in keys], [dcf.evaluate(k.party, k, x) for k in ro]))
+            levels = DcfParams(n).levels
+            assert len(ran) == (2 * (-(-count // BLOCK)) * levels if w == dcf.COMPILED else 0)
+    finally:
+        dcf.set_walk(before)
     (keys_a, shares_a), (keys_b, shares_b) = got
     assert keys_a == keys_b
     for a, b in zip(shares_a, shares_b, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(shares_a[0] ^ shares_a[1], ((x < alpha) & beta.astype(bool)).astype(np.uint8))
+
+
+def test_a_compiled_walk_that_cannot_be_readied(monkeypatch):
+    """numba missing or without a writable cache: one line; asked for explicitly it is an error, in auto mode
+    the numpy walk runs instead and the caller hears why."""
+    before = dcf.current_walk()
+    dcf.set_walk(dcf.NUMPY)
+
+    def broken():
+        raise RuntimeError("cannot cache function 'bits_root': no locator available for file 'kernels.py'")
+
+    monkeypatch.setattr(dcf, "_kernels", broken)
+    try:
+        with pytest.raises(FsscError, match=r"^the compiled DCF walk could not be readied \(RuntimeError: ") as e:
+            dcf.set_walk(dcf.COMPILED)
+        assert "NUMBA_CACHE_DIR" in str(e.value) and "\n" not in str(e.value)
+        assert dcf.current_walk() == dcf.NUMPY
+        heard: list[str] = []
+        assert dcf.set_walk(dcf.COMPILED, strict=False, warn=heard.append) == dcf.NUMPY
+        assert dcf.current_walk() == dcf.NUMPY
+        assert len(heard) == 1 and heard[0].endswith("; using the numpy walk")
+    finally:
+        monkeypatch.undo()
+        dcf.set_walk(before)
 
 
 def test_walk_choice(monkeypatch):

@@ -1109,6 +1109,7 @@ def test_cost_estimates_match_an_in_memory_deal_and_run(mode):
     assert rep.rounds == c0.rounds == c1.rounds
 
 
+@pytest.mark.usefixtures("walk")  # the numpy walk counts mmo calls, the compiled one aes_fixed calls
 @pytest.mark.parametrize("mode", ["logits", "labels"])
 def test_aes_estimates_match_the_parties_online_aes_blocks(mode, monkeypatch):
     """Per party, the AES blocks its online evaluation spends: the MMO blocks inside ``dcf.evaluate`` and, for

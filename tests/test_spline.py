@@ -637,6 +637,7 @@ def test_cost_report_follows_the_documented_formula():
     assert res.report.rounds == 1 + 3 * 4  # the input, then the three splines (ops run in sequence)
 
 
+@pytest.mark.usefixtures("walk")  # the numpy walk counts mmo calls, the compiled one aes_fixed calls
 def test_aes_estimate_matches_the_parties_online_aes_blocks(monkeypatch):
     """The cost's AES blocks against a run: MMO blocks of every DCF evaluation (the selection key at K + 1
     points, the truncation's two), and P0's CTR blocks expanding its share rows (each r_j row twice) and the
