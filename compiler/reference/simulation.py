@@ -24,15 +24,18 @@ from dataclasses import dataclass
 
 import numpy as np
 from fssc.compiler.backend.codegen import render
+from fssc.compiler.backend.cost import cost_report
 from fssc.compiler.backend.lower import lower
 from fssc.compiler.backend.program import SecureProgram, from_manifest
 from fssc.compiler.ir.graph import Graph
 from fssc.compiler.reference.interp import bind_inputs, run_fixed
-from fssc.runtime import ring, session
+from fssc.runtime import dcf, ring, session
 from fssc.runtime.channel import Channel
 from fssc.runtime.simulate import deal_in_memory, run_parties
 
 from fssc.errors import FsscError
+
+ROLES = ("party0", "party1", "dealer")
 
 
 @dataclass
@@ -111,24 +114,36 @@ def simulate(
         role: session.program_from_source(
             render(prog if role == "party1" else public, role), role, f"<fssc {role} program>"
         )
-        for role in ("party0", "party1", "dealer")
+        for role in ROLES
     }
     X = {name: ring.encode(x, graph.values[name].fixed_scale) for name, x in feeds.items()}
     seed = setup_seed or os.urandom(16)
-    t0 = time.perf_counter()
-    _, k0, k1 = deal_in_memory(lambda D: mods["dealer"].deal(D, seed), {"program": prog.hash, "batch": 0})
-    t1 = time.perf_counter()
-    W = prog.weights
-    w_hat = session.masked_weights(mods["party1"], W, seed)
-    out0, out1, c0, c1 = run_parties(
-        lambda P: session.run_p0_batch(mods["party0"], P.chan, P.keys, w_hat, X),
-        lambda P: session.run_p1_batch(mods["party1"], P.chan, P.keys, W),
-        k0,
-        k1,
-        timeout=timeout,
-        record=record,
-    )
-    t2 = time.perf_counter()
+    # the dealer and both parties all run in this process: the compiled DCF walk if all three roles' work
+    # pays for it (or FSSC_DCF_WALK names a walk); otherwise the process keeps the walk it has
+    # (a hand-built graph whose gates were never counted by mark-comparisons is priced as no work)
+    marked = all("count" in op.gate for op in graph.ops if op.gate)
+    manifest = {"cost": cost_report(graph).to_dict()["totals"] if marked else {}}
+    before = chosen = dcf.current_walk()
+    if dcf.explicit_walk() or dcf.choose_walk(sum(session.dcf_work(manifest, r) for r in ROLES)) == dcf.COMPILED:
+        chosen = dcf.choose_walk(0) if dcf.explicit_walk() else dcf.COMPILED
+    dcf.set_walk(chosen, dcf.explicit_walk())
+    try:
+        t0 = time.perf_counter()
+        _, k0, k1 = deal_in_memory(lambda D: mods["dealer"].deal(D, seed), {"program": prog.hash, "batch": 0})
+        t1 = time.perf_counter()
+        W = prog.weights
+        w_hat = session.masked_weights(mods["party1"], W, seed)
+        out0, out1, c0, c1 = run_parties(
+            lambda P: session.run_p0_batch(mods["party0"], P.chan, P.keys, w_hat, X),
+            lambda P: session.run_p1_batch(mods["party1"], P.chan, P.keys, W),
+            k0,
+            k1,
+            timeout=timeout,
+            record=record,
+        )
+        t2 = time.perf_counter()
+    finally:
+        dcf.set_walk(before)
     if out1 is not None:
         raise FsscError("the model owner's program returned a result (it must learn nothing)")
     ref = run_fixed(graph, feeds, raw=True) if reference else None
