@@ -314,7 +314,7 @@ def deal_batches(
         else:
             # spawn: each worker a fresh interpreter (no state of this process but the job it is sent)
             n = min(workers, batches)
-            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with _worker_blas(n), ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
                 done = _run_jobs(pool, jobs, n, progress, outs, ids)
         for target in (o for o in outs if not isinstance(o, str)):  # the receivers hear the deal is complete
             streams[target.party] = keystream.Stream(target, h, deal)
@@ -325,6 +325,25 @@ def deal_batches(
             s.close()
         if executor is not None:
             executor.shutdown(wait=False)
+
+
+@contextlib.contextmanager
+def _worker_blas(workers: int):
+    """The environment the dealer's worker processes are spawned with: the cores shared out among them for
+    BLAS (the linear layers' cross terms), with OpenBLAS threads that sleep as soon as a GEMM ends, beside each
+    worker's writer thread. With every core each, two workers dealt no faster than one. A thread count the
+    caller set is kept."""
+    from fssc.runtime.loopback import BLAS_THREADS
+
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    wanted = {**dict.fromkeys(BLAS_THREADS, share), "OPENBLAS_THREAD_TIMEOUT": "4"}
+    added = {k: v for k, v in wanted.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def _run_jobs(executor, jobs: list[tuple], window: int, progress, outs: list, ids: list[int]) -> list:
