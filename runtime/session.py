@@ -333,11 +333,9 @@ def _worker_blas(workers: int):
     BLAS (the linear layers' cross terms), with OpenBLAS threads that sleep as soon as a GEMM ends, beside each
     worker's writer thread. With every core each, two workers dealt no faster than one. A thread count the
     caller set is kept."""
-    from fssc.runtime.loopback import BLAS_THREADS
+    from fssc.runtime.loopback import blas_env
 
-    share = str(max(1, (os.cpu_count() or 1) // workers))
-    wanted = {**dict.fromkeys(BLAS_THREADS, share), "OPENBLAS_THREAD_TIMEOUT": "4"}
-    added = {k: v for k, v in wanted.items() if k not in os.environ}
+    added = {k: v for k, v in blas_env(max(1, (os.cpu_count() or 1) // workers)).items() if k not in os.environ}
     os.environ.update(added)
     try:
         yield

@@ -123,10 +123,9 @@ def simulate(
     # (a hand-built graph whose gates were never counted by mark-comparisons is priced as no work)
     marked = all("count" in op.gate for op in graph.ops if op.gate)
     manifest = {"cost": cost_report(graph).to_dict()["totals"] if marked else {}}
-    before = chosen = dcf.current_walk()
-    if dcf.explicit_walk() or dcf.choose_walk(sum(session.dcf_work(manifest, r) for r in ROLES)) == dcf.COMPILED:
-        chosen = dcf.choose_walk(0) if dcf.explicit_walk() else dcf.COMPILED
-    dcf.set_walk(chosen, dcf.explicit_walk())
+    before = dcf.current_walk()
+    want = dcf.choose_walk(sum(session.dcf_work(manifest, r) for r in ROLES))
+    dcf.set_walk(want if dcf.explicit_walk() or want == dcf.COMPILED else before, dcf.explicit_walk())
     try:
         t0 = time.perf_counter()
         _, k0, k1 = deal_in_memory(lambda D: mods["dealer"].deal(D, seed), {"program": prog.hash, "batch": 0})
