@@ -16,6 +16,7 @@ files and their headers.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -25,12 +26,14 @@ import numpy as np
 import pytest
 from fssc.compiler.backend import trust
 from fssc.runtime import dcf, session
-from fssc.runtime.keys import KeyReader, KeyWriter, peek_header
+from fssc.runtime.keys import KeyReader, KeyWriter, _BackgroundFile, peek_header
 from fssc.runtime.prg import Rng
 from fssc.runtime.protocol import CARRY_DCF, DCF, Dealer
 from fssc.runtime.results import read_results
 from parties import run_p0, start_p1, stop
 from tiny_models import compile_tiny
+
+from fssc.errors import FsscError
 
 SEED = b"\x07" * 16
 SETUP = b"\x09" * 16
@@ -120,6 +123,81 @@ def test_a_failed_disk_write_leaves_no_file(tmp_path):
         w.close()
     w.abort()
     assert os.listdir(tmp_path / "p0") == []
+
+
+def _spy_fadvise(monkeypatch) -> list[tuple[int, int, int]]:
+    calls: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        calls.append((offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    monkeypatch.setattr(_BackgroundFile, "DROP_BEHIND", 1 << 20)
+    monkeypatch.setattr(_BackgroundFile, "SIZE", 1 << 18)  # staging buffers and hand-overs of 256 KB and up
+    return calls
+
+
+def _records(rng: np.random.Generator) -> list[np.ndarray]:
+    return [rng.integers(0, 1 << 63, size=n, dtype=np.uint64) for n in (1, 300_000, 5, 700_000, 123_457)]
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this system")
+def test_drop_behind_hands_written_ranges_back_in_order_and_the_file_is_whole(tmp_path, monkeypatch):
+    """The key writer asks the kernel to write, then drop, the ranges it has written (never one ahead of the
+    bytes it wrote), and the file reads back record for record; one flipped byte fails its checksum."""
+    calls = _spy_fadvise(monkeypatch)
+    arrays = _records(np.random.default_rng(7))
+    path = tmp_path / "p0" / "batch0000.key"
+    w = KeyWriter(str(path), {"program": "p", "batch": 0, "party": 0})
+    for i, a in enumerate(arrays):
+        w.put(f"r{i}", a)
+    w.close()
+    size = path.stat().st_size
+    assert {a for _, _, a in calls} == {os.POSIX_FADV_DONTNEED}
+    kicks, drops = [calls[0], *calls[1::2]], calls[2::2]  # each time a range started; from the 2nd, one dropped
+    assert len(kicks) >= 8 and all(length >= 1 << 20 for _, length, _ in kicks)
+    ends = [o + n for o, n, _ in kicks]
+    assert [o for o, _, _ in kicks] == [0, *ends[:-1]] and ends[-1] <= size  # they tile the file, in order
+    assert [(o, n) for o, n, _ in drops] == [(o, n) for o, n, _ in kicks[: len(drops)]]  # dropped one call later
+    r = KeyReader(str(path), party=0)
+    for i, a in enumerate(arrays):
+        np.testing.assert_array_equal(r.get(f"r{i}"), a)
+    r.close()
+    raw = bytearray(path.read_bytes())
+    raw[size // 2] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FsscError, match="checksum mismatch"):
+        KeyReader(str(path), party=0)
+
+
+def test_a_stream_that_is_not_a_file_gets_no_drop_behind(monkeypatch):
+    calls = _spy_fadvise(monkeypatch)
+
+    class Sink(io.BytesIO):
+        def end(self) -> None:
+            pass
+
+        def commit(self) -> None:
+            pass
+
+        def abort(self) -> None:
+            pass
+
+        def close(self) -> None:  # keep the bytes readable after the writer closes its sink
+            self.closed_by_writer = True
+
+    sink = Sink()
+    arrays = _records(np.random.default_rng(8))
+    w = KeyWriter("p0/batch0000.key", {"program": "p", "batch": 0, "party": 0}, sink=sink)
+    for i, a in enumerate(arrays):
+        w.put(f"r{i}", a)
+    w.close()
+    assert calls == []
+    r = KeyReader(sink.getvalue(), party=0)
+    for i, a in enumerate(arrays):
+        np.testing.assert_array_equal(r.get(f"r{i}"), a)
 
 
 def _run_two_batches(tiny, keys: Path, tmp: Path) -> np.ndarray:
