@@ -43,7 +43,6 @@ from fssc.files import open_new, private_dir
 MAGIC = b"FSSCKEY\0"
 TRAILER = b"FSSCEND\0"
 FORMAT_VERSION = 2  # 2: the trailer's checksum is XXH3-128 (1: SHA-256)
-DIGEST_BYTES = 16
 
 
 def checksum():
@@ -57,6 +56,10 @@ def checksum():
     return xxhash.xxh3_128()
 
 
+DIGEST_BYTES = checksum().digest_size
+
+
+AGAIN = " (written by another fssc version: deal the keys again, or compile again for a weights file)"
 DTYPES: dict[int, np.dtype] = {
     0: np.dtype("<u8"),
     1: np.dtype("u1"),
@@ -74,15 +77,16 @@ class _BackgroundFile:
     """A file hashed and written by a thread of its own, so the dealer computes the next keys while
     the disk takes the last ones. ``write`` copies the bytes into one of a few staging buffers (memory
     speed; the caller may reuse its memory at once) and hands full buffers to the thread, which feeds
-    each to ``digest`` (a hashlib object) and then to the file, in order; ``write`` waits only when
-    every buffer is still on its way. ``hand_over`` passes a large array itself, without the copy:
-    the caller gives it up (never writes to it again). A write error surfaces at the next ``write``
-    or ``hand_over``, or at ``finish``.
+    each to ``digest`` (``checksum()``, or anything with ``update``) and then to the file, in order;
+    ``write`` waits only when every buffer is still on its way. ``hand_over`` passes a large array
+    itself, without the copy: the caller gives it up (never writes to it again). A write error
+    surfaces at the next ``write`` or ``hand_over``, or at ``finish``.
 
-    Drop-behind: a regular file's pages are handed back to the kernel once they are on disk. Every
+    Drop-behind: a regular file's pages are handed back to the kernel behind the writer. Every
     ``DROP_BEHIND`` bytes the thread asks the kernel to start writing the newest range and to drop
-    the one before it (``posix_fadvise(DONTNEED)`` queues dirty pages for writing and drops clean
-    ones). The dealer never reads its keys again; left in the page cache, a batch's gigabytes made
+    the one it started a step earlier (``posix_fadvise(DONTNEED)`` queues dirty pages for writing and
+    drops clean ones; pages still being written then stay cached, as do the file's last one or two
+    ranges). The dealer never reads its keys again; left in the page cache, a batch's gigabytes made
     the kernel find a fresh page for every 4 KB written, which cost about a core for the whole deal
     (docs/cost-model.md, "The dealer's disk"). A party then reads its file from disk when it opens
     the batch, as it would keys dealt on another machine."""
@@ -378,7 +382,7 @@ def check_header(path: str, program: str, party: int, batch: int | None = None, 
     """Refuse keys made for another program, party, batch or deal (before any work starts)."""
     h = peek_header(path)
     if h.get("format") != FORMAT_VERSION:
-        raise FsscError(f"{path}: key format {h.get('format')}, this fssc reads {FORMAT_VERSION}")
+        raise FsscError(f"{path}: key format {h.get('format')}, this fssc reads {FORMAT_VERSION}{AGAIN}")
     if h.get("program") != program:
         raise FsscError(f"{path}: keys made for program {h.get('program')}, not {program} (another model or options)")
     if h.get("party") != party:
@@ -447,7 +451,7 @@ class KeyReader:
         if self.header.get("format") != FORMAT_VERSION or self.header.get("dcf_layout") != DCF_LAYOUT:
             raise FsscError(
                 f"{self.name}: key format {self.header.get('format')} (DCF layout "
-                f"{self.header.get('dcf_layout')}), this fssc reads {FORMAT_VERSION} ({DCF_LAYOUT})"
+                f"{self.header.get('dcf_layout')}), this fssc reads {FORMAT_VERSION} ({DCF_LAYOUT}){AGAIN}"
             )
         for key, want in (("program", program), ("party", party), ("batch", batch), ("deal", deal)):
             if want is not None and self.header.get(key) != want:
