@@ -209,6 +209,31 @@ def test_a_stream_that_is_not_a_file_gets_no_drop_behind(monkeypatch):
         np.testing.assert_array_equal(r.get(f"r{i}"), a)
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc for the resident memory")
+def test_checking_a_key_file_leaves_it_unmapped_but_readable(tmp_path):
+    """The checksum pass reads the file through its mapping and hands each chunk back: the process's resident
+    memory does not grow with the file (here 256 MB), and every record still reads back."""
+    path = tmp_path / "p0" / "batch0000.key"
+    w = KeyWriter(str(path), {"program": "p", "batch": 0, "party": 0})
+    rng = np.random.default_rng(9)
+    parts = [rng.integers(0, 1 << 63, size=1 << 22, dtype=np.uint64) for _ in range(8)]  # 8 x 32 MB
+    for i, a in enumerate(parts):
+        w.put(f"r{i}", a)
+    w.close()
+    before = _rss_mb()
+    r = KeyReader(str(path), party=0)  # checks magic, header, trailer and checksum
+    grown = _rss_mb() - before
+    assert grown < 64, f"checking a 256 MB key file left {grown:.0f} MB resident"
+    for i, a in enumerate(parts):
+        np.testing.assert_array_equal(r.get(f"r{i}"), a)
+    r.close()
+
+
 def _run_two_batches(tiny, keys: Path, tmp: Path) -> np.ndarray:
     x = np.concatenate([tiny["x"], tiny["x"][::-1]])  # 4 images: two batches of 2
     np.save(tmp / "x4.npy", x)
