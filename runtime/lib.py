@@ -57,21 +57,37 @@ class Conv(ring.Bilinear):
         cols = np.ascontiguousarray(win.transpose(taps_first))
         return cols.reshape(self.group, -1, x.shape[0] * math.prod(out)), out, x.shape[0]
 
-    def apply(self, px, ws: list[np.ndarray]) -> list[np.ndarray]:
+    splits_reduction = True
+
+    def apply(self, px, ws: list[np.ndarray], chunk: int | None = None) -> list[np.ndarray]:
         cols, out, n = px
         g, o = self.group, ws[0].shape[0]
         if ws[0].shape[1] == 1:  # depthwise: windows [N, C = g, *out, *k], each w [C * m, 1, *k]
-            return [self._taps(cols, out, w) for w in ws]
+            return [self._taps(cols, out, w, chunk) for w in ws]
         stacked = np.concatenate([w.reshape(g, o // g, -1) for w in ws], axis=1)  # [g, len(ws) * O/g, K]
-        y = np.matmul(stacked, cols).reshape(g, len(ws), o // g, n, -1)  # x [g, K, N P]: one GEMM per group
+        K = stacked.shape[-1]
+        if chunk is None or chunk >= K:
+            y = np.matmul(stacked, cols)  # x [g, K, N P]: one GEMM per group
+        else:  # pieces of the reduction, each exact, added as integers
+            y = np.zeros((g, stacked.shape[1], cols.shape[-1]), dtype=np.int64)
+            for c0 in range(0, K, chunk):
+                y += np.rint(np.matmul(stacked[:, :, c0 : c0 + chunk], cols[:, c0 : c0 + chunk])).astype(np.int64)
+        y = y.reshape(g, len(ws), o // g, n, -1)
         return [np.moveaxis(y[:, j], 2, 0).reshape(n, o, *out) for j in range(len(ws))]
 
-    def _taps(self, win: np.ndarray, out, w: np.ndarray) -> np.ndarray:
+    def _taps(self, win: np.ndarray, out, w: np.ndarray, chunk: int | None = None) -> np.ndarray:
+        """The depthwise sum over the K = prod(k) taps; with ``chunk``, rounded to int64 every ``chunk`` taps."""
         g, o, n, nd = self.group, w.shape[0], win.shape[0], len(out)
         taps = w.reshape(g, o // g, -1)  # [C, m, prod(k)]
         y = np.zeros((n, g, o // g, *out))
+        exact = None if chunk is None else np.zeros(y.shape, dtype=np.int64)
         for t, tap in enumerate(np.ndindex(*w.shape[2:])):
             y += win[(..., *tap)][:, :, None] * taps[:, :, t].reshape((g, o // g) + (1,) * nd)
+            if chunk is not None and exact is not None and (t + 1) % chunk == 0:
+                exact += np.rint(y).astype(np.int64)
+                y[...] = 0
+        if exact is not None:
+            y = exact + np.rint(y).astype(np.int64)
         return y.reshape(n, o, *out)
 
 

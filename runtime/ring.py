@@ -125,16 +125,43 @@ class Bilinear(ABC):
     """A bilinear map over float64 arrays in two steps: ``prepare(x, w_shape)`` rearranges x (a convolution's
     im2col), ``apply(prepared, ws)`` multiplies it by several w at once (one larger GEMM instead of several).
     :func:`ring_bilinear` prepares each digit of x once and applies it to the digits of w it pairs with.
-    Calling the map does both for one w."""
+    Calling the map does both for one w.
+
+    A map whose ``splits_reduction`` is true also takes ``apply(prepared, ws, chunk)``: it sums its reduction
+    in pieces of at most ``chunk`` terms, rounds each piece's float64 result to an integer and adds the pieces
+    as int64 (results then int64), so the digit plan need only keep ``chunk`` terms exact (``reduction_chunk``).
+    """
+
+    splits_reduction: bool = False
 
     @abstractmethod
     def prepare(self, x: np.ndarray, w_shape: tuple[int, ...]) -> Any: ...
 
     @abstractmethod
-    def apply(self, px: Any, ws: list[np.ndarray]) -> list[np.ndarray]: ...
+    def apply(self, px: Any, ws: list[np.ndarray], chunk: int | None = None) -> list[np.ndarray]: ...
 
     def __call__(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return self.apply(self.prepare(x, tuple(w.shape)), [w])[0]
+
+
+MIN_CHUNK = 256  # the shortest reduction piece worth a GEMM of its own
+
+
+def reduction_chunk(bits_x: int, bits_w: int, k: int) -> int:
+    """The reduction length to plan digits for (``plan_limbs``): k itself, or the power of two below it that
+    needs the fewest digit products when the reduction is summed in pieces that long (pieces added as
+    integers; the float64 flops stay those of k terms per product, so fewer products is less work). Ties go to
+    the longer piece. Depends on the widths and k only. Example: a full-ring x full-ring product at K = 4608
+    takes 8 products in one piece and 6 in pieces of 1,024; the model owner's product with 22-bit weights 4
+    and 3."""
+    best, fewest = k, _products(*plan_limbs(bits_x, bits_w, k))
+    c = 1 << ((k - 1).bit_length() - 1) if k > 1 else 0  # the largest power of two below k
+    while c >= MIN_CHUNK:
+        n = _products(*plan_limbs(bits_x, bits_w, c))
+        if n < fewest:
+            best, fewest = c, n
+        c //= 2
+    return best
 
 
 def ring_bilinear(
@@ -153,21 +180,25 @@ def ring_bilinear(
     """
     bx = signed_bits(x) if bits_x is None else bits_x
     bw = signed_bits(w) if bits_w is None else bits_w
-    lx, nx, lw, nw = plan_limbs(bx, bw, k)
+    chunk = reduction_chunk(bx, bw, k) if isinstance(fn, Bilinear) and fn.splits_reduction else k
+    lx, nx, lw, nw = plan_limbs(bx, bw, chunk)
     dx = digits(x, lx, nx)
     dw = digits(w, lw, nw)
     acc = None
     for i, xi in enumerate(dx):
         js = [j for j in range(nw) if lx * i + lw * j < RING_BITS]  # pairs whose shift reaches 64 vanish
         if isinstance(fn, Bilinear):
-            parts = fn.apply(fn.prepare(xi, tuple(w.shape)), [dw[j] for j in js])
+            pieces = chunk if chunk < k else None
+            parts = fn.apply(fn.prepare(xi, tuple(w.shape)), [dw[j] for j in js], pieces)
         else:
             parts = [fn(xi, dw[j]) for j in js]
         for j, product in zip(js, parts, strict=True):
             shift = lx * i + lw * j
             part = np.asarray(product)
             shape = part.shape  # flat while summing: a 0-d result stays an array (numpy scalars warn on wrap)
-            part = np.rint(part.reshape(-1)).astype(np.int64).view(np.uint64) << np.uint64(shift)
+            part = part.reshape(-1)
+            part = (part if part.dtype == np.int64 else np.rint(part).astype(np.int64)).view(np.uint64)
+            part = part << np.uint64(shift)
             acc = part if acc is None else acc + part
     assert acc is not None  # the (0, 0) digit pair has shift 0
     return acc.reshape(shape)

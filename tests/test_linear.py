@@ -287,6 +287,52 @@ def test_full_ring_products_extremes(bw, k):
     assert (ring.ring_bilinear(lambda p, q: p @ q, x, w, k) == x @ w).all()  # measured widths
 
 
+def test_reduction_chunk_choices():
+    """Summing a long reduction in pieces saves digit products: full ring x full ring (P0, the dealer) 8 -> 6
+    from K = 1,152; the model owner's full ring x 22-bit weights 4 -> 3 from K = 2,304; short ones stay whole."""
+    assert ring.reduction_chunk(64, 64, 4608) == 1024 and ring.reduction_chunk(64, 64, 1152) == 1024
+    assert ring.reduction_chunk(64, 22, 4608) == 2048 and ring.reduction_chunk(64, 22, 2304) == 2048
+    for bx, bw, k in ((64, 64, 576), (64, 22, 2048), (64, 64, 147), (64, 22, 1152), (64, 64, 1)):
+        assert ring.reduction_chunk(bx, bw, k) == k
+    products = lambda bx, bw, k: ring._products(*ring.plan_limbs(bx, bw, k))  # noqa: E731
+    assert (products(64, 64, 4608), products(64, 64, 1024)) == (8, 6)
+    assert (products(64, 22, 4608), products(64, 22, 2048)) == (4, 3)
+
+
+class _WholeSums(lib.Conv):
+    """A conv that ignores the pieces it is asked for: what the pieces guard against."""
+
+    def apply(self, px, ws, chunk=None):
+        return super().apply(px, ws, None)
+
+
+@pytest.mark.parametrize("c,group,bw", [(512, 1, 64), (512, 2, 64), (512, 1, 22)])
+def test_a_conv_summed_in_pieces_is_exact_at_the_extremes(c, group, bw):
+    """K = C/g x 3 x 3 up to 4,608 full-ring (or 22-bit) terms at the extreme values, planned for pieces of
+    1,024 (2,048): equal to the uint64 reference; the same digits summed whole are not."""
+    gen = np.random.default_rng(c + group + bw)
+    x = _extreme(gen, (1, c, 3, 3), 64)
+    w = _extreme(gen, (4, c // group, 3, 3), bw)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], group)
+    k = c // group * 9
+    assert ring.reduction_chunk(64, bw, k) < k
+    want = conv_ref(x, w, *args)
+    assert (ring.ring_bilinear(lib.conv(*args), x, w, k, 64, bw) == want).all()
+    if k == 4608 and bw == 64:  # where whole sums of these digits pass 2^53
+        assert not (ring.ring_bilinear(_WholeSums(*args), x, w, k, 64, bw) == want).all()
+
+
+def test_depthwise_taps_in_pieces_equal_the_whole_sum():
+    gen = np.random.default_rng(3)
+    x = gen.integers(-(1 << 20), 1 << 20, size=(2, 3, 6, 6)).astype(np.float64)
+    w = gen.integers(-(1 << 20), 1 << 20, size=(3, 1, 3, 3)).astype(np.float64)
+    f = lib.conv([1, 1], [1, 1, 1, 1], [1, 1], 3)
+    px = f.prepare(x, w.shape)
+    whole = f.apply(px, [w])[0]
+    pieces = f.apply(px, [w], 4)[0]
+    assert pieces.dtype == np.int64 and (pieces == np.rint(whole).astype(np.int64)).all()
+
+
 # ----------------------------------------------------------------- ring_bilinear, property-based
 def _signed_arrays(shape_st, bits_st):
     @st.composite
