@@ -32,9 +32,10 @@ class Conv(ring.Bilinear):
     rows side by side); ``apply`` stacks the w it is given along the output channels and runs one float64
     GEMM per group over the whole batch on numpy's BLAS (each w read once, however small the output).
     Every output is the sum of the K = C/g * prod(k) products its column holds, nothing else, so it is
-    exact whenever ring_bilinear's digit plan bounds K products below 2^53. A conv that reads one input
-    channel per group (depthwise) skips the columns: it sums the kernel taps' strided views, each times
-    its weight.
+    exact whenever ring_bilinear's digit plan bounds K products below 2^53; asked for pieces of ``chunk``
+    terms (``splits_reduction``), it sums each piece exactly and adds them as integers, so the plan need only
+    bound ``chunk`` products. A conv that reads one input channel per group (depthwise) skips the columns:
+    it sums the kernel taps' strided views, each times its weight.
     """
 
     def __init__(self, strides, pads, dilations, group):

@@ -9,7 +9,8 @@ float64 GEMMs/convs on digit slices. A value is split into base-2^L digits,
 the low ones unsigned and the top one signed, so a value of B significant
 bits (as a signed integer) needs ceil(B/L) digits. A product of an L-bit digit
 and an M-bit digit summed over K terms is exact in float64 when
-L + M + ceil(log2 K) <= 53 (magnitude bits; see plan_limbs).
+L + M + ceil(log2 K) <= 53 (magnitude bits; see plan_limbs); a map that sums
+its reduction in pieces needs that for a piece only (reduction_chunk).
 Digit pairs whose shift reaches 64 vanish mod 2^64 and are skipped.
 """
 
@@ -127,7 +128,7 @@ class Bilinear(ABC):
     :func:`ring_bilinear` prepares each digit of x once and applies it to the digits of w it pairs with.
     Calling the map does both for one w.
 
-    A map whose ``splits_reduction`` is true also takes ``apply(prepared, ws, chunk)``: it sums its reduction
+    A map whose ``splits_reduction`` is true is also called as ``apply(prepared, ws, chunk)``: it sums its reduction
     in pieces of at most ``chunk`` terms, rounds each piece's float64 result to an integer and adds the pieces
     as int64 (results then int64), so the digit plan need only keep ``chunk`` terms exact (``reduction_chunk``).
     """
@@ -188,8 +189,8 @@ def ring_bilinear(
     for i, xi in enumerate(dx):
         js = [j for j in range(nw) if lx * i + lw * j < RING_BITS]  # pairs whose shift reaches 64 vanish
         if isinstance(fn, Bilinear):
-            pieces = chunk if chunk < k else None
-            parts = fn.apply(fn.prepare(xi, tuple(w.shape)), [dw[j] for j in js], pieces)
+            px, pw = fn.prepare(xi, tuple(w.shape)), [dw[j] for j in js]
+            parts = fn.apply(px, pw, chunk) if chunk < k else fn.apply(px, pw)
         else:
             parts = [fn(xi, dw[j]) for j in js]
         for j, product in zip(js, parts, strict=True):

@@ -289,7 +289,7 @@ def test_full_ring_products_extremes(bw, k):
 
 def test_reduction_chunk_choices():
     """Summing a long reduction in pieces saves digit products: full ring x full ring (P0, the dealer) 8 -> 6
-    from K = 1,152; the model owner's full ring x 22-bit weights 4 -> 3 from K = 2,304; short ones stay whole."""
+    from K = 1,025; the model owner's full ring x 22-bit weights 4 -> 3 from K = 2,304; short ones stay whole."""
     assert ring.reduction_chunk(64, 64, 4608) == 1024 and ring.reduction_chunk(64, 64, 1152) == 1024
     assert ring.reduction_chunk(64, 22, 4608) == 2048 and ring.reduction_chunk(64, 22, 2304) == 2048
     for bx, bw, k in ((64, 64, 576), (64, 22, 2048), (64, 64, 147), (64, 22, 1152), (64, 64, 1)):
@@ -320,6 +320,17 @@ def test_a_conv_summed_in_pieces_is_exact_at_the_extremes(c, group, bw):
     assert (ring.ring_bilinear(lib.conv(*args), x, w, k, 64, bw) == want).all()
     if k == 4608 and bw == 64:  # where whole sums of these digits pass 2^53
         assert not (ring.ring_bilinear(_WholeSums(*args), x, w, k, 64, bw) == want).all()
+
+
+def test_a_depthwise_conv_with_a_long_kernel_is_summed_in_pieces_exactly():
+    """A 33 x 33 depthwise kernel (K = 1,089 taps, full ring x full ring: pieces of 1,024) against uint64."""
+    gen = np.random.default_rng(5)
+    x = _extreme(gen, (1, 2, 34, 33), 64)
+    w = _extreme(gen, (2, 1, 33, 33), 64)
+    x[0, 0] = w[0] = U64((1 << 63) - 1)  # channel 0: every digit product at its largest, all of one sign
+    args = ([1, 1], [0, 0, 0, 0], [1, 1], 2)
+    assert ring.reduction_chunk(64, 64, 1089) == 1024
+    assert (ring.ring_bilinear(lib.conv(*args), x, w, 1089, 64, 64) == conv_ref(x, w, *args)).all()
 
 
 def test_depthwise_taps_in_pieces_equal_the_whole_sum():
@@ -464,7 +475,12 @@ def test_limb_counts_and_program_do_not_depend_on_the_weights():
     graph, _, _ = tiny_cnn(batch=2, size=12)
     progs = [lower(_with_weights_scaled(graph, f)) for f in (1.0, 1e-3, 7.0)]
     limbs = [
-        [ring.plan_limbs(64, st.p1["w_bits"], st.params["k"]) for st in p.linears if "w_bits" in st.p1] for p in progs
+        [
+            ring.plan_limbs(64, st.p1["w_bits"], ring.reduction_chunk(64, st.p1["w_bits"], st.params["k"]))
+            for st in p.linears
+            if "w_bits" in st.p1
+        ]
+        for p in progs
     ]
     assert limbs[0] and limbs[0] == limbs[1] == limbs[2]
     assert len({p.hash for p in progs}) == 1
