@@ -72,7 +72,7 @@ class Conv(ring.Bilinear):
         else:  # pieces of the reduction, each exact, added as integers
             y = np.zeros((g, stacked.shape[1], cols.shape[-1]), dtype=np.int64)
             for c0 in range(0, K, chunk):
-                y += np.rint(np.matmul(stacked[:, :, c0 : c0 + chunk], cols[:, c0 : c0 + chunk])).astype(np.int64)
+                y += ring.exact_int(np.matmul(stacked[:, :, c0 : c0 + chunk], cols[:, c0 : c0 + chunk]))
         y = y.reshape(g, len(ws), o // g, n, -1)
         return [np.moveaxis(y[:, j], 2, 0).reshape(n, o, *out) for j in range(len(ws))]
 
@@ -81,15 +81,14 @@ class Conv(ring.Bilinear):
         g, o, n, nd = self.group, w.shape[0], win.shape[0], len(out)
         taps = w.reshape(g, o // g, -1)  # [C, m, prod(k)]
         y = np.zeros((n, g, o // g, *out))
-        exact = None if chunk is None else np.zeros(y.shape, dtype=np.int64)
+        every = chunk or 0
+        exact = np.zeros(y.shape, dtype=np.int64) if every else None
         for t, tap in enumerate(np.ndindex(*w.shape[2:])):
             y += win[(..., *tap)][:, :, None] * taps[:, :, t].reshape((g, o // g) + (1,) * nd)
-            if chunk is not None and exact is not None and (t + 1) % chunk == 0:
-                exact += np.rint(y).astype(np.int64)
+            if exact is not None and (t + 1) % every == 0:
+                exact += ring.exact_int(y)
                 y[...] = 0
-        if exact is not None:
-            y = exact + np.rint(y).astype(np.int64)
-        return y.reshape(n, o, *out)
+        return (y if exact is None else exact + ring.exact_int(y)).reshape(n, o, *out)
 
 
 def conv(strides, pads, dilations, group) -> Conv:

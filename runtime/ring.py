@@ -148,6 +148,11 @@ class Bilinear(ABC):
 MIN_CHUNK = 256  # the shortest reduction piece worth a GEMM of its own
 
 
+def exact_int(a: np.ndarray) -> np.ndarray:
+    """A float64 array of exact integer sums (a digit product's, kept below 2^53 by the plan) as int64."""
+    return np.rint(a).astype(np.int64)
+
+
 def reduction_chunk(bits_x: int, bits_w: int, k: int) -> int:
     """The reduction length to plan digits for (``plan_limbs``): k itself, or the power of two below it that
     needs the fewest digit products when the reduction is summed in pieces that long (pieces added as
@@ -198,7 +203,7 @@ def ring_bilinear(
             part = np.asarray(product)
             shape = part.shape  # flat while summing: a 0-d result stays an array (numpy scalars warn on wrap)
             part = part.reshape(-1)
-            part = (part if part.dtype == np.int64 else np.rint(part).astype(np.int64)).view(np.uint64)
+            part = (part if part.dtype == np.int64 else exact_int(part)).view(np.uint64)
             part = part << np.uint64(shift)
             acc = part if acc is None else acc + part
     assert acc is not None  # the (0, 0) digit pair has shift 0
