@@ -50,6 +50,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from fssc.runtime import dcf
 from fssc.runtime.channel import Channel
+from fssc.runtime.heap import keep_freed_memory
 from fssc.runtime.keys import KeyReader, KeyWriter, check_header, peek_header
 from fssc.runtime.prg import SEED_BYTES
 from fssc.runtime.protocol import Dealer, Party
@@ -314,7 +315,12 @@ def deal_batches(
         else:
             # spawn: each worker a fresh interpreter (no state of this process but the job it is sent)
             n = min(workers, batches)
-            with _worker_blas(n), ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with (
+                _worker_blas(n),
+                ProcessPoolExecutor(
+                    n, mp_context=multiprocessing.get_context("spawn"), initializer=keep_freed_memory
+                ) as pool,
+            ):
                 done = _run_jobs(pool, jobs, n, progress, outs, ids)
         for target in (o for o in outs if not isinstance(o, str)):  # the receivers hear the deal is complete
             streams[target.party] = keystream.Stream(target, h, deal)

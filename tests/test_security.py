@@ -22,6 +22,8 @@ raise, and the runtime sources are checked not to import them at all.
 from __future__ import annotations
 
 import ast
+import hashlib
+import itertools
 import os
 import random
 from pathlib import Path
@@ -427,27 +429,9 @@ _SPLINE = gates.SplineSpec((-100, 100), (0, 0, 0), ((0,) * 4, (1, 2, 3, 4), (0,)
 _LAYERNORM = gates.LayerNorm.params(splines.layernorm_plan(10, 15, 30, 1e-5, 12))
 
 
-def test_gates_without_numpy_or_python_random(forbid_random):
-    """Every gate class (and DCFs and a linear layer) dealt and run with numpy.random and random raising."""
-    assert {g.__name__ for g in gates.STATEMENTS.values()} <= {
-        "Relu",
-        "Max",
-        "ArgMax2",
-        "Trunc",
-        "Clip",
-        "ArgMax",
-        "MaxPool",
-        "HMul",
-        "Spline",
-        "LayerNorm",
-    }
-    activate, calls = forbid_random
-    activate()
-    # DCF keygen and evaluation
-    alpha, xs = Rng().u64(1000, 20), Rng().u64(1000, 20)
-    k0, k1 = dcf.keygen(alpha, 20)
-    assert ((dcf.evaluate(0, k0, xs) ^ dcf.evaluate(1, k1, xs)) == (xs < alpha)).all()
-    # comparison gates and a linear layer, dealt and run by the two parties
+def _every_gate():
+    """A dealer and a party function that deal and run every gate class and a linear layer on 500 values from
+    fresh masks; returns (dealer, party, (r, xhat, w))."""
     r, xhat, rb, bhat = (Rng().u64(500) for _ in range(4))
     a_mask, w = Rng().u64((500, 3)), ring.unsigned(np.full((500, 3), -7, dtype=np.int64))
 
@@ -471,6 +455,31 @@ def test_gates_without_numpy_or_python_random(forbid_random):
             *_other_gates(P, xhat),
         )
 
+    return dealer, party, (r, xhat, w)
+
+
+def test_gates_without_numpy_or_python_random(forbid_random):
+    """Every gate class (and DCFs and a linear layer) dealt and run with numpy.random and random raising."""
+    assert {g.__name__ for g in gates.STATEMENTS.values()} <= {
+        "Relu",
+        "Max",
+        "ArgMax2",
+        "Trunc",
+        "Clip",
+        "ArgMax",
+        "MaxPool",
+        "HMul",
+        "Spline",
+        "LayerNorm",
+    }
+    activate, calls = forbid_random
+    activate()
+    # DCF keygen and evaluation
+    alpha, xs = Rng().u64(1000, 20), Rng().u64(1000, 20)
+    k0, k1 = dcf.keygen(alpha, 20)
+    assert ((dcf.evaluate(0, k0, xs) ^ dcf.evaluate(1, k1, xs)) == (xs < alpha)).all()
+    # comparison gates and a linear layer, dealt and run by the two parties
+    dealer, party, (r, xhat, w) = _every_gate()
     (ro_a, _, _, ro_d, *_), k0, k1 = deal_in_memory(dealer)
     out0, out1, _, _ = run_parties(party, party, k0, k1)
     t = (((xhat - r) >> U64(12)) << U64(40)).view(np.int64) >> np.int64(40)  # floor(x / 2^12), 24-bit signed
@@ -494,3 +503,59 @@ def test_whole_model_without_numpy_or_python_random(forbid_random):
     assert not calls, calls
     want = run_fixed(graph, x, raw=True)
     assert all((a == b).all() for a, b in zip(sim.outputs, want, strict=True))
+
+
+# ----------------------------------------------------------------- no stale memory in keys or messages
+def _garbage_empty(monkeypatch, byte: int) -> None:
+    """Every np.empty / np.empty_like called from Python returns memory filled with ``byte`` (what reused heap
+    memory holds is whatever was there: fssc/runtime/heap.py keeps freed blocks for reuse)."""
+    empty, empty_like = np.empty, np.empty_like
+
+    def fill(a):
+        if a.dtype.kind in "biuf" and a.size:
+            a.reshape(-1).view(np.uint8)[:] = byte
+        return a
+
+    monkeypatch.setattr(np, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(np, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+def _fixed_run(monkeypatch) -> list:
+    """Keys and every received message of: every gate class, DCF keys under both walks with Z_2 and ring
+    payloads (several blocks), and a compiled CNN's deal and session; os.urandom a fixed stream."""
+    from tiny_models import tiny_cnn
+
+    stream = itertools.count()
+    monkeypatch.setattr(os, "urandom", lambda n: hashlib.shake_128(b"%d" % next(stream)).digest(n))
+    dealer, party, _ = _every_gate()
+    _, k0, k1 = deal_in_memory(dealer)
+    _, _, c0, c1 = run_parties(party, party, k0, k1, record=True)
+    out = [k0, k1, c0.received, c1.received]
+    before = dcf.current_walk()
+    try:
+        for walk in (dcf.NUMPY, dcf.COMPILED):
+            dcf.set_walk(walk)
+            for n, k in [(9, 0), (37, 0), (20, 1), (33, 2)]:
+                alpha = Rng().u64(dcf.BLOCK + 77, n)
+                beta = Rng().bits(len(alpha)) if k == 0 else Rng().u64((len(alpha), k))
+                out += [key.to_bytes() for key in dcf.keygen(alpha, n, beta)]
+    finally:
+        dcf.set_walk(before)
+    graph, _, x = tiny_cnn(batch=2, size=12)
+    sim = simulate(graph, x, record=True)
+    return [*out, *sim.keys, sim.channels[0].received, sim.channels[1].received]
+
+
+def test_no_unwritten_memory_reaches_a_key_or_a_message(monkeypatch):
+    """Reused memory is not zeroed, so the dealer and the parties must fill every array they write to a key
+    file or send. Run twice more with every np.empty pre-filled with garbage (0x5A, then 0xC3), the same fixed
+    randomness gives the same key bytes and the same messages both ways, byte for byte."""
+    with monkeypatch.context() as m:
+        want = _fixed_run(m)
+    assert len(want[2]) and len(want[-1])  # messages were recorded
+    for byte in (0x5A, 0xC3):
+        with monkeypatch.context() as m:
+            _garbage_empty(m, byte)
+            got = _fixed_run(m)
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert a == b, f"item {i} of the run differs with np.empty filled with {byte:#x}"

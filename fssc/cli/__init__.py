@@ -55,6 +55,9 @@ class FsscGroup(click.Group):
 @click.version_option(__version__, prog_name="fssc")
 def cli():
     """fssc: compile ONNX graphs into secure two-party inference programs (FSS)."""
+    from fssc.runtime.heap import keep_freed_memory
+
+    keep_freed_memory()  # every fssc process, before its first large array (fssc/runtime/heap.py)
 
 
 cli.add_command(run)
