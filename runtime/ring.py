@@ -149,8 +149,9 @@ MIN_CHUNK = 256  # the shortest reduction piece worth a GEMM of its own
 
 
 def exact_int(a: np.ndarray) -> np.ndarray:
-    """A float64 array of exact integer sums (a digit product's, kept below 2^53 by the plan) as int64."""
-    return np.rint(a).astype(np.int64)
+    """A float64 array of exact integer sums (a digit product's, kept below 2^53 by the plan) as int64: every
+    value is an integer already (integer terms, every partial sum exact), so the conversion is exact."""
+    return a.astype(np.int64)
 
 
 def reduction_chunk(bits_x: int, bits_w: int, k: int) -> int:
@@ -203,9 +204,10 @@ def ring_bilinear(
             part = np.asarray(product)
             shape = part.shape  # flat while summing: a 0-d result stays an array (numpy scalars warn on wrap)
             part = part.reshape(-1)
-            part = (part if part.dtype == np.int64 else exact_int(part)).view(np.uint64)
-            part = part << np.uint64(shift)
-            acc = part if acc is None else acc + part
+            part = (part if part.dtype == np.int64 else exact_int(part)).view(np.uint64)  # an array of its own
+            if shift:
+                np.left_shift(part, np.uint64(shift), out=part)
+            acc = part if acc is None else np.add(acc, part, out=acc)
     assert acc is not None  # the (0, 0) digit pair has shift 0
     return acc.reshape(shape)
 
