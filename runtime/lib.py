@@ -77,7 +77,7 @@ class Conv(ring.Bilinear):
         return [np.moveaxis(y[:, j], 2, 0).reshape(n, o, *out) for j in range(len(ws))]
 
     def _taps(self, win: np.ndarray, out, w: np.ndarray, chunk: int | None = None) -> np.ndarray:
-        """The depthwise sum over the K = prod(k) taps; with ``chunk``, rounded to int64 every ``chunk`` taps."""
+        """The depthwise sum over the K = prod(k) taps; with ``chunk``, converted to int64 every ``chunk`` taps."""
         g, o, n, nd = self.group, w.shape[0], win.shape[0], len(out)
         taps = w.reshape(g, o // g, -1)  # [C, m, prod(k)]
         y = np.zeros((n, g, o // g, *out))

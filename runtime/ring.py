@@ -129,8 +129,9 @@ class Bilinear(ABC):
     Calling the map does both for one w.
 
     A map whose ``splits_reduction`` is true is also called as ``apply(prepared, ws, chunk)``: it sums its reduction
-    in pieces of at most ``chunk`` terms, rounds each piece's float64 result to an integer and adds the pieces
-    as int64 (results then int64), so the digit plan need only keep ``chunk`` terms exact (``reduction_chunk``).
+    in pieces of at most ``chunk`` terms, converts each piece's float64 result (an exact integer) to int64 and adds
+    the pieces as int64 (results then int64), so the digit plan need only keep ``chunk`` terms exact
+    (``reduction_chunk``).
     """
 
     splits_reduction: bool = False
