@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 from fssc.runtime import dcf
 from fssc.runtime.data_owner import add_timeout_args, timeouts
+from fssc.runtime.heap import keep_freed_memory
 from fssc.runtime.serve import Service, one_line
 from fssc.runtime.session import check_interface, dcf_walk, load_manifest, load_weights, unused_batches
 from fssc.runtime.transport import Listener
@@ -67,6 +68,8 @@ def _check_manifest(mod, manifest: dict) -> None:
 
 
 def main(role: str, mod, argv: list[str]) -> int:
+    keep_freed_memory()  # also for a party process started without the CLI (the benchmarks' children)
+
     def body() -> int:
         check_interface(mod, role, mod.__file__)
         if role == "party1":

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from fssc.runtime.heap import release_freed_memory
 from fssc.runtime.session import (
     batch_deal,
     check_batches,
@@ -215,6 +216,7 @@ class Service:
             outcome, ok = f"failed: {printable(one_line(e))}", False
         finally:
             self.ledger.release(reserved)
+            release_freed_memory()  # this session thread's arena would keep its peak (fssc/runtime/heap.py)
         seconds = time.perf_counter() - t
         with self._lock:
             self.counts["ok" if ok else "failed"] += 1

@@ -26,6 +26,8 @@ import hashlib
 import itertools
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -512,8 +514,8 @@ def _garbage_empty(monkeypatch, byte: int) -> None:
     empty, empty_like = np.empty, np.empty_like
 
     def fill(a):
-        if a.dtype.kind in "biuf" and a.size:
-            a.reshape(-1).view(np.uint8)[:] = byte
+        if a.size and (a.flags.c_contiguous or a.flags.f_contiguous):
+            a.reshape(-1, order="A").view(np.uint8)[:] = byte  # a view of a contiguous array: fills it
         return a
 
     monkeypatch.setattr(np, "empty", lambda *a, **k: fill(empty(*a, **k)))
@@ -521,8 +523,9 @@ def _garbage_empty(monkeypatch, byte: int) -> None:
 
 
 def _fixed_run(monkeypatch) -> list:
-    """Keys and every received message of: every gate class, DCF keys under both walks with Z_2 and ring
-    payloads (several blocks), and a compiled CNN's deal and session; os.urandom a fixed stream."""
+    """Keys and every received message of: every gate class; DCF keys and their shares under both walks with
+    Z_2 and ring payloads (several blocks, evaluated on two threads); and a compiled CNN's deal and session under
+    both walks. os.urandom is a fixed stream, so the same code gives the same bytes."""
     from tiny_models import tiny_cnn
 
     stream = itertools.count()
@@ -531,6 +534,7 @@ def _fixed_run(monkeypatch) -> list:
     _, k0, k1 = deal_in_memory(dealer)
     _, _, c0, c1 = run_parties(party, party, k0, k1, record=True)
     out = [k0, k1, c0.received, c1.received]
+    graph, _, x = tiny_cnn(batch=2, size=12)
     before = dcf.current_walk()
     try:
         for walk in (dcf.NUMPY, dcf.COMPILED):
@@ -538,24 +542,48 @@ def _fixed_run(monkeypatch) -> list:
             for n, k in [(9, 0), (37, 0), (20, 1), (33, 2)]:
                 alpha = Rng().u64(dcf.BLOCK + 77, n)
                 beta = Rng().bits(len(alpha)) if k == 0 else Rng().u64((len(alpha), k))
-                out += [key.to_bytes() for key in dcf.keygen(alpha, n, beta)]
+                keys = dcf.keygen(alpha, n, beta)
+                xs = Rng().u64(len(alpha), n)
+                out += [key.to_bytes() for key in keys]
+                out += [dcf.evaluate(key.party, key, xs, threads=2).tobytes() for key in keys]
+            monkeypatch.setenv(dcf.WALK_ENV, walk)
+            sim = simulate(graph, x, record=True)
+            out += [*sim.keys, sim.channels[0].received, sim.channels[1].received]
     finally:
         dcf.set_walk(before)
-    graph, _, x = tiny_cnn(batch=2, size=12)
-    sim = simulate(graph, x, record=True)
-    return [*out, *sim.keys, sim.channels[0].received, sim.channels[1].received]
+    return out
 
 
-def test_no_unwritten_memory_reaches_a_key_or_a_message(monkeypatch):
+_FIXED_RUN = """
+import hashlib, sys
+sys.path.insert(0, sys.argv[2])
+from _pytest.monkeypatch import MonkeyPatch
+import test_security
+from fssc.runtime.heap import keep_freed_memory
+keep_freed_memory()
+m = MonkeyPatch()
+if int(sys.argv[1]):
+    test_security._garbage_empty(m, int(sys.argv[1]))
+for item in test_security._fixed_run(m):
+    data = item if isinstance(item, bytes) else b"".join(item)  # a key stream, or the messages a party received
+    print(hashlib.sha256(data).hexdigest(), len(item))
+"""
+
+
+def test_no_unwritten_memory_reaches_a_key_or_a_message():
     """Reused memory is not zeroed, so the dealer and the parties must fill every array they write to a key
-    file or send. Run twice more with every np.empty pre-filled with garbage (0x5A, then 0xC3), the same fixed
-    randomness gives the same key bytes and the same messages both ways, byte for byte."""
-    with monkeypatch.context() as m:
-        want = _fixed_run(m)
-    assert len(want[2]) and len(want[-1])  # messages were recorded
+    file or send. In fresh processes under the runtime's memory policy, run once plainly and twice with every
+    np.empty pre-filled with garbage and glibc's allocations perturbed (MALLOC_PERTURB_: 0x5A, then 0xC3), the
+    same fixed randomness gives the same key bytes and the same messages, byte for byte."""
+
+    def run(byte: int) -> list[str]:
+        env = {**os.environ, "MALLOC_PERTURB_": str(byte)} if byte else None
+        cmd = [sys.executable, "-c", _FIXED_RUN, str(byte), str(Path(__file__).parent)]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.splitlines()
+
+    want = run(0)
+    assert len(want) > 20 and all(int(line.split()[1]) > 0 for line in want)  # keys and messages were recorded
     for byte in (0x5A, 0xC3):
-        with monkeypatch.context() as m:
-            _garbage_empty(m, byte)
-            got = _fixed_run(m)
-        for i, (a, b) in enumerate(zip(got, want, strict=True)):
-            assert a == b, f"item {i} of the run differs with np.empty filled with {byte:#x}"
+        got = run(byte)
+        bad = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
+        assert not bad, f"items {bad} of the run differ with memory pre-filled with {byte:#x}"
