@@ -1,14 +1,15 @@
 """The runtime's memory policy: freed arrays stay in the process for the next one.
 
 glibc serves every allocation above its mmap threshold (128 KB, rising to at most 32 MB as large blocks are
-freed) with a fresh ``mmap`` and hands it back with ``munmap`` when freed. The runtime's arrays are mostly
-larger than that (a ResNet-18 224x224 batch's activations, digit slices and DCF blocks), and each comes and goes
-per layer, so every layer paid the kernel to map, zero and fault in fresh pages again (docs/cost-model.md,
-"Freed memory"). Raising the mmap threshold to 1 GiB and the trim threshold to 2 GiB keeps freed blocks in the
-heap, where the next layer reuses them already faulted in. The thresholds are the process's: the main thread's
-heap serves blocks up to 1 GiB, a thread's arena those up to its heap size (64 MiB), larger ones are mapped as
-before. A process keeps the memory it freed until it exits, or until ``release_freed_memory`` (``fssc serve``
-and ``fssc run --party 1`` call it after each session: each session thread's arena would keep its peak).
+freed) with a fresh ``mmap`` and hands it back with ``munmap`` when freed. The runtime's arrays come and go per
+layer, so every layer paid the kernel to map, zero and fault in fresh pages again for those above the threshold
+(a ResNet-18 224x224 batch's largest activations, im2col matrices and digit slices; docs/cost-model.md, "Freed
+memory", has what it saves). Raising the mmap threshold to 1 GiB and the trim threshold to 2 GiB keeps freed
+blocks in the heap, where the next layer reuses them already faulted in. The thresholds are the process's: the
+main thread's heap serves blocks up to 1 GiB, a thread's arena those up to its heap size (64 MiB), larger ones
+are mapped as before. A process keeps the memory it freed until it exits, or until ``release_freed_memory``
+(``fssc serve`` and ``fssc run --party 1`` call it after each session: each session thread's arena would keep its
+peak).
 
 Security: reused heap memory is not zeroed, as it never was for the smaller arrays; no code path may write to a
 key file or send an array it has not filled (tests/test_security.py deals and runs every gate with every
