@@ -7,9 +7,9 @@ layer, so every layer paid the kernel to map, zero and fault in fresh pages agai
 memory", has what it saves). Raising the mmap threshold to 1 GiB and the trim threshold to 2 GiB keeps freed
 blocks in the heap, where the next layer reuses them already faulted in. The thresholds are the process's: the
 main thread's heap serves blocks up to 1 GiB, a thread's arena those up to its heap size (64 MiB), larger ones
-are mapped as before. A process keeps the memory it freed until it exits, or until ``release_freed_memory``
-(``fssc serve`` and ``fssc run --party 1`` call it after each session: each session thread's arena would keep its
-peak).
+are mapped as before. A process keeps the memory it freed until it exits, or until
+``release_freed_memory``: ``fssc serve`` calls it after each session, since sessions running at once in
+threads of their own would each keep an arena at its peak (glibc trims a thread's arena only partly).
 
 Security: reused heap memory is not zeroed, as it never was for the smaller arrays; no code path may write to a
 key file or send an array it has not filled (tests/test_security.py deals and runs every gate with every

@@ -205,7 +205,7 @@ def ring_bilinear(
             part = np.asarray(product)
             shape = part.shape  # flat while summing: a 0-d result stays an array (numpy scalars warn on wrap)
             part = part.reshape(-1)
-            part = (part if part.dtype == np.int64 else exact_int(part)).view(np.uint64)  # an array of its own
+            part = (part if part.dtype == np.int64 else exact_int(part)).view(np.uint64)  # new, or a Bilinear's own
             if shift:
                 np.left_shift(part, np.uint64(shift), out=part)
             acc = part if acc is None else np.add(acc, part, out=acc)

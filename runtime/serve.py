@@ -216,8 +216,8 @@ class Service:
             outcome, ok = f"failed: {printable(one_line(e))}", False
         finally:
             self.ledger.release(reserved)
-            release_freed_memory()  # this session thread's arena would keep its peak (fssc/runtime/heap.py)
         seconds = time.perf_counter() - t
+        release_freed_memory()  # a session thread's arena would keep its peak (fssc/runtime/heap.py)
         with self._lock:
             self.counts["ok" if ok else "failed"] += 1
             self.counts["batches"] += done

@@ -581,6 +581,7 @@ def test_no_unwritten_memory_reaches_a_key_or_a_message():
         cmd = [sys.executable, "-c", _FIXED_RUN, str(byte), str(Path(__file__).parent)]
         return subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.splitlines()
 
+    run(0)  # discarded: a cold numba cache writes its files under names from os.urandom, shifting the fixed stream
     want = run(0)
     assert len(want) > 20 and all(int(line.split()[1]) > 0 for line in want)  # keys and messages were recorded
     for byte in (0x5A, 0xC3):
