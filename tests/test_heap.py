@@ -20,10 +20,10 @@ import pytest
 
 _CHILD = """
 import ctypes, os, resource, sys, numpy as np
-from fssc.runtime.heap import keep_freed_memory, release_freed_memory
+from fssc.runtime.heap import MMAP_THRESHOLD, _M_MMAP_THRESHOLD, keep_freed_memory, release_freed_memory
 def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-if sys.argv[1] == "1" and not (keep_freed_memory() and ctypes.CDLL(None).mallopt(-3, 1 << 30)):
+if sys.argv[1] == "1" and not (keep_freed_memory() and ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)):
     print("unsupported"); sys.exit()  # no mallopt, or a glibc before 2.35 (its threshold stops at 32 MiB)
 a = np.ones(32 << 20); del a  # 256 MB, freed
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
