@@ -84,6 +84,7 @@ def run(
         "setup_s": st["timings"]["setup"],
         "offline_s": st["timings"]["offline"],
         "online_s": st["timings"]["online"],
+        "keys_wait_s": st["timings"]["keys"],
         "images_per_hour": 3600 * images / lb.seconds,
         "images_per_hour_with_dealing": 3600 * images / (lb.seconds + deal_s),
         "bytes_sent_p0": st["bytes_sent"],
@@ -105,7 +106,7 @@ def run(
         (
             "two-party session, wall (connect, weights, every batch)",
             f"{lb.seconds:.1f} s = setup {fig['setup_s']:.1f} + offline {fig['offline_s']:.1f} + online "
-            f"{fig['online_s']:.1f} s + the rest",
+            f"{fig['online_s']:.1f} + waiting for its key files {fig['keys_wait_s']:.1f} s + the rest",
         ),
         ("images per hour, keys dealt ahead", f"{fig['images_per_hour']:,.0f}"),
         ("images per hour, dealing then labelling on this machine", f"{fig['images_per_hour_with_dealing']:,.0f}"),

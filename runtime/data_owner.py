@@ -26,7 +26,14 @@ import numpy as np
 from fssc.runtime import dcf, ring
 from fssc.runtime.guard import FIXES, out_of_range, unencodable
 from fssc.runtime.results import ResultsFile
-from fssc.runtime.session import choose_batches, dcf_walk, p0_start_batch, recv_weights, run_p0_batch, use_batch
+from fssc.runtime.session import (
+    SessionBatches,
+    choose_batches,
+    dcf_walk,
+    p0_start_batch,
+    recv_weights,
+    run_p0_batch,
+)
 from fssc.runtime.transport import CONNECT_TIMEOUT, PEER_TIMEOUT, client_handshake, connect
 
 from fssc.errors import FsscError
@@ -244,27 +251,29 @@ def label(mod, manifest: dict, a: argparse.Namespace, hello: Callable[[dict], di
             )
         timings: dict = {}
         t0 = time.perf_counter()
-        w_hat = recv_weights(chan, mod.LINEAR_WEIGHTS)
-        timings["setup"] = time.perf_counter() - t0
-        bar, task = _progress(len(todo))
-        with bar:
-            for b, idx in zip(use, groups, strict=True):
-                x = inputs.load(idx)
-                check_batch(manifest, x, [inputs.names[i] for i in idx], a.allow_out_of_range)  # changed since?
-                if len(x) < bs:  # the last batch: pad with its last input, whose extra results are dropped
-                    x = np.concatenate([x, np.repeat(x[-1:], bs - len(x), axis=0)])
-                with use_batch(a.keys, 0, b, mod.PROGRAM_HASH, deal) as keys:
-                    p0_start_batch(chan, b)
-                    out = run_p0_batch(mod, chan, keys, w_hat, {inp["name"]: ring.encode(x, inp["scale"])}, timings)
-                recs = records(manifest, out, [inputs.names[i] for i in idx], b, mod.PROGRAM_HASH, want)
-                if results is not None:
-                    results.append(recs)
-                for rec in recs:
-                    line = f"{rec['input']}: label {rec['label']}"
-                    if "logits" in rec:
-                        line += "  logits " + " ".join(f"{z:+.4f}" for z in rec["logits"])
-                    print(line, flush=True)  # a live bar redirects stdout above itself
-                bar.advance(task, len(idx))
+        with SessionBatches(a.keys, 0, use, mod.PROGRAM_HASH, deal, note) as batches:
+            w_hat = recv_weights(chan, mod.LINEAR_WEIGHTS)
+            timings["setup"] = time.perf_counter() - t0
+            bar, task = _progress(len(todo))
+            with bar:
+                for b, idx in zip(use, groups, strict=True):
+                    x = inputs.load(idx)
+                    check_batch(manifest, x, [inputs.names[i] for i in idx], a.allow_out_of_range)  # changed since?
+                    if len(x) < bs:  # the last batch: pad with its last input, whose extra results are dropped
+                        x = np.concatenate([x, np.repeat(x[-1:], bs - len(x), axis=0)])
+                    with batches.use(b) as keys:
+                        p0_start_batch(chan, b)
+                        out = run_p0_batch(mod, chan, keys, w_hat, {inp["name"]: ring.encode(x, inp["scale"])}, timings)
+                    recs = records(manifest, out, [inputs.names[i] for i in idx], b, mod.PROGRAM_HASH, want)
+                    if results is not None:
+                        results.append(recs)
+                    for rec in recs:
+                        line = f"{rec['input']}: label {rec['label']}"
+                        if "logits" in rec:
+                            line += "  logits " + " ".join(f"{z:+.4f}" for z in rec["logits"])
+                        print(line, flush=True)  # a live bar redirects stdout above itself
+                    bar.advance(task, len(idx))
+        timings["keys"] = batches.waited  # waiting for key files to be read and verified (their disk time)
         total = time.perf_counter() - t0
     except BaseException:
         chan.abort()

@@ -31,10 +31,11 @@ import queue
 import stat
 import struct
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
-import xxhash
+from fssc.runtime.checksum import DIGEST_BYTES, checksum, mapped_digest
 from fssc.runtime.dcf import LAYOUT_VERSION as DCF_LAYOUT  # key headers record the DCF layout they hold
 
 from fssc.errors import FsscError
@@ -43,20 +44,6 @@ from fssc.files import open_new, private_dir
 MAGIC = b"FSSCKEY\0"
 TRAILER = b"FSSCEND\0"
 FORMAT_VERSION = 2  # 2: the trailer's checksum is XXH3-128 (1: SHA-256)
-
-
-def checksum():
-    """The key files' checksum, XXH3-128 (``DIGEST_BYTES`` bytes), updated with every byte before the trailer.
-
-    It catches a file cut short, zeroed or corrupted by a crash or a bad disk before a party uses a single
-    record (a zeroed mask would reveal a value). It is not a MAC: nothing keyed protects a key file, and an
-    unkeyed hash, cryptographic or not, stops no one who can rewrite the file, since they could rewrite the
-    checksum too. So the fastest hash that catches accidents is the right one: XXH3 runs at memory speed,
-    where SHA-256 took about 4 s of the dealer's CPU for each ResNet-18 batch (docs/cost-model.md)."""
-    return xxhash.xxh3_128()
-
-
-DIGEST_BYTES = checksum().digest_size
 
 
 AGAIN = " (written by another fssc version: deal the keys again, or compile again for a weights file)"
@@ -395,23 +382,6 @@ def check_header(path: str, program: str, party: int, batch: int | None = None, 
         raise FsscError(f"{path}: keys of deal {h.get('deal')}, not deal {deal} (keys of two deals are never paired)")
 
 
-def h_digest(buf, mv: memoryview, end: int) -> bytes:
-    """The checksum of the first ``end`` bytes of a key file's mapping ``buf`` (``mv`` its view), hashed 16 MB
-    at a time. Each chunk's pages are unmapped from this process once hashed (``MADV_DONTNEED``), so checking
-    a 3 GB key file keeps this process's memory at one chunk, and they stay in the page cache for the batch
-    that reads them next. Read through the mapping, a file on disk took less time and far less CPU here than
-    ``read`` calls into a buffer (docs/cost-model.md, "The dealer's disk")."""
-    h = checksum()
-    drop = isinstance(buf, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED")
-    step = 1 << 24  # a multiple of the page size: every chunk starts on a page
-    for i in range(0, end, step):
-        j = min(end, i + step)
-        h.update(mv[i:j])
-        if drop:
-            buf.madvise(mmap.MADV_DONTNEED, i, j - i)
-    return h.digest()
-
-
 class KeyReader:
     """Checks a stream and hands out its records in order (zero-copy views)."""
 
@@ -422,7 +392,10 @@ class KeyReader:
         party: int | None = None,
         batch: int | None = None,
         deal: str | None = None,
+        digest: Callable[[int, int], bytes] | None = None,
     ):
+        """``digest(fd, end)``: how the checksum of a file's first ``end`` bytes is computed (e.g.
+        ``checksum.child_digest``); by default in this process, through the file's mapping."""
         self.name = source if isinstance(source, str) else "<memory>"
         self._fh: io.BufferedReader | None = None
         self.buf: mmap.mmap | bytes
@@ -460,7 +433,11 @@ class KeyReader:
         end = len(mv) - len(TRAILER) - DIGEST_BYTES
         if end < 0 or bytes(mv[end : end + len(TRAILER)]) != TRAILER:
             raise FsscError(f"{self.name}: truncated key file (no trailer)")
-        if h_digest(self.buf, mv, end) != bytes(mv[end + len(TRAILER) :]):
+        if digest is not None and self._fh is not None:
+            got = digest(self._fh.fileno(), end)
+        else:
+            got = mapped_digest(self.buf, mv, end)
+        if got != bytes(mv[end + len(TRAILER) :]):
             raise FsscError(f"{self.name}: checksum mismatch (corrupt key file)")
         self._mv: memoryview | None = mv
         self._end = end

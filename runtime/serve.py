@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 from fssc.runtime.heap import release_freed_memory
 from fssc.runtime.session import (
+    SessionBatches,
     batch_deal,
     check_batches,
     p1_await_batch,
@@ -38,7 +39,6 @@ from fssc.runtime.session import (
     run_p1_batch,
     send_weights,
     unused_batches,
-    use_batch,
 )
 from fssc.runtime.transport import Listener, TcpChannel, server_handshake
 
@@ -201,14 +201,16 @@ class Service:
 
         try:
             peer = server_handshake(chan, hello, validate)
-            send_weights(chan, self.weights.get(peer["deal"]))
-            for b in peer["batches"]:
-                # our key file is read and verified while the data owner opens its own; ours is marked used only
-                # once the data owner has started the batch (marked it used)
-                start = lambda b=b: p1_await_batch(chan, b)  # noqa: E731
-                with use_batch(self.keys_dir, 1, b, self.mod.PROGRAM_HASH, peer["deal"], before_marking=start) as keys:
-                    done += 1
-                    run_p1_batch(self.mod, chan, keys, self.W)
+            warn = lambda line: self.log(f"session {number}: {line}")  # noqa: E731
+            with SessionBatches(self.keys_dir, 1, peer["batches"], self.mod.PROGRAM_HASH, peer["deal"], warn) as keys:
+                send_weights(chan, self.weights.get(peer["deal"]))
+                for b in peer["batches"]:
+                    # our key file is read and verified ahead; it is marked used only once the data owner has
+                    # started the batch (marked it used)
+                    start = lambda b=b: p1_await_batch(chan, b)  # noqa: E731
+                    with keys.use(b, before_marking=start) as batch_keys:
+                        done += 1
+                        run_p1_batch(self.mod, chan, batch_keys, self.W)
             chan.close()
             outcome, ok = "ok", True
         except Exception as e:  # a failed session ends that client only; the batches it started stay used

@@ -21,7 +21,9 @@ give P0 W - W'.
 
 A batch is used once: opening it makes ``batchNNNN.used`` beside it, durably
 (file and folder fsync'd) before the batch's first protocol message; its key
-file is deleted when the batch ends, and a used batch is refused.
+file is deleted when the batch ends, and a used batch is refused. A session's
+batches (``SessionBatches``) are read and verified one ahead, and deleted, by a
+thread of the session's own, beside the computation.
 
 After the handshake P1 sends W^ = W + A for every weighted layer (once per
 session); then, per batch, P0 opens its batch and says so (``p0_start_batch``),
@@ -38,6 +40,7 @@ import glob
 import hashlib
 import hmac
 import inspect
+import itertools
 import json
 import multiprocessing
 import os
@@ -45,17 +48,18 @@ import re
 import time
 import types
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 from fssc.runtime import dcf
 from fssc.runtime.channel import Channel
+from fssc.runtime.checksum import child_digest
 from fssc.runtime.heap import keep_freed_memory
 from fssc.runtime.keys import KeyReader, KeyWriter, check_header, peek_header
 from fssc.runtime.prg import SEED_BYTES
 from fssc.runtime.protocol import Dealer, Party
 
-from fssc.errors import FsscError
+from fssc.errors import FsscError, os_error_message
 from fssc.files import create_durable, remove_durable
 
 ROLE_DIRS = {"party0": "p0", "party1": "p1"}
@@ -496,6 +500,36 @@ def _refuse_used(path: str, batch: int):
     raise FsscError(f"{path}: batch {batch} was already used (keys are one-time; {gone})")
 
 
+def _read_batch(
+    party_dir: str,
+    party: int,
+    batch: int,
+    program_hash: str,
+    deal: str | None,
+    digest: Callable[[int, int], bytes] | None = None,
+) -> KeyReader:
+    """One batch's key file read and verified (header, then the checksum of every byte, computed by ``digest``
+    as ``KeyReader`` says), refusing a used batch; not marked used yet (``_mark_used``)."""
+    path = _batch_path(party_dir, batch)
+    if os.path.exists(_marker(path)):
+        _refuse_used(path, batch)
+    return KeyReader(path, program=program_hash, party=party, batch=batch, deal=deal, digest=digest)
+
+
+def _mark_used(r: KeyReader, batch: int, before_marking: Callable[[], None] | None) -> KeyReader:
+    """Mark a verified batch used (durably), after ``before_marking``; if that raises, the batch stays unused."""
+    if before_marking is not None:
+        try:
+            before_marking()
+        except BaseException:
+            r.close()
+            raise
+    if not create_durable(_marker(r.name), str(r.header.get("deal")).encode()):
+        r.close()
+        _refuse_used(r.name, batch)
+    return r
+
+
 def open_batch(
     party_dir: str,
     party: int,
@@ -511,39 +545,76 @@ def open_batch(
     ``before_marking`` runs once the key file is read and verified and before the marker exists (P1 waits
     there for the data owner's start of the batch, so its reading overlaps the data owner's); if it raises,
     the batch stays unused."""
-    path = _batch_path(party_dir, batch)
-    used = _marker(path)
-    if os.path.exists(used):
-        _refuse_used(path, batch)
-    r = KeyReader(path, program=program_hash, party=party, batch=batch, deal=deal)
-    if before_marking is not None:
+    return _mark_used(_read_batch(party_dir, party, batch, program_hash, deal), batch, before_marking)
+
+
+class SessionBatches:
+    """The key batches of one session, used in the order given: each verified whole, then marked used (durably,
+    ``open_batch``) before its first message, and its key file deleted when it ends, whatever happens.
+
+    The disk work runs beside the computation, on one thread of the session's own: once a batch is marked used,
+    it reads and verifies the next batch's key file (a batch's files are gigabytes at 224x224: reading them is
+    disk time and fills the page cache; the checksum is computed by a child process, ``checksum.child_digest``,
+    which takes no share of this process's interpreter lock), and once a batch ends, it deletes that batch's key
+    file. A batch is still verified whole before it is marked used and before its first message, only earlier;
+    it is marked used only when it starts, so a session that ends early leaves its verified next batch unused.
+    ``close`` waits for the thread (a deletion may still be running) and reports a deletion that failed through
+    ``warn`` (one line; the used marker stays, and a leftover key file is deleted when anything opens that batch
+    again). ``waited`` adds up the seconds ``use`` waited for a batch's key file."""
+
+    def __init__(
+        self,
+        party_dir: str,
+        party: int,
+        batches: list[int],
+        program_hash: str,
+        deal: str,
+        warn: Callable[[str], None],
+    ):
+        self._args = (party_dir, party)
+        self._hash, self._deal, self._warn = program_hash, deal, warn
+        self._next = dict(itertools.pairwise(batches))
+        self._disk = ThreadPoolExecutor(1, thread_name_prefix="fssc-keys")
+        self._read: dict[int, Future] = {}
+        self._deleted: list[Future] = []
+        self.waited = 0.0  # seconds ``use`` waited for a batch's key file to be read and verified
+        if batches:
+            self._prepare(batches[0])
+
+    def _prepare(self, batch: int) -> None:
+        self._read[batch] = self._disk.submit(_read_batch, *self._args, batch, self._hash, self._deal, child_digest)
+
+    @contextlib.contextmanager
+    def use(self, batch: int, before_marking: Callable[[], None] | None = None):
+        pending = self._read.pop(batch, None)
+        t = time.perf_counter()
+        r = pending.result() if pending is not None else _read_batch(*self._args, batch, self._hash, self._deal)
+        self.waited += time.perf_counter() - t
+        keys = _mark_used(r, batch, before_marking)
         try:
-            before_marking()
-        except BaseException:
-            r.close()
-            raise
-    if not create_durable(used, str(r.header.get("deal")).encode()):
-        r.close()
-        _refuse_used(path, batch)
-    return r
+            if batch in self._next:
+                self._prepare(self._next[batch])
+            yield keys
+        finally:
+            keys.close()
+            self._deleted.append(self._disk.submit(remove_durable, keys.name))
 
+    def close(self) -> None:
+        for pending in self._read.values():  # verified ahead, never started: stays unused
+            with contextlib.suppress(Exception):
+                pending.result().close()
+        self._disk.shutdown(wait=True)
+        for done in self._deleted:
+            e = done.exception()
+            if e is not None:
+                why = os_error_message(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+                self._warn(f"could not delete a used key file ({why}); it is deleted when its batch is next opened")
 
-@contextlib.contextmanager
-def use_batch(
-    party_dir: str,
-    party: int,
-    batch: int,
-    program_hash: str,
-    deal: str,
-    before_marking: Callable[[], None] | None = None,
-):
-    """``open_batch`` for the batch's one use; its key file is deleted when the batch ends, whatever happens."""
-    keys = open_batch(party_dir, party, batch, program_hash, deal, before_marking)
-    try:
-        yield keys
-    finally:
-        keys.close()
-        remove_durable(keys.name)
+    def __enter__(self) -> SessionBatches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def check_batches(party_dir: str, party: int, batches: list[int], program_hash: str, deal: str | None = None) -> None:

@@ -55,10 +55,10 @@ def test_status_lists_batches_and_tracks_their_use(dealt, tmp_path, run_fssc):
     assert before == _bytes(keys / "p0")
     r.close()
 
-    # use_batch on batch 2 deletes its key file when the batch ends
+    # a session's batch 2: its key file is deleted when the batch ends (by the session's end at the latest)
     key2 = keys / "p0" / "batch0002.key"
     size2 = key2.stat().st_size
-    with session.use_batch(str(keys / "p0"), 0, 2, dealt["hash"], deal):
+    with session.SessionBatches(str(keys / "p0"), 0, [2], dealt["hash"], deal, pytest.fail) as s, s.use(2):
         pass
     assert not key2.exists()
     d = _deal_of(session.keys_status(str(keys))[0])

@@ -1,0 +1,143 @@
+"""A session's key batches (``session.SessionBatches``): the next batch's key file is read and verified while
+the current batch runs, used batches' key files are deleted by the same thread, and nothing about one-time
+use changes: a batch is verified whole before it is marked used, marked used only when it starts, and a
+session that ends early leaves the batch it verified ahead unused.
+
+Oracles: the key files and used markers on disk, ``KeyReader``'s checksum, the calls this process makes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from fssc.compiler.backend import trust
+from fssc.runtime import session
+from tiny_models import compile_tiny
+
+from fssc.errors import FsscError
+
+
+@pytest.fixture(scope="module")
+def prog(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("session_batches")
+    compile_tiny(tmp)
+    return tmp / "prog"
+
+
+def _dealt(prog: Path, keys: Path, n: int) -> tuple[str, str, Path]:
+    """n batches dealt into keys/: (program hash, deal id, P0's folder)."""
+    assert [b for b, *_ in trust.deal(str(prog), str(keys), n)] == list(range(n))
+    program_hash = json.loads((prog / "manifest.json").read_text())["program_hash"]
+    deal = session.batch_deal(str(keys / "p0"), 0)
+    return program_hash, deal, keys / "p0"
+
+
+def _state(folder: Path, b: int) -> tuple[bool, bool]:
+    """(key file there, used marker there) of batch b."""
+    return (folder / f"batch{b:04d}.key").exists(), (folder / f"batch{b:04d}.used").exists()
+
+
+def test_the_next_batch_is_verified_while_one_runs_and_used_files_are_deleted(prog, tmp_path, monkeypatch):
+    program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 3)
+    read: dict[int, threading.Event] = {b: threading.Event() for b in range(3)}
+    real = session._read_batch
+
+    def recording(party_dir, party, batch, *rest):
+        r = real(party_dir, party, batch, *rest)
+        assert threading.current_thread() is not threading.main_thread()  # the session's disk thread
+        read[batch].set()
+        return r
+
+    monkeypatch.setattr(session, "_read_batch", recording)
+    warnings: list[str] = []
+    with session.SessionBatches(str(p0), 0, [0, 1, 2], program_hash, deal, warnings.append) as batches:
+        for b in range(3):
+            with batches.use(b) as keys:
+                assert keys.header["batch"] == b and _state(p0, b) == (True, True)
+                if b < 2:  # the next batch is read and verified during this one, and not marked used
+                    assert read[b + 1].wait(30)
+                    assert _state(p0, b + 1) == (True, False)
+    assert warnings == []
+    assert [_state(p0, b) for b in range(3)] == [(False, True)] * 3
+
+
+def test_a_corrupt_next_batch_is_refused_before_it_is_marked_used(prog, tmp_path):
+    program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 2)
+    path = p0 / "batch0001.key"
+    body = bytearray(path.read_bytes())
+    body[len(body) // 2] ^= 0x40
+    path.write_bytes(bytes(body))
+    with session.SessionBatches(str(p0), 0, [0, 1], program_hash, deal, pytest.fail) as batches:
+        with batches.use(0):
+            pass
+        with pytest.raises(FsscError, match="checksum mismatch"), batches.use(1):
+            pytest.fail("a corrupt batch was handed out")
+    assert _state(p0, 0) == (False, True) and _state(p0, 1) == (True, False)
+
+
+def test_a_session_that_ends_early_leaves_its_verified_next_batch_unused(prog, tmp_path):
+    program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 2)
+    with (
+        pytest.raises(RuntimeError, match="peer gone"),
+        session.SessionBatches(str(p0), 0, [0, 1], program_hash, deal, pytest.fail) as batches,
+        batches.use(0),
+    ):
+        raise RuntimeError("peer gone")
+    assert _state(p0, 0) == (False, True) and _state(p0, 1) == (True, False)
+    assert session.unused_batches(str(p0)) == [1]
+
+
+def test_a_refused_start_leaves_the_batch_unused(prog, tmp_path):
+    """P1 marks its batch used only once the data owner has started it (``before_marking``)."""
+    program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 1)
+
+    def peer_left():
+        raise FsscError("the data owner left")
+
+    with (
+        session.SessionBatches(str(p0), 0, [0], program_hash, deal, pytest.fail) as batches,
+        pytest.raises(FsscError, match="left"),
+        batches.use(0, before_marking=peer_left),
+    ):
+        pytest.fail("the batch ran")
+    assert _state(p0, 0) == (True, False)
+
+
+def test_a_failed_deletion_is_one_warning_and_the_batch_stays_used(prog, tmp_path, monkeypatch):
+    program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 1)
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(session, "remove_durable", refuse)
+    warnings: list[str] = []
+    with session.SessionBatches(str(p0), 0, [0], program_hash, deal, warnings.append) as batches, batches.use(0):
+        pass
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "batch0000.key: Permission denied" in warnings[0]
+    assert _state(p0, 0) == (True, True)
+    monkeypatch.undo()
+    with pytest.raises(FsscError, match=r"already used.*now deleted"):  # refused, and the leftover file goes
+        session.open_batch(str(p0), 0, 0, program_hash, deal)
+    assert _state(p0, 0) == (False, True)
+
+
+def test_the_child_process_checksum_is_the_in_process_one(tmp_path):
+    """``checksum.child_digest`` hashes the file its parent has open (the descriptor, not the name)."""
+    from fssc.runtime import checksum
+
+    data = bytes(range(256)) * 40_000 + b"tail"  # ends in a partial page
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    with open(path, "rb") as fh:
+        path.rename(tmp_path / "moved.bin")  # the name now points nowhere: the child reads the open file
+        for end in (0, 1, 4096, len(data) - 3, len(data)):
+            want = checksum.checksum()
+            want.update(data[:end])
+            assert checksum.child_digest(fh.fileno(), end) == checksum.file_digest(fh.fileno(), end) == want.digest()
+        with pytest.raises(OSError, match="checksum's child process failed .*length is greater than file size"):
+            checksum.child_digest(fh.fileno(), len(data) + 1)  # the child fails: one line saying why
