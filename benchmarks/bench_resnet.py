@@ -14,7 +14,7 @@ Beside the online time, its AES floor: the AES blocks each party's online phase
 needs (the cost model's ``aes_blocks_p0/p1``) over this machine's one-core
 AES-ECB rate, measured in the run. Beside the dealer, its I/O floor: the key
 bytes of a batch over the rates at which this machine writes a file of that
-size and checksums it (``keys.checksum``), also measured in the run.
+size and checksums it (``checksum.checksum``), also measured in the run.
 
 A network model: from the online phase's measured rounds and bytes, the online time at 1, 10 and 50 ms
 round trip and 1 Gbit/s (``network_model``); and, on the two batches of the 2-worker deal, one more
@@ -72,9 +72,9 @@ def aes_rate(seconds: float = 0.5) -> float:
 
 
 def hash_rate(nbytes: int = 1 << 29) -> float:
-    """The key files' checksum (``keys.checksum``) in bytes/s over an in-memory buffer, 8 MB per update (as
+    """The key files' checksum (``checksum.checksum``) in bytes/s over an in-memory buffer, 8 MB per update (as
     the key writer hashes)."""
-    from fssc.runtime.keys import checksum
+    from fssc.runtime.checksum import checksum
 
     buf = memoryview(os.urandom(8 << 20))
     h = checksum()

@@ -62,15 +62,26 @@ def file_digest(fd: int, end: int) -> bytes:
 
 def child_digest(fd: int, end: int) -> bytes:
     """``file_digest`` computed by a child process that inherits ``fd`` (the file this process has open, so
-    both read the same file whatever its name points to meanwhile). Raises OSError if the child fails."""
+    both read the same file whatever its name points to meanwhile). The child runs with ``-P`` (nothing from
+    the working directory on its path), no stdin and in a session of its own (a Ctrl-C or SIGTERM meant for
+    this process's group does not kill it mid-check). Raises OSError, one line, if it cannot run or fails."""
     out = subprocess.run(
-        [sys.executable, "-m", __name__, str(fd), str(end)], pass_fds=(fd,), capture_output=True, check=False
+        [sys.executable, "-P", "-m", __name__, str(fd), str(end)],
+        pass_fds=(fd,),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+        start_new_session=True,
     )
-    digest = out.stdout.strip()
-    if out.returncode != 0 or len(digest) != 2 * DIGEST_BYTES:
-        why = out.stderr.decode(errors="replace").strip().splitlines()
-        raise OSError(f"the checksum's child process failed ({why[-1] if why else f'exit code {out.returncode}'})")
-    return bytes.fromhex(digest.decode())
+    try:
+        digest = bytes.fromhex(out.stdout.decode("ascii").strip())
+    except ValueError:  # UnicodeDecodeError is one
+        digest = b""
+    if out.returncode != 0 or len(digest) != DIGEST_BYTES:
+        lines = out.stderr.decode(errors="replace").strip().splitlines()
+        why = lines[-1] if lines else f"exit code {out.returncode}" if out.returncode else "unexpected output"
+        raise OSError(f"the checksum's child process failed ({why})")
+    return digest
 
 
 if __name__ == "__main__":

@@ -405,40 +405,47 @@ class KeyReader:
             self._fh = open(source, "rb")  # noqa: SIM115 - the reader maps it; closed by close()
             size = os.fstat(self._fh.fileno()).st_size
             if size < 64:
+                self._fh.close()
                 raise FsscError(f"key file {source}: truncated ({size} bytes)")
             self.buf = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
         else:
             self.buf = source
         mv = memoryview(self.buf)
-        if bytes(mv[:8]) != MAGIC:
-            raise FsscError(f"{self.name}: not an fssc key file")
-        (hlen,) = struct.unpack("<I", mv[8:12])
         try:
-            self.header = json.loads(bytes(mv[12 : 12 + hlen]))
-        except ValueError:
-            raise FsscError(f"{self.name}: corrupt key header") from None
-        if self.header.get("format") != FORMAT_VERSION or self.header.get("dcf_layout") != DCF_LAYOUT:
-            raise FsscError(
-                f"{self.name}: key format {self.header.get('format')} (DCF layout "
-                f"{self.header.get('dcf_layout')}), this fssc reads {FORMAT_VERSION} ({DCF_LAYOUT}){AGAIN}"
-            )
-        for key, want in (("program", program), ("party", party), ("batch", batch), ("deal", deal)):
-            if want is not None and self.header.get(key) != want:
-                got = self.header.get(key)
+            if bytes(mv[:8]) != MAGIC:
+                raise FsscError(f"{self.name}: not an fssc key file")
+            (hlen,) = struct.unpack("<I", mv[8:12])
+            try:
+                self.header = json.loads(bytes(mv[12 : 12 + hlen]))
+            except ValueError:
+                raise FsscError(f"{self.name}: corrupt key header") from None
+            if self.header.get("format") != FORMAT_VERSION or self.header.get("dcf_layout") != DCF_LAYOUT:
                 raise FsscError(
-                    f"{self.name}: keys are for {key} {got!r}, not {want!r}"
-                    + (" (keys made for a different program)" if key == "program" else "")
-                    + (" (keys of two deals are never paired)" if key == "deal" else "")
+                    f"{self.name}: key format {self.header.get('format')} (DCF layout "
+                    f"{self.header.get('dcf_layout')}), this fssc reads {FORMAT_VERSION} ({DCF_LAYOUT}){AGAIN}"
                 )
-        end = len(mv) - len(TRAILER) - DIGEST_BYTES
-        if end < 0 or bytes(mv[end : end + len(TRAILER)]) != TRAILER:
-            raise FsscError(f"{self.name}: truncated key file (no trailer)")
-        if digest is not None and self._fh is not None:
-            got = digest(self._fh.fileno(), end)
-        else:
-            got = mapped_digest(self.buf, mv, end)
-        if got != bytes(mv[end + len(TRAILER) :]):
-            raise FsscError(f"{self.name}: checksum mismatch (corrupt key file)")
+            for key, want in (("program", program), ("party", party), ("batch", batch), ("deal", deal)):
+                if want is not None and self.header.get(key) != want:
+                    got = self.header.get(key)
+                    raise FsscError(
+                        f"{self.name}: keys are for {key} {got!r}, not {want!r}"
+                        + (" (keys made for a different program)" if key == "program" else "")
+                        + (" (keys of two deals are never paired)" if key == "deal" else "")
+                    )
+            end = len(mv) - len(TRAILER) - DIGEST_BYTES
+            if end < 0 or bytes(mv[end : end + len(TRAILER)]) != TRAILER:
+                raise FsscError(f"{self.name}: truncated key file (no trailer)")
+            if digest is not None and self._fh is not None:
+                found = digest(self._fh.fileno(), end)
+            else:
+                found = mapped_digest(self.buf, mv, end)
+            if found != bytes(mv[end + len(TRAILER) :]):
+                raise FsscError(f"{self.name}: checksum mismatch (corrupt key file)")
+        except BaseException:  # a refused file is closed at once, not when its traceback goes
+            with contextlib.suppress(BufferError):
+                mv.release()
+            self.close()
+            raise
         self._mv: memoryview | None = mv
         self._end = end
         self.pos = 12 + hlen + _pad8(hlen + 12)

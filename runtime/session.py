@@ -21,7 +21,8 @@ give P0 W - W'.
 
 A batch is used once: opening it makes ``batchNNNN.used`` beside it, durably
 (file and folder fsync'd) before the batch's first protocol message; its key
-file is deleted when the batch ends, and a used batch is refused. A session's
+file is deleted once the batch ends (before the session ends), and a used batch
+is refused. A session's
 batches (``SessionBatches``) are read and verified one ahead, and deleted, by a
 thread of the session's own, beside the computation.
 
@@ -53,7 +54,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 import numpy as np
 from fssc.runtime import dcf
 from fssc.runtime.channel import Channel
-from fssc.runtime.checksum import child_digest
+from fssc.runtime.checksum import child_digest, file_digest
 from fssc.runtime.heap import keep_freed_memory
 from fssc.runtime.keys import KeyReader, KeyWriter, check_header, peek_header
 from fssc.runtime.prg import SEED_BYTES
@@ -524,7 +525,12 @@ def _mark_used(r: KeyReader, batch: int, before_marking: Callable[[], None] | No
         except BaseException:
             r.close()
             raise
-    if not create_durable(_marker(r.name), str(r.header.get("deal")).encode()):
+    try:
+        created = create_durable(_marker(r.name), str(r.header.get("deal")).encode())
+    except BaseException:
+        r.close()
+        raise
+    if not created:
         r.close()
         _refuse_used(r.name, batch)
     return r
@@ -550,7 +556,7 @@ def open_batch(
 
 class SessionBatches:
     """The key batches of one session, used in the order given: each verified whole, then marked used (durably,
-    ``open_batch``) before its first message, and its key file deleted when it ends, whatever happens.
+    ``open_batch``) before its first message, and its key file deleted once it ends, whatever happens.
 
     The disk work runs beside the computation, on one thread of the session's own: once a batch is marked used,
     it reads and verifies the next batch's key file (a batch's files are gigabytes at 224x224: reading them is
@@ -561,6 +567,8 @@ class SessionBatches:
     ``close`` waits for the thread (a deletion may still be running) and reports a deletion that failed through
     ``warn`` (one line; the used marker stays, and a leftover key file is deleted when anything opens that batch
     again). ``waited`` adds up the seconds ``use`` waited for a batch's key file."""
+
+    CHILD_DIGEST_MIN = 64 << 20  # bytes: a smaller key file is hashed in this process
 
     def __init__(
         self,
@@ -582,13 +590,24 @@ class SessionBatches:
             self._prepare(batches[0])
 
     def _prepare(self, batch: int) -> None:
-        self._read[batch] = self._disk.submit(_read_batch, *self._args, batch, self._hash, self._deal, child_digest)
+        self._read[batch] = self._disk.submit(_read_batch, *self._args, batch, self._hash, self._deal, self._digest)
+
+    def _digest(self, fd: int, end: int) -> bytes:
+        """A key file's checksum for ``KeyReader``: by a child process, or in this thread for a small file (not
+        worth a process) or if the child cannot run (one warning line; the file is checked either way)."""
+        if end >= self.CHILD_DIGEST_MIN:
+            try:
+                return child_digest(fd, end)
+            except OSError as e:
+                self._warn(f"{os_error_message(e)}: checking the key file in this process instead")
+        return file_digest(fd, end)
 
     @contextlib.contextmanager
     def use(self, batch: int, before_marking: Callable[[], None] | None = None):
-        pending = self._read.pop(batch, None)
+        pending = self._read.get(batch)
         t = time.perf_counter()
         r = pending.result() if pending is not None else _read_batch(*self._args, batch, self._hash, self._deal)
+        self._read.pop(batch, None)
         self.waited += time.perf_counter() - t
         keys = _mark_used(r, batch, before_marking)
         try:
@@ -596,19 +615,28 @@ class SessionBatches:
                 self._prepare(self._next[batch])
             yield keys
         finally:
-            keys.close()
-            self._deleted.append(self._disk.submit(remove_durable, keys.name))
+            try:
+                keys.close()
+            finally:
+                self._deleted.append(self._disk.submit(remove_durable, keys.name))
 
     def close(self) -> None:
-        for pending in self._read.values():  # verified ahead, never started: stays unused
-            with contextlib.suppress(Exception):
-                pending.result().close()
-        self._disk.shutdown(wait=True)
-        for done in self._deleted:
-            e = done.exception()
-            if e is not None:
-                why = os_error_message(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
-                self._warn(f"could not delete a used key file ({why}); it is deleted when its batch is next opened")
+        try:
+            for pending in self._read.values():  # verified ahead (or not begun), never started: stays unused
+                if not pending.cancel():
+                    with contextlib.suppress(Exception):
+                        pending.result().close()
+            self._read.clear()
+        finally:
+            self._disk.shutdown(wait=True)
+            for done in self._deleted:
+                e = done.exception()
+                if e is not None:
+                    why = os_error_message(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}".splitlines()[0]
+                    self._warn(
+                        f"could not delete a used key file ({why}): delete it by hand (its batch is marked used and "
+                        "is never run again)"
+                    )
 
     def __enter__(self) -> SessionBatches:
         return self

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -79,8 +80,13 @@ def test_a_corrupt_next_batch_is_refused_before_it_is_marked_used(prog, tmp_path
     assert _state(p0, 0) == (False, True) and _state(p0, 1) == (True, False)
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def test_a_session_that_ends_early_leaves_its_verified_next_batch_unused(prog, tmp_path):
     program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 2)
+    fds = _open_fds()
     with (
         pytest.raises(RuntimeError, match="peer gone"),
         session.SessionBatches(str(p0), 0, [0, 1], program_hash, deal, pytest.fail) as batches,
@@ -89,6 +95,45 @@ def test_a_session_that_ends_early_leaves_its_verified_next_batch_unused(prog, t
         raise RuntimeError("peer gone")
     assert _state(p0, 0) == (False, True) and _state(p0, 1) == (True, False)
     assert session.unused_batches(str(p0)) == [1]
+    assert _open_fds() == fds  # the batch read ahead was closed, and so was the used one
+
+
+@pytest.mark.parametrize("child_runs", [True, False])
+def test_files_read_ahead_are_hashed_by_a_child_process_or_here_if_it_cannot_run(
+    prog, tmp_path, monkeypatch, child_runs
+):
+    """Above ``CHILD_DIGEST_MIN`` bytes the checksum comes from ``checksum.child_digest``; if that cannot run,
+    from this process, with one warning line: a key file is checked either way (the corrupt one is refused)."""
+    program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 3)
+    path = p0 / "batch0002.key"
+    body = bytearray(path.read_bytes())
+    body[len(body) // 2] ^= 0x01
+    path.write_bytes(bytes(body))
+    calls: list[int] = []
+    real = session.child_digest
+
+    def child(fd, end):
+        calls.append(end)
+        if not child_runs:
+            raise OSError("the checksum's child process failed (it could not start)")
+        return real(fd, end)
+
+    monkeypatch.setattr(session, "child_digest", child)
+    monkeypatch.setattr(session.SessionBatches, "CHILD_DIGEST_MIN", 0)
+    warnings: list[str] = []
+    with session.SessionBatches(str(p0), 0, [0, 1, 2], program_hash, deal, warnings.append) as batches:
+        for b in (0, 1):
+            with batches.use(b) as keys:
+                assert keys.header["batch"] == b
+        with pytest.raises(FsscError, match="checksum mismatch"), batches.use(2):
+            pytest.fail("a corrupt batch was handed out")
+    assert len(calls) == 3  # every batch was read ahead (the first while the weights would be exchanged)
+    if child_runs:
+        assert warnings == []
+    else:
+        assert len(warnings) == 3 and all(w.startswith("the checksum's child process failed") for w in warnings)
+        assert all("in this process instead" in w and "\n" not in w for w in warnings)
+    assert [_state(p0, b) for b in range(3)] == [(False, True), (False, True), (True, False)]
 
 
 def test_a_refused_start_leaves_the_batch_unused(prog, tmp_path):
@@ -118,7 +163,7 @@ def test_a_failed_deletion_is_one_warning_and_the_batch_stays_used(prog, tmp_pat
     with session.SessionBatches(str(p0), 0, [0], program_hash, deal, warnings.append) as batches, batches.use(0):
         pass
     assert len(warnings) == 1 and "\n" not in warnings[0]
-    assert "batch0000.key: Permission denied" in warnings[0]
+    assert "batch0000.key: Permission denied" in warnings[0] and "delete it by hand" in warnings[0]
     assert _state(p0, 0) == (True, True)
     monkeypatch.undo()
     with pytest.raises(FsscError, match=r"already used.*now deleted"):  # refused, and the leftover file goes
@@ -139,5 +184,5 @@ def test_the_child_process_checksum_is_the_in_process_one(tmp_path):
             want = checksum.checksum()
             want.update(data[:end])
             assert checksum.child_digest(fh.fileno(), end) == checksum.file_digest(fh.fileno(), end) == want.digest()
-        with pytest.raises(OSError, match="checksum's child process failed .*length is greater than file size"):
+        with pytest.raises(OSError, match=r"checksum's child process failed .*length is greater than file size"):
             checksum.child_digest(fh.fileno(), len(data) + 1)  # the child fails: one line saying why

@@ -306,7 +306,7 @@ def keys_status_command(directory, as_json):
             click.echo(f"    unused batches: {_ids(d['unused'])}")
             used = _ids(d["used"])
             if left:
-                used += f" (key file still on disk, a session died mid-batch: {_ids(left)})"
+                used += f" (key file still on disk: a session died mid-batch or could not delete it: {_ids(left)})"
             click.echo(f"    used batches:   {used}")
             click.echo(f"    setup files:    {', '.join(d['setup']) or 'none'}")
 
