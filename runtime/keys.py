@@ -394,8 +394,9 @@ class KeyReader:
         deal: str | None = None,
         digest: Callable[[int, int], bytes] | None = None,
     ):
-        """``digest(fd, end)``: how the checksum of a file's first ``end`` bytes is computed (e.g.
-        ``checksum.child_digest``); by default in this process, through the file's mapping."""
+        """``digest(fd, end)``: how the checksum of a key file's first ``end`` bytes is computed (e.g.
+        ``checksum.child_digest``; a file source only); by default in this process, through the file's
+        mapping."""
         self.name = source if isinstance(source, str) else "<memory>"
         self._fh: io.BufferedReader | None = None
         self.buf: mmap.mmap | bytes
@@ -403,11 +404,14 @@ class KeyReader:
             if not os.path.exists(source):
                 raise FsscError(f"key file {source}: not found")
             self._fh = open(source, "rb")  # noqa: SIM115 - the reader maps it; closed by close()
-            size = os.fstat(self._fh.fileno()).st_size
-            if size < 64:
+            try:
+                size = os.fstat(self._fh.fileno()).st_size
+                if size < 64:
+                    raise FsscError(f"key file {source}: truncated ({size} bytes)")
+                self.buf = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except BaseException:
                 self._fh.close()
-                raise FsscError(f"key file {source}: truncated ({size} bytes)")
-            self.buf = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+                raise
         else:
             self.buf = source
         mv = memoryview(self.buf)

@@ -21,10 +21,10 @@ give P0 W - W'.
 
 A batch is used once: opening it makes ``batchNNNN.used`` beside it, durably
 (file and folder fsync'd) before the batch's first protocol message; its key
-file is deleted once the batch ends (before the session ends), and a used batch
-is refused. A session's
-batches (``SessionBatches``) are read and verified one ahead, and deleted, by a
-thread of the session's own, beside the computation.
+file is deleted once the batch ends (before the session ends; if that fails, a
+warning says to delete it by hand), and a used batch is refused. A session's
+batches (``SessionBatches``) are read and verified one ahead, and their key
+files deleted, by a thread of the session's own, beside the computation.
 
 After the handshake P1 sends W^ = W + A for every weighted layer (once per
 session); then, per batch, P0 opens its batch and says so (``p0_start_batch``),
@@ -558,15 +558,17 @@ class SessionBatches:
     """The key batches of one session, used in the order given: each verified whole, then marked used (durably,
     ``open_batch``) before its first message, and its key file deleted once it ends, whatever happens.
 
-    The disk work runs beside the computation, on one thread of the session's own: once a batch is marked used,
-    it reads and verifies the next batch's key file (a batch's files are gigabytes at 224x224: reading them is
-    disk time and fills the page cache; the checksum is computed by a child process, ``checksum.child_digest``,
-    which takes no share of this process's interpreter lock), and once a batch ends, it deletes that batch's key
-    file. A batch is still verified whole before it is marked used and before its first message, only earlier;
-    it is marked used only when it starts, so a session that ends early leaves its verified next batch unused.
-    ``close`` waits for the thread (a deletion may still be running) and reports a deletion that failed through
-    ``warn`` (one line; the used marker stays, and a leftover key file is deleted when anything opens that batch
-    again). ``waited`` adds up the seconds ``use`` waited for a batch's key file."""
+    The disk work runs beside the computation, on one thread of the session's own. It reads and verifies the
+    first batch's key file from the start, and each next batch's once the batch before it is marked used (a
+    batch's files are gigabytes at 224x224: reading them is disk time and fills the page cache); a file of
+    ``CHILD_DIGEST_MIN`` bytes or more is hashed by a child process (``checksum.child_digest``), which takes
+    no share of this process's interpreter lock, a smaller one, or every one once the child could not run (one
+    warning), in the thread. Once a batch ends, the thread deletes its key file. A batch is still verified
+    whole before it is marked used and before its first message, only earlier; it is marked used only when it
+    starts, so a session that ends early leaves its verified next batch unused. ``close`` cancels a read not
+    begun, waits for one running and closes what it opened, waits for the deletions and reports each one that
+    failed through ``warn`` (one line; the used marker stays). ``waited`` adds up the seconds ``use`` waited
+    for a batch's key file."""
 
     CHILD_DIGEST_MIN = 64 << 20  # bytes: a smaller key file is hashed in this process
 
@@ -584,7 +586,8 @@ class SessionBatches:
         self._next = dict(itertools.pairwise(batches))
         self._disk = ThreadPoolExecutor(1, thread_name_prefix="fssc-keys")
         self._read: dict[int, Future] = {}
-        self._deleted: list[Future] = []
+        self._deleted: list[tuple[str, Future]] = []
+        self._no_child = False  # the checksum's child process could not run: hash in the thread
         self.waited = 0.0  # seconds ``use`` waited for a batch's key file to be read and verified
         if batches:
             self._prepare(batches[0])
@@ -595,11 +598,12 @@ class SessionBatches:
     def _digest(self, fd: int, end: int) -> bytes:
         """A key file's checksum for ``KeyReader``: by a child process, or in this thread for a small file (not
         worth a process) or if the child cannot run (one warning line; the file is checked either way)."""
-        if end >= self.CHILD_DIGEST_MIN:
+        if end >= self.CHILD_DIGEST_MIN and not self._no_child:
             try:
                 return child_digest(fd, end)
             except OSError as e:
-                self._warn(f"{os_error_message(e)}: checking the key file in this process instead")
+                self._no_child = True
+                self._warn(f"{os_error_message(e)}: checking key files in this process instead")
         return file_digest(fd, end)
 
     @contextlib.contextmanager
@@ -618,7 +622,7 @@ class SessionBatches:
             try:
                 keys.close()
             finally:
-                self._deleted.append(self._disk.submit(remove_durable, keys.name))
+                self._deleted.append((keys.name, self._disk.submit(remove_durable, keys.name)))
 
     def close(self) -> None:
         try:
@@ -629,14 +633,19 @@ class SessionBatches:
             self._read.clear()
         finally:
             self._disk.shutdown(wait=True)
-            for done in self._deleted:
+            for path, done in self._deleted:
                 e = done.exception()
-                if e is not None:
-                    why = os_error_message(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}".splitlines()[0]
+                if e is None:
+                    continue
+                why = os_error_message(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}".splitlines()[0]
+                if os.path.exists(path):
                     self._warn(
-                        f"could not delete a used key file ({why}): delete it by hand (its batch is marked used and "
-                        "is never run again)"
+                        f"could not delete used key file {path} ({why}): delete it by hand (its batch is marked "
+                        "used and is never run again)"
                     )
+                else:
+                    self._warn(f"used key file {path} deleted, but the deletion may not be durable ({why})")
+            self._deleted.clear()
 
     def __enter__(self) -> SessionBatches:
         return self

@@ -84,18 +84,32 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_a_session_that_ends_early_leaves_its_verified_next_batch_unused(prog, tmp_path):
+def test_a_session_that_ends_early_leaves_its_verified_next_batch_unused(prog, tmp_path, monkeypatch):
     program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 2)
     fds = _open_fds()
+    opened: dict[int, object] = {}
+    read_ahead = threading.Event()
+    real = session._read_batch
+
+    def recording(party_dir, party, batch, *rest):
+        opened[batch] = r = real(party_dir, party, batch, *rest)  # held here: only close() can close it
+        if batch == 1:
+            read_ahead.set()
+        return r
+
+    monkeypatch.setattr(session, "_read_batch", recording)
     with (
         pytest.raises(RuntimeError, match="peer gone"),
         session.SessionBatches(str(p0), 0, [0, 1], program_hash, deal, pytest.fail) as batches,
         batches.use(0),
     ):
+        assert read_ahead.wait(30)  # batch 1 is read and verified: close() must close what it opened
         raise RuntimeError("peer gone")
     assert _state(p0, 0) == (False, True) and _state(p0, 1) == (True, False)
     assert session.unused_batches(str(p0)) == [1]
-    assert _open_fds() == fds  # the batch read ahead was closed, and so was the used one
+    assert all(r._fh.closed for r in opened.values())
+    opened.clear()
+    assert _open_fds() == fds
 
 
 @pytest.mark.parametrize("child_runs", [True, False])
@@ -127,12 +141,13 @@ def test_files_read_ahead_are_hashed_by_a_child_process_or_here_if_it_cannot_run
                 assert keys.header["batch"] == b
         with pytest.raises(FsscError, match="checksum mismatch"), batches.use(2):
             pytest.fail("a corrupt batch was handed out")
-    assert len(calls) == 3  # every batch was read ahead (the first while the weights would be exchanged)
     if child_runs:
-        assert warnings == []
-    else:
-        assert len(warnings) == 3 and all(w.startswith("the checksum's child process failed") for w in warnings)
-        assert all("in this process instead" in w and "\n" not in w for w in warnings)
+        assert len(calls) == 3 and warnings == []  # every batch was read ahead (the first from the start)
+    else:  # tried once, then every file is hashed in the thread: one warning for the session
+        assert len(calls) == 1 and len(warnings) == 1 and "\n" not in warnings[0]
+        assert (
+            warnings[0].startswith("the checksum's child process failed") and "in this process instead" in warnings[0]
+        )
     assert [_state(p0, b) for b in range(3)] == [(False, True), (False, True), (True, False)]
 
 
@@ -152,18 +167,31 @@ def test_a_refused_start_leaves_the_batch_unused(prog, tmp_path):
     assert _state(p0, 0) == (True, False)
 
 
-def test_a_failed_deletion_is_one_warning_and_the_batch_stays_used(prog, tmp_path, monkeypatch):
+@pytest.mark.parametrize("removed", [False, True])
+def test_a_failed_deletion_is_one_warning_and_the_batch_stays_used(prog, tmp_path, monkeypatch, removed):
+    """The warning names the file: still there (delete it by hand), or gone but maybe not durably (the folder's
+    fsync failed after the removal)."""
     program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 1)
+    path = p0 / "batch0000.key"
 
-    def refuse(path):
-        raise PermissionError(errno.EACCES, "Permission denied", path)
+    def refuse(name):
+        if removed:
+            os.remove(name)
+            raise OSError(errno.EIO, "Input/output error")  # as fsync_dir's error: no file name
+        raise PermissionError(errno.EACCES, "Permission denied", name)
 
     monkeypatch.setattr(session, "remove_durable", refuse)
     warnings: list[str] = []
-    with session.SessionBatches(str(p0), 0, [0], program_hash, deal, warnings.append) as batches, batches.use(0):
+    batches = session.SessionBatches(str(p0), 0, [0], program_hash, deal, warnings.append)
+    with batches, batches.use(0):
         pass
-    assert len(warnings) == 1 and "\n" not in warnings[0]
-    assert "batch0000.key: Permission denied" in warnings[0] and "delete it by hand" in warnings[0]
+    batches.close()  # a second close reports nothing again
+    assert len(warnings) == 1 and "\n" not in warnings[0] and str(path) in warnings[0]
+    if removed:
+        assert "deleted, but the deletion may not be durable (Input/output error)" in warnings[0]
+        assert _state(p0, 0) == (False, True)
+        return
+    assert "Permission denied" in warnings[0] and "delete it by hand" in warnings[0]
     assert _state(p0, 0) == (True, True)
     monkeypatch.undo()
     with pytest.raises(FsscError, match=r"already used.*now deleted"):  # refused, and the leftover file goes
