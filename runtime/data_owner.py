@@ -251,34 +251,28 @@ def label(mod, manifest: dict, a: argparse.Namespace, hello: Callable[[dict], di
             )
         timings: dict = {}
         t0 = time.perf_counter()
-        with SessionBatches(a.keys, 0, use, mod.PROGRAM_HASH, deal, note) as batches:
-            try:
-                w_hat = recv_weights(chan, mod.LINEAR_WEIGHTS)
-                timings["setup"] = time.perf_counter() - t0
-                bar, task = _progress(len(todo))
-                with bar:
-                    for b, idx in zip(use, groups, strict=True):
-                        x = inputs.load(idx)
-                        check_batch(manifest, x, [inputs.names[i] for i in idx], a.allow_out_of_range)  # changed since?
-                        if len(x) < bs:  # the last batch: pad with its last input, whose extra results are dropped
-                            x = np.concatenate([x, np.repeat(x[-1:], bs - len(x), axis=0)])
-                        with batches.use(b) as keys:
-                            p0_start_batch(chan, b)
-                            out = run_p0_batch(
-                                mod, chan, keys, w_hat, {inp["name"]: ring.encode(x, inp["scale"])}, timings
-                            )
-                        recs = records(manifest, out, [inputs.names[i] for i in idx], b, mod.PROGRAM_HASH, want)
-                        if results is not None:
-                            results.append(recs)
-                        for rec in recs:
-                            line = f"{rec['input']}: label {rec['label']}"
-                            if "logits" in rec:
-                                line += "  logits " + " ".join(f"{z:+.4f}" for z in rec["logits"])
-                            print(line, flush=True)  # a live bar redirects stdout above itself
-                        bar.advance(task, len(idx))
-            except BaseException:  # the peer hears of it now, not after this party's disk work
-                chan.abort()
-                raise
+        with SessionBatches(a.keys, 0, use, mod.PROGRAM_HASH, deal, note, on_error=chan.abort) as batches:
+            w_hat = recv_weights(chan, mod.LINEAR_WEIGHTS)
+            timings["setup"] = time.perf_counter() - t0
+            bar, task = _progress(len(todo))
+            with bar:
+                for b, idx in zip(use, groups, strict=True):
+                    x = inputs.load(idx)
+                    check_batch(manifest, x, [inputs.names[i] for i in idx], a.allow_out_of_range)  # changed since?
+                    if len(x) < bs:  # the last batch: pad with its last input, whose extra results are dropped
+                        x = np.concatenate([x, np.repeat(x[-1:], bs - len(x), axis=0)])
+                    with batches.use(b) as keys:
+                        p0_start_batch(chan, b)
+                        out = run_p0_batch(mod, chan, keys, w_hat, {inp["name"]: ring.encode(x, inp["scale"])}, timings)
+                    recs = records(manifest, out, [inputs.names[i] for i in idx], b, mod.PROGRAM_HASH, want)
+                    if results is not None:
+                        results.append(recs)
+                    for rec in recs:
+                        line = f"{rec['input']}: label {rec['label']}"
+                        if "logits" in rec:
+                            line += "  logits " + " ".join(f"{z:+.4f}" for z in rec["logits"])
+                        print(line, flush=True)  # a live bar redirects stdout above itself
+                    bar.advance(task, len(idx))
         timings["keys"] = batches.waited  # waiting for key files to be read and verified (their disk time)
         total = time.perf_counter() - t0
     except BaseException:

@@ -202,19 +202,18 @@ class Service:
         try:
             peer = server_handshake(chan, hello, validate)
             warn = lambda line: self.log(f"session {number}: {line}")  # noqa: E731
-            with SessionBatches(self.keys_dir, 1, peer["batches"], self.mod.PROGRAM_HASH, peer["deal"], warn) as keys:
-                try:
-                    send_weights(chan, self.weights.get(peer["deal"]))
-                    for b in peer["batches"]:
-                        # our key file is read and verified ahead; it is marked used only once the data owner has
-                        # started the batch (marked it used)
-                        start = lambda b=b: p1_await_batch(chan, b)  # noqa: E731
-                        with keys.use(b, before_marking=start) as batch_keys:
-                            done += 1
-                            run_p1_batch(self.mod, chan, batch_keys, self.W)
-                except BaseException:  # the peer hears of it now, not after this party's disk work
-                    chan.abort()
-                    raise
+            batches = SessionBatches(
+                self.keys_dir, 1, peer["batches"], self.mod.PROGRAM_HASH, peer["deal"], warn, on_error=chan.abort
+            )
+            with batches:
+                send_weights(chan, self.weights.get(peer["deal"]))
+                for b in peer["batches"]:
+                    # our key file is read and verified ahead; it is marked used only once the data owner has
+                    # started the batch (marked it used)
+                    start = lambda b=b: p1_await_batch(chan, b)  # noqa: E731
+                    with batches.use(b, before_marking=start) as keys:
+                        done += 1
+                        run_p1_batch(self.mod, chan, keys, self.W)
             chan.close()
             outcome, ok = "ok", True
         except Exception as e:  # a failed session ends that client only; the batches it started stay used

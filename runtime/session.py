@@ -519,13 +519,9 @@ def _read_batch(
 
 def _mark_used(r: KeyReader, batch: int, before_marking: Callable[[], None] | None) -> KeyReader:
     """Mark a verified batch used (durably), after ``before_marking``; if that raises, the batch stays unused."""
-    if before_marking is not None:
-        try:
-            before_marking()
-        except BaseException:
-            r.close()
-            raise
     try:
+        if before_marking is not None:
+            before_marking()
         created = create_durable(_marker(r.name), str(r.header.get("deal")).encode())
     except BaseException:
         r.close()
@@ -568,7 +564,7 @@ class SessionBatches:
     starts, so a session that ends early leaves its verified next batch unused. ``close`` cancels a read not
     begun, waits for one running and closes what it opened, waits for the deletions and reports each one that
     failed through ``warn`` (one line; the used marker stays). ``waited`` adds up the seconds ``use`` waited
-    for a batch's key file."""
+    for a batch's key file. ``on_error`` runs first when the session leaves its ``with`` block by an exception."""
 
     CHILD_DIGEST_MIN = 64 << 20  # bytes: a smaller key file is hashed in this process
 
@@ -580,9 +576,10 @@ class SessionBatches:
         program_hash: str,
         deal: str,
         warn: Callable[[str], None],
+        on_error: Callable[[], None] | None = None,
     ):
-        self._args = (party_dir, party)
-        self._hash, self._deal, self._warn = program_hash, deal, warn
+        self._dir, self._party, self._hash, self._deal = party_dir, party, program_hash, deal
+        self._warn, self._on_error = warn, on_error
         self._next = dict(itertools.pairwise(batches))
         self._disk = ThreadPoolExecutor(1, thread_name_prefix="fssc-keys")
         self._read: dict[int, Future] = {}
@@ -593,7 +590,10 @@ class SessionBatches:
             self._prepare(batches[0])
 
     def _prepare(self, batch: int) -> None:
-        self._read[batch] = self._disk.submit(_read_batch, *self._args, batch, self._hash, self._deal, self._digest)
+        self._read[batch] = self._disk.submit(self._read_batch, batch)
+
+    def _read_batch(self, batch: int) -> KeyReader:
+        return _read_batch(self._dir, self._party, batch, self._hash, self._deal, self._digest)
 
     def _digest(self, fd: int, end: int) -> bytes:
         """A key file's checksum for ``KeyReader``: by a child process, or in this thread for a small file (not
@@ -610,7 +610,7 @@ class SessionBatches:
     def use(self, batch: int, before_marking: Callable[[], None] | None = None):
         pending = self._read.get(batch)
         t = time.perf_counter()
-        r = pending.result() if pending is not None else _read_batch(*self._args, batch, self._hash, self._deal)
+        r = pending.result() if pending is not None else self._read_batch(batch)
         self._read.pop(batch, None)
         self.waited += time.perf_counter() - t
         keys = _mark_used(r, batch, before_marking)
@@ -650,7 +650,9 @@ class SessionBatches:
     def __enter__(self) -> SessionBatches:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self._on_error is not None:
+            self._on_error()  # e.g. abort the channel: the peer hears of it now, not after this waits for its disk
         self.close()
 
 

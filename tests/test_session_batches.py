@@ -55,7 +55,7 @@ def test_the_next_batch_is_verified_while_one_runs_and_used_files_are_deleted(pr
 
     monkeypatch.setattr(session, "_read_batch", recording)
     warnings: list[str] = []
-    with session.SessionBatches(str(p0), 0, [0, 1, 2], program_hash, deal, warnings.append) as batches:
+    with session.SessionBatches(str(p0), 0, [0, 1, 2], program_hash, deal, warnings.append, pytest.fail) as batches:
         for b in range(3):
             with batches.use(b) as keys:
                 assert keys.header["batch"] == b and _state(p0, b) == (True, True)
@@ -98,16 +98,19 @@ def test_a_session_that_ends_early_leaves_its_verified_next_batch_unused(prog, t
         return r
 
     monkeypatch.setattr(session, "_read_batch", recording)
+    aborted: list[bool] = []  # on_error (the channel's abort) runs before close() waits for the disk thread
     with (
         pytest.raises(RuntimeError, match="peer gone"),
-        session.SessionBatches(str(p0), 0, [0, 1], program_hash, deal, pytest.fail) as batches,
+        session.SessionBatches(
+            str(p0), 0, [0, 1], program_hash, deal, pytest.fail, on_error=lambda: aborted.append(opened[1]._fh.closed)
+        ) as batches,
         batches.use(0),
     ):
         assert read_ahead.wait(30)  # batch 1 is read and verified: close() must close what it opened
         raise RuntimeError("peer gone")
     assert _state(p0, 0) == (False, True) and _state(p0, 1) == (True, False)
     assert session.unused_batches(str(p0)) == [1]
-    assert all(r._fh.closed for r in opened.values())
+    assert aborted == [False] and all(r._fh.closed for r in opened.values())
     opened.clear()
     assert _open_fds() == fds
 
@@ -135,7 +138,7 @@ def test_files_read_ahead_are_hashed_by_a_child_process_or_here_if_it_cannot_run
     monkeypatch.setattr(session, "child_digest", child)
     monkeypatch.setattr(session.SessionBatches, "CHILD_DIGEST_MIN", 0)
     warnings: list[str] = []
-    with session.SessionBatches(str(p0), 0, [0, 1, 2], program_hash, deal, warnings.append) as batches:
+    with session.SessionBatches(str(p0), 0, [0, 1, 2], program_hash, deal, warnings.append, pytest.fail) as batches:
         for b in (0, 1):
             with batches.use(b) as keys:
                 assert keys.header["batch"] == b
