@@ -60,12 +60,14 @@ class Conv(ring.Bilinear):
 
     splits_reduction = True
 
-    def apply(self, px, ws: list[np.ndarray], chunk: int | None = None) -> list[np.ndarray]:
+    def apply(self, px, ws: list[np.ndarray] | np.ndarray, chunk: int | None = None) -> list[np.ndarray]:
         cols, out, n = px
-        g, o = self.group, ws[0].shape[0]
-        if ws[0].shape[1] == 1:  # depthwise: windows [N, C = g, *out, *k], each w [C * m, 1, *k]
+        ws = np.stack(ws) if isinstance(ws, list) else ws  # [len(ws), O, C/g, *k]
+        g, o = self.group, ws.shape[1]
+        if ws.shape[2] == 1:  # depthwise: windows [N, C = g, *out, *k], each w [C * m, 1, *k]
             return [self._taps(cols, out, w, chunk) for w in ws]
-        stacked = np.concatenate([w.reshape(g, o // g, -1) for w in ws], axis=1)  # [g, len(ws) * O/g, K]
+        # [g, len(ws) * O/g, K]: a view of the stack for one group, else the groups' rows gathered
+        stacked = ws.reshape(len(ws), g, o // g, -1).swapaxes(0, 1).reshape(g, len(ws) * (o // g), -1)
         K = stacked.shape[-1]
         if chunk is None or chunk >= K:
             y = np.matmul(stacked, cols)  # x [g, K, N P]: one GEMM per group

@@ -57,22 +57,23 @@ def signed_bits(u: np.ndarray) -> int:
     return m.bit_length() + 1
 
 
-def digits(u: np.ndarray, width: int, count: int) -> list[np.ndarray]:
-    """Split ring elements (read as signed) into ``count`` base-2^width digits as float64.
+def digits(u: np.ndarray, width: int, count: int) -> np.ndarray:
+    """Split ring elements (read as signed) into ``count`` base-2^width digits as float64, stacked: [count, *shape].
 
     Low digits are in [0, 2^width); the top digit carries the sign, so
     sum(d_i * 2^(width*i)) equals the signed value exactly when
     width*count covers its significant bits, and equals it mod 2^64 always
-    (when width*count >= 64).
+    (when width*count >= 64). One array, so the first j digits are one
+    contiguous block (``out[:j]``) that a :class:`Bilinear` multiplies at once, without stacking them again.
     """
     s = signed(u).copy()
-    out = []
+    out = np.empty((count, *s.shape))
     mask = np.int64((1 << width) - 1)
     for i in range(count):
         if i == count - 1:
-            out.append(s.astype(np.float64))
+            out[i] = s
         else:
-            out.append((s & mask).astype(np.float64))
+            out[i] = s & mask
             s >>= width
     return out
 
@@ -124,9 +125,10 @@ def plan_limbs(bits_x: int, bits_w: int, k: int) -> tuple[int, int, int, int]:
 
 class Bilinear(ABC):
     """A bilinear map over float64 arrays in two steps: ``prepare(x, w_shape)`` rearranges x (a convolution's
-    im2col), ``apply(prepared, ws)`` multiplies it by several w at once (one larger GEMM instead of several).
-    :func:`ring_bilinear` prepares each digit of x once and applies it to the digits of w it pairs with.
-    Calling the map does both for one w.
+    im2col), ``apply(prepared, ws)`` multiplies it by several w at once (one larger GEMM instead of several);
+    ``ws`` is a list of w or one array of them stacked along a new first axis (``digits``' layout, which a map
+    can multiply without copying them together). :func:`ring_bilinear` prepares each digit of x once and applies
+    it to the digits of w it pairs with. Calling the map does both for one w.
 
     A map whose ``splits_reduction`` is true is also called as ``apply(prepared, ws, chunk)``: it sums its reduction
     in pieces of at most ``chunk`` terms, converts each piece's float64 result (an exact integer) to int64 and adds
@@ -140,7 +142,7 @@ class Bilinear(ABC):
     def prepare(self, x: np.ndarray, w_shape: tuple[int, ...]) -> Any: ...
 
     @abstractmethod
-    def apply(self, px: Any, ws: list[np.ndarray], chunk: int | None = None) -> list[np.ndarray]: ...
+    def apply(self, px: Any, ws: list[np.ndarray] | np.ndarray, chunk: int | None = None) -> list[np.ndarray]: ...
 
     def __call__(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return self.apply(self.prepare(x, tuple(w.shape)), [w])[0]
@@ -194,9 +196,9 @@ def ring_bilinear(
     dw = digits(w, lw, nw)
     acc = None
     for i, xi in enumerate(dx):
-        js = [j for j in range(nw) if lx * i + lw * j < RING_BITS]  # pairs whose shift reaches 64 vanish
+        js = [j for j in range(nw) if lx * i + lw * j < RING_BITS]  # pairs whose shift reaches 64 vanish: a prefix
         if isinstance(fn, Bilinear):
-            px, pw = fn.prepare(xi, tuple(w.shape)), [dw[j] for j in js]
+            px, pw = fn.prepare(xi, tuple(w.shape)), dw[: len(js)]
             parts = fn.apply(px, pw, chunk) if chunk < k else fn.apply(px, pw)
         else:
             parts = [fn(xi, dw[j]) for j in js]
