@@ -10,6 +10,9 @@
   started is marked used on disk and stays burned.
 * W^ per deal is cached (:class:`MaskedWeights`): computed once per deal under that deal's lock, the last
   ``size`` deals kept (least recently used dropped), so sessions on different deals run at once.
+* While no session asks for it, the key file of the lowest unused batch no session holds (the batch a data
+  owner asks for first) is read and verified ahead (:meth:`Service._read_ahead`): a session that starts with it
+  finds it ready. Reading ahead marks nothing used.
 * :meth:`Service.serve` is the accept loop. One-shot (``fssc run PROG --party 1``): sessions run in the
   calling thread, one at a time; a refused or failed client is logged and the loop goes on until one session
   succeeds (exit 0) or no data owner comes within the connect timeout. As a service (``fssc serve``): a
@@ -165,12 +168,56 @@ class Service:
         self._stop = threading.Event()
         self._signals: list[str] = []  # names of the signals received, appended by the handler
         self._handled = 0  # of them, acted on by the accept loop
+        self._ahead: SessionBatches | None = None  # the likely next first batch, read while no session asked
+        self._once = False
 
     def prepare(self) -> None:
         """Bind (or refuse) the weights of the deal a data owner will use first, before listening."""
         unused = unused_batches(self.keys_dir)
         if unused:
             self.weights.get(batch_deal(self.keys_dir, unused[0]))
+
+    # -- the batch a data owner most likely asks for first, read while waiting for it --------------------------
+    def _read_ahead(self) -> None:
+        """Start reading and verifying the key file of the lowest unused batch that no session holds (the one a
+        data owner's ``fssc run`` asks for first: the lowest unused of its oldest deal), unless one is being read
+        ahead already or the service stops. A session that starts with it finds its first batch ready instead of
+        waiting for its disk (gigabytes at 224x224); it is not marked used until that session's data owner
+        starts it, like any batch read ahead."""
+        with self._lock:
+            if self._ahead is not None or self._stop.is_set():
+                return
+            unused = self.ledger.unused()
+            if not unused:
+                return
+            try:
+                deal = batch_deal(self.keys_dir, unused[0])
+            except FsscError:  # the session that asks for it is refused with the reason
+                return
+            warn = lambda line: self.log(f"reading ahead: {line}")  # noqa: E731
+            self._ahead = SessionBatches(self.keys_dir, 1, unused[:1], self.mod.PROGRAM_HASH, deal, warn)
+
+    def _batches(self, asked: list[int], deal: str, warn, on_error) -> SessionBatches:
+        """A session's key batches, starting from the batch read ahead if the session asks for it first. A batch
+        read ahead that the session asks for later is given up (read again in its turn), one it does not ask for
+        is left for the next session."""
+        with self._lock:
+            ahead = self._ahead
+            if ahead is not None and set(ahead.reads_ahead()) & set(asked):
+                self._ahead = None
+            else:
+                ahead = None
+        if ahead is not None:
+            if ahead.follow(asked, deal, warn, on_error):
+                return ahead
+            threading.Thread(target=ahead.close, daemon=True).start()  # close() waits for a read under way
+        return SessionBatches(self.keys_dir, 1, asked, self.mod.PROGRAM_HASH, deal, warn, on_error=on_error)
+
+    def _close_ahead(self) -> None:
+        with self._lock:
+            ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.close()
 
     # -- one session ---------------------------------------------------------
     def session(self, chan: TcpChannel) -> bool:
@@ -202,10 +249,7 @@ class Service:
         try:
             peer = server_handshake(chan, hello, validate)
             warn = lambda line: self.log(f"session {number}: {line}")  # noqa: E731
-            batches = SessionBatches(
-                self.keys_dir, 1, peer["batches"], self.mod.PROGRAM_HASH, peer["deal"], warn, on_error=chan.abort
-            )
-            with batches:
+            with self._batches(peer["batches"], peer["deal"], warn, chan.abort) as batches:
                 send_weights(chan, self.weights.get(peer["deal"]))
                 for b in peer["batches"]:
                     # our key file is read and verified ahead; it is marked used only once the data owner has
@@ -222,6 +266,8 @@ class Service:
         finally:
             self.ledger.release(reserved)
         seconds = time.perf_counter() - t
+        if not (ok and self._once):  # another session may follow: its first batch is read while we wait for it
+            self._read_ahead()
         release_freed_memory()  # a session thread's arena would keep its peak (fssc/runtime/heap.py)
         with self._lock:
             self.counts["ok" if ok else "failed"] += 1
@@ -254,8 +300,16 @@ class Service:
         ``connect_timeout``: one-shot, an FsscError when no data owner comes within it (after each failed
         session, it starts again); as a service, None (serve until stopped) or the idle time after which it
         stops like on SIGTERM."""
-        if once:
-            return self._serve_once(listener, connect_timeout)
+        self._once = once
+        self._read_ahead()
+        try:
+            if once:
+                return self._serve_once(listener, connect_timeout)
+            return self._serve_service(listener, connect_timeout)
+        finally:
+            self._close_ahead()  # read ahead and not asked for: stays unused
+
+    def _serve_service(self, listener: Listener, connect_timeout: float | None) -> int:
         self.log(
             f"serving up to {self.max_sessions} session(s) at once; {len(unused_batches(self.keys_dir))} unused key "
             f"batch(es) in {self.keys_dir}"

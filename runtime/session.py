@@ -606,6 +606,27 @@ class SessionBatches:
                 self._warn(f"{os_error_message(e)}: checking key files in this process instead")
         return file_digest(fd, end)
 
+    def follow(
+        self,
+        batches: list[int],
+        deal: str,
+        warn: Callable[[str], None],
+        on_error: Callable[[], None] | None = None,
+    ) -> bool:
+        """Take ``batches``, a session's order, as this object's (and its ``warn`` and ``on_error``) if they start
+        with the one batch it has read ahead, of ``deal``, and nothing has been used yet: True. Else False, and
+        nothing changes. For a read begun before any session asked (``fssc serve`` reads the batch a data owner
+        most likely asks for first while it waits for one)."""
+        if not batches or deal != self._deal or list(self._read) != batches[:1] or self._deleted:
+            return False
+        self._next = dict(itertools.pairwise(batches))
+        self._warn, self._on_error = warn, on_error
+        return True
+
+    def reads_ahead(self) -> list[int]:
+        """The batches read (or queued to be read) and not used yet."""
+        return list(self._read)
+
     @contextlib.contextmanager
     def use(self, batch: int, before_marking: Callable[[], None] | None = None):
         pending = self._read.get(batch)

@@ -217,3 +217,48 @@ def test_the_child_process_checksum_is_the_in_process_one(tmp_path):
             assert checksum.child_digest(fh.fileno(), end) == checksum.file_digest(fh.fileno(), end) == want.digest()
         with pytest.raises(OSError, match=r"checksum's child process failed .*length is greater than file size"):
             checksum.child_digest(fh.fileno(), len(data) + 1)  # the child fails: one line saying why
+
+
+def test_the_service_reads_the_likely_first_batch_before_a_session_asks(prog, tmp_path, monkeypatch):
+    """``fssc serve`` reads the lowest unused batch's key file while it waits for a data owner. A session that
+    asks for that batch first gets it read and verified (not read again) and uses it as usual; one that asks for
+    it later makes the service give it up (it is read again in its turn); one that does not ask for it leaves it
+    for the next session. Reading ahead marks nothing used, and stopping the service closes what it read."""
+    from types import SimpleNamespace
+
+    from fssc.runtime.serve import Service
+
+    program_hash, deal, _ = _dealt(prog, tmp_path / "keys", 3)
+    p1 = tmp_path / "keys" / "p1"
+    reads: list[int] = []
+    real = session._read_batch
+    monkeypatch.setattr(session, "_read_batch", lambda d, party, b, *rest: reads.append(b) or real(d, party, b, *rest))
+    log: list[str] = []
+    service = Service(SimpleNamespace(PROGRAM_HASH=program_hash), {}, str(p1), {}, log.append)
+    service._read_ahead()
+    ahead = service._ahead
+    assert ahead is not None and ahead.reads_ahead() == [0]
+
+    other = service._batches([1, 2], deal, log.append, None)  # does not ask for batch 0: it stays read ahead
+    assert other is not ahead and service._ahead is ahead
+    other.close()
+    later = service._batches([1, 0], deal, log.append, None)  # asks for it second: given up, read in its turn
+    assert later is not ahead and service._ahead is None
+    later.close()
+
+    service._read_ahead()
+    ahead = service._ahead
+    assert ahead is not None
+    with service._batches([0, 1], deal, log.append, pytest.fail) as batches:
+        assert batches is ahead and service._ahead is None
+        with batches.use(0) as keys:
+            assert keys.header["batch"] == 0
+    # batch 0: read ahead twice (the first given up), never by the session; 1: by the two others and ahead of its turn
+    assert sorted(reads) == [0, 0, 1, 1, 1], reads
+    assert _state(p1, 0) == (False, True) and _state(p1, 1) == (True, False) and _state(p1, 2) == (True, False)
+
+    service._read_ahead()  # the lowest unused batch now: 1
+    assert service._ahead is not None and service._ahead.reads_ahead() == [1]
+    service._close_ahead()
+    assert service._ahead is None and _state(p1, 1) == (True, False)
+    assert not log, log
