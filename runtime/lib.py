@@ -62,7 +62,7 @@ class Conv(ring.Bilinear):
 
     def apply(self, px, ws: list[np.ndarray] | np.ndarray, chunk: int | None = None) -> list[np.ndarray]:
         cols, out, n = px
-        ws = np.stack(ws) if isinstance(ws, list) else ws  # [len(ws), O, C/g, *k]
+        ws = ws if isinstance(ws, np.ndarray) else np.stack(ws)  # [len(ws), O, C/g, *k]
         g, o = self.group, ws.shape[1]
         if ws.shape[2] == 1:  # depthwise: windows [N, C = g, *out, *k], each w [C * m, 1, *k]
             return [self._taps(cols, out, w, chunk) for w in ws]

@@ -108,6 +108,10 @@ class BatchLedger:
         with self._lock:
             self._reserved.difference_update(batches)
 
+    def reserved(self, batch: int) -> bool:
+        with self._lock:
+            return batch in self._reserved
+
     def unused(self) -> list[int]:
         with self._lock:
             return sorted(set(unused_batches(self.keys_dir)) - self._reserved)
@@ -170,6 +174,8 @@ class Service:
         self._handled = 0  # of them, acted on by the accept loop
         self._ahead: SessionBatches | None = None  # the likely next first batch, read while no session asked
         self._once = False
+        self._closed = False  # the service ended: no more reading ahead
+        self._ahead_failed = ""  # the last failure to read ahead, logged once
 
     def prepare(self) -> None:
         """Bind (or refuse) the weights of the deal a data owner will use first, before listening."""
@@ -180,22 +186,31 @@ class Service:
     # -- the batch a data owner most likely asks for first, read while waiting for it --------------------------
     def _read_ahead(self) -> None:
         """Start reading and verifying the key file of the lowest unused batch that no session holds (the one a
-        data owner's ``fssc run`` asks for first: the lowest unused of its oldest deal), unless one is being read
-        ahead already or the service stops. A session that starts with it finds its first batch ready instead of
-        waiting for its disk (gigabytes at 224x224); it is not marked used until that session's data owner
-        starts it, like any batch read ahead."""
+        data owner's ``fssc run`` asks for first if it holds that deal: the lowest unused of its oldest deal),
+        giving up one read ahead that is no longer that batch, unless the service stops. A session that starts
+        with it finds its first batch ready instead of waiting for its disk (gigabytes at 224x224); it is not
+        marked used until that session's data owner starts it, like any batch read ahead. Advice only: a
+        failure is one log line, not repeated (the session that asks for the batch meets it again, and says so)."""
+        try:
+            self._start_read_ahead()
+        except Exception as e:
+            line = f"reading ahead: {one_line(e)}"
+            if line != self._ahead_failed:
+                self._ahead_failed = line
+                self.log(line)
+
+    def _start_read_ahead(self) -> None:
+        unused = self.ledger.unused()  # the folder's listing and a header: outside the service's lock
+        deal = batch_deal(self.keys_dir, unused[0]) if unused else None
         with self._lock:
-            if self._ahead is not None or self._stop.is_set():
+            old = self._ahead
+            if old is not None and old.reads_ahead() == unused[:1]:
                 return
-            unused = self.ledger.unused()
-            if not unused:
-                return
-            try:
-                deal = batch_deal(self.keys_dir, unused[0])
-            except FsscError:  # the session that asks for it is refused with the reason
-                return
-            warn = lambda line: self.log(f"reading ahead: {line}")  # noqa: E731
-            self._ahead = SessionBatches(self.keys_dir, 1, unused[:1], self.mod.PROGRAM_HASH, deal, warn)
+            self._ahead = None
+            if deal is not None and not (self._closed or self._stop.is_set() or self.ledger.reserved(unused[0])):
+                warn = lambda line: self.log(f"reading ahead: {line}")  # noqa: E731
+                self._ahead = SessionBatches(self.keys_dir, 1, unused[:1], self.mod.PROGRAM_HASH, deal, warn)
+        _give_up(old)
 
     def _batches(self, asked: list[int], deal: str, warn, on_error) -> SessionBatches:
         """A session's key batches, starting from the batch read ahead if the session asks for it first. A batch
@@ -207,14 +222,15 @@ class Service:
                 self._ahead = None
             else:
                 ahead = None
-        if ahead is not None:
-            if ahead.follow(asked, deal, warn, on_error):
-                return ahead
-            threading.Thread(target=ahead.close, daemon=True).start()  # close() waits for a read under way
+        if ahead is not None and ahead.follow(asked, deal, warn, on_error):
+            return ahead
+        _give_up(ahead)
         return SessionBatches(self.keys_dir, 1, asked, self.mod.PROGRAM_HASH, deal, warn, on_error=on_error)
 
     def _close_ahead(self) -> None:
+        """Stop reading ahead for good (the service ends): close what was read, after a read under way ends."""
         with self._lock:
+            self._closed = True
             ahead, self._ahead = self._ahead, None
         if ahead is not None:
             ahead.close()
@@ -401,6 +417,13 @@ class Service:
             self.log(f"{name} again: aborting {len(chans)} running session(s)")
             for chan in chans:
                 chan.abort()
+
+
+def _give_up(ahead: SessionBatches | None) -> None:
+    """Close a batch read ahead that no session will use, in a thread of its own: closing waits for a read
+    under way (seconds at 224x224), and the batch stays unused either way."""
+    if ahead is not None:
+        threading.Thread(target=ahead.close, daemon=True, name="fssc-give-up").start()
 
 
 def _size(n: int) -> str:
