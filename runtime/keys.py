@@ -382,6 +382,11 @@ def check_header(path: str, program: str, party: int, batch: int | None = None, 
         raise FsscError(f"{path}: keys of deal {h.get('deal')}, not deal {deal} (keys of two deals are never paired)")
 
 
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is written or truncated: device, inode, size, modification time."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class KeyReader:
     """Checks a stream and hands out its records in order (zero-copy views)."""
 
@@ -399,13 +404,15 @@ class KeyReader:
         mapping."""
         self.name = source if isinstance(source, str) else "<memory>"
         self._fh: io.BufferedReader | None = None
+        self._stat: tuple[int, ...] | None = None  # the file as it was before its checksum was computed
         self.buf: mmap.mmap | bytes
         if isinstance(source, str):
             if not os.path.exists(source):
                 raise FsscError(f"key file {source}: not found")
             self._fh = open(source, "rb")  # noqa: SIM115 - the reader maps it; closed by close()
             try:
-                size = os.fstat(self._fh.fileno()).st_size
+                self._stat = _identity(os.fstat(self._fh.fileno()))
+                size = self._stat[2]
                 if size < 64:
                     raise FsscError(f"key file {source}: truncated ({size} bytes)")
                 self.buf = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
@@ -455,6 +462,14 @@ class KeyReader:
         self.pos = 12 + hlen + _pad8(hlen + 12)
         self._dropped = 0  # bytes before this offset were handed back to the kernel
         self._prev = self.pos  # start of the previous record
+
+    def changed(self) -> bool:
+        """Whether the file was written (or truncated) since it was opened for its checksum: its pages are read
+        from the file again as records are used, so a batch verified ahead is checked for this before it is
+        used (``session._mark_used``)."""
+        if self._fh is None or self._stat is None:
+            return False
+        return _identity(os.fstat(self._fh.fileno())) != self._stat
 
     def _release(self, upto: int) -> None:
         """Let the kernel drop mapped pages of records read two steps ago.

@@ -518,10 +518,14 @@ def _read_batch(
 
 
 def _mark_used(r: KeyReader, batch: int, before_marking: Callable[[], None] | None) -> KeyReader:
-    """Mark a verified batch used (durably), after ``before_marking``; if that raises, the batch stays unused."""
+    """Mark a verified batch used (durably), after ``before_marking``; if that raises, or the key file was written
+    since it was verified (``KeyReader.changed``: a batch read ahead waits seconds, at ``fssc serve`` longer), the
+    batch stays unused."""
     try:
         if before_marking is not None:
             before_marking()
+        if r.changed():
+            raise FsscError(f"{r.name}: key file written since it was verified; not used (check the key folder)")
         created = create_durable(_marker(r.name), str(r.header.get("deal")).encode())
     except BaseException:
         r.close()

@@ -299,3 +299,26 @@ def test_a_corrupt_batch_read_ahead_fails_only_the_session_that_asks_for_it(prog
     service._read_ahead()
     assert service._ahead is not None and service._ahead.reads_ahead() == [1]
     service._close_ahead()
+
+
+def test_a_batch_written_after_it_was_verified_ahead_is_not_used(prog, tmp_path):
+    """A key file read ahead is verified once, and its records are read from the file again as they are used:
+    one written in between (here: one byte rewritten with its own value, which changes only the file's
+    modification time) is refused before it is marked used, and the batch stays unused."""
+    program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 2)
+    with session.SessionBatches(str(p0), 0, [0, 1], program_hash, deal, pytest.fail) as batches:
+        with batches.use(0):
+            pass  # batch 1 is read and verified meanwhile
+        assert batches.reads_ahead() == [1]
+        batches._read[1].result()  # verified
+        path = p0 / "batch0001.key"
+        st = path.stat()
+        with open(path, "r+b") as fh:
+            fh.seek(100)
+            byte = fh.read(1)
+            fh.seek(100)
+            fh.write(byte)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock may not have moved
+        with pytest.raises(FsscError, match="written since it was verified"), batches.use(1):
+            pytest.fail("a key file written after its check was used")
+    assert _state(p0, 1) == (True, False)
