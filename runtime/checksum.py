@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import subprocess
 import sys
+import threading
 
 import xxhash
 
@@ -60,26 +61,46 @@ def file_digest(fd: int, end: int) -> bytes:
             mv.release()
 
 
-def child_digest(fd: int, end: int) -> bytes:
+class CancelledError(Exception):
+    """A child's checksum given up (``child_digest``'s ``cancel``): the file is neither verified nor refused."""
+
+
+CHILD = [sys.executable, "-P", "-m", __name__]  # the child's command, before its FD and END
+POLL_S = 0.1  # how often a child's parent looks at ``cancel``
+
+
+def child_digest(fd: int, end: int, cancel: threading.Event | None = None) -> bytes:
     """``file_digest`` computed by a child process that inherits ``fd`` (the file this process has open, so
     both read the same file whatever its name points to meanwhile). The child runs with ``-P`` (nothing from
     the working directory on its path), no stdin and in a session of its own (a Ctrl-C or SIGTERM meant for
-    this process's group does not kill it mid-check). Raises OSError, one line, if it cannot run or fails."""
-    out = subprocess.run(
-        [sys.executable, "-P", "-m", __name__, str(fd), str(end)],
+    this process's group does not kill it mid-check). Raises OSError, one line, if it cannot run or fails;
+    once ``cancel`` is set, kills the child and raises ``CancelledError`` (a session that ends does not wait for
+    the check of a batch it will not use)."""
+    proc = subprocess.Popen(
+        [*CHILD, str(fd), str(end)],
         pass_fds=(fd,),
         stdin=subprocess.DEVNULL,
-        capture_output=True,
-        check=False,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         start_new_session=True,
     )
+    with proc:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=None if cancel is None else POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                if cancel is not None and cancel.is_set():
+                    proc.kill()
+                    proc.communicate()
+                    raise CancelledError("the key file's check was given up") from None
     try:
-        digest = bytes.fromhex(out.stdout.decode("ascii").strip())
+        digest = bytes.fromhex(out.decode("ascii").strip())
     except ValueError:  # UnicodeDecodeError is one
         digest = b""
-    if out.returncode != 0 or len(digest) != DIGEST_BYTES:
-        lines = out.stderr.decode(errors="replace").strip().splitlines()
-        why = lines[-1] if lines else f"exit code {out.returncode}" if out.returncode else "unexpected output"
+    if proc.returncode != 0 or len(digest) != DIGEST_BYTES:
+        lines = err.decode(errors="replace").strip().splitlines()
+        why = lines[-1] if lines else f"exit code {proc.returncode}" if proc.returncode else "unexpected output"
         raise OSError(f"the checksum's child process failed ({why})")
     return digest
 

@@ -228,7 +228,7 @@ class Service:
         return SessionBatches(self.keys_dir, 1, asked, self.mod.PROGRAM_HASH, deal, warn, on_error=on_error)
 
     def _close_ahead(self) -> None:
-        """Stop reading ahead for good (the service ends): close what was read, after a read under way ends."""
+        """Stop reading ahead for good (the service ends) and close what was read (``SessionBatches.close``)."""
         with self._lock:
             self._closed = True
             ahead, self._ahead = self._ahead, None
@@ -420,8 +420,8 @@ class Service:
 
 
 def _give_up(ahead: SessionBatches | None) -> None:
-    """Close a batch read ahead that no session will use, in a thread of its own: closing waits for a read
-    under way (seconds at 224x224), and the batch stays unused either way."""
+    """Close a batch read ahead that no session will use, in a thread of its own (a check under way in a child
+    process is stopped; one in this process, the fallback, runs to its end); the batch stays unused."""
     if ahead is not None:
         threading.Thread(target=ahead.close, daemon=True, name="fssc-give-up").start()
 

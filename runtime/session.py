@@ -46,6 +46,7 @@ import json
 import multiprocessing
 import os
 import re
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -566,7 +567,8 @@ class SessionBatches:
     warning), in the thread. Once a batch ends, the thread deletes its key file. A batch is still verified
     whole before it is marked used and before its first message, only earlier; it is marked used only when it
     starts, so a session that ends early leaves its verified next batch unused. ``close`` cancels a read not
-    begun, waits for one running and closes what it opened, waits for the deletions and reports each one that
+    begun, stops a running one whose checksum a child computes (``checksum.CancelledError``; one hashed in the thread
+    runs to its end), closes what it opened, waits for the deletions and reports each one that
     failed through ``warn`` (one line; the used marker stays). ``waited`` adds up the seconds ``use`` waited
     for a batch's key file. ``on_error`` runs first when the session leaves its ``with`` block by an exception."""
 
@@ -589,6 +591,7 @@ class SessionBatches:
         self._read: dict[int, Future] = {}
         self._deleted: list[tuple[str, Future]] = []
         self._no_child = False  # the checksum's child process could not run: hash in the thread
+        self._closing = threading.Event()  # close() began: a check under way in a child is given up
         self.waited = 0.0  # seconds ``use`` waited for a batch's key file to be read and verified
         if batches:
             self._prepare(batches[0])
@@ -604,7 +607,7 @@ class SessionBatches:
         worth a process) or if the child cannot run (one warning line; the file is checked either way)."""
         if end >= self.CHILD_DIGEST_MIN and not self._no_child:
             try:
-                return child_digest(fd, end)
+                return child_digest(fd, end, self._closing)
             except OSError as e:
                 self._no_child = True
                 self._warn(f"{os_error_message(e)}: checking key files in this process instead")
@@ -650,6 +653,7 @@ class SessionBatches:
                 self._deleted.append((keys.name, self._disk.submit(remove_durable, keys.name)))
 
     def close(self) -> None:
+        self._closing.set()  # a batch still being checked is never used now: stop its child
         try:
             for pending in self._read.values():  # verified ahead (or not begun), never started: stays unused
                 if not pending.cancel():

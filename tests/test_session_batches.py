@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -129,11 +130,11 @@ def test_files_read_ahead_are_hashed_by_a_child_process_or_here_if_it_cannot_run
     calls: list[int] = []
     real = session.child_digest
 
-    def child(fd, end):
+    def child(fd, end, cancel=None):
         calls.append(end)
         if not child_runs:
             raise OSError("the checksum's child process failed (it could not start)")
-        return real(fd, end)
+        return real(fd, end, cancel)
 
     monkeypatch.setattr(session, "child_digest", child)
     monkeypatch.setattr(session.SessionBatches, "CHILD_DIGEST_MIN", 0)
@@ -322,3 +323,25 @@ def test_a_batch_written_after_it_was_verified_ahead_is_not_used(prog, tmp_path)
         with pytest.raises(FsscError, match="written since it was verified"), batches.use(1):
             pytest.fail("a key file written after its check was used")
     assert _state(p0, 1) == (True, False)
+
+
+def test_closing_a_session_stops_the_check_of_a_batch_it_will_not_use(prog, tmp_path, monkeypatch):
+    """A session that ends while its next batch's key file is being checked by a child process (gigabytes at
+    224x224) does not wait for the check: ``close`` kills the child, without a warning, and the batch stays
+    unused. The child here would take ten minutes."""
+    import sys
+
+    from fssc.runtime import checksum
+
+    program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 1)
+    monkeypatch.setattr(checksum, "CHILD", [sys.executable, "-c", "import time; time.sleep(600)"])
+    monkeypatch.setattr(session.SessionBatches, "CHILD_DIGEST_MIN", 0)
+    warnings: list[str] = []
+    batches = session.SessionBatches(str(p0), 0, [0], program_hash, deal, warnings.append)
+    while not batches._read[0].running():
+        time.sleep(0.01)
+    closer = threading.Thread(target=batches.close)
+    closer.start()
+    closer.join(60)
+    assert not closer.is_alive(), "close() waited for the check of a batch it will not use"
+    assert warnings == [] and _state(p0, 0) == (True, False)
