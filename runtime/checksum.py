@@ -61,7 +61,7 @@ def file_digest(fd: int, end: int) -> bytes:
             mv.release()
 
 
-class CancelledError(Exception):
+class CheckCancelledError(Exception):
     """A child's checksum given up (``child_digest``'s ``cancel``): the file is neither verified nor refused."""
 
 
@@ -74,7 +74,7 @@ def child_digest(fd: int, end: int, cancel: threading.Event | None = None) -> by
     both read the same file whatever its name points to meanwhile). The child runs with ``-P`` (nothing from
     the working directory on its path), no stdin and in a session of its own (a Ctrl-C or SIGTERM meant for
     this process's group does not kill it mid-check). Raises OSError, one line, if it cannot run or fails;
-    once ``cancel`` is set, kills the child and raises ``CancelledError`` (a session that ends does not wait for
+    once ``cancel`` is set, kills the child and raises ``CheckCancelledError`` (a session that ends does not wait for
     the check of a batch it will not use)."""
     proc = subprocess.Popen(
         [*CHILD, str(fd), str(end)],
@@ -85,15 +85,18 @@ def child_digest(fd: int, end: int, cancel: threading.Event | None = None) -> by
         start_new_session=True,
     )
     with proc:
-        while True:
-            try:
-                out, err = proc.communicate(timeout=None if cancel is None else POLL_S)
-                break
-            except subprocess.TimeoutExpired:
-                if cancel is not None and cancel.is_set():
-                    proc.kill()
-                    proc.communicate()
-                    raise CancelledError("the key file's check was given up") from None
+        try:
+            while True:
+                try:
+                    out, err = proc.communicate(timeout=None if cancel is None else POLL_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    if cancel is not None and cancel.is_set():
+                        raise CheckCancelledError("the key file's check was given up") from None
+        except BaseException:  # given up, or anything else: the child does not go on hashing
+            proc.kill()
+            proc.communicate()
+            raise
     try:
         digest = bytes.fromhex(out.decode("ascii").strip())
     except ValueError:  # UnicodeDecodeError is one

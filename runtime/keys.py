@@ -464,12 +464,17 @@ class KeyReader:
         self._prev = self.pos  # start of the previous record
 
     def changed(self) -> bool:
-        """Whether the file was written (or truncated) since it was opened for its checksum: its pages are read
-        from the file again as records are used, so a batch verified ahead is checked for this before it is
+        """Whether the file was written (or truncated) since it was opened for its checksum, or its name now
+        names another file (or none): its pages are read from the file again as records are used, and its
+        used marker and deletion go by its name, so a batch verified ahead is checked for this before it is
         used (``session._mark_used``)."""
         if self._fh is None or self._stat is None:
             return False
-        return _identity(os.fstat(self._fh.fileno())) != self._stat
+        try:
+            by_name = _identity(os.stat(self.name))
+        except OSError:
+            return True
+        return _identity(os.fstat(self._fh.fileno())) != self._stat or by_name != self._stat
 
     def _release(self, upto: int) -> None:
         """Let the kernel drop mapped pages of records read two steps ago.

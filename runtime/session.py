@@ -526,7 +526,8 @@ def _mark_used(r: KeyReader, batch: int, before_marking: Callable[[], None] | No
         if before_marking is not None:
             before_marking()
         if r.changed():
-            raise FsscError(f"{r.name}: key file written since it was verified; not used (check the key folder)")
+            why = "key file written or replaced since it was verified; not used (check the key folder)"
+            raise FsscError(f"{r.name}: {why}")
         created = create_durable(_marker(r.name), str(r.header.get("deal")).encode())
     except BaseException:
         r.close()
@@ -567,8 +568,8 @@ class SessionBatches:
     warning), in the thread. Once a batch ends, the thread deletes its key file. A batch is still verified
     whole before it is marked used and before its first message, only earlier; it is marked used only when it
     starts, so a session that ends early leaves its verified next batch unused. ``close`` cancels a read not
-    begun, stops a running one whose checksum a child computes (``checksum.CancelledError``; one hashed in the thread
-    runs to its end), closes what it opened, waits for the deletions and reports each one that
+    begun, stops a running one whose checksum a child computes (``checksum.CheckCancelledError``; one hashed in
+    the thread runs to its end), closes what it opened, waits for the deletions and reports each one that
     failed through ``warn`` (one line; the used marker stays). ``waited`` adds up the seconds ``use`` waited
     for a batch's key file. ``on_error`` runs first when the session leaves its ``with`` block by an exception."""
 

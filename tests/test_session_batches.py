@@ -288,12 +288,14 @@ def test_a_corrupt_batch_read_ahead_fails_only_the_session_that_asks_for_it(prog
     service = Service(SimpleNamespace(PROGRAM_HASH=program_hash), {}, str(p1), {}, log.append)
     service._read_ahead()
     aborted: list[bool] = []
+    ahead = service._ahead
     with (
         pytest.raises(FsscError, match="checksum"),
         service._batches([0], deal, log.append, lambda: aborted.append(True)) as batches,
-        batches.use(0),
     ):
-        pytest.fail("a corrupt batch was used")
+        assert batches is ahead  # the session took the batch read ahead, and meets its failure there
+        with batches.use(0):
+            pytest.fail("a corrupt batch was used")
     assert aborted == [True] and _state(p1, 0) == (True, False)
     assert not log, log
     service.ledger.reserve([0], deal)  # what a session that failed on 0 would still hold while it logs
@@ -320,7 +322,7 @@ def test_a_batch_written_after_it_was_verified_ahead_is_not_used(prog, tmp_path)
             fh.seek(100)
             fh.write(byte)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock may not have moved
-        with pytest.raises(FsscError, match="written since it was verified"), batches.use(1):
+        with pytest.raises(FsscError, match="since it was verified"), batches.use(1):
             pytest.fail("a key file written after its check was used")
     assert _state(p0, 1) == (True, False)
 
@@ -334,14 +336,33 @@ def test_closing_a_session_stops_the_check_of_a_batch_it_will_not_use(prog, tmp_
     from fssc.runtime import checksum
 
     program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 1)
-    monkeypatch.setattr(checksum, "CHILD", [sys.executable, "-c", "import time; time.sleep(600)"])
+    pid_file = tmp_path / "child.pid"
+    slow = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    monkeypatch.setattr(checksum, "CHILD", [sys.executable, "-c", slow])
     monkeypatch.setattr(session.SessionBatches, "CHILD_DIGEST_MIN", 0)
     warnings: list[str] = []
     batches = session.SessionBatches(str(p0), 0, [0], program_hash, deal, warnings.append)
-    while not batches._read[0].running():
+    while not (pid_file.exists() and pid_file.read_text()):
         time.sleep(0.01)
-    closer = threading.Thread(target=batches.close)
+    closer = threading.Thread(target=batches.close, daemon=True)
     closer.start()
     closer.join(60)
     assert not closer.is_alive(), "close() waited for the check of a batch it will not use"
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(int(pid_file.read_text()), 0)
     assert warnings == [] and _state(p0, 0) == (True, False)
+
+
+def test_a_key_file_replaced_under_its_name_after_its_check_is_not_used(prog, tmp_path):
+    """The used marker and the deletion go by the file's name: a batch whose name now names another file (here:
+    the same bytes, copied and renamed over it) is refused before it is marked used."""
+    program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 1)
+    with session.SessionBatches(str(p0), 0, [0], program_hash, deal, pytest.fail) as batches:
+        batches._read[0].result()  # verified
+        path = p0 / "batch0000.key"
+        copy = p0 / "copy.part"
+        copy.write_bytes(path.read_bytes())
+        os.replace(copy, path)
+        with pytest.raises(FsscError, match="since it was verified"), batches.use(0):
+            pytest.fail("a key file replaced after its check was used")
+    assert _state(p0, 0) == (True, False)
