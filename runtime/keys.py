@@ -383,7 +383,7 @@ def check_header(path: str, program: str, party: int, batch: int | None = None, 
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
-    """What changes when a file is written or truncated: device, inode, size, modification time."""
+    """A file as its checks compare it: device and inode (another file under the name), size and modification time."""
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
