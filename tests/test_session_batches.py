@@ -38,6 +38,22 @@ def _dealt(prog: Path, keys: Path, n: int) -> tuple[str, str, Path]:
     return program_hash, deal, keys / "p0"
 
 
+def _corrupt(path: Path, bit: int = 0x01) -> None:
+    """Flip one bit in the middle of a key file (its checksum then fails)."""
+    body = bytearray(path.read_bytes())
+    body[len(body) // 2] ^= bit
+    path.write_bytes(bytes(body))
+
+
+def _service(program_hash: str, p1: Path, log: list[str]):
+    """The model owner's ``serve.Service`` over key folder p1, as far as its batches go (no program loaded)."""
+    from types import SimpleNamespace
+
+    from fssc.runtime.serve import Service
+
+    return Service(SimpleNamespace(PROGRAM_HASH=program_hash), {}, str(p1), {}, log.append)
+
+
 def _state(folder: Path, b: int) -> tuple[bool, bool]:
     """(key file there, used marker there) of batch b."""
     return (folder / f"batch{b:04d}.key").exists(), (folder / f"batch{b:04d}.used").exists()
@@ -69,10 +85,7 @@ def test_the_next_batch_is_verified_while_one_runs_and_used_files_are_deleted(pr
 
 def test_a_corrupt_next_batch_is_refused_before_it_is_marked_used(prog, tmp_path):
     program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 2)
-    path = p0 / "batch0001.key"
-    body = bytearray(path.read_bytes())
-    body[len(body) // 2] ^= 0x40
-    path.write_bytes(bytes(body))
+    _corrupt(p0 / "batch0001.key", 0x40)
     with session.SessionBatches(str(p0), 0, [0, 1], program_hash, deal, pytest.fail) as batches:
         with batches.use(0):
             pass
@@ -123,10 +136,7 @@ def test_files_read_ahead_are_hashed_by_a_child_process_or_here_if_it_cannot_run
     """Above ``CHILD_DIGEST_MIN`` bytes the checksum comes from ``checksum.child_digest``; if that cannot run,
     from this process, with one warning line: a key file is checked either way (the corrupt one is refused)."""
     program_hash, deal, p0 = _dealt(prog, tmp_path / "keys", 3)
-    path = p0 / "batch0002.key"
-    body = bytearray(path.read_bytes())
-    body[len(body) // 2] ^= 0x01
-    path.write_bytes(bytes(body))
+    _corrupt(p0 / "batch0002.key")
     calls: list[int] = []
     real = session.child_digest
 
@@ -225,17 +235,13 @@ def test_the_service_reads_the_likely_first_batch_before_a_session_asks(prog, tm
     asks for that batch first gets it read and verified (not read again) and uses it as usual; one that asks for
     it later makes the service give it up (it is read again in its turn); one that does not ask for it leaves it
     for the next session. Reading ahead marks nothing used, and stopping the service closes what it read."""
-    from types import SimpleNamespace
-
-    from fssc.runtime.serve import Service
-
     program_hash, deal, _ = _dealt(prog, tmp_path / "keys", 3)
     p1 = tmp_path / "keys" / "p1"
     reads: list[int] = []
     real = session._read_batch
     monkeypatch.setattr(session, "_read_batch", lambda d, party, b, *rest: reads.append(b) or real(d, party, b, *rest))
     log: list[str] = []
-    service = Service(SimpleNamespace(PROGRAM_HASH=program_hash), {}, str(p1), {}, log.append)
+    service = _service(program_hash, p1, log)
     service._read_ahead()
     ahead = service._ahead
     assert ahead is not None and ahead.reads_ahead() == [0]
@@ -272,20 +278,11 @@ def test_the_service_reads_the_likely_first_batch_before_a_session_asks(prog, tm
 def test_a_corrupt_batch_read_ahead_fails_only_the_session_that_asks_for_it(prog, tmp_path):
     """The service reads a corrupt first batch ahead without a word; the session that starts with it is refused
     as before (the checksum), the batch stays unused, and the next batch is read ahead for the next session."""
-    from types import SimpleNamespace
-
-    from fssc.runtime.serve import Service
-
     program_hash, deal, _ = _dealt(prog, tmp_path / "keys", 2)
     p1 = tmp_path / "keys" / "p1"
-    path = p1 / "batch0000.key"
-    with open(path, "r+b") as fh:
-        fh.seek(-1, os.SEEK_END)
-        last = fh.read(1)
-        fh.seek(-1, os.SEEK_END)
-        fh.write(bytes([last[0] ^ 1]))
+    _corrupt(p1 / "batch0000.key")
     log: list[str] = []
-    service = Service(SimpleNamespace(PROGRAM_HASH=program_hash), {}, str(p1), {}, log.append)
+    service = _service(program_hash, p1, log)
     service._read_ahead()
     aborted: list[bool] = []
     ahead = service._ahead
